@@ -1,0 +1,72 @@
+"""Condition types and reasons: one place, so status, events, metrics and docs agree on the words."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Types: adjectives / past tense, per the Kubernetes API conventions.
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+PROGRESSING = "Progressing"
+SUSPENDED = "Suspended"
+CONDITION_TYPES = (SUCCEEDED, FAILED, PROGRESSING, SUSPENDED)
+
+# Reasons: one CamelCase word each.
+TARGET_MET = "TargetMet"
+TARGET_NOT_MET = "TargetNotMet"
+BUDGET_EXHAUSTED = "BudgetExhausted"
+SHARDS_FAILED = "ShardsFailed"
+MERGE_FAILED = "MergeFailed"
+INVALID_SPEC = "InvalidSpec"
+ROUND_STARTED = "RoundStarted"
+SHARDS_RUNNING = "ShardsRunning"
+MERGING = "Merging"
+SUSPENDED_BY_SPEC = "SuspendedBySpec"
+NOT_SUSPENDED = "NotSuspended"
+RUN_FINISHED = "RunFinished"
+NO_FAILURE = "NoFailure"
+ESCALATED = "Escalated"
+STEPPED_BACK = "SteppedBack"
+HELD = "Held"
+
+TERMINAL_FAILURES = (BUDGET_EXHAUSTED, SHARDS_FAILED, MERGE_FAILED, INVALID_SPEC)
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str = ""
+
+    def to_dict(self, generation: int, transition_time: str) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message[:2048],
+            "observedGeneration": generation,
+            "lastTransitionTime": transition_time,
+        }
+
+
+def merge_conditions(
+    old: list[dict[str, Any]] | None, new: tuple[Condition, ...], generation: int, now: str
+) -> list[dict[str, Any]]:
+    """Keep lastTransitionTime when a condition's status did not change (the time is the effect layer's clock)."""
+    previous = {c.get("type"): c for c in (old or []) if isinstance(c, dict)}
+    out = []
+    for cond in new:
+        before = previous.get(cond.type)
+        when = now
+        if before is not None and before.get("status") == cond.status and before.get("lastTransitionTime"):
+            when = str(before["lastTransitionTime"])
+        out.append(cond.to_dict(generation, when))
+    return out
+
+
+def transitions(old: list[dict[str, Any]] | None, new: tuple[Condition, ...]) -> list[Condition]:
+    """Conditions whose status or reason changed: what deserves a Kubernetes Event."""
+    previous = {c.get("type"): (c.get("status"), c.get("reason")) for c in (old or []) if isinstance(c, dict)}
+    return [c for c in new if previous.get(c.type) != (c.status, c.reason)]

@@ -1,0 +1,491 @@
+"""The planner: a pure function from (spec, observed state) to a plan of actions and a status.
+
+No I/O, no clock, no randomness: the Kopf handlers and the local runner observe the world, call `decide`, and apply
+the actions. Everything is derived from what exists (recorded round plans, Jobs, shard markers, round reports), so
+calling it again after a restart plans nothing that is already done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from genrun.operator import conditions as c
+from genrun.operator.api import GenerationRunSpec, RunRef, SpecError, parse_spec
+from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
+
+JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+ACTIVE_PHASES = ("Pending", "Running")
+MAX_NAME = 63  # Job names become label values
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Observed state
+
+
+@dataclass(frozen=True)
+class ObservedJob:
+    name: str
+    kind: Literal["shard", "merge"]
+    round: int
+    seed: int | None  # None for a merge Job
+    attempt: int
+    phase: JobPhase
+    retriable: bool = True  # False when the Job failed with a non-retriable exit code (bad input)
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Observed:
+    rounds: Mapping[int, RoundPlan] = field(default_factory=dict)
+    jobs: tuple[ObservedJob, ...] = ()
+    shards_done: frozenset[tuple[int, int]] = frozenset()  # (round, seed) with a completion marker on storage
+    reports: Mapping[int, RoundReport] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Actions and the plan
+
+
+@dataclass(frozen=True)
+class RecordRound:
+    """Persist a round's plan before its Jobs: later decisions read it back instead of recomputing it."""
+
+    plan: RoundPlan
+
+
+@dataclass(frozen=True)
+class CreateShardJob:
+    name: str
+    attempt: int
+    shard: ShardPlan
+
+
+@dataclass(frozen=True)
+class CreateMergeJob:
+    name: str
+    attempt: int
+    round: int
+
+
+Action = RecordRound | CreateShardJob | CreateMergeJob
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    conditions: tuple[c.Condition, ...]
+    status: dict[str, Any]  # everything in .status except conditions
+    events: tuple[Event, ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        return any(x.type in (c.SUCCEEDED, c.FAILED) and x.status == "True" for x in self.conditions)
+
+    def condition(self, type_: str) -> c.Condition:
+        return next(x for x in self.conditions if x.type == type_)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Names
+
+
+def child_name(run: str, *parts: str) -> str:
+    """Deterministic, DNS-1123 child name; hashed if too long so that distinct children never collide."""
+    name = "-".join((run, *parts))
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    suffix = "-".join(parts)
+    return f"{run[: MAX_NAME - len(suffix) - 10]}-{digest}-{suffix}"
+
+
+def shard_job_name(run: str, rnd: int, seed: int, attempt: int) -> str:
+    parts = [f"r{rnd}", f"s{seed}"] + ([f"a{attempt}"] if attempt else [])
+    return child_name(run, *parts)
+
+
+def merge_job_name(run: str, rnd: int, attempt: int) -> str:
+    parts = [f"r{rnd}", "merge"] + ([f"a{attempt}"] if attempt else [])
+    return child_name(run, *parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling policy and round sizing (pure arithmetic, unit-tested on the problem's numbers)
+
+
+def base_sampling(spec: GenerationRunSpec) -> Sampling:
+    s = spec.sampling
+    return Sampling(s.temperature, s.top_p, s.repetition_penalty, s.min_p, s.max_tokens)
+
+
+def _r(x: float) -> float:
+    return round(x, 4)  # keeps 0.7 + 0.1 from printing as 0.7999999999
+
+
+def next_sampling(spec: GenerationRunSpec, last: Sampling, report: RoundReport) -> tuple[Sampling, str, str]:
+    """Escalate while duplicates dominate and quality holds; step back when QC falls below its floor."""
+    e, base = spec.escalation, base_sampling(spec)
+    if report.new_unique and report.qc_pass_rate < e.min_qc_pass_rate:
+        t = max(base.temperature, _r(last.temperature - e.temperature_step))
+        p = max(base.repetition_penalty, _r(last.repetition_penalty - e.repetition_penalty_step))
+        why = (
+            f"QC-pass rate {report.qc_pass_rate:.2f} is below the floor {e.min_qc_pass_rate:g}: "
+            f"temperature {last.temperature:g}->{t:g}, repetition penalty {last.repetition_penalty:g}->{p:g}"
+        )
+        return Sampling(t, last.top_p, p, last.min_p, last.max_tokens), c.STEPPED_BACK, why
+    if report.unique_ratio < e.escalate_below_unique_ratio:
+        t = min(e.max_temperature, _r(last.temperature + e.temperature_step))
+        p = min(e.max_repetition_penalty, _r(last.repetition_penalty + e.repetition_penalty_step))
+        if (t, p) != (last.temperature, last.repetition_penalty):
+            why = (
+                f"unique ratio {report.unique_ratio:.2f} is below {e.escalate_below_unique_ratio:g} and QC-pass "
+                f"rate {report.qc_pass_rate:.2f} holds: temperature {last.temperature:g}->{t:g}, "
+                f"repetition penalty {last.repetition_penalty:g}->{p:g}"
+            )
+            return Sampling(t, last.top_p, p, last.min_p, last.max_tokens), c.ESCALATED, why
+        return last, c.HELD, "sampling is at its ceilings"
+    return last, c.HELD, f"unique ratio {report.unique_ratio:.2f} is high enough: sampling held"
+
+
+def shards_needed(spec: GenerationRunSpec, report: RoundReport) -> tuple[int, str]:
+    """Shards for the next round from the measured marginal yield, with the policy's floor and cap."""
+    e = spec.escalation
+    need = spec.target.unique_examples - report.qc_passed_total
+    per_shard = report.generated / report.shards if report.shards else 0.0
+    y = report.marginal_yield
+    if y <= 0 or per_shard <= 0:
+        return e.max_shards_per_round, "the last round added nothing: using the per-round cap"
+    est = math.ceil(need * e.headroom / (y * per_shard))
+    n = min(e.max_shards_per_round, max(e.min_shards_per_round, est))
+    why = (
+        f"{need} more needed; marginal yield {y:.3f} per generated example x {per_shard:.0f} per shard "
+        f"x headroom {e.headroom:g} -> {est} shard(s)"
+    )
+    if n != est:
+        why += f", bounded to {n} by minShardsPerRound/maxShardsPerRound"
+    return n, why
+
+
+def shard_domains(spec: GenerationRunSpec, ordinal: int) -> tuple[str, ...]:
+    """Rotate the domain list by the shard's run-wide position, so shards start from different topics."""
+    d = spec.prompt.domains
+    if not d or not spec.escalation.rotate_domains:
+        return tuple(d)
+    k = ordinal % len(d)
+    return tuple(d[k:] + d[:k])
+
+
+def make_round(
+    spec: GenerationRunSpec,
+    rnd: int,
+    count: int,
+    sampling: Sampling,
+    rounds: Mapping[int, RoundPlan],
+    reason: str,
+) -> RoundPlan:
+    used = [s for p in rounds.values() for s in p.shards]
+    seed0 = max((s.seed for s in used), default=spec.shards.first_seed - 1) + 1
+    ordinal0 = len(used)
+    shards = tuple(
+        ShardPlan(
+            round=rnd,
+            seed=seed0 + i,
+            ordinal=ordinal0 + i,
+            examples=spec.shards.examples_per_shard,
+            sampling=sampling,
+            domains=shard_domains(spec, ordinal0 + i),
+        )
+        for i in range(count)
+    )
+    return RoundPlan(round=rnd, shards=shards, sampling=sampling, reason=reason)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decide
+
+
+@dataclass
+class _ShardState:
+    shard: ShardPlan
+    phase: Literal["done", "active", "create", "failed"]
+    attempt: int = 0  # the attempt to create, or the last one seen
+    message: str = ""
+
+
+def _attempts(jobs: tuple[ObservedJob, ...], kind: str, rnd: int, seed: int | None) -> list[ObservedJob]:
+    return sorted((j for j in jobs if j.kind == kind and j.round == rnd and j.seed == seed), key=lambda j: j.attempt)
+
+
+def _job_state(attempts: list[ObservedJob], retries: int) -> tuple[str, int, str]:
+    """(done|active|create|failed, attempt, message) of one shard or merge from its Jobs."""
+    if any(j.phase == "Succeeded" for j in attempts):
+        return "done", attempts[-1].attempt, ""
+    if not attempts:
+        return "create", 0, ""
+    last = attempts[-1]
+    if last.phase in ACTIVE_PHASES:
+        return "active", last.attempt, ""
+    if last.retriable and last.attempt < retries:
+        return "create", last.attempt + 1, last.message
+    why = last.message or "failed"
+    if not last.retriable:
+        why += " (not retriable)"
+    return "failed", last.attempt, f"{last.name}: {why}"
+
+
+def _shard_states(spec: GenerationRunSpec, plan: RoundPlan, obs: Observed) -> list[_ShardState]:
+    out = []
+    for s in plan.shards:
+        if (s.round, s.seed) in obs.shards_done:
+            out.append(_ShardState(s, "done"))
+            continue
+        phase, attempt, msg = _job_state(_attempts(obs.jobs, "shard", s.round, s.seed), spec.budget.max_shard_retries)
+        out.append(_ShardState(s, phase, attempt, msg))  # type: ignore[arg-type]
+    return out
+
+
+def _seed_range(seeds: tuple[int, ...]) -> str:
+    if not seeds:
+        return ""
+    lo, hi = min(seeds), max(seeds)
+    return f"{lo}-{hi}" if hi - lo + 1 == len(seeds) else f"{lo}-{hi} ({len(seeds)})"
+
+
+def _status(ref: RunRef, obs: Observed, states: Mapping[int, list[_ShardState]]) -> dict[str, Any]:
+    latest = max(obs.reports) if obs.reports else 0
+    rep = obs.reports.get(latest)
+    all_states = [s for ss in states.values() for s in ss]
+    totals = {
+        "generated": rep.generated_total if rep else 0,
+        "unique": rep.unique_total if rep else 0,
+        "qcPassed": rep.qc_passed_total if rep else 0,
+        "duplicationRatio": round(rep.duplication_ratio, 4) if rep else 0.0,
+        "tokens": rep.tokens_total if rep else 0,
+        "shardsSucceeded": sum(s.phase == "done" for s in all_states),
+        "shardsFailed": sum(s.phase == "failed" for s in all_states),
+        "shardsRunning": sum(s.phase == "active" for s in all_states),
+    }
+    rounds = []
+    for rnd in sorted(obs.rounds)[-100:]:
+        p = obs.rounds[rnd]
+        row: dict[str, Any] = {
+            "round": rnd,
+            "shards": len(p.shards),
+            "seeds": _seed_range(p.seeds),
+            "temperature": p.sampling.temperature,
+            "topP": p.sampling.top_p,
+            "repetitionPenalty": p.sampling.repetition_penalty,
+        }
+        r = obs.reports.get(rnd)
+        if r is not None:
+            row.update(
+                generated=r.generated,
+                newUnique=r.new_unique,
+                unique=r.unique_total,
+                qcPassed=r.qc_passed_total,
+                marginalYield=round(r.marginal_yield, 4),
+                qcPassRate=round(r.qc_pass_rate, 4),
+            )
+        rounds.append(row)
+    status: dict[str, Any] = {
+        "observedGeneration": ref.generation,
+        "round": max(obs.rounds) if obs.rounds else 0,
+        "totals": totals,
+        "rounds": rounds,
+        "topDuplicates": [{"instruction": t[:256], "count": n} for t, n in (rep.top_duplicates[:10] if rep else ())],
+    }
+    if rep is not None:
+        status["output"] = {"dataset": rep.dataset, "report": rep.report}
+    return status
+
+
+def _conds(
+    *,
+    succeeded: tuple[str, str, str],
+    failed: tuple[str, str, str],
+    progressing: tuple[str, str, str],
+    suspended: tuple[str, str, str],
+) -> tuple[c.Condition, ...]:
+    return (
+        c.Condition(c.SUCCEEDED, *succeeded),
+        c.Condition(c.FAILED, *failed),
+        c.Condition(c.PROGRESSING, *progressing),
+        c.Condition(c.SUSPENDED, *suspended),
+    )
+
+
+def _running(reason: str, msg: str, suspended: bool) -> tuple[c.Condition, ...]:
+    if suspended:
+        return _conds(
+            succeeded=("False", c.TARGET_NOT_MET, "the run is suspended"),
+            failed=("False", c.NO_FAILURE, ""),
+            progressing=("False", c.SUSPENDED_BY_SPEC, f"suspended; {msg}"),
+            suspended=("True", c.SUSPENDED_BY_SPEC, "spec.suspend is true: no new Jobs are started"),
+        )
+    return _conds(
+        succeeded=("False", c.TARGET_NOT_MET, msg),
+        failed=("False", c.NO_FAILURE, ""),
+        progressing=("True", reason, msg),
+        suspended=("False", c.NOT_SUSPENDED, ""),
+    )
+
+
+def _failed(reason: str, msg: str) -> tuple[c.Condition, ...]:
+    return _conds(
+        succeeded=("False", reason, msg),
+        failed=("True", reason, msg),
+        progressing=("False", c.RUN_FINISHED, msg),
+        suspended=("False", c.NOT_SUSPENDED, ""),
+    )
+
+
+def _succeeded(msg: str) -> tuple[c.Condition, ...]:
+    return _conds(
+        succeeded=("True", c.TARGET_MET, msg),
+        failed=("False", c.NO_FAILURE, ""),
+        progressing=("False", c.RUN_FINISHED, msg),
+        suspended=("False", c.NOT_SUSPENDED, ""),
+    )
+
+
+def invalid_plan(ref: RunRef, errors: list[str]) -> Plan:
+    msg = "; ".join(errors)
+    return Plan(
+        actions=(),
+        conditions=_failed(c.INVALID_SPEC, msg),
+        status={"observedGeneration": ref.generation},
+        events=(Event("Warning", c.INVALID_SPEC, msg),),
+    )
+
+
+def plan_for_manifest(ref: RunRef, spec: Mapping[str, Any], observed: Observed) -> Plan:
+    """Parse the spec and decide; a bad spec becomes Failed/InvalidSpec, never an exception."""
+    try:
+        parsed = parse_spec(dict(spec))
+    except SpecError as exc:
+        return invalid_plan(ref, exc.errors)
+    return decide(ref, parsed, observed)
+
+
+def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
+    suspended = spec.suspend
+    b = spec.budget
+    states = {rnd: _shard_states(spec, p, obs) for rnd, p in obs.rounds.items()}
+
+    def finish(conds: tuple[c.Condition, ...], *events: Event) -> Plan:
+        return Plan((), conds, _status(ref, obs, states), events)
+
+    def new_round(rnd: int, count: int, sampling: Sampling, why: str, events: list[Event]) -> Plan:
+        plan = make_round(spec, rnd, count, sampling, obs.rounds, why)
+        states[rnd] = [_ShardState(s, "create") for s in plan.shards]
+        actions: list[Action] = [RecordRound(plan)]
+        actions += _shard_creates(spec, ref, states[rnd], active=0)
+        msg = f"round {rnd}: {count} shard(s), seeds {_seed_range(plan.seeds)}, {sampling.describe()}; {why}"
+        events.append(Event("Normal", c.ROUND_STARTED, msg))
+        status = _status(ref, _with_round(obs, plan), states)
+        return Plan(tuple(actions), _running(c.ROUND_STARTED, msg, False), status, tuple(events))
+
+    if not obs.rounds:
+        if suspended:
+            return finish(_running(c.SUSPENDED_BY_SPEC, "no round started yet", True))
+        return new_round(1, spec.shards.initial, base_sampling(spec), "first round from spec.shards.initial", [])
+
+    rnd = max(obs.rounds)
+    cur = states[rnd]
+    failed_total = sum(s.phase == "failed" for ss in states.values() for s in ss)
+    if failed_total > b.max_failed_shards:
+        first = next(s for ss in states.values() for s in ss if s.phase == "failed")
+        msg = (
+            f"{failed_total} shard(s) failed after {b.max_shard_retries} retries, more than "
+            f"spec.budget.maxFailedShards={b.max_failed_shards}; first: {first.message}"
+        )
+        return finish(_failed(c.SHARDS_FAILED, msg), Event("Warning", c.SHARDS_FAILED, msg))
+
+    report = obs.reports.get(rnd)
+    if report is None:
+        pending = [s for s in cur if s.phase in ("active", "create")]
+        if pending:
+            active = sum(s.phase == "active" for s in cur)
+            done = sum(s.phase == "done" for s in cur)
+            msg = f"round {rnd}: {done}/{len(cur)} shard(s) done, {active} running"
+            actions = () if suspended else tuple(_shard_creates(spec, ref, cur, active))
+            status = _status(ref, obs, states)
+            return Plan(actions, _running(c.SHARDS_RUNNING, msg, suspended), status)
+        if not any(s.phase == "done" for s in cur):
+            msg = f"round {rnd}: every shard failed"
+            return finish(_failed(c.SHARDS_FAILED, msg), Event("Warning", c.SHARDS_FAILED, msg))
+        phase, attempt, why = _job_state(_attempts(obs.jobs, "merge", rnd, None), b.max_shard_retries)
+        if phase == "failed":
+            msg = f"round {rnd}: the merge/dedup/QC Job failed after {b.max_shard_retries} retries: {why}"
+            return finish(_failed(c.MERGE_FAILED, msg), Event("Warning", c.MERGE_FAILED, msg))
+        msg = f"round {rnd}: merging, deduplicating and checking {sum(s.phase == 'done' for s in cur)} shard(s)"
+        if phase == "done":
+            msg += " (the merge Job succeeded; waiting for its report to be readable)"
+        actions = ()
+        if phase == "create" and not suspended:
+            actions = (CreateMergeJob(merge_job_name(ref.name, rnd, attempt), attempt, rnd),)
+        return Plan(actions, _running(c.MERGING, msg, suspended), _status(ref, obs, states))
+
+    kept = report.qc_passed_total
+    target = spec.target.unique_examples
+    if kept >= target:
+        msg = (
+            f"{kept} unique QC-passed examples >= target {target} after {rnd} round(s); "
+            f"{report.generated_total} generated, duplication ratio {report.duplication_ratio:.3f}"
+        )
+        return finish(_succeeded(msg), Event("Normal", c.TARGET_MET, msg))
+
+    # Budget: rounds and shards are hard bounds; generated examples are estimated from the measured per-shard rate.
+    used_shards = sum(len(p.shards) for p in obs.rounds.values())
+    per_shard = report.generated / report.shards if report.shards else float(spec.shards.examples_per_shard)
+    left_by_generated = (
+        math.floor((b.max_generated_examples - report.generated_total) / per_shard) if per_shard > 0 else 0
+    )
+    room = min(b.max_shards - used_shards, left_by_generated)
+    exhausted = ""
+    if rnd >= b.max_rounds:
+        exhausted = f"spec.budget.maxRounds={b.max_rounds} reached"
+    elif room < 1:
+        exhausted = (
+            f"no shard fits the budget (maxShards={b.max_shards}, {used_shards} used; "
+            f"maxGeneratedExamples={b.max_generated_examples}, {report.generated_total} generated)"
+        )
+    if exhausted:
+        msg = f"{kept}/{target} unique QC-passed examples; {exhausted}"
+        return finish(_failed(c.BUDGET_EXHAUSTED, msg), Event("Warning", c.BUDGET_EXHAUSTED, msg))
+    if suspended:
+        return finish(_running(c.SUSPENDED_BY_SPEC, f"{kept}/{target} after round {rnd}", True))
+
+    count, why = shards_needed(spec, report)
+    if count > room:
+        count, why = room, why + f"; {room} left in the budget"
+    sampling, policy, policy_why = next_sampling(spec, obs.rounds[rnd].sampling, report)
+    events = [] if policy == c.HELD else [Event("Normal", policy, f"round {rnd + 1}: {policy_why}")]
+    return new_round(rnd + 1, count, sampling, f"{why}; {policy_why}", events)
+
+
+def _with_round(obs: Observed, plan: RoundPlan) -> Observed:
+    return Observed({**obs.rounds, plan.round: plan}, obs.jobs, obs.shards_done, obs.reports)
+
+
+def _shard_creates(spec: GenerationRunSpec, ref: RunRef, states: list[_ShardState], active: int) -> list[Action]:
+    limit = spec.worker.parallelism or len(states)
+    out: list[Action] = []
+    for s in states:
+        if s.phase != "create":
+            continue
+        if active + len(out) >= limit:
+            break
+        out.append(CreateShardJob(shard_job_name(ref.name, s.shard.round, s.shard.seed, s.attempt), s.attempt, s.shard))
+    return out

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# ruff (lint + format check) on everything; mypy --strict on genrun.operator through a link tree laid out like the
+# installed package (`operator/` must never be seen by a tool as the standard library's `operator`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${GENRUN_VENV:-.venv}
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
+tree=$(mktemp -d)
+trap 'rm -rf "$tree"' EXIT
+mkdir -p "$tree/genrun"
+ln -s "$PWD/operator" "$tree/genrun/operator"
+ln -s "$PWD/worker" "$tree/genrun/worker"
+ln -s "$PWD/crds" "$tree/genrun/crds"
+MYPYPATH="$tree" "$VENV/bin/mypy" --cache-dir "${TMPDIR:-/tmp}/genrun-mypy-cache" -p genrun.operator

@@ -1,0 +1,371 @@
+"""The planner is pure: every test here is (spec, observed) -> plan, with no cluster, clock or files."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable
+
+import pytest
+from genrun.operator import conditions as c
+from genrun.operator.api import RunRef, parse_spec
+from genrun.operator.planner import (
+    CreateMergeJob,
+    CreateShardJob,
+    Observed,
+    ObservedJob,
+    Plan,
+    RecordRound,
+    child_name,
+    decide,
+    plan_for_manifest,
+)
+from genrun.worker.records import RoundReport
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+REF = RunRef(name="sft", namespace="data", generation=3)
+BASE = {
+    "model": {"name": "Qwen/Qwen2.5-32B"},
+    "target": {"uniqueExamples": 6000},
+    "output": {"path": "s3://sft-data/stage1"},
+    "sampling": {"temperature": 0.7, "topP": 0.9, "repetitionPenalty": 1.1},
+    "shards": {"initial": 10, "firstSeed": 100, "examplesPerShard": 400},
+    "prompt": {"domains": ["math", "code", "history"]},
+}
+
+
+def spec_of(**over: dict) -> object:
+    raw = copy.deepcopy(BASE)
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    return parse_spec(raw)
+
+
+def apply(obs: Observed, plan: Plan, phase: str = "Running") -> Observed:
+    """What an effect layer does with a plan: record rounds, create Jobs (here: in the given phase)."""
+    rounds, jobs = dict(obs.rounds), list(obs.jobs)
+    for a in plan.actions:
+        if isinstance(a, RecordRound):
+            rounds[a.plan.round] = a.plan
+        elif isinstance(a, CreateShardJob):
+            jobs.append(ObservedJob(a.name, "shard", a.shard.round, a.shard.seed, a.attempt, phase))  # type: ignore[arg-type]
+        elif isinstance(a, CreateMergeJob):
+            jobs.append(ObservedJob(a.name, "merge", a.round, None, a.attempt, phase))  # type: ignore[arg-type]
+    return Observed(rounds, tuple(jobs), obs.shards_done, obs.reports)
+
+
+def set_phase(
+    obs: Observed, phase: str, kind: str = "shard", pred: Callable[[ObservedJob], bool] = lambda j: True
+) -> Observed:
+    jobs = tuple(
+        dataclasses.replace(j, phase=phase) if j.kind == kind and j.phase in ("Pending", "Running") and pred(j) else j
+        for j in obs.jobs
+    )
+    return dataclasses.replace(obs, jobs=jobs)
+
+
+def report(
+    rnd: int, shards: int, generated: int, new_unique: int, new_qc: int, prev: RoundReport | None = None
+) -> RoundReport:
+    return RoundReport(
+        round=rnd,
+        shards=shards,
+        generated=generated,
+        new_unique=new_unique,
+        new_qc_passed=new_qc,
+        generated_total=generated + (prev.generated_total if prev else 0),
+        unique_total=new_unique + (prev.unique_total if prev else 0),
+        qc_passed_total=new_qc + (prev.qc_passed_total if prev else 0),
+    )
+
+
+def test_first_round_from_spec() -> None:
+    plan = decide(REF, spec_of(), Observed())
+    rec = [a for a in plan.actions if isinstance(a, RecordRound)]
+    jobs = [a for a in plan.actions if isinstance(a, CreateShardJob)]
+    assert len(rec) == 1 and rec[0].plan.round == 1
+    assert [j.shard.seed for j in jobs] == list(range(100, 110))
+    assert [j.name for j in jobs][:2] == ["sft-r1-s100", "sft-r1-s101"]
+    assert jobs[0].shard.sampling.temperature == 0.7
+    # Domains rotate across shards: each shard starts on a different topic.
+    assert [j.shard.domains[0] for j in jobs[:4]] == ["math", "code", "history", "math"]
+    assert plan.condition(c.PROGRESSING).reason == c.ROUND_STARTED
+    assert plan.status["observedGeneration"] == 3 and plan.status["round"] == 1
+
+
+def test_problem_numbers_size_round_two_from_marginal_yield() -> None:
+    """Round 1 of the problem: 3,968 generated, 1,311 unique, 1,120 QC-passed, target 6,000."""
+    spec = spec_of()
+    obs = apply(Observed(), decide(REF, spec, Observed()))
+    obs = set_phase(obs, "Succeeded")
+    merge = decide(REF, spec, obs)
+    assert [type(a) for a in merge.actions] == [CreateMergeJob]
+    obs = set_phase(apply(obs, merge), "Succeeded", kind="merge")
+    obs = dataclasses.replace(obs, reports={1: report(1, 10, 3968, 1311, 1120)})
+
+    plan = decide(REF, spec, obs)
+    rec = next(a for a in plan.actions if isinstance(a, RecordRound)).plan
+    # marginal yield = 1120/3968 = 0.282 per generated example, 396.8 generated per shard; 4,880 still needed,
+    # with headroom 1.2: ceil(4880 * 1.2 / (0.282 * 396.8)) = 53 shards, not a fixed 10.
+    y = 1120 / 3968
+    expected = math.ceil(4880 * 1.2 / (y * 396.8))
+    assert len(rec.shards) == expected == 53
+    # Unique ratio 0.33 is far below 0.9 and QC-pass 0.85 holds above 0.7: both knobs step up.
+    assert (rec.sampling.temperature, rec.sampling.repetition_penalty) == (0.8, 1.2)
+    assert rec.shards[0].seed == 110 and rec.shards[-1].seed == 162
+    assert {e.reason for e in plan.events} == {c.ESCALATED, c.ROUND_STARTED}
+    row = plan.status["rounds"][0]
+    assert row["generated"] == 3968 and row["qcPassed"] == 1120 and row["marginalYield"] == round(y, 4)
+    assert plan.status["totals"]["duplicationRatio"] == round(1 - 1311 / 3968, 4)
+
+
+def test_qc_below_floor_steps_sampling_back() -> None:
+    spec = spec_of(escalation={"minQcPassRate": 0.7})
+    obs = Observed(reports={})
+    obs = apply(obs, decide(REF, spec, obs))
+    obs = set_phase(obs, "Succeeded")
+    r1 = report(1, 10, 4000, 2000, 1800)
+    obs = dataclasses.replace(obs, reports={1: r1})
+    obs = apply(obs, decide(REF, spec, obs))
+    assert obs.rounds[2].sampling.temperature == 0.8
+    obs = set_phase(obs, "Succeeded")
+    # Round 2 at T=0.8: lots of unique text but only 40% passes QC -> back to 0.7.
+    obs = dataclasses.replace(obs, reports={1: r1, 2: report(2, len(obs.rounds[2].shards), 4000, 3000, 1200, r1)})
+    plan = decide(REF, spec, obs)
+    r3 = next(a for a in plan.actions if isinstance(a, RecordRound)).plan
+    assert (r3.sampling.temperature, r3.sampling.repetition_penalty) == (0.7, 1.1)
+    assert any(e.reason == c.STEPPED_BACK for e in plan.events)
+
+
+def test_running_shards_are_not_created_twice_and_merge_waits() -> None:
+    spec = spec_of()
+    obs = apply(Observed(), decide(REF, spec, Observed()))
+    again = decide(REF, spec, obs)
+    assert again.actions == ()
+    assert again.condition(c.PROGRESSING).reason == c.SHARDS_RUNNING
+    assert again.status["totals"]["shardsRunning"] == 10
+
+
+def test_storage_markers_count_as_done_when_jobs_are_gone() -> None:
+    spec = spec_of()
+    obs = apply(Observed(), decide(REF, spec, Observed()))
+    done = frozenset((1, s) for s in range(100, 110))
+    obs = Observed(obs.rounds, (), done, {})  # Jobs deleted (TTL) but every shard published
+    plan = decide(REF, spec, obs)
+    assert [type(a) for a in plan.actions] == [CreateMergeJob]
+
+
+def test_failed_shard_is_retried_within_bound_then_fails_run() -> None:
+    spec = spec_of(budget={"maxShardRetries": 2})
+    obs = apply(Observed(), decide(REF, spec, Observed()))
+    obs = set_phase(obs, "Succeeded", pred=lambda j: j.seed != 105)
+    for attempt in (1, 2):
+        obs = set_phase(obs, "Failed")
+        plan = decide(REF, spec, obs)
+        assert [(a.name, a.attempt) for a in plan.actions] == [(f"sft-r1-s105-a{attempt}", attempt)]
+        assert not plan.finished
+        obs = apply(obs, plan)
+    obs = set_phase(obs, "Failed")
+    plan = decide(REF, spec, obs)
+    assert plan.actions == ()
+    assert plan.condition(c.FAILED).status == "True"
+    assert plan.condition(c.FAILED).reason == c.SHARDS_FAILED
+    assert "sft-r1-s105-a2" in plan.condition(c.FAILED).message
+
+
+def test_non_retriable_failure_is_not_retried() -> None:
+    spec = spec_of()
+    obs = apply(Observed(), decide(REF, spec, Observed()))
+    jobs = tuple(dataclasses.replace(j, phase="Failed", retriable=False, message="exit code 2") for j in obs.jobs)
+    plan = decide(REF, spec, dataclasses.replace(obs, jobs=jobs))
+    assert plan.actions == () and plan.condition(c.FAILED).reason == c.SHARDS_FAILED
+
+
+def test_tolerated_failures_still_merge() -> None:
+    spec = spec_of(budget={"maxFailedShards": 1, "maxShardRetries": 0})
+    obs = apply(Observed(), decide(REF, spec, Observed()))
+    obs = set_phase(obs, "Failed", pred=lambda j: j.seed == 100)
+    obs = set_phase(obs, "Succeeded")
+    plan = decide(REF, spec, obs)
+    assert [type(a) for a in plan.actions] == [CreateMergeJob]
+
+
+def test_merge_failure_retries_then_fails() -> None:
+    spec = spec_of(budget={"maxShardRetries": 1})
+    obs = set_phase(apply(Observed(), decide(REF, spec, Observed())), "Succeeded")
+    obs = set_phase(apply(obs, decide(REF, spec, obs)), "Failed", kind="merge")
+    plan = decide(REF, spec, obs)
+    assert [a.name for a in plan.actions] == ["sft-r1-merge-a1"]
+    obs = set_phase(apply(obs, plan), "Failed", kind="merge")
+    assert decide(REF, spec, obs).condition(c.FAILED).reason == c.MERGE_FAILED
+
+
+def test_target_met_succeeds() -> None:
+    spec = spec_of(target={"uniqueExamples": 1000})
+    obs = set_phase(apply(Observed(), decide(REF, spec, Observed())), "Succeeded")
+    obs = dataclasses.replace(obs, reports={1: report(1, 10, 3968, 1311, 1120)})
+    plan = decide(REF, spec, obs)
+    assert plan.actions == () and plan.finished
+    assert plan.condition(c.SUCCEEDED).reason == c.TARGET_MET
+    assert plan.condition(c.PROGRESSING).status == "False"
+
+
+def test_raised_target_after_success_continues() -> None:
+    """Level-based: the target is read every time; raising it starts the next round."""
+    spec = spec_of(target={"uniqueExamples": 1000})
+    obs = set_phase(apply(Observed(), decide(REF, spec, Observed())), "Succeeded")
+    obs = dataclasses.replace(obs, reports={1: report(1, 10, 3968, 1311, 1120)})
+    assert decide(REF, spec, obs).finished
+    plan = decide(REF, spec_of(target={"uniqueExamples": 2000}), obs)
+    assert any(isinstance(a, RecordRound) and a.plan.round == 2 for a in plan.actions)
+
+
+@pytest.mark.parametrize(
+    ("budget", "words"),
+    [
+        ({"maxRounds": 1}, "maxRounds=1"),
+        ({"maxShards": 10}, "maxShards=10"),
+        ({"maxGeneratedExamples": 4000}, "maxGeneratedExamples=4000"),
+    ],
+)
+def test_budget_exhausted(budget: dict, words: str) -> None:
+    spec = spec_of(budget=budget)
+    obs = set_phase(apply(Observed(), decide(REF, spec, Observed())), "Succeeded")
+    obs = dataclasses.replace(obs, reports={1: report(1, 10, 3968, 1311, 1120)})
+    plan = decide(REF, spec, obs)
+    assert plan.condition(c.FAILED).reason == c.BUDGET_EXHAUSTED and words in plan.condition(c.FAILED).message
+
+
+def test_next_round_is_cut_to_what_budget_allows() -> None:
+    spec = spec_of(budget={"maxShards": 15})
+    obs = set_phase(apply(Observed(), decide(REF, spec, Observed())), "Succeeded")
+    obs = dataclasses.replace(obs, reports={1: report(1, 10, 3968, 1311, 1120)})
+    rec = next(a for a in decide(REF, spec, obs).actions if isinstance(a, RecordRound))
+    assert len(rec.plan.shards) == 5
+
+
+def test_suspend_starts_nothing_and_resume_continues() -> None:
+    spec = parse_spec({**copy.deepcopy(BASE), "suspend": True})
+    plan = decide(REF, spec, Observed())
+    assert plan.actions == ()
+    assert plan.condition(c.SUSPENDED).status == "True"
+    assert plan.condition(c.PROGRESSING).status == "False"
+    resumed = decide(REF, spec_of(), Observed())
+    assert resumed.actions and resumed.condition(c.SUSPENDED).status == "False"
+    # Mid-round: a suspended run creates no retries and no merge.
+    obs = set_phase(apply(Observed(), resumed), "Succeeded")
+    assert decide(REF, spec, obs).actions == ()
+
+
+def test_parallelism_limits_active_shard_jobs() -> None:
+    spec = spec_of(worker={"parallelism": 3})
+    plan = decide(REF, spec, Observed())
+    assert sum(isinstance(a, CreateShardJob) for a in plan.actions) == 3
+    obs = apply(Observed(), plan)
+    assert decide(REF, spec, obs).actions == ()
+    obs = set_phase(obs, "Succeeded", pred=lambda j: j.seed == 100)
+    assert [a.shard.seed for a in decide(REF, spec, obs).actions] == [103]
+
+
+def test_invalid_spec_is_a_failed_condition_not_an_exception() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["sampling"]["temperature"] = 3.5
+    plan = plan_for_manifest(REF, raw, Observed())
+    assert plan.actions == ()
+    assert plan.condition(c.FAILED).reason == c.INVALID_SPEC
+    assert "spec.sampling.temperature: must be in (0, 2], got 3.5" in plan.condition(c.FAILED).message
+
+
+def test_child_names_are_bounded_and_distinct() -> None:
+    long = "a" * 42
+    names = {child_name(long, "r100", f"s{2**31 - i}", "a20") for i in range(50)}
+    assert len(names) == 50 and all(len(n) <= 63 for n in names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Properties: a simulated world where each round's yield is drawn by hypothesis.
+
+
+def simulate(spec, yields: list[float], fail_seeds: frozenset[int] = frozenset(), restart_every: int = 0):
+    """Drive decide() to the end; Jobs finish at once; round r's new QC-passed = yields[r] * generated."""
+    obs, plans, steps = Observed(), [], 0
+    while steps < 500:
+        steps += 1
+        plan = decide(REF, spec, obs)
+        plans.append(plan)
+        if plan.finished:
+            return obs, plans
+        if restart_every and steps % restart_every == 0:
+            # A restart: same observed state gives the same plan, and nothing new beyond it.
+            assert decide(REF, spec, obs) == plan
+        obs = apply(obs, plan)
+        obs = set_phase(obs, "Failed", pred=lambda j: j.seed in fail_seeds)
+        obs = set_phase(obs, "Succeeded")
+        obs = set_phase(obs, "Succeeded", kind="merge")
+        done_merges = {j.round for j in obs.jobs if j.kind == "merge" and j.phase == "Succeeded"}
+        reports = dict(obs.reports)
+        for rnd in sorted(done_merges - set(reports)):
+            n = sum((j.phase == "Succeeded") for j in obs.jobs if j.kind == "shard" and j.round == rnd)
+            gen = n * spec.shards.examples_per_shard
+            y = yields[min(rnd - 1, len(yields) - 1)]
+            prev = reports.get(rnd - 1)
+            new_u = int(gen * min(1.0, y * 1.2))
+            reports[rnd] = report(rnd, n, gen, new_u, int(gen * y), prev)
+        obs = dataclasses.replace(obs, reports=reports)
+    raise AssertionError("did not finish in 500 steps")
+
+
+yields_st = st.lists(st.floats(min_value=0.0, max_value=0.8, allow_nan=False), min_size=1, max_size=12)
+budget_st = st.fixed_dictionaries(
+    {
+        "maxRounds": st.integers(1, 8),
+        "maxShards": st.integers(10, 120),
+        "maxGeneratedExamples": st.integers(4000, 60000),
+    }
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(yields=yields_st, budget=budget_st, target=st.integers(100, 30000))
+def test_property_stops_within_budget_and_never_reuses_a_seed(yields, budget, target) -> None:
+    spec = spec_of(budget=budget, target={"uniqueExamples": target})
+    obs, plans = simulate(spec, yields)
+    final = plans[-1]
+    assert final.finished
+    assert len(obs.rounds) <= budget["maxRounds"]
+    seeds = [s.seed for p in obs.rounds.values() for s in p.shards]
+    assert len(seeds) == len(set(seeds)) <= budget["maxShards"]
+    assert all(s.sampling.temperature <= spec.escalation.max_temperature for p in obs.rounds.values() for s in p.shards)
+    if final.condition(c.SUCCEEDED).status == "True":
+        assert max(obs.reports.values(), key=lambda r: r.round).qc_passed_total >= target
+    else:
+        assert final.condition(c.FAILED).reason == c.BUDGET_EXHAUSTED
+
+
+@settings(max_examples=60, deadline=None)
+@given(yields=yields_st, target=st.integers(100, 20000), every=st.integers(1, 4))
+def test_property_same_input_same_plan_and_replay_plans_nothing_done(yields, target, every) -> None:
+    spec = spec_of(target={"uniqueExamples": target}, budget={"maxRounds": 5})
+    obs, plans = simulate(spec, yields, restart_every=every)
+    # Replaying the final observed state (an operator restarted at the end) creates nothing.
+    again = decide(REF, spec, obs)
+    assert again.actions == () and again == plans[-1]
+    names = [j.name for j in obs.jobs]
+    assert len(names) == len(set(names))
+
+
+@settings(max_examples=40, deadline=None)
+@given(fail=st.sets(st.integers(100, 115), max_size=3), retries=st.integers(0, 3), tolerated=st.integers(0, 2))
+def test_property_failures_end_the_run_or_are_tolerated(fail, retries, tolerated) -> None:
+    spec = spec_of(budget={"maxShardRetries": retries, "maxFailedShards": tolerated, "maxRounds": 3})
+    obs, plans = simulate(spec, [0.2], fail_seeds=frozenset(fail))
+    attempts: dict[int, int] = {}
+    for j in obs.jobs:
+        if j.kind == "shard":
+            attempts[j.seed] = attempts.get(j.seed, 0) + 1
+    assert all(n <= retries + 1 for n in attempts.values())
+    failed_seeds = {s for s in fail if s in attempts}
+    if len(failed_seeds) > tolerated:
+        assert plans[-1].condition(c.FAILED).reason == c.SHARDS_FAILED

@@ -1,0 +1,267 @@
+"""The contract between the worker and the operator: shard specs, shard manifests, round reports, storage keys.
+
+The operator reads what the worker writes, so both import these definitions from here. This module must stay
+import-light (standard library only): the operator image has no pyarrow, vllm or torch. The Parquet schema is built
+lazily by `example_schema()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTRACT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    min_p: float
+    max_tokens: int
+
+    def describe(self) -> str:
+        return f"T={self.temperature:g} top_p={self.top_p:g} rep={self.repetition_penalty:g}"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One seed shard: everything a generator needs besides the run spec."""
+
+    round: int
+    seed: int
+    ordinal: int  # position of this shard over the whole run (0-based); drives domain rotation
+    examples: int
+    sampling: Sampling
+    domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round: int
+    shards: tuple[ShardPlan, ...]
+    sampling: Sampling
+    reason: str = ""  # why this size and sampling, for people
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(s.seed for s in self.shards)
+
+
+@dataclass(frozen=True)
+class DomainYield:
+    domain: str
+    generated: int
+    new_unique: int
+    new_qc_passed: int
+
+
+@dataclass(frozen=True)
+class TemperatureYield:
+    temperature: float
+    generated: int
+    new_unique: int
+    new_qc_passed: int
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What a round's merge writes and the planner reads. Totals are cumulative over rounds 1..round."""
+
+    round: int
+    shards: int  # shards merged this round
+    generated: int  # instructions sampled this round, online-skipped duplicates included
+    new_unique: int  # new unique keys this round (after exact and near dedup against everything before)
+    new_qc_passed: int
+    generated_total: int
+    unique_total: int
+    qc_passed_total: int
+    tokens: int = 0  # tokens generated this round
+    tokens_total: int = 0
+    skipped_online: int = 0  # of `generated`, how many the generators skipped as already seen
+    exact_duplicates: int = 0
+    near_duplicates: int = 0
+    qc_rejected: dict[str, int] = field(default_factory=dict)
+    top_duplicates: tuple[tuple[str, int], ...] = ()
+    per_domain: tuple[DomainYield, ...] = ()
+    per_temperature: tuple[TemperatureYield, ...] = ()
+    quarantined: tuple[str, ...] = ()  # shard keys that could not be read
+    dataset: str = ""  # where the dataset of this round lives
+    report: str = ""
+    contract: int = CONTRACT_VERSION
+
+    @property
+    def marginal_yield(self) -> float:
+        """New QC-passed examples per generated example in this round: the number that sizes the next round."""
+        return self.new_qc_passed / self.generated if self.generated else 0.0
+
+    @property
+    def unique_ratio(self) -> float:
+        return self.new_unique / self.generated if self.generated else 0.0
+
+    @property
+    def qc_pass_rate(self) -> float:
+        return self.new_qc_passed / self.new_unique if self.new_unique else 0.0
+
+    @property
+    def duplication_ratio(self) -> float:
+        """Share of everything generated so far that was a duplicate (exact or near)."""
+        return 1.0 - self.unique_total / self.generated_total if self.generated_total else 0.0
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    """The completion marker of a shard: written last, after the data is published."""
+
+    round: int
+    seed: int
+    rows: int
+    generated: int  # instructions sampled, skipped ones included
+    skipped_online: int
+    skipped_in_shard: int
+    malformed: int
+    tokens: int
+    seconds: float
+    data: str
+    rejected: str = ""
+    contract: int = CONTRACT_VERSION
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Serialisation: plain JSON, tuples as lists, nested dataclasses rebuilt by type.
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(_plain(obj), sort_keys=True, indent=1)
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def shard_plan_from(d: dict[str, Any]) -> ShardPlan:
+    return ShardPlan(
+        round=int(d["round"]),
+        seed=int(d["seed"]),
+        ordinal=int(d["ordinal"]),
+        examples=int(d["examples"]),
+        sampling=Sampling(**d["sampling"]),
+        domains=tuple(d.get("domains", ())),
+    )
+
+
+def round_plan_from(d: dict[str, Any]) -> RoundPlan:
+    return RoundPlan(
+        round=int(d["round"]),
+        shards=tuple(shard_plan_from(s) for s in d["shards"]),
+        sampling=Sampling(**d["sampling"]),
+        reason=str(d.get("reason", "")),
+    )
+
+
+def round_report_from(d: dict[str, Any]) -> RoundReport:
+    kw = dict(d)
+    kw["qc_rejected"] = {str(k): int(v) for k, v in d.get("qc_rejected", {}).items()}
+    kw["top_duplicates"] = tuple((str(t), int(c)) for t, c in d.get("top_duplicates", ()))
+    kw["per_domain"] = tuple(DomainYield(**x) for x in d.get("per_domain", ()))
+    kw["per_temperature"] = tuple(TemperatureYield(**x) for x in d.get("per_temperature", ()))
+    kw["quarantined"] = tuple(d.get("quarantined", ()))
+    known = {f.name for f in dataclasses.fields(RoundReport)}
+    return RoundReport(**{k: v for k, v in kw.items() if k in known})
+
+
+def shard_manifest_from(d: dict[str, Any]) -> ShardManifest:
+    known = {f.name for f in dataclasses.fields(ShardManifest)}
+    return ShardManifest(**{k: v for k, v in d.items() if k in known})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Storage layout under the run's output prefix. Every name is derived from (round, seed): nothing is random, so a
+# retry finds what an earlier attempt finished.
+
+
+def round_plan_key(rnd: int) -> str:
+    return f"rounds/r{rnd:04d}/plan.json"
+
+
+def shard_data_key(rnd: int, seed: int) -> str:
+    return f"shards/r{rnd:04d}/s{seed:010d}.parquet"
+
+
+def shard_rejected_key(rnd: int, seed: int) -> str:
+    return f"shards/r{rnd:04d}/s{seed:010d}.rejected.parquet"
+
+
+def shard_manifest_key(rnd: int, seed: int) -> str:
+    return f"shards/r{rnd:04d}/s{seed:010d}.done.json"
+
+
+def merge_prefix(rnd: int) -> str:
+    return f"merge/r{rnd:04d}"
+
+
+def round_report_key(rnd: int) -> str:
+    return f"{merge_prefix(rnd)}/report.json"
+
+
+def seen_index_key(rnd: int) -> str:
+    return f"{merge_prefix(rnd)}/seen-index.npz"
+
+
+STATUS_KEY = "status.json"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Parquet schema of a shard: explicit, so every writer agrees and readers can check it.
+
+EXAMPLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("instruction", "string"),
+    ("response", "string"),
+    ("domain", "string"),
+    ("round", "int32"),
+    ("seed", "int64"),
+    ("index", "int32"),
+    ("temperature", "float32"),
+    ("top_p", "float32"),
+    ("repetition_penalty", "float32"),
+    ("model", "string"),
+    ("prompt_hash", "string"),
+    ("instruction_tokens", "int32"),
+    ("response_tokens", "int32"),
+    ("finish_reason", "string"),
+    ("instruction_logprob", "float32"),
+    ("response_logprob", "float32"),
+    ("critic_score", "float32"),
+    ("candidates", "int32"),
+)
+
+
+def example_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [pa.field(name, getattr(pa, typ)(), nullable=(name == "critic_score")) for name, typ in EXAMPLE_COLUMNS]
+    )
+
+
+def rejected_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("round", pa.int32()),
+            pa.field("seed", pa.int64()),
+            pa.field("index", pa.int32()),
+            pa.field("reason", pa.string()),
+            pa.field("text", pa.string()),
+        ]
+    )
