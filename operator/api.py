@@ -140,7 +140,7 @@ class DedupSpec:
     near_duplicates: bool = _f("nearDuplicates", True)
     threshold: float = _f("threshold", 0.8)
     num_perm: int = _f("numPerm", 128)
-    shingle_size: int = _f("shingleSize", 5)
+    shingle_size: int = _f("shingleSize", 1)
     partitions: int = _f("partitions", 1)
 
 

@@ -8,13 +8,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-# Exit codes are part of the Job contract: the operator's podFailurePolicy fails fast on the non-retriable ones.
-EXIT_OK = 0
-EXIT_FAILED = 1  # retriable: crash, storage hiccup, OOM
-EXIT_USAGE = 2  # bad input: a spec or file that will not get better by retrying
-EXIT_RUN_FAILED = 3  # a run ended Failed (budget, shards)
+from genrun.worker.records import EXIT_OK, EXIT_USAGE
+
+EXIT_RUN_FAILED = 3  # `genrun run`: the run ended Failed (budget, shards)
 EXIT_INTERRUPTED = 130
-NON_RETRIABLE_EXIT_CODES = (EXIT_USAGE,)
 
 
 class UserError(Exception):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from genrun.operator import conditions as c
 from genrun.operator.api import GenerationRunSpec, RunRef, SpecError, parse_spec
-from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
+from genrun.worker.records import JobSpec, RoundPlan, RoundReport, Sampling, ShardPlan
 
 JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
 ACTIVE_PHASES = ("Pending", "Running")
@@ -69,9 +69,17 @@ class CreateMergeJob:
     name: str
     attempt: int
     round: int
+    shards: tuple[tuple[int, int], ...]  # every (round, seed) planned in rounds 1..round; the merge skips failed ones
 
 
 Action = RecordRound | CreateShardJob | CreateMergeJob
+
+
+def job_spec(action: CreateShardJob | CreateMergeJob, ref: RunRef, spec: Mapping[str, Any]) -> JobSpec:
+    """What a shard or merge Job is handed, the same for a local process and a Kubernetes Job."""
+    if isinstance(action, CreateShardJob):
+        return JobSpec("shard", ref.name, ref.namespace, dict(spec), action.shard.round, shard=action.shard)
+    return JobSpec("merge", ref.name, ref.namespace, dict(spec), action.round, shards=action.shards)
 
 
 @dataclass(frozen=True)
@@ -434,7 +442,8 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
             msg += " (the merge Job succeeded; waiting for its report to be readable)"
         actions = ()
         if phase == "create" and not suspended:
-            actions = (CreateMergeJob(merge_job_name(ref.name, rnd, attempt), attempt, rnd),)
+            shard_ids = tuple((s.round, s.seed) for r in sorted(obs.rounds) if r <= rnd for s in obs.rounds[r].shards)
+            actions = (CreateMergeJob(merge_job_name(ref.name, rnd, attempt), attempt, rnd, shard_ids),)
         return Plan(actions, _running(c.MERGING, msg, suspended), _status(ref, obs, states))
 
     kept = report.qc_passed_total

@@ -14,6 +14,14 @@ from typing import Any
 
 CONTRACT_VERSION = 1
 
+# Exit codes of the worker commands: the operator's podFailurePolicy and the planner's retry bound read them.
+EXIT_OK = 0
+EXIT_FAILED = 1  # retriable: a crash, an OOM kill, a storage hiccup
+EXIT_USAGE = 2  # bad job spec or arguments: retrying cannot help
+EXIT_STORAGE = 4  # storage unreachable or refusing: retriable (the store may come back)
+EXIT_MODEL = 5  # the model cannot be found or loaded: retrying cannot help
+NON_RETRIABLE_EXIT_CODES = (EXIT_USAGE, EXIT_MODEL)
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -264,4 +272,34 @@ def rejected_schema() -> Any:
             pa.field("reason", pa.string()),
             pa.field("text", pa.string()),
         ]
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The job spec: what a shard or merge Job is given (a ConfigMap key on Kubernetes, a file locally). Data, never a
+# shell string.
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    kind: str  # "shard" | "merge"
+    run: str
+    namespace: str
+    spec: dict[str, Any]  # the GenerationRun's spec as applied
+    round: int
+    shard: ShardPlan | None = None
+    shards: tuple[tuple[int, int], ...] = ()  # merge: every (round, seed) to merge, rounds 1..round
+
+
+def job_spec_from(d: dict[str, Any]) -> JobSpec:
+    if d.get("kind") not in ("shard", "merge"):
+        raise ValueError(f"kind: must be 'shard' or 'merge', got {d.get('kind')!r}")
+    return JobSpec(
+        kind=d["kind"],
+        run=str(d["run"]),
+        namespace=str(d.get("namespace", "default")),
+        spec=dict(d["spec"]),
+        round=int(d["round"]),
+        shard=shard_plan_from(d["shard"]) if d.get("shard") else None,
+        shards=tuple((int(r), int(s)) for r, s in d.get("shards", ())),
     )

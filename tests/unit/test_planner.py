@@ -52,6 +52,9 @@ def apply(obs: Observed, plan: Plan, phase: str = "Running") -> Observed:
         elif isinstance(a, CreateShardJob):
             jobs.append(ObservedJob(a.name, "shard", a.shard.round, a.shard.seed, a.attempt, phase))  # type: ignore[arg-type]
         elif isinstance(a, CreateMergeJob):
+            assert a.shards == tuple(
+                (s.round, s.seed) for r in sorted(rounds) if r <= a.round for s in rounds[r].shards
+            )
             jobs.append(ObservedJob(a.name, "merge", a.round, None, a.attempt, phase))  # type: ignore[arg-type]
     return Observed(rounds, tuple(jobs), obs.shards_done, obs.reports)
 

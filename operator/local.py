@@ -1,0 +1,366 @@
+"""The embedded default: a whole GenerationRun on one machine. The planner's Jobs become local worker processes,
+storage is a local folder (or s3://), and the status is written next to the output in the custom resource's shape.
+
+Observation is derived from what exists: round plans, shard markers and round reports on storage, plus the
+processes this runner started and the failed attempts it recorded. So Ctrl-C or kill -9 and a rerun resumes, and a
+finished shard is never generated twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+import yaml
+from genrun.operator import conditions as c
+from genrun.operator.api import API_VERSION, RunRef, parse_manifest, parse_spec
+from genrun.operator.planner import (
+    CreateMergeJob,
+    CreateShardJob,
+    JobPhase,
+    Observed,
+    ObservedJob,
+    Plan,
+    RecordRound,
+    decide,
+    job_spec,
+)
+from genrun.worker import records as rec
+from genrun.worker.storage import Storage, StorageError, open_storage
+
+STATE = "_genrun"  # runner bookkeeping under the output: job specs, logs, failed attempts
+POLL_SECONDS = 0.5
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _die_with_parent() -> None:
+    """Worker processes die with the runner (kill -9 included), so a rerun never races an orphan."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class _Proc:
+    name: str
+    kind: Literal["shard", "merge"]
+    round: int
+    seed: int | None
+    attempt: int
+    popen: subprocess.Popen[bytes]
+    log: TextIO
+
+
+def observe_storage(
+    storage: Storage,
+) -> tuple[dict[int, rec.RoundPlan], frozenset[tuple[int, int]], dict[int, rec.RoundReport]]:
+    rounds: dict[int, rec.RoundPlan] = {}
+    for key in storage.list("rounds/"):
+        if key.endswith("/plan.json"):
+            p = rec.round_plan_from(json.loads(storage.read_bytes(key)))
+            rounds[p.round] = p
+    done = set()
+    for key in storage.list("shards/"):
+        if key.endswith(".done.json"):
+            m = rec.shard_manifest_from(json.loads(storage.read_bytes(key)))
+            done.add((m.round, m.seed))
+    reports = {}
+    for rnd in rounds:
+        key = rec.round_report_key(rnd)
+        if storage.exists(key):
+            reports[rnd] = rec.round_report_from(json.loads(storage.read_bytes(key)))
+    return rounds, frozenset(done), reports
+
+
+class LocalRunner:
+    def __init__(
+        self,
+        ref: RunRef,
+        raw_spec: dict[str, Any],
+        storage: Storage,
+        state_dir: Path,
+        *,
+        jobs: int = 1,
+        engine: str = "vllm",
+        out: TextIO = sys.stderr,
+        quiet: bool = False,
+    ) -> None:
+        self.ref, self.raw_spec, self.storage = ref, raw_spec, storage
+        self.spec = parse_spec(raw_spec)
+        self.state = state_dir
+        self.jobs, self.engine, self.out, self.quiet = max(1, jobs), engine, out, quiet
+        self.procs: dict[str, _Proc] = {}
+        self.finished: dict[str, ObservedJob] = {}
+        self.stopping = False
+        self.old_conditions: list[dict[str, Any]] = []
+        self._last_line = ""
+
+    # -- observation -------------------------------------------------------------------------------------
+    def _failed_attempts(self) -> list[ObservedJob]:
+        out = []
+        for p in sorted((self.state / "jobs").glob("*.failed.json")):
+            d = json.loads(p.read_text())
+            out.append(
+                ObservedJob(
+                    d["name"], d["kind"], d["round"], d["seed"], d["attempt"], "Failed", d["retriable"], d["message"]
+                )
+            )
+        return out
+
+    def observe(self) -> Observed:
+        rounds, done, reports = observe_storage(self.storage)
+        jobs = {j.name: j for j in self._failed_attempts()}
+        jobs.update(self.finished)
+        for p in self.procs.values():
+            jobs[p.name] = ObservedJob(p.name, p.kind, p.round, p.seed, p.attempt, "Running")
+        return Observed(rounds, tuple(jobs.values()), done, reports)
+
+    # -- effects -----------------------------------------------------------------------------------------
+    def _start(self, action: CreateShardJob | CreateMergeJob) -> None:
+        spec = job_spec(action, self.ref, self.raw_spec)
+        (self.state / "jobs").mkdir(parents=True, exist_ok=True)
+        (self.state / "logs").mkdir(parents=True, exist_ok=True)
+        job_file = self.state / "jobs" / f"{action.name}.json"
+        job_file.write_text(rec.to_json(spec))
+        cmd = [sys.executable, "-m", "genrun.operator.cli", "worker"]
+        if isinstance(action, CreateShardJob):
+            cmd += ["generate", "--job", str(job_file), "--engine", self.engine]
+            kind: Literal["shard", "merge"] = "shard"
+            rnd, seed = action.shard.round, action.shard.seed
+        else:
+            cmd += ["merge", "--job", str(job_file)]
+            kind, rnd, seed = "merge", action.round, None
+        log = open(self.state / "logs" / f"{action.name}.log", "a")  # noqa: SIM115 (closed when the process ends)
+        popen = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
+        self.procs[action.name] = _Proc(action.name, kind, rnd, seed, action.attempt, popen, log)
+
+    def apply(self, plan: Plan) -> None:
+        for a in plan.actions:
+            if isinstance(a, RecordRound):
+                self.storage.write_bytes(rec.round_plan_key(a.plan.round), rec.to_json(a.plan).encode())
+            elif a.name not in self.procs and len(self.procs) < self.jobs:
+                self._start(a)
+            # Jobs over the concurrency bound are not started: the planner asks for them again next time.
+
+    def reap(self) -> bool:
+        changed = False
+        for name, p in list(self.procs.items()):
+            code = p.popen.poll()
+            if code is None:
+                continue
+            changed = True
+            p.log.close()
+            del self.procs[name]
+            if self.stopping:
+                continue  # interrupted by us: not a failed attempt
+            phase: JobPhase = "Succeeded" if code == 0 else "Failed"
+            retriable = code not in rec.NON_RETRIABLE_EXIT_CODES
+            tail = _tail(self.state / "logs" / f"{name}.log")
+            job = ObservedJob(
+                name, p.kind, p.round, p.seed, p.attempt, phase, retriable, f"exit code {code}: {tail}" if code else ""
+            )
+            self.finished[name] = job
+            if code != 0:
+                (self.state / "jobs" / f"{name}.failed.json").write_text(
+                    json.dumps(
+                        {
+                            "name": name,
+                            "kind": p.kind,
+                            "round": p.round,
+                            "seed": p.seed,
+                            "attempt": p.attempt,
+                            "retriable": retriable,
+                            "message": job.message,
+                        }
+                    )
+                )
+        return changed
+
+    def write_status(self, plan: Plan) -> dict[str, Any]:
+        conds = c.merge_conditions(self.old_conditions, plan.conditions, self.ref.generation, _now())
+        self.old_conditions = conds
+        doc = {
+            "apiVersion": API_VERSION,
+            "kind": "GenerationRun",
+            "metadata": {"name": self.ref.name, "namespace": self.ref.namespace},
+            "spec": self.raw_spec,
+            "status": {**plan.status, "conditions": conds},
+        }
+        self.storage.write_bytes(rec.STATUS_KEY, json.dumps(doc, indent=1).encode())
+        return doc
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def run(self) -> Plan:
+        with contextlib.suppress(KeyError, ValueError):
+            self.old_conditions = json.loads(self.storage.read_bytes(rec.STATUS_KEY))["status"]["conditions"]
+        try:
+            while True:
+                obs = self.observe()
+                plan = decide(self.ref, self.spec, obs)
+                self.write_status(plan)
+                self.progress(plan, obs)
+                if plan.finished and not self.procs:
+                    return plan
+                if not plan.actions and not self.procs and plan.condition(c.SUSPENDED).status == "True":
+                    return plan
+                self.apply(plan)
+                deadline = time.monotonic() + POLL_SECONDS
+                while not self.reap() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.stopping = True
+        for p in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                p.popen.terminate()
+        end = time.monotonic() + 10
+        while self.procs and time.monotonic() < end:
+            self.reap()
+            time.sleep(0.1)
+        for p in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                p.popen.kill()
+
+    def progress(self, plan: Plan, obs: Observed) -> None:
+        if self.quiet:
+            return
+        st = plan.status
+        rnd = st.get("round", 0)
+        target = self.spec.target.unique_examples
+        kept = st.get("totals", {}).get("qcPassed", 0)
+        dup = st.get("totals", {}).get("duplicationRatio", 0.0)
+        cur = obs.rounds.get(rnd)
+        shards = len(cur.shards) if cur else 0
+        done = sum(1 for s in (cur.shards if cur else ()) if (s.round, s.seed) in obs.shards_done)
+        width = 20
+        bar = "#" * (width * done // shards if shards else 0)
+        sampling = cur.sampling.describe() if cur else ""
+        line = (
+            f"round {rnd} [{bar:<{width}}] {done}/{shards} shards | kept {kept}/{target} | dup {100 * dup:.1f}% | "
+            f"{sampling} | {plan.condition(c.PROGRESSING).reason}"
+        )
+        if line != self._last_line:
+            tty = self.out.isatty()
+            self.out.write(("\r\033[K" if tty else "") + line + ("" if tty else "\n"))
+            self.out.flush()
+            self._last_line = line
+
+
+def _tail(path: Path, lines: int = 1) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    errs = [x for x in text if "error" in x.lower()]
+    return " | ".join((errs or text)[-lines:])[:300]
+
+
+def _state_dir(storage: Storage, output: str) -> Path:
+    if output.startswith("s3://"):
+        safe = output.removeprefix("s3://").replace("/", "_")
+        return Path(os.environ.get("GENRUN_CACHE", Path.home() / ".cache" / "genrun")) / "runs" / safe
+    return Path(storage.location(STATE))
+
+
+def run_manifest(
+    path: Path, *, output: str | None, jobs: int, engine: str, quiet: bool, out: TextIO = sys.stderr
+) -> int:
+    from genrun.operator.cli import EXIT_RUN_FAILED, UserError
+    from genrun.operator.validate import validate_file
+
+    errors = validate_file(path)
+    if errors:  # before anything touches the output folder
+        for e in errors:
+            print(f"{path}: {e}", file=sys.stderr)
+        return rec.EXIT_USAGE
+    doc = yaml.safe_load(path.read_text())
+    if output:
+        doc["spec"]["output"]["path"] = output
+    ref, spec = parse_manifest(doc)
+    storage = open_storage(spec.output.path, spec.output.s3.endpoint if spec.output.s3 else "")
+    try:
+        storage.check()
+    except StorageError as exc:
+        raise UserError(f"spec.output.path: {exc}") from exc
+    runner = LocalRunner(
+        ref, doc["spec"], storage, _state_dir(storage, spec.output.path), jobs=jobs, engine=engine, out=out, quiet=quiet
+    )
+    try:
+        plan = runner.run()
+    except KeyboardInterrupt:
+        out.write(f"\nstopped; nothing finished is lost. Run the same command again to resume ({storage.url}).\n")
+        return 130
+    out.write("\n")
+    if plan.condition(c.SUSPENDED).status == "True":
+        out.write(f"suspended (spec.suspend is true): {storage.url}\n")
+        return 0
+    print_report(spec.output.path, file=sys.stdout)
+    ok = plan.condition(c.SUCCEEDED).status == "True"
+    verdict = plan.condition(c.SUCCEEDED if ok else c.FAILED)
+    out.write(f"{'Succeeded' if ok else 'Failed'} ({verdict.reason}): {verdict.message}\n")
+    if plan.status.get("output"):
+        out.write(f"dataset: {plan.status['output']['dataset']}\nreport:  {plan.status['output']['report']}\n")
+    return 0 if ok else EXIT_RUN_FAILED
+
+
+def _open(output: str) -> Storage:
+    storage = open_storage(output)
+    if not storage.exists(rec.STATUS_KEY):
+        from genrun.operator.cli import UserError
+
+        raise UserError(f"{output}: no genrun run here (no {rec.STATUS_KEY})")
+    return storage
+
+
+def print_status(output: str, as_json: bool = False) -> int:
+    storage = _open(output)
+    doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
+    st = doc["status"]
+    if as_json:
+        print(json.dumps(st, indent=1))
+        return 0
+    t = st.get("totals", {})
+    target = doc["spec"]["target"]["uniqueExamples"]
+    print(f"{doc['metadata']['name']}: round {st.get('round', 0)}, kept {t.get('qcPassed', 0)}/{target}, unique "
+          f"{t.get('unique', 0)}, generated {t.get('generated', 0)}, duplication {100 * t.get('duplicationRatio', 0):.1f}%")  # fmt: skip
+    for cond in st.get("conditions", []):
+        print(f"  {cond['type']:<12} {cond['status']:<6} {cond['reason']:<16} {cond.get('message', '')[:120]}")
+    print("  round shards seeds        T     rep   generated  new unique  kept  yield")
+    for r in st.get("rounds", []):
+        print(f"  {r['round']:>5} {r['shards']:>6} {r['seeds']:<12} {r['temperature']:<5g} {r['repetitionPenalty']:<5g} "
+              f"{r.get('generated', '-'):>9} {r.get('newUnique', '-'):>11} {r.get('qcPassed', '-'):>5} {r.get('marginalYield', '-')}")  # fmt: skip
+    return 0
+
+
+def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout) -> int:
+    storage = _open(output)
+    _, _, reports = observe_storage(storage)
+    if not reports:
+        print("no round has been merged yet", file=file)
+        return 0
+    latest = reports[max(reports)]
+    print(storage.read_bytes(f"{rec.merge_prefix(latest.round)}/report.md").decode(), file=file)
+    if html:
+        from genrun.operator.charts import render_html
+
+        doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
+        Path(html).write_text(render_html(doc["metadata"]["name"], [reports[k] for k in sorted(reports)]))
+        print(f"charts: {html}", file=file)
+    return 0

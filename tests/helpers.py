@@ -1,0 +1,39 @@
+"""Shared test helpers: shards written through the real record contract (schema, keys, manifests)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from genrun.worker import records as rec
+from genrun.worker.storage import Storage
+
+
+def example_row(
+    instruction: str, response: str = "A helpful and correct answer to the question.", **over: Any
+) -> dict[str, Any]:
+    row = {
+        "instruction": instruction, "response": response, "domain": "", "round": 1, "seed": 0, "index": 0,
+        "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, "model": "test", "prompt_hash": "0",
+        "instruction_tokens": 8, "response_tokens": 12, "finish_reason": "stop", "instruction_logprob": -1.0,
+        "response_logprob": -1.0, "critic_score": None, "candidates": 1,
+    }  # fmt: skip
+    row.update(over)
+    return row
+
+
+def write_shard(
+    storage: Storage, rnd: int, seed: int, rows: list[dict[str, Any]], generated: int | None = None, skipped: int = 0
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{**r, "round": rnd, "seed": seed, "index": i} for i, r in enumerate(rows)]
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "s.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=rec.example_schema()), p)
+        storage.upload(p, rec.shard_data_key(rnd, seed))
+    m = rec.ShardManifest(rnd, seed, len(rows), generated if generated is not None else len(rows) + skipped, skipped, 0, 0,
+                          20 * len(rows), 0.1, rec.shard_data_key(rnd, seed))  # fmt: skip
+    storage.write_bytes(rec.shard_manifest_key(rnd, seed), rec.to_json(m).encode())

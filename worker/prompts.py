@@ -1,0 +1,99 @@
+"""Few-shot prompts for a base model, and robust parsing of what it writes back."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+INSTRUCTION = "### Instruction:\n"
+RESPONSE = "### Response:\n"
+NO_DOMAIN = "a wide range of everyday topics"
+# Stops: the model tends to start the next example; "\n\n" ends a one-paragraph instruction.
+INSTRUCTION_STOPS = ("### Response", "###", "\n\n")
+RESPONSE_STOPS = ("### Instruction", "### Response", "\n\n\n")
+JOINT_STOPS = ("### Instruction",)
+
+
+def format_example(instruction: str, response: str) -> str:
+    return f"{INSTRUCTION}{instruction.strip()}\n\n{RESPONSE}{response.strip()}\n\n"
+
+
+@dataclass(frozen=True)
+class PromptBuilder:
+    template: str
+    domains: tuple[str, ...]
+    examples: tuple[Any, ...]  # FewShotExample
+    per_prompt: int
+    ordinal: int  # the shard's position in the run: rotates few-shot examples across shards
+
+    @classmethod
+    def for_shard(cls, spec: Any, shard: Any) -> PromptBuilder:
+        p = spec.prompt
+        return cls(p.template, tuple(shard.domains), tuple(p.examples), p.examples_per_prompt, shard.ordinal)
+
+    def domain(self, index: int) -> str:
+        return self.domains[index % len(self.domains)] if self.domains else ""
+
+    def prefix(self, index: int) -> str:
+        """The prompt up to (not including) the instruction to be generated."""
+        domain = self.domain(index)
+        shots = ""
+        if self.examples and self.per_prompt:
+            # Prefer examples of this prompt's domain, then rotate through the rest.
+            same = [e for e in self.examples if domain and e.domain == domain]
+            rest = [e for e in self.examples if e not in same]
+            k = (self.ordinal * 7 + index) % len(rest) if rest else 0
+            pool = same + rest[k:] + rest[:k]
+            shots = "".join(format_example(e.instruction, e.response) for e in pool[: self.per_prompt])
+        return self.template.format(domain=domain or NO_DOMAIN, examples=shots).rstrip() + "\n\n"
+
+    def instruction_prompt(self, index: int) -> str:
+        return self.prefix(index) + INSTRUCTION
+
+    def response_prompt(self, index: int, instruction: str) -> str:
+        return f"{self.prefix(index)}{INSTRUCTION}{instruction.strip()}\n\n{RESPONSE}"
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def parse_instruction(text: str, finish_reason: str) -> tuple[str | None, str]:
+    """(instruction, "") or (None, reason). A base model rambles: keep the first paragraph, drop markers."""
+    t = text.replace("\r\n", "\n")
+    for stop in INSTRUCTION_STOPS:
+        t = t.split(stop, 1)[0]
+    t = t.strip().strip('"').strip()
+    if not t:
+        return None, "empty_instruction"
+    if finish_reason == "length":
+        return None, "instruction_truncated"
+    if len(t) < 8 or len(t.split()) < 2:
+        return None, "instruction_too_short"
+    return t, ""
+
+
+def parse_response(text: str) -> tuple[str | None, str]:
+    t = text.replace("\r\n", "\n")
+    for stop in RESPONSE_STOPS:
+        t = t.split(stop, 1)[0]
+    t = t.strip()
+    if not t:
+        return None, "empty_response"
+    return t, ""
+
+
+def parse_joint(text: str, finish_reason: str) -> tuple[tuple[str, str] | None, str]:
+    """Joint mode: the model wrote "instruction ### Response: response" in one go."""
+    if "### Response" not in text:
+        return None, "no_response_marker"
+    head, _, tail = text.partition("### Response")
+    tail = tail.lstrip(":").lstrip("\n ")
+    ins, why = parse_instruction(head, "stop")
+    if ins is None:
+        return None, why
+    res, why = parse_response(tail)
+    if res is None:
+        return None, why
+    return (ins, res), ""

@@ -1,0 +1,229 @@
+"""Storage under a run's output prefix: a local folder (the embedded default) or s3://bucket/prefix (boto3).
+
+Writes are atomic: data goes to a temporary name and is published by a rename (local) or a server-side copy (S3),
+so a crash leaves at most a temporary object and never a half-written published one. Completion markers are
+written last by the callers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+TMP_PREFIX = "_tmp/"
+
+
+class StorageError(Exception):
+    """Storage is unreachable or refuses us: one line naming the location and the cause."""
+
+
+class Storage(Protocol):
+    url: str
+
+    def exists(self, key: str) -> bool: ...
+    def read_bytes(self, key: str) -> bytes: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def upload(self, local: Path, key: str) -> None: ...
+    def download(self, key: str, local: Path) -> None: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def location(self, key: str) -> str: ...
+    def check(self) -> None: ...
+
+
+class LocalStorage:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+
+    def _p(self, key: str) -> Path:
+        return self.root / key
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"output folder {self.root}: {exc.strerror}") from exc
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"output folder {self.root}: not writable")
+
+    def exists(self, key: str) -> bool:
+        return self._p(key).exists()
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._p(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise KeyError(key) from exc
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        dest = self._p(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are read by other users and Jobs
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def upload(self, local: Path, key: str) -> None:
+        dest = self._p(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def download(self, key: str, local: Path) -> None:
+        try:
+            shutil.copyfile(self._p(key), local)
+        except FileNotFoundError as exc:
+            raise KeyError(key) from exc
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._p(prefix)
+        if not base.exists():
+            return []
+        out = []
+        for p in base.rglob("*") if base.is_dir() else [base]:
+            if p.is_file() and not p.name.startswith("."):
+                out.append(str(p.relative_to(self.root)))
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._p(key).unlink()
+
+    def location(self, key: str) -> str:
+        return str(self._p(key))
+
+
+class S3Storage:
+    """s3://bucket/prefix through boto3; credentials from the environment (a Kubernetes Secret gives them)."""
+
+    def __init__(self, url: str, endpoint: str = "", region: str = "us-east-1") -> None:
+        import boto3
+        from botocore.config import Config
+
+        rest = url.removeprefix("s3://")
+        self.bucket, _, prefix = rest.partition("/")
+        self.prefix = prefix.strip("/")
+        self.url = url.rstrip("/")
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+        self.endpoint = endpoint
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint or None,
+            region_name=region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            config=Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5, read_timeout=60),
+        )
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _err(self, what: str, exc: Exception) -> StorageError:
+        where = f"s3://{self.bucket}/{self.prefix}" + (f" at {self.endpoint}" if self.endpoint else "")
+        return StorageError(f"{where}: {what}: {exc}")
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._err("bucket not reachable", exc) from exc
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def read_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+            return body
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise KeyError(key) from exc
+            raise
+
+    def _publish(self, tmp_key: str, key: str) -> None:
+        self.client.copy_object(
+            Bucket=self.bucket, Key=self._k(key), CopySource={"Bucket": self.bucket, "Key": self._k(tmp_key)}
+        )
+        self.client.delete_object(Bucket=self.bucket, Key=self._k(tmp_key))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        tmp = f"{TMP_PREFIX}{key}.{uuid.uuid4().hex[:8]}"
+        self.client.put_object(Bucket=self.bucket, Key=self._k(tmp), Body=data)
+        self._publish(tmp, key)
+
+    def upload(self, local: Path, key: str) -> None:
+        tmp = f"{TMP_PREFIX}{key}.{uuid.uuid4().hex[:8]}"
+        self.client.upload_file(str(local), self.bucket, self._k(tmp))
+        self._publish(tmp, key)
+
+    def download(self, key: str, local: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.download_file(self.bucket, self._k(key), str(local))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise KeyError(key) from exc
+            raise
+
+    def list(self, prefix: str) -> list[str]:
+        out = []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix)):
+            out += [o["Key"][strip:] for o in page.get("Contents", [])]
+        return sorted(k for k in out if not k.startswith(TMP_PREFIX))
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
+
+    def location(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._k(key)}"
+
+
+def open_storage(path: str, endpoint: str = "", region: str = "us-east-1") -> Storage:
+    if path.startswith("s3://"):
+        return S3Storage(path, endpoint, region)
+    return LocalStorage(path)
+
+
+@contextlib.contextmanager
+def local_copy(storage: Storage, key: str) -> Iterator[Path]:
+    """A local file with the object's content (the object itself for local storage)."""
+    if isinstance(storage, LocalStorage):
+        yield storage._p(key)
+        return
+    with tempfile.TemporaryDirectory(prefix="genrun-") as d:
+        p = Path(d) / Path(key).name
+        storage.download(key, p)
+        yield p
