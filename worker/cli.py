@@ -24,7 +24,10 @@ def _load_job(args: argparse.Namespace) -> tuple[rec.JobSpec, Any]:
     from genrun.operator.api import SpecError, parse_spec
 
     try:
-        raw = Path(args.job).read_text() if args.job != "-" else sys.stdin.read()
+        if args.job_json is not None:
+            raw, args.job = args.job_json, "(--job-json)"
+        else:
+            raw = Path(args.job).read_text() if args.job != "-" else sys.stdin.read()
         job = rec.job_spec_from(json.loads(raw))
         spec = parse_spec(job.spec)
     except OSError as exc:
@@ -90,12 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genrun worker")
     sub = p.add_subparsers(dest="kind", required=True)
     g = sub.add_parser("generate", help="generate one seed shard")
-    g.add_argument("--job", required=True, help="job spec JSON file (- for stdin)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--job", help="job spec JSON file (- for stdin)")
+    src.add_argument("--job-json", help="the job spec itself, as one argument (how Kubernetes Jobs pass it)")
     g.add_argument("--engine", choices=("vllm", "replay"), default=os.environ.get("GENRUN_ENGINE", "vllm"))
     g.add_argument("--output", help="override spec.output.path")
     g.set_defaults(fn=_generate, kind="shard")
     m = sub.add_parser("merge", help="merge, dedup and QC everything generated up to a round")
-    m.add_argument("--job", required=True)
+    src = m.add_mutually_exclusive_group(required=True)
+    src.add_argument("--job", help="job spec JSON file (- for stdin)")
+    src.add_argument("--job-json", help="the job spec itself, as one argument")
     m.add_argument("--output", help="override spec.output.path")
     m.set_defaults(fn=_merge, kind="merge")
     return p

@@ -105,7 +105,7 @@ def _repetition(p: Mapping[str, Any]) -> Filter:
 
 def _logprob(p: Mapping[str, Any]) -> Filter:
     min_r = float(p.get("minResponseLogprob", -2.5))
-    min_i = float(p.get("minInstructionLogprob", -3.5))
+    min_i = float(p.get("minInstructionLogprob", -3.0))
 
     def f(row: Row) -> str | None:
         if row.get("response_logprob") is not None and row["response_logprob"] < min_r:

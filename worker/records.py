@@ -143,16 +143,16 @@ class ShardManifest:
 
 
 def to_json(obj: Any) -> str:
-    return json.dumps(_plain(obj), sort_keys=True, indent=1)
+    return json.dumps(plain(obj), sort_keys=True, indent=1)
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple | list):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain(v) for k, v in obj.items()}
     return obj
 
 

@@ -117,7 +117,9 @@ class LocalStorage:
 class S3Storage:
     """s3://bucket/prefix through boto3; credentials from the environment (a Kubernetes Secret gives them)."""
 
-    def __init__(self, url: str, endpoint: str = "", region: str = "us-east-1") -> None:
+    def __init__(
+        self, url: str, endpoint: str = "", region: str = "us-east-1", access_key: str = "", secret_key: str = ""
+    ) -> None:
         import boto3
         from botocore.config import Config
 
@@ -131,6 +133,8 @@ class S3Storage:
             "s3",
             endpoint_url=endpoint or None,
             region_name=region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            aws_access_key_id=access_key or None,
+            aws_secret_access_key=secret_key or None,
             config=Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5, read_timeout=60),
         )
 
@@ -211,9 +215,11 @@ class S3Storage:
         return f"s3://{self.bucket}/{self._k(key)}"
 
 
-def open_storage(path: str, endpoint: str = "", region: str = "us-east-1") -> Storage:
+def open_storage(
+    path: str, endpoint: str = "", region: str = "us-east-1", access_key: str = "", secret_key: str = ""
+) -> Storage:
     if path.startswith("s3://"):
-        return S3Storage(path, endpoint, region)
+        return S3Storage(path, endpoint, region, access_key, secret_key)
     return LocalStorage(path)
 
 

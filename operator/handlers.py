@@ -1,0 +1,434 @@
+"""Kopf wiring, kept thin: every handler calls `Reconciler.reconcile`, which observes, asks the planner, and applies.
+
+Level-based and restart-safe: child Jobs and round-plan ConfigMaps are read through `@kopf.index`, reports and shard
+markers from storage, and every child has a deterministic name, so a restarted operator re-derives the same state
+and a create that already happened answers 409 and is skipped. Handlers return None: nothing leaks into
+`status.<handler>`; Kopf's own progress lives in annotations under genrun.io.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import json
+import logging
+import ssl
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kopf
+from genrun.operator import conditions as c
+from genrun.operator import manifests as mf
+from genrun.operator.api import GROUP, PLURAL, VERSION, RunRef, SpecError, parse_spec
+from genrun.operator.metrics import Metrics
+from genrun.operator.planner import (
+    CreateMergeJob,
+    CreateShardJob,
+    Observed,
+    ObservedJob,
+    Plan,
+    RecordRound,
+    decide,
+    invalid_plan,
+)
+from genrun.operator.settings import Settings
+from genrun.worker import records as rec
+
+log = logging.getLogger("genrun.operator")
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+RunKey = tuple[str, str]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Kube:
+    """The few API calls the operator makes, over aiohttp (Kopf's own HTTP stack)."""
+
+    def __init__(self, server: str, *, token: str = "", ca: str | None = None, insecure: bool = False) -> None:
+        self.server = server.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.ssl: ssl.SSLContext | bool = False if insecure else (ssl.create_default_context(cafile=ca) if ca else True)
+        self._session: aiohttp.ClientSession | None = None
+        self.requests = 0  # for the benchmark's requests-per-shard figure
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Kube:
+        if settings.server:
+            return cls(settings.server, insecure=settings.insecure)
+        if (SA_DIR / "token").exists():
+            import os
+
+            host = f"https://{os.environ['KUBERNETES_SERVICE_HOST']}:{os.environ.get('KUBERNETES_SERVICE_PORT', '443')}"
+            return cls(host, token=(SA_DIR / "token").read_text().strip(), ca=str(SA_DIR / "ca.crt"))
+        from kubernetes import client, config
+
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+        cfg = client.Configuration.get_default_copy()
+        token = (cfg.api_key or {}).get("authorization", "").removeprefix("Bearer ").strip()
+        return cls(cfg.host, token=token, ca=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl)
+
+    def connection_info(self) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(
+            server=self.server,
+            scheme="Bearer" if self.headers else None,
+            token=self.headers.get("Authorization", "").removeprefix("Bearer ") or None,
+            insecure=self.ssl is False,
+        )
+
+    async def _call(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> tuple[int, Any]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self.headers)
+        self.requests += 1
+        async with self._session.request(
+            method, self.server + path, data=None if body is None else json.dumps(body),
+            headers={"Content-Type": content_type}, ssl=self.ssl,
+        ) as resp:  # fmt: skip
+            text = await resp.text()
+            try:
+                return resp.status, json.loads(text) if text else None
+            except ValueError:
+                return resp.status, text
+
+    async def create(self, path: str, body: Mapping[str, Any]) -> bool:
+        """True if created, False if it already existed (409); raises on anything else."""
+        status, out = await self._call("POST", path, body)
+        if status == 409:
+            return False
+        if status >= 300:
+            raise kopf.TemporaryError(f"POST {path}: {status} {str(out)[:300]}", delay=5)
+        return True
+
+    async def get(self, path: str) -> Any:
+        status, out = await self._call("GET", path)
+        if status == 404:
+            return None
+        if status >= 300:
+            raise kopf.TemporaryError(f"GET {path}: {status} {str(out)[:300]}", delay=5)
+        return out
+
+    async def patch_status(self, path: str, status: Mapping[str, Any]) -> None:
+        code, out = await self._call("PATCH", path + "/status", {"status": status}, "application/merge-patch+json")
+        if code >= 300 and code != 404:
+            raise kopf.TemporaryError(f"PATCH {path}/status: {code} {str(out)[:300]}", delay=5)
+
+    async def delete(self, path: str) -> None:
+        await self._call("DELETE", path, {"propagationPolicy": "Background"})
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def run_path(ns: str, name: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{name}"
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, kube: Kube, metrics: Metrics) -> None:
+        self.settings, self.kube, self.metrics = settings, kube, metrics
+        self.locks: dict[RunKey, asyncio.Lock] = {}
+        self.dirty: set[RunKey] = set()
+        self.reports: dict[tuple[RunKey, str, int], rec.RoundReport] = {}  # immutable once written: cached
+        self.recorded: dict[RunKey, dict[int, rec.RoundPlan]] = {}  # created here, maybe not indexed yet
+        self.created_jobs: dict[RunKey, dict[str, ObservedJob]] = {}
+        self.storages: dict[tuple[str, str, str], Any] = {}
+
+    # -- observation ---------------------------------------------------------------------------------------------
+    async def _storage(self, ref: RunRef, spec: Any) -> Any:
+        from genrun.worker.storage import open_storage
+
+        s3 = spec.output.s3
+        secret_version = ""
+        keys: dict[str, str] = {}
+        if s3 is not None and s3.credentials_secret:
+            secret = await self.kube.get(f"/api/v1/namespaces/{ref.namespace}/secrets/{s3.credentials_secret}")
+            if secret is None:
+                raise kopf.TemporaryError(
+                    f"spec.output.s3.credentialsSecret: Secret {s3.credentials_secret!r} not found in {ref.namespace}",
+                    delay=15,
+                )
+            data = secret.get("data") or {}
+            keys = {k: base64.b64decode(data[k]).decode() for k in mf.CREDENTIAL_KEYS if k in data}
+            secret_version = json.dumps(keys, sort_keys=True)  # identity only; never logged or stored elsewhere
+        cache_key = (spec.output.path, self.settings.storage_endpoint or (s3.endpoint if s3 else ""), secret_version)
+        storage = self.storages.get(cache_key)
+        if storage is None:
+            storage = await asyncio.to_thread(
+                open_storage, spec.output.path, cache_key[1], s3.region if s3 else "us-east-1", **_creds(keys)
+            )
+            self.storages[cache_key] = storage
+        return storage
+
+    def _read_reports(
+        self, key: RunKey, storage: Any, rounds: Mapping[int, rec.RoundPlan]
+    ) -> tuple[dict[int, rec.RoundReport], frozenset[tuple[int, int]]]:
+        reports: dict[int, rec.RoundReport] = {}
+        for rnd in rounds:
+            ck = (key, storage.url, rnd)
+            if ck in self.reports:
+                reports[rnd] = self.reports[ck]
+                continue
+            with contextlib.suppress(KeyError):
+                reports[rnd] = self.reports[ck] = rec.round_report_from(
+                    json.loads(storage.read_bytes(rec.round_report_key(rnd)))
+                )
+        done: set[tuple[int, int]] = set()
+        if rounds:
+            cur = max(rounds)
+            if cur not in reports:  # markers matter only while the round is open (Jobs may be gone by TTL)
+                for k in storage.list(f"shards/r{cur:04d}/"):
+                    if k.endswith(".done.json"):
+                        seed = int(k.rsplit("/s", 1)[1].split(".")[0])
+                        done.add((cur, seed))
+        return reports, frozenset(done)
+
+    # -- reconcile -------------------------------------------------------------------------------------------------
+    async def reconcile(self, body: Mapping[str, Any], jobs: Any, plans: Any) -> None:
+        meta = body["metadata"]
+        key: RunKey = (meta["namespace"], meta["name"])
+        lock = self.locks.setdefault(key, asyncio.Lock())
+        if lock.locked():
+            self.dirty.add(key)  # coalesce: the running reconcile goes round once more
+            return
+        async with lock:
+            while True:
+                self.dirty.discard(key)
+                t0 = time.monotonic()
+                await self._reconcile_once(body, jobs, plans)
+                self.metrics.reconcile.observe(time.monotonic() - t0)
+                if key not in self.dirty:
+                    break
+
+    async def _reconcile_once(self, body: Mapping[str, Any], jobs_idx: Any, plans_idx: Any) -> None:
+        meta = body["metadata"]
+        key: RunKey = (meta["namespace"], meta["name"])
+        ref = RunRef(meta["name"], meta["namespace"], meta.get("uid", ""), int(meta.get("generation") or 1))
+        raw_spec = dict(body.get("spec") or {})
+        old_status = dict(body.get("status") or {})
+        path = run_path(*key)
+        try:
+            spec = parse_spec(raw_spec)
+        except SpecError as exc:
+            await self._publish(body, path, invalid_plan(ref, exc.errors), old_status, ref, 0, {})
+            return
+
+        rounds: dict[int, rec.RoundPlan] = {p.round: p for p in _values(plans_idx, key)}
+        rounds.update({r: p for r, p in self.recorded.get(key, {}).items() if r not in rounds})
+        indexed = {
+            j.name: j
+            for j in (ObservedJob(**{k: v for k, v in s.items() if k != "active"}) for s in _values(jobs_idx, key))
+        }
+        overlay = self.created_jobs.setdefault(key, {})
+        for name in list(overlay):
+            if name in indexed:
+                del overlay[name]
+        jobs = tuple({**overlay, **indexed}.values())
+        storage = await self._storage(ref, spec)
+        reports, done = await asyncio.to_thread(self._read_reports, key, storage, rounds)
+        obs = Observed(rounds, jobs, done, reports)
+        plan = decide(ref, spec, obs)
+
+        for _ in range(2):
+            new_round = next((a.plan for a in plan.actions if isinstance(a, RecordRound)), None)
+            if new_round is None:
+                break
+            cm = mf.round_configmap(ref, new_round)
+            if not await self.kube.create(f"/api/v1/namespaces/{ref.namespace}/configmaps", cm):
+                existing = await self.kube.get(
+                    f"/api/v1/namespaces/{ref.namespace}/configmaps/{cm['metadata']['name']}"
+                )
+                new_round = rec.round_plan_from(json.loads(existing["data"]["plan.json"]))
+            self.recorded.setdefault(key, {})[new_round.round] = new_round
+            # Decide again on the recorded plan: Jobs always come from what was recorded, never from a re-plan.
+            obs = Observed({**rounds, new_round.round: new_round}, jobs, done, reports)
+            plan = decide(ref, spec, obs)
+
+        for a in plan.actions:
+            if isinstance(a, CreateShardJob):
+                manifest = mf.shard_job(ref, a, spec, raw_spec, self.settings)
+                job = ObservedJob(a.name, "shard", a.shard.round, a.shard.seed, a.attempt, "Pending")
+            elif isinstance(a, CreateMergeJob):
+                manifest = mf.merge_job(ref, a, spec, raw_spec, self.settings)
+                job = ObservedJob(a.name, "merge", a.round, None, a.attempt, "Pending")
+            else:
+                continue
+            await self.kube.create(f"/apis/batch/v1/namespaces/{ref.namespace}/jobs", manifest)
+            overlay[a.name] = job
+        states = _shard_states(_values(jobs_idx, key))
+        await self._publish(body, path, plan, old_status, ref, spec.target.unique_examples, states)
+
+    async def _publish(
+        self,
+        body: Mapping[str, Any],
+        path: str,
+        plan: Plan,
+        old: dict[str, Any],
+        ref: RunRef,
+        target: int,
+        states: dict[str, int],
+    ) -> None:
+        conds = c.merge_conditions(old.get("conditions"), plan.conditions, ref.generation, _now())
+        status = {**plan.status, "conditions": conds}
+        if _strip_times(status) != _strip_times({k: old.get(k) for k in status}):
+            await self.kube.patch_status(path, status)
+        for ev in plan.events:
+            kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)  # type: ignore[arg-type]
+        for t in c.transitions(old.get("conditions"), plan.conditions):
+            if t.status == "True" and t.type in (c.SUCCEEDED, c.FAILED, c.SUSPENDED):
+                kopf.event(body, type="Warning" if t.type == c.FAILED else "Normal", reason=t.reason, message=t.message)  # type: ignore[arg-type]
+        self.metrics.runs.update(ref.namespace, ref.name, target, status, states)
+
+    async def cleanup(self, ns: str, name: str, jobs_idx: Any, plans_idx: Any) -> None:
+        """On delete: children go (owner references do this on a real cluster; this also covers API servers
+        without a garbage collector), and the run's metrics stop being exported."""
+        for s in _values(jobs_idx, (ns, name)):
+            await self.kube.delete(f"/apis/batch/v1/namespaces/{ns}/jobs/{s['name']}")
+        for p in _values(plans_idx, (ns, name)):
+            await self.kube.delete(f"/api/v1/namespaces/{ns}/configmaps/{name}-r{p.round}-plan")
+        self.metrics.runs.forget(ns, name)
+        for store in (self.recorded, self.created_jobs):
+            store.pop((ns, name), None)
+
+
+def _creds(keys: Mapping[str, str]) -> dict[str, str]:
+    if not keys:
+        return {}
+    return {"access_key": keys.get("AWS_ACCESS_KEY_ID", ""), "secret_key": keys.get("AWS_SECRET_ACCESS_KEY", "")}
+
+
+def _values(index: Any, key: RunKey) -> list[Any]:
+    try:
+        return list(index.get(key, []))
+    except AttributeError:
+        return list(index[key]) if key in index else []
+
+
+def _shard_states(summaries: list[Any]) -> dict[str, int]:
+    out = {"pending": 0, "running": 0, "succeeded": 0, "failed": 0}
+    for s in summaries:
+        if s["kind"] != "shard":
+            continue
+        phase = s["phase"]
+        if phase == "Running" and not s.get("active"):
+            phase = "Pending"
+        out[phase.lower()] += 1
+    return out
+
+
+def _strip_times(status: Mapping[str, Any]) -> Any:
+    out = dict(status)
+    if isinstance(out.get("conditions"), list):
+        out["conditions"] = [{k: v for k, v in cnd.items() if k != "lastTransitionTime"} for cnd in out["conditions"]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Registration: one function, so a test can start an operator with its own registry and settings.
+
+
+def register(settings: Settings, registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
+    on = {"registry": registry}
+    selector = {"app.kubernetes.io/managed-by": mf.MANAGED_BY}
+
+    @kopf.on.startup(**on)  # type: ignore[arg-type]
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = f"{GROUP}/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=GROUP, key="last-handled-configuration"
+        )
+        settings.watching.initial_streaming = True  # the emulator in tests re-sends existing objects on watch
+        settings.posting.level = logging.INFO
+        settings.batching.idle_timeout = 30
+
+    @kopf.on.login(**on)  # type: ignore[arg-type]
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return reconciler.kube.connection_info()
+
+    @kopf.index("batch", "v1", "jobs", labels=selector, **on)  # type: ignore[arg-type]
+    def jobs(body: kopf.Body, namespace: str, **_: Any) -> Any:
+        summary = mf.job_summary(dict(body))
+        return {(namespace, body["metadata"]["labels"][mf.LABEL_RUN]): summary} if summary else None
+
+    @kopf.index("", "v1", "configmaps", labels={**selector, mf.LABEL_KIND: "round-plan"}, **on)  # type: ignore[arg-type]
+    def plans(body: kopf.Body, namespace: str, **_: Any) -> Any:
+        try:
+            plan = rec.round_plan_from(json.loads(body.get("data", {})["plan.json"]))
+        except (KeyError, ValueError, TypeError):
+            return None
+        return {(namespace, body["metadata"]["labels"][mf.LABEL_RUN]): plan}
+
+    @kopf.index(GROUP, VERSION, PLURAL, **on)  # type: ignore[arg-type]
+    def runs(body: kopf.Body, namespace: str, name: str, **_: Any) -> Any:
+        snapshot = {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body.metadata)}
+        return {(namespace, name): {**snapshot, "spec": dict(body.spec), "status": dict(body.status)}}
+
+    async def reconcile(body: kopf.Body, jobs: kopf.Index[Any, Any], plans: kopf.Index[Any, Any], **_: Any) -> None:
+        await reconciler.reconcile(body, jobs, plans)
+
+    for decorator in (kopf.on.create, kopf.on.resume, kopf.on.update):
+        decorator(GROUP, VERSION, PLURAL, id="reconcile", **on)(reconcile)  # type: ignore[arg-type]
+    kopf.timer(GROUP, VERSION, PLURAL, interval=settings.timer_seconds, id="periodic", **on)(reconcile)  # type: ignore[arg-type]
+
+    @kopf.on.event("batch", "v1", "jobs", labels=selector, **on)  # type: ignore[arg-type]
+    async def child_changed(body: kopf.Body, namespace: str, runs: kopf.Index[Any, Any], jobs: kopf.Index[Any, Any],
+                            plans: kopf.Index[Any, Any], **_: Any) -> None:  # fmt: skip
+        # React to a Job's completion at once, instead of waiting for the timer.
+        owner = body.get("metadata", {}).get("labels", {}).get(mf.LABEL_RUN)
+        for run in _values(runs, (namespace, owner)):
+            await reconciler.reconcile(run, jobs, plans)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, **on)  # type: ignore[arg-type]
+    async def deleted(
+        namespace: str, name: str, jobs: kopf.Index[Any, Any], plans: kopf.Index[Any, Any], **_: Any
+    ) -> None:
+        await reconciler.cleanup(namespace, name, jobs, plans)
+
+
+def build(settings: Settings) -> tuple[kopf.OperatorRegistry, Reconciler]:
+    registry = kopf.OperatorRegistry()
+    reconciler = Reconciler(settings, Kube.from_settings(settings), Metrics())
+    register(settings, registry, reconciler)
+    return registry, reconciler
+
+
+async def operator_main(settings: Settings, stop_flag: Any = None, ready_flag: Any = None) -> Reconciler:
+    registry, reconciler = build(settings)
+    reconciler.metrics.serve(settings.metrics_port)
+    try:
+        await kopf.operator(
+            registry=registry,
+            clusterwide=not settings.namespace,
+            namespaces=[settings.namespace] if settings.namespace else (),
+            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+            standalone=True,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await reconciler.kube.close()
+    return reconciler
+
+
+def run_operator() -> int:
+    from genrun.operator.settings import SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        from genrun.operator.cli import UserError
+
+        raise UserError(f"operator settings: {exc}") from exc
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(operator_main(settings))
+    return 0
