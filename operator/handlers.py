@@ -29,6 +29,7 @@ from genrun.operator.metrics import Metrics
 from genrun.operator.planner import (
     CreateMergeJob,
     CreateShardJob,
+    Event,
     Observed,
     ObservedJob,
     Plan,
@@ -141,6 +142,7 @@ class Reconciler:
         self.recorded: dict[RunKey, dict[int, rec.RoundPlan]] = {}  # created here, maybe not indexed yet
         self.created_jobs: dict[RunKey, dict[str, ObservedJob]] = {}
         self.storages: dict[tuple[str, str, str], Any] = {}
+        self.posted: dict[RunKey, set[tuple[str, str]]] = {}
 
     # -- observation ---------------------------------------------------------------------------------------------
     async def _storage(self, ref: RunRef, spec: Any) -> Any:
@@ -237,12 +239,15 @@ class Reconciler:
         obs = Observed(rounds, jobs, done, reports)
         plan = decide(ref, spec, obs)
 
+        events: list[Event] = []
         for _ in range(2):
             new_round = next((a.plan for a in plan.actions if isinstance(a, RecordRound)), None)
             if new_round is None:
                 break
             cm = mf.round_configmap(ref, new_round)
-            if not await self.kube.create(f"/api/v1/namespaces/{ref.namespace}/configmaps", cm):
+            if await self.kube.create(f"/api/v1/namespaces/{ref.namespace}/configmaps", cm):
+                events += plan.events  # the round really starts now: announce it once
+            else:
                 existing = await self.kube.get(
                     f"/api/v1/namespaces/{ref.namespace}/configmaps/{cm['metadata']['name']}"
                 )
@@ -264,7 +269,7 @@ class Reconciler:
             await self.kube.create(f"/apis/batch/v1/namespaces/{ref.namespace}/jobs", manifest)
             overlay[a.name] = job
         states = _shard_states(_values(jobs_idx, key))
-        await self._publish(body, path, plan, old_status, ref, spec.target.unique_examples, states)
+        await self._publish(body, path, plan, old_status, ref, spec.target.unique_examples, states, events)
 
     async def _publish(
         self,
@@ -275,15 +280,23 @@ class Reconciler:
         ref: RunRef,
         target: int,
         states: dict[str, int],
+        events: list[Event] | None = None,
     ) -> None:
         conds = c.merge_conditions(old.get("conditions"), plan.conditions, ref.generation, _now())
         status = {**plan.status, "conditions": conds}
         if _strip_times(status) != _strip_times({k: old.get(k) for k in status}):
             await self.kube.patch_status(path, status)
-        for ev in plan.events:
+        for ev in events or []:
             kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)  # type: ignore[arg-type]
+        posted = self.posted.setdefault((ref.namespace, ref.name), set())
         for t in c.transitions(old.get("conditions"), plan.conditions):
-            if t.status == "True" and t.type in (c.SUCCEEDED, c.FAILED, c.SUSPENDED):
+            # Terminal and suspended states are announced once, when they begin (the body may be a stale snapshot).
+            if (
+                t.status == "True"
+                and t.type in (c.SUCCEEDED, c.FAILED, c.SUSPENDED)
+                and (t.type, t.reason) not in posted
+            ):
+                posted.add((t.type, t.reason))
                 kopf.event(body, type="Warning" if t.type == c.FAILED else "Normal", reason=t.reason, message=t.message)  # type: ignore[arg-type]
         self.metrics.runs.update(ref.namespace, ref.name, target, status, states)
 
@@ -295,7 +308,7 @@ class Reconciler:
         for p in _values(plans_idx, (ns, name)):
             await self.kube.delete(f"/api/v1/namespaces/{ns}/configmaps/{name}-r{p.round}-plan")
         self.metrics.runs.forget(ns, name)
-        for store in (self.recorded, self.created_jobs):
+        for store in (self.recorded, self.created_jobs, self.posted):
             store.pop((ns, name), None)
 
 
@@ -339,27 +352,27 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, reconciler: Re
     on = {"registry": registry}
     selector = {"app.kubernetes.io/managed-by": mf.MANAGED_BY}
 
-    @kopf.on.startup(**on)  # type: ignore[arg-type]
+    @kopf.on.startup(id="configure", **on)  # type: ignore[arg-type]
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = f"{GROUP}/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=GROUP, key="last-handled-configuration"
         )
-        settings.watching.initial_streaming = True  # the emulator in tests re-sends existing objects on watch
         settings.posting.level = logging.INFO
         settings.batching.idle_timeout = 30
 
-    @kopf.on.login(**on)  # type: ignore[arg-type]
+    @kopf.on.login(id="login", **on)  # type: ignore[arg-type]
     def login(**_: Any) -> kopf.ConnectionInfo:
         return reconciler.kube.connection_info()
 
-    @kopf.index("batch", "v1", "jobs", labels=selector, **on)  # type: ignore[arg-type]
+    # Explicit ids: an index reaches handlers as a keyword argument named by its id.
+    @kopf.index("batch", "v1", "jobs", labels=selector, id="jobs", **on)  # type: ignore[arg-type]
     def jobs(body: kopf.Body, namespace: str, **_: Any) -> Any:
         summary = mf.job_summary(dict(body))
         return {(namespace, body["metadata"]["labels"][mf.LABEL_RUN]): summary} if summary else None
 
-    @kopf.index("", "v1", "configmaps", labels={**selector, mf.LABEL_KIND: "round-plan"}, **on)  # type: ignore[arg-type]
+    @kopf.index("", "v1", "configmaps", labels={**selector, mf.LABEL_KIND: "round-plan"}, id="plans", **on)  # type: ignore[arg-type]
     def plans(body: kopf.Body, namespace: str, **_: Any) -> Any:
         try:
             plan = rec.round_plan_from(json.loads(body.get("data", {})["plan.json"]))
@@ -367,7 +380,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, reconciler: Re
             return None
         return {(namespace, body["metadata"]["labels"][mf.LABEL_RUN]): plan}
 
-    @kopf.index(GROUP, VERSION, PLURAL, **on)  # type: ignore[arg-type]
+    @kopf.index(GROUP, VERSION, PLURAL, id="runs", **on)  # type: ignore[arg-type]
     def runs(body: kopf.Body, namespace: str, name: str, **_: Any) -> Any:
         snapshot = {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body.metadata)}
         return {(namespace, name): {**snapshot, "spec": dict(body.spec), "status": dict(body.status)}}
@@ -379,7 +392,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, reconciler: Re
         decorator(GROUP, VERSION, PLURAL, id="reconcile", **on)(reconcile)  # type: ignore[arg-type]
     kopf.timer(GROUP, VERSION, PLURAL, interval=settings.timer_seconds, id="periodic", **on)(reconcile)  # type: ignore[arg-type]
 
-    @kopf.on.event("batch", "v1", "jobs", labels=selector, **on)  # type: ignore[arg-type]
+    @kopf.on.event("batch", "v1", "jobs", labels=selector, id="child-changed", **on)  # type: ignore[arg-type]
     async def child_changed(body: kopf.Body, namespace: str, runs: kopf.Index[Any, Any], jobs: kopf.Index[Any, Any],
                             plans: kopf.Index[Any, Any], **_: Any) -> None:  # fmt: skip
         # React to a Job's completion at once, instead of waiting for the timer.
@@ -387,7 +400,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, reconciler: Re
         for run in _values(runs, (namespace, owner)):
             await reconciler.reconcile(run, jobs, plans)
 
-    @kopf.on.delete(GROUP, VERSION, PLURAL, **on)  # type: ignore[arg-type]
+    @kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup", **on)  # type: ignore[arg-type]
     async def deleted(
         namespace: str, name: str, jobs: kopf.Index[Any, Any], plans: kopf.Index[Any, Any], **_: Any
     ) -> None:

@@ -369,12 +369,7 @@ def _succeeded(msg: str) -> tuple[c.Condition, ...]:
 
 def invalid_plan(ref: RunRef, errors: list[str]) -> Plan:
     msg = "; ".join(errors)
-    return Plan(
-        actions=(),
-        conditions=_failed(c.INVALID_SPEC, msg),
-        status={"observedGeneration": ref.generation},
-        events=(Event("Warning", c.INVALID_SPEC, msg),),
-    )
+    return Plan(actions=(), conditions=_failed(c.INVALID_SPEC, msg), status={"observedGeneration": ref.generation})
 
 
 def plan_for_manifest(ref: RunRef, spec: Mapping[str, Any], observed: Observed) -> Plan:
@@ -391,8 +386,10 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
     b = spec.budget
     states = {rnd: _shard_states(spec, p, obs) for rnd, p in obs.rounds.items()}
 
-    def finish(conds: tuple[c.Condition, ...], *events: Event) -> Plan:
-        return Plan((), conds, _status(ref, obs, states), events)
+    def finish(conds: tuple[c.Condition, ...]) -> Plan:
+        # No events: a finished or waiting run is decided again and again; its Events come from condition
+        # transitions (conditions.transitions), so each is posted once.
+        return Plan((), conds, _status(ref, obs, states))
 
     def new_round(rnd: int, count: int, sampling: Sampling, why: str, events: list[Event]) -> Plan:
         plan = make_round(spec, rnd, count, sampling, obs.rounds, why)
@@ -418,7 +415,7 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
             f"{failed_total} shard(s) failed after {b.max_shard_retries} retries, more than "
             f"spec.budget.maxFailedShards={b.max_failed_shards}; first: {first.message}"
         )
-        return finish(_failed(c.SHARDS_FAILED, msg), Event("Warning", c.SHARDS_FAILED, msg))
+        return finish(_failed(c.SHARDS_FAILED, msg))
 
     report = obs.reports.get(rnd)
     if report is None:
@@ -432,11 +429,11 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
             return Plan(actions, _running(c.SHARDS_RUNNING, msg, suspended), status)
         if not any(s.phase == "done" for s in cur):
             msg = f"round {rnd}: every shard failed"
-            return finish(_failed(c.SHARDS_FAILED, msg), Event("Warning", c.SHARDS_FAILED, msg))
+            return finish(_failed(c.SHARDS_FAILED, msg))
         phase, attempt, why = _job_state(_attempts(obs.jobs, "merge", rnd, None), b.max_shard_retries)
         if phase == "failed":
             msg = f"round {rnd}: the merge/dedup/QC Job failed after {b.max_shard_retries} retries: {why}"
-            return finish(_failed(c.MERGE_FAILED, msg), Event("Warning", c.MERGE_FAILED, msg))
+            return finish(_failed(c.MERGE_FAILED, msg))
         msg = f"round {rnd}: merging, deduplicating and checking {sum(s.phase == 'done' for s in cur)} shard(s)"
         if phase == "done":
             msg += " (the merge Job succeeded; waiting for its report to be readable)"
@@ -453,7 +450,7 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
             f"{kept} unique QC-passed examples >= target {target} after {rnd} round(s); "
             f"{report.generated_total} generated, duplication ratio {report.duplication_ratio:.3f}"
         )
-        return finish(_succeeded(msg), Event("Normal", c.TARGET_MET, msg))
+        return finish(_succeeded(msg))
 
     # Budget: rounds and shards are hard bounds; generated examples are estimated from the measured per-shard rate.
     used_shards = sum(len(p.shards) for p in obs.rounds.values())
@@ -472,7 +469,7 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
         )
     if exhausted:
         msg = f"{kept}/{target} unique QC-passed examples; {exhausted}"
-        return finish(_failed(c.BUDGET_EXHAUSTED, msg), Event("Warning", c.BUDGET_EXHAUSTED, msg))
+        return finish(_failed(c.BUDGET_EXHAUSTED, msg))
     if suspended:
         return finish(_running(c.SUSPENDED_BY_SPEC, f"{kept}/{target} after round {rnd}", True))
 

@@ -1,0 +1,244 @@
+"""The Kopf operator end to end against kmock (an API-server emulator), a test-side Job runner, and a real SeaweedFS.
+
+The Job runner executes each Job's real container command (`genrun worker ...`) as a local process. Workers use the
+replay engine (recorded real SmolLM2 outputs; GENRUN_ENGINE=replay) so these tests need no model; the real model
+runs end to end in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.integration.harness import JOBS, RUNS, Cluster, JobRunner, OperatorProcess, SeaweedFS, wait_for
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+NS = "data"
+SECRET_VALUE = "s3cr3t-value-never-shown"
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[SeaweedFS]:
+    with SeaweedFS() as weed:
+        weed.client().create_bucket(Bucket="genrun-test")
+        yield weed
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    with Cluster() as c:
+        crd = yaml.safe_load((ROOT / "crds" / "generationrun.yaml").read_text())
+        c.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+        c.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+        c.create(f"/api/v1/namespaces/{NS}/secrets", {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": NS},
+            "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(b"test").decode(),
+                     "AWS_SECRET_ACCESS_KEY": base64.b64encode(SECRET_VALUE.encode()).decode()},
+        })  # fmt: skip
+        yield c
+
+
+def manifest(name: str, s3: SeaweedFS, **spec_over: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"name": "embedded:smollm2-135m"},
+        "prompt": {"domains": ["cooking", "travel", "programming", "history"]},
+        "sampling": {"maxTokens": 128},
+        "shards": {"initial": 2, "firstSeed": 100, "examplesPerShard": 12},
+        "target": {"uniqueExamples": 30},
+        "escalation": {"maxShardsPerRound": 4},
+        "budget": {"maxRounds": 5, "maxShards": 20, "maxShardRetries": 1},
+        "output": {
+            "path": f"s3://genrun-test/{name}",
+            "s3": {"endpoint": s3.endpoint, "credentialsSecret": "s3-creds"},
+        },
+        "worker": {"gpus": 0},
+    }
+    for k, v in spec_over.items():
+        spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) else v
+    return {
+        "apiVersion": "genrun.io/v1alpha1",
+        "kind": "GenerationRun",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }
+
+
+def succeeded(cluster: Cluster, name: str) -> bool:
+    cond = cluster.condition(NS, name, "Succeeded")
+    failed = cluster.condition(NS, name, "Failed")
+    if failed and failed["status"] == "True":
+        raise AssertionError(f"run failed: {failed}")
+    return bool(cond and cond["status"] == "True")
+
+
+def dataset_rows(s3: SeaweedFS, run: dict[str, Any]) -> list[dict[str, Any]]:
+    key = run["status"]["output"]["dataset"].removeprefix("s3://genrun-test/")
+    body = s3.client().get_object(Bucket="genrun-test", Key=key)["Body"].read()
+    return pq.read_table(io.BytesIO(body)).to_pylist()
+
+
+def test_run_reaches_target_in_rounds_with_metrics_events_and_no_secret_leak(cluster: Cluster, s3: SeaweedFS) -> None:
+    with JobRunner(cluster, NS, {"GENRUN_ENGINE": "replay"}) as runner, OperatorProcess(cluster, NS) as op:
+        cluster.create(RUNS.format(ns=NS), manifest("two-rounds", s3))
+        wait_for(lambda: succeeded(cluster, "two-rounds"), 240, "Succeeded")
+        run = cluster.run(NS, "two-rounds")
+        st = run["status"]
+        assert st["round"] >= 2 and len(st["rounds"]) == st["round"]
+        assert st["totals"]["qcPassed"] >= 30
+        assert st["observedGeneration"] == run["metadata"].get("generation", 1)
+        assert {c["type"]: c["status"] for c in st["conditions"]} == {
+            "Succeeded": "True", "Failed": "False", "Progressing": "False", "Suspended": "False"
+        }  # fmt: skip
+        assert not [k for k in st if k in ("reconcile", "periodic")]  # handlers return nothing into status
+
+        jobs = cluster.items(JOBS.format(ns=NS))
+        names = [j["metadata"]["name"] for j in jobs]
+        assert len(names) == len(set(names))
+        assert "two-rounds-r1-s100" in names and "two-rounds-r1-merge" in names
+        job = next(j for j in jobs if j["metadata"]["name"] == "two-rounds-r1-s100")
+        assert job["metadata"]["ownerReferences"][0]["name"] == "two-rounds"
+        assert len(dataset_rows(s3, run)) == st["totals"]["qcPassed"]
+
+        # Metrics over HTTP agree with the status (which comes from the merge report).
+        def metric(text: str, name: str) -> float:
+            m = re.search(rf'^{name}\{{name="two-rounds",namespace="{NS}"\}} (\S+)$', text, re.M)
+            return float(m.group(1)) if m else -1.0
+
+        def scraped() -> str | None:
+            t = op.scrape()
+            return t if metric(t, "genrun_qc_passed_examples") == st["totals"]["qcPassed"] else None
+
+        text = wait_for(scraped, 20, "metrics to match")
+        assert metric(text, "genrun_generated_examples_total") == st["totals"]["generated"]
+        assert metric(text, "genrun_unique_examples") == st["totals"]["unique"]
+        assert metric(text, "genrun_target_examples") == 30
+        assert metric(text, "genrun_duplication_ratio") == pytest.approx(st["totals"]["duplicationRatio"])
+        assert 'genrun_run_condition{condition="Succeeded",name="two-rounds",namespace="data"} 1.0' in text
+        assert 'genrun_unique_yield_ratio{name="two-rounds",namespace="data",round="1"}' in text
+        assert "genrun_build_info" in text and "genrun_reconcile_duration_seconds_bucket" in text
+
+        events = cluster.items(f"/api/v1/namespaces/{NS}/events")
+        reasons = {e.get("reason") for e in events}
+        assert {"RoundStarted", "TargetMet"} <= reasons
+
+        # No Secret value in status, events, the operator's log, metrics, or Job manifests.
+        everything = str(run) + str(events) + op.log() + text + str(jobs)
+        assert SECRET_VALUE not in everything
+        assert base64.b64encode(SECRET_VALUE.encode()).decode() not in everything
+
+        # Deleting the run removes its Jobs (owner references on a real cluster; the delete handler here).
+        cluster.delete(RUNS.format(ns=NS) + "/two-rounds")
+        wait_for(lambda: not cluster.items(JOBS.format(ns=NS), ("genrun.io/run", "two-rounds")), 30, "Jobs deleted")
+        wait_for(lambda: cluster.run(NS, "two-rounds") is None, 30, "run deleted")
+        assert runner.procs == {}
+
+
+def test_shard_that_keeps_failing_fails_the_run(cluster: Cluster, s3: SeaweedFS) -> None:
+    def fail_seed_101(job: dict[str, Any]) -> int | None:
+        return 1 if job["metadata"]["labels"].get("genrun.io/seed") == "101" else None
+
+    with JobRunner(cluster, NS, {"GENRUN_ENGINE": "replay"}, fail=fail_seed_101), OperatorProcess(cluster, NS):
+        cluster.create(RUNS.format(ns=NS), manifest("failing", s3))
+        cond = wait_for(
+            lambda: c if (c := cluster.condition(NS, "failing", "Failed")) and c["status"] == "True" else None,
+            120,
+            "Failed",
+        )
+        assert cond["reason"] == "ShardsFailed"
+        assert "failing-r1-s101-a1" in cond["message"]
+        names = {j["metadata"]["name"] for j in cluster.items(JOBS.format(ns=NS))}
+        assert {"failing-r1-s101", "failing-r1-s101-a1"} <= names and "failing-r1-s101-a2" not in names
+        assert "failing-r1-merge" not in names
+
+
+def test_operator_killed_mid_round_restarts_without_duplicates_and_same_dataset(
+    cluster: Cluster, s3: SeaweedFS
+) -> None:
+    with JobRunner(cluster, NS, {"GENRUN_ENGINE": "replay"}):
+        op = OperatorProcess(cluster, NS).start()
+        cluster.create(RUNS.format(ns=NS), manifest("killed", s3))
+        wait_for(
+            lambda: any(j["metadata"]["name"].startswith("killed-r1-s") for j in cluster.items(JOBS.format(ns=NS))),
+            60,
+            "first Jobs",
+        )
+        op.kill()
+        time.sleep(2)
+        op2 = OperatorProcess(cluster, NS).start()
+        try:
+            wait_for(
+                lambda: (
+                    cluster.condition(NS, "killed", "Progressing")
+                    and cluster.run(NS, "killed")["status"].get("round", 0) >= 2
+                ),
+                120,
+                "round 2",
+            )
+            op2.kill()  # and once more, mid-way through round 2
+            op3 = OperatorProcess(cluster, NS).start()
+            wait_for(lambda: succeeded(cluster, "killed"), 240, "Succeeded")
+            op3.stop()
+        finally:
+            op2.kill()
+        cluster.create(RUNS.format(ns=NS), manifest("reference", s3))
+        with OperatorProcess(cluster, NS):
+            wait_for(lambda: succeeded(cluster, "reference"), 240, "reference Succeeded")
+        killed, ref = cluster.run(NS, "killed"), cluster.run(NS, "reference")
+        names = [j["metadata"]["name"] for j in cluster.items(JOBS.format(ns=NS), ("genrun.io/run", "killed"))]
+        assert len(names) == len(set(names))
+        assert not [n for n in names if re.search(r"-a\d+$", n)]  # nothing was re-run as a retry
+        strip = lambda rows: [{k: v for k, v in r.items() if k != "model"} for r in rows]  # noqa: E731
+        assert strip(dataset_rows(s3, killed)) == strip(dataset_rows(s3, ref))
+        assert killed["status"]["totals"] == ref["status"]["totals"]
+
+
+def test_suspend_and_resume(cluster: Cluster, s3: SeaweedFS) -> None:
+    with JobRunner(cluster, NS, {"GENRUN_ENGINE": "replay"}), OperatorProcess(cluster, NS):
+        cluster.create(RUNS.format(ns=NS), manifest("paused", s3, suspend=True))
+        wait_for(lambda: (c := cluster.condition(NS, "paused", "Suspended")) and c["status"] == "True", 60, "Suspended")
+        time.sleep(3)
+        assert cluster.items(JOBS.format(ns=NS), ("genrun.io/run", "paused")) == []
+        cluster.patch(RUNS.format(ns=NS) + "/paused", {"spec": {"suspend": False}})
+        wait_for(lambda: succeeded(cluster, "paused"), 240, "Succeeded after resume")
+        assert cluster.condition(NS, "paused", "Suspended")["status"] == "False"
+
+
+def test_s3_down_for_30s_mid_round_loses_nothing(cluster: Cluster, s3: SeaweedFS) -> None:
+    with JobRunner(cluster, NS, {"GENRUN_ENGINE": "replay"}) as runner, OperatorProcess(cluster, NS):
+        cluster.create(RUNS.format(ns=NS), manifest("outage", s3, shards={"examplesPerShard": 40}))
+        wait_for(lambda: runner.procs, 60, "a running shard")
+        s3.stop()
+        time.sleep(30)
+        s3.start()
+        wait_for(lambda: succeeded(cluster, "outage"), 300, "Succeeded after the outage")
+        run = cluster.run(NS, "outage")
+        assert len(dataset_rows(s3, run)) == run["status"]["totals"]["qcPassed"] >= 30
+        listing = s3.client().list_objects_v2(Bucket="genrun-test", Prefix="outage/shards/")
+        keys = [o["Key"] for o in listing.get("Contents", [])]
+        seeds = {int(k.split("/s")[-1].split(".")[0]) for k in keys if k.endswith(".done.json")}
+        planned = sum(r["shards"] for r in run["status"]["rounds"])
+        assert len(seeds) == planned  # every shard published exactly once; none lost
+
+
+def test_invalid_spec_is_reported_not_crashed(cluster: Cluster, s3: SeaweedFS) -> None:
+    bad = manifest("bad", s3)
+    bad["spec"]["sampling"]["temperature"] = 3.5
+    with OperatorProcess(cluster, NS) as op:
+        cluster.create(RUNS.format(ns=NS), copy.deepcopy(bad))
+        cond = wait_for(
+            lambda: c if (c := cluster.condition(NS, "bad", "Failed")) and c["status"] == "True" else None, 60, "Failed"
+        )
+        assert cond["reason"] == "InvalidSpec"
+        assert "spec.sampling.temperature: must be in (0, 2], got 3.5" in cond["message"]
+        assert "Traceback" not in op.log()
