@@ -1,0 +1,112 @@
+"""`genrun run` on one machine: real processes and files; the replay engine (recorded real SmolLM2 outputs) stands in
+for the model here, and tests/e2e runs the real model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.integration.harness import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+GENRUN = [sys.executable, "-m", "genrun.operator.cli"]
+
+
+def small_manifest(tmp: Path, name: str = "local", **spec_over: dict) -> Path:
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"]["shards"].update(examplesPerShard=25)
+    doc["spec"]["target"]["uniqueExamples"] = 60
+    doc["spec"]["output"]["path"] = str(tmp / name)
+    for k, v in spec_over.items():
+        doc["spec"].setdefault(k, {}).update(v)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run(args: list[str], **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GENRUN, *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+def dataset(out: Path) -> list[dict]:
+    status = json.loads((out / "status.json").read_text())
+    return pq.read_table(status["status"]["output"]["dataset"]).to_pylist()
+
+
+def test_run_to_target_then_status_report_and_html(tmp_path: Path) -> None:
+    res = run(["run", str(small_manifest(tmp_path)), "--engine", "replay", "--jobs", "2"])
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "local"
+    st = json.loads((out / "status.json").read_text())["status"]
+    assert st["round"] >= 2 and st["totals"]["qcPassed"] >= 60
+    assert len(dataset(out)) == st["totals"]["qcPassed"]
+    assert "# genrun report: local" in res.stdout and "Succeeded (TargetMet)" in res.stderr
+    assert "round 2 [" in res.stderr  # live progress per round
+    s = run(["status", str(out)])
+    assert s.returncode == 0 and "Succeeded    True" in s.stdout
+    html = tmp_path / "report.html"
+    r = run(["report", str(out), "--html", str(html)])
+    assert r.returncode == 0 and "## Top duplicates" in r.stdout
+    page = html.read_text()
+    assert page.count("<svg") == 5 and "Duplication rate per round" in page and "<script" not in page
+    # A second run of a finished output regenerates nothing.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    again = run(["run", str(small_manifest(tmp_path)), "--engine", "replay"])
+    assert again.returncode == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == mtimes
+
+
+def test_kill9_mid_round_then_rerun_gives_the_uninterrupted_dataset(tmp_path: Path) -> None:
+    ref = run(["run", str(small_manifest(tmp_path, "reference")), "--engine", "replay"])
+    assert ref.returncode == 0, ref.stderr
+
+    manifest = small_manifest(tmp_path, "killed")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*GENRUN, "run", str(manifest), "--engine", "replay", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    # Kill it while round 2's shards are being generated (its plan exists, its report does not).
+    wait_for(lambda: (out / "rounds" / "r0002" / "plan.json").exists(), 120, "round 2 to start")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert not (out / "merge" / "r0002" / "report.json").exists()
+    time.sleep(0.5)
+    assert not [p for p in out.rglob("*.parquet") if p.stat().st_size == 0]
+    res = run(["run", str(manifest), "--engine", "replay"])
+    assert res.returncode == 0, res.stderr
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
+    assert strip(dataset(out)) == strip(dataset(tmp_path / "reference"))
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
+    manifest = small_manifest(tmp_path, "interrupted", shards={"examplesPerShard": 200})
+    proc = subprocess.Popen([*GENRUN, "run", str(manifest), "--engine", "replay"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    out = tmp_path / "interrupted"
+    wait_for(lambda: (out / "rounds" / "r0001" / "plan.json").exists(), 60, "round 1")
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends to the foreground group on Ctrl-C
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Run the same command again to resume" in err and "Traceback" not in err
+    assert not list((out / "_genrun" / "jobs").glob("*.failed.json"))  # an interrupt is not a failed attempt
+
+
+@pytest.mark.parametrize("bad", sorted((ROOT / "examples" / "invalid").glob("*.yaml")), ids=lambda p: p.stem)
+def test_bad_manifest_names_the_field_and_touches_no_output(tmp_path: Path, bad: Path) -> None:
+    expected = bad.read_text().splitlines()[0].removeprefix("# expect: ")
+    outputs = [Path("/data/out"), tmp_path / "My_Bucket"]
+    before = {p: p.exists() for p in outputs}
+    res = run(["run", str(bad), "--engine", "replay"], cwd=tmp_path)
+    assert res.returncode == 2
+    assert expected in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == [] and {p: p.exists() for p in outputs} == before
