@@ -34,6 +34,7 @@ from genrun.operator.planner import (
     ObservedJob,
     Plan,
     RecordRound,
+    budget_used,
     decide,
     invalid_plan,
 )
@@ -269,7 +270,17 @@ class Reconciler:
             await self.kube.create(f"/apis/batch/v1/namespaces/{ref.namespace}/jobs", manifest)
             overlay[a.name] = job
         states = _shard_states(_values(jobs_idx, key))
-        await self._publish(body, path, plan, old_status, ref, spec.target.unique_examples, states, events)
+        await self._publish(
+            body,
+            path,
+            plan,
+            old_status,
+            ref,
+            spec.target.unique_examples,
+            states,
+            events,
+            budget_used(spec, plan.status),
+        )
 
     async def _publish(
         self,
@@ -281,6 +292,7 @@ class Reconciler:
         target: int,
         states: dict[str, int],
         events: list[Event] | None = None,
+        budget: float = 0.0,
     ) -> None:
         conds = c.merge_conditions(old.get("conditions"), plan.conditions, ref.generation, _now())
         status = {**plan.status, "conditions": conds}
@@ -298,7 +310,7 @@ class Reconciler:
             ):
                 posted.add((t.type, t.reason))
                 kopf.event(body, type="Warning" if t.type == c.FAILED else "Normal", reason=t.reason, message=t.message)  # type: ignore[arg-type]
-        self.metrics.runs.update(ref.namespace, ref.name, target, status, states)
+        self.metrics.runs.update(ref.namespace, ref.name, target, status, states, budget)
 
     async def cleanup(self, ns: str, name: str, jobs_idx: Any, plans_idx: Any) -> None:
         """On delete: children go (owner references do this on a real cluster; this also covers API servers

@@ -25,10 +25,17 @@ class RunCollector(Collector):
         self._runs: dict[tuple[str, str], dict[str, Any]] = {}
 
     def update(
-        self, namespace: str, name: str, target: int, status: Mapping[str, Any], shard_states: Mapping[str, int]
+        self,
+        namespace: str,
+        name: str,
+        target: int,
+        status: Mapping[str, Any],
+        shard_states: Mapping[str, int],
+        budget_used: float = 0.0,
     ) -> None:
+        run = {"target": target, "status": dict(status), "shards": dict(shard_states), "budget": budget_used}
         with self._lock:
-            self._runs[(namespace, name)] = {"target": target, "status": dict(status), "shards": dict(shard_states)}
+            self._runs[(namespace, name)] = run
 
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
@@ -67,6 +74,11 @@ class RunCollector(Collector):
         cond = GaugeMetricFamily(
             "genrun_run_condition", "1 where the run's condition is True.", labels=[*lbl, "condition"]
         )
+        budget = GaugeMetricFamily(
+            "genrun_budget_used_ratio",
+            "Largest used share of the run's budget: rounds, shards or generated examples (0-1).",
+            labels=lbl,
+        )
         for (ns, name), run in sorted(runs.items()):
             st, totals = run["status"], run["status"].get("totals", {})
             v = [ns, name]
@@ -77,6 +89,7 @@ class RunCollector(Collector):
             target.add_metric(v, run["target"])
             dup.add_metric(v, totals.get("duplicationRatio", 0.0))
             rnd.add_metric(v, st.get("round", 0))
+            budget.add_metric(v, run["budget"])
             for row in st.get("rounds", []):
                 if "marginalYield" in row:
                     yld.add_metric([*v, str(row["round"])], row["marginalYield"])
@@ -89,7 +102,7 @@ class RunCollector(Collector):
                 cond.add_metric([*v, ctype], 1.0 if ctype in trues else 0.0)
         build = GaugeMetricFamily("genrun_build_info", "genrun operator build.", labels=["version"])
         build.add_metric([__version__], 1.0)
-        yield from (generated, tokens, unique, kept, target, dup, rnd, yld, round_dup, shards, cond, build)
+        yield from (generated, tokens, unique, kept, target, dup, rnd, yld, round_dup, shards, cond, budget, build)
 
 
 class Metrics:

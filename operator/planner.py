@@ -263,6 +263,15 @@ def _shard_states(spec: GenerationRunSpec, plan: RoundPlan, obs: Observed) -> li
     return out
 
 
+def budget_used(spec: GenerationRunSpec, status: Mapping[str, Any]) -> float:
+    """The largest used share of the budget (rounds, shards, generated examples), for alerts."""
+    b = spec.budget
+    rounds = status.get("rounds", [])
+    shards = sum(r.get("shards", 0) for r in rounds)
+    generated = status.get("totals", {}).get("generated", 0)
+    return float(round(max(len(rounds) / b.max_rounds, shards / b.max_shards, generated / b.max_generated_examples), 4))
+
+
 def _seed_range(seeds: tuple[int, ...]) -> str:
     if not seeds:
         return ""

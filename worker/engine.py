@@ -15,6 +15,7 @@ import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 log = logging.getLogger("genrun.engine")
@@ -60,6 +61,12 @@ def per_request_seed(shard_seed: int, index: int, stage: int = 0) -> int:
     return int.from_bytes(h, "little") & 0x7FFFFFFF
 
 
+def _cuda_visible() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 class VllmEngine:
     def __init__(
         self,
@@ -79,6 +86,10 @@ class VllmEngine:
             raise ModelError(str(exc)) from exc
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not _cuda_visible():
+            # On CPU, torch.compile gains nothing, changes samples, and its shared inductor cache can be left broken
+            # by a killed worker (seen here): run eager.
+            os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
         import torch
         from vllm import LLM
 

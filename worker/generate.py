@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, dedup_key
+from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys
 from genrun.worker.engine import Completion, Engine, Params, per_request_seed
 from genrun.worker.merge import load_seen_index
 from genrun.worker.prompts import (
@@ -93,7 +93,7 @@ class _Novelty:
         the first of two near-identical candidates in one batch is kept."""
         if self.key == "pair":  # the key needs the response: dedup happens in the merge
             return [True] * len(instructions), 0, 0
-        keys = [dedup_key(i, "", key="instruction", normalized=self.normalize) for i in instructions]
+        keys = dedup_keys(instructions, key="instruction", normalized=self.normalize)
         sigs = self.hasher.signatures(keys)
         old = np.zeros(len(keys), dtype=bool)
         if self.seen is not None:

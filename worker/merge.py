@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, dedup_key, key_hash, near_duplicate_labels
+from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys, key_hash, near_duplicate_labels
 from genrun.worker.qc import QcPipeline
 from genrun.worker.storage import Storage, local_copy
 
@@ -75,17 +75,18 @@ def _pass1(storage: Storage, spec: Any, shard_ids: list[tuple[int, int]]) -> _Pa
             p.quarantined.append(dkey)
             storage.write_bytes(f"quarantine/{dkey}.json", json.dumps({"key": dkey, "error": str(exc)}).encode())
             continue
-        ins = table.column("instruction").to_pylist()
-        res = table.column("response").to_pylist() if spec.dedup.key == "pair" else [""] * len(ins)
+        ins_col = table.column("instruction")
+        res_col = table.column("response") if spec.dedup.key == "pair" else None
+        keys = dedup_keys(ins_col, res_col, key=spec.dedup.key, normalized=spec.dedup.normalize)
+        ins = ins_col.to_pylist()
         base = len(p.keys)
-        for j, (i, r) in enumerate(zip(ins, res, strict=True)):
-            k = dedup_key(i, r, key=spec.dedup.key, normalized=spec.dedup.normalize)
+        for j, k in enumerate(keys):
             g = base + j
             p.keys.append(k)
             first = owner.setdefault(k, g)
             status.append(-1 if first == g else first)
             if first == g:
-                p.first_text[g] = i
+                p.first_text[g] = ins[j]
         p.shards.append(_Shard(rnd, seed, manifest, len(ins)))
     p.status = np.asarray(status, dtype=np.int64)
     return p

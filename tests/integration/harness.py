@@ -78,8 +78,13 @@ class _Emulator(kmock.KubernetesEmulator):
     """kmock with metadata.generateName (Kopf names its Events that way; kmock 0.8 would key them all as None)."""
 
     _serial = 0
+    log: list[tuple[float, str, str, str, str]] = []
 
     async def _handle(self, request: Any) -> Any:
+        _Emulator.log.append(
+            (time.monotonic(), str(request.method), request.url.path, request.url.query_string,
+             str(request.headers.get("User-Agent", "")))
+        )  # fmt: skip
         data = getattr(request, "data", None)
         if (
             isinstance(data, dict)
