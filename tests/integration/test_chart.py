@@ -1,0 +1,196 @@
+"""The Helm chart, Dockerfiles and alert rules, checked by the real tools: helm lint/template (v3.17 from npm),
+kubernetes-validate, promtool and hadolint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from genrun.operator.settings import Settings
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "genrun"
+VALUES = [None, *sorted((CHART / "ci").glob("*-values.yaml"))]
+# Kinds of the Prometheus Operator: not in the Kubernetes schemas; their content is checked by promtool below.
+MONITORING_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def tool(name: str) -> str:
+    local = ROOT / ".tools" / "bin" / name
+    found = (
+        str(local)
+        if local.exists()
+        else shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    )
+    if not found:
+        pytest.fail(f"{name} is not installed: run scripts/setup.sh")
+    return found
+
+
+def render(values: Path | None, *extra: str) -> list[dict[str, Any]]:
+    args = [tool("helm"), "template", "genrun", str(CHART), "--namespace", "ops", *extra]
+    if values:
+        args += ["-f", str(values)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_chart_crd_is_the_crd() -> None:
+    assert (CHART / "crds" / "generationrun.yaml").read_bytes() == (ROOT / "crds" / "generationrun.yaml").read_bytes()
+
+
+@pytest.mark.parametrize("values", VALUES, ids=lambda v: v.name if v else "defaults")
+def test_lint_template_and_validate(values: Path | None, tmp_path: Path) -> None:
+    lint = subprocess.run([tool("helm"), "lint", "--strict", str(CHART), *(["-f", str(values)] if values else [])],
+                          capture_output=True, text=True)  # fmt: skip
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    docs = render(values, "--include-crds")
+    for i, doc in enumerate(docs):
+        if doc["kind"] in MONITORING_KINDS:
+            continue
+        path = tmp_path / f"{i}-{doc['kind']}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        res = subprocess.run(
+            [tool("kubernetes-validate"), "--strict", "-k", "1.31.0", str(path)], capture_output=True, text=True
+        )
+        assert res.returncode == 0, f"{doc['kind']}: {res.stdout}{res.stderr}"
+
+
+def test_values_schema_rejects_bad_values(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("operator:\n  logLevel: LOUD\n")
+    res = subprocess.run([tool("helm"), "template", "g", str(CHART), "-f", str(bad)], capture_output=True, text=True)
+    assert res.returncode != 0 and "logLevel" in res.stderr
+
+
+def test_deployment_is_hardened_and_maps_every_setting() -> None:
+    docs = render(None)
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    c = pod["containers"][0]
+    sc = c["securityContext"]
+    assert (
+        sc["readOnlyRootFilesystem"] is True
+        and sc["allowPrivilegeEscalation"] is False
+        and sc["capabilities"]["drop"] == ["ALL"]
+    )
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"] for e in c["env"]}
+    settings = set(Settings.documented())
+    assert env == settings, f"not mapped: {settings - env}; unknown: {env - settings}"
+    values_text = (CHART / "values.yaml").read_text()
+    for var in settings:
+        assert f"({var})" in values_text, f"values.yaml does not name {var} beside its value"
+    # Every value is commented: a top-level value or a value of a section has a `# --` comment right above it
+    # (sections such as `operator:` are headers; the contents of a documented block such as `resources` are free).
+    lines = values_text.splitlines()
+    parent_documented = False
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z]\w*):(.*)$", line)
+        if not m or len(m.group(1)) > 2:
+            continue
+        documented = lines[i - 1].strip().startswith("#") if i else False
+        if len(m.group(1)) == 0:
+            parent_documented = documented
+            is_section = not m.group(3).strip()
+            assert documented or is_section, f"uncommented value: {line.strip()}"
+        elif not parent_documented:
+            assert documented, f"uncommented value: {line.strip()}"
+
+
+@pytest.mark.parametrize(("cluster_wide", "kind"), [(False, "Role"), (True, "ClusterRole")])
+def test_rbac_is_least_privilege(cluster_wide: bool, kind: str) -> None:
+    docs = render(None, "--set", f"rbac.clusterWide={str(cluster_wide).lower()}")
+    roles = [
+        d for d in docs if d["kind"] in ("Role", "ClusterRole") and not d["metadata"]["name"].endswith("-discovery")
+    ]
+    assert [r["kind"] for r in roles] == [kind]
+    for role in [d for d in docs if d["kind"] in ("Role", "ClusterRole")]:
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule.get("apiGroups", [])
+    secrets = [r for r in roles[0]["rules"] if "secrets" in r["resources"]]
+    assert secrets and secrets[0]["verbs"] == ["get"]
+    if not cluster_wide:
+        assert roles[0]["metadata"]["namespace"] == "ops"
+        dep = next(d for d in docs if d["kind"] == "Deployment")
+        env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["GENRUN_NAMESPACE"] == "ops"
+
+
+def rule_file(tmp_path: Path) -> Path:
+    docs = render(CHART / "ci" / "cluster-wide-monitoring-values.yaml")
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    return path
+
+
+def test_promtool_checks_the_rendered_alert_rules(tmp_path: Path) -> None:
+    path = rule_file(tmp_path)
+    res = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS: 4 rules found" in res.stdout
+    names = [r["alert"] for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
+    assert names == ["GenrunRunFailed", "GenrunHighDuplication", "GenrunRunStalled", "GenrunBudgetNearlySpent"]
+    assert "0.5" in path.read_text()  # the threshold value reached the rule
+
+
+def test_dashboard_uses_variables_and_describes_panels() -> None:
+    dash = json.loads((CHART / "files" / "dashboard.json").read_text())
+    names = [v["name"] for v in dash["templating"]["list"]]
+    assert names == ["datasource", "namespace", "run"]
+    for panel in dash["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}" and panel["description"]
+        for t in panel["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}"
+            if "genrun_reconcile" not in t["expr"]:
+                assert 'namespace=~"$namespace"' in t["expr"] and 'name=~"$run"' in t["expr"]
+    cm = next(d for d in render(CHART / "ci" / "cluster-wide-monitoring-values.yaml") if d["kind"] == "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["genrun.json"]) == dash
+
+
+def test_dockerfiles_lint() -> None:
+    res = subprocess.run(
+        [tool("hadolint"), str(ROOT / "Dockerfile.operator"), str(ROOT / "Dockerfile.worker")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_operator_image_install_step_runs_here_without_the_engine(tmp_path: Path) -> None:
+    """No Docker engine here: run Dockerfile.operator's own RUN step in a fresh venv and use the result."""
+    text = (ROOT / "Dockerfile.operator").read_text()
+    run = next(line for line in text.splitlines() if line.startswith("RUN python -m venv"))
+    cmd = run.removeprefix("RUN ").replace("/opt/genrun", str(tmp_path / "genrun"))
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for d in ("operator", "worker", "crds"):
+        shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__", "replay"))
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    res = subprocess.run(cmd, shell=True, cwd=src, capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    py = tmp_path / "genrun" / "bin" / "python"
+    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in ('vllm','torch','kopf','prometheus_client') if u.find_spec(m)])"],
+                           capture_output=True, text=True, check=True, cwd=tmp_path)  # fmt: skip
+    assert probe.stdout.strip() == "['kopf', 'prometheus_client']"
+    val = subprocess.run([str(tmp_path / "genrun" / "bin" / "genrun"), "validate", str(ROOT / "examples" / "stage1-qwen32b.yaml")],
+                         capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert val.returncode == 0, val.stderr
+    settings = subprocess.run([str(py), "-c", "from genrun.operator.handlers import build; from genrun.operator.settings import Settings; "
+                               "build(Settings(server='http://127.0.0.1:1')); print('ok')"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert settings.stdout.strip() == "ok", settings.stderr
