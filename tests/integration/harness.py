@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,24 +76,27 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 
 
 
 class _Emulator(kmock.KubernetesEmulator):
-    """kmock with metadata.generateName (Kopf names its Events that way; kmock 0.8 would key them all as None)."""
+    """kmock plus what a real API server does on create and Kopf relies on: generateName (Kopf names Events that
+    way), metadata.uid and resourceVersion. Also logs requests for the operator benchmark."""
 
     _serial = 0
     log: list[tuple[float, str, str, str, str]] = []
 
     async def _handle(self, request: Any) -> Any:
         _Emulator.log.append(
-            (time.monotonic(), str(request.method), request.url.path, request.url.query_string,
+            (time.monotonic(), getattr(request.method, "value", str(request.method)), request.url.path, request.url.query_string,
              str(request.headers.get("User-Agent", "")))
         )  # fmt: skip
         data = getattr(request, "data", None)
-        if (
-            isinstance(data, dict)
-            and not data.get("metadata", {}).get("name")
-            and data.get("metadata", {}).get("generateName")
-        ):
-            _Emulator._serial += 1
-            data["metadata"]["name"] = f"{data['metadata']['generateName']}{_Emulator._serial:06d}"
+        if request.method == "POST" and isinstance(data, dict) and isinstance(data.get("metadata"), dict):
+            meta = data["metadata"]
+            if not meta.get("name") and meta.get("generateName"):
+                _Emulator._serial += 1
+                meta["name"] = f"{meta['generateName']}{_Emulator._serial:06d}"
+            # A real API server gives every object a uid and a resourceVersion; kmock gives neither. Kopf keys its
+            # per-object memory by uid and guards JSON-patches with resourceVersion, so stamp both on creation.
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("resourceVersion", "1")
         return await super()._handle(request)
 
 
@@ -159,9 +163,6 @@ class Cluster:
             raise
 
     def create(self, path: str, obj: dict[str, Any]) -> Any:
-        # kmock keeps no resourceVersion; Kopf guards its JSON-patches (finalizers) with a test on it, so give the
-        # objects we create one that never changes (an emulator stand-in, not optimistic concurrency).
-        obj = {**obj, "metadata": {"resourceVersion": "1", **obj.get("metadata", {})}}
         return self.request("POST", path, obj)
 
     def get(self, path: str) -> Any:
