@@ -193,7 +193,13 @@ def merge_job(
     limits = {"cpu": settings.merge_cpu, "memory": settings.merge_memory}
     resources = {"requests": dict(limits), "limits": limits}
     args = ["worker", "merge", "--job-json", job]
-    return _job(ref, action.name, lbls, spec, settings, args, resources, None)
+    manifest = _job(ref, action.name, lbls, spec, settings, args, resources, None)
+    parts = spec.dedup.partitions
+    if parts > 1:
+        # Partitioned dedup: index i maps input partition i, then reduces band partition i; index 0 finalises.
+        # The indexes wait for each other's outputs, so all run at once.
+        manifest["spec"].update(completionMode="Indexed", completions=parts, parallelism=parts)
+    return manifest
 
 
 def job_summary(body: dict[str, Any]) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,63 @@ def _merge(args: argparse.Namespace) -> int:
 
     job, spec = _load_job(args)
     storage = _storage(spec, args.output)
+    parts = spec.dedup.partitions
+    if parts > 1 and not storage.exists(rec.round_report_key(job.round)):
+        _partitioned(storage, spec, job, args.index, parts)
+        if args.index not in (None, 0):
+            return rec.EXIT_OK  # index 0 finalises
     report = merge_round(storage, spec, job.run, job.round, list(job.shards))
     print(json.dumps({"round": report.round, "unique": report.unique_total, "qcPassed": report.qc_passed_total}))
     return rec.EXIT_OK
+
+
+def _partitioned(storage: Any, spec: Any, job: rec.JobSpec, index: int | None, parts: int) -> None:
+    """Map and reduce for one index of an Indexed Job (each waits for the others' outputs), or all of them in turn
+    when no index is given (one machine)."""
+    from genrun.worker import partitioned as pt
+
+    mine = range(parts) if index is None else [index]
+    for i in mine:
+        if not storage.exists(pt.map_key(job.round, i)):
+            pt.dedup_map(storage, spec, job.round, list(job.shards), i, parts)
+    _wait(storage, [pt.map_key(job.round, i) for i in range(parts)])
+    for i in mine:
+        if not storage.exists(pt.reduce_key(job.round, i)):
+            pt.dedup_reduce(storage, spec, job.round, parts, i, parts)
+    if index in (None, 0):
+        _wait(storage, [pt.reduce_key(job.round, i) for i in range(parts)])
+
+
+def _wait(storage: Any, keys: list[str], poll: float = 2.0) -> None:
+    # Bounded by the Job's activeDeadlineSeconds; all indexes of the Indexed Job run at once (parallelism = count).
+    while missing := [k for k in keys if not storage.exists(k)]:
+        log.info("waiting for %d partition output(s), e.g. %s", len(missing), missing[0])
+        time.sleep(poll)
+
+
+def _dedup_map(args: argparse.Namespace) -> int:
+    from genrun.worker.partitioned import dedup_map
+
+    job, spec = _load_job(args)
+    storage = _storage(spec, args.output)
+    print(dedup_map(storage, spec, job.round, list(job.shards), _index(args), spec.dedup.partitions))
+    return rec.EXIT_OK
+
+
+def _dedup_reduce(args: argparse.Namespace) -> int:
+    from genrun.worker.partitioned import dedup_reduce
+
+    job, spec = _load_job(args)
+    storage = _storage(spec, args.output)
+    p = spec.dedup.partitions
+    print(dedup_reduce(storage, spec, job.round, p, _index(args), p))
+    return rec.EXIT_OK
+
+
+def _index(args: argparse.Namespace) -> int:
+    if args.index is None:
+        raise _Fail(rec.EXIT_USAGE, "--index is required (or JOB_COMPLETION_INDEX, as an Indexed Job sets it)")
+    return int(args.index)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,12 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=("vllm", "replay"), default=os.environ.get("GENRUN_ENGINE", "vllm"))
     g.add_argument("--output", help="override spec.output.path")
     g.set_defaults(fn=_generate, kind="shard")
-    m = sub.add_parser("merge", help="merge, dedup and QC everything generated up to a round")
-    src = m.add_mutually_exclusive_group(required=True)
-    src.add_argument("--job", help="job spec JSON file (- for stdin)")
-    src.add_argument("--job-json", help="the job spec itself, as one argument")
-    m.add_argument("--output", help="override spec.output.path")
-    m.set_defaults(fn=_merge, kind="merge")
+    index_default = os.environ.get("JOB_COMPLETION_INDEX")
+    for name, fn, help_ in (
+        ("merge", _merge, "merge, dedup and QC everything generated up to a round"),
+        ("dedup-map", _dedup_map, "map step of partitioned dedup: keys, signatures, band keys of one input partition"),
+        ("dedup-reduce", _dedup_reduce, "reduce step of partitioned dedup: verified pairs of one band partition"),
+    ):
+        m = sub.add_parser(name, help=help_)
+        src = m.add_mutually_exclusive_group(required=True)
+        src.add_argument("--job", help="job spec JSON file (- for stdin)")
+        src.add_argument("--job-json", help="the job spec itself, as one argument")
+        m.add_argument("--output", help="override spec.output.path")
+        m.add_argument("--index", type=int, default=int(index_default) if index_default else None,
+                       help="partition index (default: $JOB_COMPLETION_INDEX of an Indexed Job)")  # fmt: skip
+        m.set_defaults(fn=fn, kind="merge")
     return p
 
 

@@ -145,8 +145,9 @@ def generate_shard(
         )  # fmt: skip
 
     while len(rows) < quota and counts.generated < max_attempts:
-        # Ask for what is missing, scaled by the loss rate seen so far (skips, malformed), within the attempt bound.
-        loss = 1 - len(rows) / counts.generated if counts.generated else 0.0
+        # Ask for what is missing, scaled by the loss seen so far (skips, malformed; 15% before any is seen), within
+        # the attempt bound: one full batch beats a full one plus a small tail batch that leaves the engine idle.
+        loss = 1 - len(rows) / counts.generated if counts.generated else 0.15
         missing = math.ceil((quota - len(rows)) / max(0.2, 1 - loss))
         want = min(g.batch_size, max_attempts - counts.generated, max(1, missing))
         idx = list(range(counts.generated, counts.generated + want))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys, key_hash, near_duplicate_labels
+from genrun.worker.dedup import MinHasher, SeenIndex, components, dedup_keys, key_hash, near_duplicate_labels
 from genrun.worker.qc import QcPipeline
 from genrun.worker.storage import Storage, local_copy
 
@@ -105,6 +105,25 @@ def _near(p: _Pass1, spec: Any, hasher: MinHasher) -> tuple[np.ndarray, np.ndarr
     return uniq, sigs
 
 
+def _near_from_reducers(p: _Pass1, spec: Any, storage: Storage, rnd: int) -> tuple[np.ndarray, np.ndarray]:
+    """The partitioned path: the reducers' verified pairs (global row ids) instead of signatures computed here."""
+    from genrun.worker.partitioned import load_kept_sigs, load_pairs
+
+    parts = spec.dedup.partitions
+    uniq = np.flatnonzero(p.status == -1)
+    keep = np.ones(len(uniq), dtype=bool)
+    if spec.dedup.near_duplicates and len(uniq):
+        pos = np.full(len(p.status), -1, dtype=np.int64)
+        pos[uniq] = np.arange(len(uniq))
+        pairs = pos[load_pairs(storage, rnd, parts)]
+        labels = components(len(uniq), pairs[(pairs >= 0).all(axis=1)])
+        dup = labels != np.arange(len(uniq))
+        p.status[uniq[dup]] = uniq[labels[dup]]
+        keep = ~dup
+    kept = uniq[keep]
+    return kept, load_kept_sigs(storage, rnd, parts, kept, spec.dedup.num_perm)
+
+
 def merge_round(storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list[tuple[int, int]]) -> rec.RoundReport:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -116,7 +135,10 @@ def merge_round(storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list
     t0 = time.monotonic()
     hasher = MinHasher(spec.dedup.num_perm, 1, spec.dedup.shingle_size)
     p = _pass1(storage, spec, shard_ids)
-    kept_idx, kept_sigs = _near(p, spec, hasher)
+    if spec.dedup.partitions > 1:
+        kept_idx, kept_sigs = _near_from_reducers(p, spec, storage, rnd)
+    else:
+        kept_idx, kept_sigs = _near(p, spec, hasher)
     n = len(p.status)
 
     # Duplicate clusters: every row points at the first occurrence it duplicates (chains resolved to the root).
