@@ -46,7 +46,7 @@ def specs(target: int, per_shard: int) -> dict[str, dict]:
         "minShardsPerRound": 10,
         "maxShardsPerRound": 10,
     }
-    baseline["generation"] = {"mode": "joint", "batchSize": base["generation"]["batchSize"]}
+    baseline["generation"] = {"mode": "joint"}
     baseline["dedup"] = {"online": False}
     genrun = copy.deepcopy(base)
     genrun["escalation"] = {"maxShardsPerRound": 20}

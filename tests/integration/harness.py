@@ -83,6 +83,11 @@ class _Emulator(kmock.KubernetesEmulator):
     log: list[tuple[float, str, str, str, str]] = []
 
     async def _handle(self, request: Any) -> Any:
+        # kmock matches each request against its whole request history (by identity): O(n^2) over a long run. We
+        # assert on objects, not on kmock's request history, so keep only the recent part of it.
+        history = getattr(self, "_requests", None)
+        if isinstance(history, list) and len(history) > 400:
+            del history[:-50]
         _Emulator.log.append(
             (time.monotonic(), getattr(request.method, "value", str(request.method)), request.url.path, request.url.query_string,
              str(request.headers.get("User-Agent", "")))
