@@ -14,7 +14,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 TMP_PREFIX = "_tmp/"
 
@@ -62,13 +62,14 @@ class LocalStorage:
         except FileNotFoundError as exc:
             raise KeyError(key) from exc
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def _publish(self, key: str, fill: Any) -> None:
+        """Write through `fill(file)` to a temporary name beside the destination, fsync, then rename over it."""
         dest = self._p(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are read by other users and Jobs
@@ -78,17 +79,15 @@ class LocalStorage:
                 os.unlink(tmp)
             raise
 
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._publish(key, lambda f: f.write(data))
+
     def upload(self, local: Path, key: str) -> None:
-        dest = self._p(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        def copy(f: Any) -> None:
+            with open(local, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+
+        self._publish(key, copy)
 
     def download(self, key: str, local: Path) -> None:
         try:
