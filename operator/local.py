@@ -134,7 +134,7 @@ class LocalRunner:
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
         job_file = self.state / "jobs" / f"{action.name}.json"
         job_file.write_text(rec.to_json(spec))
-        cmd = [sys.executable, "-m", "genrun.operator.cli", "worker"]
+        cmd = [sys.executable, "-P", "-m", "genrun.operator.cli", "worker"]
         if isinstance(action, CreateShardJob):
             cmd += ["generate", "--job", str(job_file), "--engine", self.engine]
             kind: Literal["shard", "merge"] = "shard"

@@ -2,6 +2,9 @@
 # ruff (lint + format check) on everything; mypy --strict on genrun.operator through a link tree laid out like the
 # installed package (`operator/` must never be seen by a tool as the standard library's `operator`).
 set -euo pipefail
+# The repo has a folder named `operator`, which is also a standard-library module: never let Python put the current
+# directory first on sys.path (python -m / -c do), or `import operator` finds our folder.
+export PYTHONSAFEPATH=1
 cd "$(dirname "$0")/.."
 VENV=${GENRUN_VENV:-.venv}
 "$VENV/bin/ruff" check .

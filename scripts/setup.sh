@@ -2,6 +2,9 @@
 # Sets up a fresh machine: a virtualenv with genrun, the CPU vLLM engine, the test tools, and the embedded default
 # model converted once into a cache. Idempotent: a second run only checks.
 set -euo pipefail
+# The repo has a folder named `operator`, which is also a standard-library module: never let Python put the current
+# directory first on sys.path (python -m / -c do), or `import operator` finds our folder.
+export PYTHONSAFEPATH=1
 cd "$(dirname "$0")/.."
 VENV=${GENRUN_VENV:-.venv}
 PY=${PYTHON:-python3}

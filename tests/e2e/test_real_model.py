@@ -24,7 +24,7 @@ from tests.integration.harness import wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-GENRUN = [sys.executable, "-m", "genrun.operator.cli"]
+GENRUN = [sys.executable, "-P", "-m", "genrun.operator.cli"]
 
 
 def quickstart_spec(out: Path, **over: Any) -> dict[str, Any]:

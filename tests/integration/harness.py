@@ -257,7 +257,7 @@ class JobRunner:
                 self._finish(name, forced)
                 continue
             cmd = (
-                [sys.executable, "-m", "genrun.operator.cli", *c["args"]]
+                [sys.executable, "-P", "-m", "genrun.operator.cli", *c["args"]]
                 if c["command"] == ["genrun"]
                 else c["command"] + c["args"]
             )
@@ -380,7 +380,7 @@ class OperatorProcess:
 
     def start(self) -> OperatorProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "genrun.operator.cli", "operator"], env=self.env,
+            [sys.executable, "-P", "-m", "genrun.operator.cli", "operator"], env=self.env,
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
         )  # fmt: skip
         return self

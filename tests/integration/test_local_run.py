@@ -18,7 +18,7 @@ import yaml
 from tests.integration.harness import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-GENRUN = [sys.executable, "-m", "genrun.operator.cli"]
+GENRUN = [sys.executable, "-P", "-m", "genrun.operator.cli"]
 
 
 def small_manifest(tmp: Path, name: str = "local", **spec_over: dict) -> Path:

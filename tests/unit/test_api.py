@@ -152,6 +152,7 @@ def test_examples_validate_and_invalid_ones_fail_with_their_message() -> None:
     ok = subprocess.run(
         [
             sys.executable,
+            "-P",
             "-m",
             "genrun.operator.cli",
             "validate",
@@ -165,7 +166,7 @@ def test_examples_validate_and_invalid_ones_fail_with_their_message() -> None:
     assert len(invalid) >= 8
     for path in invalid:
         res = subprocess.run(
-            [sys.executable, "-m", "genrun.operator.cli", "validate", str(path)],
+            [sys.executable, "-P", "-m", "genrun.operator.cli", "validate", str(path)],
             capture_output=True,
             text=True,
         )
@@ -180,6 +181,7 @@ def test_validate_user_errors_are_one_line_not_tracebacks(tmp_path: Path) -> Non
     res = subprocess.run(
         [
             sys.executable,
+            "-P",
             "-m",
             "genrun.operator.cli",
             "validate",

@@ -22,8 +22,23 @@ PROBE = (
 
 
 def test_operator_import_loads_no_engine() -> None:
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-P", "-c", PROBE], capture_output=True, text=True, check=True).stdout
     assert "loaded: []" in out
+
+
+def test_repo_root_does_not_shadow_the_standard_library(tmp_path: Path) -> None:
+    """Our folder is named `operator`; in a clean interpreter, `python -m` from the repo root would import it instead
+    of the standard library. The scripts export PYTHONSAFEPATH=1 and genrun spawns Python with -P: check both hold."""
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    base = str(_fresh_venv(tmp_path / "clean", site=False))  # a new venv: nothing imports `operator` early
+    shadowed = subprocess.run([base, "-m", "json.tool", "--help"], cwd=ROOT, env=clean, capture_output=True, text=True)
+    assert shadowed.returncode != 0 and "cannot import name" in shadowed.stderr  # the hazard is real
+    safe = subprocess.run(
+        [base, "-P", "-m", "json.tool", "--help"], cwd=ROOT, env=clean, capture_output=True, text=True
+    )
+    assert safe.returncode == 0, safe.stderr
+    for script in ("scripts/setup.sh", "scripts/test.sh", "scripts/lint.sh", "scripts/quickstart.sh", ".ci/run"):
+        assert "export PYTHONSAFEPATH=1" in (ROOT / script).read_text(), script
 
 
 def test_no_bare_operator_import() -> None:
@@ -32,9 +47,9 @@ def test_no_bare_operator_import() -> None:
             assert not line.startswith(("import operator", "from operator ")), f"{path}: {line}"
 
 
-def _fresh_venv(where: Path) -> Path:
+def _fresh_venv(where: Path, site: bool = True) -> Path:
     # System site-packages give the new venv our dependencies without a download; only genrun is installed anew.
-    venv.EnvBuilder(with_pip=False, system_site_packages=True).create(where)
+    venv.EnvBuilder(with_pip=False, system_site_packages=site).create(where)
     return where / "bin" / "python"
 
 
@@ -52,6 +67,7 @@ def test_install_imports(mode: str, tmp_path: Path, deps_path: str) -> None:
     env = {**os.environ, "PYTHONPATH": deps_path, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     pip = [
         sys.executable,
+        "-P",
         "-m",
         "pip",
         "--python",
@@ -67,6 +83,7 @@ def test_install_imports(mode: str, tmp_path: Path, deps_path: str) -> None:
         subprocess.run(
             [
                 sys.executable,
+                "-P",
                 "-m",
                 "build",
                 "--wheel",
