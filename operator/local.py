@@ -97,6 +97,8 @@ class LocalRunner:
         out: TextIO = sys.stderr,
         quiet: bool = False,
     ) -> None:
+        # The storage is the one truth about where this run lives: workers get its location, not a stale path.
+        raw_spec = {**raw_spec, "output": {**raw_spec.get("output", {}), "path": storage.url}}
         self.ref, self.raw_spec, self.storage = ref, raw_spec, storage
         self.spec = parse_spec(raw_spec)
         self.state = state_dir

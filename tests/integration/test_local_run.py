@@ -110,3 +110,19 @@ def test_bad_manifest_names_the_field_and_touches_no_output(tmp_path: Path, bad:
     assert expected in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == [] and {p: p.exists() for p in outputs} == before
+
+
+def test_runner_storage_is_where_workers_write(tmp_path: Path) -> None:
+    """The runner's storage, not a path left in the spec, is where every worker writes."""
+    import io
+
+    from genrun.operator.api import RunRef
+    from genrun.operator.local import LocalRunner
+    from genrun.worker.storage import LocalStorage
+
+    spec = yaml.safe_load(small_manifest(tmp_path, "elsewhere").read_text())["spec"]
+    spec["output"]["path"] = str(tmp_path / "stale")
+    storage = LocalStorage(tmp_path / "real")
+    plan = LocalRunner(RunRef("r"), spec, storage, tmp_path / "state", engine="replay", out=io.StringIO()).run()
+    assert plan.condition("Succeeded").status == "True"
+    assert (tmp_path / "real" / "status.json").exists() and not (tmp_path / "stale").exists()
