@@ -44,6 +44,7 @@ from genrun.worker import records as rec
 log = logging.getLogger("genrun.operator")
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 RunKey = tuple[str, str]
+SECRET_TTL_SECONDS = 60.0
 
 
 def _now() -> str:
@@ -144,6 +145,7 @@ class Reconciler:
         self.created_jobs: dict[RunKey, dict[str, ObservedJob]] = {}
         self.storages: dict[tuple[str, str, str], Any] = {}
         self.posted: dict[RunKey, set[tuple[str, str]]] = {}
+        self.secrets: dict[tuple[str, str], tuple[float, Any]] = {}
 
     # -- observation ---------------------------------------------------------------------------------------------
     async def _storage(self, ref: RunRef, spec: Any) -> Any:
@@ -153,7 +155,7 @@ class Reconciler:
         secret_version = ""
         keys: dict[str, str] = {}
         if s3 is not None and s3.credentials_secret:
-            secret = await self.kube.get(f"/api/v1/namespaces/{ref.namespace}/secrets/{s3.credentials_secret}")
+            secret = await self._secret(ref.namespace, s3.credentials_secret)
             if secret is None:
                 raise kopf.TemporaryError(
                     f"spec.output.s3.credentialsSecret: Secret {s3.credentials_secret!r} not found in {ref.namespace}",
@@ -170,6 +172,17 @@ class Reconciler:
             )
             self.storages[cache_key] = storage
         return storage
+
+    async def _secret(self, namespace: str, name: str) -> Any:
+        """The Secret, re-read at most once a minute: a reconcile per Job event must not cost a GET each."""
+        key = (namespace, name)
+        hit = self.secrets.get(key)
+        if hit is not None and time.monotonic() - hit[0] < SECRET_TTL_SECONDS:
+            return hit[1]
+        secret = await self.kube.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        if secret is not None:
+            self.secrets[key] = (time.monotonic(), secret)
+        return secret
 
     def _read_reports(
         self, key: RunKey, storage: Any, rounds: Mapping[int, rec.RoundPlan]
