@@ -486,7 +486,12 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
     if count > room:
         count, why = room, why + f"; {room} left in the budget"
     sampling, policy, policy_why = next_sampling(spec, obs.rounds[rnd].sampling, report)
-    events = [] if policy == c.HELD else [Event("Normal", policy, f"round {rnd + 1}: {policy_why}")]
+    finished = (
+        f"round {rnd}: {report.generated} generated, {report.new_unique} new unique, {report.new_qc_passed} new kept "
+        f"(marginal yield {report.marginal_yield:.3f}); {kept}/{target} kept in all"
+    )
+    events = [Event("Normal", c.ROUND_FINISHED, finished)]
+    events += [] if policy == c.HELD else [Event("Normal", policy, f"round {rnd + 1}: {policy_why}")]
     return new_round(rnd + 1, count, sampling, f"{why}; {policy_why}", events)
 
 

@@ -130,7 +130,7 @@ def test_run_reaches_target_in_rounds_with_metrics_events_and_no_secret_leak(clu
 
         events = cluster.items(f"/api/v1/namespaces/{NS}/events")
         reasons = {e.get("reason") for e in events}
-        assert {"RoundStarted", "TargetMet"} <= reasons
+        assert {"RoundStarted", "RoundFinished", "TargetMet"} <= reasons
 
         # No Secret value in status, events, the operator's log, metrics, or Job manifests.
         everything = str(run) + str(events) + op.log() + text + str(jobs)

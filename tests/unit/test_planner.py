@@ -118,7 +118,8 @@ def test_problem_numbers_size_round_two_from_marginal_yield() -> None:
     # Unique ratio 0.33 is far below 0.9 and QC-pass 0.85 holds above 0.7: both knobs step up.
     assert (rec.sampling.temperature, rec.sampling.repetition_penalty) == (0.8, 1.2)
     assert rec.shards[0].seed == 110 and rec.shards[-1].seed == 162
-    assert {e.reason for e in plan.events} == {c.ESCALATED, c.ROUND_STARTED}
+    assert [e.reason for e in plan.events] == [c.ROUND_FINISHED, c.ESCALATED, c.ROUND_STARTED]
+    assert "round 1: 3968 generated, 1311 new unique, 1120 new kept" in plan.events[0].message
     row = plan.status["rounds"][0]
     assert row["generated"] == 3968 and row["qcPassed"] == 1120 and row["marginalYield"] == round(y, 4)
     assert plan.status["totals"]["duplicationRatio"] == round(1 - 1311 / 3968, 4)
