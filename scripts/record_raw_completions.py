@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import yaml
-
 from genrun.operator.api import parse_spec
 from genrun.operator.planner import make_round
 from genrun.worker import records as rec
@@ -34,7 +33,7 @@ def main() -> None:
         params = [
             Params(1, temp, s.top_p, s.repetition_penalty, 0.0, 96, stops, per_request_seed(7, i, 0)) for i in idx
         ]
-        for i, c in zip(idx, engine.generate([b.instruction_prompt(i) for i in idx], params), strict=True):
+        for _i, c in zip(idx, engine.generate([b.instruction_prompt(i) for i in idx], params), strict=True):
             out.append({"stage": stage, "text": c[0].text, "finish_reason": c[0].finish_reason})
     instructions = [parse_instruction(o["text"], o["finish_reason"])[0] for o in out if o["stage"] == "instruction"]
     pairs = [(i, t) for i, t in zip(idx, instructions, strict=True) if t]
