@@ -141,8 +141,14 @@ def _r(x: float) -> float:
     return round(x, 4)  # keeps 0.7 + 0.1 from printing as 0.7999999999
 
 
-def next_sampling(spec: GenerationRunSpec, last: Sampling, report: RoundReport) -> tuple[Sampling, str, str]:
-    """Escalate while duplicates dominate and quality holds; step back when QC falls below its floor."""
+def next_sampling(
+    spec: GenerationRunSpec,
+    last: Sampling,
+    report: RoundReport,
+    history: tuple[tuple[Sampling, RoundReport], ...] = (),
+) -> tuple[Sampling, str, str]:
+    """Escalate while duplicates dominate and quality holds; step back when QC falls below its floor; never
+    escalate again to a level where QC already fell below it (history: (sampling, report) of earlier rounds)."""
     e, base = spec.escalation, base_sampling(spec)
     if report.new_unique and report.qc_pass_rate < e.min_qc_pass_rate:
         t = max(base.temperature, _r(last.temperature - e.temperature_step))
@@ -155,6 +161,16 @@ def next_sampling(spec: GenerationRunSpec, last: Sampling, report: RoundReport) 
     if report.unique_ratio < e.escalate_below_unique_ratio:
         t = min(e.max_temperature, _r(last.temperature + e.temperature_step))
         p = min(e.max_repetition_penalty, _r(last.repetition_penalty + e.repetition_penalty_step))
+        failed = [s for s, r in (*history, (last, report)) if r.new_unique and r.qc_pass_rate < e.min_qc_pass_rate]
+        if any(t >= s.temperature and p >= s.repetition_penalty for s in failed):
+            return (
+                last,
+                c.HELD,
+                (
+                    f"unique ratio {report.unique_ratio:.2f} is low, but QC fell below its floor at "
+                    f"temperature {min(s.temperature for s in failed):g}: sampling held below that level"
+                ),
+            )
         if (t, p) != (last.temperature, last.repetition_penalty):
             why = (
                 f"unique ratio {report.unique_ratio:.2f} is below {e.escalate_below_unique_ratio:g} and QC-pass "
@@ -166,12 +182,19 @@ def next_sampling(spec: GenerationRunSpec, last: Sampling, report: RoundReport) 
     return last, c.HELD, f"unique ratio {report.unique_ratio:.2f} is high enough: sampling held"
 
 
-def shards_needed(spec: GenerationRunSpec, report: RoundReport) -> tuple[int, str]:
+def expected_yield(sampling: Sampling, report: RoundReport, history: tuple[tuple[Sampling, RoundReport], ...]) -> float:
+    """The marginal yield to plan with: measured at the sampling the next round uses, if a round used it (the
+    latest such round), else the last round's."""
+    same = [r for s, r in history if s == sampling]
+    return same[-1].marginal_yield if same else report.marginal_yield
+
+
+def shards_needed(spec: GenerationRunSpec, report: RoundReport, y: float | None = None) -> tuple[int, str]:
     """Shards for the next round from the measured marginal yield, with the policy's floor and cap."""
     e = spec.escalation
     need = spec.target.unique_examples - report.qc_passed_total
     per_shard = report.generated / report.shards if report.shards else 0.0
-    y = report.marginal_yield
+    y = report.marginal_yield if y is None else y
     if y <= 0 or per_shard <= 0:
         return e.max_shards_per_round, "the last round added nothing: using the per-round cap"
     est = math.ceil(need * e.headroom / (y * per_shard))
@@ -482,10 +505,15 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
     if suspended:
         return finish(_running(c.SUSPENDED_BY_SPEC, f"{kept}/{target} after round {rnd}", True))
 
-    count, why = shards_needed(spec, report)
+    history = tuple(
+        (obs.rounds[r].sampling, obs.reports[r]) for r in sorted(obs.reports) if r in obs.rounds and r < rnd
+    )
+    sampling, policy, policy_why = next_sampling(spec, obs.rounds[rnd].sampling, report, history)
+    count, why = shards_needed(
+        spec, report, expected_yield(sampling, report, (*history, (obs.rounds[rnd].sampling, report)))
+    )
     if count > room:
         count, why = room, why + f"; {room} left in the budget"
-    sampling, policy, policy_why = next_sampling(spec, obs.rounds[rnd].sampling, report)
     finished = (
         f"round {rnd}: {report.generated} generated, {report.new_unique} new unique, {report.new_qc_passed} new kept "
         f"(marginal yield {report.marginal_yield:.3f}); {kept}/{target} kept in all"

@@ -143,6 +143,36 @@ def test_qc_below_floor_steps_sampling_back() -> None:
     assert any(e.reason == c.STEPPED_BACK for e in plan.events)
 
 
+def test_quickstart_on_the_real_model_step_back_is_sized_from_the_yield_at_that_sampling() -> None:
+    """The rounds the embedded model really produced (examples/quickstart.yaml, 2 shards x 48 sampled, target 100):
+    round 1 at T=0.7 kept 67 (yield 0.70); round 2 escalated to T=0.8/rep 1.2 and QC collapsed (10 of 80 unique).
+    Round 3 steps back to T=0.7 and is sized from round 1's yield at that sampling, not round 2's 0.10."""
+    spec = spec_of(
+        shards={"initial": 2, "examplesPerShard": 40},
+        target={"uniqueExamples": 100},
+        escalation={"maxShardsPerRound": 4},
+    )
+    obs = set_phase(apply(Observed(), decide(REF, spec, Observed())), "Succeeded")
+    r1 = report(1, 2, 96, 79, 67)
+    obs = dataclasses.replace(obs, reports={1: r1})
+    obs = set_phase(apply(obs, decide(REF, spec, obs)), "Succeeded")
+    assert (obs.rounds[2].sampling.temperature, obs.rounds[2].sampling.repetition_penalty) == (0.8, 1.2)
+    r2 = report(2, len(obs.rounds[2].shards), 96, 80, 10, r1)
+    obs = dataclasses.replace(obs, reports={1: r1, 2: r2})
+    plan = decide(REF, spec, obs)
+    r3 = next(a for a in plan.actions if isinstance(a, RecordRound)).plan
+    assert (r3.sampling.temperature, r3.sampling.repetition_penalty) == (0.7, 1.1)
+    # 23 more needed x 1.2 headroom / (0.698 x 48 per shard) -> 1 shard (round 2's yield would have asked for 4+).
+    assert len(r3.shards) == 1
+    # And a later round with a low unique ratio does not escalate back into the level that failed QC.
+    obs = set_phase(apply(obs, plan), "Succeeded")
+    r3r = report(3, 1, 48, 30, 20, r2)
+    obs = dataclasses.replace(obs, reports={1: r1, 2: r2, 3: r3r})
+    plan = decide(REF, spec, obs)
+    r4 = next(a for a in plan.actions if isinstance(a, RecordRound)).plan
+    assert r4.sampling.temperature == 0.7 and not any(e.reason == c.ESCALATED for e in plan.events)
+
+
 def test_running_shards_are_not_created_twice_and_merge_waits() -> None:
     spec = spec_of()
     obs = apply(Observed(), decide(REF, spec, Observed()))
