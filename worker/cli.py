@@ -175,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("GENRUN_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):  # their INFO lines are not the worker's story
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     from genrun.worker.storage import StorageError
 
