@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from genrun.worker.prompts import (
 from genrun.worker.storage import Storage
 
 log = logging.getLogger("genrun.generate")
+_SCORE = re.compile(r"\d+(?:\.\d+)?")
 INSTRUCTION_MAX_TOKENS = 96
 
 
@@ -71,8 +73,8 @@ def _judge(engine: Engine, prompt_template: str, instruction: str, seed: int) ->
         outs = engine.generate(prompts, params)
         vals = []
         for o in outs:
-            digits = "".join(ch for ch in o[0].text.strip()[:3] if ch.isdigit())
-            vals.append(float(min(10, int(digits))) if digits else 0.0)
+            m = _SCORE.search(o[0].text)  # the first number: "9/10" is 9, not 91
+            vals.append(min(10.0, float(m.group())) if m else 0.0)
         return vals
 
     return score
