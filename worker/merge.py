@@ -58,7 +58,6 @@ def _pass1(storage: Storage, spec: Any, shard_ids: list[tuple[int, int]]) -> _Pa
     p = _Pass1()
     owner: dict[str, int] = {}
     status: list[int] = []
-    cols = ["instruction"] + (["response"] if spec.dedup.key == "pair" else [])
     for rnd, seed in sorted(shard_ids):
         mkey = rec.shard_manifest_key(rnd, seed)
         try:
@@ -68,8 +67,7 @@ def _pass1(storage: Storage, spec: Any, shard_ids: list[tuple[int, int]]) -> _Pa
             continue
         dkey = rec.shard_data_key(rnd, seed)
         try:
-            table = _read_table(storage, dkey, cols)
-            _read_table(storage, dkey)  # whole-file and schema check before any row counts
+            table = _read_table(storage, dkey)  # the whole file, schema-checked, before any row counts
         except Exception as exc:  # a corrupt or foreign file must not abort the merge: quarantine it
             log.warning("quarantined %s: %s", dkey, exc)
             p.quarantined.append(dkey)
