@@ -33,8 +33,10 @@ def _bars(
             out.append(
                 f'<text x="{x + bw / 2:.1f}" y="{H - h - 3:.1f}" font-size="9" text-anchor="middle">{html.escape(fmt.format(v))}</text>'
             )
+        short = label if len(label) <= 11 else label[:10] + "\u2026"
         out.append(
-            f'<text x="{x0 + slot * 0.4:.1f}" y="{H + 14}" font-size="10" text-anchor="middle">{html.escape(label[:14])}</text>'
+            f'<text x="{x0 + slot * 0.4:.1f}" y="{H + 14}" font-size="9" text-anchor="middle">'
+            f"<title>{html.escape(label)}</title>{html.escape(short)}</text>"
         )
     for j, (name, color, _) in enumerate(series):
         out.append(f'<rect x="{PAD + j * 150}" y="{H + 24}" width="10" height="10" fill="{color}"/>'
@@ -58,13 +60,13 @@ def render_html(run: str, reports: Sequence[RoundReport]) -> str:
         _bars("Marginal yield per round (new kept / generated)", rounds, [
             ("marginal yield", "#7c3aed", [r.marginal_yield for r in reports]),
         ], fmt="{:.2f}"),
-        _bars("Yield per temperature (all rounds)", [f"T={t.temperature:g}" for t in last.per_temperature], [
-            ("unique / generated", "#3b82f6", [t.new_unique / t.generated if t.generated else 0 for t in last.per_temperature]),
-            ("kept / generated", "#16a34a", [t.new_qc_passed / t.generated if t.generated else 0 for t in last.per_temperature]),
+        _bars("Yield per temperature (rows written, all rounds)", [f"T={t.temperature:g}" for t in last.per_temperature], [
+            ("unique / rows", "#3b82f6", [t.new_unique / t.generated if t.generated else 0 for t in last.per_temperature]),
+            ("kept / rows", "#16a34a", [t.new_qc_passed / t.generated if t.generated else 0 for t in last.per_temperature]),
         ], fmt="{:.0%}"),
-        _bars("Yield per domain (all rounds)", [d.domain or "(none)" for d in last.per_domain], [
-            ("unique / generated", "#3b82f6", [d.new_unique / d.generated if d.generated else 0 for d in last.per_domain]),
-            ("kept / generated", "#16a34a", [d.new_qc_passed / d.generated if d.generated else 0 for d in last.per_domain]),
+        _bars("Yield per domain (rows written, all rounds)", [d.domain or "(none)" for d in last.per_domain], [
+            ("unique / rows", "#3b82f6", [d.new_unique / d.generated if d.generated else 0 for d in last.per_domain]),
+            ("kept / rows", "#16a34a", [d.new_qc_passed / d.generated if d.generated else 0 for d in last.per_domain]),
         ], fmt="{:.0%}"),
     ]  # fmt: skip
     head = (f"{last.qc_passed_total:,} kept of {last.generated_total:,} generated; "

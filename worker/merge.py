@@ -299,9 +299,9 @@ def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = No
     lines += ["", f"Exact duplicates: {r.exact_duplicates:,}; near-duplicates (MinHash LSH): {r.near_duplicates:,}."]
     lines += [
         "",
-        "## Yield per domain (all rounds)",
+        "## Yield per domain (rows written, all rounds)",
         "",
-        "| domain | generated | unique | kept |",
+        "| domain | rows | unique | kept |",
         "|---|---:|---:|---:|",
     ]
     lines += [
@@ -309,9 +309,9 @@ def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = No
     ]
     lines += [
         "",
-        "## Yield per temperature (all rounds)",
+        "## Yield per temperature (rows written, all rounds)",
         "",
-        "| temperature | generated | unique | kept |",
+        "| temperature | rows | unique | kept |",
         "|---:|---:|---:|---:|",
     ]
     lines += [
