@@ -12,6 +12,7 @@ import copy
 import io
 import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.integration.harness import JOBS, RUNS, Cluster, JobRunner, OperatorProcess, SeaweedFS, wait_for
+from tests.integration.harness import JOBS, RUNS, Cluster, JobRunner, OperatorProcess, SeaweedFS, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,7 +235,8 @@ def test_s3_down_for_30s_mid_round_loses_nothing(cluster: Cluster, s3: SeaweedFS
 def test_invalid_spec_is_reported_not_crashed(cluster: Cluster, s3: SeaweedFS) -> None:
     bad = manifest("bad", s3)
     bad["spec"]["sampling"]["temperature"] = 3.5
-    with OperatorProcess(cluster, NS) as op:
+    health = free_port()
+    with OperatorProcess(cluster, NS, GENRUN_HEALTH_PORT=str(health)) as op:
         cluster.create(RUNS.format(ns=NS), copy.deepcopy(bad))
         cond = wait_for(
             lambda: c if (c := cluster.condition(NS, "bad", "Failed")) and c["status"] == "True" else None, 60, "Failed"
@@ -242,3 +244,13 @@ def test_invalid_spec_is_reported_not_crashed(cluster: Cluster, s3: SeaweedFS) -
         assert cond["reason"] == "InvalidSpec"
         assert "spec.sampling.temperature: must be in (0, 2], got 3.5" in cond["message"]
         assert "Traceback" not in op.log()
+
+        # The liveness endpoint the chart probes.
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        assert wait_for(healthy, 30, "/healthz")
