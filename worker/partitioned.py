@@ -13,7 +13,6 @@ map/part-IIII.sigs.npy (signatures, memory-mappable), and reduce/bands-JJJJ.npz 
 from __future__ import annotations
 
 import io
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -210,12 +209,3 @@ def load_kept_sigs(storage: Storage, rnd: int, parts: int, kept_global: np.ndarr
         )
     finally:
         g.close()
-
-
-def describe(storage: Storage, rnd: int) -> str:
-    return json.dumps(
-        {
-            "map": storage.list(f"{rec.merge_prefix(rnd)}/map/"),
-            "reduce": storage.list(f"{rec.merge_prefix(rnd)}/reduce/"),
-        }
-    )
