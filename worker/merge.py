@@ -283,7 +283,7 @@ def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = No
         f"| Final (unique and QC-passed) | {r.qc_passed_total:,} | {_pct(r.qc_passed_total, r.generated_total)} |",
         f"| This round: generated / new unique / new kept | {r.generated:,} / {r.new_unique:,} / {r.new_qc_passed:,} | "
         f"marginal yield {r.marginal_yield:.3f} |",
-        f"| Skipped online this round (already seen) | {r.skipped_online:,} | |",
+        f"| Skipped by the generators this round (seen before or in the shard) | {r.skipped_online:,} | |",
         f"| Tokens generated (all rounds) | {r.tokens_total:,} | |",
         "",
         "## Top duplicates",

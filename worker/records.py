@@ -89,7 +89,7 @@ class RoundReport:
     qc_passed_total: int
     tokens: int = 0  # tokens generated this round
     tokens_total: int = 0
-    skipped_online: int = 0  # of `generated`, how many the generators skipped as already seen
+    skipped_online: int = 0  # of `generated`, how many the generators skipped (seen in earlier rounds or in the shard)
     exact_duplicates: int = 0
     near_duplicates: int = 0
     qc_rejected: dict[str, int] = field(default_factory=dict)
