@@ -108,7 +108,7 @@ class EscalationSpec:
     max_temperature: float = _f("maxTemperature", 1.0)
     repetition_penalty_step: float = _f("repetitionPenaltyStep", 0.1)
     max_repetition_penalty: float = _f("maxRepetitionPenalty", 1.3)
-    escalate_below_unique_ratio: float = _f("escalateBelowUniqueRatio", 0.9)
+    escalate_below_unique_ratio: float = _f("escalateBelowUniqueRatio", 0.7)
     min_qc_pass_rate: float = _f("minQcPassRate", 0.7)
     rotate_domains: bool = _f("rotateDomains", True)
     headroom: float = _f("headroom", 1.2)
