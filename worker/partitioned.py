@@ -35,33 +35,29 @@ def reduce_key(rnd: int, part: int) -> str:
     return f"{rec.merge_prefix(rnd)}/reduce/bands-{part:04d}.npz"
 
 
-def _readable_shards(storage: Storage, shard_ids: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Shards the merge will read, in its order: published (manifest) and readable with the contract's schema."""
-    from genrun.worker.merge import _read_table
-
-    out = []
-    for rnd, seed in sorted(shard_ids):
-        if not storage.exists(rec.shard_manifest_key(rnd, seed)):
-            continue
-        try:
-            _read_table(storage, rec.shard_data_key(rnd, seed))
-        except Exception:
-            continue  # the merge quarantines it; the map skips it the same way
-        out.append((rnd, seed))
-    return out
+def _published_shards(storage: Storage, shard_ids: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Shards with a completion marker, in the merge's order: what the partitions split between them."""
+    return [(r, s) for r, s in sorted(shard_ids) if storage.exists(rec.shard_manifest_key(r, s))]
 
 
 def dedup_map(storage: Storage, spec: Any, rnd: int, shard_ids: list[tuple[int, int]], part: int, parts: int) -> str:
-    """Keys, signatures and band keys of the shards of input partition `part` (every parts-th readable shard)."""
+    """Keys, signatures and band keys of the shards of input partition `part` (every parts-th published shard).
+
+    Each shard is read once, whole and schema-checked; one that cannot be read is left out, as the merge quarantines
+    it. The global row order comes from the shards the maps report, so it matches the merge's order."""
     from genrun.worker.merge import _read_table
 
-    shards = _readable_shards(storage, shard_ids)[part::parts]
+    mine = _published_shards(storage, shard_ids)[part::parts]
     d = spec.dedup
     hasher = MinHasher(d.num_perm, 1, d.shingle_size)
     bands, rows = lsh_params(d.threshold, d.num_perm)
-    counts, hashes, keys_local = [], [], []
-    for r, s in shards:
-        table = _read_table(storage, rec.shard_data_key(r, s), ["instruction", "response"])
+    shards, counts, hashes, keys_local = [], [], [], []
+    for r, s in mine:
+        try:
+            table = _read_table(storage, rec.shard_data_key(r, s))
+        except Exception:
+            continue  # the merge quarantines it and reports it
+        shards.append((r, s))
         keys = dedup_keys(table.column("instruction"), table.column("response") if d.key == "pair" else None,
                           key=d.key, normalized=d.normalize)  # fmt: skip
         counts.append(len(keys))
