@@ -338,45 +338,45 @@ def to_manifest(obj: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 # Semantic checks: what the CRD schema and CEL cannot express, or express without naming the fix.
 
-_BOUNDS: list[tuple[str, str, float, float, bool, bool]] = [
-    # (dotted path, message, low, high, low exclusive, high exclusive)
-    ("sampling.temperature", "", 0, 2, True, False),
-    ("sampling.top_p", "", 0, 1, True, False),
-    ("sampling.repetition_penalty", "", 1, 2, False, False),
-    ("sampling.min_p", "", 0, 1, False, True),
-    ("sampling.max_tokens", "", 16, 32768, False, False),
-    ("escalation.max_temperature", "", 0, 2, True, False),
-    ("escalation.max_repetition_penalty", "", 1, 2, False, False),
-    ("escalation.temperature_step", "", 0, 1, False, False),
-    ("escalation.repetition_penalty_step", "", 0, 1, False, False),
-    ("escalation.min_qc_pass_rate", "", 0, 1, False, False),
-    ("escalation.escalate_below_unique_ratio", "", 0, 1, False, False),
-    ("escalation.headroom", "", 1, 4, False, False),
-    ("escalation.min_shards_per_round", "", 1, 1000, False, False),
-    ("escalation.max_shards_per_round", "", 1, 1000, False, False),
-    ("shards.initial", "", 1, 1000, False, False),
-    ("shards.first_seed", "", 0, 2**31 - 1, False, False),
-    ("shards.examples_per_shard", "", 1, 1_000_000, False, False),
-    ("target.unique_examples", "", 1, 100_000_000, False, False),
-    ("budget.max_rounds", "", 1, 1000, False, False),
-    ("budget.max_shards", "", 1, 100_000, False, False),
-    ("budget.max_generated_examples", "", 1, 10**10, False, False),
-    ("budget.max_shard_retries", "", 0, 20, False, False),
-    ("budget.max_failed_shards", "", 0, 100_000, False, False),
-    ("dedup.threshold", "", 0, 1, True, False),
-    ("dedup.num_perm", "", 16, 1024, False, False),
-    ("dedup.shingle_size", "", 1, 32, False, False),
-    ("dedup.partitions", "", 1, 256, False, False),
-    ("best_of_n.n", "", 1, 16, False, False),
-    ("generation.max_attempts_factor", "", 1, 50, False, False),
-    ("generation.batch_size", "", 1, 8192, False, False),
-    ("model.tensor_parallel_size", "", 1, 64, False, False),
-    ("model.max_model_len", "", 128, 1_048_576, False, False),
-    ("model.gpu_memory_utilization", "", 0.05, 0.99, False, False),
-    ("prompt.examples_per_prompt", "", 0, 16, False, False),
-    ("worker.gpus", "", 0, 16, False, False),
-    ("worker.active_deadline_seconds", "", 60, 2_592_000, False, False),
-    ("worker.parallelism", "", 0, 10_000, False, False),
+_BOUNDS: list[tuple[str, float, float, bool, bool]] = [
+    # (dotted path, low, high, low exclusive, high exclusive)
+    ("sampling.temperature", 0, 2, True, False),
+    ("sampling.top_p", 0, 1, True, False),
+    ("sampling.repetition_penalty", 1, 2, False, False),
+    ("sampling.min_p", 0, 1, False, True),
+    ("sampling.max_tokens", 16, 32768, False, False),
+    ("escalation.max_temperature", 0, 2, True, False),
+    ("escalation.max_repetition_penalty", 1, 2, False, False),
+    ("escalation.temperature_step", 0, 1, False, False),
+    ("escalation.repetition_penalty_step", 0, 1, False, False),
+    ("escalation.min_qc_pass_rate", 0, 1, False, False),
+    ("escalation.escalate_below_unique_ratio", 0, 1, False, False),
+    ("escalation.headroom", 1, 4, False, False),
+    ("escalation.min_shards_per_round", 1, 1000, False, False),
+    ("escalation.max_shards_per_round", 1, 1000, False, False),
+    ("shards.initial", 1, 1000, False, False),
+    ("shards.first_seed", 0, 2**31 - 1, False, False),
+    ("shards.examples_per_shard", 1, 1_000_000, False, False),
+    ("target.unique_examples", 1, 100_000_000, False, False),
+    ("budget.max_rounds", 1, 1000, False, False),
+    ("budget.max_shards", 1, 100_000, False, False),
+    ("budget.max_generated_examples", 1, 10**10, False, False),
+    ("budget.max_shard_retries", 0, 20, False, False),
+    ("budget.max_failed_shards", 0, 100_000, False, False),
+    ("dedup.threshold", 0, 1, True, False),
+    ("dedup.num_perm", 16, 1024, False, False),
+    ("dedup.shingle_size", 1, 32, False, False),
+    ("dedup.partitions", 1, 256, False, False),
+    ("best_of_n.n", 1, 16, False, False),
+    ("generation.max_attempts_factor", 1, 50, False, False),
+    ("generation.batch_size", 1, 8192, False, False),
+    ("model.tensor_parallel_size", 1, 64, False, False),
+    ("model.max_model_len", 128, 1_048_576, False, False),
+    ("model.gpu_memory_utilization", 0.05, 0.99, False, False),
+    ("prompt.examples_per_prompt", 0, 16, False, False),
+    ("worker.gpus", 0, 16, False, False),
+    ("worker.active_deadline_seconds", 60, 2_592_000, False, False),
+    ("worker.parallelism", 0, 10_000, False, False),
 ]
 
 
@@ -410,7 +410,7 @@ _QC_PARAMS: dict[str, dict[str, type | tuple[type, ...]]] = {
 def semantic_errors(spec: GenerationRunSpec) -> list[str]:
     """Every problem the CRD cannot state well, as `spec.<field>: <problem and fix>`."""
     errors: list[str] = []
-    for dotted, _, lo, hi, lo_ex, hi_ex in _BOUNDS:
+    for dotted, lo, hi, lo_ex, hi_ex in _BOUNDS:
         section, attr = dotted.split(".")
         value = getattr(getattr(spec, section), attr)
         if not isinstance(value, int | float) or isinstance(value, bool):

@@ -49,8 +49,8 @@ class _Counts:
     rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _critic_pick(cands: list[Completion], critic: str, judge: Any = None) -> tuple[int, float | None]:
-    """Best-of-N: the candidate with the best mean token log-probability (or the judge's score)."""
+def _critic_pick(cands: list[Completion], judge: Any = None) -> tuple[int, float | None]:
+    """Best-of-N: the candidate with the best mean token log-probability, or the judge's score when there is one."""
     if judge is not None:
         scores = judge(cands)
         best = int(np.argmax(scores))
@@ -192,7 +192,7 @@ def generate_shard(
         for (i, ins, ic, _), cands in zip(novel, resp, strict=True):
             counts.tokens += sum(c.tokens for c in cands) if not joint else 0
             judge = _judge(engine, bon.judge_prompt, ins, shard.seed) if bon.critic == "judge" else None
-            best, score = _critic_pick(cands, bon.critic, judge)
+            best, score = _critic_pick(cands, judge)
             c = cands[best]
             text, why = parse_response(c.text)
             if text is None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, components, dedup_keys, key_hash, near_duplicate_labels
+from genrun.worker.dedup import MinHasher, SeenIndex, components, dedup_keys, near_duplicate_labels
 from genrun.worker.qc import QcPipeline
 from genrun.worker.storage import Storage, local_copy
 
@@ -333,6 +333,3 @@ def load_seen_index(storage: Storage, rnd: int) -> SeenIndex | None:
         return None
     with local_copy(storage, key) as path, np.load(path) as data:
         return SeenIndex.from_npz({k: data[k] for k in data.files})
-
-
-__all__ = ["key_hash", "load_seen_index", "merge_round", "render_markdown"]
