@@ -52,14 +52,16 @@ def rows(out: Path, seed: int = 100) -> list[dict[str, Any]]:
     return pq.read_table(out / rec.shard_data_key(1, seed)).to_pylist()
 
 
+def generate(job: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`genrun worker generate --job JOB`, as a shard Job runs it."""
+    return subprocess.run(
+        [*GENRUN, "worker", "generate", "--job", str(job)], capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_real_shard_schema_logprobs_and_kill_rerun_gives_same_rows(tmp_path: Path) -> None:
     a = tmp_path / "a"
-    res = subprocess.run(
-        [*GENRUN, "worker", "generate", "--job", str(shard_job(tmp_path, a))],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    res = generate(shard_job(tmp_path, a))
     assert res.returncode == 0, res.stderr[-3000:]
     got = rows(a)
     assert len(got) == 8
@@ -89,16 +91,12 @@ def test_real_shard_schema_logprobs_and_kill_rerun_gives_same_rows(tmp_path: Pat
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert not (b / rec.shard_manifest_key(1, 100)).exists() and not (b / rec.shard_data_key(1, 100)).exists()
-    res = subprocess.run(
-        [*GENRUN, "worker", "generate", "--job", str(job_b)], capture_output=True, text=True, timeout=600
-    )
+    res = generate(job_b)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [(r["instruction"], r["response"]) for r in rows(b)] == [(r["instruction"], r["response"]) for r in got]
     # A rerun of a finished shard exits at once.
     t0 = time.monotonic()
-    again = subprocess.run(
-        [*GENRUN, "worker", "generate", "--job", str(job_b)], capture_output=True, text=True, timeout=120
-    )
+    again = generate(job_b, timeout=120)
     assert again.returncode == 0 and "already published" in again.stderr and time.monotonic() - t0 < 30
 
     # Online dedup: round 2's generators read round 1's seen-index. Publish one holding exactly the instructions
@@ -113,12 +111,7 @@ def test_real_shard_schema_logprobs_and_kill_rerun_gives_same_rows(tmp_path: Pat
     job_c["spec"]["output"]["path"] = str(c)
     job_c["shard"]["round"] = job_c["round"] = 2
     (tmp_path / "job-c.json").write_text(json.dumps(job_c))
-    res = subprocess.run(
-        [*GENRUN, "worker", "generate", "--job", str(tmp_path / "job-c.json")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    res = generate(tmp_path / "job-c.json")
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((c / rec.shard_manifest_key(2, 100)).read_text())
     assert m["skipped_online"] >= 1
@@ -130,12 +123,7 @@ def test_bad_model_path_is_one_line_and_final_exit_code(tmp_path: Path) -> None:
     job = json.loads(shard_job(tmp_path, tmp_path / "x").read_text())
     job["spec"]["model"]["name"] = "/nonexistent/model"
     (tmp_path / "job.json").write_text(json.dumps(job))
-    res = subprocess.run(
-        [*GENRUN, "worker", "generate", "--job", str(tmp_path / "job.json")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = generate(tmp_path / "job.json", timeout=300)
     assert res.returncode == rec.EXIT_MODEL
     assert "spec.model.name: the model path /nonexistent/model does not exist" in res.stderr
     assert "Traceback" not in res.stderr
