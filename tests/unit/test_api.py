@@ -87,7 +87,7 @@ def test_semantic_error_names_field_and_range() -> None:
             "spec.dedup.key: must be one of 'instruction', 'pair', got 'response'",
         ),
         ({"prompt": {"template": "about {domain"}}, "spec.prompt.template: malformed placeholder"),
-        ({"prompt": {"domains": ["a", "a"]}}, "spec.prompt.domains: has duplicates"),
+        ({"prompt": {"domains": ["a", "a"]}}, "spec.prompt.domains[1]: 'a' is a duplicate of domains[0]"),
         (
             {"qc": {"filters": [{"name": "length"}, {"name": "length"}]}},
             "spec.qc.filters[1].name: filter 'length' is listed twice",
