@@ -320,7 +320,14 @@ def _parse(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            errors.append(f"{path}: must be a string, got {short(value)}")
+            hint = (
+                "; quote it"
+                if isinstance(value, bool)
+                else f'; quote it ("{value}")'
+                if isinstance(value, int | float)
+                else ""
+            )
+            errors.append(f"{path}: must be a string, got {short(value)}{hint}")
         return value
     if tp is Any:
         return value
@@ -869,15 +876,24 @@ def parse_manifest(doc: Any) -> tuple[RunRef, GenerationRunSpec]:
         raise SpecError(["(document): must be a YAML mapping (a GenerationRun manifest)"])
     errors = []
     if doc.get("apiVersion") != API_VERSION:
-        errors.append(f"apiVersion: must be {API_VERSION!r}, got {doc.get('apiVersion')!r}")
+        errors.append(f"apiVersion: must be {API_VERSION!r}, got {short(doc.get('apiVersion'))}")
     if doc.get("kind") != KIND:
-        errors.append(f"kind: must be {KIND!r}, got {doc.get('kind')!r}")
+        errors.append(f"kind: must be {KIND!r}, got {short(doc.get('kind'))}")
     meta = doc.get("metadata") or {}
+    if not isinstance(meta, dict):
+        errors.append(f"metadata: must be a map with a name, got {type(meta).__name__}")
     name = meta.get("name") if isinstance(meta, dict) else None
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?", name):
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name):
         errors.append(
-            f"metadata.name: must be 1-42 lowercase letters, digits or '-' (child Jobs add a suffix), got {name!r}"
+            "metadata.name: must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit "
+            f"(it names and labels every child Job), got {short(name)}"
         )
+    namespace = meta.get("namespace") if isinstance(meta, dict) else None
+    if namespace is not None and not isinstance(namespace, str):
+        errors.append(f"metadata.namespace: must be a string, got {short(namespace)}")
+    generation = meta.get("generation") if isinstance(meta, dict) else None
+    if generation is not None and (isinstance(generation, bool) or not isinstance(generation, int)):
+        errors.append(f"metadata.generation: must be an integer, got {short(generation)}")
     if "spec" not in doc:
         errors.append("spec: is required")
     if errors:

@@ -106,10 +106,27 @@ def test_semantic_errors(patch: dict, expected: str) -> None:
     assert any(e.startswith(expected) for e in errors), errors
 
 
-def test_metadata_name_must_leave_room_for_child_suffixes() -> None:
+def test_run_name_keeps_every_child_name_and_label_valid() -> None:
+    """The run name is the genrun.io/run label value (<= 63) and prefixes Job names; Indexed merge pods add -<i>."""
+    from genrun.operator import planner
+
     doc = copy.deepcopy(MINIMAL)
-    doc["metadata"]["name"] = "x" * 50
-    assert any(e.startswith("metadata.name:") for e in validate_document(doc))
+    doc["metadata"]["name"] = "x" * 64
+    assert any(e.startswith("metadata.name: must be 1-63") for e in validate_document(doc))
+    doc["metadata"]["name"] = "x" * 63  # Job names are hashed down to 63 characters: still valid children
+    assert validate_document(doc) == []
+    _, spec = api.parse_manifest(doc)
+    b = spec.budget
+    for name in (
+        planner.shard_job_name(doc["metadata"]["name"], b.max_rounds, b.max_shards - 1, b.max_shard_retries),
+        planner.merge_job_name(doc["metadata"]["name"], b.max_rounds, b.max_shard_retries),
+    ):
+        assert len(name) <= 63
+    doc["spec"]["dedup"] = {"partitions": 4}  # merge pods' hostname <job>-3 would pass 63
+    errors = validate_document(doc)
+    assert any("too long with spec.dedup.partitions 4" in e for e in errors), errors
+    doc["metadata"]["name"] = "x" * 40
+    assert validate_document(doc) == []
 
 
 def test_cel_rules_are_evaluated_for_real() -> None:
