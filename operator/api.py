@@ -248,8 +248,8 @@ def short(value: Any) -> str:
 
 
 def num(value: float) -> str:
-    """A number for a message (huge integers and floats never raise while formatting)."""
-    if isinstance(value, int) and abs(value) >= 10**15:
+    """A number for a message (integers in full; huge integers and floats never raise while formatting)."""
+    if isinstance(value, int):
         return short(value)
     return f"{value:g}"
 
@@ -264,7 +264,15 @@ def _type_name(tp: Any) -> str:
         return "a list"
     if origin is dict or tp is dict:
         return "a map"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        list: "a list",
+        dict: "a map",
+    }
+    return names.get(tp, str(tp))
 
 
 def _parse(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
@@ -430,10 +438,10 @@ class Bound:
 
     def describe(self) -> str:
         if self.lo is not None and self.hi is not None:
-            return f"{'(' if self.lo_ex else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_ex else ']'}"
+            return f"{'(' if self.lo_ex else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_ex else ']'}"
         if self.lo is not None:
-            return f"{'>' if self.lo_ex else '>='} {self.lo:g}"
-        return f"{'<' if self.hi_ex else '<='} {self.hi:g}"
+            return f"{'>' if self.lo_ex else '>='} {num(self.lo)}"
+        return f"{'<' if self.hi_ex else '<='} {num(self.hi) if self.hi is not None else ''}"
 
     def violated(self, value: float) -> bool:
         low = self.lo is not None and (value <= self.lo if self.lo_ex else value < self.lo)
@@ -675,7 +683,7 @@ def _qc_errors(spec: GenerationRunSpec) -> list[str]:
                 errors.append(f"{at}: must be {_type_name(tp)}, got {short(val)}")
                 continue
             if lo is not None and hi is not None and not lo <= val <= hi:
-                errors.append(f"{at}: must be in [{lo:g}, {hi:g}], got {num(val)}")
+                errors.append(f"{at}: must be in [{num(lo)}, {num(hi)}], got {num(val)}")
         for lo_key, hi_key in _QC_PAIRS:
             lo_v, hi_v = flt.params.get(lo_key), flt.params.get(hi_key)
             if isinstance(lo_v, int) and isinstance(hi_v, int) and lo_v > hi_v:
@@ -778,8 +786,7 @@ def _toleration_errors(tol: dict[str, Any], where: str) -> list[str]:
     return errors
 
 
-def semantic_errors(spec: GenerationRunSpec) -> list[str]:
-    """Every problem the CRD cannot state well, as `spec.<field>: <problem and fix>`."""
+def _relation_errors(spec: GenerationRunSpec) -> list[str]:
     errors: list[str] = []
     s, e, b = spec.sampling, spec.escalation, spec.budget
     if e.max_temperature < s.temperature:
@@ -815,6 +822,16 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
             f"spec.shards.examplesPerShard is {num(b.max_shards * spec.shards.examples_per_shard)}; raise either "
             "or lower the target"
         )
+    return errors
+
+
+def semantic_errors(spec: GenerationRunSpec) -> list[str]:
+    """Every problem the CRD cannot state well, as `spec.<field>: <problem and fix>`."""
+    errors: list[str] = []
+    generic: list[str] = []
+    _schema_errors(to_manifest(spec), SPEC_SCHEMA, "spec", generic)
+    if not generic:  # relations between fields mean something only once each field is in its own range
+        errors += _relation_errors(spec)
 
     # The template is formatted with str.format: anything but bare placeholders would crash every shard.
     errors += template_errors(spec.prompt.template, TEMPLATE_PLACEHOLDERS, "spec.prompt.template")
@@ -845,8 +862,6 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
         errors += template_errors(spec.best_of_n.judge_prompt, JUDGE_PLACEHOLDERS, "spec.bestOfN.judgePrompt")
     # The CRD's own constraints last: where a specific check above already named a field, its message (which says
     # why and how to fix it) is the one kept.
-    generic: list[str] = []
-    _schema_errors(to_manifest(spec), SPEC_SCHEMA, "spec", generic)
     named = {error_field(x) for x in errors}
     return errors + [x for x in generic if error_field(x) not in named]
 

@@ -155,7 +155,8 @@ def load_text(text: str) -> list[Any]:
         what = " ".join(f"{exc.context or ''} {exc.problem or ''}".split())
         raise ManifestError(f"not valid YAML: {where}{what[:300]}") from None
     except yaml.YAMLError as exc:
-        raise ManifestError(f"not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+        text = " ".join(re.sub(r'\s+in "<unicode string>",?', " at", str(exc)).split())
+        raise ManifestError(f"not valid YAML: {text[:300]}") from None
     except RecursionError:  # belt and braces: MAX_DEPTH holds long before Python's limit
         raise ManifestError(f"not valid YAML: nested deeper than {MAX_DEPTH} levels") from None
     return [d for d in docs if d is not None]
@@ -343,6 +344,8 @@ def manifest_errors(doc: Any, old: Any = None) -> list[str]:
     """
     doc = _plain(doc)
     old = _plain(old) if old is not None else None
+    if not isinstance(doc, dict):
+        return ["(document): must be a YAML mapping (a GenerationRun manifest)"]
     try:
         ref, spec = parse_manifest(doc)
         semantic = child_errors(ref, spec)
