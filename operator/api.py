@@ -711,7 +711,7 @@ def _qc_errors(spec: GenerationRunSpec) -> list[str]:
     return errors
 
 
-def _worker_errors(w: WorkerSpec, model: ModelSpec) -> list[str]:
+def _worker_errors(w: WorkerSpec) -> list[str]:
     errors: list[str] = []
     for attr, field_name in (("cpu", "cpu"), ("memory", "memory")):
         value = getattr(w, attr)
@@ -725,11 +725,6 @@ def _worker_errors(w: WorkerSpec, model: ModelSpec) -> list[str]:
             errors.append(f"spec.worker.nodeSelector: key {short(key)} {problem}")
     for i, tol in enumerate(w.tolerations):
         errors += _toleration_errors(tol, f"spec.worker.tolerations[{i}]")
-    if model.tensor_parallel_size > max(w.gpus, 1):
-        errors.append(
-            f"spec.model.tensorParallelSize: {model.tensor_parallel_size} is more than spec.worker.gpus "
-            f"({w.gpus}); vLLM runs one rank per GPU: raise worker.gpus or lower tensorParallelSize"
-        )
     return errors
 
 
@@ -810,6 +805,12 @@ def _relation_errors(spec: GenerationRunSpec) -> list[str]:
         )
     if spec.shards.first_seed + b.max_shards - 1 > 2**31 - 1:
         errors.append("spec.shards.firstSeed: firstSeed + budget.maxShards must stay below 2^31; lower either")
+    tp, gpus = spec.model.tensor_parallel_size, spec.worker.gpus
+    if tp > max(gpus, 1):
+        errors.append(
+            f"spec.model.tensorParallelSize: {tp} is more than spec.worker.gpus ({gpus}); vLLM runs one rank per "
+            "GPU: raise worker.gpus or lower tensorParallelSize"
+        )
     target = spec.target.unique_examples
     if target > b.max_generated_examples:
         errors.append(
@@ -857,7 +858,7 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
 
     errors += output_errors(spec.output, spec.worker)
     errors += _qc_errors(spec)
-    errors += _worker_errors(spec.worker, spec.model)
+    errors += _worker_errors(spec.worker)
     if spec.best_of_n.judge_prompt:
         errors += template_errors(spec.best_of_n.judge_prompt, JUDGE_PLACEHOLDERS, "spec.bestOfN.judgePrompt")
     # The CRD's own constraints last: where a specific check above already named a field, its message (which says
