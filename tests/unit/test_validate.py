@@ -139,7 +139,7 @@ def test_transition_rules_still_apply_through_check_manifest() -> None:
     old = copy.deepcopy(MINIMAL)
     new = copy.deepcopy(MINIMAL)
     new["spec"]["model"]["name"] = "other"
-    with pytest.raises(api.SpecError, match="spec.model is immutable"):
+    with pytest.raises(api.SpecError, match=r"spec\.model is immutable"):
         check_manifest(new, old)
 
 
