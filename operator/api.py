@@ -342,8 +342,13 @@ def _parse(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
     raise TypeError(f"unsupported type {tp!r} at {path}")  # a programming error, not a user one
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _parse_dataclass(cls: type[T], data: dict[str, Any], path: str, errors: list[str]) -> T:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     known = set()
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ size (a "billion laughs" file is refused while it is being composed), duplicate 
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -219,10 +220,15 @@ def _numbers_as_double(obj: Any, schema: dict[str, Any]) -> Any:
     return obj
 
 
-def schema_errors(doc: Any) -> list[str]:
+@functools.cache
+def _validator() -> Any:
     import jsonschema
 
-    validator = jsonschema.Draft4Validator(crd_schema())  # OpenAPI v3.0 bounds are draft-4 style
+    return jsonschema.Draft4Validator(crd_schema())  # OpenAPI v3.0 bounds are draft-4 style
+
+
+def schema_errors(doc: Any) -> list[str]:
+    validator = _validator()
     out = []
     for err in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
         path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err.absolute_path).replace(".[", "[")
@@ -342,13 +348,18 @@ def manifest_errors(doc: Any, old: Any = None) -> list[str]:
     The schema and CEL are checked for real; where genrun's own check names the same field, its message (which
     says the allowed range and the fix) is the one shown.
     """
+    return _check(doc, old)[0]
+
+
+def _check(doc: Any, old: Any) -> tuple[list[str], tuple[RunRef, GenerationRunSpec] | None]:
     doc = _plain(doc)
     old = _plain(old) if old is not None else None
     if not isinstance(doc, dict):
-        return ["(document): must be a YAML mapping (a GenerationRun manifest)"]
+        return ["(document): must be a YAML mapping (a GenerationRun manifest)"], None
+    parsed = None
     try:
-        ref, spec = parse_manifest(doc)
-        semantic = child_errors(ref, spec)
+        parsed = parse_manifest(doc)
+        semantic = child_errors(*parsed)
     except SpecError as exc:
         semantic = exc.errors
     structural = schema_errors(doc)
@@ -359,7 +370,7 @@ def manifest_errors(doc: Any, old: Any = None) -> list[str]:
         if semantic:  # a rule that could not run on a value already reported adds nothing
             rules = [r for r in rules if "could not be evaluated" not in r]
     named = {error_field(e) for e in semantic}
-    return semantic + [e for e in structural + rules if error_field(e) not in named]
+    return semantic + [e for e in structural + rules if error_field(e) not in named], parsed
 
 
 def check_manifest(doc: Any, old: Any = None) -> tuple[RunRef, GenerationRunSpec]:
@@ -368,10 +379,10 @@ def check_manifest(doc: Any, old: Any = None) -> tuple[RunRef, GenerationRunSpec
     Returns the run and its parsed spec (defaults applied), or raises SpecError whose `errors` each name a field and
     the fix. Nothing else raises, whatever the input (a property test feeds it mutated manifests).
     """
-    errors = manifest_errors(doc, old)
-    if errors:
+    errors, parsed = _check(doc, old)
+    if errors or parsed is None:
         raise SpecError(errors)
-    return parse_manifest(_plain(doc))
+    return parsed
 
 
 validate_document = manifest_errors  # the name tests and callers used before
