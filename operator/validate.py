@@ -230,7 +230,7 @@ def _validator() -> Any:
 def schema_errors(doc: Any) -> list[str]:
     validator = _validator()
     out = []
-    for err in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+    for err in sorted(validator.iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path]):
         path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err.absolute_path).replace(".[", "[")
         if err.validator == "required" and isinstance(err.instance, dict):
             missing = [k for k in err.validator_value if k not in err.instance]

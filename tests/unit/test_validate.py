@@ -264,3 +264,20 @@ def test_run_refuses_every_invalid_example_before_touching_its_output(
             expect = "holds 2 YAML documents"
         assert expect.removeprefix("document 2: ") in err, (path.name, err)
         assert not out.exists() and list(tmp_path.iterdir()) == [], path.name
+
+
+def test_run_without_s3_credentials_is_one_line(tmp_path: Path) -> None:
+    """Also under `python -m` (where cli.py is __main__ and a second copy defines UserError)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+        HOME=str(tmp_path),
+    )
+    res = _genrun("run", str(QUICKSTART), "--output", "s3://genrun-no-creds/x", "--engine", "replay", env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert (
+        res.stderr.startswith("genrun: error: spec.output.path: s3://genrun-no-creds/x")
+        and len(res.stderr.splitlines()) == 1
+    )
