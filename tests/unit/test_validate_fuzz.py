@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BASES = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "examples").glob("*.yaml"))]
 # Field names of the CRD, so that added keys are often real fields (in the wrong place or with a wrong value).
 FIELD_NAMES = sorted({p.rsplit(".", 1)[-1].rstrip("[]") for p, _ in api._leaves(api.crd_schema(), "") if p})
+SPEC_PATHS = sorted(p for p, _ in api._leaves(api.SPEC_SCHEMA, "") if p and "[]" not in p)
 FIELD_RE = re.compile(r"^(apiVersion|kind|metadata|spec|\(document\)|\(root\))([.\[:]|$)")
 
 NASTY_STRINGS = [
@@ -70,7 +71,20 @@ def _slots(obj: Any) -> Iterator[tuple[Any, Any]]:
 
 
 def _mutate(data: st.DataObject, doc: Any) -> None:
-    slots = list(_slots(doc))
+    if data.draw(st.integers(0, 2)) == 0 and isinstance(doc.get("spec"), dict):
+        # Set a real spec field (made if missing) to any value: reaches fields the examples leave out.
+        *parents, leaf = data.draw(st.sampled_from(SPEC_PATHS)).split(".")
+        node = doc["spec"]
+        for p in parents:
+            node = node.setdefault(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node[leaf] = data.draw(values)
+        return
+    # Otherwise mutate what is there, mostly inside spec.
+    root = doc["spec"] if data.draw(st.integers(0, 4)) and isinstance(doc.get("spec"), dict | list) else doc
+    slots = list(_slots(root))
+    if not slots:
+        return
     container, key = data.draw(st.sampled_from(slots))
     op = data.draw(st.sampled_from(["replace", "nudge", "delete", "add", "rename", "grow", "unicode"]))
     old = container[key]
