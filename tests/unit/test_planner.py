@@ -276,7 +276,8 @@ def test_raised_target_after_success_continues() -> None:
     ],
 )
 def test_budget_exhausted(budget: dict, words: str) -> None:
-    spec = spec_of(budget=budget)
+    # A target within what the budget could reach at a 100% yield (validation refuses one it never could).
+    spec = spec_of(budget=budget, target={"uniqueExamples": 3000})
     obs = set_phase(apply(Observed(), decide(REF, spec, Observed())), "Succeeded")
     obs = dataclasses.replace(obs, reports={1: report(1, 10, 3968, 1311, 1120)})
     plan = decide(REF, spec, obs)
@@ -375,6 +376,8 @@ budget_st = st.fixed_dictionaries(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(yields=yields_st, budget=budget_st, target=st.integers(100, 30000))
 def test_property_stops_within_budget_and_never_reuses_a_seed(yields, budget, target) -> None:
+    # Validation refuses a target the budget could not reach even at a 100% yield.
+    target = min(target, budget["maxGeneratedExamples"], budget["maxShards"] * BASE["shards"]["examplesPerShard"])
     spec = spec_of(budget=budget, target={"uniqueExamples": target})
     obs, plans = simulate(spec, yields)
     final = plans[-1]

@@ -137,7 +137,7 @@ def _two_rounds(ref: api.RunRef, spec: api.GenerationRunSpec) -> None:
     decide(ref, spec, dataclasses.replace(obs, jobs=tuple(jobs), reports={1: report}))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_mutated_manifests_validate_or_are_refused_by_field(data: st.DataObject) -> None:
     doc = copy.deepcopy(data.draw(st.sampled_from(BASES)))
