@@ -408,7 +408,9 @@ def load_run_manifest(path: Path, output: str | None = None) -> tuple[dict[str, 
     """
     docs = load_file(path)
     if len(docs) != 1:
-        raise ManifestError(f"holds {len(docs)} YAML documents; genrun run takes one GenerationRun per file")
+        # Say what is wrong in each document too, as `genrun validate` would, before refusing the count.
+        errors = [f"document {i + 1}: {e}" for i, d in enumerate(docs) for e in manifest_errors(d)]
+        raise SpecError([*errors, f"(file): holds {len(docs)} YAML documents; genrun run takes one GenerationRun"])
     doc = docs[0]
     if output is not None and isinstance(doc, dict) and isinstance(doc.get("spec"), dict):
         spec = doc["spec"]
