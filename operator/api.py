@@ -117,6 +117,25 @@ class EscalationSpec:
 
 
 @dataclass(frozen=True)
+class ArmSpec:
+    """One sampling setting the policy may give a shard (an arm of the bandit)."""
+
+    temperature: float = _f("temperature")
+    top_p: float = _f("topP", 0.9)
+    repetition_penalty: float = _f("repetitionPenalty", 1.0)
+    min_p: float = _f("minP", 0.0)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    strategy: Literal["bandit", "ladder"] = _f("strategy", "bandit")
+    arms: tuple[ArmSpec, ...] = _f("arms", ())
+    exploration: float = _f("exploration", 0.25)
+    pilot_share: float = _f("pilotShare", 0.3)
+    stop_confidence: float = _f("stopConfidence", 0.9)
+
+
+@dataclass(frozen=True)
 class BudgetSpec:
     max_rounds: int = _f("maxRounds", 10)
     max_shards: int = _f("maxShards", 200)
@@ -210,6 +229,7 @@ class GenerationRunSpec:
     sampling: SamplingSpec = _f("sampling", factory=SamplingSpec)
     shards: ShardsSpec = _f("shards", factory=ShardsSpec)
     escalation: EscalationSpec = _f("escalation", factory=EscalationSpec)
+    policy: PolicySpec = _f("policy", factory=PolicySpec)
     budget: BudgetSpec = _f("budget", factory=BudgetSpec)
     generation: GenerationSpec = _f("generation", factory=GenerationSpec)
     dedup: DedupSpec = _f("dedup", factory=DedupSpec)
@@ -358,6 +378,9 @@ _BOUNDS: list[tuple[str, float, float, bool, bool]] = [
     ("shards.first_seed", 0, 2**31 - 1, False, False),
     ("shards.examples_per_shard", 1, 1_000_000, False, False),
     ("target.unique_examples", 1, 100_000_000, False, False),
+    ("policy.exploration", 0, 1, False, False),
+    ("policy.pilot_share", 0, 1, False, False),
+    ("policy.stop_confidence", 0.5, 0.999, False, False),
     ("budget.max_rounds", 1, 1000, False, False),
     ("budget.max_shards", 1, 100_000, False, False),
     ("budget.max_generated_examples", 1, 10**10, False, False),
@@ -378,6 +401,14 @@ _BOUNDS: list[tuple[str, float, float, bool, bool]] = [
     ("worker.active_deadline_seconds", 60, 2_592_000, False, False),
     ("worker.parallelism", 0, 10_000, False, False),
 ]
+
+
+_ARM_BOUNDS = {  # (low, high, low exclusive) of spec.policy.arms[*], as in the CRD
+    "temperature": (0, 2, True),
+    "top_p": (0, 1, True),
+    "repetition_penalty": (1, 2, False),
+    "min_p": (0, 1, False),
+}
 
 
 def _camel_path(dotted: str) -> str:
@@ -420,6 +451,20 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
         if too_low or too_high:
             errors.append(f"spec.{_camel_path(dotted)}: must be in {_fmt_range(lo, hi, lo_ex, hi_ex)}, got {value:g}")
     s, e, b = spec.sampling, spec.escalation, spec.budget
+    for i, arm in enumerate(spec.policy.arms):
+        for attr, (lo, hi, lo_ex) in _ARM_BOUNDS.items():
+            v = getattr(arm, attr)
+            if (
+                isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and not (lo < v <= hi if lo_ex else lo <= v <= hi)
+            ):
+                errors.append(
+                    f"spec.policy.arms[{i}].{_camel_path(attr)}: must be in {_fmt_range(lo, hi, lo_ex, False)}, "
+                    f"got {v:g}"
+                )
+    if len(set(spec.policy.arms)) != len(spec.policy.arms):
+        errors.append("spec.policy.arms: has duplicates; list each sampling setting once")
     if e.max_temperature < s.temperature:
         errors.append(
             f"spec.escalation.maxTemperature: must be >= spec.sampling.temperature ({s.temperature:g}), "
