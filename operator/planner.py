@@ -560,18 +560,19 @@ def _bandit_round(
     stats = pol.arm_stats(spec, obs.rounds, obs.reports)
     rng = pol.round_rng(ref, rnd)
     cap = max(1, min(spec.escalation.max_shards_per_round, room_shards))
+    last = rnd >= spec.budget.max_rounds
     # The mix a full round would get estimates the yield to size with; the round itself is then drawn at its size.
-    mix = pol.allocate(stats, cap, spec.policy.exploration, rng)
-    y = sum(pol.planning_yield(stats, a) for a in mix) / len(mix)
-    size = pol.size_round(spec, need, y, room_examples, room_shards)
+    y, sd = pol.mix_yield(stats, pol.allocate(stats, cap, spec.policy.exploration, rng))
+    size = pol.size_round(spec, need, y, sd, room_examples, room_shards, last)
     picks = pol.allocate(stats, size.shards, spec.policy.exploration, rng)
-    per = size.examples
-    if size.precise:
-        y = sum(pol.planning_yield(stats, a) for a in picks) / len(picks)
-        n = pol.examples_needed(need, y, spec.policy.stop_confidence)
+    per, why = size.examples, size.why
+    if size.shards < cap:  # sized to the target: size again for the arms actually drawn
+        y, sd = pol.mix_yield(stats, picks)
+        n, _, why = pol.examples_for(spec, need, y, sd, last)
         per = min(spec.shards.examples_per_shard, max(1, math.ceil(n / len(picks))))
+        why += f" -> {len(picks)} shard(s) x {per}"
     retired = [a.id for a in stats if a.retired]
-    why = size.why + (f"; retired (QC-pass rate below the floor): {', '.join(retired)}" if retired else "")
+    why += f"; retired (QC-pass rate below the floor): {', '.join(retired)}" if retired else ""
     return [a.sampling for a in picks], per, why
 
 

@@ -113,6 +113,11 @@ class ArmStats:
         return (1 + self.w_kept) / (2 + self.w_examples)
 
     @property
+    def yield_sd(self) -> float:
+        a, b = 1 + self.w_kept, 1 + max(0.0, self.w_examples - self.w_kept)
+        return math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+
+    @property
     def qc_pass_rate(self) -> float:
         return self.kept / self.unique if self.unique else 0.0
 
@@ -187,6 +192,18 @@ def planning_yield(stats: Sequence[ArmStats], a: ArmStats) -> float:
     return sum(s.mean_yield for s in tried) / len(tried) if tried else 0.5
 
 
+def mix_yield(stats: Sequence[ArmStats], picks: Sequence[ArmStats]) -> tuple[float, float]:
+    """(mean, standard deviation) of the yield per example of a round whose shards run `picks` (arms independent;
+    an untried arm gets the tried arms' mean and the widest tried spread)."""
+    tried = [s for s in stats if s.tried]
+    wide = max((s.yield_sd for s in tried), default=math.sqrt(1 / 12))
+    mean = sum(planning_yield(stats, a) for a in picks) / len(picks)
+    # Shards of one arm share its one uncertain yield: the spread averages over arms, not over shards.
+    share = {id(a): sum(p is a for p in picks) / len(picks) for a in picks}
+    var = sum((share[id(a)] * (a.yield_sd if a.tried else wide)) ** 2 for a in {id(p): p for p in picks}.values())
+    return mean, math.sqrt(var)
+
+
 def active(stats: Sequence[ArmStats]) -> list[ArmStats]:
     live = [a for a in stats if not a.retired]
     return live or [max(stats, key=lambda a: reward(stats, a))]
@@ -244,20 +261,42 @@ class Sizing:
     why: str
 
 
-def size_round(spec: GenerationRunSpec, need: int, y: float, room_examples: int, room_shards: int) -> Sizing:
-    """A round that can reach the target is sized to reach it with spec.policy.stopConfidence at the fewest examples
-    (shards and examples per shard); one that cannot is as large as the per-round cap and the budget allow."""
+def examples_for(spec: GenerationRunSpec, need: int, y: float, sd: float, last_round: bool) -> tuple[int, bool, str]:
+    """Examples for a round that may reach the target: enough to reach it with spec.policy.stopConfidence at the
+    estimated yield y, but no more than keeps the overshoot within spec.policy.maxOvershoot of the target should the
+    yield be at the optimistic end of its estimate (y + z*sd). When that cap binds, the round approaches the target
+    and the next one, measured better, finishes (unless this is the last round the budget allows)."""
+    p = spec.policy
+    n = examples_needed(need, y, p.stop_confidence)
+    why = f"{need} more needed at a yield of {y:.3f}: {n} examples reach it with probability {p.stop_confidence:g}"
+    if last_round or n == UNREACHABLE:
+        return n, True, why
+    y_hi = min(1.0, y + NormalDist().inv_cdf(p.stop_confidence) * sd)
+    cap = math.floor((need + p.max_overshoot * spec.target.unique_examples) / y_hi)
+    if cap >= n:
+        return n, True, why
+    return (
+        max(1, cap),
+        False,
+        (
+            f"{need} more needed at a yield of {y:.3f} +- {sd:.3f}: {max(1, cap)} examples approach the target without "
+            f"passing it by more than {p.max_overshoot:.0%} even at a yield of {y_hi:.3f}; the next round finishes"
+        ),
+    )
+
+
+def size_round(
+    spec: GenerationRunSpec, need: int, y: float, sd: float, room_examples: int, room_shards: int, last_round: bool
+) -> Sizing:
+    """A round that can reach the target is sized by `examples_for` (shards and examples per shard); one that cannot
+    is as large as the per-round cap and the budget allow."""
     e, eps = spec.escalation, spec.shards.examples_per_shard
     cap = min(e.max_shards_per_round, room_shards)
-    n = examples_needed(need, y, spec.policy.stop_confidence)
+    n, precise, why = examples_for(spec, need, y, sd, last_round)
     if n <= min(cap * eps, room_examples):
         shards = max(min(e.min_shards_per_round, cap), math.ceil(n / eps))
         per = math.ceil(n / shards)
-        why = (
-            f"{need} more needed at a yield of {y:.3f} per example: {n} examples reach it with probability "
-            f"{spec.policy.stop_confidence:g} -> {shards} shard(s) x {per}"
-        )
-        return Sizing(shards, per, True, why)
+        return Sizing(shards, per, precise, f"{why} -> {shards} shard(s) x {per}")
     per = min(eps, max(1, room_examples // max(1, cap)))
     shown = "no yield measured yet" if n == UNREACHABLE else f"~{n} examples"
     why = f"{need} more needed at a yield of {y:.3f} per example ({shown}): a full round of {cap} shard(s)"

@@ -22,7 +22,7 @@ from genrun.operator.planner import (
     plan_for_manifest,
 )
 from genrun.worker.records import RoundReport
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 REF = RunRef(name="sft", namespace="data", generation=3)
@@ -278,7 +278,8 @@ def test_raised_target_after_success_continues() -> None:
     ],
 )
 def test_budget_exhausted(budget: dict, words: str) -> None:
-    spec = spec_of(budget=budget)
+    # A target the budget could reach in principle (validation refuses one it never could), missed in practice.
+    spec = spec_of(budget=budget, target={"uniqueExamples": 3000})
     obs = set_phase(apply(Observed(), decide(REF, spec, Observed())), "Succeeded")
     obs = dataclasses.replace(obs, reports={1: report(1, 10, 3968, 1311, 1120)})
     plan = decide(REF, spec, obs)
@@ -379,6 +380,7 @@ budget_st = st.fixed_dictionaries(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(yields=yields_st, budget=budget_st, target=st.integers(100, 30000), strategy=strategy_st)
 def test_property_stops_within_budget_and_never_reuses_a_seed(yields, budget, target, strategy) -> None:
+    assume(target <= min(budget["maxGeneratedExamples"], budget["maxShards"] * 400))  # else validation refuses it
     spec = spec_of(budget=budget, target={"uniqueExamples": target}, policy={"strategy": strategy})
     obs, plans = simulate(spec, yields)
     final = plans[-1]
