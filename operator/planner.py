@@ -399,9 +399,9 @@ def _succeeded(msg: str) -> tuple[c.Condition, ...]:
     )
 
 
-def invalid_plan(ref: RunRef, errors: list[str]) -> Plan:
+def invalid_plan(ref: RunRef, errors: list[str], reason: str = c.INVALID_SPEC) -> Plan:
     msg = "; ".join(errors)
-    return Plan(actions=(), conditions=_failed(c.INVALID_SPEC, msg), status={"observedGeneration": ref.generation})
+    return Plan(actions=(), conditions=_failed(reason, msg), status={"observedGeneration": ref.generation})
 
 
 def plan_for_manifest(ref: RunRef, spec: Mapping[str, Any], observed: Observed) -> Plan:
