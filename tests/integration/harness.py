@@ -81,6 +81,9 @@ class _Emulator(kmock.KubernetesEmulator):
 
     _serial = 0
     log: list[tuple[float, str, str, str, str]] = []
+    # Test hook: (method, path, body) -> (HTTP status, message) to refuse a request as a real API server would
+    # (e.g. 422 for an object its validation refuses), or None to serve it.
+    reject: Callable[[str, str, Any], tuple[int, str] | None] | None = None
 
     async def _handle(self, request: Any) -> Any:
         # kmock matches each request against its whole request history (by identity): O(n^2) over a long run. We
@@ -93,6 +96,24 @@ class _Emulator(kmock.KubernetesEmulator):
              str(request.headers.get("User-Agent", "")))
         )  # fmt: skip
         data = getattr(request, "data", None)
+        refused = (
+            self.reject(str(getattr(request.method, "value", request.method)), request.url.path, data)
+            if self.reject
+            else None
+        )
+        if refused is not None:
+            import aiohttp.web
+
+            code, message = refused
+            status = {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "message": message,
+                "reason": "Invalid",
+                "code": code,
+            }
+            return aiohttp.web.json_response(status, status=code)
         if request.method == "POST" and isinstance(data, dict) and isinstance(data.get("metadata"), dict):
             meta = data["metadata"]
             if not meta.get("name") and meta.get("generateName"):
