@@ -251,3 +251,42 @@ def test_run_errors_name_the_field_and_the_fix() -> None:
     assert Settings.from_env({"GENRUN_ALLOW_AMBIENT_CREDENTIALS": "true"}).allow_ambient_credentials
     assert mf.run_errors(parse_spec(RAW), Settings()) == []
     assert mf.run_errors(parse_spec({**RAW, "output": {"path": "/data/out"}}), Settings()) == []
+
+
+def test_worker_pods_meet_pod_security_restricted() -> None:
+    """The checks of Pod Security "restricted" (and the image's user, Dockerfile.worker, matching runAsUser)."""
+    import re
+
+    spec = parse_spec(RAW)
+    from genrun.operator.planner import CreateMergeJob
+
+    jobs = [
+        mf.shard_job(REF, decide(REF, spec, Observed()).actions[1], spec, Settings()),  # type: ignore[arg-type]
+        mf.merge_job(REF, CreateMergeJob("sft-r1-merge", 0, 1, ()), spec, Settings()),
+    ]
+    docker = (Path(__file__).resolve().parents[2] / "Dockerfile.worker").read_text()
+    assert re.search(rf"^USER {mf.WORKER_UID}:{mf.WORKER_UID}$", docker, re.M)
+    assert f"--uid {mf.WORKER_UID} " in docker
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        psc = pod["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] == psc["fsGroup"] == mf.WORKER_UID
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+        (c,) = pod["containers"]
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["readOnlyRootFilesystem"] is True
+        assert not any(k in pod for k in ("hostNetwork", "hostPID", "hostIPC"))
+        assert all("hostPath" not in v for v in pod["volumes"])
+        # Every path the engine and its caches write is a writable emptyDir (the root filesystem is read-only).
+        writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+        env = {e["name"]: e.get("value", "") for e in c["env"]}
+        for var in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCH_HOME",
+                    "TORCHINDUCTOR_CACHE_DIR", "NUMBA_CACHE_DIR", "VLLM_CONFIG_ROOT"):  # fmt: skip
+            assert any(env[var] == w or env[var].startswith(w + "/") for w in writable), var
+        assert env["HF_HOME"] == "/models/.hf-cache"  # read from the model PVC (RAW has modelVolumeClaim)
+    no_pvc = parse_spec({**RAW, "worker": {"gpus": 0}})
+    job = mf.shard_job(REF, decide(REF, no_pvc, Observed()).actions[1], no_pvc, Settings())  # type: ignore[arg-type]
+    env = {e["name"]: e.get("value", "") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_HOME"].startswith(mf.HOME + "/")  # downloads go to the emptyDir
