@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import kopf
 from genrun.operator import conditions as c
+from genrun.operator import local
 from genrun.operator import manifests as mf
 from genrun.operator.api import GROUP, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError, parse_spec
 from genrun.operator.metrics import Metrics
@@ -183,6 +184,7 @@ class Reconciler:
         self.storages: dict[tuple[str, str, str], Any] = {}
         self.posted: dict[RunKey, set[tuple[str, str]]] = {}
         self.secrets: dict[tuple[str, str], tuple[float, Any]] = {}
+        self.markers_ok: set[tuple[str, str]] = set()  # (storage url, key) of markers read and found whole
 
     # -- observation ---------------------------------------------------------------------------------------------
     async def _storage(self, ref: RunRef, spec: GenerationRunSpec) -> Any:
@@ -223,7 +225,7 @@ class Reconciler:
 
     def _read_reports(
         self, key: RunKey, storage: Any, rounds: Mapping[int, rec.RoundPlan]
-    ) -> tuple[dict[int, rec.RoundReport], frozenset[tuple[int, int]]]:
+    ) -> tuple[dict[int, rec.RoundReport], frozenset[tuple[int, int]], frozenset[str]]:
         reports: dict[int, rec.RoundReport] = {}
         for rnd in rounds:
             ck = (key, storage.url, rnd)
@@ -239,10 +241,18 @@ class Reconciler:
             cur = max(rounds)
             if cur not in reports:  # markers matter only while the round is open (Jobs may be gone by TTL)
                 for k in storage.list(f"shards/r{cur:04d}/"):
-                    if k.endswith(".done.json"):
-                        seed = int(k.rsplit("/s", 1)[1].split(".")[0])
-                        done.add((cur, seed))
-        return reports, frozenset(done)
+                    if not k.endswith(".done.json"):
+                        continue
+                    if (storage.url, k) not in self.markers_ok:  # read once: a published marker never changes
+                        marker, why = local.read_marker(storage, k)
+                        if marker is None:  # set aside, so the merge never trips on it; counted in the status
+                            log.warning("%s/%s: %s; quarantined", key[0], key[1], why)
+                            local.quarantine_marker(storage, k, why)
+                            continue
+                        self.markers_ok.add((storage.url, k))
+                    seed = int(k.rsplit("/s", 1)[1].split(".")[0])
+                    done.add((cur, seed))
+        return reports, frozenset(done), local.quarantined_keys(storage, reports)
 
     # -- reconcile -------------------------------------------------------------------------------------------------
     async def reconcile(self, body: Mapping[str, Any], jobs: Any, plans: Any) -> None:
@@ -310,8 +320,8 @@ class Reconciler:
                 del overlay[name]
         jobs = tuple({**overlay, **indexed}.values())
         storage = await self._storage(ref, spec)
-        reports, done = await asyncio.to_thread(self._read_reports, key, storage, rounds)
-        obs = Observed(rounds, jobs, done, reports)
+        reports, done, quarantined = await asyncio.to_thread(self._read_reports, key, storage, rounds)
+        obs = Observed(rounds, jobs, done, reports, quarantined)
         plan = decide(ref, spec, obs)
 
         events: list[Event] = []
@@ -327,7 +337,7 @@ class Reconciler:
                 new_round = rec.round_plan_from(json.loads(existing["data"]["plan.json"]))
             self.recorded.setdefault(key, {})[new_round.round] = new_round
             # Decide again on the recorded plan: Jobs always come from what was recorded, never from a re-plan.
-            obs = Observed({**rounds, new_round.round: new_round}, jobs, done, reports)
+            obs = Observed({**rounds, new_round.round: new_round}, jobs, done, reports, quarantined)
             plan = decide(ref, spec, obs)
 
         for a in plan.actions:

@@ -290,3 +290,29 @@ def test_worker_pods_meet_pod_security_restricted() -> None:
     job = mf.shard_job(REF, decide(REF, no_pvc, Observed()).actions[1], no_pvc, Settings())  # type: ignore[arg-type]
     env = {e["name"]: e.get("value", "") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["HF_HOME"].startswith(mf.HOME + "/")  # downloads go to the emptyDir
+
+
+@pytest.mark.parametrize(("retries", "retriable", "said"), [(0, True, "after 0 retries"), (1, True, "after 1 retry"),
+                                                            (3, False, "after 0 retries")])  # fmt: skip
+def test_shards_failed_message_states_the_retries_really_made(retries: int, retriable: bool, said: str) -> None:
+    """The issue: "after 1 retries" was printed from the bound, also when no retry was made (a non-retriable exit)."""
+    from genrun.operator import conditions as c
+    from genrun.operator.planner import CreateShardJob, ObservedJob
+
+    raw = {**RAW, "budget": {"maxShardRetries": retries, "maxFailedShards": 0}}
+    spec = parse_spec(raw)
+    plan = decide(REF, spec, Observed())
+    rnd = next(a for a in plan.actions if isinstance(a, RecordRound)).plan
+    obs, jobs = Observed({1: rnd}), []
+    for _ in range(retries + 2):
+        plan = decide(REF, spec, obs)
+        if plan.finished:
+            break
+        for a in plan.actions:
+            if isinstance(a, CreateShardJob):
+                ok = a.shard.seed != 100
+                jobs.append(ObservedJob(a.name, "shard", 1, a.shard.seed, a.attempt, "Succeeded" if ok else "Failed",
+                                        retriable, "" if ok else "exit code 1"))  # fmt: skip
+        obs = Observed({1: rnd}, tuple(jobs))
+    failed = plan.condition(c.FAILED)
+    assert failed.reason == c.SHARDS_FAILED and f"({said}, spec.budget.maxShardRetries={retries})" in failed.message
