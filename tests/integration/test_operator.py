@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import json
 import re
 import time
 import urllib.request
@@ -345,4 +346,29 @@ def test_a_child_the_api_server_refuses_fails_the_run_once_not_forever(cluster: 
         before = job_posts()
         time.sleep(7)  # the timer reconciles every 2 s here: a retry loop would POST again
         assert job_posts() == before
+        assert "Traceback" not in op.log()
+
+
+def test_damaged_shard_marker_is_quarantined_counted_and_announced(cluster: Cluster, s3: SeaweedFS) -> None:
+    """A truncated `*.done.json` (what the issue saw end a run MergeFailed naming no file): set aside, counted in
+    status.totals.shardsQuarantined with a Warning Event, and the run goes on."""
+    key = "damaged/shards/r0001/s0000000101.done.json"
+
+    def damage_seed_101(job: dict[str, Any]) -> int | None:
+        if job["metadata"]["labels"].get("genrun.io/seed") != "101":
+            return None
+        s3.client().put_object(Bucket="genrun-test", Key=key, Body=b'{"round": 1, "seed": 101, "ro')  # truncated
+        return 0  # the pod "succeeded" but left a damaged marker
+
+    with JobRunner(cluster, NS, {"GENRUN_ENGINE": "replay"}, fail=damage_seed_101), OperatorProcess(cluster, NS) as op:
+        cluster.create(RUNS.format(ns=NS), manifest("damaged", s3))
+        wait_for(lambda: succeeded(cluster, "damaged"), 240, "Succeeded")
+        st = cluster.run(NS, "damaged")["status"]
+        assert st["totals"]["shardsQuarantined"] == 1
+        record = s3.client().get_object(
+            Bucket="genrun-test", Key=f"damaged/quarantine/{key.removeprefix('damaged/')}.json"
+        )
+        assert "unreadable" in json.loads(record["Body"].read())["error"]
+        events = [e for e in cluster.items(f"/api/v1/namespaces/{NS}/events") if e.get("reason") == "ShardsQuarantined"]
+        assert events and events[0]["type"] == "Warning" and "1 shard(s) quarantined" in events[0]["message"]
         assert "Traceback" not in op.log()
