@@ -46,6 +46,7 @@ class Observed:
     jobs: tuple[ObservedJob, ...] = ()
     shards_done: frozenset[tuple[int, int]] = frozenset()  # (round, seed) with a completion marker on storage
     reports: Mapping[int, RoundReport] = field(default_factory=dict)
+    quarantined: frozenset[str] = frozenset()  # storage keys set aside as damaged (markers, shard data)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,6 +320,7 @@ def _status(
         "shardsSucceeded": sum(s.phase == "done" for s in all_states),
         "shardsFailed": sum(s.phase == "failed" for s in all_states),
         "shardsRunning": sum(s.phase == "active" for s in all_states),
+        "shardsQuarantined": len(obs.quarantined.union(*(r.quarantined for r in obs.reports.values()))),
     }
     rounds = []
     for rnd in sorted(obs.rounds)[-100:]:
@@ -409,9 +411,9 @@ def _succeeded(msg: str) -> tuple[c.Condition, ...]:
     )
 
 
-def invalid_plan(ref: RunRef, errors: list[str]) -> Plan:
+def invalid_plan(ref: RunRef, errors: list[str], reason: str = c.INVALID_SPEC) -> Plan:
     msg = "; ".join(errors)
-    return Plan(actions=(), conditions=_failed(c.INVALID_SPEC, msg), status={"observedGeneration": ref.generation})
+    return Plan(actions=(), conditions=_failed(reason, msg), status={"observedGeneration": ref.generation})
 
 
 def plan_for_manifest(ref: RunRef, spec: Mapping[str, Any], observed: Observed) -> Plan:
@@ -465,8 +467,8 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
     if failed_total > b.max_failed_shards:
         first = next(s for ss in states.values() for s in ss if s.phase == "failed")
         msg = (
-            f"{failed_total} shard(s) failed after {b.max_shard_retries} retries, more than "
-            f"spec.budget.maxFailedShards={b.max_failed_shards}; first: {first.message}"
+            f"{failed_total} shard(s) failed, more than spec.budget.maxFailedShards={b.max_failed_shards}; first: "
+            f"{first.message} ({_retries(first.attempt, b.max_shard_retries)})"
         )
         return finish(_failed(c.SHARDS_FAILED, msg))
 
@@ -485,7 +487,7 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
             return finish(_failed(c.SHARDS_FAILED, msg))
         phase, attempt, why = _job_state(_attempts(obs.jobs, "merge", rnd, None), b.max_shard_retries)
         if phase == "failed":
-            msg = f"round {rnd}: the merge/dedup/QC Job failed after {b.max_shard_retries} retries: {why}"
+            msg = f"round {rnd}: the merge/dedup/QC Job failed ({_retries(attempt, b.max_shard_retries)}): {why}"
             return finish(_failed(c.MERGE_FAILED, msg))
         msg = f"round {rnd}: merging, deduplicating and checking {sum(s.phase == 'done' for s in cur)} shard(s)"
         if phase == "done":
@@ -585,8 +587,13 @@ def _arms_summary(plan: RoundPlan) -> str:
     return ", ".join(f"{n}x {d}" for d, n in counts.items())
 
 
+def _retries(attempt: int, bound: int) -> str:
+    """The retries really made (attempt N is retry N), against the bound."""
+    return f"after {attempt} {'retry' if attempt == 1 else 'retries'}, spec.budget.maxShardRetries={bound}"
+
+
 def _with_round(obs: Observed, plan: RoundPlan) -> Observed:
-    return Observed({**obs.rounds, plan.round: plan}, obs.jobs, obs.shards_done, obs.reports)
+    return Observed({**obs.rounds, plan.round: plan}, obs.jobs, obs.shards_done, obs.reports, obs.quarantined)
 
 
 def _shard_creates(spec: GenerationRunSpec, ref: RunRef, states: list[_ShardState], active: int) -> list[Action]:
