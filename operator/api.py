@@ -117,6 +117,26 @@ class EscalationSpec:
 
 
 @dataclass(frozen=True)
+class ArmSpec:
+    """One sampling setting the policy may give a shard (an arm of the bandit)."""
+
+    temperature: float = _f("temperature")
+    top_p: float = _f("topP", 0.9)
+    repetition_penalty: float = _f("repetitionPenalty", 1.0)
+    min_p: float = _f("minP", 0.0)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    strategy: Literal["bandit", "ladder"] = _f("strategy", "bandit")
+    arms: tuple[ArmSpec, ...] = _f("arms", ())
+    exploration: float = _f("exploration", 0.25)
+    pilot_share: float = _f("pilotShare", 0.3)
+    stop_confidence: float = _f("stopConfidence", 0.9)
+    max_overshoot: float = _f("maxOvershoot", 0.1)
+
+
+@dataclass(frozen=True)
 class BudgetSpec:
     max_rounds: int = _f("maxRounds", 10)
     max_shards: int = _f("maxShards", 200)
@@ -210,6 +230,7 @@ class GenerationRunSpec:
     sampling: SamplingSpec = _f("sampling", factory=SamplingSpec)
     shards: ShardsSpec = _f("shards", factory=ShardsSpec)
     escalation: EscalationSpec = _f("escalation", factory=EscalationSpec)
+    policy: PolicySpec = _f("policy", factory=PolicySpec)
     budget: BudgetSpec = _f("budget", factory=BudgetSpec)
     generation: GenerationSpec = _f("generation", factory=GenerationSpec)
     dedup: DedupSpec = _f("dedup", factory=DedupSpec)
@@ -789,6 +810,8 @@ def _toleration_errors(tol: dict[str, Any], where: str) -> list[str]:
 def _relation_errors(spec: GenerationRunSpec) -> list[str]:
     errors: list[str] = []
     s, e, b = spec.sampling, spec.escalation, spec.budget
+    if len(set(spec.policy.arms)) != len(spec.policy.arms):
+        errors.append("spec.policy.arms: has duplicates; list each sampling setting once")
     if e.max_temperature < s.temperature:
         errors.append(
             f"spec.escalation.maxTemperature: must be >= spec.sampling.temperature ({s.temperature:g}), "

@@ -241,6 +241,20 @@ def schema_errors(doc: Any) -> list[str]:
     return out
 
 
+_LEADING_FIELD = re.compile(r"(spec(?:\.[A-Za-z0-9_]+)*) (.*)", re.DOTALL)
+
+
+def _field_first(message: str | None, where: str, rule: dict[str, Any]) -> str:
+    """A CRD rule's message ("spec.a must be ...") in genrun's form: "spec.a: must be ...", the field first."""
+    if not message:
+        return f"{where}: failed rule {rule['rule']!r}"
+    m = _LEADING_FIELD.fullmatch(message)
+    if m:
+        return f"{m.group(1)}: {m.group(2)}"
+    field = where + rule.get("fieldPath", "") if where != "(root)" else where
+    return f"{field}: {message}"
+
+
 def _rules(schema: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
     for rule in schema.get("x-kubernetes-validations", []):
         yield path, rule
@@ -283,7 +297,7 @@ def cel_errors(new: Any, old: Any = None) -> list[str]:
             out.append(f"{where}: rule {rule['rule']!r} could not be evaluated ({exc})")
             continue
         if ok is not True:
-            out.append(rule.get("message") or f"{where}: failed rule {rule['rule']!r}")
+            out.append(_field_first(rule.get("message"), where, rule))
     return out
 
 

@@ -134,7 +134,7 @@ def test_cel_rules_are_evaluated_for_real() -> None:
     assert cel_errors(spec) == []
     bad = copy.deepcopy(spec)
     bad["spec"]["escalation"]["maxTemperature"] = 0.5
-    assert "spec.escalation.maxTemperature must be >= spec.sampling.temperature" in cel_errors(bad)
+    assert "spec.escalation.maxTemperature: must be >= spec.sampling.temperature" in cel_errors(bad)
     # An integer written for a number field is compared as a double, as the API server does.
     ok = copy.deepcopy(spec)
     ok["spec"]["escalation"]["maxTemperature"] = 1
@@ -148,8 +148,8 @@ def test_cel_transition_rules_make_fields_immutable() -> None:
     new["spec"]["output"]["path"] = "/elsewhere"
     new["spec"]["target"]["uniqueExamples"] = 99  # mutable: applies from the next round
     errors = cel_errors(new, old)
-    assert "spec.model is immutable: a run's rounds must come from one model" in errors
-    assert "spec.output.path is immutable: finished shards live there" in errors
+    assert "spec.model: is immutable: a run's rounds must come from one model" in errors
+    assert "spec.output.path: is immutable: finished shards live there" in errors
     assert len(errors) == 2
 
 

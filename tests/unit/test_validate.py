@@ -50,13 +50,18 @@ def _genrun(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
 
 
 def test_bounds_are_read_from_the_crd_and_enforced_at_their_edges() -> None:
-    assert len(api.BOUNDS) == 37  # every number field of the spec has its range in the CRD
+    assert len(api.BOUNDS) == 45  # every number field of the spec has its range in the CRD
     for bound in api.BOUNDS:
-        section, key = bound.path.split(".")
+        section, key = bound.path.split(".", 1)
         for value, ok in _edge_values(bound):
             doc = copy.deepcopy(MINIMAL)
-            doc["spec"].setdefault(section, {})[key] = value
-            errors = [e for e in manifest_errors(doc) if e.startswith(f"spec.{bound.path}: must be in")]
+            if key.startswith("arms[]."):  # a list of objects: bound the field of its first item
+                doc["spec"][section] = {"arms": [{"temperature": 0.7, key.removeprefix("arms[]."): value}]}
+                where = f"spec.{section}.arms[0].{key.removeprefix('arms[].')}"
+            else:
+                doc["spec"].setdefault(section, {})[key] = value
+                where = f"spec.{bound.path}"
+            errors = [e for e in manifest_errors(doc) if e.startswith(f"{where}: must be in")]
             assert (not errors) == ok, (bound, value, errors)
 
 
@@ -91,7 +96,7 @@ def test_qc_filters_constant_is_gone() -> None:
         ({"model": {"name": "m", "tensorParallelSize": 4}, "worker": {"gpus": 2}}, "spec.model.tensorParallelSize"),
         ({"target": {"uniqueExamples": 5000}, "budget": {"maxGeneratedExamples": 100}}, "spec.target.uniqueExamples"),
         ({"target": {"uniqueExamples": 5000}, "budget": {"maxShards": 4}}, "spec.target.uniqueExamples"),
-        ({"output": {"path": "/data/../etc"}}, "spec.output.path must not hold a '..' segment"),
+        ({"output": {"path": "/data/../etc"}}, "spec.output.path: must not hold a '..' segment"),
     ],
 )
 def test_new_cel_rules_are_evaluated_for_real(patch: dict, message: str) -> None:
@@ -138,7 +143,7 @@ def test_transition_rules_still_apply_through_check_manifest() -> None:
     old = copy.deepcopy(MINIMAL)
     new = copy.deepcopy(MINIMAL)
     new["spec"]["model"]["name"] = "other"
-    with pytest.raises(api.SpecError, match=r"spec\.model is immutable"):
+    with pytest.raises(api.SpecError, match=r"spec\.model: is immutable"):
         check_manifest(new, old)
 
 
