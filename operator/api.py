@@ -657,6 +657,13 @@ def output_errors(out: OutputSpec, worker: WorkerSpec) -> list[str]:
                 "in the Jobs (relative paths are relative to the folder `genrun run` starts in)"
             )
     if out.s3 is not None:
+        secret = out.s3.credentials_secret
+        if secret and not (len(secret) <= 253 and _DNS_SUBDOMAIN.fullmatch(secret)):
+            # The operator reads this Secret by name: anything but an object name could address another one.
+            errors.append(
+                f"spec.output.s3.credentialsSecret: {short(secret)} is not a Secret name; name a Secret in the run's "
+                "own namespace (lowercase letters, digits, '-' and '.', at most 253 characters; no '/' or '..')"
+            )
         if out.s3.credentials_secret and not out.is_s3:
             errors.append("spec.output.s3.credentialsSecret: is set but spec.output.path is not an s3:// URL")
         if out.s3.endpoint:

@@ -26,7 +26,7 @@ import kopf
 from genrun.operator import conditions as c
 from genrun.operator import local
 from genrun.operator import manifests as mf
-from genrun.operator.api import GROUP, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError, parse_spec
+from genrun.operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError
 from genrun.operator.metrics import Metrics
 from genrun.operator.planner import (
     CreateMergeJob,
@@ -41,6 +41,7 @@ from genrun.operator.planner import (
     invalid_plan,
 )
 from genrun.operator.settings import Settings
+from genrun.operator.validate import check_manifest
 from genrun.worker import records as rec
 
 log = logging.getLogger("genrun.operator")
@@ -280,8 +281,10 @@ class Reconciler:
         path = run_path(*key)
         if _rejected(old_status, ref.generation):
             return  # a child was refused for this generation: terminal until the spec changes
-        try:
-            spec = parse_spec(raw_spec)
+        try:  # the one validation path (genrun validate and run call it too), run name and child names included
+            _, spec = check_manifest(
+                {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(meta), "spec": raw_spec}
+            )
         except SpecError as exc:
             await self._publish(body, path, invalid_plan(ref, exc.errors), old_status, ref, 0, {})
             return
