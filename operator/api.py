@@ -546,7 +546,7 @@ SYSTEM_FOLDERS = (
     "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr",
     "/var/run", "/var/lib/kubelet",
 )  # fmt: skip
-JOB_MOUNTS = ("/tmp", "/models")
+JOB_MOUNTS = ("/tmp", "/models", "/home/genrun")  # manifests.py mounts these; a test keeps the lists in step
 
 # (type, low, high) per QC parameter; None is unbounded. Pairs (min, max) must not cross.
 _QC_PARAMS: dict[str, dict[str, tuple[type, float | None, float | None]]] = {

@@ -283,3 +283,14 @@ def test_run_without_s3_credentials_is_one_line(tmp_path: Path) -> None:
         res.stderr.startswith("genrun: error: spec.output.path: s3://genrun-no-creds/x")
         and len(res.stderr.splitlines()) == 1
     )
+
+
+def test_output_path_never_lands_on_a_folder_the_jobs_mount() -> None:
+    """The output volume is mounted at spec.output.path: on a path the Job already mounts, the API server refuses
+    the Job (duplicate mountPath), or the output would shadow the job spec, caches or model."""
+    from genrun.operator import manifests as mf
+
+    for path in (mf.JOB_DIR, mf.HOME, "/tmp", "/dev/shm", "/models", "/models/"):
+        doc = copy.deepcopy(MINIMAL)
+        doc["spec"]["output"]["path"] = path
+        assert any(e.startswith("spec.output.path:") for e in manifest_errors(doc)), path
