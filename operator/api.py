@@ -1,8 +1,11 @@
 """The GenerationRun API as Python types: parse a manifest, apply the CRD's defaults, reject semantic errors.
 
-The CRD (crds/generationrun.yaml) is the source of truth for structure and defaults; tests prove that parsing a
-manifest here gives the same object as parsing it after the CRD's own defaulting. Checks that the schema and CEL
-cannot express live in `semantic_errors`, each message naming the field and the fix.
+The CRD (crds/generationrun.yaml) is the source of truth for structure, defaults and value constraints; tests prove
+that parsing a manifest here gives the same object as parsing it after the CRD's own defaulting. The CRD's bounds,
+lengths and patterns are read from it at import (`BOUNDS`, `_schema_errors`), so Python applies the same numbers
+with messages that name the range and the fix. Checks that the schema and CEL cannot express live in
+`semantic_errors`. The whole decision for a manifest (schema, CEL, these, child names) is
+`genrun.operator.validate.check_manifest`.
 """
 
 from __future__ import annotations
