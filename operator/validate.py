@@ -154,10 +154,10 @@ def load_text(text: str) -> list[Any]:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         what = " ".join(f"{exc.context or ''} {exc.problem or ''}".split())
-        raise ManifestError(f"not valid YAML: {where}{what[:300]}") from None
+        raise ManifestError(printable(f"not valid YAML: {where}{what[:300]}")) from None
     except yaml.YAMLError as exc:
         text = " ".join(re.sub(r'\s+in "<unicode string>",?', " at", str(exc)).split())
-        raise ManifestError(f"not valid YAML: {text[:300]}") from None
+        raise ManifestError(printable(f"not valid YAML: {text[:300]}")) from None
     except RecursionError:  # belt and braces: MAX_DEPTH holds long before Python's limit
         raise ManifestError(f"not valid YAML: nested deeper than {MAX_DEPTH} levels") from None
     return [d for d in docs if d is not None]
@@ -384,7 +384,15 @@ def _check(doc: Any, old: Any) -> tuple[list[str], tuple[RunRef, GenerationRunSp
         if semantic:  # a rule that could not run on a value already reported adds nothing
             rules = [r for r in rules if "could not be evaluated" not in r]
     named = {error_field(e) for e in semantic}
-    return semantic + [e for e in structural + rules if error_field(e) not in named], parsed
+    errors = semantic + [e for e in structural + rules if error_field(e) not in named]
+    return [printable(e) for e in errors], parsed
+
+
+def printable(message: str) -> str:
+    """One line, no terminal control sequences: keys and values from a file are echoed back in messages."""
+    if message.isprintable():
+        return message
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in message)
 
 
 def check_manifest(doc: Any, old: Any = None) -> tuple[RunRef, GenerationRunSpec]:

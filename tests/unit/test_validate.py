@@ -294,3 +294,24 @@ def test_output_path_never_lands_on_a_folder_the_jobs_mount() -> None:
         doc = copy.deepcopy(MINIMAL)
         doc["spec"]["output"]["path"] = path
         assert any(e.startswith("spec.output.path:") for e in manifest_errors(doc)), path
+
+
+def test_messages_are_one_printable_line_whatever_the_keys_and_values() -> None:
+    """Keys and values are echoed back: a newline or an escape sequence in them must not reach the terminal."""
+    errors = []
+    for section, patch in [
+        ("model", {"name": "m", "na\nme\x1b[2J": "x"}),
+        ("worker", {"nodeSelector": {"k\x1b]0;pwned\x07": "v\n"}}),
+        ("output", {"path": "/data/\x1b[31mout"}),
+    ]:
+        doc = copy.deepcopy(MINIMAL)
+        doc["spec"][section] = patch
+        errors += manifest_errors(doc)
+    doc = copy.deepcopy(MINIMAL)
+    doc["metadata"]["name"] = "bad\nname"
+    errors += manifest_errors(doc)
+    assert len(errors) >= 5, errors
+    assert all(e.isprintable() for e in errors), errors
+    with pytest.raises(ManifestError) as exc:
+        load_text("a: 1\n'\x1b[2J': 2\n'\x1b[2J': 3\n")
+    assert str(exc.value).isprintable()
