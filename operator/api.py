@@ -884,7 +884,9 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
     seen: dict[str, int] = {}
     for i, d in enumerate(spec.prompt.domains):
         k = domain_key(d)
-        if not k:
+        if any(unicodedata.category(ch) == "Cc" for ch in d):
+            errors.append(f"spec.prompt.domains[{i}]: must not contain control characters, got {short(d)}")
+        elif not k:
             errors.append(f"spec.prompt.domains[{i}]: is blank (only spaces or invisible characters); remove it")
         elif k in seen:
             errors.append(
@@ -894,6 +896,8 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
         else:
             seen[k] = i
 
+    if any(unicodedata.category(ch) == "Cc" for ch in spec.model.name):
+        errors.append(f"spec.model.name: must not contain control characters, got {short(spec.model.name)}")
     errors += output_errors(spec.output, spec.worker)
     errors += _qc_errors(spec)
     errors += _worker_errors(spec.worker)
