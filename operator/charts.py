@@ -4,9 +4,13 @@ unique vs generated across rounds, duplication rate per round, yield per tempera
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
+from genrun.worker import records as rec
 from genrun.worker.records import RoundReport
+from genrun.worker.storage import Storage
 
 W, H, PAD = 560, 220, 40
 
@@ -79,3 +83,8 @@ def render_html(run: str, reports: Sequence[RoundReport]) -> str:
         + "".join(charts)
         + "</body></html>\n"
     )
+
+
+def write_report_html(storage: Storage, reports: Sequence[RoundReport], path: Path) -> None:
+    doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
+    path.write_text(render_html(doc["metadata"]["name"], reports))

@@ -4,14 +4,18 @@ image never touches the worker's engine, and a user error is one line on stderr,
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from genrun.worker.records import EXIT_OK, EXIT_USAGE
+from genrun.worker import records as rec
+from genrun.worker.records import EXIT_OK, EXIT_STORAGE, EXIT_USAGE
 
 EXIT_RUN_FAILED = 3  # `genrun run`: the run ended Failed (budget, shards)
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader closed the pipe
 
 
 class UserError(Exception):
@@ -60,15 +64,38 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from genrun.operator.local import print_report
+    from genrun.operator.local import _open, observe_storage, print_report
 
-    return print_report(args.output, html=args.html)
+    if not args.json and not args.html:
+        return print_report(args.output)
+    storage = _open(args.output)
+    _, _, reports = observe_storage(storage)
+    if not args.json:
+        print_report(args.output)
+    if args.html:
+        from genrun.operator.charts import write_report_html
+
+        write_report_html(storage, [reports[k] for k in sorted(reports)], Path(args.html))
+        print(f"charts: {args.html}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        # One object on the last line, so `genrun report --json OUT | tail -1 | jq` reads it whatever came before.
+        if not reports:
+            raise UserError(f"{args.output}: no round has been merged yet")
+        raw = json.loads(storage.read_bytes(rec.round_report_key(max(reports))))
+        print(json.dumps(raw, sort_keys=True, separators=(",", ":")))
+    return EXIT_OK
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from genrun.worker.cli import main as worker_main
 
     return worker_main(args.worker_args)
+
+
+def _version() -> str:
+    from genrun.operator import __version__
+
+    return f"genrun {__version__}"
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
@@ -79,6 +106,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genrun", description=__doc__)
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check GenerationRun manifests like the API server would, offline")
@@ -107,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print the latest round report of an output")
     rep.add_argument("output")
     rep.add_argument("--html", help="also write a self-contained HTML page with charts here")
+    rep.add_argument("--json", action="store_true", help="the round report as one JSON object (on the last line)")
     rep.set_defaults(fn=_cmd_report)
 
     m = sub.add_parser("model", help="the embedded default model")
@@ -124,16 +153,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _storage_message(exc: Exception) -> str | None:
+    """One line for a storage failure the user can fix; None for anything else (a bug keeps its traceback)."""
+    from genrun.worker.storage import StorageError
+
+    if isinstance(exc, StorageError):
+        return f"storage: {exc}"
+    if not type(exc).__module__.startswith(("botocore", "boto3", "s3transfer")):
+        return None
+    name = type(exc).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return (f"S3: {exc}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL "
+                "for a store other than AWS")  # fmt: skip
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
+        return f"S3: {exc}: check AWS_ENDPOINT_URL and that the store is reachable from here"
+    return f"S3: {exc}"
+
+
+def _quiet_closed_pipe() -> int:
+    """The reader went away (`genrun status --json | head -1`): stop writing, as a shell tool killed by SIGPIPE would."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        # The worker's own parser owns everything after `worker`, --help included (the worker image's default command).
+        args = argparse.Namespace(fn=_cmd_worker, worker_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         code: int = args.fn(args)
+        sys.stdout.flush()
     except UserError as exc:
         print(f"genrun: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("genrun: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _quiet_closed_pipe()
+    except Exception as exc:
+        message = _storage_message(exc)
+        if message is None:
+            raise
+        print(f"genrun: error: {message}", file=sys.stderr)
+        return EXIT_STORAGE
     return code
 
 
