@@ -159,6 +159,48 @@ def test_dashboard_uses_variables_and_describes_panels() -> None:
     cm = next(d for d in render(CHART / "ci" / "cluster-wide-monitoring-values.yaml") if d["kind"] == "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["genrun.json"]) == dash
+    assert cm["metadata"]["namespace"] == "ops"  # the release namespace unless dashboard.namespace names another
+    moved = render(None, "--set", "dashboard.enabled=true", "--set", "dashboard.namespace=monitoring")
+    assert next(d for d in moved if d["kind"] == "ConfigMap")["metadata"]["namespace"] == "monitoring"
+
+
+def _metrics(expr: str) -> set[str]:
+    return set(re.findall(r"genrun_\w+", expr))
+
+
+def test_dashboard_has_one_unit_per_axis_and_per_round_bars() -> None:
+    """One unit per panel (no overrides that put a second unit on a second axis); ratios (0-1) never share a panel
+    with counts; examples/s and tokens/s apart; per-round bars from instant table queries (one bar per round, not per
+    scrape)."""
+    dash = json.loads((CHART / "files" / "dashboard.json").read_text())
+    for panel in dash["panels"]:
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        assert not any(p["id"] == "unit" for o in panel["fieldConfig"]["overrides"] for p in o.get("properties", [])), (
+            panel["title"]
+        )
+        metrics = set().union(*(_metrics(t["expr"]) for t in panel["targets"]))
+        ratios = {m for m in metrics if m.endswith("_ratio")}
+        assert not ratios or ratios == metrics, f"{panel['title']}: ratios and counts on one axis: {metrics}"
+        assert (unit == "percentunit") == bool(ratios), (panel["title"], unit)
+        assert len(metrics & {"genrun_generated_examples_total", "genrun_generated_tokens_total"}) <= 1
+        assert len(metrics & {"genrun_round", "genrun_budget_used_ratio"}) <= 1
+        if any("round" in m and m != "genrun_round" for m in metrics):  # per-round series
+            assert panel["type"] == "barchart" and panel["options"]["xField"] == "round"
+            for t in panel["targets"]:
+                assert t["instant"] is True and t["range"] is False and t["format"] == "table", panel["title"]
+    rates = [p["fieldConfig"]["defaults"]["unit"] for p in dash["panels"] if "per second" in p["title"]]
+    assert sorted(rates) == ["suffix: examples/s", "suffix: tokens/s"]
+
+
+def test_service_monitor_keeps_the_runs_namespace_label() -> None:
+    """What it means is tested in test_prometheus.py, through a real Prometheus; here, that it is rendered."""
+    sm = next(d for d in render(CHART / "ci" / "cluster-wide-monitoring-values.yaml") if d["kind"] == "ServiceMonitor")
+    ep = sm["spec"]["endpoints"][0]
+    assert ep["honorLabels"] is True
+    assert [r.get("targetLabel", r.get("regex")) for r in ep["metricRelabelings"]] == [
+        "namespace",
+        "exported_namespace",
+    ]
 
 
 def test_dockerfiles_lint() -> None:
