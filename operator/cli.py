@@ -86,6 +86,42 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from genrun.operator.local import _open
+    from genrun.worker.export import stage_for_push
+
+    storage = _open(args.output)
+    with tempfile.TemporaryDirectory(prefix="genrun-push-") as tmpd:
+        try:
+            files = stage_for_push(storage, Path(tmpd))
+        except FileNotFoundError as exc:
+            raise UserError(str(exc)) from exc
+        size = sum((Path(tmpd) / f).stat().st_size for f in files)
+        print(f"{len(files)} files, {size / 1e6:.1f} MB -> https://huggingface.co/datasets/{args.repo}")
+        for f in files:
+            print(f"  {f}")
+        if args.dry_run:
+            return EXIT_OK
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        api = HfApi(token=args.token)
+        try:
+            api.create_repo(args.repo, repo_type="dataset", private=args.private, exist_ok=True)
+            # One commit: the card, every part and its messages; parts a re-merge no longer writes are deleted.
+            info = api.upload_folder(
+                repo_id=args.repo, repo_type="dataset", folder_path=tmpd, revision=args.revision,
+                commit_message=args.message, delete_patterns=["data/train-*.parquet", "messages/train-*.parquet"],
+            )  # fmt: skip
+        except (OfflineModeIsEnabled, HfHubHTTPError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"push to {args.repo}: {first} (log in with `hf auth login` or pass --token)") from exc
+    print(f"pushed: {getattr(info, 'commit_url', info)}")
+    return EXIT_OK
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from genrun.worker.cli import main as worker_main
 
@@ -137,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--html", help="also write a self-contained HTML page with charts here")
     rep.add_argument("--json", action="store_true", help="the round report as one JSON object (on the last line)")
     rep.set_defaults(fn=_cmd_report)
+
+    pu = sub.add_parser(
+        "push", help="upload an output's dataset folder (card, parts, messages) to the Hugging Face Hub"
+    )
+    pu.add_argument("output")
+    pu.add_argument("--repo", required=True, help="dataset repo id, e.g. my-org/my-dataset (created if missing)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    pu.add_argument("--revision", help="branch to commit to (default: main)")
+    pu.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the stored login)")
+    pu.add_argument("--message", default="genrun: dataset update", help="commit message")
+    pu.add_argument("--dry-run", action="store_true", help="list what would be uploaded; no network")
+    pu.set_defaults(fn=_cmd_push)
 
     m = sub.add_parser("model", help="the embedded default model")
     msub = m.add_subparsers(dest="model_command", required=True)
