@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,11 +22,31 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
     tmp = tmp_path_factory.mktemp("cli")
-    res = run(["run", str(small_manifest(tmp)), "--engine", "replay", "--jobs", "2", "-q"])
+    res = run(["run", str(small_manifest(tmp)), "--engine", "replay", "--jobs", "2"])
     assert res.returncode == 0, res.stderr
-    yield tmp / "local"
+    yield tmp / "local", res.stderr
+
+
+@pytest.fixture(scope="module")
+def finished(finished_run: tuple[Path, str]) -> Path:
+    return finished_run[0]
+
+
+def test_progress_shows_elapsed_eta_and_tokens_per_second(finished_run: tuple[Path, str]) -> None:
+    """In a log (not a terminal) a line is written when something happens, with the clock and rates at that time."""
+    lines = [x for x in finished_run[1].splitlines() if x.startswith("round ")]
+    pattern = re.compile(
+        r"^round \d+ \[#* *\] \d+/\d+ shards \| kept \d+/60 \| dup [\d.]+% \| (-|[\d,]+) tokens/s \| "
+        r"\d\d:\d\d<(\?|\d\d:\d\d) \| .* \| \w+$"
+    )
+    for line in lines:
+        assert pattern.match(line), line
+    assert lines[0].split(" | ")[3] == "- tokens/s" and lines[0].endswith("RoundStarted")
+    assert re.search(r"\| [1-9][\d,]* tokens/s \|", lines[-1]), lines[-1]
+    assert "<?" in lines[0] and "<?" not in lines[-1]  # an ETA once a round has been merged
+    assert len(lines) == len(set(lines)) < 40  # a log line per event, not per tick
 
 
 def test_version_names_the_package_version() -> None:
