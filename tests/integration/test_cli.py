@@ -3,6 +3,7 @@ missing S3 credential and a closed pipe, `report --json`, and a wheel build that
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -128,3 +129,18 @@ def test_wheel_build_prints_no_packaging_warnings(tmp_path: Path) -> None:
     assert ours == [], "\n".join(ours)
     names = zipfile.ZipFile(next(tmp_path.glob("genrun-*.whl"))).namelist()
     assert "genrun/worker/replay/smollm2-135m.jsonl.gz" in names
+
+
+def test_report_html_shows_target_duplicates_reasons_and_rows_of_the_dataset(finished: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    page_path = tmp_path / "r.html"
+    res = run(["report", str(finished), "--html", str(page_path), "--json"])
+    assert res.returncode == 0, res.stderr
+    json.loads(res.stdout.strip().splitlines()[-1])  # --json's last line stays one object; the path goes to stderr
+    page = page_path.read_text()
+    status = json.loads((finished / "status.json").read_text())
+    first = pq.read_table(status["status"]["output"]["dataset"]).slice(0, 1).to_pylist()[0]
+    assert "target 60" in page and "Most duplicated instructions" in page and "Rejected rows by reason" in page
+    assert f"Sample rows (5 of {status['status']['totals']['qcPassed']} kept)" in page
+    assert html.escape(first["instruction"][:200]) in page
