@@ -70,6 +70,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return print_report(args.output)
     storage = _open(args.output)
     _, _, reports = observe_storage(storage)
+    if not reports:
+        if args.json:
+            raise UserError(f"{args.output}: no round has been merged yet")
+        return print_report(args.output)  # says so; there is nothing to chart
     if not args.json:
         print_report(args.output)
     if args.html:
@@ -79,8 +83,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"charts: {args.html}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         # One object on the last line, so `genrun report --json OUT | tail -1 | jq` reads it whatever came before.
-        if not reports:
-            raise UserError(f"{args.output}: no round has been merged yet")
         raw = json.loads(storage.read_bytes(rec.round_report_key(max(reports))))
         print(json.dumps(raw, sort_keys=True, separators=(",", ":")))
     return EXIT_OK

@@ -108,6 +108,8 @@ def test_report_json_before_any_merge_is_a_one_line_error(tmp_path: Path) -> Non
     (tmp_path / "status.json").write_text(json.dumps({"metadata": {"name": "x"}, "spec": {}, "status": {}}))
     res = run(["report", "--json", str(tmp_path)])
     assert res.returncode == 2 and res.stderr.startswith("genrun: error:") and "Traceback" not in res.stderr
+    page = run(["report", str(tmp_path), "--html", str(tmp_path / "r.html")])
+    assert page.returncode == 0 and "no round has been merged yet" in page.stdout and "Traceback" not in page.stderr
 
 
 def test_wheel_build_prints_no_packaging_warnings(tmp_path: Path) -> None:
