@@ -46,10 +46,20 @@ def genrun_version() -> str:
         return "unknown"
 
 
-def part_metadata(raw_spec: Mapping[str, Any], run: str) -> dict[bytes, bytes]:
+def _manifest(spec: Any) -> dict[str, Any]:
+    """The spec as a manifest dict, from the raw spec (as applied) or the parsed GenerationRunSpec (defaults in)."""
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    from genrun.operator.api import to_manifest
+
+    out: dict[str, Any] = to_manifest(spec)
+    return out
+
+
+def part_metadata(spec: Any, run: str) -> dict[bytes, bytes]:
     """Key-value metadata for a dataset part's Parquet schema (`example_schema().with_metadata(...)`): the spec that
-    made the rows travels with them, whoever copies the file."""
-    doc = {"version": genrun_version(), "run": run, "spec": raw_spec}
+    made the rows travels with them, whoever copies the file. `spec`: raw (a mapping) or parsed."""
+    doc = {"version": genrun_version(), "run": run, "spec": _manifest(spec)}
     return {METADATA_KEY: json.dumps(doc, sort_keys=True).encode()}
 
 
@@ -118,14 +128,16 @@ def _plans(storage: Storage, upto: int) -> dict[int, rec.RoundPlan]:
 
 def export_dataset(
     storage: Storage,
-    raw_spec: Mapping[str, Any],
+    spec: Any,
     run: str,
     report: rec.RoundReport,
     rewritten: Iterable[int] = (),
 ) -> None:
     """Bring `<output>/dataset/` up to date with round `report.round`: the messages export of every part that has
     none yet or was (re)written this time (`rewritten`: rounds a full re-merge replayed; the current round always),
-    and the dataset card. `report` is the round's report, not yet published."""
+    and the dataset card. `spec`: the run's spec, raw (a mapping) or parsed; `report`: the round's report, which may
+    not be published yet."""
+    raw_spec = _manifest(spec)
     parts = _parts(storage)
     have = {int(m.group(1)) for k in storage.list(MESSAGES_PREFIX) if (m := PART_RE.search(k))}
     todo = sorted({r for r in parts if r not in have} | ({report.round, *rewritten} & set(parts)))
