@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from genrun.operator.api import parse_spec
 from genrun.worker import records as rec
 from genrun.worker.export import CARD_KEY, export_dataset, messages_jsonl_key, messages_key, part_metadata
 from genrun.worker.storage import LocalStorage
@@ -86,12 +87,13 @@ def test_pandas_reads_the_parts_with_the_spec_in_their_metadata(
     assert len(df) == reports[-1].qc_passed_total
     assert df.groupby("round").size().to_dict() == {r.round: r.new_qc_passed for r in reports if r.new_qc_passed}
     meta = json.loads(pq.read_schema(next((out / "dataset" / "data").glob("*.parquet"))).metadata[b"genrun"])
-    assert meta["spec"] == raw_spec and meta["run"] == "local" and meta["version"]
+    # The spec as applied, raw or with defaults filled in (the merge has it parsed): the same spec either way.
+    assert parse_spec(meta["spec"]) == parse_spec(raw_spec) and meta["run"] == "local" and meta["version"]
     last = reports[-1]
     jl = pd.read_json(out / messages_jsonl_key(last.round), lines=True)
     assert len(jl) == last.new_qc_passed and list(jl.columns) == ["messages"]
     chat_meta = json.loads(pq.read_schema(out / messages_key(last.round)).metadata[b"genrun"])
-    assert chat_meta["spec"] == raw_spec and chat_meta["report"] == rec.plain(last)
+    assert parse_spec(chat_meta["spec"]) == parse_spec(raw_spec) and chat_meta["report"] == rec.plain(last)
 
 
 def test_card_front_matter_and_what_it_records(exported: tuple[Path, dict, list[rec.RoundReport]]) -> None:
@@ -146,8 +148,6 @@ def test_export_is_a_pure_function_of_what_exists(
     (copy / messages_jsonl_key(1)).unlink()
     export_dataset(storage, raw_spec, "local", reports[-1])
     assert files() == before
-    from genrun.operator.api import parse_spec
-
     export_dataset(storage, parse_spec(raw_spec), "local", reports[-1])  # as the merge has it: parsed
     assert (copy / CARD_KEY).read_bytes() == before[copy / CARD_KEY]
     last = reports[-1].round
