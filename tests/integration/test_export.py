@@ -61,20 +61,42 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
     yield out, raw_spec, reports
 
 
-def test_datasets_loads_the_folder_and_both_configs(exported: tuple[Path, dict, list[rec.RoundReport]]) -> None:
+def test_datasets_loads_the_folder_and_both_configs(
+    exported: tuple[Path, dict, list[rec.RoundReport]], tmp_path: Path
+) -> None:
     import datasets
 
     out, _, reports = exported
     kept = reports[-1].qc_passed_total
-    ds = datasets.load_dataset(str(out / "dataset"), split="train")
+    ds = datasets.load_dataset(str(out / "dataset"), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert ds.num_rows == kept
     assert set(ds.column_names) == {name for name, _ in rec.EXAMPLE_COLUMNS}
     assert sorted(set(ds["round"])) == [r.round for r in reports if r.new_qc_passed]
-    chat = datasets.load_dataset(str(out / "dataset"), "messages", split="train")
+    chat = datasets.load_dataset(str(out / "dataset"), "messages", split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert chat.num_rows == kept and chat.column_names == ["messages"]
     first = chat[0]["messages"]
     assert [m["role"] for m in first] == ["user", "assistant"]
     assert first[0]["content"] == ds[0]["instruction"] and first[1]["content"] == ds[0]["response"]
+
+
+def test_two_outputs_never_load_each_others_rows(
+    exported: tuple[Path, dict, list[rec.RoundReport]], tmp_path: Path
+) -> None:
+    """`datasets` caches a local folder by its name (`dataset`, in every output) and a hash of the card's metadata:
+    an output with other rows must not be served the first one's cached table."""
+    import datasets
+
+    out, raw_spec, reports = exported
+    cache = str(tmp_path / "hf-cache")
+    first = datasets.load_dataset(str(out / "dataset"), split="train", cache_dir=cache)
+    assert first.num_rows == reports[-1].qc_passed_total
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    last = reports[-1].round
+    (other / f"dataset/data/train-r{last:04d}.parquet").unlink()
+    export_dataset(LocalStorage(str(other)), raw_spec, "local", reports[-2])
+    second = datasets.load_dataset(str(other / "dataset"), split="train", cache_dir=cache)
+    assert second.num_rows == reports[-2].qc_passed_total != first.num_rows
 
 
 def test_pandas_reads_the_parts_with_the_spec_in_their_metadata(
@@ -101,18 +123,24 @@ def test_card_front_matter_and_what_it_records(exported: tuple[Path, dict, list[
     card = (out / CARD_KEY).read_text()
     assert card.startswith("---\n")
     front = yaml.safe_load(card.split("---\n")[1])
+    last = reports[-1]
     assert front["configs"][0] == {
         "config_name": "default", "default": True, "data_files": [{"split": "train", "path": "data/train-*.parquet"}]
     }  # fmt: skip
     assert front["size_categories"] == ["n<1K"] and "synthetic" in front["tags"]
-    last = reports[-1]
+    assert [i["splits"] for i in front["dataset_info"]] == [
+        [{"name": "train", "num_examples": last.qc_passed_total}]
+    ] * 2
+    assert "&id" not in card.split("---\n")[1]  # plain YAML, no anchors
     body = card.split("---\n", 2)[2]
     assert raw_spec["model"]["name"] in body
     for domain in raw_spec["prompt"]["domains"]:
         assert domain in body
     plan1 = rec.round_plan_from(json.loads((out / rec.round_plan_key(1)).read_text()))
+    arms = "; ".join(dict.fromkeys(s.sampling.describe() for s in plan1.shards))
     assert (
-        f"| 1 | {reports[0].shards} | {min(plan1.seeds)}-{max(plan1.seeds)} | {plan1.sampling.temperature:g} |" in body
+        f"| 1 | {reports[0].shards} | {min(plan1.seeds)}-{max(plan1.seeds)} | {arms} | {reports[0].generated:,} |"
+        in body
     )
     assert f"| kept (unique and QC-passed) | {last.qc_passed_total:,} |" in body
     assert f"| duplication ratio | {last.duplication_ratio:.1%} |" in body
