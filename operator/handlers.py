@@ -484,7 +484,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, reconciler: Re
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=GROUP, key="last-handled-configuration"
         )
-        settings.posting.level = logging.INFO
+        settings.posting.level = logging.WARNING
         settings.batching.idle_timeout = 30
 
     @kopf.on.login(id="login", **on)  # type: ignore[arg-type]
