@@ -571,7 +571,7 @@ def _bandit_round(
     if size.shards < cap:  # sized to the target: size again for the arms actually drawn
         y, sd = pol.mix_yield(stats, picks)
         n, _, why = pol.examples_for(spec, need, y, sd, last)
-        per = min(spec.shards.examples_per_shard, max(1, math.ceil(n / len(picks))))
+        per = pol.shard_examples(spec, math.ceil(n / len(picks)))
         why += f" -> {len(picks)} shard(s) x {per}"
     retired = [a.id for a in stats if a.retired]
     why += f"; retired (QC-pass rate below the floor): {', '.join(retired)}" if retired else ""

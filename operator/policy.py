@@ -29,7 +29,7 @@ from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
 
 DISCOUNT = 0.7  # weight of a round's evidence per round of age
 MAX_ARMS = 16  # the CRD's maxItems on spec.policy.arms, and the ladder's length bound
-MIN_PILOT_EXAMPLES = 16  # per pilot shard: fewer measures nothing
+MIN_SHARD_EXAMPLES = 16  # per shard (unless examplesPerShard is smaller): fewer measures nothing, and a GPU Job's start-up would cost more than its samples
 RETIRE_AFTER_UNIQUE = 10  # an arm is judged on its QC-pass rate only after this many new unique rows
 UNREACHABLE = 2**62  # examples needed at a yield of 0
 
@@ -285,6 +285,12 @@ def examples_for(spec: GenerationRunSpec, need: int, y: float, sd: float, last_r
     )
 
 
+def shard_examples(spec: GenerationRunSpec, per: int) -> int:
+    """Examples per shard, between MIN_SHARD_EXAMPLES and spec.shards.examplesPerShard."""
+    eps = spec.shards.examples_per_shard
+    return min(eps, max(min(MIN_SHARD_EXAMPLES, eps), per))
+
+
 def size_round(
     spec: GenerationRunSpec, need: int, y: float, sd: float, room_examples: int, room_shards: int, last_round: bool
 ) -> Sizing:
@@ -295,7 +301,7 @@ def size_round(
     n, precise, why = examples_for(spec, need, y, sd, last_round)
     if n <= min(cap * eps, room_examples):
         shards = max(min(e.min_shards_per_round, cap), math.ceil(n / eps))
-        per = math.ceil(n / shards)
+        per = shard_examples(spec, math.ceil(n / shards))
         return Sizing(shards, per, precise, f"{why} -> {shards} shard(s) x {per}")
     per = min(eps, max(1, room_examples // max(1, cap)))
     shown = "no yield measured yet" if n == UNREACHABLE else f"~{n} examples"
@@ -305,13 +311,13 @@ def size_round(
 
 def pilot(spec: GenerationRunSpec) -> tuple[list[Sampling], int, str]:
     """Round 1 under the bandit: at most pilotShare of the target in examples (the least the run can need), spread
-    over the arms, at least MIN_PILOT_EXAMPLES per shard. Returns (arm per shard, examples per shard, why)."""
+    over the arms, at least MIN_SHARD_EXAMPLES per shard. Returns (arm per shard, examples per shard, why)."""
     space = arms(spec)
     eps = spec.shards.examples_per_shard
     want = max(1, math.ceil(spec.policy.pilot_share * spec.target.unique_examples))
     cap = min(spec.escalation.max_shards_per_round, spec.budget.max_shards)
     n = max(1, min(cap, max(len(space), math.ceil(want / eps))))
-    per = min(eps, max(MIN_PILOT_EXAMPLES, math.ceil(want / n)))
+    per = min(eps, max(MIN_SHARD_EXAMPLES, math.ceil(want / n)))
     # Fewer shards than arms: spread the shards evenly over the arm list (its ends included).
     idx = [round(i * (len(space) - 1) / (n - 1)) if n > 1 else 0 for i in range(n)] if n < len(space) else None
     picked = [space[i] for i in idx] if idx is not None else [space[i % len(space)] for i in range(n)]

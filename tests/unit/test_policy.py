@@ -118,7 +118,7 @@ def test_pilot_samples_a_share_of_the_target_over_every_arm() -> None:
         for a in decide(REF, spec_of(target={"uniqueExamples": 50}), Observed()).actions
         if isinstance(a, CreateShardJob)
     ]
-    assert len(small) == 4 and all(s.examples == pol.MIN_PILOT_EXAMPLES for s in small)
+    assert len(small) == 4 and all(s.examples == pol.MIN_SHARD_EXAMPLES for s in small)
 
 
 def test_pinned_first_round_uses_shards_initial() -> None:
