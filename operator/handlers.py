@@ -340,6 +340,7 @@ class Reconciler:
             obs = Observed({**rounds, new_round.round: new_round}, jobs, done, reports, quarantined)
             plan = decide(ref, spec, obs)
 
+        creates = []
         for a in plan.actions:
             if isinstance(a, CreateShardJob):
                 manifest = mf.shard_job(ref, a, spec, self.settings)
@@ -349,10 +350,8 @@ class Reconciler:
                 job = ObservedJob(a.name, "merge", a.round, None, a.attempt, "Pending")
             else:
                 continue
-            # The job spec first (a 409 after a restart is the same spec), then the Job that mounts it.
-            await self.kube.create(api_path("v1", ref.namespace, "configmaps"), mf.job_configmap(ref, a, raw_spec))
-            await self.kube.create(api_path("batch/v1", ref.namespace, "jobs"), manifest)
-            overlay[a.name] = job
+            creates.append(self._create_job(ref, mf.job_configmap(ref, a, raw_spec), manifest, job, overlay))
+        await asyncio.gather(*creates)  # each Job after its own ConfigMap; Jobs side by side
         states = _shard_states(_values(jobs_idx, key))
         await self._publish(
             body,
@@ -365,6 +364,14 @@ class Reconciler:
             events,
             budget_used(spec, plan.status),
         )
+
+    async def _create_job(
+        self, ref: RunRef, cm: dict[str, Any], job: dict[str, Any], seen: ObservedJob, overlay: dict[str, ObservedJob]
+    ) -> None:
+        # The job spec first (a 409 after a restart is the same spec), then the Job that mounts it.
+        await self.kube.create(api_path("v1", ref.namespace, "configmaps"), cm)
+        await self.kube.create(api_path("batch/v1", ref.namespace, "jobs"), job)
+        overlay[seen.name] = seen
 
     async def _publish(
         self,
