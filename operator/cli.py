@@ -4,6 +4,7 @@ image never touches the worker's engine, and a user error is one line on stderr,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     bad = 0
     for name in args.files:
-        errors = validate_file(Path(name))
+        try:
+            errors = validate_file(Path(name))
+        except Exception as exc:  # a bug of ours: still one line, and the file counts as not validated
+            errors = [f"internal error while validating ({type(exc).__name__}: {str(exc)[:200]}); please report it"]
         if errors:
             bad += 1
             for e in errors:
@@ -43,6 +47,11 @@ def _cmd_model_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from genrun.operator.local import run_manifest
+
+    if args.jobs < 1:
+        raise UserError(f"--jobs: must be at least 1, got {args.jobs}")
+    if args.output is not None and (not args.output.strip() or "\0" in args.output):
+        raise UserError(f"--output: must name a folder or s3://bucket/prefix, got {args.output!r}")
 
     return run_manifest(
         Path(args.manifest),
@@ -134,6 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("genrun: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`genrun validate ... | head -1`): stop quietly, and keep Python's exit-time flush
+        # of stdout from printing a traceback of its own.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return code
 
 

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-import yaml
 from genrun.operator import conditions as c
-from genrun.operator.api import API_VERSION, RunRef, parse_manifest, parse_spec
+from genrun.operator.api import API_VERSION, RunRef, parse_spec
 from genrun.operator.planner import (
     CreateMergeJob,
     CreateShardJob,
@@ -327,17 +326,14 @@ def run_manifest(
     path: Path, *, output: str | None, jobs: int, engine: str, quiet: bool, out: TextIO = sys.stderr
 ) -> int:
     from genrun.operator.cli import EXIT_RUN_FAILED, UserError
-    from genrun.operator.validate import validate_file
+    from genrun.operator.validate import ManifestError, SpecError, load_run_manifest
 
-    errors = validate_file(path)
-    if errors:  # before anything touches the output folder
-        for e in errors:
+    try:  # the one validation path, --output included, before anything touches the output folder
+        doc, ref, spec = load_run_manifest(path, output)
+    except (ManifestError, SpecError) as exc:
+        for e in exc.errors if isinstance(exc, SpecError) else [str(exc)]:
             print(f"{path}: {e}", file=sys.stderr)
         return rec.EXIT_USAGE
-    doc = yaml.safe_load(path.read_text())
-    if output:
-        doc["spec"]["output"]["path"] = output
-    ref, spec = parse_manifest(doc)
     storage = open_storage(spec.output.path, spec.output.s3.endpoint if spec.output.s3 else "")
     try:
         storage.check()

@@ -199,6 +199,7 @@ def test_worker_cli_generates_a_shard_from_the_mounted_job_spec(tmp_path: Path) 
     from genrun.worker import cli
 
     raw = {**RAW, "output": {"path": str(tmp_path / "out")}, "shards": {"initial": 1, "examplesPerShard": 4},
+           "target": {"uniqueExamples": 20}, "policy": {"pilotShare": 0},
            "worker": {"gpus": 0}, "prompt": {"domains": ["cooking", "travel"]}}  # fmt: skip
     spec = parse_spec(raw)
     shard = next(a for a in decide(REF, spec, Observed()).actions if isinstance(a, CreateShardJob))
@@ -240,7 +241,15 @@ def test_api_paths_of_valid_names() -> None:
 
 
 def test_run_errors_name_the_field_and_the_fix() -> None:
-    bad = parse_spec({**RAW, "output": {"path": "s3://b-1/p", "s3": {"credentialsSecret": "../kube-system/x"}}})
+    import dataclasses
+
+    from genrun.operator.api import S3Spec
+
+    # Validation refuses this name first (a DNS-1123 pattern); the builders refuse it again should anything get past.
+    good = parse_spec({**RAW, "output": {"path": "s3://b-1/p", "s3": {"credentialsSecret": "creds"}}})
+    bad = dataclasses.replace(
+        good, output=dataclasses.replace(good.output, s3=S3Spec(credentials_secret="../kube-system/x"))
+    )
     (err,) = mf.run_errors(bad, Settings())
     assert err.startswith("spec.output.s3.credentialsSecret: '../kube-system/x' is not a Secret name")
     ambient = parse_spec({**RAW, "output": {"path": "s3://b-1/p", "s3": {"endpoint": "http://evil:9000"}}})
