@@ -26,7 +26,7 @@ import kopf
 from genrun.operator import conditions as c
 from genrun.operator import local
 from genrun.operator import manifests as mf
-from genrun.operator.api import GROUP, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError, parse_spec
+from genrun.operator.api import GROUP, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError
 from genrun.operator.metrics import Metrics
 from genrun.operator.planner import (
     CreateMergeJob,
@@ -184,6 +184,7 @@ class Reconciler:
         self.storages: dict[tuple[str, str, str], Any] = {}
         self.posted: dict[RunKey, set[tuple[str, str]]] = {}
         self.secrets: dict[tuple[str, str], tuple[float, Any]] = {}
+        self.checked: dict[RunKey, tuple[str, GenerationRunSpec | SpecError]] = {}  # spec JSON -> its verdict
         self.markers_ok: set[tuple[str, str]] = set()  # (storage url, key) of markers read and found whole
 
     # -- observation ---------------------------------------------------------------------------------------------
@@ -281,7 +282,7 @@ class Reconciler:
         if _rejected(old_status, ref.generation):
             return  # a child was refused for this generation: terminal until the spec changes
         try:
-            spec = parse_spec(raw_spec)
+            spec = self._check(key, body, raw_spec)
         except SpecError as exc:
             await self._publish(body, path, invalid_plan(ref, exc.errors), old_status, ref, 0, {})
             return
@@ -294,6 +295,23 @@ class Reconciler:
         except (ChildRejected, mf.TooLarge) as exc:
             reason = c.CHILD_REJECTED if isinstance(exc, ChildRejected) else c.INVALID_SPEC
             await self._publish(body, path, invalid_plan(ref, [str(exc)], reason), old_status, ref, 0, {})
+
+    def _check(self, key: RunKey, body: Mapping[str, Any], raw_spec: dict[str, Any]) -> GenerationRunSpec:
+        """The one validation path (validate.check_manifest: schema, CEL, semantics, children's names), run once per
+        distinct spec of a run: a reconcile per Job event must not re-validate an unchanged spec."""
+        from genrun.operator.validate import check_manifest
+
+        text = json.dumps(raw_spec, sort_keys=True, default=str)
+        hit = self.checked.get(key)
+        if hit is None or hit[0] != text:
+            try:
+                hit = (text, check_manifest(body)[1])
+            except SpecError as exc:
+                hit = (text, exc)
+            self.checked[key] = hit
+        if isinstance(hit[1], SpecError):
+            raise hit[1]
+        return hit[1]
 
     async def _apply(
         self,
@@ -412,7 +430,7 @@ class Reconciler:
         for p in _values(plans_idx, (ns, name)):
             await self.kube.delete(api_path("v1", ns, "configmaps", f"{name}-r{p.round}-plan"))
         self.metrics.runs.forget(ns, name)
-        for store in (self.recorded, self.created_jobs, self.posted):
+        for store in (self.recorded, self.created_jobs, self.posted, self.checked):
             store.pop((ns, name), None)
 
 
