@@ -26,7 +26,7 @@ import kopf
 from genrun.operator import conditions as c
 from genrun.operator import local
 from genrun.operator import manifests as mf
-from genrun.operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError
+from genrun.operator.api import GROUP, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError
 from genrun.operator.metrics import Metrics
 from genrun.operator.planner import (
     CreateMergeJob,
@@ -185,6 +185,7 @@ class Reconciler:
         self.storages: dict[tuple[str, str, str], Any] = {}
         self.posted: dict[RunKey, set[tuple[str, str]]] = {}
         self.secrets: dict[tuple[str, str], tuple[float, Any]] = {}
+        self.checked: dict[RunKey, tuple[str, GenerationRunSpec | SpecError]] = {}  # spec JSON -> its verdict
         self.markers_ok: set[tuple[str, str]] = set()  # (storage url, key) of markers read and found whole
 
     # -- observation ---------------------------------------------------------------------------------------------
@@ -281,10 +282,8 @@ class Reconciler:
         path = run_path(*key)
         if _rejected(old_status, ref.generation):
             return  # a child was refused for this generation: terminal until the spec changes
-        try:  # the one validation path (genrun validate and run call it too), run name and child names included
-            _, spec = check_manifest(
-                {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(meta), "spec": raw_spec}
-            )
+        try:
+            spec = self._check(key, body, raw_spec)
         except SpecError as exc:
             await self._publish(body, path, invalid_plan(ref, exc.errors), old_status, ref, 0, {})
             return
@@ -297,6 +296,22 @@ class Reconciler:
         except (ChildRejected, mf.TooLarge) as exc:
             reason = c.CHILD_REJECTED if isinstance(exc, ChildRejected) else c.INVALID_SPEC
             await self._publish(body, path, invalid_plan(ref, [str(exc)], reason), old_status, ref, 0, {})
+
+    def _check(self, key: RunKey, body: Mapping[str, Any], raw_spec: dict[str, Any]) -> GenerationRunSpec:
+        """The one validation path (validate.check_manifest: schema, CEL, semantics, children's names), run once per
+        distinct spec of a run: a reconcile per Job event must not re-validate an unchanged spec."""
+
+        text = json.dumps(raw_spec, sort_keys=True, default=str)
+        hit = self.checked.get(key)
+        if hit is None or hit[0] != text:
+            try:
+                hit = (text, check_manifest(body)[1])
+            except SpecError as exc:
+                hit = (text, exc)
+            self.checked[key] = hit
+        if isinstance(hit[1], SpecError):
+            raise hit[1]
+        return hit[1]
 
     async def _apply(
         self,
@@ -343,6 +358,7 @@ class Reconciler:
             obs = Observed({**rounds, new_round.round: new_round}, jobs, done, reports, quarantined)
             plan = decide(ref, spec, obs)
 
+        creates = []
         for a in plan.actions:
             if isinstance(a, CreateShardJob):
                 manifest = mf.shard_job(ref, a, spec, self.settings)
@@ -352,10 +368,8 @@ class Reconciler:
                 job = ObservedJob(a.name, "merge", a.round, None, a.attempt, "Pending")
             else:
                 continue
-            # The job spec first (a 409 after a restart is the same spec), then the Job that mounts it.
-            await self.kube.create(api_path("v1", ref.namespace, "configmaps"), mf.job_configmap(ref, a, raw_spec))
-            await self.kube.create(api_path("batch/v1", ref.namespace, "jobs"), manifest)
-            overlay[a.name] = job
+            creates.append(self._create_job(ref, mf.job_configmap(ref, a, raw_spec), manifest, job, overlay))
+        await asyncio.gather(*creates)  # each Job after its own ConfigMap; Jobs side by side
         states = _shard_states(_values(jobs_idx, key))
         await self._publish(
             body,
@@ -368,6 +382,14 @@ class Reconciler:
             events,
             budget_used(spec, plan.status),
         )
+
+    async def _create_job(
+        self, ref: RunRef, cm: dict[str, Any], job: dict[str, Any], seen: ObservedJob, overlay: dict[str, ObservedJob]
+    ) -> None:
+        # The job spec first (a 409 after a restart is the same spec), then the Job that mounts it.
+        await self.kube.create(api_path("v1", ref.namespace, "configmaps"), cm)
+        await self.kube.create(api_path("batch/v1", ref.namespace, "jobs"), job)
+        overlay[seen.name] = seen
 
     async def _publish(
         self,
@@ -408,7 +430,7 @@ class Reconciler:
         for p in _values(plans_idx, (ns, name)):
             await self.kube.delete(api_path("v1", ns, "configmaps", f"{name}-r{p.round}-plan"))
         self.metrics.runs.forget(ns, name)
-        for store in (self.recorded, self.created_jobs, self.posted):
+        for store in (self.recorded, self.created_jobs, self.posted, self.checked):
             store.pop((ns, name), None)
 
 
