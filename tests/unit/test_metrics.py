@@ -25,6 +25,10 @@ STATUS = {
 }
 
 
+def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, tuple(sorted({"namespace": "data", "name": "sft", **labels}.items()))
+
+
 def scrape(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     out = {}
     for fam in text_string_to_metric_families(generate_latest(m.registry).decode()):
@@ -37,25 +41,23 @@ def test_a_run_status_becomes_its_series() -> None:
     m = Metrics()
     m.runs.update("data", "sft", 1000, STATUS, {"running": 2, "succeeded": 6}, budget_used=0.4)
     got = scrape(m)
-    run = (("name", "sft"), ("namespace", "data"))
-    assert got[("genrun_generated_examples_total", run)] == 500
-    assert got[("genrun_generated_tokens_total", run)] == 30000
-    assert got[("genrun_qc_passed_examples", run)] == 280
-    assert got[("genrun_target_examples", run)] == 1000
-    assert got[("genrun_duplication_ratio", run)] == 0.36
-    assert got[("genrun_budget_used_ratio", run)] == 0.4
-    assert got[("genrun_unique_yield_ratio", (*run, ("round", "2")))] == 0.5
-    assert abs(got[("genrun_round_duplication_ratio", (*run, ("round", "1")))] - 0.2) < 1e-9
-    assert ("genrun_unique_yield_ratio", (*run, ("round", "3"))) not in got
-    assert got[("genrun_shard_jobs", (*run, ("state", "running")))] == 2
-    assert got[("genrun_shard_jobs", (*run, ("state", "failed")))] == 0
-    assert got[("genrun_run_condition", (*run, ("condition", "Progressing")))] == 1
-    assert got[("genrun_run_condition", (*run, ("condition", "Succeeded")))] == 0
-    assert got[("genrun_projected_tokens_to_target", run)] == 12000
-    assert got[("genrun_projected_rounds", run)] == 3
-    arm = ("arm", "t0.8-p0.9-r1.2")
-    assert got[("genrun_arm_reward_per_1k_tokens", (arm, *run))] == 12.25
-    assert got[("genrun_arm_shards_total", (arm, *run))] == 5
+    assert got[key("genrun_generated_examples_total")] == 500
+    assert got[key("genrun_generated_tokens_total")] == 30000
+    assert got[key("genrun_qc_passed_examples")] == 280
+    assert got[key("genrun_target_examples")] == 1000
+    assert got[key("genrun_duplication_ratio")] == 0.36
+    assert got[key("genrun_budget_used_ratio")] == 0.4
+    assert got[key("genrun_unique_yield_ratio", round="2")] == 0.5
+    assert abs(got[key("genrun_round_duplication_ratio", round="1")] - 0.2) < 1e-9
+    assert key("genrun_unique_yield_ratio", round="3") not in got
+    assert got[key("genrun_shard_jobs", state="running")] == 2
+    assert got[key("genrun_shard_jobs", state="failed")] == 0
+    assert got[key("genrun_run_condition", condition="Progressing")] == 1
+    assert got[key("genrun_run_condition", condition="Succeeded")] == 0
+    assert got[key("genrun_projected_tokens_to_target")] == 12000
+    assert got[key("genrun_projected_rounds")] == 3
+    assert got[key("genrun_arm_reward_per_1k_tokens", arm="t0.8-p0.9-r1.2")] == 12.25
+    assert got[key("genrun_arm_shards_total", arm="t0.8-p0.9-r1.2")] == 5
 
 
 def test_forgotten_runs_leave_no_series_and_labels_stay_bounded() -> None:
