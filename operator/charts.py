@@ -136,6 +136,7 @@ def render_html(
     target: int | None = None,
     samples: Sequence[dict[str, Any]] = (),
     verdict: str = "",
+    status: dict[str, Any] | None = None,
 ) -> str:
     rounds = [str(r.round) for r in reports]
     last = reports[-1]
@@ -170,6 +171,12 @@ def render_html(
         _table("Rejected rows by reason (all rounds)", ["reason", "rows", "share of generated"],
                [(k, f"{v:,}", f"{v / last.generated_total:.1%}" if last.generated_total else "-")
                 for k, v in rejections if v], "nothing rejected"),
+        _table("Sampling arms (reward: new unique QC-passed examples per 1k tokens, recent rounds weigh more)",
+               ["arm", "shards", "examples", "tokens", "kept", "reward / 1k tokens", "QC-pass", "retired"],
+               [(a.get("arm"), a.get("shards"), f"{a.get('examples', 0):,}", f"{a.get('tokens', 0):,}",
+                 f"{a.get('kept', 0):,}", f"{a.get('rewardPer1kTokens', 0):.2f}", f"{a.get('qcPassRate', 0):.0%}",
+                 "yes" if a.get("retired") else "") for a in (status or {}).get("arms", [])],
+               "no arm measured yet"),
         _table(f"Sample rows ({len(samples)} of {last.qc_passed_total:,} kept)",
                ["round", "seed", "domain", "T", "instruction", "response"],
                [(s.get("round"), s.get("seed"), s.get("domain"), f"{s.get('temperature', 0):g}",
@@ -180,6 +187,10 @@ def render_html(
     head = (f"{last.qc_passed_total:,} kept{target_txt} of {last.generated_total:,} generated after {last.round} "
             f"round(s); {last.unique_total:,} unique; duplication {last.duplication_ratio:.1%} "
             f"({dup_total:,} rows dropped as duplicates); {last.tokens_total:,} tokens.")  # fmt: skip
+    st = status or {}
+    if st.get("projectedTokensToTarget"):
+        head += (f" Projected: {st['projectedTokensToTarget']:,} more tokens, {st.get('projectedRounds', '?')} "
+                 "round(s) in all.")  # fmt: skip
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1260px;margin:2em auto;color:#111827}"
         ".charts{display:flex;flex-wrap:wrap;gap:12px}svg{border:1px solid #e5e7eb;background:#fff}"
@@ -226,4 +237,4 @@ def write_report_html(storage: Storage, reports: Sequence[RoundReport], path: Pa
         if cond.get("type") in ("Succeeded", "Failed") and cond.get("status") == "True":
             verdict = f"{cond['type']} ({cond.get('reason', '')}): {cond.get('message', '')}"
     samples = _samples(storage, reports[-1], SAMPLE_ROWS)
-    path.write_text(render_html(doc["metadata"]["name"], reports, target, samples, verdict))
+    path.write_text(render_html(doc["metadata"]["name"], reports, target, samples, verdict, doc.get("status", {})))

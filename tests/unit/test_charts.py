@@ -62,3 +62,22 @@ def test_tables_name_duplicates_rejection_reasons_and_sample_rows() -> None:
         assert re.search(rf"<td>{reason}</td><td>{rows}</td>", page), reason
     assert "Boil an &lt;egg&gt;?" in page and "x" * 279 + "\u2026" in page and "x" * 281 not in page
     assert "Sample rows (1 of 130 kept)" in page and "Succeeded (TargetMet): done" in page
+
+
+def test_arms_table_and_projection_come_from_the_status() -> None:
+    status = {
+        "projectedTokensToTarget": 12345,
+        "projectedRounds": 4,
+        "arms": [
+            {"arm": "t0.7-p0.9-r1.1", "shards": 3, "examples": 120, "tokens": 7000, "kept": 50,
+             "rewardPer1kTokens": 7.1428, "qcPassRate": 0.81, "retired": False},
+            {"arm": "t1-p0.9-r1.3", "shards": 1, "examples": 40, "tokens": 3000, "kept": 2,
+             "rewardPer1kTokens": 0.6667, "qcPassRate": 0.1, "retired": True},
+        ],
+    }  # fmt: skip
+    page = render_html("demo", REPORTS, target=150, status=status)
+    assert re.search(r"<td>t0\.7-p0\.9-r1\.1</td><td>3</td><td>120</td><td>7,000</td><td>50</td><td>7\.14</td>"
+                     r"<td>81%</td><td></td>", page)  # fmt: skip
+    assert re.search(r"<td>t1-p0\.9-r1\.3</td>.*<td>0\.67</td><td>10%</td><td>yes</td>", page)
+    assert "Projected: 12,345 more tokens, 4 round(s) in all." in page
+    assert "no arm measured yet" in render_html("demo", REPORTS, target=150)
