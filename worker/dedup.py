@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -86,9 +86,29 @@ def dedup_keys(
     return [str(x) for x in out.to_pylist()]
 
 
+def key_hashes(keys: Any) -> np.ndarray:
+    """Stable 64-bit ids (xxh3_64 of the UTF-8 key) of many keys, the same in every process and on every machine.
+
+    Collisions: two different keys with one id count as exact duplicates. With n distinct keys the chance of any
+    collision is about n^2 / 2^65 (3e-6 at 10M keys); the merge does not keep key texts to check, and says so.
+    Each distinct key is hashed once (Arrow's dictionary encoding finds them at C speed)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import xxhash
+
+    arr = keys if isinstance(keys, pa.Array | pa.ChunkedArray) else pa.array(list(keys), pa.string())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if len(arr) == 0:
+        return np.empty(0, np.uint64)
+    enc = pc.dictionary_encode(pc.fill_null(arr, ""))
+    h = xxhash.xxh3_64_intdigest
+    vocab = np.fromiter((h(k.encode()) for k in enc.dictionary.to_pylist()), np.uint64, len(enc.dictionary))
+    return vocab[np.asarray(enc.indices)]
+
+
 def key_hash(key: str) -> int:
-    """A stable 64-bit id of a normalised key (the same in every process and on every machine)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return int(key_hashes([key])[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,15 +223,31 @@ class MinHasher:
         return out
 
 
-@lru_cache(maxsize=64)  # datasketch integrates numerically over every (b, r): ~1 s, so once per setting
-def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """Bands and rows per band by datasketch's optimiser, weighted 0.1/0.9 against false negatives: candidates are
-    verified on the full signature afterwards, so extra candidates cost time, not precision (at 0.8 and 128
-    permutations: 14 bands of 9 rows, 87% of pairs at exactly the threshold found instead of 40%)."""
-    from datasketch.lsh import _optimal_param
+@lru_cache(maxsize=64)
+def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1, fn_weight: float = 0.9) -> tuple[int, int]:
+    """Bands b and rows per band r (b * r <= num_perm) minimising fp_weight * P(false positive) + fn_weight *
+    P(false negative), the criterion of datasketch's MinHashLSH (tested equal on a grid). Weighted 0.1/0.9 against
+    false negatives: candidates are verified on the full signature, so extra candidates cost time, not precision (at
+    0.8 and 128 permutations: 14 bands of 9 rows, 87% of pairs at exactly the threshold found instead of 40%).
 
-    b, r = _optimal_param(threshold, num_perm, 0.1, 0.9)
-    return int(b), int(r)
+    P(candidate | similarity s) = 1 - (1 - s^r)^b is a polynomial of degree b*r <= num_perm, so Gauss-Legendre with
+    num_perm/2 + 1 nodes integrates it exactly (datasketch calls scipy's adaptive quad per (b, r): ~1 s)."""
+    nodes, weights = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
+
+    def grid(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+        return (hi - lo) / 2 * nodes + (hi + lo) / 2, (hi - lo) / 2 * weights
+
+    s_fp, w_fp = grid(0.0, threshold)
+    s_fn, w_fn = grid(threshold, 1.0)
+    best, opt = float("inf"), (0, 0)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = float(np.dot(w_fp, 1 - (1 - s_fp**r) ** b))
+            fn = float(np.dot(w_fn, (1 - s_fn**r) ** b))
+            err = fp * fp_weight + fn * fn_weight
+            if err < best:
+                best, opt = err, (b, r)
+    return opt
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -237,72 +273,135 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
         return h ^ (h >> np.uint64(33))
 
 
-def candidate_pairs(keys: np.ndarray) -> np.ndarray:
-    """Pairs (first, other) of rows that share a band key: each member is paired with its bucket's first row,
-    so a hot bucket costs O(size), not O(size^2)."""
-    n, bands = keys.shape
-    out = []
-    idx = np.arange(n, dtype=np.int64)
-    for band in range(bands):
-        col = keys[:, band]
-        order = np.argsort(col, kind="stable")  # stable: the first row of a bucket is its earliest
-        sk = col[order]
-        starts = np.ones(n, dtype=bool)
-        starts[1:] = sk[1:] != sk[:-1]
-        first = order[np.maximum.accumulate(np.where(starts, idx, 0))]
-        mask = ~starts
-        if mask.any():
-            out.append(np.stack([first[mask], order[mask]], axis=1))
-    if not out:
-        return np.empty((0, 2), dtype=np.int64)
-    both = np.concatenate(out)
-    code = np.unique(both[:, 0] * n + both[:, 1])  # 1-D unique: far faster than unique(axis=0)
-    return np.stack([code // n, code % n], axis=1)
-
-
 def similar(sigs_a: np.ndarray, sigs_b: np.ndarray) -> np.ndarray:
     """Estimated Jaccard similarity row by row."""
     return np.count_nonzero(sigs_a == sigs_b, axis=1) / sigs_a.shape[1]
 
 
-def components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected components by label propagation: label = the smallest (earliest) row of each component."""
-    labels = np.arange(n, dtype=np.int64)
-    if len(pairs) == 0:
-        return labels
-    u, v = pairs[:, 0], pairs[:, 1]
-    while True:
-        m = np.minimum(labels[u], labels[v])
-        new = labels.copy()
-        np.minimum.at(new, u, m)
-        np.minimum.at(new, v, m)
-        new = new[new]  # pointer jumping
-        while True:
-            jumped = new[new]
-            if np.array_equal(jumped, new):
-                break
-            new = jumped
-        if np.array_equal(new, labels):
-            return labels
-        labels = new
+class BandTable:
+    """Band keys of indexed rows, sorted once per band, for joins against query rows."""
+
+    def __init__(self, bands: np.ndarray) -> None:
+        self.bands = bands
+        self._sorted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.bands)
+
+    def column(self, band: int) -> tuple[np.ndarray, np.ndarray]:
+        if band not in self._sorted:
+            order = np.argsort(self.bands[:, band], kind="stable")
+            self._sorted[band] = (self.bands[order, band], order)
+        return self._sorted[band]
 
 
-def near_duplicate_labels(sigs: np.ndarray, threshold: float) -> np.ndarray:
-    """For rows in keep-first order, the row each one is a near-duplicate of (itself if none)."""
-    n = sigs.shape[0]
+def band_join(query: np.ndarray, table: BandTable, bands: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every (query row, table row) pair that shares a band key in one of `bands` (all by default): THE candidate
+    routine, used by the merge, the partitioned reducers, the seen-index and the generators' online check. Pairs
+    found in several bands repeat; callers verify them on full signatures and take minima, so repeats are harmless."""
+    qs, ts = [], []
+    if len(table) == 0 or len(query) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    for band in range(query.shape[1]) if bands is None else bands:
+        sk, order = table.column(band)
+        q = query[:, band]
+        lo = np.searchsorted(sk, q, "left")
+        cnt = np.searchsorted(sk, q, "right") - lo
+        hit = np.flatnonzero(cnt)
+        if len(hit) == 0:
+            continue
+        c = cnt[hit]
+        qi = np.repeat(hit, c)
+        # position within each run: 0..c-1, added to the run's start
+        offs = np.arange(len(qi)) - np.repeat(np.cumsum(c) - c, c)
+        qs.append(qi)
+        ts.append(order[np.repeat(lo[hit], c) + offs])
+    if not qs:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate(qs).astype(np.int64), np.concatenate(ts).astype(np.int64)
+
+
+def earliest_match(
+    q_sigs: np.ndarray,
+    q_bands: np.ndarray,
+    t_sigs: np.ndarray,
+    table: BandTable,
+    threshold: float,
+    bands: Iterable[int] | None = None,
+    chunk: int = 1_000_000,
+) -> np.ndarray:
+    """For each query row, the smallest table row it shares a band with AND is similar to (estimated Jaccard >=
+    threshold), or -1."""
+    out = np.full(len(q_sigs), np.iinfo(np.int64).max, dtype=np.int64)
+    qi, ti = band_join(q_bands, table, bands)
+    for i in range(0, len(qi), chunk):  # bounded temporaries: (chunk, num_perm) gathers
+        a, b = qi[i : i + chunk], ti[i : i + chunk]
+        ok = similar(q_sigs[a], t_sigs[b]) >= threshold
+        np.minimum.at(out, a[ok], b[ok])
+    out[out == np.iinfo(np.int64).max] = -1
+    return out
+
+
+def _not_leaders(bands: np.ndarray) -> np.ndarray:
+    """True for each row that shares some band key with an earlier row (rows are in keep-first order)."""
+    out = np.zeros(len(bands), dtype=bool)
+    for band in range(bands.shape[1]):
+        col = bands[:, band]
+        order = np.argsort(col, kind="stable")  # stable: within a bucket, earlier rows first
+        sk = col[order]
+        later = np.empty(len(sk), dtype=bool)
+        later[:1] = False
+        later[1:] = sk[1:] == sk[:-1]
+        out[order[later]] = True
+    return out
+
+
+def keep_first(
+    sigs: np.ndarray,
+    bands: np.ndarray,
+    kept_sigs: np.ndarray,
+    kept: BandTable,
+    threshold: float,
+    kept_match: np.ndarray | None = None,
+) -> np.ndarray:
+    """THE near-duplicate rule. Rows are in keep-first order, after every row of `kept` (rows kept before).
+
+    A row is dropped when it is similar (shares a band key and estimated Jaccard >= threshold) to an earlier KEPT
+    row; otherwise it is kept. No chains: a row similar only to a dropped row is kept. The decision depends only on
+    the kept rows before it, so merging rows in one batch or in consecutive batches (rounds) gives the same result.
+
+    Returns, per row, -1 when kept, else the twin: the earliest similar kept row, as an index into the concatenation
+    (kept rows, then these rows). `kept_match`: the rows' matches against `kept` when computed elsewhere (the
+    partitioned reducers), as `earliest_match` returns them.
+
+    Vectorised as rounds of: drop rows similar to a kept row; keep every undecided row that shares no band key with
+    an earlier undecided row (every earlier kept row that could match it was checked). The earliest undecided row
+    always qualifies, so this ends; on real data a few rounds decide everything."""
+    n, k0 = len(sigs), len(kept)
+    twin = np.full(n, -2, dtype=np.int64)  # -2 undecided, -1 kept, else twin index
     if n == 0:
-        return np.empty(0, dtype=np.int64)
-    bands, rows = lsh_params(threshold, sigs.shape[1])
-    pairs = candidate_pairs(band_keys(sigs, bands, rows))
-    if len(pairs):
-        ok = np.concatenate(
-            [
-                similar(sigs[p[:, 0]], sigs[p[:, 1]]) >= threshold
-                for p in np.array_split(pairs, max(1, len(pairs) // 100_000))
-            ]
-        )
-        pairs = pairs[ok]
-    return components(n, pairs)
+        return twin
+    m = earliest_match(sigs, bands, kept_sigs, kept, threshold) if kept_match is None else kept_match
+    twin[m >= 0] = m[m >= 0]
+    while True:
+        und = np.flatnonzero(twin == -2)
+        if len(und) == 0:
+            break
+        free = und[~_not_leaders(bands[und])]
+        twin[free] = -1
+        rest = np.flatnonzero(twin == -2)
+        if len(rest):
+            m = earliest_match(sigs[rest], bands[rest], sigs[free], BandTable(bands[free]), threshold)
+            hit = m >= 0
+            twin[rest[hit]] = k0 + free[m[hit]]
+    # The twin is the EARLIEST similar kept row: a row dropped by a later-kept row may also match an earlier one kept
+    # in a later pass. One join against all rows kept here settles it.
+    dropped = np.flatnonzero(twin >= k0)
+    if len(dropped):
+        mine = np.flatnonzero(twin == -1)
+        m = earliest_match(sigs[dropped], bands[dropped], sigs[mine], BandTable(bands[mine]), threshold)
+        twin[dropped] = k0 + mine[m]  # m >= 0: the row that dropped it is among them
+    return twin
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,6 +410,9 @@ def near_duplicate_labels(sigs: np.ndarray, threshold: float) -> np.ndarray:
 
 @dataclass
 class SeenIndex:
+    """Rows kept so far: exact key hashes (sorted), MinHash signatures and band keys. The generators load it to skip
+    candidates before paying for responses; the merge keeps the same arrays in its state."""
+
     exact: np.ndarray  # sorted uint64 key hashes
     sigs: np.ndarray  # (n, num_perm) uint32
     band: np.ndarray  # (n, bands) uint64
@@ -318,6 +420,7 @@ class SeenIndex:
     num_perm: int
     seed: int
     shingle_size: int
+    _table: BandTable | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, threshold: float, num_perm: int, seed: int = 1, shingle_size: int = 1) -> SeenIndex:
@@ -330,16 +433,19 @@ class SeenIndex:
     @classmethod
     def build(cls, keys: Iterable[str], hasher: MinHasher, threshold: float) -> SeenIndex:
         keys = list(keys)
-        exact = np.unique(np.fromiter((key_hash(k) for k in keys), dtype=np.uint64, count=len(keys)))
-        sigs = hasher.signatures(keys)
-        bands, rows = lsh_params(threshold, hasher.num_perm)
-        return cls(
-            exact, sigs, band_keys(sigs, bands, rows), threshold, hasher.num_perm, hasher.seed, hasher.shingle_size
-        )
+        idx = cls.empty(threshold, hasher.num_perm, hasher.seed, hasher.shingle_size)
+        idx.add(keys, hasher.signatures(keys))
+        return idx
 
-    def add(self, keys: Sequence[str], sigs: np.ndarray) -> None:
+    @property
+    def table(self) -> BandTable:
+        if self._table is None or len(self._table) != len(self.band):
+            self._table = BandTable(self.band)
+        return self._table
+
+    def add(self, keys: Any, sigs: np.ndarray, hashes: np.ndarray | None = None) -> None:
         bands, rows = lsh_params(self.threshold, self.num_perm)
-        h = np.fromiter((key_hash(k) for k in keys), dtype=np.uint64, count=len(keys))
+        h = key_hashes(keys) if hashes is None else hashes
         self.exact = np.union1d(self.exact, h)
         self.sigs = np.concatenate([self.sigs, sigs])
         self.band = np.concatenate([self.band, band_keys(sigs, bands, rows)])
@@ -347,30 +453,41 @@ class SeenIndex:
     def __len__(self) -> int:
         return len(self.sigs)
 
-    def contains_exact(self, keys: Sequence[str]) -> np.ndarray:
-        h = np.fromiter((key_hash(k) for k in keys), dtype=np.uint64, count=len(keys))
+    def contains_exact(self, keys: Any, hashes: np.ndarray | None = None) -> np.ndarray:
+        h = key_hashes(keys) if hashes is None else hashes
         if len(self.exact) == 0:
-            return np.zeros(len(keys), dtype=bool)
+            return np.zeros(len(h), dtype=bool)
         pos = np.searchsorted(self.exact, h).clip(0, len(self.exact) - 1)
-        return self.exact[pos] == h
+        return np.asarray(self.exact[pos] == h)
 
     def contains_near(self, sigs: np.ndarray, near: bool = True) -> np.ndarray:
         """True where a signature is a near-duplicate (estimated Jaccard >= threshold) of an indexed one."""
-        out = np.zeros(len(sigs), dtype=bool)
         if not near or len(self.sigs) == 0 or len(sigs) == 0:
-            return out
+            return np.zeros(len(sigs), dtype=bool)
         bands, rows = lsh_params(self.threshold, self.num_perm)
-        q = band_keys(sigs, bands, rows)
-        for band in range(bands):
-            col = self.band[:, band]
-            order = np.argsort(col, kind="stable")
-            sk = col[order]
-            pos = np.searchsorted(sk, q[:, band]).clip(0, len(sk) - 1)
-            hit = (sk[pos] == q[:, band]) & ~out
-            if hit.any():
-                rows_hit = np.flatnonzero(hit)
-                ok = similar(sigs[rows_hit], self.sigs[order[pos[rows_hit]]]) >= self.threshold
-                out[rows_hit[ok]] = True
+        return earliest_match(sigs, band_keys(sigs, bands, rows), self.sigs, self.table, self.threshold) >= 0
+
+    def admit(self, keys: Any, sigs: np.ndarray, near: bool = True) -> np.ndarray:
+        """The online check of a batch in order: 0 = novel (now indexed), 1 = a duplicate of an indexed row, 2 = a
+        duplicate of an earlier row of this batch. Same rule as the merge (`keep_first`), on the same code."""
+        h = key_hashes(keys)
+        bands, rows = lsh_params(self.threshold, self.num_perm)
+        bk = band_keys(sigs, bands, rows)
+        out = np.where(self.contains_exact(keys, h), 1, 0).astype(np.int8)
+        # within the batch: a repeated key is a duplicate of its first occurrence
+        _, first = np.unique(h, return_index=True)
+        repeat = np.ones(len(h), dtype=bool)
+        repeat[first] = False
+        out[(out == 0) & repeat] = 2
+        cand = np.flatnonzero(out == 0)
+        if near and len(cand):
+            twin = keep_first(sigs[cand], bk[cand], self.sigs, self.table, self.threshold)
+            out[cand[(twin >= 0) & (twin < len(self))]] = 1
+            out[cand[twin >= len(self)]] = 2
+        new = np.flatnonzero(out == 0)
+        self.exact = np.union1d(self.exact, h[new])
+        self.sigs = np.concatenate([self.sigs, sigs[new]])
+        self.band = np.concatenate([self.band, bk[new]])
         return out
 
     def to_npz(self) -> dict[str, Any]:
@@ -384,31 +501,13 @@ class SeenIndex:
         threshold, num_perm, seed, shingle = data["params"].tolist()
         return cls(data["exact"], data["sigs"], data["band"], float(threshold), int(num_perm), int(seed), int(shingle))
 
-
-def deduplicate(
-    texts: Any, *, threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 1, near: bool = True
-) -> np.ndarray:
-    """For each row (keep-first order), the index of the first row it duplicates (itself when it is the first):
-    exact on the normalised key, then MinHash LSH near-duplicates among the exact-unique rows."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    raw = texts if isinstance(texts, pa.Array | pa.ChunkedArray) else pa.array(list(texts), pa.string())
-    if isinstance(raw, pa.ChunkedArray):
-        raw = raw.combine_chunks()
-    # Normalise each distinct raw string once: verbatim repeats are the commonest duplicates of all.
-    raw_enc = pc.dictionary_encode(raw)
-    distinct_keys = normalize_array(raw_enc.dictionary)
-    key_enc = pc.dictionary_encode(distinct_keys)
-    codes = np.asarray(key_enc.indices)[np.asarray(raw_enc.indices)]
-    keys = key_enc.dictionary
-    _, first = np.unique(codes, return_index=True)  # first occurrence of each distinct key
-    owner = first[codes]  # row -> first row with the same key
-    if not near or len(first) == 0:
-        return owner
-    uniq = np.sort(first)
-    sigs = MinHasher(num_perm, 1, shingle_size).signatures(keys.take(pa.array(codes[uniq])))
-    labels = uniq[near_duplicate_labels(sigs, threshold)]
-    root = np.arange(len(codes))
-    root[uniq] = labels
-    return root[owner]
+    @classmethod
+    def concat(cls, parts: Sequence[SeenIndex]) -> SeenIndex:
+        """One index from per-round chunks (each round's merge publishes only what it added)."""
+        first = parts[0]
+        return cls(
+            np.unique(np.concatenate([p.exact for p in parts])),
+            np.concatenate([p.sigs for p in parts]),
+            np.concatenate([p.band for p in parts]),
+            first.threshold, first.num_perm, first.seed, first.shingle_size,
+        )  # fmt: skip

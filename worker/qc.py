@@ -7,6 +7,7 @@ so that it does not count as yield.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -108,10 +109,14 @@ def _logprob(p: Mapping[str, Any]) -> Filter:
     min_i = float(p.get("minInstructionLogprob", -3.0))
 
     def f(row: Row) -> str | None:
-        if row.get("response_logprob") is not None and row["response_logprob"] < min_r:
-            return "low_logprob"
-        if row.get("instruction_logprob") is not None and row["instruction_logprob"] < min_i:
-            return "low_logprob"
+        for name, lo in (("response_logprob", min_r), ("instruction_logprob", min_i)):
+            v = row.get(name)
+            if v is None:
+                continue
+            if not math.isfinite(v):  # NaN or +-inf: a broken engine output, never a confident one
+                return "nonfinite_logprob"
+            if v < lo:
+                return "low_logprob"
         return None
 
     return f
@@ -146,6 +151,12 @@ class QcPipeline:
     @classmethod
     def from_spec(cls, filters: Sequence[Any]) -> QcPipeline:
         return cls([(f.name, BUILDERS[f.name](f.params)) for f in filters])
+
+    def check_table(self, table: Any) -> list[str | None]:
+        """`check` for every row of an Arrow table (the merge's batch entry point)."""
+        if not self.filters:
+            return [None] * table.num_rows
+        return [self.check(row) for row in table.to_pylist()]
 
     def check(self, row: Row) -> str | None:
         """The first reason to drop the row, or None to keep it."""

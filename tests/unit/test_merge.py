@@ -37,7 +37,7 @@ def test_keep_first_in_round_seed_index_order_with_counts(storage: LocalStorage)
                                   example_row("How do I boil an egg?", response="I'm sorry, I cannot help with that.")],
                 skipped=3)  # fmt: skip
     report = merge_round(storage, spec, "t", 1, [(1, 100), (1, 101)])
-    ds = pq.read_table(storage.location(f"{rec.merge_prefix(1)}/dataset.parquet")).to_pylist()
+    ds = pq.read_table(storage.location(rec.dataset_part_key(1))).to_pylist()
     # Seed 100 comes first: its France row is the kept one; seed 101's is its exact duplicate (normalised key).
     assert [(r["seed"], r["instruction"]) for r in ds] == [
         (100, "What's the capital city of France"),
@@ -48,7 +48,7 @@ def test_keep_first_in_round_seed_index_order_with_counts(storage: LocalStorage)
     assert report.skipped_online == 3
     assert report.top_duplicates == (("What's the capital city of France", 2),)
     assert report.duplication_ratio == pytest.approx(1 - 3 / 7)
-    rejected = pq.read_table(storage.location(f"{rec.merge_prefix(1)}/rejected.parquet")).to_pylist()
+    rejected = pq.read_table(storage.location(rec.rejected_part_key(1))).to_pylist()
     assert {(r["reject_reason"], r["duplicate_of"]) for r in rejected} == {("exact_duplicate", 0), ("refusal", None)}
     alpaca = [
         json.loads(x) for x in Path(storage.location(f"{rec.merge_prefix(1)}/alpaca.jsonl")).read_text().splitlines()
