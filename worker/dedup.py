@@ -342,17 +342,40 @@ def earliest_match(
     return out
 
 
-def _not_leaders(bands: np.ndarray) -> np.ndarray:
-    """True for each row that shares some band key with an earlier row (rows are in keep-first order)."""
-    out = np.zeros(len(bands), dtype=bool)
+def _blocked(sigs: np.ndarray, bands: np.ndarray, threshold: float, cap: int) -> np.ndarray:
+    """True for each row (rows in keep-first order) that may depend on an earlier row of the same set: in a bucket of
+    at most `cap` rows, an earlier bucket-mate it is similar to; in a larger bucket, any earlier bucket-mate."""
+    n = len(bands)
+    out = np.zeros(n, dtype=bool)
+    codes = []
     for band in range(bands.shape[1]):
         col = bands[:, band]
         order = np.argsort(col, kind="stable")  # stable: within a bucket, earlier rows first
         sk = col[order]
-        later = np.empty(len(sk), dtype=bool)
-        later[:1] = False
-        later[1:] = sk[1:] == sk[:-1]
-        out[order[later]] = True
+        start = np.ones(n, dtype=bool)
+        start[1:] = sk[1:] != sk[:-1]
+        starts = np.flatnonzero(start)
+        lens = np.diff(np.append(starts, n))
+        run_len = np.repeat(lens, lens)
+        k = np.arange(n) - np.repeat(starts, lens)  # rank within the bucket
+        big = (run_len > cap) & (k > 0)
+        out[order[big]] = True
+        small = np.flatnonzero((run_len <= cap) & (k > 0))
+        if len(small):
+            kk = k[small]
+            later = np.repeat(order[small], kk)
+            first = np.repeat(small - kk, kk) + (np.arange(kk.sum()) - np.repeat(np.cumsum(kk) - kk, kk))
+            codes.append(later.astype(np.int64) * n + order[first])
+    if codes:
+        code = np.sort(np.concatenate(codes))  # a pair found in several bands is verified once
+        code = code[np.append(True, code[1:] != code[:-1])]
+        later, earlier = code // n, code % n
+        pending = ~out[later]
+        later, earlier = later[pending], earlier[pending]
+        for i in range(0, len(later), 1_000_000):
+            a, b = later[i : i + 1_000_000], earlier[i : i + 1_000_000]
+            ok = similar(sigs[a], sigs[b]) >= threshold
+            out[a[ok]] = True
     return out
 
 
@@ -363,6 +386,7 @@ def keep_first(
     kept: BandTable,
     threshold: float,
     kept_match: np.ndarray | None = None,
+    caps: tuple[int, ...] = (4, 32, 256),
 ) -> np.ndarray:
     """THE near-duplicate rule. Rows are in keep-first order, after every row of `kept` (rows kept before).
 
@@ -370,37 +394,36 @@ def keep_first(
     row; otherwise it is kept. No chains: a row similar only to a dropped row is kept. The decision depends only on
     the kept rows before it, so merging rows in one batch or in consecutive batches (rounds) gives the same result.
 
-    Returns, per row, -1 when kept, else the twin: the earliest similar kept row, as an index into the concatenation
-    (kept rows, then these rows). `kept_match`: the rows' matches against `kept` when computed elsewhere (the
+    Returns, per row, -1 when kept, else its twin, as an index into the concatenation (kept rows, then these rows):
+    the earliest similar row of `kept` if there is one, else the earliest similar row among those kept in the pass
+    (below) that dropped it. The twin only attributes the duplicate to a cluster; which rows are kept does not depend
+    on it, nor on how rows are split into batches. `kept_match`: the rows' matches against `kept` when computed elsewhere (the
     partitioned reducers), as `earliest_match` returns them.
 
-    Vectorised as rounds of: drop rows similar to a kept row; keep every undecided row that shares no band key with
-    an earlier undecided row (every earlier kept row that could match it was checked). The earliest undecided row
-    always qualifies, so this ends; on real data a few rounds decide everything."""
+    Vectorised as passes of: keep every undecided row that is similar to no earlier undecided bucket-mate (in buckets
+    over `cap` rows: that has no earlier undecided bucket-mate at all), since every kept row that could match it was
+    already checked; then drop the undecided rows similar to a row just kept. The earliest undecided row always
+    qualifies, so this ends; on real data a few passes decide everything."""
     n, k0 = len(sigs), len(kept)
     twin = np.full(n, -2, dtype=np.int64)  # -2 undecided, -1 kept, else twin index
     if n == 0:
         return twin
     m = earliest_match(sigs, bands, kept_sigs, kept, threshold) if kept_match is None else kept_match
     twin[m >= 0] = m[m >= 0]
+    passes = 0
     while True:
         und = np.flatnonzero(twin == -2)
         if len(und) == 0:
             break
-        free = und[~_not_leaders(bands[und])]
+        cap = caps[min(passes, len(caps) - 1)]  # the first pass is the largest: pair within small buckets only
+        passes += 1
+        free = und[~_blocked(sigs[und], bands[und], threshold, cap)]
         twin[free] = -1
         rest = np.flatnonzero(twin == -2)
         if len(rest):
             m = earliest_match(sigs[rest], bands[rest], sigs[free], BandTable(bands[free]), threshold)
             hit = m >= 0
             twin[rest[hit]] = k0 + free[m[hit]]
-    # The twin is the EARLIEST similar kept row: a row dropped by a later-kept row may also match an earlier one kept
-    # in a later pass. One join against all rows kept here settles it.
-    dropped = np.flatnonzero(twin >= k0)
-    if len(dropped):
-        mine = np.flatnonzero(twin == -1)
-        m = earliest_match(sigs[dropped], bands[dropped], sigs[mine], BandTable(bands[mine]), threshold)
-        twin[dropped] = k0 + mine[m]  # m >= 0: the row that dropped it is among them
     return twin
 
 
