@@ -181,7 +181,7 @@ def main() -> None:
                     rec.JobSpec(
                         "merge", "bench", "default", {**spec, "output": {"path": str(out)}}, r, shards=tuple(ids)
                     )
-                )  # fmt: skip
+                )
             )
             q = ctx.Queue()
             p = ctx.Process(target=_merge_child, args=(["merge", "--job", str(job)], q))
