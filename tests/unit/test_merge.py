@@ -110,7 +110,21 @@ def _rounds(storage: LocalStorage, damaged: bool = False) -> list[tuple[int, int
     import random
 
     rng = random.Random(5)
-    words = ["apple", "river", "mountain", "explain", "python", "history", "music", "garden", "ocean", "theory", "stars", "code", "bread"]
+    words = [
+        "apple",
+        "river",
+        "mountain",
+        "explain",
+        "python",
+        "history",
+        "music",
+        "garden",
+        "ocean",
+        "theory",
+        "stars",
+        "code",
+        "bread",
+    ]
     bases = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 10))) for _ in range(30)]
     ids = []
     for rnd in (1, 2, 3):
