@@ -169,7 +169,7 @@ def _echo(p: Mapping[str, Any]) -> Filter:
 
 def repeated_ngram_ratios(col: Any, n: int = 3) -> np.ndarray:
     """Per text: 1 - distinct word n-grams / n-grams, 0 when a text has at most 3 n-grams."""
-    rows, codes, vocab = _words(col)
+    rows, codes, _ = _words(col)
     size = len(col)
     out = np.zeros(size)
     if len(rows) < n:
