@@ -278,172 +278,80 @@ def similar(sigs_a: np.ndarray, sigs_b: np.ndarray) -> np.ndarray:
     return np.count_nonzero(sigs_a == sigs_b, axis=1) / sigs_a.shape[1]
 
 
-class BandTable:
-    """Band keys of indexed rows, sorted once per band, for joins against query rows."""
-
-    def __init__(self, bands: np.ndarray) -> None:
-        self.bands = bands
-        self._sorted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def __len__(self) -> int:
-        return len(self.bands)
-
-    def column(self, band: int) -> tuple[np.ndarray, np.ndarray]:
-        if band not in self._sorted:
-            order = np.argsort(self.bands[:, band], kind="stable")
-            self._sorted[band] = (self.bands[order, band], order)
-        return self._sorted[band]
+# ---------------------------------------------------------------------------------------------------------
+# The near-duplicate rule: bucket firsts. For each LSH band, the FIRST row (in keep-first order, over all rounds)
+# with a band key is that bucket's first. A row is a near duplicate when it is similar (estimated Jaccard >=
+# threshold on the full signature) to the first of one of its buckets; its twin is the earliest such first, and it
+# belongs to its twin's cluster (chains are followed: the twin may itself be a duplicate). A row with no similar
+# bucket first starts a cluster and is kept. Every row is compared with at most one row per band (no all-pairs in
+# hot buckets), and the rule depends only on earlier rows, so rounds merged one by one give what one merge gives.
 
 
-def band_join(query: np.ndarray, table: BandTable, bands: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Every (query row, table row) pair that shares a band key in one of `bands` (all by default): THE candidate
-    routine, used by the merge, the partitioned reducers, the seen-index and the generators' online check. Pairs
-    found in several bands repeat; callers verify them on full signatures and take minima, so repeats are harmless."""
-    qs, ts = [], []
-    if len(table) == 0 or len(query) == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    for band in range(query.shape[1]) if bands is None else bands:
-        sk, order = table.column(band)
-        q = query[:, band]
-        lo = np.searchsorted(sk, q, "left")
-        cnt = np.searchsorted(sk, q, "right") - lo
-        hit = np.flatnonzero(cnt)
-        if len(hit) == 0:
-            continue
-        c = cnt[hit]
-        qi = np.repeat(hit, c)
-        # position within each run: 0..c-1, added to the run's start
-        offs = np.arange(len(qi)) - np.repeat(np.cumsum(c) - c, c)
-        qs.append(qi)
-        ts.append(order[np.repeat(lo[hit], c) + offs])
-    if not qs:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    return np.concatenate(qs).astype(np.int64), np.concatenate(ts).astype(np.int64)
-
-
-def earliest_match(
-    q_sigs: np.ndarray,
-    q_bands: np.ndarray,
-    t_sigs: np.ndarray,
-    table: BandTable,
-    threshold: float,
-    bands: Iterable[int] | None = None,
-    chunk: int = 1_000_000,
-) -> np.ndarray:
-    """For each query row, the smallest table row it shares a band with AND is similar to (estimated Jaccard >=
-    threshold), or -1."""
-    out = np.full(len(q_sigs), np.iinfo(np.int64).max, dtype=np.int64)
-    qi, ti = band_join(q_bands, table, bands)
-    for i in range(0, len(qi), chunk):  # bounded temporaries: (chunk, num_perm) gathers
-        a, b = qi[i : i + chunk], ti[i : i + chunk]
-        ok = similar(q_sigs[a], t_sigs[b]) >= threshold
-        np.minimum.at(out, a[ok], b[ok])
-    out[out == np.iinfo(np.int64).max] = -1
-    return out
-
-
-def _blocked(sigs: np.ndarray, bands: np.ndarray, threshold: float, cap: int) -> np.ndarray:
-    """True for each row (rows in keep-first order) that may depend on an earlier row of the same set: in a bucket of
-    at most `cap` rows, an earlier bucket-mate it is similar to; in a larger bucket, any earlier bucket-mate."""
+def band_firsts(bands: np.ndarray) -> np.ndarray:
+    """(n, bands) int64: for each row and band, the earliest row with the same band key (itself when first)."""
     n = len(bands)
-    out = np.zeros(n, dtype=bool)
-    codes = []
+    out = np.empty(bands.shape, dtype=np.int64)
+    idx = np.arange(n)
     for band in range(bands.shape[1]):
         col = bands[:, band]
         order = np.argsort(col, kind="stable")  # stable: within a bucket, earlier rows first
         sk = col[order]
         start = np.ones(n, dtype=bool)
         start[1:] = sk[1:] != sk[:-1]
-        starts = np.flatnonzero(start)
-        lens = np.diff(np.append(starts, n))
-        run_len = np.repeat(lens, lens)
-        k = np.arange(n) - np.repeat(starts, lens)  # rank within the bucket
-        big = (run_len > cap) & (k > 0)
-        out[order[big]] = True
-        small = np.flatnonzero((run_len <= cap) & (k > 0))
-        if len(small):
-            kk = k[small]
-            later = np.repeat(order[small], kk)
-            first = np.repeat(small - kk, kk) + (np.arange(kk.sum()) - np.repeat(np.cumsum(kk) - kk, kk))
-            codes.append(later.astype(np.int64) * n + order[first])
-    if codes:
-        code = np.sort(np.concatenate(codes))  # a pair found in several bands is verified once
-        code = code[np.append(True, code[1:] != code[:-1])]
-        later, earlier = code // n, code % n
-        pending = ~out[later]
-        later, earlier = later[pending], earlier[pending]
-        for i in range(0, len(later), 1_000_000):
-            a, b = later[i : i + 1_000_000], earlier[i : i + 1_000_000]
-            ok = similar(sigs[a], sigs[b]) >= threshold
-            out[a[ok]] = True
+        out[order, band] = order[np.maximum.accumulate(np.where(start, idx, 0))]
     return out
 
 
-def keep_first(
-    sigs: np.ndarray,
-    bands: np.ndarray,
-    kept_sigs: np.ndarray,
-    kept: BandTable,
-    threshold: float,
-    kept_match: np.ndarray | None = None,
-    caps: tuple[int, ...] = (4, 32, 256),
-) -> np.ndarray:
-    """THE near-duplicate rule. Rows are in keep-first order, after every row of `kept` (rows kept before).
+def _verified_min(qi: np.ndarray, ti: np.ndarray, q_sigs: np.ndarray, t_sigs: np.ndarray, threshold: float,
+                  n: int, chunk: int = 1_000_000) -> np.ndarray:  # fmt: skip
+    """Per query row (0..n-1), the smallest t among its pairs (qi, ti) that verify as similar, or -1."""
+    out = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    if len(qi):
+        m = int(ti.max()) + 1
+        code = np.unique(qi * m + ti)  # a similar pair shares many bands: verify each pair once
+        qi, ti = code // m, code % m
+        for i in range(0, len(qi), chunk):  # bounded temporaries: (chunk, num_perm) gathers
+            a, b = qi[i : i + chunk], ti[i : i + chunk]
+            ok = similar(q_sigs[a], t_sigs[b]) >= threshold
+            np.minimum.at(out, a[ok], b[ok])
+    out[out == np.iinfo(np.int64).max] = -1
+    return out
 
-    A row is dropped when it is similar (shares a band key and estimated Jaccard >= threshold) to an earlier KEPT
-    row; otherwise it is kept. No chains: a row similar only to a dropped row is kept. The decision depends only on
-    the kept rows before it, so merging rows in one batch or in consecutive batches (rounds) gives the same result.
 
-    Returns, per row, -1 when kept, else its twin, as an index into the concatenation (kept rows, then these rows):
-    the earliest similar row of `kept` if there is one, else the earliest similar row among those kept in the pass
-    (below) that dropped it. The twin only attributes the duplicate to a cluster; which rows are kept does not depend
-    on it, nor on how rows are split into batches. `kept_match`: the rows' matches against `kept` when computed elsewhere (the
-    partitioned reducers), as `earliest_match` returns them.
-
-    Vectorised as passes of: keep every undecided row that is similar to no earlier undecided bucket-mate (in buckets
-    over `cap` rows: that has no earlier undecided bucket-mate at all), since every kept row that could match it was
-    already checked; then drop the undecided rows similar to a row just kept. The earliest undecided row always
-    qualifies, so this ends; on real data a few passes decide everything."""
-    n, k0 = len(sigs), len(kept)
-    twin = np.full(n, -2, dtype=np.int64)  # -2 undecided, -1 kept, else twin index
-    if n == 0:
-        return twin
-    m = earliest_match(sigs, bands, kept_sigs, kept, threshold) if kept_match is None else kept_match
-    twin[m >= 0] = m[m >= 0]
-    passes = 0
+def resolve_roots(twin_new: np.ndarray, base_root: np.ndarray) -> np.ndarray:
+    """Cluster roots of a batch: a row with a twin in the batch (twin_new >= 0, always an earlier row) takes its
+    twin's root, chains followed to the end by pointer jumping; other rows keep base_root (their own id, or the root
+    of a twin in earlier rounds)."""
+    ptr = np.where(twin_new >= 0, twin_new, np.arange(len(twin_new)))
     while True:
-        und = np.flatnonzero(twin == -2)
-        if len(und) == 0:
+        nxt = ptr[ptr]
+        if np.array_equal(nxt, ptr):
             break
-        cap = caps[min(passes, len(caps) - 1)]  # the first pass is the largest: pair within small buckets only
-        passes += 1
-        free = und[~_blocked(sigs[und], bands[und], threshold, cap)]
-        twin[free] = -1
-        rest = np.flatnonzero(twin == -2)
-        if len(rest):
-            m = earliest_match(sigs[rest], bands[rest], sigs[free], BandTable(bands[free]), threshold)
-            hit = m >= 0
-            twin[rest[hit]] = k0 + free[m[hit]]
-    return twin
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The seen-index: what earlier rounds kept, for generators to skip before spending tokens
+        ptr = nxt
+    return base_root[ptr]
 
 
 @dataclass
 class SeenIndex:
-    """Rows kept so far: exact key hashes (sorted), MinHash signatures and band keys. The generators load it to skip
-    candidates before paying for responses; the merge keeps the same arrays in its state."""
+    """Everything seen so far, for both the generators' online check and the merge: the hashes of all distinct keys
+    (sorted), and the rows that are the first of some LSH bucket (signature, band keys, global row id, cluster
+    root), in keep-first order. Bucket tables (band key -> first row) are derived from the band keys."""
 
     exact: np.ndarray  # sorted uint64 key hashes
-    sigs: np.ndarray  # (n, num_perm) uint32
-    band: np.ndarray  # (n, bands) uint64
+    sigs: np.ndarray  # (m, num_perm) uint32
+    band: np.ndarray  # (m, bands) uint64
     threshold: float
     num_perm: int
     seed: int
     shingle_size: int
-    _table: BandTable | None = field(default=None, repr=False, compare=False)
+    ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # global row ids (merge); else 0..m-1
+    root: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    _firsts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.sigs):  # an index without row ids (older files, the generators' own)
+            self.ids = np.arange(len(self.sigs), dtype=np.int64)
+            self.root = self.ids.copy()
 
     @classmethod
     def empty(cls, threshold: float, num_perm: int, seed: int = 1, shingle_size: int = 1) -> SeenIndex:
@@ -457,24 +365,86 @@ class SeenIndex:
     def build(cls, keys: Iterable[str], hasher: MinHasher, threshold: float) -> SeenIndex:
         keys = list(keys)
         idx = cls.empty(threshold, hasher.num_perm, hasher.seed, hasher.shingle_size)
-        idx.add(keys, hasher.signatures(keys))
+        idx.admit(keys, hasher.signatures(keys))
         return idx
-
-    @property
-    def table(self) -> BandTable:
-        if self._table is None or len(self._table) != len(self.band):
-            self._table = BandTable(self.band)
-        return self._table
-
-    def add(self, keys: Any, sigs: np.ndarray, hashes: np.ndarray | None = None) -> None:
-        bands, rows = lsh_params(self.threshold, self.num_perm)
-        h = key_hashes(keys) if hashes is None else hashes
-        self.exact = np.union1d(self.exact, h)
-        self.sigs = np.concatenate([self.sigs, sigs])
-        self.band = np.concatenate([self.band, band_keys(sigs, bands, rows)])
 
     def __len__(self) -> int:
         return len(self.sigs)
+
+    def band_keys(self, sigs: np.ndarray) -> np.ndarray:
+        b, r = lsh_params(self.threshold, self.num_perm)
+        return band_keys(sigs, b, r)
+
+    def firsts(self, band: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted band keys, the indexed row that is first with each) for one band."""
+        if band not in self._firsts:
+            keys, first = np.unique(self.band[:, band], return_index=True)
+            self._firsts[band] = (keys, first.astype(np.int64))
+        return self._firsts[band]
+
+    def lookup(self, q_bands: np.ndarray, bands: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, indexed row) for each band where the query's key has a first here; and, for all bands, a
+        (n, bands) mask of keys that do."""
+        qs, ts = [], []
+        for band in range(q_bands.shape[1]) if bands is None else bands:
+            keys, first = self.firsts(band)
+            if len(keys) == 0:
+                continue
+            pos = np.searchsorted(keys, q_bands[:, band]).clip(0, len(keys) - 1)
+            hit = np.flatnonzero(keys[pos] == q_bands[:, band])
+            qs.append(hit)
+            ts.append(first[pos[hit]])
+        if not qs:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(qs).astype(np.int64), np.concatenate(ts)
+
+    def match(self, sigs: np.ndarray, bands: np.ndarray, subset: Iterable[int] | None = None) -> np.ndarray:
+        """Per query row, the earliest indexed bucket first it is similar to (a position in this index), or -1.
+        `subset`: only these bands (a partitioned reducer's share; the minimum over shares is the full answer)."""
+        if len(self) == 0 or len(sigs) == 0:
+            return np.full(len(sigs), -1, dtype=np.int64)
+        qi, ti = self.lookup(bands, subset)
+        return _verified_min(qi, ti, sigs, self.sigs, self.threshold, len(sigs))
+
+    def assign(
+        self, sigs: np.ndarray, bands: np.ndarray, old: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The near-duplicate rule for a batch of new rows (keep-first order, after everything indexed): per row,
+        (twin among indexed rows or -1, twin among the batch's earlier rows or -1); at most one is set. `old`: the
+        matches against this index when computed elsewhere (partitioned reducers)."""
+        n = len(sigs)
+        old = self.match(sigs, bands) if old is None else old
+        first = band_firsts(bands)
+        # a bucket whose key is indexed already has its first among earlier rounds' rows
+        known = np.zeros(bands.shape, dtype=bool)
+        for band in range(bands.shape[1]):
+            keys, _ = self.firsts(band)
+            if len(keys):
+                pos = np.searchsorted(keys, bands[:, band]).clip(0, len(keys) - 1)
+                known[:, band] = keys[pos] == bands[:, band]
+        rows = np.arange(n)[:, None]
+        cand = (first != rows) & ~known & (old < 0)[:, None]
+        qi = np.broadcast_to(rows, first.shape)[cand]
+        new = _verified_min(qi, first[cand], sigs, sigs, self.threshold, n)
+        return old, new
+
+    def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray) -> np.ndarray:
+        """Index a batch's rows that are the first of a bucket not indexed yet (batch in keep-first order); returns
+        which rows of the batch were added."""
+        first = band_firsts(bands)
+        is_first = first == np.arange(len(bands))[:, None]
+        for band in range(bands.shape[1]):
+            keys, _ = self.firsts(band)
+            if len(keys):
+                pos = np.searchsorted(keys, bands[:, band]).clip(0, len(keys) - 1)
+                is_first[:, band] &= keys[pos] != bands[:, band]
+        add = np.flatnonzero(is_first.any(axis=1))
+        self.sigs = np.concatenate([self.sigs, sigs[add]])
+        self.band = np.concatenate([self.band, bands[add]])
+        self.ids = np.concatenate([self.ids, ids[add]])
+        self.root = np.concatenate([self.root, root[add]])
+        self._firsts = {}
+        return add
 
     def contains_exact(self, keys: Any, hashes: np.ndarray | None = None) -> np.ndarray:
         h = key_hashes(keys) if hashes is None else hashes
@@ -484,45 +454,45 @@ class SeenIndex:
         return np.asarray(self.exact[pos] == h)
 
     def contains_near(self, sigs: np.ndarray, near: bool = True) -> np.ndarray:
-        """True where a signature is a near-duplicate (estimated Jaccard >= threshold) of an indexed one."""
-        if not near or len(self.sigs) == 0 or len(sigs) == 0:
+        """True where a signature is a near duplicate of an indexed row (the merge's rule)."""
+        if not near or len(self) == 0 or len(sigs) == 0:
             return np.zeros(len(sigs), dtype=bool)
-        bands, rows = lsh_params(self.threshold, self.num_perm)
-        return earliest_match(sigs, band_keys(sigs, bands, rows), self.sigs, self.table, self.threshold) >= 0
+        return self.match(sigs, self.band_keys(sigs)) >= 0
 
     def admit(self, keys: Any, sigs: np.ndarray, near: bool = True) -> np.ndarray:
         """The online check of a batch in order: 0 = novel (now indexed), 1 = a duplicate of an indexed row, 2 = a
-        duplicate of an earlier row of this batch. Same rule as the merge (`keep_first`), on the same code."""
+        duplicate of an earlier row of this batch. The merge's rule on the merge's code; only novel rows are
+        indexed (the skipped ones never reach the merge)."""
         h = key_hashes(keys)
-        bands, rows = lsh_params(self.threshold, self.num_perm)
-        bk = band_keys(sigs, bands, rows)
+        bk = self.band_keys(sigs)
         out = np.where(self.contains_exact(keys, h), 1, 0).astype(np.int8)
-        # within the batch: a repeated key is a duplicate of its first occurrence
         _, first = np.unique(h, return_index=True)
         repeat = np.ones(len(h), dtype=bool)
         repeat[first] = False
         out[(out == 0) & repeat] = 2
         cand = np.flatnonzero(out == 0)
         if near and len(cand):
-            twin = keep_first(sigs[cand], bk[cand], self.sigs, self.table, self.threshold)
-            out[cand[(twin >= 0) & (twin < len(self))]] = 1
-            out[cand[twin >= len(self)]] = 2
-        new = np.flatnonzero(out == 0)
-        self.exact = np.union1d(self.exact, h[new])
-        self.sigs = np.concatenate([self.sigs, sigs[new]])
-        self.band = np.concatenate([self.band, bk[new]])
+            old, new = self.assign(sigs[cand], bk[cand])
+            out[cand[old >= 0]] = 1
+            out[cand[new >= 0]] = 2
+        novel = np.flatnonzero(out == 0)
+        self.exact = np.union1d(self.exact, h[novel])
+        ids = np.arange(len(self), len(self) + len(novel), dtype=np.int64)
+        self.extend(sigs[novel], bk[novel], ids, ids)
         return out
 
     def to_npz(self) -> dict[str, Any]:
         return {
-            "exact": self.exact, "sigs": self.sigs, "band": self.band,
+            "exact": self.exact, "sigs": self.sigs, "band": self.band, "ids": self.ids, "root": self.root,
             "params": np.array([self.threshold, self.num_perm, self.seed, self.shingle_size], dtype=np.float64),
         }  # fmt: skip
 
     @classmethod
     def from_npz(cls, data: Any) -> SeenIndex:
         threshold, num_perm, seed, shingle = data["params"].tolist()
-        return cls(data["exact"], data["sigs"], data["band"], float(threshold), int(num_perm), int(seed), int(shingle))
+        empty = np.empty(0, np.int64)
+        return cls(data["exact"], data["sigs"], data["band"], float(threshold), int(num_perm), int(seed), int(shingle),
+                   data["ids"] if "ids" in data else empty, data["root"] if "root" in data else empty)  # fmt: skip
 
     @classmethod
     def concat(cls, parts: Sequence[SeenIndex]) -> SeenIndex:
@@ -533,4 +503,5 @@ class SeenIndex:
             np.concatenate([p.sigs for p in parts]),
             np.concatenate([p.band for p in parts]),
             first.threshold, first.num_perm, first.seed, first.shingle_size,
+            np.concatenate([p.ids for p in parts]), np.concatenate([p.root for p in parts]),
         )  # fmt: skip

@@ -1,14 +1,15 @@
 """Merge, dedup and QC of a round: incremental, deterministic, keep-first in (round, seed, index) order.
 
-The cluster rule (one rule, `dedup.keep_first` and the exact tier below):
+The cluster rule (the exact tier here, the near tier in `dedup.SeenIndex.assign`):
 - Rows are taken in (round, seed, index) order and numbered in that order (global row ids, cumulative over rounds).
-- A row whose normalised key equals the key of ANY earlier row is an exact duplicate.
-- Otherwise a row is a near duplicate when it is similar (shares an LSH band key and estimated Jaccard >= threshold)
-  to an earlier KEPT row; otherwise it is kept (unique). QC then decides whether a kept row enters the dataset.
-- A dropped row's cluster is that of its twin: the earliest similar kept row (near), or the cluster of its key's
-  first occurrence (exact). No chains through dropped rows.
-Every decision depends only on earlier rows (their keys and which were kept), so merging round r's new rows against
-the state of rounds 1..r-1 gives exactly what merging rounds 1..r from nothing gives (tested).
+- A row whose normalised key equals the key of ANY earlier row is an exact duplicate, in that row's cluster.
+- Otherwise (the first row with its key), for each LSH band the first row ever with the same band key is that
+  bucket's first; the row is a near duplicate when it is similar (estimated Jaccard >= threshold on the full
+  signature) to one of its buckets' firsts, and joins the cluster of the earliest such (chains followed to the
+  cluster's first row). A row with no exact twin and no similar bucket first starts a cluster: it is unique, kept
+  for dedup, and QC decides whether it enters the dataset.
+Every decision depends only on earlier rows, so merging round r's new rows against the state of rounds 1..r-1 gives
+exactly what merging rounds 1..r from nothing gives (tested).
 
 Round r reads only its own shards and the state chunks rounds 1..r-1 published (key hashes with their cluster, the
 kept rows' MinHash signatures and band keys, cluster sizes): its work is linear in its new rows. Outputs, all
@@ -40,16 +41,7 @@ from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import (
-    BandTable,
-    MinHasher,
-    SeenIndex,
-    band_keys,
-    keep_first,
-    key_hashes,
-    lsh_params,
-    normalize_array,
-)
+from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes, lsh_params, normalize_array, resolve_roots
 from genrun.worker.qc import QcPipeline
 from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
 
@@ -135,17 +127,17 @@ def dedup_params(spec: Any) -> dict[str, Any]:
 class State:
     """Everything a round needs from the rounds before it. Arrays are the concatenation of per-round chunks.
 
-    kept_*: the kept rows (global id, signature, band keys); keys_*: every distinct key hash seen (sorted) with the
-    global id of its cluster's kept row; cluster: size of each kept row's cluster, aligned with kept_id. A semantic
-    tier adds its embeddings of the kept rows as one more aligned chunk array."""
+    seen: the LSH bucket firsts (signature, band keys, id, cluster root) and all key hashes, what the generators
+    load too; keys_*: every distinct key hash (sorted) with the global id of its cluster's first row; kept_id: the
+    clusters' first rows, cluster: each one's size. A semantic tier adds its embeddings of the kept rows as one more
+    chunk array aligned with kept_id."""
 
     totals: Totals
-    seen: SeenIndex  # kept rows' exact hashes, signatures and band keys (what the generators load)
+    seen: SeenIndex
     kept_id: np.ndarray
     keys_hash: np.ndarray
     keys_owner: np.ndarray
     cluster: np.ndarray
-    _table: BandTable | None = None
 
     @classmethod
     def empty(cls, spec: Any) -> State:
@@ -153,12 +145,6 @@ class State:
         i64, u64 = np.empty(0, np.int64), np.empty(0, np.uint64)
         seen = SeenIndex.empty(d.threshold, d.num_perm, 1, d.shingle_size)
         return cls(Totals(params=dedup_params(spec)), seen, i64, u64, i64.copy(), i64.copy())
-
-    @property
-    def table(self) -> BandTable:
-        if self._table is None:
-            self._table = BandTable(self.seen.band)
-        return self._table
 
 
 def _state_key(rnd: int, name: str) -> str:
@@ -284,15 +270,16 @@ def round_keys(spec: Any, cols: list[Any]) -> Any:
 
 @dataclass
 class Decisions:
-    """Per new row: its global id, whether it is kept, else the reason and the kept row (global id) of its cluster."""
+    """Per new row: its global id, whether it is kept, else the reason and the first row (global id) of its cluster;
+    and the round's new keys (first occurrences) with their signatures, band keys and roots, to extend the state."""
 
     ids: np.ndarray
     kept: np.ndarray  # bool
     near: np.ndarray  # bool: dropped as a near duplicate (else, when not kept, exact)
-    root: np.ndarray  # global id of the cluster's kept row (itself when kept)
+    root: np.ndarray  # global id of the cluster's first row (itself when kept)
     hashes: np.ndarray
-    new_key: np.ndarray  # bool: first occurrence of a key never seen before
-    sigs: np.ndarray  # signatures of the kept rows, in order
+    cand: np.ndarray  # rows that are the first with a key never seen before
+    sigs: np.ndarray  # their signatures
     bands: np.ndarray
 
 
@@ -305,8 +292,8 @@ def decide(
 ) -> Decisions:
     """Apply the cluster rule to new rows (keys in keep-first order) after everything in `state`.
 
-    `precomputed`: (key hashes, signatures of the first occurrences of new keys, their matches against the kept rows
-    of earlier rounds) when the partitioned maps and reducers made them."""
+    `precomputed`: (key hashes, signatures of the first occurrences of new keys, their matches against earlier
+    rounds' bucket firsts) when the partitioned maps and reducers made them."""
     d = spec.dedup
     n = len(keys) if precomputed is None else len(precomputed[0])
     ids = np.arange(first_id, first_id + n, dtype=np.int64)
@@ -315,68 +302,65 @@ def decide(
     first_of = first[inverse]  # row -> first row (this round) with its key
     # Exact tier against earlier rounds: the key's cluster is already known.
     kh = state.keys_hash
-    pos = np.searchsorted(kh, h).clip(0, max(len(kh) - 1, 0))
-    seen_before = (kh[pos] == h) if len(kh) else np.zeros(n, dtype=bool)
-    root = np.where(seen_before, state.keys_owner[pos] if len(kh) else 0, -1).astype(np.int64)
-    new_key = ~seen_before & (first_of == np.arange(n))
-    cand = np.flatnonzero(new_key)  # in row order
+    seen_before = np.zeros(n, dtype=bool)
+    root = np.full(n, -1, dtype=np.int64)
+    if len(kh):
+        pos = np.searchsorted(kh, h).clip(0, len(kh) - 1)
+        seen_before = kh[pos] == h
+        root[seen_before] = state.keys_owner[pos[seen_before]]
+    cand = np.flatnonzero(~seen_before & (first_of == np.arange(n)))  # in row order
     if precomputed is None:
         import pyarrow as pa
 
         sigs = MinHasher(d.num_perm, 1, d.shingle_size).signatures(keys.take(pa.array(cand, pa.int64())))
     else:
         sigs = precomputed[1]
-    b, r = lsh_params(d.threshold, d.num_perm)
-    bands = band_keys(sigs, b, r)
+    bands = state.seen.band_keys(sigs)
     if d.near_duplicates:
-        km = None if precomputed is None else precomputed[2]
-        twin = keep_first(sigs, bands, state.seen.sigs, state.table, d.threshold, km)
+        old, new = state.seen.assign(sigs, bands, None if precomputed is None else precomputed[2])
     else:
-        twin = np.full(len(cand), -1, np.int64)
-    k0 = len(state.kept_id)
-    kept_c = twin == -1
-    croot = np.where(kept_c, ids[cand], 0)
-    old = (twin >= 0) & (twin < k0)
-    croot[old] = state.kept_id[twin[old]]
-    new = twin >= k0
-    croot[new] = ids[cand[twin[new] - k0]]
+        old = new = np.full(len(cand), -1, np.int64)
+    base = ids[cand].copy()
+    base[old >= 0] = state.seen.root[old[old >= 0]]
+    croot = resolve_roots(new, base)
     root[cand] = croot
     near = np.zeros(n, dtype=bool)
-    near[cand[~kept_c]] = True
-    # Exact repeats within the round take their first occurrence's cluster.
-    rest = root == -1
+    near[cand] = (old >= 0) | (new >= 0)
+    rest = root == -1  # exact repeats within the round take their first occurrence's cluster
     root[rest] = root[first_of[rest]]
     kept = np.zeros(n, dtype=bool)
-    kept[cand[kept_c]] = True
-    return Decisions(ids, kept, near, root, h, new_key, sigs[kept_c], bands[kept_c])
+    kept[cand[(old < 0) & (new < 0)]] = True
+    return Decisions(ids, kept, near, root, h, cand, sigs, bands)
 
 
-def _advance(state: State, dec: Decisions, spec: Any) -> dict[str, np.ndarray]:
-    """Fold a round's decisions into the state; returns the round's state chunk."""
+def _advance(state: State, dec: Decisions) -> dict[str, dict[str, np.ndarray]]:
+    """Fold a round's decisions into the state; returns the round's state and seen-index chunks."""
     kept_ids = dec.ids[dec.kept]
-    dropped_roots = dec.root[~dec.kept]
-    owners, counts = np.unique(dropped_roots, return_counts=True)
+    owners, counts = np.unique(dec.root[~dec.kept], return_counts=True)
+    new_hashes = dec.hashes[dec.cand]
     chunk = {
         "kept_id": kept_ids,
-        "keys_hash": dec.hashes[dec.new_key],
-        "keys_owner": dec.root[dec.new_key],
+        "keys_hash": new_hashes,
+        "keys_owner": dec.root[dec.cand],
         "dup_owner": owners.astype(np.int64),
         "dup_count": counts.astype(np.int64),
     }
-    seen_add = SeenIndex(
-        np.unique(dec.hashes[dec.kept]), dec.sigs, dec.bands, state.seen.threshold, state.seen.num_perm,
-        state.seen.seed, state.seen.shingle_size,
-    )  # fmt: skip
-    state.seen = SeenIndex.concat([state.seen, seen_add])
-    state._table = None
+    seen = state.seen
+    before = len(seen)
+    seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand])
+    seen.exact = np.union1d(seen.exact, new_hashes)
+    seen_chunk = SeenIndex(
+        np.sort(new_hashes), seen.sigs[before:], seen.band[before:], seen.threshold, seen.num_perm, seen.seed,
+        seen.shingle_size, seen.ids[before:], seen.root[before:],
+    ).to_npz()  # fmt: skip
     state.kept_id = np.concatenate([state.kept_id, kept_ids])
-    kh = np.concatenate([state.keys_hash, chunk["keys_hash"]])
+    kh = np.concatenate([state.keys_hash, new_hashes])
     ko = np.concatenate([state.keys_owner, chunk["keys_owner"]])
     order = np.argsort(kh, kind="stable")
     state.keys_hash, state.keys_owner = kh[order], ko[order]
     state.cluster = np.concatenate([state.cluster, np.ones(len(kept_ids), np.int64)])
     np.add.at(state.cluster, np.searchsorted(state.kept_id, owners), counts)
-    return {"chunk": chunk, "seen": seen_add.to_npz()}  # type: ignore[dict-item]
+    return {"chunk": chunk, "seen": seen_chunk}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -448,7 +432,7 @@ def _merge_one(
     with tempfile.TemporaryDirectory(prefix=f"{TMP_DIR_PREFIX}{os.getpid()}-") as tmpd:
         tmp = Path(tmpd)
         round_counts = _write_rows(storage, spec, rnd, shards, dec, tmp)
-        step = _advance(state, dec, spec)
+        step = _advance(state, dec)
         tot.round = rnd
         tot.round_first_id[rnd] = first_id
         tot.rows = first_id + len(dec.ids)

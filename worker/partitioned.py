@@ -4,7 +4,7 @@ the merge then finalises with the same `merge.decide` as the single-process path
 
 Work split: the maps do the per-row work (normalised keys, key hashes, MinHash signatures of each key's first
 occurrence in the partition); each reducer matches the round's candidate rows (first occurrences of keys never seen
-before) against the kept rows of earlier rounds on its share of the LSH bands (`dedup.earliest_match`, the merge's
+before) against the bucket firsts of earlier rounds on its share of the LSH bands (`SeenIndex.match`, the merge's
 own routine, restricted to those bands). The finaliser takes the minimum over reducers, which is the match over all
 bands, and applies the keep-first rule within the round. Same result as the single-process merge, by construction
 (tested).
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, band_keys, earliest_match, key_hashes, lsh_params
+from genrun.worker.dedup import MinHasher, key_hashes, lsh_params
 from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
 
 log = logging.getLogger("genrun.partitioned")
@@ -148,7 +148,7 @@ def _fingerprint(state: Any) -> np.ndarray:
 
 
 def dedup_reduce(storage: Storage, spec: Any, rnd: int, parts: int, band_part: int, band_parts: int) -> str:
-    """Per candidate row, the earliest kept row of earlier rounds it matches on the bands b % band_parts ==
+    """Per candidate row, the earliest bucket first of earlier rounds it is similar to, on the bands b % band_parts ==
     band_part (-1 if none)."""
     from genrun.worker.merge import State, load_state
 
@@ -157,7 +157,7 @@ def dedup_reduce(storage: Storage, spec: Any, rnd: int, parts: int, band_part: i
     d = spec.dedup
     b, r = lsh_params(d.threshold, d.num_perm)
     mine = [band for band in range(b) if band % band_parts == band_part]
-    match = earliest_match(c.sigs, band_keys(c.sigs, b, r), state.seen.sigs, state.table, d.threshold, mine)
+    match = state.seen.match(c.sigs, state.seen.band_keys(c.sigs), mine)
     buf = io.BytesIO()
     np.savez(buf, match=match, cand=c.cand, state=_fingerprint(state))
     storage.write_bytes(reduce_key(rnd, band_part), buf.getvalue())

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 from datasketch.lsh import _optimal_param
 from genrun.worker.dedup import (
-    BandTable,
     MinHasher,
     SeenIndex,
     band_keys,
     dedup_key,
-    keep_first,
     lsh_params,
     normalize,
+    resolve_roots,
     shingles,
     similar,
 )
@@ -56,11 +55,21 @@ def test_signatures_equal_datasketch(texts: list[str], size: int, seed: int) -> 
         assert np.array_equal(m.hashvalues, s)
 
 
+def _clusters(index: SeenIndex, sigs: np.ndarray, first_id: int) -> np.ndarray:
+    """The merge's use of the rule on one batch: roots (global ids), then the batch indexed."""
+    bands = index.band_keys(sigs)
+    old, new = index.assign(sigs, bands)
+    ids = np.arange(first_id, first_id + len(sigs))
+    base = ids.copy()
+    base[old >= 0] = index.root[old[old >= 0]]
+    root = resolve_roots(new, base)
+    index.extend(sigs, bands, ids, root)
+    return root
+
+
 def _labels(texts: list[str], threshold: float) -> list[int]:
     sigs = MinHasher(128, 1, 1).signatures([normalize(t) for t in texts])
-    b, r = lsh_params(threshold, 128)
-    twin = keep_first(sigs, band_keys(sigs, b, r), sigs[:0], BandTable(band_keys(sigs[:0], b, r)), threshold)
-    return [i if t < 0 else int(t) for i, t in enumerate(twin)]
+    return _clusters(SeenIndex.empty(threshold, 128), sigs, 0).tolist()
 
 
 def test_near_duplicates_found_and_unrelated_kept() -> None:
@@ -74,50 +83,41 @@ def test_near_duplicates_found_and_unrelated_kept() -> None:
     assert _labels(texts, 0.7) == [0, 1, 0, 3, 1]
 
 
-def _reference_keep_first(sigs: np.ndarray, threshold: float) -> list[int]:
-    """The rule, one row at a time: dropped when it shares a band with an earlier KEPT row and is similar to it."""
+def _reference(sigs: np.ndarray, threshold: float) -> list[int]:
+    """The rule, one row at a time: per band, the first row ever with the key is the bucket's first; a row similar
+    to one of its buckets' firsts joins the cluster of the earliest such, else starts its own."""
     b, r = lsh_params(threshold, sigs.shape[1])
     bands = band_keys(sigs, b, r)
-    kept: list[int] = []
-    out = []
+    firsts: list[dict[int, int]] = [{} for _ in range(b)]
+    root: list[int] = []
     for j in range(len(sigs)):
-        twins = [
-            i
-            for i in kept
-            if (bands[i] == bands[j]).any() and similar(sigs[i : i + 1], sigs[j : j + 1])[0] >= threshold
-        ]
-        out.append(min(twins) if twins else -1)
-        if not twins:
-            kept.append(j)
-    return out
+        cands = [firsts[k][int(bands[j, k])] for k in range(b) if int(bands[j, k]) in firsts[k]]
+        twins = [i for i in cands if similar(sigs[i : i + 1], sigs[j : j + 1])[0] >= threshold]
+        root.append(root[min(twins)] if twins else j)
+        for k in range(b):
+            firsts[k].setdefault(int(bands[j, k]), j)
+    return root
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     words=st.lists(
-        st.lists(st.sampled_from(["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr"]), min_size=1, max_size=7),
-        min_size=1,
-        max_size=30,
+        st.lists(st.sampled_from(["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr"]), min_size=1, max_size=7), min_size=1, max_size=30
     ),
-    cut=st.integers(0, 30),
+    cuts=st.lists(st.integers(0, 30), max_size=3),
     threshold=st.sampled_from([0.5, 0.7, 0.8]),
 )
-def test_keep_first_is_the_sequential_rule_in_any_batching(words: list[list[str]], cut: int, threshold: float) -> None:
-    """Vectorised keep-first equals the one-row-at-a-time rule, and merging in two batches (rounds) equals one."""
+def test_rule_is_the_sequential_rule_in_any_batching(words: list[list[str]], cuts: list[int], threshold: float) -> None:
+    """Vectorised, the rule equals the one-row-at-a-time rule, and merging in batches (rounds) equals one batch."""
     sigs = MinHasher(64, 1, 1).signatures([" ".join(w) for w in words])
-    ref = _reference_keep_first(sigs, threshold)
-    b, r = lsh_params(threshold, 64)
-    bands = band_keys(sigs, b, r)
-    empty = BandTable(bands[:0])
-    assert keep_first(sigs, bands, sigs[:0], empty, threshold).tolist() == ref
-    cut = min(cut, len(sigs))
-    first = keep_first(sigs[:cut], bands[:cut], sigs[:0], empty, threshold)
-    kept = np.flatnonzero(first == -1)
-    second = keep_first(sigs[cut:], bands[cut:], sigs[kept], BandTable(bands[kept]), threshold)
-    # map the second batch's twins (index into kept rows, then its own rows) back to row numbers
-    back = np.concatenate([kept, np.arange(cut, len(sigs))])
-    joined = first.tolist() + [-1 if t < 0 else int(back[t]) for t in second]
-    assert joined == ref
+    ref = _reference(sigs, threshold)
+    assert _clusters(SeenIndex.empty(threshold, 64), sigs, 0).tolist() == ref
+    index = SeenIndex.empty(threshold, 64)
+    edges = sorted({min(c, len(sigs)) for c in cuts} | {0, len(sigs)})
+    got: list[int] = []
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        got += _clusters(index, sigs[lo:hi], lo).tolist()
+    assert got == ref
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95])
@@ -138,7 +138,10 @@ def test_seen_index_exact_and_near() -> None:
     ]
     assert seen.contains_exact(queries).tolist() == [True, False, False]
     assert seen.contains_near(hasher.signatures(queries)).tolist() == [True, True, False]
-    seen.add([queries[2]], hasher.signatures([queries[2]]))
+    # the online check of a batch: novel, seen before, a repeat of an earlier candidate of the batch
+    batch = [queries[2], queries[0], normalize("Name three prime numbers, please"), queries[2]]
+    assert seen.admit(batch, hasher.signatures(batch)).tolist() == [0, 1, 2, 2]
     assert seen.contains_exact([queries[2]]).tolist() == [True]
     again = SeenIndex.from_npz(seen.to_npz())
     assert again.contains_exact(queries).tolist() == [True, False, True]
+    assert again.contains_near(hasher.signatures(queries)).tolist() == [True, True, True]
