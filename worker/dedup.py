@@ -492,7 +492,7 @@ class SeenIndex:
         threshold, num_perm, seed, shingle = data["params"].tolist()
         empty = np.empty(0, np.int64)
         return cls(data["exact"], data["sigs"], data["band"], float(threshold), int(num_perm), int(seed), int(shingle),
-                   data["ids"] if "ids" in data else empty, data["root"] if "root" in data else empty)  # fmt: skip
+                   data.get("ids", empty), data.get("root", empty))  # fmt: skip
 
     @classmethod
     def concat(cls, parts: Sequence[SeenIndex]) -> SeenIndex:

@@ -155,7 +155,7 @@ def dedup_reduce(storage: Storage, spec: Any, rnd: int, parts: int, band_part: i
     state = load_state(storage, spec, rnd - 1) or State.empty(spec)
     c = candidates(storage, spec, rnd, state)
     d = spec.dedup
-    b, r = lsh_params(d.threshold, d.num_perm)
+    b, _ = lsh_params(d.threshold, d.num_perm)
     mine = [band for band in range(b) if band % band_parts == band_part]
     match = state.seen.match(c.sigs, state.seen.band_keys(c.sigs), mine)
     buf = io.BytesIO()

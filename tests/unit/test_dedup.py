@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import datasketch
 import numpy as np
 import pytest
@@ -102,7 +104,9 @@ def _reference(sigs: np.ndarray, threshold: float) -> list[int]:
 @settings(max_examples=60, deadline=None)
 @given(
     words=st.lists(
-        st.lists(st.sampled_from(["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr"]), min_size=1, max_size=7), min_size=1, max_size=30
+        st.lists(st.sampled_from(["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr"]), min_size=1, max_size=7),
+        min_size=1,
+        max_size=30,
     ),
     cuts=st.lists(st.integers(0, 30), max_size=3),
     threshold=st.sampled_from([0.5, 0.7, 0.8]),
@@ -115,7 +119,7 @@ def test_rule_is_the_sequential_rule_in_any_batching(words: list[list[str]], cut
     index = SeenIndex.empty(threshold, 64)
     edges = sorted({min(c, len(sigs)) for c in cuts} | {0, len(sigs)})
     got: list[int] = []
-    for lo, hi in zip(edges, edges[1:], strict=False):
+    for lo, hi in itertools.pairwise(edges):
         got += _clusters(index, sigs[lo:hi], lo).tolist()
     assert got == ref
 
