@@ -303,18 +303,24 @@ def band_firsts(bands: np.ndarray) -> np.ndarray:
 
 
 def _verified_min(qi: np.ndarray, ti: np.ndarray, q_sigs: np.ndarray, t_sigs: np.ndarray, threshold: float,
-                  n: int, chunk: int = 1_000_000) -> np.ndarray:  # fmt: skip
+                  n: int, chunk: int = 131_072) -> np.ndarray:  # fmt: skip
     """Per query row (0..n-1), the smallest t among its pairs (qi, ti) that verify as similar, or -1."""
-    out = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
-    if len(qi):
-        m = int(ti.max()) + 1
-        code = np.unique(qi * m + ti)  # a similar pair shares many bands: verify each pair once
-        qi, ti = code // m, code % m
-        for i in range(0, len(qi), chunk):  # bounded temporaries: (chunk, num_perm) gathers
-            a, b = qi[i : i + chunk], ti[i : i + chunk]
-            ok = similar(q_sigs[a], t_sigs[b]) >= threshold
-            np.minimum.at(out, a[ok], b[ok])
-    out[out == np.iinfo(np.int64).max] = -1
+    out = np.full(n, -1, dtype=np.int64)
+    if len(qi) == 0:
+        return out
+    m = int(ti.max()) + 1
+    code = np.sort(qi * m + ti)  # a similar pair shares many bands: verify each pair once, in (query, t) order
+    code = code[np.append(True, code[1:] != code[:-1])]
+    ok = np.empty(len(code), dtype=bool)
+    for i in range(0, len(code), chunk):  # bounded temporaries: (chunk, num_perm) gathers, 64 MiB each
+        c = code[i : i + chunk]
+        ok[i : i + chunk] = similar(q_sigs[c // m], t_sigs[c % m]) >= threshold
+    good = code[ok]
+    if len(good) == 0:
+        return out
+    q = good // m
+    first = np.append(True, q[1:] != q[:-1])  # sorted: the first verified pair of a query has its smallest t
+    out[q[first]] = good[first] % m
     return out
 
 
@@ -347,6 +353,7 @@ class SeenIndex:
     ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # global row ids (merge); else 0..m-1
     root: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     _firsts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
+    _batch: tuple[np.ndarray, np.ndarray, int] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.sigs):  # an index without row ids (older files, the generators' own)
@@ -414,36 +421,37 @@ class SeenIndex:
         matches against this index when computed elsewhere (partitioned reducers)."""
         n = len(sigs)
         old = self.match(sigs, bands) if old is None else old
-        first = band_firsts(bands)
-        # a bucket whose key is indexed already has its first among earlier rounds' rows
-        known = np.zeros(bands.shape, dtype=bool)
-        for band in range(bands.shape[1]):
-            keys, _ = self.firsts(band)
-            if len(keys):
-                pos = np.searchsorted(keys, bands[:, band]).clip(0, len(keys) - 1)
-                known[:, band] = keys[pos] == bands[:, band]
+        first = self._batch_firsts(bands)
         rows = np.arange(n)[:, None]
-        cand = (first != rows) & ~known & (old < 0)[:, None]
+        cand = (first >= 0) & (first != rows) & (old < 0)[:, None]
         qi = np.broadcast_to(rows, first.shape)[cand]
         new = _verified_min(qi, first[cand], sigs, sigs, self.threshold, n)
         return old, new
 
-    def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray) -> np.ndarray:
-        """Index a batch's rows that are the first of a bucket not indexed yet (batch in keep-first order); returns
-        which rows of the batch were added."""
+    def _batch_firsts(self, bands: np.ndarray) -> np.ndarray:
+        """band_firsts of a batch, -1 where the bucket's key is indexed (its first is an earlier round's row)."""
+        if self._batch is not None and self._batch[0] is bands and self._batch[2] == len(self):
+            return self._batch[1]  # the same batch array: `extend` after `assign`
         first = band_firsts(bands)
-        is_first = first == np.arange(len(bands))[:, None]
         for band in range(bands.shape[1]):
             keys, _ = self.firsts(band)
             if len(keys):
                 pos = np.searchsorted(keys, bands[:, band]).clip(0, len(keys) - 1)
-                is_first[:, band] &= keys[pos] != bands[:, band]
-        add = np.flatnonzero(is_first.any(axis=1))
+                first[keys[pos] == bands[:, band], band] = -1
+        self._batch = (bands, first, len(self))
+        return first
+
+    def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray) -> np.ndarray:
+        """Index a batch's rows that are the first of a bucket not indexed yet (batch in keep-first order); returns
+        which rows of the batch were added."""
+        first = self._batch_firsts(bands)  # as `assign` computed it for this batch
+        add = np.flatnonzero((first == np.arange(len(bands))[:, None]).any(axis=1))
         self.sigs = np.concatenate([self.sigs, sigs[add]])
         self.band = np.concatenate([self.band, bands[add]])
         self.ids = np.concatenate([self.ids, ids[add]])
         self.root = np.concatenate([self.root, root[add]])
         self._firsts = {}
+        self._batch = None
         return add
 
     def contains_exact(self, keys: Any, hashes: np.ndarray | None = None) -> np.ndarray:

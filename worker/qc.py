@@ -123,7 +123,9 @@ def _words(col: Any) -> tuple[np.ndarray, np.ndarray, int]:
     """(row of each word, dictionary code of each word) over a string column, words in order, case-folded."""
     import pyarrow.compute as pc
 
-    lists = pc.split_pattern_regex(pc.utf8_lower(col), r"[^\p{L}\p{N}_]+")
+    # one regex pass replacing separator runs, then a literal split (a regex split is several times slower)
+    spaced = pc.utf8_trim(pc.replace_substring_regex(pc.utf8_lower(col), r"[^\p{L}\p{N}_]+", " "), " ")
+    lists = pc.split_pattern(spaced, " ")
     flat = pc.list_flatten(lists)
     rows = _np(pc.list_parent_indices(lists)).astype(np.int64)
     keep = _np(pc.not_equal(flat, ""))
@@ -207,8 +209,9 @@ def _repetition(p: Mapping[str, Any]) -> Filter:
         col = _text(table, "response")
         out = _none(table.num_rows)
         out[repeated_ngram_ratios(col, n) > max_rep] = "repetition"
-        chars = _np(pc.count_substring_regex(col, r"\S"))
-        alnum = _np(pc.count_substring_regex(col, r"[\p{L}\p{N}]"))
+        # lengths after deleting runs: far faster than counting one regex match per character
+        chars = _np(pc.utf8_length(pc.replace_substring_regex(col, r"\s+", "")))
+        alnum = _np(pc.utf8_length(pc.replace_substring_regex(col, r"[^\p{L}\p{N}]+", "")))
         with np.errstate(invalid="ignore", divide="ignore"):
             out[(chars > 0) & (alnum / np.maximum(chars, 1) < min_alnum)] = "garbage"  # checked first: wins
         return out
