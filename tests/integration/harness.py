@@ -324,7 +324,8 @@ class SeaweedFS:
         self.proc = subprocess.Popen(
             [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.dir}", f"-master.port={m}",
              f"-volume.port={v}", "-filer", f"-filer.port={f}", "-s3", f"-s3.port={s3}",
-             "-master.volumeSizeLimitMB=64", "-volume.max=8"],
+             "-master.volumeSizeLimitMB=64", "-volume.max=8",
+             "-s3.port.iceberg=0", "-s3.port.lance=0"],  # fixed ports: two servers at once would collide
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "weed.log", "ab"),  # noqa: SIM115
         )  # fmt: skip
         wait_for(self._ready, 60, "SeaweedFS S3")
