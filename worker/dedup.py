@@ -445,12 +445,22 @@ class SeenIndex:
         """Index a batch's rows that are the first of a bucket not indexed yet (batch in keep-first order); returns
         which rows of the batch were added."""
         first = self._batch_firsts(bands)  # as `assign` computed it for this batch
-        add = np.flatnonzero((first == np.arange(len(bands))[:, None]).any(axis=1))
+        is_first = first == np.arange(len(bands))[:, None]
+        add = np.flatnonzero(is_first.any(axis=1))
+        base = len(self)
+        # bucket tables: merge the new firsts in (two sorted runs: a stable sort merges them in linear time)
+        for band in range(bands.shape[1]):
+            keys, pos = self.firsts(band)
+            new = np.flatnonzero(is_first[add, band])
+            nk = bands[add[new], band]
+            o = np.argsort(nk)
+            k2, p2 = np.concatenate([keys, nk[o]]), np.concatenate([pos, base + new[o]])
+            order = np.argsort(k2, kind="stable")
+            self._firsts[band] = (k2[order], p2[order])
         self.sigs = np.concatenate([self.sigs, sigs[add]])
         self.band = np.concatenate([self.band, bands[add]])
         self.ids = np.concatenate([self.ids, ids[add]])
         self.root = np.concatenate([self.root, root[add]])
-        self._firsts = {}
         self._batch = None
         return add
 
@@ -489,27 +499,45 @@ class SeenIndex:
         self.extend(sigs[novel], bk[novel], ids, ids)
         return out
 
-    def to_npz(self) -> dict[str, Any]:
-        return {
+    def to_npz(self, firsts: bool = False) -> dict[str, Any]:
+        out = {
             "exact": self.exact, "sigs": self.sigs, "band": self.band, "ids": self.ids, "root": self.root,
             "params": np.array([self.threshold, self.num_perm, self.seed, self.shingle_size], dtype=np.float64),
         }  # fmt: skip
+        if firsts:  # the bucket tables, so a reader need not sort them again
+            for band in range(self.band.shape[1]):
+                out[f"firsts_key_{band}"], out[f"firsts_pos_{band}"] = self.firsts(band)
+        return out
 
     @classmethod
     def from_npz(cls, data: Any) -> SeenIndex:
         threshold, num_perm, seed, shingle = data["params"].tolist()
         empty = np.empty(0, np.int64)
-        return cls(data["exact"], data["sigs"], data["band"], float(threshold), int(num_perm), int(seed), int(shingle),
-                   data.get("ids", empty), data.get("root", empty))  # fmt: skip
+        out = cls(data["exact"], data["sigs"], data["band"], float(threshold), int(num_perm), int(seed), int(shingle),
+                  data.get("ids", empty), data.get("root", empty))  # fmt: skip
+        for band in range(out.band.shape[1]):
+            if f"firsts_key_{band}" in data:
+                out._firsts[band] = (data[f"firsts_key_{band}"], data[f"firsts_pos_{band}"])
+        return out
 
     @classmethod
-    def concat(cls, parts: Sequence[SeenIndex]) -> SeenIndex:
-        """One index from per-round chunks (each round's merge publishes only what it added)."""
+    def concat(cls, parts: Sequence[SeenIndex], exact: np.ndarray | None = None) -> SeenIndex:
+        """One index from per-round chunks (each round's merge publishes only what it added). Each chunk's exact
+        hashes and bucket tables are sorted runs: a stable sort merges them in about linear time."""
         first = parts[0]
-        return cls(
-            np.unique(np.concatenate([p.exact for p in parts])),
-            np.concatenate([p.sigs for p in parts]),
-            np.concatenate([p.band for p in parts]),
+        if exact is None:
+            exact = np.sort(np.concatenate([p.exact for p in parts]), kind="stable")
+            exact = exact[np.append(True, exact[1:] != exact[:-1])] if len(exact) else exact
+        out = cls(
+            exact, np.concatenate([p.sigs for p in parts]), np.concatenate([p.band for p in parts]),
             first.threshold, first.num_perm, first.seed, first.shingle_size,
             np.concatenate([p.ids for p in parts]), np.concatenate([p.root for p in parts]),
         )  # fmt: skip
+        if all(p._firsts for p in parts if len(p)):
+            offsets = np.cumsum([0] + [len(p) for p in parts])
+            for band in range(out.band.shape[1]):
+                runs = [(p.firsts(band)[0], p.firsts(band)[1] + off) for p, off in zip(parts, offsets, strict=False)]
+                k = np.concatenate([r[0] for r in runs])
+                order = np.argsort(k, kind="stable")
+                out._firsts[band] = (k[order], np.concatenate([r[1] for r in runs])[order])
+        return out

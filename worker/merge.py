@@ -179,12 +179,12 @@ def load_state(storage: Storage, spec: Any, rnd: int) -> State | None:
     st = State.empty(spec)
     st.totals = totals
     if chunks:
-        st.seen = SeenIndex.concat([st.seen, *seens])
         st.kept_id = np.concatenate([c["kept_id"] for c in chunks])
         kh = np.concatenate([c["keys_hash"] for c in chunks])
         ko = np.concatenate([c["keys_owner"] for c in chunks])
-        order = np.argsort(kh, kind="stable")
+        order = np.argsort(kh, kind="stable")  # per-round sorted runs: merged in about linear time
         st.keys_hash, st.keys_owner = kh[order], ko[order]
+        st.seen = SeenIndex.concat(seens, exact=st.keys_hash)  # the exact tier is every key seen
         st.cluster = np.ones(len(st.kept_id), np.int64)
         for c in chunks:  # each chunk: (owner id, rows added to its cluster in that round)
             pos = np.searchsorted(st.kept_id, c["dup_owner"])
@@ -333,30 +333,40 @@ def decide(
     return Decisions(ids, kept, near, root, h, cand, sigs, bands)
 
 
+def _merge_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sort(np.concatenate([a, b]), kind="stable")  # two sorted runs: a linear merge
+
+
 def _advance(state: State, dec: Decisions) -> dict[str, dict[str, np.ndarray]]:
     """Fold a round's decisions into the state; returns the round's state and seen-index chunks."""
     kept_ids = dec.ids[dec.kept]
     owners, counts = np.unique(dec.root[~dec.kept], return_counts=True)
     new_hashes = dec.hashes[dec.cand]
+    by_hash = np.argsort(new_hashes)
     chunk = {
         "kept_id": kept_ids,
-        "keys_hash": new_hashes,
-        "keys_owner": dec.root[dec.cand],
+        "keys_hash": new_hashes[by_hash],
+        "keys_owner": dec.root[dec.cand][by_hash],
         "dup_owner": owners.astype(np.int64),
         "dup_count": counts.astype(np.int64),
     }
     seen = state.seen
     before = len(seen)
     seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand])
-    seen.exact = np.union1d(seen.exact, new_hashes)
-    seen_chunk = SeenIndex(
+    chunk_index = SeenIndex(
         np.sort(new_hashes), seen.sigs[before:], seen.band[before:], seen.threshold, seen.num_perm, seen.seed,
         seen.shingle_size, seen.ids[before:], seen.root[before:],
-    ).to_npz()  # fmt: skip
+    )  # fmt: skip
+    for band in range(seen.band.shape[1]):  # this round's share of the bucket tables, positions within the chunk
+        k, p = seen.firsts(band)
+        mine = p >= before
+        chunk_index._firsts[band] = (k[mine], p[mine] - before)
+    seen_chunk = chunk_index.to_npz(firsts=True)
+    seen.exact = _merge_sorted(seen.exact, chunk_index.exact)
     state.kept_id = np.concatenate([state.kept_id, kept_ids])
-    kh = np.concatenate([state.keys_hash, new_hashes])
+    kh = np.concatenate([state.keys_hash, chunk["keys_hash"]])
     ko = np.concatenate([state.keys_owner, chunk["keys_owner"]])
-    order = np.argsort(kh, kind="stable")
+    order = np.argsort(kh, kind="stable")  # two sorted runs: merged in linear time
     state.keys_hash, state.keys_owner = kh[order], ko[order]
     state.cluster = np.concatenate([state.cluster, np.ones(len(kept_ids), np.int64)])
     np.add.at(state.cluster, np.searchsorted(state.kept_id, owners), counts)
