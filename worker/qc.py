@@ -133,6 +133,11 @@ def _words(col: Any) -> tuple[np.ndarray, np.ndarray, int]:
     return rows[keep], _np(enc.indices)[keep].astype(np.int64), len(enc.dictionary)
 
 
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    a = np.sort(a)  # faster than np.unique's hash table on these int64 codes
+    return a[np.append(True, a[1:] != a[:-1])] if len(a) else a
+
+
 def _echo(p: Mapping[str, Any]) -> Filter:
     max_overlap = float(p.get("maxOverlap", 0.8))
 
@@ -156,10 +161,13 @@ def _echo(p: Mapping[str, Any]) -> Filter:
         is_res = rows >= n
         rows = np.where(is_res, rows - n, rows)
         n_res = np.bincount(rows[is_res], minlength=n)
-        ins_pairs = np.unique(rows[~is_res] * vocab + codes[~is_res])
+        ins_pairs = _sorted_unique(rows[~is_res] * vocab + codes[~is_res])
         n_ins_distinct = np.bincount(ins_pairs // vocab, minlength=n) if len(ins_pairs) else np.zeros(n, np.int64)
         res_codes = rows[is_res] * vocab + codes[is_res]
-        in_ins = np.isin(res_codes, ins_pairs)
+        in_ins = np.zeros(len(res_codes), dtype=bool)
+        if len(ins_pairs):
+            pos = np.searchsorted(ins_pairs, res_codes).clip(0, len(ins_pairs) - 1)
+            in_ins = ins_pairs[pos] == res_codes
         overlap = np.bincount(rows[is_res][in_ins], minlength=n)
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = np.where(n_res > 0, overlap / np.maximum(n_res, 1), 0.0)
