@@ -1,4 +1,4 @@
-"""Merge benchmark: the merge Job's entry point (`genrun worker merge --job FILE`, its `main()` in a fresh child
+"""Merge benchmark: the merge Job's entry point (`genrun worker merge --job FILE`, its `main()` in a fresh Python
 process per round, as a Job pod runs it) on synthetic shards written in the shard contract to local storage, round
 after round; rensa's MinHash LSH dedup of the same rows in the same run is the baseline.
 
@@ -19,8 +19,8 @@ round_cost_ratio is the last round's seconds per new row over the first round's;
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import resource
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -128,12 +128,24 @@ def write_shards(out: Path, rows: list[str], rnd: int, first_seed: int) -> list[
     return ids
 
 
-def _merge_child(argv: list[str], q: mp.Queue) -> None:  # type: ignore[type-arg]
-    from genrun.worker.cli import main
+# A fresh interpreter per round, as a Job pod: it times `main()` (imports included) and reports its own peak RSS.
+CHILD = (
+    "import resource, sys, time\n"
+    "t0 = time.perf_counter()\n"
+    "from genrun.worker.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print('BENCH', code, time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+)
 
-    t0 = time.perf_counter()
-    code = main(argv)
-    q.put((code, time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+def run_merge(job: Path) -> tuple[int, float, float]:
+    res = subprocess.run([sys.executable, "-P", "-c", CHILD, "merge", "--job", str(job)], capture_output=True,
+                         text=True, env={**os.environ, "GENRUN_LOG_LEVEL": "WARNING"})  # fmt: skip
+    line = [x for x in res.stdout.splitlines() if x.startswith("BENCH ")]
+    if not line:
+        sys.exit(f"merge failed: {res.stderr[-2000:]}")
+    _, code, dt, peak = line[-1].split()
+    return int(code), float(dt), float(peak)
 
 
 def labels_from_outputs(out: Path, n: int, offsets: dict[int, int]) -> np.ndarray:
@@ -162,7 +174,6 @@ def main() -> None:
     rows, truth = synth(args.rows)
     per = -(-args.rows // args.rounds)
     print(f"synthetic rows: {len(rows)} in {args.rounds} round(s), distinct bases: {len(np.unique(truth))}", flush=True)
-    ctx = mp.get_context("fork")
     spec = {"model": {"name": "bench"}, "target": {"uniqueExamples": 10}}
     secs, news, peaks = [], [], []
     with tempfile.TemporaryDirectory(prefix="genrun-bench-") as d:
@@ -183,11 +194,7 @@ def main() -> None:
                     )
                 )
             )
-            q = ctx.Queue()
-            p = ctx.Process(target=_merge_child, args=(["merge", "--job", str(job)], q))
-            p.start()
-            code, dt, peak = q.get()
-            p.join()
+            code, dt, peak = run_merge(job)
             if code != 0:
                 sys.exit(f"merge of round {r} exited {code}")
             secs.append(dt)
