@@ -128,13 +128,15 @@ def write_shards(out: Path, rows: list[str], rnd: int, first_seed: int) -> list[
     return ids
 
 
-# A fresh interpreter per round, as a Job pod: it times `main()` (imports included) and reports its own peak RSS.
+# A fresh interpreter per round, as a Job pod: it times `main()` (imports included) and reports its own peak RSS
+# (VmHWM: ru_maxrss would carry over the parent's RSS across fork and exec).
 CHILD = (
-    "import resource, sys, time\n"
+    "import sys, time\n"
     "t0 = time.perf_counter()\n"
     "from genrun.worker.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('BENCH', code, time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    "hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM:')][0].split()[1]\n"
+    "print('BENCH', code, time.perf_counter() - t0, int(hwm) / 1024)\n"
 )
 
 
