@@ -354,6 +354,7 @@ class SeenIndex:
     root: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     _firsts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
     _batch: tuple[np.ndarray, np.ndarray, int] | None = field(default=None, repr=False, compare=False)
+    added_firsts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.sigs):  # an index without row ids (older files, the generators' own)
@@ -447,16 +448,14 @@ class SeenIndex:
         first = self._batch_firsts(bands)  # as `assign` computed it for this batch
         is_first = first == np.arange(len(bands))[:, None]
         add = np.flatnonzero(is_first.any(axis=1))
-        base = len(self)
-        # bucket tables: merge the new firsts in (two sorted runs: a stable sort merges them in linear time)
+        # the added rows' share of the bucket tables (positions among the added rows), for the round's chunk; the
+        # full tables are rebuilt on demand (a merge Job ends after its round: no re-sort of everything before)
+        self.added_firsts = {}
         for band in range(bands.shape[1]):
-            keys, pos = self.firsts(band)
             new = np.flatnonzero(is_first[add, band])
-            nk = bands[add[new], band]
-            o = np.argsort(nk)
-            k2, p2 = np.concatenate([keys, nk[o]]), np.concatenate([pos, base + new[o]])
-            order = np.argsort(k2, kind="stable")
-            self._firsts[band] = (k2[order], p2[order])
+            o = np.argsort(bands[add[new], band])
+            self.added_firsts[band] = (bands[add[new[o]], band], new[o].astype(np.int64))
+        self._firsts = {}
         self.sigs = np.concatenate([self.sigs, sigs[add]])
         self.band = np.concatenate([self.band, bands[add]])
         self.ids = np.concatenate([self.ids, ids[add]])

@@ -357,10 +357,7 @@ def _advance(state: State, dec: Decisions) -> dict[str, dict[str, np.ndarray]]:
         np.sort(new_hashes), seen.sigs[before:], seen.band[before:], seen.threshold, seen.num_perm, seen.seed,
         seen.shingle_size, seen.ids[before:], seen.root[before:],
     )  # fmt: skip
-    for band in range(seen.band.shape[1]):  # this round's share of the bucket tables, positions within the chunk
-        k, p = seen.firsts(band)
-        mine = p >= before
-        chunk_index._firsts[band] = (k[mine], p[mine] - before)
+    chunk_index._firsts = dict(seen.added_firsts)  # this round's share of the bucket tables
     seen_chunk = chunk_index.to_npz(firsts=True)
     seen.exact = _merge_sorted(seen.exact, chunk_index.exact)
     state.kept_id = np.concatenate([state.kept_id, kept_ids])
