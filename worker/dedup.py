@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -86,9 +86,29 @@ def dedup_keys(
     return [str(x) for x in out.to_pylist()]
 
 
+def key_hashes(keys: Any) -> np.ndarray:
+    """Stable 64-bit ids (xxh3_64 of the UTF-8 key) of many keys, the same in every process and on every machine.
+
+    Collisions: two different keys with one id count as exact duplicates. With n distinct keys the chance of any
+    collision is about n^2 / 2^65 (3e-6 at 10M keys); the merge does not keep key texts to check, and says so.
+    Each distinct key is hashed once (Arrow's dictionary encoding finds them at C speed)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import xxhash
+
+    arr = keys if isinstance(keys, pa.Array | pa.ChunkedArray) else pa.array(list(keys), pa.string())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if len(arr) == 0:
+        return np.empty(0, np.uint64)
+    enc = pc.dictionary_encode(pc.fill_null(arr, ""))
+    h = xxhash.xxh3_64_intdigest
+    vocab = np.fromiter((h(k.encode()) for k in enc.dictionary.to_pylist()), np.uint64, len(enc.dictionary))
+    return vocab[np.asarray(enc.indices)]
+
+
 def key_hash(key: str) -> int:
-    """A stable 64-bit id of a normalised key (the same in every process and on every machine)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return int(key_hashes([key])[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,15 +223,31 @@ class MinHasher:
         return out
 
 
-@lru_cache(maxsize=64)  # datasketch integrates numerically over every (b, r): ~1 s, so once per setting
-def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """Bands and rows per band by datasketch's optimiser, weighted 0.1/0.9 against false negatives: candidates are
-    verified on the full signature afterwards, so extra candidates cost time, not precision (at 0.8 and 128
-    permutations: 14 bands of 9 rows, 87% of pairs at exactly the threshold found instead of 40%)."""
-    from datasketch.lsh import _optimal_param
+@lru_cache(maxsize=64)
+def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1, fn_weight: float = 0.9) -> tuple[int, int]:
+    """Bands b and rows per band r (b * r <= num_perm) minimising fp_weight * P(false positive) + fn_weight *
+    P(false negative), the criterion of datasketch's MinHashLSH (tested equal on a grid). Weighted 0.1/0.9 against
+    false negatives: candidates are verified on the full signature, so extra candidates cost time, not precision (at
+    0.8 and 128 permutations: 14 bands of 9 rows, 87% of pairs at exactly the threshold found instead of 40%).
 
-    b, r = _optimal_param(threshold, num_perm, 0.1, 0.9)
-    return int(b), int(r)
+    P(candidate | similarity s) = 1 - (1 - s^r)^b is a polynomial of degree b*r <= num_perm, so Gauss-Legendre with
+    num_perm/2 + 1 nodes integrates it exactly (datasketch calls scipy's adaptive quad per (b, r): ~1 s)."""
+    nodes, weights = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
+
+    def grid(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+        return (hi - lo) / 2 * nodes + (hi + lo) / 2, (hi - lo) / 2 * weights
+
+    s_fp, w_fp = grid(0.0, threshold)
+    s_fn, w_fn = grid(threshold, 1.0)
+    best, opt = float("inf"), (0, 0)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = float(np.dot(w_fp, 1 - (1 - s_fp**r) ** b))
+            fn = float(np.dot(w_fn, (1 - s_fn**r) ** b))
+            err = fp * fp_weight + fn * fn_weight
+            if err < best:
+                best, opt = err, (b, r)
+    return opt
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -237,87 +273,93 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
         return h ^ (h >> np.uint64(33))
 
 
-def candidate_pairs(keys: np.ndarray) -> np.ndarray:
-    """Pairs (first, other) of rows that share a band key: each member is paired with its bucket's first row,
-    so a hot bucket costs O(size), not O(size^2)."""
-    n, bands = keys.shape
-    out = []
-    idx = np.arange(n, dtype=np.int64)
-    for band in range(bands):
-        col = keys[:, band]
-        order = np.argsort(col, kind="stable")  # stable: the first row of a bucket is its earliest
-        sk = col[order]
-        starts = np.ones(n, dtype=bool)
-        starts[1:] = sk[1:] != sk[:-1]
-        first = order[np.maximum.accumulate(np.where(starts, idx, 0))]
-        mask = ~starts
-        if mask.any():
-            out.append(np.stack([first[mask], order[mask]], axis=1))
-    if not out:
-        return np.empty((0, 2), dtype=np.int64)
-    both = np.concatenate(out)
-    code = np.unique(both[:, 0] * n + both[:, 1])  # 1-D unique: far faster than unique(axis=0)
-    return np.stack([code // n, code % n], axis=1)
-
-
 def similar(sigs_a: np.ndarray, sigs_b: np.ndarray) -> np.ndarray:
     """Estimated Jaccard similarity row by row."""
     return np.count_nonzero(sigs_a == sigs_b, axis=1) / sigs_a.shape[1]
 
 
-def components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected components by label propagation: label = the smallest (earliest) row of each component."""
-    labels = np.arange(n, dtype=np.int64)
-    if len(pairs) == 0:
-        return labels
-    u, v = pairs[:, 0], pairs[:, 1]
-    while True:
-        m = np.minimum(labels[u], labels[v])
-        new = labels.copy()
-        np.minimum.at(new, u, m)
-        np.minimum.at(new, v, m)
-        new = new[new]  # pointer jumping
-        while True:
-            jumped = new[new]
-            if np.array_equal(jumped, new):
-                break
-            new = jumped
-        if np.array_equal(new, labels):
-            return labels
-        labels = new
-
-
-def near_duplicate_labels(sigs: np.ndarray, threshold: float) -> np.ndarray:
-    """For rows in keep-first order, the row each one is a near-duplicate of (itself if none)."""
-    n = sigs.shape[0]
-    if n == 0:
-        return np.empty(0, dtype=np.int64)
-    bands, rows = lsh_params(threshold, sigs.shape[1])
-    pairs = candidate_pairs(band_keys(sigs, bands, rows))
-    if len(pairs):
-        ok = np.concatenate(
-            [
-                similar(sigs[p[:, 0]], sigs[p[:, 1]]) >= threshold
-                for p in np.array_split(pairs, max(1, len(pairs) // 100_000))
-            ]
-        )
-        pairs = pairs[ok]
-    return components(n, pairs)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# The seen-index: what earlier rounds kept, for generators to skip before spending tokens
+# The near-duplicate rule: bucket firsts. For each LSH band, the FIRST row (in keep-first order, over all rounds)
+# with a band key is that bucket's first. A row is a near duplicate when it is similar (estimated Jaccard >=
+# threshold on the full signature) to the first of one of its buckets; its twin is the earliest such first, and it
+# belongs to its twin's cluster (chains are followed: the twin may itself be a duplicate). A row with no similar
+# bucket first starts a cluster and is kept. Every row is compared with at most one row per band (no all-pairs in
+# hot buckets), and the rule depends only on earlier rows, so rounds merged one by one give what one merge gives.
+
+
+def band_firsts(bands: np.ndarray) -> np.ndarray:
+    """(n, bands) int64: for each row and band, the earliest row with the same band key (itself when first)."""
+    n = len(bands)
+    out = np.empty(bands.shape, dtype=np.int64)
+    idx = np.arange(n)
+    for band in range(bands.shape[1]):
+        col = bands[:, band]
+        order = np.argsort(col, kind="stable")  # stable: within a bucket, earlier rows first
+        sk = col[order]
+        start = np.ones(n, dtype=bool)
+        start[1:] = sk[1:] != sk[:-1]
+        out[order, band] = order[np.maximum.accumulate(np.where(start, idx, 0))]
+    return out
+
+
+def _verified_min(qi: np.ndarray, ti: np.ndarray, q_sigs: np.ndarray, t_sigs: np.ndarray, threshold: float,
+                  n: int, chunk: int = 131_072) -> np.ndarray:  # fmt: skip
+    """Per query row (0..n-1), the smallest t among its pairs (qi, ti) that verify as similar, or -1."""
+    out = np.full(n, -1, dtype=np.int64)
+    if len(qi) == 0:
+        return out
+    m = int(ti.max()) + 1
+    code = np.sort(qi * m + ti)  # a similar pair shares many bands: verify each pair once, in (query, t) order
+    code = code[np.append(True, code[1:] != code[:-1])]
+    ok = np.empty(len(code), dtype=bool)
+    for i in range(0, len(code), chunk):  # bounded temporaries: (chunk, num_perm) gathers, 64 MiB each
+        c = code[i : i + chunk]
+        ok[i : i + chunk] = similar(q_sigs[c // m], t_sigs[c % m]) >= threshold
+    good = code[ok]
+    if len(good) == 0:
+        return out
+    q = good // m
+    first = np.append(True, q[1:] != q[:-1])  # sorted: the first verified pair of a query has its smallest t
+    out[q[first]] = good[first] % m
+    return out
+
+
+def resolve_roots(twin_new: np.ndarray, base_root: np.ndarray) -> np.ndarray:
+    """Cluster roots of a batch: a row with a twin in the batch (twin_new >= 0, always an earlier row) takes its
+    twin's root, chains followed to the end by pointer jumping; other rows keep base_root (their own id, or the root
+    of a twin in earlier rounds)."""
+    ptr = np.where(twin_new >= 0, twin_new, np.arange(len(twin_new)))
+    while True:
+        nxt = ptr[ptr]
+        if np.array_equal(nxt, ptr):
+            break
+        ptr = nxt
+    return base_root[ptr]
 
 
 @dataclass
 class SeenIndex:
+    """Everything seen so far, for both the generators' online check and the merge: the hashes of all distinct keys
+    (sorted), and the rows that are the first of some LSH bucket (signature, band keys, global row id, cluster
+    root), in keep-first order. Bucket tables (band key -> first row) are derived from the band keys."""
+
     exact: np.ndarray  # sorted uint64 key hashes
-    sigs: np.ndarray  # (n, num_perm) uint32
-    band: np.ndarray  # (n, bands) uint64
+    sigs: np.ndarray  # (m, num_perm) uint32
+    band: np.ndarray  # (m, bands) uint64
     threshold: float
     num_perm: int
     seed: int
     shingle_size: int
+    ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # global row ids (merge); else 0..m-1
+    root: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    _firsts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
+    _batch: tuple[np.ndarray, np.ndarray, int] | None = field(default=None, repr=False, compare=False)
+    added_firsts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.sigs):  # an index without row ids (older files, the generators' own)
+            self.ids = np.arange(len(self.sigs), dtype=np.int64)
+            self.root = self.ids.copy()
 
     @classmethod
     def empty(cls, threshold: float, num_perm: int, seed: int = 1, shingle_size: int = 1) -> SeenIndex:
@@ -330,85 +372,171 @@ class SeenIndex:
     @classmethod
     def build(cls, keys: Iterable[str], hasher: MinHasher, threshold: float) -> SeenIndex:
         keys = list(keys)
-        exact = np.unique(np.fromiter((key_hash(k) for k in keys), dtype=np.uint64, count=len(keys)))
-        sigs = hasher.signatures(keys)
-        bands, rows = lsh_params(threshold, hasher.num_perm)
-        return cls(
-            exact, sigs, band_keys(sigs, bands, rows), threshold, hasher.num_perm, hasher.seed, hasher.shingle_size
-        )
-
-    def add(self, keys: Sequence[str], sigs: np.ndarray) -> None:
-        bands, rows = lsh_params(self.threshold, self.num_perm)
-        h = np.fromiter((key_hash(k) for k in keys), dtype=np.uint64, count=len(keys))
-        self.exact = np.union1d(self.exact, h)
-        self.sigs = np.concatenate([self.sigs, sigs])
-        self.band = np.concatenate([self.band, band_keys(sigs, bands, rows)])
+        idx = cls.empty(threshold, hasher.num_perm, hasher.seed, hasher.shingle_size)
+        idx.admit(keys, hasher.signatures(keys))
+        return idx
 
     def __len__(self) -> int:
         return len(self.sigs)
 
-    def contains_exact(self, keys: Sequence[str]) -> np.ndarray:
-        h = np.fromiter((key_hash(k) for k in keys), dtype=np.uint64, count=len(keys))
+    def band_keys(self, sigs: np.ndarray) -> np.ndarray:
+        b, r = lsh_params(self.threshold, self.num_perm)
+        return band_keys(sigs, b, r)
+
+    def firsts(self, band: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted band keys, the indexed row that is first with each) for one band."""
+        if band not in self._firsts:
+            keys, first = np.unique(self.band[:, band], return_index=True)
+            self._firsts[band] = (keys, first.astype(np.int64))
+        return self._firsts[band]
+
+    def lookup(self, q_bands: np.ndarray, bands: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, indexed row) for each band where the query's key has a first here; and, for all bands, a
+        (n, bands) mask of keys that do."""
+        qs, ts = [], []
+        for band in range(q_bands.shape[1]) if bands is None else bands:
+            keys, first = self.firsts(band)
+            if len(keys) == 0:
+                continue
+            pos = np.searchsorted(keys, q_bands[:, band]).clip(0, len(keys) - 1)
+            hit = np.flatnonzero(keys[pos] == q_bands[:, band])
+            qs.append(hit)
+            ts.append(first[pos[hit]])
+        if not qs:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(qs).astype(np.int64), np.concatenate(ts)
+
+    def match(self, sigs: np.ndarray, bands: np.ndarray, subset: Iterable[int] | None = None) -> np.ndarray:
+        """Per query row, the earliest indexed bucket first it is similar to (a position in this index), or -1.
+        `subset`: only these bands (a partitioned reducer's share; the minimum over shares is the full answer)."""
+        if len(self) == 0 or len(sigs) == 0:
+            return np.full(len(sigs), -1, dtype=np.int64)
+        qi, ti = self.lookup(bands, subset)
+        return _verified_min(qi, ti, sigs, self.sigs, self.threshold, len(sigs))
+
+    def assign(
+        self, sigs: np.ndarray, bands: np.ndarray, old: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The near-duplicate rule for a batch of new rows (keep-first order, after everything indexed): per row,
+        (twin among indexed rows or -1, twin among the batch's earlier rows or -1); at most one is set. `old`: the
+        matches against this index when computed elsewhere (partitioned reducers)."""
+        n = len(sigs)
+        old = self.match(sigs, bands) if old is None else old
+        first = self._batch_firsts(bands)
+        rows = np.arange(n)[:, None]
+        cand = (first >= 0) & (first != rows) & (old < 0)[:, None]
+        qi = np.broadcast_to(rows, first.shape)[cand]
+        new = _verified_min(qi, first[cand], sigs, sigs, self.threshold, n)
+        return old, new
+
+    def _batch_firsts(self, bands: np.ndarray) -> np.ndarray:
+        """band_firsts of a batch, -1 where the bucket's key is indexed (its first is an earlier round's row)."""
+        if self._batch is not None and self._batch[0] is bands and self._batch[2] == len(self):
+            return self._batch[1]  # the same batch array: `extend` after `assign`
+        first = band_firsts(bands)
+        for band in range(bands.shape[1]):
+            keys, _ = self.firsts(band)
+            if len(keys):
+                pos = np.searchsorted(keys, bands[:, band]).clip(0, len(keys) - 1)
+                first[keys[pos] == bands[:, band], band] = -1
+        self._batch = (bands, first, len(self))
+        return first
+
+    def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray) -> np.ndarray:
+        """Index a batch's rows that are the first of a bucket not indexed yet (batch in keep-first order); returns
+        which rows of the batch were added."""
+        first = self._batch_firsts(bands)  # as `assign` computed it for this batch
+        is_first = first == np.arange(len(bands))[:, None]
+        add = np.flatnonzero(is_first.any(axis=1))
+        # the added rows' share of the bucket tables (positions among the added rows), for the round's chunk; the
+        # full tables are rebuilt on demand (a merge Job ends after its round: no re-sort of everything before)
+        self.added_firsts = {}
+        for band in range(bands.shape[1]):
+            new = np.flatnonzero(is_first[add, band])
+            o = np.argsort(bands[add[new], band])
+            self.added_firsts[band] = (bands[add[new[o]], band], new[o].astype(np.int64))
+        self._firsts = {}
+        self.sigs = np.concatenate([self.sigs, sigs[add]])
+        self.band = np.concatenate([self.band, bands[add]])
+        self.ids = np.concatenate([self.ids, ids[add]])
+        self.root = np.concatenate([self.root, root[add]])
+        self._batch = None
+        return add
+
+    def contains_exact(self, keys: Any, hashes: np.ndarray | None = None) -> np.ndarray:
+        h = key_hashes(keys) if hashes is None else hashes
         if len(self.exact) == 0:
-            return np.zeros(len(keys), dtype=bool)
+            return np.zeros(len(h), dtype=bool)
         pos = np.searchsorted(self.exact, h).clip(0, len(self.exact) - 1)
-        return self.exact[pos] == h
+        return np.asarray(self.exact[pos] == h)
 
     def contains_near(self, sigs: np.ndarray, near: bool = True) -> np.ndarray:
-        """True where a signature is a near-duplicate (estimated Jaccard >= threshold) of an indexed one."""
-        out = np.zeros(len(sigs), dtype=bool)
-        if not near or len(self.sigs) == 0 or len(sigs) == 0:
-            return out
-        bands, rows = lsh_params(self.threshold, self.num_perm)
-        q = band_keys(sigs, bands, rows)
-        for band in range(bands):
-            col = self.band[:, band]
-            order = np.argsort(col, kind="stable")
-            sk = col[order]
-            pos = np.searchsorted(sk, q[:, band]).clip(0, len(sk) - 1)
-            hit = (sk[pos] == q[:, band]) & ~out
-            if hit.any():
-                rows_hit = np.flatnonzero(hit)
-                ok = similar(sigs[rows_hit], self.sigs[order[pos[rows_hit]]]) >= self.threshold
-                out[rows_hit[ok]] = True
+        """True where a signature is a near duplicate of an indexed row (the merge's rule)."""
+        if not near or len(self) == 0 or len(sigs) == 0:
+            return np.zeros(len(sigs), dtype=bool)
+        return self.match(sigs, self.band_keys(sigs)) >= 0
+
+    def admit(self, keys: Any, sigs: np.ndarray, near: bool = True) -> np.ndarray:
+        """The online check of a batch in order: 0 = novel (now indexed), 1 = a duplicate of an indexed row, 2 = a
+        duplicate of an earlier row of this batch. The merge's rule on the merge's code; only novel rows are
+        indexed (the skipped ones never reach the merge)."""
+        h = key_hashes(keys)
+        bk = self.band_keys(sigs)
+        out = np.where(self.contains_exact(keys, h), 1, 0).astype(np.int8)
+        _, first = np.unique(h, return_index=True)
+        repeat = np.ones(len(h), dtype=bool)
+        repeat[first] = False
+        out[(out == 0) & repeat] = 2
+        cand = np.flatnonzero(out == 0)
+        if near and len(cand):
+            old, new = self.assign(sigs[cand], bk[cand])
+            out[cand[old >= 0]] = 1
+            out[cand[new >= 0]] = 2
+        novel = np.flatnonzero(out == 0)
+        self.exact = np.union1d(self.exact, h[novel])
+        ids = np.arange(len(self), len(self) + len(novel), dtype=np.int64)
+        self.extend(sigs[novel], bk[novel], ids, ids)
         return out
 
-    def to_npz(self) -> dict[str, Any]:
-        return {
-            "exact": self.exact, "sigs": self.sigs, "band": self.band,
+    def to_npz(self, firsts: bool = False) -> dict[str, Any]:
+        out = {
+            "exact": self.exact, "sigs": self.sigs, "band": self.band, "ids": self.ids, "root": self.root,
             "params": np.array([self.threshold, self.num_perm, self.seed, self.shingle_size], dtype=np.float64),
         }  # fmt: skip
+        if firsts:  # the bucket tables, so a reader need not sort them again
+            for band in range(self.band.shape[1]):
+                out[f"firsts_key_{band}"], out[f"firsts_pos_{band}"] = self.firsts(band)
+        return out
 
     @classmethod
     def from_npz(cls, data: Any) -> SeenIndex:
         threshold, num_perm, seed, shingle = data["params"].tolist()
-        return cls(data["exact"], data["sigs"], data["band"], float(threshold), int(num_perm), int(seed), int(shingle))
+        empty = np.empty(0, np.int64)
+        out = cls(data["exact"], data["sigs"], data["band"], float(threshold), int(num_perm), int(seed), int(shingle),
+                  data.get("ids", empty), data.get("root", empty))  # fmt: skip
+        for band in range(out.band.shape[1]):
+            if f"firsts_key_{band}" in data:
+                out._firsts[band] = (data[f"firsts_key_{band}"], data[f"firsts_pos_{band}"])
+        return out
 
-
-def deduplicate(
-    texts: Any, *, threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 1, near: bool = True
-) -> np.ndarray:
-    """For each row (keep-first order), the index of the first row it duplicates (itself when it is the first):
-    exact on the normalised key, then MinHash LSH near-duplicates among the exact-unique rows."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    raw = texts if isinstance(texts, pa.Array | pa.ChunkedArray) else pa.array(list(texts), pa.string())
-    if isinstance(raw, pa.ChunkedArray):
-        raw = raw.combine_chunks()
-    # Normalise each distinct raw string once: verbatim repeats are the commonest duplicates of all.
-    raw_enc = pc.dictionary_encode(raw)
-    distinct_keys = normalize_array(raw_enc.dictionary)
-    key_enc = pc.dictionary_encode(distinct_keys)
-    codes = np.asarray(key_enc.indices)[np.asarray(raw_enc.indices)]
-    keys = key_enc.dictionary
-    _, first = np.unique(codes, return_index=True)  # first occurrence of each distinct key
-    owner = first[codes]  # row -> first row with the same key
-    if not near or len(first) == 0:
-        return owner
-    uniq = np.sort(first)
-    sigs = MinHasher(num_perm, 1, shingle_size).signatures(keys.take(pa.array(codes[uniq])))
-    labels = uniq[near_duplicate_labels(sigs, threshold)]
-    root = np.arange(len(codes))
-    root[uniq] = labels
-    return root[owner]
+    @classmethod
+    def concat(cls, parts: Sequence[SeenIndex], exact: np.ndarray | None = None) -> SeenIndex:
+        """One index from per-round chunks (each round's merge publishes only what it added). Each chunk's exact
+        hashes and bucket tables are sorted runs: a stable sort merges them in about linear time."""
+        first = parts[0]
+        if exact is None:
+            exact = np.sort(np.concatenate([p.exact for p in parts]), kind="stable")
+            exact = exact[np.append(True, exact[1:] != exact[:-1])] if len(exact) else exact
+        out = cls(
+            exact, np.concatenate([p.sigs for p in parts]), np.concatenate([p.band for p in parts]),
+            first.threshold, first.num_perm, first.seed, first.shingle_size,
+            np.concatenate([p.ids for p in parts]), np.concatenate([p.root for p in parts]),
+        )  # fmt: skip
+        if all(p._firsts for p in parts if len(p)):
+            offsets = np.cumsum([0] + [len(p) for p in parts])
+            for band in range(out.band.shape[1]):
+                runs = [(p.firsts(band)[0], p.firsts(band)[1] + off) for p, off in zip(parts, offsets, strict=False)]
+                k = np.concatenate([r[0] for r in runs])
+                order = np.argsort(k, kind="stable")
+                out._firsts[band] = (k[order], np.concatenate([r[1] for r in runs])[order])
+        return out

@@ -100,19 +100,11 @@ class _Novelty:
         old = np.zeros(len(keys), dtype=bool)
         if self.seen is not None:
             old = self.seen.contains_exact(keys) | self.seen.contains_near(sigs, self.near)
-        flags, skipped_old, skipped_mine = [], 0, 0
-        for j, k in enumerate(keys):
-            if old[j]:
-                flags.append(False)
-                skipped_old += 1
-                continue
-            dup = bool(self.mine.contains_exact([k])[0]) or bool(self.mine.contains_near(sigs[j : j + 1], self.near)[0])
-            if dup:
-                flags.append(False)
-                skipped_mine += 1
-                continue
-            self.mine.add([k], sigs[j : j + 1])
-            flags.append(True)
+        status = np.where(old, 1, 0).astype(np.int8)
+        fresh = np.flatnonzero(~old)
+        status[fresh] = np.where(self.mine.admit([keys[i] for i in fresh], sigs[fresh], self.near) == 0, 0, 2)
+        flags = (status == 0).tolist()
+        skipped_old, skipped_mine = int((status == 1).sum()), int((status == 2).sum())
         return flags, skipped_old, skipped_mine
 
 

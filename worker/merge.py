@@ -1,47 +1,199 @@
-"""Merge, dedup and QC of a round: everything generated so far, deterministic, keep-first in (round, seed, index).
+"""Merge, dedup and QC of a round: incremental, deterministic, keep-first in (round, seed, index) order.
 
-Two streaming passes over the shards, one shard in memory at a time: pass 1 reads the dedup key column and decides
-which rows are first occurrences (exact normalised key, then MinHash LSH near-duplicates); pass 2 reads whole rows
-again, runs QC on the unique ones and writes the dataset and the rejected rows. Outputs are published atomically;
-the report is written last, as the round's completion marker.
+The cluster rule (the exact tier here, the near tier in `dedup.SeenIndex.assign`):
+- Rows are taken in (round, seed, index) order and numbered in that order (global row ids, cumulative over rounds).
+- A row whose normalised key equals the key of ANY earlier row is an exact duplicate, in that row's cluster.
+- Otherwise (the first row with its key), for each LSH band the first row ever with the same band key is that
+  bucket's first; the row is a near duplicate when it is similar (estimated Jaccard >= threshold on the full
+  signature) to one of its buckets' firsts, and joins the cluster of the earliest such (chains followed to the
+  cluster's first row). A row with no exact twin and no similar bucket first starts a cluster: it is unique, kept
+  for dedup, and QC decides whether it enters the dataset.
+Every decision depends only on earlier rows, so merging round r's new rows against the state of rounds 1..r-1 gives
+exactly what merging rounds 1..r from nothing gives (tested).
+
+Round r reads only its own shards and the state chunks rounds 1..r-1 published (key hashes with their cluster, the
+kept rows' MinHash signatures and band keys, cluster sizes): its work is linear in its new rows. Outputs, all
+append-only per round, the report last as the completion marker:
+  dataset/data/train-rNNNN.parquet     new unique QC-passed rows (the dataset is the union of the parts)
+  rejected/rNNNN.parquet               new rejected rows, with reject_reason and duplicate_of (a global row id)
+  merge/rNNNN/{alpaca,sharegpt}.jsonl  the round's new dataset rows in those formats
+  merge/rNNNN/seen-index.npz           what this round added to the seen-index (`load_seen_index` joins chunks)
+  merge/rNNNN/state.npz, kept.parquet, state.json   the rest of the merge state (see `State`)
+  merge/rNNNN/report.md, report.json   cumulative totals
+When the previous round's state is missing or was made with other dedup parameters, the merge replays rounds 1..r
+from nothing (a full re-merge), rewriting their parts and state chunks (earlier reports, the planner's history, are
+left as they were).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
 import tempfile
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, components, dedup_keys, near_duplicate_labels
+from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes, lsh_params, normalize_array, resolve_roots
 from genrun.worker.qc import QcPipeline
-from genrun.worker.storage import Storage, local_copy
+from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
 
 log = logging.getLogger("genrun.merge")
 
+STATE_VERSION = 1
+TMP_DIR_PREFIX = "genrun-merge-"
+REASON_EXACT, REASON_NEAR = "exact_duplicate", "near_duplicate"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Counters and state
+
 
 @dataclass
-class _Shard:
-    round: int
-    seed: int
-    manifest: rec.ShardManifest
+class Counts:
+    """Rows written, of them new unique (first of their cluster), of those QC-passed (kept in the dataset)."""
+
     rows: int = 0
+    unique: int = 0
+    kept: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.rows += other.rows
+        self.unique += other.unique
+        self.kept += other.kept
 
 
 @dataclass
-class _Pass1:
-    shards: list[_Shard] = field(default_factory=list)
+class Totals:
+    """The cumulative, small part of the state (state.json): everything the report sums over rounds."""
+
+    version: int = STATE_VERSION
+    params: dict[str, Any] = field(default_factory=dict)
+    round: int = 0
+    rows: int = 0  # global row ids handed out so far
+    round_first_id: dict[int, int] = field(default_factory=dict)  # round -> its first global row id
+    shards: list[tuple[int, int]] = field(default_factory=list)  # merged (round, seed)
     quarantined: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    first_text: dict[int, str] = field(default_factory=dict)  # global index -> instruction, first occurrences
-    status: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # -1 kept, else index of the kept twin
+    per_round: dict[int, Counts] = field(default_factory=dict)
+    per_domain: dict[str, Counts] = field(default_factory=dict)
+    per_temperature: dict[float, Counts] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    generated: dict[int, int] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    skipped: dict[int, int] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        for k in ("per_round", "per_domain", "per_temperature"):
+            d[k] = [[key, c] for key, c in d[k].items()]
+        for k in ("round_first_id", "generated", "tokens", "skipped"):
+            d[k] = [[key, v] for key, v in d[k].items()]
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Totals:
+        d = json.loads(raw)
+        t = cls(version=d["version"], params=d["params"], round=d["round"], rows=d["rows"])
+        t.round_first_id = {int(k): int(v) for k, v in d["round_first_id"]}
+        t.shards = [(int(r), int(s)) for r, s in d["shards"]]
+        t.quarantined = list(d["quarantined"])
+        t.per_round = {int(k): Counts(**c) for k, c in d["per_round"]}
+        t.per_domain = {str(k): Counts(**c) for k, c in d["per_domain"]}
+        t.per_temperature = {float(k): Counts(**c) for k, c in d["per_temperature"]}
+        t.rejected = {str(k): int(v) for k, v in d["rejected"].items()}
+        for name in ("generated", "tokens", "skipped"):
+            setattr(t, name, {int(k): int(v) for k, v in d[name]})
+        return t
+
+
+def dedup_params(spec: Any) -> dict[str, Any]:
+    """What the stored state depends on: a change means the state cannot be extended, only rebuilt."""
+    d = spec.dedup
+    return {
+        "key": d.key, "normalize": d.normalize, "near": d.near_duplicates, "threshold": d.threshold,
+        "num_perm": d.num_perm, "shingle_size": d.shingle_size, "lsh": list(lsh_params(d.threshold, d.num_perm)),
+        "key_hash": "xxh3_64", "minhash_seed": 1,
+    }  # fmt: skip
+
+
+@dataclass
+class State:
+    """Everything a round needs from the rounds before it. Arrays are the concatenation of per-round chunks.
+
+    seen: the LSH bucket firsts (signature, band keys, id, cluster root) and all key hashes, what the generators
+    load too; keys_*: every distinct key hash (sorted) with the global id of its cluster's first row; kept_id: the
+    clusters' first rows, cluster: each one's size. A semantic tier adds its embeddings of the kept rows as one more
+    chunk array aligned with kept_id."""
+
+    totals: Totals
+    seen: SeenIndex
+    kept_id: np.ndarray
+    keys_hash: np.ndarray
+    keys_owner: np.ndarray
+    cluster: np.ndarray
+
+    @classmethod
+    def empty(cls, spec: Any) -> State:
+        d = spec.dedup
+        i64, u64 = np.empty(0, np.int64), np.empty(0, np.uint64)
+        seen = SeenIndex.empty(d.threshold, d.num_perm, 1, d.shingle_size)
+        return cls(Totals(params=dedup_params(spec)), seen, i64, u64, i64.copy(), i64.copy())
+
+
+def _state_key(rnd: int, name: str) -> str:
+    return f"{rec.merge_prefix(rnd)}/{name}"
+
+
+def _load_npz(storage: Storage, key: str) -> dict[str, np.ndarray]:
+    with local_copy(storage, key) as path, np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_state(storage: Storage, spec: Any, rnd: int) -> State | None:
+    """The state after round `rnd` (None when it is missing or was made with other dedup parameters)."""
+    if rnd < 1:
+        return State.empty(spec)
+    try:
+        totals = Totals.from_json(storage.read_bytes(_state_key(rnd, "state.json")))
+    except (KeyError, ValueError, TypeError) as exc:
+        log.info("no usable merge state for round %d (%s): full re-merge", rnd, exc.__class__.__name__)
+        return None
+    if totals.version != STATE_VERSION or totals.params != dedup_params(spec):
+        log.info("dedup parameters changed since round %d: full re-merge", rnd)
+        return None
+    chunks, seens = [], []
+    for r in sorted(totals.round_first_id):
+        try:
+            chunks.append(_load_npz(storage, _state_key(r, "state.npz")))
+            seens.append(SeenIndex.from_npz(_load_npz(storage, rec.seen_index_key(r))))
+        except (KeyError, OSError, ValueError) as exc:
+            log.warning("merge state chunk of round %d unreadable (%s): full re-merge", r, exc)
+            return None
+    st = State.empty(spec)
+    st.totals = totals
+    if chunks:
+        st.kept_id = np.concatenate([c["kept_id"] for c in chunks])
+        kh = np.concatenate([c["keys_hash"] for c in chunks])
+        ko = np.concatenate([c["keys_owner"] for c in chunks])
+        order = np.argsort(kh, kind="stable")  # per-round sorted runs: merged in about linear time
+        st.keys_hash, st.keys_owner = kh[order], ko[order]
+        st.seen = SeenIndex.concat(seens, exact=st.keys_hash)  # the exact tier is every key seen
+        st.cluster = np.ones(len(st.kept_id), np.int64)
+        for c in chunks:  # each chunk: (owner id, rows added to its cluster in that round)
+            pos = np.searchsorted(st.kept_id, c["dup_owner"])
+            np.add.at(st.cluster, pos, c["dup_count"])
+    return st
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading shards
 
 
 def _read_table(storage: Storage, key: str, columns: list[str] | None = None) -> Any:
@@ -54,216 +206,411 @@ def _read_table(storage: Storage, key: str, columns: list[str] | None = None) ->
     return table
 
 
-def _pass1(storage: Storage, spec: Any, shard_ids: list[tuple[int, int]]) -> _Pass1:
-    p = _Pass1()
-    owner: dict[str, int] = {}
-    status: list[int] = []
+@dataclass
+class _Shard:
+    round: int
+    seed: int
+    manifest: rec.ShardManifest
+    rows: int
+
+
+def _quarantine(storage: Storage, key: str, error: str, out: list[str]) -> None:
+    log.warning("quarantined %s: %s", key, error)
+    out.append(key)
+    storage.write_bytes(f"quarantine/{key}.json", json.dumps({"key": key, "error": error}).encode())
+
+
+def _read_round(
+    storage: Storage, spec: Any, shard_ids: list[tuple[int, int]]
+) -> tuple[list[_Shard], list[Any], list[str], list[str]]:
+    """Pass 1: each shard's marker and whole file, checked; returns the readable shards, their key-source columns
+    (instruction, response when the key is the pair), quarantined keys and missing shards."""
+    shards, cols, quarantined, missing = [], [], [], []
     for rnd, seed in sorted(shard_ids):
-        mkey = rec.shard_manifest_key(rnd, seed)
+        mkey, dkey = rec.shard_manifest_key(rnd, seed), rec.shard_data_key(rnd, seed)
         try:
-            manifest = rec.shard_manifest_from(json.loads(storage.read_bytes(mkey)))
-        except KeyError:
-            p.missing.append(rec.shard_data_key(rnd, seed))
+            manifest = read_marker(storage, mkey)
+        except DamagedMarker as exc:
+            _quarantine(storage, mkey, str(exc), quarantined)
             continue
-        dkey = rec.shard_data_key(rnd, seed)
+        if manifest is None:
+            missing.append(dkey)
+            continue
         try:
             table = _read_table(storage, dkey)  # the whole file, schema-checked, before any row counts
         except Exception as exc:  # a corrupt or foreign file must not abort the merge: quarantine it
-            log.warning("quarantined %s: %s", dkey, exc)
-            p.quarantined.append(dkey)
-            storage.write_bytes(f"quarantine/{dkey}.json", json.dumps({"key": dkey, "error": str(exc)}).encode())
+            _quarantine(storage, dkey, str(exc), quarantined)
             continue
-        ins_col = table.column("instruction")
-        res_col = table.column("response") if spec.dedup.key == "pair" else None
-        keys = dedup_keys(ins_col, res_col, key=spec.dedup.key, normalized=spec.dedup.normalize)
-        ins = ins_col.to_pylist()
-        base = len(p.keys)
-        for j, k in enumerate(keys):
-            g = base + j
-            p.keys.append(k)
-            first = owner.setdefault(k, g)
-            status.append(-1 if first == g else first)
-            if first == g:
-                p.first_text[g] = ins[j]
-        p.shards.append(_Shard(rnd, seed, manifest, len(ins)))
-    p.status = np.asarray(status, dtype=np.int64)
-    return p
+        want = ["instruction", "response"] if spec.dedup.key == "pair" else ["instruction"]
+        cols.append(table.select(want))
+        shards.append(_Shard(rnd, seed, manifest, table.num_rows))
+    return shards, cols, quarantined, missing
 
 
-def _near(p: _Pass1, spec: Any, hasher: MinHasher) -> tuple[np.ndarray, np.ndarray]:
-    """Mark near-duplicates among exact-unique rows; return (unique indices, their signatures)."""
-    uniq = np.flatnonzero(p.status == -1)
-    sigs = hasher.signatures([p.keys[i] for i in uniq])
-    if spec.dedup.near_duplicates and len(uniq):
-        labels = near_duplicate_labels(sigs, spec.dedup.threshold)
-        dup = labels != np.arange(len(uniq))
-        p.status[uniq[dup]] = uniq[labels[dup]]
-        keep = ~dup
-        return uniq[keep], sigs[keep]
-    return uniq, sigs
+def round_keys(spec: Any, cols: list[Any]) -> Any:
+    """Normalised dedup keys of all rows of a round (one Arrow array); each distinct raw text is normalised once."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not cols:
+        return pa.array([], pa.string())
+    table = pa.concat_tables(cols)
+    ins = table.column("instruction").combine_chunks()
+    if spec.dedup.key == "pair":
+        ins = pc.binary_join_element_wise(ins, table.column("response").combine_chunks(), " \u241e ")
+    if not spec.dedup.normalize:
+        return pc.utf8_trim_whitespace(ins)
+    enc = pc.dictionary_encode(pc.fill_null(ins, ""))
+    return normalize_array(enc.dictionary).take(enc.indices)
 
 
-def _near_from_reducers(p: _Pass1, spec: Any, storage: Storage, rnd: int) -> tuple[np.ndarray, np.ndarray]:
-    """The partitioned path: the reducers' verified pairs (global row ids) instead of signatures computed here."""
-    from genrun.worker.partitioned import load_kept_sigs, load_pairs
+# ------------------------------------------------------------------------------------------------------------------
+# Decisions
 
-    parts = spec.dedup.partitions
-    uniq = np.flatnonzero(p.status == -1)
-    keep = np.ones(len(uniq), dtype=bool)
-    if spec.dedup.near_duplicates and len(uniq):
-        pos = np.full(len(p.status), -1, dtype=np.int64)
-        pos[uniq] = np.arange(len(uniq))
-        pairs = pos[load_pairs(storage, rnd, parts)]
-        labels = components(len(uniq), pairs[(pairs >= 0).all(axis=1)])
-        dup = labels != np.arange(len(uniq))
-        p.status[uniq[dup]] = uniq[labels[dup]]
-        keep = ~dup
-    kept = uniq[keep]
-    return kept, load_kept_sigs(storage, rnd, parts, kept, spec.dedup.num_perm)
+
+@dataclass
+class Decisions:
+    """Per new row: its global id, whether it is kept, else the reason and the first row (global id) of its cluster;
+    and the round's new keys (first occurrences) with their signatures, band keys and roots, to extend the state."""
+
+    ids: np.ndarray
+    kept: np.ndarray  # bool
+    near: np.ndarray  # bool: dropped as a near duplicate (else, when not kept, exact)
+    root: np.ndarray  # global id of the cluster's first row (itself when kept)
+    hashes: np.ndarray
+    cand: np.ndarray  # rows that are the first with a key never seen before
+    sigs: np.ndarray  # their signatures
+    bands: np.ndarray
+
+
+def decide(
+    keys: Any,
+    state: State,
+    spec: Any,
+    first_id: int,
+    precomputed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> Decisions:
+    """Apply the cluster rule to new rows (keys in keep-first order) after everything in `state`.
+
+    `precomputed`: (key hashes, signatures of the first occurrences of new keys, their matches against earlier
+    rounds' bucket firsts) when the partitioned maps and reducers made them."""
+    d = spec.dedup
+    n = len(keys) if precomputed is None else len(precomputed[0])
+    ids = np.arange(first_id, first_id + n, dtype=np.int64)
+    h = key_hashes(keys) if precomputed is None else precomputed[0]
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    first_of = first[inverse]  # row -> first row (this round) with its key
+    # Exact tier against earlier rounds: the key's cluster is already known.
+    kh = state.keys_hash
+    seen_before = np.zeros(n, dtype=bool)
+    root = np.full(n, -1, dtype=np.int64)
+    if len(kh):
+        pos = np.searchsorted(kh, h).clip(0, len(kh) - 1)
+        seen_before = kh[pos] == h
+        root[seen_before] = state.keys_owner[pos[seen_before]]
+    cand = np.flatnonzero(~seen_before & (first_of == np.arange(n)))  # in row order
+    if precomputed is None:
+        import pyarrow as pa
+
+        sigs = MinHasher(d.num_perm, 1, d.shingle_size).signatures(keys.take(pa.array(cand, pa.int64())))
+    else:
+        sigs = precomputed[1]
+    bands = state.seen.band_keys(sigs)
+    if d.near_duplicates:
+        old, new = state.seen.assign(sigs, bands, None if precomputed is None else precomputed[2])
+    else:
+        old = new = np.full(len(cand), -1, np.int64)
+    base = ids[cand].copy()
+    base[old >= 0] = state.seen.root[old[old >= 0]]
+    croot = resolve_roots(new, base)
+    root[cand] = croot
+    near = np.zeros(n, dtype=bool)
+    near[cand] = (old >= 0) | (new >= 0)
+    rest = root == -1  # exact repeats within the round take their first occurrence's cluster
+    root[rest] = root[first_of[rest]]
+    kept = np.zeros(n, dtype=bool)
+    kept[cand[(old < 0) & (new < 0)]] = True
+    return Decisions(ids, kept, near, root, h, cand, sigs, bands)
+
+
+def _merge_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sort(np.concatenate([a, b]), kind="stable")  # two sorted runs: a linear merge
+
+
+def _advance(state: State, dec: Decisions) -> dict[str, dict[str, np.ndarray]]:
+    """Fold a round's decisions into the state; returns the round's state and seen-index chunks."""
+    kept_ids = dec.ids[dec.kept]
+    owners, counts = np.unique(dec.root[~dec.kept], return_counts=True)
+    new_hashes = dec.hashes[dec.cand]
+    by_hash = np.argsort(new_hashes)
+    chunk = {
+        "kept_id": kept_ids,
+        "keys_hash": new_hashes[by_hash],
+        "keys_owner": dec.root[dec.cand][by_hash],
+        "dup_owner": owners.astype(np.int64),
+        "dup_count": counts.astype(np.int64),
+    }
+    seen = state.seen
+    before = len(seen)
+    seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand])
+    chunk_index = SeenIndex(
+        np.sort(new_hashes), seen.sigs[before:], seen.band[before:], seen.threshold, seen.num_perm, seen.seed,
+        seen.shingle_size, seen.ids[before:], seen.root[before:],
+    )  # fmt: skip
+    chunk_index._firsts = dict(seen.added_firsts)  # this round's share of the bucket tables
+    seen_chunk = chunk_index.to_npz(firsts=True)
+    seen.exact = _merge_sorted(seen.exact, chunk_index.exact)
+    state.kept_id = np.concatenate([state.kept_id, kept_ids])
+    kh = np.concatenate([state.keys_hash, chunk["keys_hash"]])
+    ko = np.concatenate([state.keys_owner, chunk["keys_owner"]])
+    order = np.argsort(kh, kind="stable")  # two sorted runs: merged in linear time
+    state.keys_hash, state.keys_owner = kh[order], ko[order]
+    state.cluster = np.concatenate([state.cluster, np.ones(len(kept_ids), np.int64)])
+    np.add.at(state.cluster, np.searchsorted(state.kept_id, owners), counts)
+    return {"chunk": chunk, "seen": seen_chunk}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The round
+
+
+def _clean_leftovers(storage: Storage, rnd: int) -> None:
+    """What a killed merge left: temporary files under the merge's own prefixes, and its local temp folders."""
+    for prefix in (rec.DATASET_PREFIX, "rejected/", "merge/", "quarantine/"):
+        for key in storage.remove_leftovers(prefix):
+            log.info("removed a killed merge's leftover %s", key)
+    tmp = Path(tempfile.gettempdir())
+    for d in tmp.glob(f"{TMP_DIR_PREFIX}*"):
+        try:
+            pid = int(d.name.removeprefix(TMP_DIR_PREFIX).split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            log.info("removed a killed merge's temp folder %s", d)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def merge_round(storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list[tuple[int, int]]) -> rec.RoundReport:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """Merge round `rnd`'s new shards (those of `shard_ids` with round == rnd) into the state of rounds before."""
     report_key = rec.round_report_key(rnd)
     if storage.exists(report_key):
         log.info("round %d already merged: %s", rnd, storage.location(report_key))
         return rec.round_report_from(json.loads(storage.read_bytes(report_key)))
     t0 = time.monotonic()
-    hasher = MinHasher(spec.dedup.num_perm, 1, spec.dedup.shingle_size)
-    p = _pass1(storage, spec, shard_ids)
-    if spec.dedup.partitions > 1:
-        kept_idx, kept_sigs = _near_from_reducers(p, spec, storage, rnd)
-    else:
-        kept_idx, kept_sigs = _near(p, spec, hasher)
-    n = len(p.status)
+    _clean_leftovers(storage, rnd)
+    state = load_state(storage, spec, rnd - 1)
+    if state is None:  # full re-merge: replay rounds 1..rnd-1 from nothing, then this one
+        state = State.empty(spec)
+        for r in range(1, rnd):
+            _merge_one(storage, spec, run, r, [x for x in shard_ids if x[0] == r], state, final=False)
+    report = _merge_one(storage, spec, run, rnd, [x for x in shard_ids if x[0] == rnd], state, final=True)
+    log.info(
+        "round %d merged in %.1fs: %d new rows, %d unique, %d kept in all",
+        rnd, time.monotonic() - t0, report.generated, report.unique_total, report.qc_passed_total,
+    )  # fmt: skip
+    return report
 
-    # Duplicate clusters: every row points at the first occurrence it duplicates (chains resolved to the root).
-    root = np.where(p.status == -1, np.arange(n), p.status)
-    for _ in range(4):
-        nxt = np.where(p.status[root] == -1, root, p.status[root])
-        if np.array_equal(nxt, root):
-            break
-        root = nxt
-    cluster = Counter(root.tolist())
+
+def _merge_one(
+    storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list[tuple[int, int]], state: State, *, final: bool
+) -> rec.RoundReport:
+    shards, cols, quarantined, missing = _read_round(storage, spec, shard_ids)
+    tot = state.totals
+    first_id = tot.rows
+    pre = None
+    if spec.dedup.partitions > 1 and final:
+        from genrun.worker.partitioned import precomputed_for
+
+        pre = precomputed_for(storage, spec, rnd, state, shards)
+    keys = round_keys(spec, cols) if pre is None else None  # the maps did the per-row work
+    del cols
+    dec = decide(keys, state, spec, first_id, pre)
+    del keys
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_DIR_PREFIX}{os.getpid()}-") as tmpd:
+        tmp = Path(tmpd)
+        round_counts = _write_rows(storage, spec, rnd, shards, dec, tmp)
+        step = _advance(state, dec)
+        tot.round = rnd
+        tot.round_first_id[rnd] = first_id
+        tot.rows = first_id + len(dec.ids)
+        tot.shards += [(s.round, s.seed) for s in shards]
+        tot.quarantined += quarantined
+        for s in shards:
+            tot.generated[rnd] = tot.generated.get(rnd, 0) + s.manifest.generated
+            tot.tokens[rnd] = tot.tokens.get(rnd, 0) + s.manifest.tokens
+            tot.skipped[rnd] = tot.skipped.get(rnd, 0) + s.manifest.skipped_online + s.manifest.skipped_in_shard
+        for name, table in (("per_domain", round_counts["domain"]), ("per_temperature", round_counts["temperature"])):
+            acc = getattr(tot, name)
+            for k, c in table.items():
+                acc.setdefault(k, Counts()).add(c)
+        tot.per_round[rnd] = round_counts["round"]
+        for k, v in round_counts["rejected"].items():
+            tot.rejected[k] = tot.rejected.get(k, 0) + v
+        np.savez(tmp / "state.npz", **step["chunk"])
+        np.savez(tmp / "seen-index.npz", **step["seen"])
+        prefix = rec.merge_prefix(rnd)
+        for name in ("seen-index.npz", "state.npz", "kept.parquet", "alpaca.jsonl", "sharegpt.jsonl"):
+            storage.upload(tmp / name, f"{prefix}/{name}")
+        storage.upload(tmp / "dataset.parquet", rec.dataset_part_key(rnd))
+        storage.upload(tmp / "rejected.parquet", rec.rejected_part_key(rnd))
+        report = _report(storage, state, rnd, len(shards))
+        if final:
+            (tmp / "report.md").write_text(render_markdown(report, run, missing=missing))
+            storage.upload(tmp / "report.md", f"{prefix}/report.md")
+        storage.write_bytes(_state_key(rnd, "state.json"), tot.to_json().encode())
+    if final:
+        storage.write_bytes(rec.round_report_key(rnd), rec.to_json(report).encode())  # last: the completion marker
+    return report
+
+
+def _write_rows(
+    storage: Storage, spec: Any, rnd: int, shards: list[_Shard], dec: Decisions, tmp: Path
+) -> dict[str, Any]:
+    """Pass 2: each shard again, whole rows: QC on the kept ones, the dataset part, rejected rows, exports."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     qc = QcPipeline.from_spec(spec.qc.filters)
-    prefix = rec.merge_prefix(rnd)
-    rejected_reason: Counter[str] = Counter()
-    per_round: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # rows, new unique, new qc
-    per_domain: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    per_temp: dict[float, list[int]] = defaultdict(lambda: [0, 0, 0])
-    kept_total = 0
-    with tempfile.TemporaryDirectory(prefix="genrun-merge-") as tmpd:
-        tmp = Path(tmpd)
-        ds_writer = pq.ParquetWriter(tmp / "dataset.parquet", rec.example_schema())
-        rej_schema = (
-            rec.example_schema()
-            .append(pa.field("reject_reason", pa.string()))
-            .append(pa.field("duplicate_of", pa.int64()))
-        )
-        rej_writer = pq.ParquetWriter(tmp / "rejected.parquet", rej_schema)
-        with (
-            open(tmp / "alpaca.jsonl", "w") as alpaca,
-            open(tmp / "sharegpt.jsonl", "w") as sharegpt,
-        ):
-            g = 0
-            for sh in p.shards:
-                table = _read_table(storage, rec.shard_data_key(sh.round, sh.seed))
-                rows = table.to_pylist()
-                keep_mask, rej_rows = [], []
-                for row in rows:
-                    st = int(p.status[g])
-                    counts_d = per_domain[row["domain"]]
-                    counts_t = per_temp[round(float(row["temperature"]), 3)]
-                    counts_r = per_round[sh.round]
-                    for c in (counts_d, counts_t, counts_r):
-                        c[0] += 1
-                    reason, dup_of = None, None
-                    if st != -1:
-                        reason = "exact_duplicate" if p.keys[st] == p.keys[g] else "near_duplicate"
-                        dup_of = st
-                    else:
-                        for c in (counts_d, counts_t, counts_r):
-                            c[1] += 1
-                        reason = qc.check(row)
-                    if reason is None:
-                        for c in (counts_d, counts_t, counts_r):
-                            c[2] += 1
-                        keep_mask.append(True)
-                        alpaca.write(
-                            json.dumps({"instruction": row["instruction"], "input": "", "output": row["response"]})
-                            + "\n"
-                        )
-                        sharegpt.write(json.dumps({"conversations": [
-                            {"from": "human", "value": row["instruction"]},
-                            {"from": "gpt", "value": row["response"]},
-                        ]}) + "\n")  # fmt: skip
-                    else:
-                        keep_mask.append(False)
-                        rejected_reason[reason] += 1
-                        rej_rows.append({**row, "reject_reason": reason, "duplicate_of": dup_of})
-                    g += 1
-                if any(keep_mask):
-                    ds_writer.write_table(table.filter(pa.array(keep_mask)))
-                    kept_total += sum(keep_mask)
-                if rej_rows:
-                    rej_writer.write_table(pa.Table.from_pylist(rej_rows, schema=rej_schema))
-        ds_writer.close()
-        rej_writer.close()
-
-        seen = SeenIndex.empty(spec.dedup.threshold, spec.dedup.num_perm, 1, spec.dedup.shingle_size)
-        seen.add([p.keys[i] for i in kept_idx], kept_sigs)
-        np.savez_compressed(tmp / "seen-index.npz", **seen.to_npz())
-
-        this_round = [s for s in p.shards if s.round == rnd]
-        generated_by_round = Counter[int]()
-        tokens_by_round = Counter[int]()
-        skipped_by_round = Counter[int]()
-        for s in p.shards:
-            generated_by_round[s.round] += s.manifest.generated
-            tokens_by_round[s.round] += s.manifest.tokens
-            skipped_by_round[s.round] += s.manifest.skipped_online + s.manifest.skipped_in_shard
-        unique_total = int((p.status == -1).sum())
-        top = sorted(((c, r) for r, c in cluster.items() if c > 1), key=lambda x: (-x[0], x[1]))[:10]
-        report = rec.RoundReport(
-            round=rnd,
-            shards=len(this_round),
-            generated=generated_by_round[rnd],
-            new_unique=per_round[rnd][1],
-            new_qc_passed=per_round[rnd][2],
-            generated_total=sum(generated_by_round.values()),
-            unique_total=unique_total,
-            qc_passed_total=kept_total,
-            tokens=tokens_by_round[rnd],
-            tokens_total=sum(tokens_by_round.values()),
-            skipped_online=skipped_by_round[rnd],
-            exact_duplicates=rejected_reason["exact_duplicate"],
-            near_duplicates=rejected_reason["near_duplicate"],
-            qc_rejected={k: v for k, v in sorted(rejected_reason.items()) if not k.endswith("_duplicate")},
-            top_duplicates=tuple((p.first_text[r], c) for c, r in top),
-            per_domain=tuple(rec.DomainYield(d, *v) for d, v in sorted(per_domain.items())),
-            per_temperature=tuple(rec.TemperatureYield(t, *v) for t, v in sorted(per_temp.items())),
-            quarantined=tuple(p.quarantined),
-            dataset=storage.location(f"{prefix}/dataset.parquet"),
-            report=storage.location(f"{prefix}/report.md"),
-        )
-        (tmp / "report.md").write_text(render_markdown(report, run, missing=p.missing))
-        for name in (
-            "dataset.parquet",
-            "rejected.parquet",
-            "alpaca.jsonl",
-            "sharegpt.jsonl",
-            "report.md",
-            "seen-index.npz",
-        ):
-            storage.upload(tmp / name, f"{prefix}/{name}")
-    storage.write_bytes(report_key, rec.to_json(report).encode())
-    log.info(
-        "round %d merged in %.1fs: %d rows, %d unique, %d kept", rnd, time.monotonic() - t0, n, unique_total, kept_total
+    rej_schema = (
+        rec.example_schema().append(pa.field("reject_reason", pa.string())).append(pa.field("duplicate_of", pa.int64()))
     )
-    return report
+    per_domain: dict[str, Counts] = {}
+    per_temp: dict[float, Counts] = {}
+    this = Counts()
+    rejected: Counter[str] = Counter()
+    ds = pq.ParquetWriter(tmp / "dataset.parquet", rec.example_schema())
+    rj = pq.ParquetWriter(tmp / "rejected.parquet", rej_schema)
+    kept_w = pq.ParquetWriter(tmp / "kept.parquet", pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
+    g = 0
+    with open(tmp / "alpaca.jsonl", "w") as alpaca, open(tmp / "sharegpt.jsonl", "w") as sharegpt:
+        for sh in shards:
+            table = _read_table(storage, rec.shard_data_key(sh.round, sh.seed))
+            n = table.num_rows
+            kept = dec.kept[g : g + n]
+            reasons = np.array([None] * n, dtype=object)
+            reasons[~kept] = np.where(dec.near[g : g + n][~kept], REASON_NEAR, REASON_EXACT)
+            kidx = np.flatnonzero(kept)
+            if len(kidx):
+                sub = table.take(pa.array(kidx))
+                reasons[kidx] = qc.check_table(sub)
+                kept_w.write_table(
+                    pa.table({"id": pa.array(dec.ids[g : g + n][kidx]), "instruction": sub.column("instruction")})
+                )
+            passed = np.array([x is None for x in reasons])
+            # counters: per domain and temperature, vectorised over codes
+            dom = pc.dictionary_encode(pc.fill_null(table.column("domain"), "")).combine_chunks()
+            temp = np.round(table.column("temperature").to_numpy().astype(np.float64), 3)
+            for label, codes, names, acc in (
+                ("domain", np.asarray(dom.indices), dom.dictionary.to_pylist(), per_domain),
+                ("temperature", *_codes(temp), per_temp),
+            ):
+                del label
+                for j, name in enumerate(names):
+                    sel = codes == j
+                    c = acc.setdefault(name, Counts())
+                    c.rows += int(sel.sum())
+                    c.unique += int((sel & kept).sum())
+                    c.kept += int((sel & passed).sum())
+            this.rows += n
+            this.unique += int(kept.sum())
+            this.kept += int(passed.sum())
+            pidx = np.flatnonzero(passed)
+            if len(pidx):
+                good = table.take(pa.array(pidx))
+                ds.write_table(good)
+                _write_exports(good, alpaca, sharegpt)
+            ridx = np.flatnonzero(~passed)
+            if len(ridx):
+                bad = table.take(pa.array(ridx))
+                rr = reasons[ridx].tolist()
+                rejected.update(rr)
+                dup_of = np.where(kept[ridx], -1, dec.root[g : g + n][ridx])
+                rj.write_table(
+                    bad.append_column("reject_reason", pa.array(rr, pa.string())).append_column(
+                        "duplicate_of", pa.array(dup_of, pa.int64(), mask=dup_of < 0)
+                    )
+                )
+            g += n
+    ds.close()
+    rj.close()
+    kept_w.close()
+    return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected)}
+
+
+def _codes(values: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    uniq, inv = np.unique(values, return_inverse=True)
+    return inv, [float(x) for x in uniq]
+
+
+def _write_exports(table: Any, alpaca: Any, sharegpt: Any) -> None:
+    dumps = json.dumps
+    for ins, res in zip(table.column("instruction").to_pylist(), table.column("response").to_pylist(), strict=True):
+        i, r = dumps(ins), dumps(res)
+        alpaca.write(f'{{"instruction": {i}, "input": "", "output": {r}}}\n')
+        sharegpt.write(f'{{"conversations": [{{"from": "human", "value": {i}}}, {{"from": "gpt", "value": {r}}}]}}\n')
+
+
+def _top_duplicates(storage: Storage, state: State, k: int = 10) -> tuple[tuple[str, int], ...]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    multi = np.flatnonzero(state.cluster > 1)
+    if not len(multi):
+        return ()
+    order = np.lexsort((state.kept_id[multi], -state.cluster[multi]))[:k]
+    top = multi[order]
+    ids = state.kept_id[top]
+    rounds = sorted(state.totals.round_first_id)
+    firsts = np.array([state.totals.round_first_id[r] for r in rounds])
+    text: dict[int, str] = {}
+    for r in {rounds[int(np.searchsorted(firsts, i, "right")) - 1] for i in ids.tolist()}:
+        with local_copy(storage, _state_key(r, "kept.parquet")) as p:
+            t = pq.read_table(p)
+        t = t.filter(pc.is_in(t.column("id"), value_set=pa.array(ids)))
+        text.update(zip(t.column("id").to_pylist(), t.column("instruction").to_pylist(), strict=True))
+    return tuple((text[int(i)], int(state.cluster[j])) for i, j in zip(ids.tolist(), top.tolist(), strict=True))
+
+
+def _report(storage: Storage, state: State, rnd: int, shards: int) -> rec.RoundReport:
+    tot = state.totals
+    this = tot.per_round.get(rnd, Counts())
+    return rec.RoundReport(
+        round=rnd,
+        shards=shards,
+        generated=tot.generated.get(rnd, 0),
+        new_unique=this.unique,
+        new_qc_passed=this.kept,
+        generated_total=sum(tot.generated.values()),
+        unique_total=sum(c.unique for c in tot.per_round.values()),
+        qc_passed_total=sum(c.kept for c in tot.per_round.values()),
+        tokens=tot.tokens.get(rnd, 0),
+        tokens_total=sum(tot.tokens.values()),
+        skipped_online=tot.skipped.get(rnd, 0),
+        exact_duplicates=tot.rejected.get(REASON_EXACT, 0),
+        near_duplicates=tot.rejected.get(REASON_NEAR, 0),
+        qc_rejected={k: v for k, v in sorted(tot.rejected.items()) if k not in (REASON_EXACT, REASON_NEAR)},
+        top_duplicates=_top_duplicates(storage, state),
+        per_domain=tuple(rec.DomainYield(d, c.rows, c.unique, c.kept) for d, c in sorted(tot.per_domain.items())),
+        per_temperature=tuple(
+            rec.TemperatureYield(t, c.rows, c.unique, c.kept) for t, c in sorted(tot.per_temperature.items())
+        ),
+        quarantined=tuple(tot.quarantined),
+        quarantined_count=len(tot.quarantined),
+        dataset=storage.location(rec.DATASET_PREFIX),
+        report=storage.location(f"{rec.merge_prefix(rnd)}/report.md"),
+    )
 
 
 def _pct(a: int, b: int) -> str:
@@ -318,18 +665,18 @@ def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = No
         f"| {t.temperature:g} | {t.generated:,} | {t.new_unique:,} | {t.new_qc_passed:,} |" for t in r.per_temperature
     ]
     if r.quarantined or missing:
-        lines += ["", "## Not merged", ""]
-        lines += [f"- quarantined (unreadable): {k}" for k in r.quarantined]
+        lines += ["", f"## Not merged ({r.quarantined_count} quarantined)", ""]
+        lines += [f"- quarantined (unreadable or damaged): {k}" for k in r.quarantined]
         lines += [f"- missing (shard failed or not published): {k}" for k in missing or []]
     return "\n".join(lines) + "\n"
 
 
 def load_seen_index(storage: Storage, rnd: int) -> SeenIndex | None:
-    """The seen-index published by round `rnd`'s merge, or None (round 0, or not there)."""
-    if rnd < 1:
-        return None
-    key = rec.seen_index_key(rnd)
-    if not storage.exists(key):
-        return None
-    with local_copy(storage, key) as path, np.load(path) as data:
-        return SeenIndex.from_npz({k: data[k] for k in data.files})
+    """The seen-index after round `rnd`'s merge (its chunks of rounds 1..rnd joined), or None (round 0, none)."""
+    parts = []
+    for r in range(1, rnd + 1):
+        key = rec.seen_index_key(r)
+        if storage.exists(key):
+            with contextlib.suppress(OSError, ValueError):
+                parts.append(SeenIndex.from_npz(_load_npz(storage, key)))
+    return SeenIndex.concat(parts) if parts else None

@@ -1,26 +1,31 @@
-"""Dedup beyond one machine: a map step per input partition and a reduce step per band partition, each a separate
-command (`genrun worker dedup-map|dedup-reduce`), so the operator can run them as Kubernetes Indexed Jobs; the merge
-then finalises (exact groups + connected components over the reducers' pairs) and writes the outputs.
+"""Dedup of a round beyond one machine: a map step per input partition and a reduce step per band partition, each a
+separate command (`genrun worker dedup-map|dedup-reduce`), so the operator can run them as Kubernetes Indexed Jobs;
+the merge then finalises with the same `merge.decide` as the single-process path.
 
-Same result as the single-process merge, by construction: rows keep their global (round, seed, index) order, only
-globally exact-unique rows enter the LSH buckets, each bucket pairs its members with its earliest row, and pairs are
-verified on the full signatures; the union of the reducers' pairs is the single process's pair set.
+Work split: the maps do the per-row work (normalised keys, key hashes, MinHash signatures of each key's first
+occurrence in the partition); each reducer matches the round's candidate rows (first occurrences of keys never seen
+before) against the bucket firsts of earlier rounds on its share of the LSH bands (`SeenIndex.match`, the merge's
+own routine, restricted to those bands). The finaliser takes the minimum over reducers, which is the match over all
+bands, and applies the keep-first rule within the round. Same result as the single-process merge, by construction
+(tested).
 
-Layout under merge/rNNNN/: map/part-IIII.npz (row counts, key hashes, unique rows, band keys) with
-map/part-IIII.sigs.npy (signatures, memory-mappable), and reduce/bands-JJJJ.npz (verified pairs).
+Layout under merge/rNNNN/: map/part-IIII.npz (shards, row counts, key hashes, first-occurrence rows) with
+map/part-IIII.sigs.npy (their signatures), and reduce/bands-JJJJ.npz (per candidate: earliest matching kept row).
 """
 
 from __future__ import annotations
 
 import io
-import tempfile
-from pathlib import Path
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, band_keys, dedup_keys, key_hash, lsh_params, similar
-from genrun.worker.storage import Storage, local_copy
+from genrun.worker.dedup import MinHasher, key_hashes, lsh_params
+from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
+
+log = logging.getLogger("genrun.partitioned")
 
 
 def map_key(rnd: int, part: int) -> str:
@@ -35,47 +40,45 @@ def reduce_key(rnd: int, part: int) -> str:
     return f"{rec.merge_prefix(rnd)}/reduce/bands-{part:04d}.npz"
 
 
-def _published_shards(storage: Storage, shard_ids: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Shards with a completion marker, in the merge's order: what the partitions split between them."""
-    return [(r, s) for r, s in sorted(shard_ids) if storage.exists(rec.shard_manifest_key(r, s))]
+def _published_shards(storage: Storage, rnd: int, shard_ids: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Round `rnd`'s shards with a sound completion marker, in the merge's order: what the partitions split."""
+    out = []
+    for r, s in sorted(x for x in shard_ids if x[0] == rnd):
+        try:
+            if read_marker(storage, rec.shard_manifest_key(r, s)) is not None:
+                out.append((r, s))
+        except DamagedMarker:
+            continue  # the merge quarantines it
+    return out
 
 
 def dedup_map(storage: Storage, spec: Any, rnd: int, shard_ids: list[tuple[int, int]], part: int, parts: int) -> str:
-    """Keys, signatures and band keys of the shards of input partition `part` (every parts-th published shard).
+    """Keys and signatures of the shards of input partition `part` (every parts-th published shard of the round).
 
     Each shard is read once, whole and schema-checked; one that cannot be read is left out, as the merge quarantines
-    it. The global row order comes from the shards the maps report, so it matches the merge's order."""
-    from genrun.worker.merge import _read_table
+    it (the finaliser checks that the maps saw exactly the shards it merges)."""
+    from genrun.worker.merge import _read_table, round_keys
 
-    mine = _published_shards(storage, shard_ids)[part::parts]
     d = spec.dedup
-    hasher = MinHasher(d.num_perm, 1, d.shingle_size)
-    bands, rows = lsh_params(d.threshold, d.num_perm)
-    shards, counts, hashes, keys_local = [], [], [], []
-    for r, s in mine:
+    shards, counts, cols = [], [], []
+    for r, s in _published_shards(storage, rnd, shard_ids)[part::parts]:
         try:
             table = _read_table(storage, rec.shard_data_key(r, s))
         except Exception:
-            continue  # the merge quarantines it and reports it
+            continue
         shards.append((r, s))
-        keys = dedup_keys(table.column("instruction"), table.column("response") if d.key == "pair" else None,
-                          key=d.key, normalized=d.normalize)  # fmt: skip
-        counts.append(len(keys))
-        keys_local += keys
-        hashes.append(np.fromiter((key_hash(k) for k in keys), dtype=np.uint64, count=len(keys)))
-    h = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+        counts.append(table.num_rows)
+        cols.append(table.select(["instruction", "response"] if d.key == "pair" else ["instruction"]))
+    keys = round_keys(spec, cols)
+    h = key_hashes(keys)
     _, first = np.unique(h, return_index=True)  # partition-local first occurrences; global ones are among them
     uniq = np.sort(first)
-    sigs = hasher.signatures([keys_local[i] for i in uniq]) if len(uniq) else np.empty((0, d.num_perm), np.uint32)
+    import pyarrow as pa
+
+    sigs = MinHasher(d.num_perm, 1, d.shingle_size).signatures(keys.take(pa.array(uniq, pa.int64())))
     buf = io.BytesIO()
-    np.savez_compressed(
-        buf,
-        shards=np.array(shards, dtype=np.int64).reshape(-1, 2),
-        counts=np.array(counts, dtype=np.int64),
-        key_hash=h,
-        uniq=uniq.astype(np.int64),
-        bands=band_keys(sigs, bands, rows),
-    )
+    np.savez(buf, shards=np.array(shards, dtype=np.int64).reshape(-1, 2), counts=np.array(counts, dtype=np.int64),
+             key_hash=h, uniq=uniq.astype(np.int64))  # fmt: skip
     sig_buf = io.BytesIO()
     np.save(sig_buf, sigs)
     storage.write_bytes(map_sigs_key(rnd, part), sig_buf.getvalue())
@@ -83,125 +86,103 @@ def dedup_map(storage: Storage, spec: Any, rnd: int, shard_ids: list[tuple[int, 
     return storage.location(map_key(rnd, part))
 
 
-class _Global:
-    """All map partitions stitched into the merge's global row order."""
+@dataclass
+class Candidates:
+    """The round's rows in global order, stitched from the maps: key hashes, and the candidates (first occurrences
+    of keys not seen in earlier rounds) with their signatures."""
 
-    def __init__(self, storage: Storage, rnd: int, parts: int, with_sigs: bool = True) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="genrun-reduce-")
-        loaded = []
-        for i in range(parts):
-            with local_copy(storage, map_key(rnd, i)) as p, np.load(p) as z:
-                part = {k: z[k] for k in z.files}
-            if with_sigs:
-                dest = Path(self.tmp.name) / f"{i}.npy"
-                with local_copy(storage, map_sigs_key(rnd, i)) as p:
-                    dest.write_bytes(Path(p).read_bytes())
-                part["sigs"] = np.load(dest, mmap_mode="r")  # bounded memory: pages in only what is compared
-            loaded.append(part)
-        # Global offsets: shards in (round, seed) order, rows in file order, as the merge reads them.
-        where: dict[tuple[int, int], tuple[int, int, int]] = {}  # shard -> (partition, local offset, rows)
-        for i, part in enumerate(loaded):
-            off = 0
-            for (r, s), n in zip(part["shards"].tolist(), part["counts"].tolist(), strict=True):
-                where[(r, s)] = (i, off, n)
-                off += n
-        self.order = sorted(where)
-        gpos, goff = {}, 0
-        for sh in self.order:
-            gpos[sh] = goff
-            goff += where[sh][2]
-        self.n = goff
-        self.key_hash = np.empty(self.n, np.uint64)
-        self.local_to_global = []
-        for part in loaded:
-            mapping = np.empty(len(part["key_hash"]), np.int64)
-            for (r, s), n in zip(part["shards"].tolist(), part["counts"].tolist(), strict=True):
-                _, off, _ = where[(r, s)]
-                mapping[off : off + n] = np.arange(gpos[(r, s)], gpos[(r, s)] + n)
-            self.key_hash[mapping] = part["key_hash"]
-            self.local_to_global.append(mapping)
-        self.parts = loaded
-        _, first = np.unique(self.key_hash, return_index=True)
-        self.global_unique = np.zeros(self.n, dtype=bool)
-        self.global_unique[first] = True
+    shards: list[tuple[int, int]]
+    hashes: np.ndarray
+    cand: np.ndarray
+    sigs: np.ndarray
 
-    def unique_rows(self) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
-        """Global ids of the globally exact-unique rows, and per partition the local positions (into uniq/bands)."""
-        ids, picks = [], []
-        for i, part in enumerate(self.parts):
-            g = self.local_to_global[i][part["uniq"]]
-            keep = np.flatnonzero(self.global_unique[g])
-            ids.append(g[keep])
-            picks.append((i, keep))
-        return (np.concatenate(ids) if ids else np.empty(0, np.int64)), picks
 
-    def sigs_of(self, picks: list[tuple[int, np.ndarray]]) -> np.ndarray:
-        return (
-            np.concatenate([np.asarray(self.parts[i]["sigs"][k]) for i, k in picks])
-            if picks
-            else np.empty((0, 0), np.uint32)
-        )
+def _load(storage: Storage, key: str) -> dict[str, np.ndarray]:
+    with local_copy(storage, key) as p, np.load(p) as z:
+        return {k: z[k] for k in z.files}
 
-    def close(self) -> None:
-        self.tmp.cleanup()
+
+def candidates(storage: Storage, spec: Any, rnd: int, state: Any) -> Candidates:
+    parts = spec.dedup.partitions
+    loaded = []
+    for i in range(parts):
+        m = _load(storage, map_key(rnd, i))
+        with local_copy(storage, map_sigs_key(rnd, i)) as p:
+            m["sigs"] = np.load(p)
+        loaded.append(m)
+    where: dict[tuple[int, int], tuple[int, int, int]] = {}  # shard -> (partition, local offset, rows)
+    for i, m in enumerate(loaded):
+        off = 0
+        for (r, s), n in zip(m["shards"].tolist(), m["counts"].tolist(), strict=True):
+            where[(r, s)] = (i, off, n)
+            off += n
+    order = sorted(where)
+    hashes, src_part, src_pos = [], [], []
+    for sh in order:
+        i, off, n = where[sh]
+        hashes.append(loaded[i]["key_hash"][off : off + n])
+        src_part.append(np.full(n, i, np.int64))
+        src_pos.append(np.arange(off, off + n, dtype=np.int64))
+    num_perm = spec.dedup.num_perm
+    if not hashes:
+        return Candidates(order, np.empty(0, np.uint64), np.empty(0, np.int64), np.empty((0, num_perm), np.uint32))
+    h = np.concatenate(hashes)
+    part_of, pos_of = np.concatenate(src_part), np.concatenate(src_pos)
+    _, first = np.unique(h, return_index=True)
+    kh = state.keys_hash
+    seen = np.zeros(len(first), dtype=bool)
+    if len(kh):
+        p = np.searchsorted(kh, h[first]).clip(0, len(kh) - 1)
+        seen = kh[p] == h[first]
+    cand = np.sort(first[~seen])
+    sigs = np.empty((len(cand), num_perm), np.uint32)
+    for i, m in enumerate(loaded):
+        sel = np.flatnonzero(part_of[cand] == i)
+        sigs[sel] = m["sigs"][np.searchsorted(m["uniq"], pos_of[cand[sel]])]
+    return Candidates(order, h, cand, sigs)
+
+
+def _fingerprint(state: Any) -> np.ndarray:
+    """Which state a reducer matched against (rounds merged, kept rows): the finaliser uses only matching outputs."""
+    return np.array([state.totals.round, len(state.kept_id)], dtype=np.int64)
 
 
 def dedup_reduce(storage: Storage, spec: Any, rnd: int, parts: int, band_part: int, band_parts: int) -> str:
-    """Verified candidate pairs (global row ids) for the bands b with b % band_parts == band_part."""
-    g = _Global(storage, rnd, parts)
-    try:
-        ids, picks = g.unique_rows()
-        order = np.argsort(ids, kind="stable")  # global order: a bucket's first row is its earliest
-        ids = ids[order]
-        band_cols = (
-            np.concatenate([g.parts[i]["bands"][k] for i, k in picks])[order] if picks else np.empty((0, 0), np.uint64)
-        )
-        pairs = []
-        n = len(ids)
-        for band in range(band_parts and band_cols.shape[1]):
-            if band % band_parts != band_part:
-                continue
-            col = band_cols[:, band]
-            srt = np.argsort(col, kind="stable")
-            sk = col[srt]
-            starts = np.ones(n, dtype=bool)
-            starts[1:] = sk[1:] != sk[:-1]
-            first = srt[np.maximum.accumulate(np.where(starts, np.arange(n), 0))]
-            m = ~starts
-            if m.any():
-                pairs.append(np.stack([first[m], srt[m]], axis=1))
-        found = np.unique(np.concatenate(pairs), axis=0) if pairs else np.empty((0, 2), np.int64)
-        if len(found):
-            sigs = g.sigs_of(picks)[order]
-            ok = similar(sigs[found[:, 0]], sigs[found[:, 1]]) >= spec.dedup.threshold
-            found = found[ok]
-        buf = io.BytesIO()
-        np.savez_compressed(buf, pairs=ids[found] if len(found) else np.empty((0, 2), np.int64))
-        storage.write_bytes(reduce_key(rnd, band_part), buf.getvalue())
-        return storage.location(reduce_key(rnd, band_part))
-    finally:
-        g.close()
+    """Per candidate row, the earliest bucket first of earlier rounds it is similar to, on the bands b % band_parts ==
+    band_part (-1 if none)."""
+    from genrun.worker.merge import State, load_state
+
+    state = load_state(storage, spec, rnd - 1) or State.empty(spec)
+    c = candidates(storage, spec, rnd, state)
+    d = spec.dedup
+    b, _ = lsh_params(d.threshold, d.num_perm)
+    mine = [band for band in range(b) if band % band_parts == band_part]
+    match = state.seen.match(c.sigs, state.seen.band_keys(c.sigs), mine)
+    buf = io.BytesIO()
+    np.savez(buf, match=match, cand=c.cand, state=_fingerprint(state))
+    storage.write_bytes(reduce_key(rnd, band_part), buf.getvalue())
+    return storage.location(reduce_key(rnd, band_part))
 
 
-def load_pairs(storage: Storage, rnd: int, band_parts: int) -> np.ndarray:
-    out = []
-    for j in range(band_parts):
-        with local_copy(storage, reduce_key(rnd, j)) as p, np.load(p) as z:
-            out.append(z["pairs"])
-    return np.concatenate(out) if out else np.empty((0, 2), np.int64)
-
-
-def load_kept_sigs(storage: Storage, rnd: int, parts: int, kept_global: np.ndarray, num_perm: int) -> np.ndarray:
-    """Signatures of the kept rows (global ids, in order) for the seen-index, read from the map outputs."""
-    g = _Global(storage, rnd, parts)
-    try:
-        ids, picks = g.unique_rows()
-        sigs = g.sigs_of(picks)
-        pos = {int(x): i for i, x in enumerate(ids.tolist())}
-        return (
-            np.stack([sigs[pos[int(k)]] for k in kept_global])
-            if len(kept_global)
-            else np.empty((0, num_perm), np.uint32)
-        )
-    finally:
-        g.close()
+def precomputed_for(
+    storage: Storage, spec: Any, rnd: int, state: Any, shards: list[Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(key hashes, candidate signatures, matches against earlier rounds) from the maps and reducers, or None when
+    they do not describe exactly this merge (other shards, another state): the merge then computes them itself."""
+    parts = spec.dedup.partitions
+    if not all(storage.exists(reduce_key(rnd, j)) for j in range(parts)):
+        return None
+    c = candidates(storage, spec, rnd, state)
+    if c.shards != [(s.round, s.seed) for s in shards]:
+        log.warning("partition outputs cover other shards than the merge reads: computing keys here")
+        return None
+    match = np.full(len(c.cand), np.iinfo(np.int64).max, np.int64)
+    for j in range(parts):
+        z = _load(storage, reduce_key(rnd, j))
+        if not np.array_equal(z["state"], _fingerprint(state)) or not np.array_equal(z["cand"], c.cand):
+            log.warning("reducer %d matched against another state: computing matches here", j)
+            return None
+        m = z["match"]
+        np.minimum(match, np.where(m < 0, np.iinfo(np.int64).max, m), out=match)
+    match[match == np.iinfo(np.int64).max] = -1
+    return c.hashes, c.sigs, match

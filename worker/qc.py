@@ -1,8 +1,12 @@
-"""QC filters: each returns None (keep) or a short reason; counts per reason go into the round report.
+"""QC filters: each gives, per row, None (keep) or a short reason; counts per reason go into the round report.
 
 Built from the spec's `qc.filters` (name + params, checked by the API). The defaults were set on real SmolLM2 output:
 high-temperature text that is incoherent has a low mean token log-probability, which the `logprob` filter catches
 so that it does not count as yield.
+
+Every filter works on a whole Arrow table at once (Arrow compute kernels and numpy; a Python loop only over the
+few rows a cheap test cannot settle), and a row is checked as a one-row table: one implementation. Words are runs
+of letters, digits and '_' (Unicode), text is compared case-folded.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 Row = Mapping[str, Any]
-Filter = Callable[[Row], str | None]
+Reasons = np.ndarray  # object array: str or None per row
+Filter = Callable[[Any], Reasons]  # Arrow table -> reasons
 
 DEFAULT_REFUSALS = (
     r"\bI(?:'m| am) (?:sorry|unable|not able)\b",
@@ -21,26 +28,43 @@ DEFAULT_REFUSALS = (
     r"\bI (?:cannot|can't|can not) (?:help|assist|provide|answer|do that)\b",
     r"\bI don't have (?:access|the ability)\b",
 )
-_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _none(n: int) -> Reasons:
+    return np.full(n, None, dtype=object)
+
+
+def _np(arr: Any) -> np.ndarray:
+    return np.asarray(arr.to_numpy(zero_copy_only=False))
+
+
+def _text(table: Any, name: str) -> Any:
+    import pyarrow.compute as pc
+
+    col = table.column(name)
+    return pc.fill_null(col.combine_chunks() if hasattr(col, "combine_chunks") else col, "")
 
 
 def _length(p: Mapping[str, Any]) -> Filter:
     lo_i, hi_i = int(p.get("minInstructionChars", 10)), int(p.get("maxInstructionChars", 1000))
     lo_r, hi_r = int(p.get("minResponseChars", 2)), int(p.get("maxResponseChars", 8000))
 
-    def f(row: Row) -> str | None:
-        i, r = len(row["instruction"].strip()), len(row["response"].strip())
-        if i < lo_i:
-            return "instruction_too_short"
-        if i > hi_i:
-            return "instruction_too_long"
-        if r == 0:
-            return "empty_response"
-        if r < lo_r:
-            return "response_too_short"
-        if r > hi_r:
-            return "response_too_long"
-        return None
+    def f(table: Any) -> Reasons:
+        import pyarrow.compute as pc
+
+        i = _np(pc.utf8_length(pc.utf8_trim_whitespace(_text(table, "instruction"))))
+        r = _np(pc.utf8_length(pc.utf8_trim_whitespace(_text(table, "response"))))
+        out = _none(len(i))
+        # first matching reason wins: assign in reverse order of precedence
+        for mask, reason in (
+            (r > hi_r, "response_too_long"),
+            (r < lo_r, "response_too_short"),
+            (r == 0, "empty_response"),
+            (i > hi_i, "instruction_too_long"),
+            (i < lo_i, "instruction_too_short"),
+        ):
+            out[mask] = reason
+        return out
 
     return f
 
@@ -48,57 +72,157 @@ def _length(p: Mapping[str, Any]) -> Filter:
 def _finish(p: Mapping[str, Any]) -> Filter:
     allow = bool(p.get("allowTruncated", False))
 
-    def f(row: Row) -> str | None:
-        return "truncated" if row.get("finish_reason") == "length" and not allow else None
+    def f(table: Any) -> Reasons:
+        out = _none(table.num_rows)
+        if not allow:
+            out[_np(table.column("finish_reason")) == "length"] = "truncated"
+        return out
 
     return f
 
 
 def _patterns(p: Mapping[str, Any], default: Sequence[str], reason: str, fields: Sequence[str]) -> Filter:
-    pats = [str(x) for x in p.get("patterns", default)]
-    rx = re.compile("|".join(f"(?:{x})" for x in pats), re.IGNORECASE) if pats else None
+    """Case-insensitive regular expressions, run by RE2 (Arrow); a pattern RE2 cannot compile (look-around,
+    back-references) is run by Python's `re` on each row instead."""
+    import pyarrow.compute as pc
 
-    def f(row: Row) -> str | None:
+    pats = [str(x) for x in p.get("patterns", default)]
+    joined = "|".join(f"(?:{x})" for x in pats)
+    use_re2 = True
+    if pats:
+        try:
+            pc.match_substring_regex(_arrow_strings([""]), joined, ignore_case=True)
+        except Exception:
+            use_re2 = False
+    rx = re.compile(joined, re.IGNORECASE) if pats else None
+
+    def f(table: Any) -> Reasons:
+        out = _none(table.num_rows)
         if rx is None:
-            return None
-        return reason if any(rx.search(row[k]) for k in fields) else None
+            return out
+        hit = np.zeros(table.num_rows, dtype=bool)
+        for k in fields:
+            col = _text(table, k)
+            if use_re2:
+                hit |= _np(pc.match_substring_regex(col, joined, ignore_case=True))
+            else:
+                hit |= np.array([rx.search(x) is not None for x in col.to_pylist()], dtype=bool)
+        out[hit] = reason
+        return out
 
     return f
+
+
+def _arrow_strings(values: Sequence[str]) -> Any:
+    import pyarrow as pa
+
+    return pa.array(list(values), pa.string())
+
+
+def _words(col: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """(row of each word, dictionary code of each word) over a string column, words in order, case-folded."""
+    import pyarrow.compute as pc
+
+    # one regex pass replacing separator runs, then a literal split (a regex split is several times slower)
+    spaced = pc.utf8_trim(pc.replace_substring_regex(pc.utf8_lower(col), r"[^\p{L}\p{N}_]+", " "), " ")
+    lists = pc.split_pattern(spaced, " ")
+    flat = pc.list_flatten(lists)
+    rows = _np(pc.list_parent_indices(lists)).astype(np.int64)
+    keep = _np(pc.not_equal(flat, ""))
+    enc = pc.dictionary_encode(flat)
+    return rows[keep], _np(enc.indices)[keep].astype(np.int64), len(enc.dictionary)
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    a = np.sort(a)  # faster than np.unique's hash table on these int64 codes
+    return a[np.append(True, a[1:] != a[:-1])] if len(a) else a
 
 
 def _echo(p: Mapping[str, Any]) -> Filter:
     max_overlap = float(p.get("maxOverlap", 0.8))
 
-    def f(row: Row) -> str | None:
-        ins, res = row["instruction"].strip().lower(), row["response"].strip().lower()
-        if ins and ins in res and len(res) < 2 * len(ins) + 20:
-            return "echo"
-        wi, wr = set(_WORD.findall(ins)), _WORD.findall(res)
-        if wr and len(wr) <= 2 * len(wi) and sum(w in wi for w in wr) / len(wr) >= max_overlap:
-            return "echo"
-        return None
+    def f(table: Any) -> Reasons:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        n = table.num_rows
+        out = _none(n)
+        ins = pc.utf8_lower(pc.utf8_trim_whitespace(_text(table, "instruction")))
+        res = pc.utf8_lower(pc.utf8_trim_whitespace(_text(table, "response")))
+        li, lr = _np(pc.utf8_length(ins)), _np(pc.utf8_length(res))
+        # 1. the response contains the instruction and is little longer: only short responses need the substring test
+        short = np.flatnonzero((li > 0) & (lr < 2 * li + 20))
+        if len(short):
+            pairs = zip(ins.take(pa.array(short)).to_pylist(), res.take(pa.array(short)).to_pylist(), strict=True)
+            out[short[[a in b for a, b in pairs]]] = "echo"
+        # 2. the response is mostly the instruction's words: words of both sides as (row, word) codes
+        both = pa.concat_arrays([ins, res])
+        rows, codes, vocab = _words(both)
+        is_res = rows >= n
+        rows = np.where(is_res, rows - n, rows)
+        n_res = np.bincount(rows[is_res], minlength=n)
+        ins_pairs = _sorted_unique(rows[~is_res] * vocab + codes[~is_res])
+        n_ins_distinct = np.bincount(ins_pairs // vocab, minlength=n) if len(ins_pairs) else np.zeros(n, np.int64)
+        res_codes = rows[is_res] * vocab + codes[is_res]
+        in_ins = np.zeros(len(res_codes), dtype=bool)
+        if len(ins_pairs):
+            pos = np.searchsorted(ins_pairs, res_codes).clip(0, len(ins_pairs) - 1)
+            in_ins = ins_pairs[pos] == res_codes
+        overlap = np.bincount(rows[is_res][in_ins], minlength=n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(n_res > 0, overlap / np.maximum(n_res, 1), 0.0)
+        out[(n_res > 0) & (n_res <= 2 * n_ins_distinct) & (frac >= max_overlap)] = "echo"
+        return out
 
     return f
 
 
+def repeated_ngram_ratios(col: Any, n: int = 3) -> np.ndarray:
+    """Per text: 1 - distinct word n-grams / n-grams, 0 when a text has at most 3 n-grams."""
+    rows, codes, _ = _words(col)
+    size = len(col)
+    out = np.zeros(size)
+    if len(rows) < n:
+        return out
+    m = len(rows) - n + 1
+    same_row = rows[:m] == rows[n - 1 :]  # an n-gram starting at i stays within its row
+    start = np.flatnonzero(same_row)
+    key = np.zeros(len(start), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):  # mixed hash of the n codes (collisions only make a repeat look distinct or vice versa)
+            key = key * np.uint64(0x9E3779B97F4A7C15) + codes[start + j].astype(np.uint64) + np.uint64(1)
+    r = rows[start]
+    total = np.bincount(r, minlength=size)
+    order = np.lexsort((key, r))
+    rk, kk = r[order], key[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (rk[1:] != rk[:-1]) | (kk[1:] != kk[:-1])
+    distinct = np.bincount(rk[first], minlength=size)
+    has = total > 3
+    out[has] = 1 - distinct[has] / total[has]
+    return out
+
+
 def repeated_ngram_ratio(text: str, n: int = 3) -> float:
-    words = _WORD.findall(text.lower())
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if len(grams) > 3 else 0.0
+    return float(repeated_ngram_ratios(_arrow_strings([text]), n)[0])
 
 
 def _repetition(p: Mapping[str, Any]) -> Filter:
     max_rep, n = float(p.get("maxRepeatedNgramRatio", 0.3)), int(p.get("ngram", 3))
     min_alnum = float(p.get("minAlnumRatio", 0.6))
 
-    def f(row: Row) -> str | None:
-        text = row["response"]
-        chars = [c for c in text if not c.isspace()]
-        if chars and sum(c.isalnum() for c in chars) / len(chars) < min_alnum:
-            return "garbage"
-        if repeated_ngram_ratio(text, n) > max_rep:
-            return "repetition"
-        return None
+    def f(table: Any) -> Reasons:
+        import pyarrow.compute as pc
+
+        col = _text(table, "response")
+        out = _none(table.num_rows)
+        out[repeated_ngram_ratios(col, n) > max_rep] = "repetition"
+        # lengths after deleting runs: far faster than counting one regex match per character
+        chars = _np(pc.utf8_length(pc.replace_substring_regex(col, r"\s+", "")))
+        alnum = _np(pc.utf8_length(pc.replace_substring_regex(col, r"[^\p{L}\p{N}]+", "")))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[(chars > 0) & (alnum / np.maximum(chars, 1) < min_alnum)] = "garbage"  # checked first: wins
+        return out
 
     return f
 
@@ -107,12 +231,18 @@ def _logprob(p: Mapping[str, Any]) -> Filter:
     min_r = float(p.get("minResponseLogprob", -2.5))
     min_i = float(p.get("minInstructionLogprob", -3.0))
 
-    def f(row: Row) -> str | None:
-        if row.get("response_logprob") is not None and row["response_logprob"] < min_r:
-            return "low_logprob"
-        if row.get("instruction_logprob") is not None and row["instruction_logprob"] < min_i:
-            return "low_logprob"
-        return None
+    def f(table: Any) -> Reasons:
+        out = _none(table.num_rows)
+        # reverse precedence: the response's verdict wins over the instruction's, "nonfinite" over "low"
+        for name, lo in (("instruction_logprob", min_i), ("response_logprob", min_r)):
+            if name not in table.column_names:
+                continue
+            v = _np(table.column(name)).astype(np.float64)  # nulls become NaN: mask them
+            present = ~np.asarray(table.column(name).is_null().to_numpy(zero_copy_only=False))
+            with np.errstate(invalid="ignore"):
+                out[present & (v < lo)] = "low_logprob"
+            out[present & ~np.isfinite(v)] = "nonfinite_logprob"  # NaN or +-inf: a broken engine output
+        return out
 
     return f
 
@@ -120,9 +250,14 @@ def _logprob(p: Mapping[str, Any]) -> Filter:
 def _critic(p: Mapping[str, Any]) -> Filter:
     min_score = float(p.get("minScore", 6))
 
-    def f(row: Row) -> str | None:
-        s = row.get("critic_score")
-        return "low_critic_score" if s is not None and s == s and s < min_score else None
+    def f(table: Any) -> Reasons:
+        out = _none(table.num_rows)
+        if "critic_score" not in table.column_names:
+            return out
+        s = _np(table.column("critic_score")).astype(np.float64)  # null -> NaN: no score, no verdict
+        with np.errstate(invalid="ignore"):
+            out[~np.isnan(s) & (s < min_score)] = "low_critic_score"
+        return out
 
     return f
 
@@ -147,10 +282,24 @@ class QcPipeline:
     def from_spec(cls, filters: Sequence[Any]) -> QcPipeline:
         return cls([(f.name, BUILDERS[f.name](f.params)) for f in filters])
 
-    def check(self, row: Row) -> str | None:
-        """The first reason to drop the row, or None to keep it."""
+    def check_table(self, table: Any) -> list[str | None]:
+        """Per row of an Arrow table, the first filter's reason to drop it (filters in spec order), or None."""
+        import pyarrow as pa
+
+        out = _none(table.num_rows)
+        todo = np.arange(table.num_rows)
         for _, f in self.filters:
-            reason = f(row)
-            if reason:
-                return reason
-        return None
+            if len(todo) == 0:
+                break
+            sub = table if len(todo) == table.num_rows else table.take(pa.array(todo))
+            got = f(sub)
+            hit = np.array([x is not None for x in got], dtype=bool)
+            out[todo[hit]] = got[hit]
+            todo = todo[~hit]
+        return list(out)
+
+    def check(self, row: Row) -> str | None:
+        """The first reason to drop one row (a dict with the example columns), or None to keep it."""
+        import pyarrow as pa
+
+        return self.check_table(pa.Table.from_pylist([dict(row)]))[0]

@@ -109,7 +109,8 @@ class RoundReport:
     top_duplicates: tuple[tuple[str, int], ...] = ()
     per_domain: tuple[DomainYield, ...] = ()
     per_temperature: tuple[TemperatureYield, ...] = ()
-    quarantined: tuple[str, ...] = ()  # shard keys that could not be read
+    quarantined: tuple[str, ...] = ()  # shard data or marker keys that could not be read (all rounds)
+    quarantined_count: int = 0  # len(quarantined), for readers that only count
     per_shard: tuple[ShardYield, ...] = ()
     dataset: str = ""  # where the dataset of this round lives
     report: str = ""
@@ -208,6 +209,34 @@ def shard_manifest_from(d: dict[str, Any]) -> ShardManifest:
     return ShardManifest(**{k: v for k, v in d.items() if k in known})
 
 
+class DamagedMarker(ValueError):
+    """A shard completion marker that is empty, truncated or incomplete: the shard is set aside, never trusted."""
+
+
+_MARKER_TYPES: dict[str, tuple[type, ...]] = {
+    "round": (int,), "seed": (int,), "rows": (int,), "generated": (int,), "skipped_online": (int,),
+    "skipped_in_shard": (int,), "malformed": (int,), "tokens": (int,), "seconds": (int, float), "data": (str,),
+}  # fmt: skip
+
+
+def parse_marker(data: bytes, key: str = "marker") -> ShardManifest:
+    """A shard marker's bytes -> ShardManifest, or DamagedMarker naming the key and what is wrong."""
+    try:
+        d = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedMarker(f"{key}: not a complete JSON document ({len(data)} bytes): {exc}") from exc
+    if not isinstance(d, dict):
+        raise DamagedMarker(f"{key}: expected a JSON object, got {type(d).__name__}")
+    for name, types in _MARKER_TYPES.items():
+        if name not in d:
+            raise DamagedMarker(f"{key}: field {name!r} is missing")
+        if not isinstance(d[name], types) or isinstance(d[name], bool):
+            raise DamagedMarker(f"{key}: field {name!r} has the wrong type ({type(d[name]).__name__})")
+        if isinstance(d[name], int) and d[name] < 0:
+            raise DamagedMarker(f"{key}: field {name!r} is negative")
+    return shard_manifest_from(d)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Storage layout under the run's output prefix. Every name is derived from (round, seed): nothing is random, so a
 # retry finds what an earlier attempt finished.
@@ -238,7 +267,21 @@ def round_report_key(rnd: int) -> str:
 
 
 def seen_index_key(rnd: int) -> str:
+    """What round `rnd`'s merge added to the seen-index (the full index is the chunks of rounds 1..rnd)."""
     return f"{merge_prefix(rnd)}/seen-index.npz"
+
+
+DATASET_PREFIX = "dataset/data/"  # a `datasets`-loadable folder: the dataset is the union of its parts
+
+
+def dataset_part_key(rnd: int) -> str:
+    """The rows round `rnd` added to the dataset (new, unique, QC-passed); parts are never rewritten incrementally."""
+    return f"{DATASET_PREFIX}train-r{rnd:04d}.parquet"
+
+
+def rejected_part_key(rnd: int) -> str:
+    """Round `rnd`'s rejected rows with their reason (duplicates and QC), kept apart from the dataset."""
+    return f"rejected/r{rnd:04d}.parquet"
 
 
 STATUS_KEY = "status.json"

@@ -1,7 +1,9 @@
 """Storage under a run's output prefix: a local folder (the embedded default) or s3://bucket/prefix (boto3).
 
-Writes are atomic: data goes to a temporary name and is published by a rename (local) or a server-side copy (S3),
-so a crash leaves at most a temporary object and never a half-written published one. Completion markers are
+Writes are atomic. Local: data goes to a temporary name beside the destination and is renamed over it. S3: an object
+appears only when its PUT (or its multipart upload's completion) succeeds, so objects are written in place, with no
+temporary key and no server-side copy (which doubled the bytes and failed over 5 GB); large files go up in parts
+(boto3's managed transfer). Either way a crash leaves no half-written published object. Completion markers are
 written last by the callers.
 """
 
@@ -11,10 +13,12 @@ import contextlib
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
+
+from genrun.worker.records import DamagedMarker as DamagedMarker  # re-exported: callers catch it from here
+from genrun.worker.records import ShardManifest, parse_marker
 
 TMP_PREFIX = "_tmp/"
 
@@ -35,6 +39,7 @@ class Storage(Protocol):
     def delete(self, key: str) -> None: ...
     def location(self, key: str) -> str: ...
     def check(self) -> None: ...
+    def remove_leftovers(self, prefix: str) -> list[str]: ...
 
 
 class LocalStorage:
@@ -112,12 +117,28 @@ class LocalStorage:
     def location(self, key: str) -> str:
         return str(self._p(key))
 
+    def remove_leftovers(self, prefix: str) -> list[str]:
+        """Delete the temporary files a killed writer left under `prefix` (callers own that prefix)."""
+        base = self._p(prefix)
+        gone = []
+        for p in base.rglob(".*.tmp") if base.is_dir() else []:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                gone.append(str(p.relative_to(self.root)))
+        return sorted(gone)
+
 
 class S3Storage:
     """s3://bucket/prefix through boto3; credentials from the environment (a Kubernetes Secret gives them)."""
 
     def __init__(
-        self, url: str, endpoint: str = "", region: str = "us-east-1", access_key: str = "", secret_key: str = ""
+        self,
+        url: str,
+        endpoint: str = "",
+        region: str = "us-east-1",
+        access_key: str = "",
+        secret_key: str = "",
+        multipart_bytes: int = 64 << 20,
     ) -> None:
         import boto3
         from botocore.config import Config
@@ -136,6 +157,9 @@ class S3Storage:
             aws_secret_access_key=secret_key or None,
             config=Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5, read_timeout=60),
         )
+        from boto3.s3.transfer import TransferConfig
+
+        self.transfer = TransferConfig(multipart_threshold=multipart_bytes, multipart_chunksize=multipart_bytes)
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -174,21 +198,12 @@ class S3Storage:
                 raise KeyError(key) from exc
             raise
 
-    def _publish(self, tmp_key: str, key: str) -> None:
-        self.client.copy_object(
-            Bucket=self.bucket, Key=self._k(key), CopySource={"Bucket": self.bucket, "Key": self._k(tmp_key)}
-        )
-        self.client.delete_object(Bucket=self.bucket, Key=self._k(tmp_key))
-
     def write_bytes(self, key: str, data: bytes) -> None:
-        tmp = f"{TMP_PREFIX}{key}.{uuid.uuid4().hex[:8]}"
-        self.client.put_object(Bucket=self.bucket, Key=self._k(tmp), Body=data)
-        self._publish(tmp, key)
+        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
 
     def upload(self, local: Path, key: str) -> None:
-        tmp = f"{TMP_PREFIX}{key}.{uuid.uuid4().hex[:8]}"
-        self.client.upload_file(str(local), self.bucket, self._k(tmp))
-        self._publish(tmp, key)
+        with open(local, "rb") as f:  # parts of 64 MiB above 64 MiB: an object appears only when complete
+            self.client.upload_fileobj(f, self.bucket, self._k(key), Config=self.transfer)
 
     def download(self, key: str, local: Path) -> None:
         from botocore.exceptions import ClientError
@@ -205,13 +220,23 @@ class S3Storage:
         strip = len(self.prefix) + 1 if self.prefix else 0
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._k(prefix)):
             out += [o["Key"][strip:] for o in page.get("Contents", [])]
-        return sorted(k for k in out if not k.startswith(TMP_PREFIX))
+        return sorted(k for k in out if not k.startswith(TMP_PREFIX))  # keys an older version published through
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
 
     def location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._k(key)}"
+
+    def remove_leftovers(self, prefix: str) -> list[str]:
+        """Abort the multipart uploads a killed writer left under `prefix` (their parts cost storage until then)."""
+        gone = []
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self._k(prefix))
+        for page in pages:
+            for up in page.get("Uploads", []):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                gone.append(up["Key"])
+        return gone
 
 
 def open_storage(
@@ -232,3 +257,14 @@ def local_copy(storage: Storage, key: str) -> Iterator[Path]:
         p = Path(d) / Path(key).name
         storage.download(key, p)
         yield p
+
+
+def read_marker(storage: Storage, key: str) -> ShardManifest | None:
+    """The shard completion marker at `key`: None when there is none yet; `DamagedMarker` (a ValueError naming the
+    key and the fault) when it is empty, truncated or incomplete. The one parser of markers: the merge, the local
+    runner and the operator all read them through here."""
+    try:
+        data = storage.read_bytes(key)
+    except KeyError:
+        return None
+    return parse_marker(data, key)

@@ -95,9 +95,14 @@ def succeeded(cluster: Cluster, name: str) -> bool:
 
 
 def dataset_rows(s3: SeaweedFS, run: dict[str, Any]) -> list[dict[str, Any]]:
-    key = run["status"]["output"]["dataset"].removeprefix("s3://genrun-test/")
-    body = s3.client().get_object(Bucket="genrun-test", Key=key)["Body"].read()
-    return pq.read_table(io.BytesIO(body)).to_pylist()
+    """The dataset is a folder of parts (one per round): all of them, in key order."""
+    prefix = run["status"]["output"]["dataset"].removeprefix("s3://genrun-test/")
+    listing = s3.client().list_objects_v2(Bucket="genrun-test", Prefix=prefix).get("Contents", [])
+    rows: list[dict[str, Any]] = []
+    for key in sorted(o["Key"] for o in listing):
+        body = s3.client().get_object(Bucket="genrun-test", Key=key)["Body"].read()
+        rows += pq.read_table(io.BytesIO(body)).to_pylist()
+    return rows
 
 
 def test_run_reaches_target_in_rounds_with_metrics_events_and_no_secret_leak(cluster: Cluster, s3: SeaweedFS) -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+
 import datasketch
 import numpy as np
 import pytest
+from datasketch.lsh import _optimal_param
 from genrun.worker.dedup import (
     MinHasher,
     SeenIndex,
-    components,
+    band_keys,
     dedup_key,
-    near_duplicate_labels,
+    lsh_params,
     normalize,
+    resolve_roots,
     shingles,
+    similar,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -52,6 +57,23 @@ def test_signatures_equal_datasketch(texts: list[str], size: int, seed: int) -> 
         assert np.array_equal(m.hashvalues, s)
 
 
+def _clusters(index: SeenIndex, sigs: np.ndarray, first_id: int) -> np.ndarray:
+    """The merge's use of the rule on one batch: roots (global ids), then the batch indexed."""
+    bands = index.band_keys(sigs)
+    old, new = index.assign(sigs, bands)
+    ids = np.arange(first_id, first_id + len(sigs))
+    base = ids.copy()
+    base[old >= 0] = index.root[old[old >= 0]]
+    root = resolve_roots(new, base)
+    index.extend(sigs, bands, ids, root)
+    return root
+
+
+def _labels(texts: list[str], threshold: float) -> list[int]:
+    sigs = MinHasher(128, 1, 1).signatures([normalize(t) for t in texts])
+    return _clusters(SeenIndex.empty(threshold, 128), sigs, 0).tolist()
+
+
 def test_near_duplicates_found_and_unrelated_kept() -> None:
     texts = [
         "What are the health benefits of regular exercise?",
@@ -60,32 +82,52 @@ def test_near_duplicates_found_and_unrelated_kept() -> None:
         "Write a short poem about the ocean at night.",
         "How can I reverse a string in Python?",
     ]
-    sigs = MinHasher(128, 1, 1).signatures([normalize(t) for t in texts])
-    labels = near_duplicate_labels(sigs, 0.7)
-    assert labels.tolist() == [0, 1, 0, 3, 1]
+    assert _labels(texts, 0.7) == [0, 1, 0, 3, 1]
 
 
-def _reference_components(n: int, pairs: list[tuple[int, int]]) -> list[int]:
-    parent = list(range(n))
+def _reference(sigs: np.ndarray, threshold: float) -> list[int]:
+    """The rule, one row at a time: per band, the first row ever with the key is the bucket's first; a row similar
+    to one of its buckets' firsts joins the cluster of the earliest such, else starts its own."""
+    b, r = lsh_params(threshold, sigs.shape[1])
+    bands = band_keys(sigs, b, r)
+    firsts: list[dict[int, int]] = [{} for _ in range(b)]
+    root: list[int] = []
+    for j in range(len(sigs)):
+        cands = [firsts[k][int(bands[j, k])] for k in range(b) if int(bands[j, k]) in firsts[k]]
+        twins = [i for i in cands if similar(sigs[i : i + 1], sigs[j : j + 1])[0] >= threshold]
+        root.append(root[min(twins)] if twins else j)
+        for k in range(b):
+            firsts[k].setdefault(int(bands[j, k]), j)
+    return root
 
-    def find(x: int) -> int:
-        while parent[x] != x:
-            x = parent[x]
-        return x
 
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return [min(i for i in range(n) if find(i) == find(x)) for x in range(n)]
+@settings(max_examples=60, deadline=None)
+@given(
+    words=st.lists(
+        st.lists(st.sampled_from(["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr"]), min_size=1, max_size=7),
+        min_size=1,
+        max_size=30,
+    ),
+    cuts=st.lists(st.integers(0, 30), max_size=3),
+    threshold=st.sampled_from([0.5, 0.7, 0.8]),
+)
+def test_rule_is_the_sequential_rule_in_any_batching(words: list[list[str]], cuts: list[int], threshold: float) -> None:
+    """Vectorised, the rule equals the one-row-at-a-time rule, and merging in batches (rounds) equals one batch."""
+    sigs = MinHasher(64, 1, 1).signatures([" ".join(w) for w in words])
+    ref = _reference(sigs, threshold)
+    assert _clusters(SeenIndex.empty(threshold, 64), sigs, 0).tolist() == ref
+    index = SeenIndex.empty(threshold, 64)
+    edges = sorted({min(c, len(sigs)) for c in cuts} | {0, len(sigs)})
+    got: list[int] = []
+    for lo, hi in itertools.pairwise(edges):
+        got += _clusters(index, sigs[lo:hi], lo).tolist()
+    assert got == ref
 
 
-@settings(max_examples=80, deadline=None)
-@given(n=st.integers(1, 40), data=st.data())
-def test_components_match_union_find(n: int, data: st.DataObject) -> None:
-    pairs = data.draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=60))
-    arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    assert components(n, arr).tolist() == _reference_components(n, pairs)
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95])
+@pytest.mark.parametrize("num_perm", [16, 64, 128, 256])
+def test_lsh_params_equal_datasketch_optimum(threshold: float, num_perm: int) -> None:
+    assert lsh_params(threshold, num_perm) == tuple(_optimal_param(threshold, num_perm, 0.1, 0.9))
 
 
 def test_seen_index_exact_and_near() -> None:
@@ -100,7 +142,10 @@ def test_seen_index_exact_and_near() -> None:
     ]
     assert seen.contains_exact(queries).tolist() == [True, False, False]
     assert seen.contains_near(hasher.signatures(queries)).tolist() == [True, True, False]
-    seen.add([queries[2]], hasher.signatures([queries[2]]))
+    # the online check of a batch: novel, seen before, a repeat of an earlier candidate of the batch
+    batch = [queries[2], queries[0], normalize("Name three prime numbers, please"), queries[2]]
+    assert seen.admit(batch, hasher.signatures(batch)).tolist() == [0, 1, 2, 2]
     assert seen.contains_exact([queries[2]]).tolist() == [True]
     again = SeenIndex.from_npz(seen.to_npz())
     assert again.contains_exact(queries).tolist() == [True, False, True]
+    assert again.contains_near(hasher.signatures(queries)).tolist() == [True, True, True]

@@ -37,7 +37,7 @@ def test_keep_first_in_round_seed_index_order_with_counts(storage: LocalStorage)
                                   example_row("How do I boil an egg?", response="I'm sorry, I cannot help with that.")],
                 skipped=3)  # fmt: skip
     report = merge_round(storage, spec, "t", 1, [(1, 100), (1, 101)])
-    ds = pq.read_table(storage.location(f"{rec.merge_prefix(1)}/dataset.parquet")).to_pylist()
+    ds = pq.read_table(storage.location(rec.dataset_part_key(1))).to_pylist()
     # Seed 100 comes first: its France row is the kept one; seed 101's is its exact duplicate (normalised key).
     assert [(r["seed"], r["instruction"]) for r in ds] == [
         (100, "What's the capital city of France"),
@@ -48,7 +48,7 @@ def test_keep_first_in_round_seed_index_order_with_counts(storage: LocalStorage)
     assert report.skipped_online == 3
     assert report.top_duplicates == (("What's the capital city of France", 2),)
     assert report.duplication_ratio == pytest.approx(1 - 3 / 7)
-    rejected = pq.read_table(storage.location(f"{rec.merge_prefix(1)}/rejected.parquet")).to_pylist()
+    rejected = pq.read_table(storage.location(rec.rejected_part_key(1))).to_pylist()
     assert {(r["reject_reason"], r["duplicate_of"]) for r in rejected} == {("exact_duplicate", 0), ("refusal", None)}
     alpaca = [
         json.loads(x) for x in Path(storage.location(f"{rec.merge_prefix(1)}/alpaca.jsonl")).read_text().splitlines()
@@ -74,7 +74,8 @@ def test_round_two_counts_only_what_is_new_and_seen_index_grows(storage: LocalSt
     assert r2.exact_duplicates == 1 and r2.near_duplicates == 1
     assert r2.marginal_yield == pytest.approx(1 / 3)
     seen = load_seen_index(storage, 2)
-    assert seen is not None and len(seen) == 2
+    # every distinct key (exact tier), and each row that is the first of an LSH bucket (near tier)
+    assert seen is not None and len(seen.exact) == 3 and len(seen) == 3 and seen.root.tolist() == [0, 0, 3]
 
 
 def test_idempotent_and_atomic_rerun(storage: LocalStorage) -> None:
@@ -99,3 +100,149 @@ def test_corrupt_shard_is_quarantined_not_fatal_and_missing_is_reported(storage:
     assert storage.exists(rec.shard_data_key(1, 1))  # nothing is deleted
     md = Path(storage.location(f"{rec.merge_prefix(1)}/report.md")).read_text()
     assert "missing (shard failed or not published): shards/r0001/s0000000002.parquet" in md
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Incremental rounds: equal to a full re-merge, after a killed merge, with damaged shards and markers
+
+
+def _rounds(storage: LocalStorage, damaged: bool = False) -> list[tuple[int, int]]:
+    """Three rounds of shards with exact repeats and near-duplicates within and across rounds."""
+    import random
+
+    rng = random.Random(5)
+    words = [
+        "apple",
+        "river",
+        "mountain",
+        "explain",
+        "python",
+        "history",
+        "music",
+        "garden",
+        "ocean",
+        "theory",
+        "stars",
+        "code",
+        "bread",
+    ]
+    bases = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 10))) for _ in range(30)]
+    ids = []
+    for rnd in (1, 2, 3):
+        for seed in range(rnd * 10, rnd * 10 + 3):
+            rows = []
+            for i in range(40):
+                w = rng.choice(bases).split()
+                if rng.random() < 0.3:
+                    w.insert(rng.randrange(len(w)), rng.choice(words))
+                resp = "I'm sorry, I cannot help with that." if i % 13 == 0 else f"An answer about {w[0]} in words."
+                rows.append(example_row(" ".join(w).capitalize() + "?", response=resp, domain=f"d{i % 3}",
+                                        temperature=0.7 + 0.1 * (seed % 2)))  # fmt: skip
+            write_shard(storage, rnd, seed, rows)
+            ids.append((rnd, seed))
+    if damaged:
+        Path(storage.location(rec.shard_data_key(2, 21))).write_bytes(b"PAR1 truncated")
+        Path(storage.location(rec.shard_manifest_key(1, 12))).write_bytes(b'{"round": 1, "seed": 12, "ro')
+        Path(storage.location(rec.shard_manifest_key(3, 30))).write_bytes(b"")
+    return ids
+
+
+def _outputs(storage: LocalStorage, rnd: int) -> tuple[object, ...]:
+    from dataclasses import replace
+
+    report = rec.round_report_from(json.loads(storage.read_bytes(rec.round_report_key(rnd))))
+    data = pq.read_table(storage.location(rec.DATASET_PREFIX)).to_pylist()
+    rejected = pq.read_table(storage.location("rejected")).to_pylist()
+    seen = load_seen_index(storage, rnd)
+    assert seen is not None
+    md = Path(storage.location(f"{rec.merge_prefix(rnd)}/report.md")).read_text()
+    return (replace(report, dataset="", report=""), data, rejected, seen.exact.tolist(), seen.sigs.tolist(), md)
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_incremental_rounds_equal_a_full_re_merge(tmp_path: Path, damaged: bool) -> None:
+    spec = parse_spec(SPEC)
+    inc, full = LocalStorage(tmp_path / "inc"), LocalStorage(tmp_path / "full")
+    ids = _rounds(inc, damaged)
+    _rounds(full, damaged)
+    for rnd in (1, 2, 3):
+        merge_round(inc, spec, "t", rnd, ids)
+    merge_round(full, spec, "t", 3, ids)  # no state before round 3: replays rounds 1 and 2 from nothing
+    a, b = _outputs(inc, 3), _outputs(full, 3)
+    assert a == b
+    report = a[0]
+    assert isinstance(report, rec.RoundReport)
+    assert report.exact_duplicates > 0 and report.near_duplicates > 0 and report.qc_rejected.get("refusal", 0) > 0
+    assert report.generated_total == 9 * 40 - (3 * 40 if damaged else 0)
+    if damaged:  # set aside, named, counted; never a traceback
+        assert set(report.quarantined) == {
+            rec.shard_manifest_key(1, 12), rec.shard_data_key(2, 21), rec.shard_manifest_key(3, 30)
+        }  # fmt: skip
+        assert report.quarantined_count == 3 and "quarantined (unreadable or damaged)" in str(a[5])
+
+
+def test_killed_merge_reruns_to_the_same_outputs_and_cleans_up(tmp_path: Path) -> None:
+    spec = parse_spec(SPEC)
+    ref, st = LocalStorage(tmp_path / "ref"), LocalStorage(tmp_path / "run")
+    ids = _rounds(ref)
+    _rounds(st)
+    for rnd in (1, 2):
+        merge_round(ref, spec, "t", rnd, ids)
+    merge_round(st, spec, "t", 1, ids)
+    # Round 2's merge killed after writing some outputs and while publishing another; its temp folder left behind.
+    import genrun.worker.merge as m
+
+    orig = m._report
+
+    def boom(*a: object, **k: object) -> rec.RoundReport:
+        raise KeyboardInterrupt  # as a SIGKILL would, after the parts and state chunks are written
+
+    m._report = boom  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            merge_round(st, spec, "t", 2, ids)
+    finally:
+        m._report = orig
+    assert st.exists(rec.dataset_part_key(2)) and not st.exists(rec.round_report_key(2))
+    leftover = Path(st.location(rec.merge_prefix(2))) / ".report.json.abc123.tmp"
+    leftover.write_bytes(b'{"round"')
+    import os
+    import subprocess
+    import tempfile
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Path(tempfile.gettempdir()) / f"genrun-merge-{dead.pid}-xyz"
+    stale.mkdir(exist_ok=True)
+    mine = Path(tempfile.gettempdir()) / f"genrun-merge-{os.getpid()}-keep"
+    mine.mkdir(exist_ok=True)
+    merge_round(st, spec, "t", 2, ids)
+    assert _outputs(st, 2) == _outputs(ref, 2)
+    assert not leftover.exists() and not list(Path(st.root).rglob("*.tmp"))
+    assert not stale.exists() and mine.exists()  # a live process's folder is not touched
+    mine.rmdir()
+
+
+def test_changed_dedup_parameters_fall_back_to_a_full_re_merge(tmp_path: Path) -> None:
+    a, b = LocalStorage(tmp_path / "a"), LocalStorage(tmp_path / "b")
+    ids = _rounds(a)
+    _rounds(b)
+    loose = parse_spec({**SPEC, "dedup": {"threshold": 0.6}})
+    merge_round(a, parse_spec(SPEC), "t", 1, ids)  # round 1 with the default threshold
+    merge_round(a, loose, "t", 2, ids)  # round 2 with another: the state of round 1 cannot be extended
+    merge_round(b, loose, "t", 2, ids)  # from nothing with the new threshold
+    assert _outputs(a, 2)[1:] == _outputs(b, 2)[1:]
+
+
+def test_damaged_marker_is_reported_by_read_marker(tmp_path: Path) -> None:
+    from genrun.worker.storage import DamagedMarker, read_marker
+
+    st = LocalStorage(tmp_path)
+    write_shard(st, 1, 0, [example_row("What is a prime number, exactly?")])
+    assert read_marker(st, rec.shard_manifest_key(1, 0)) is not None
+    assert read_marker(st, rec.shard_manifest_key(1, 9)) is None
+    for bad, msg in ((b"", "not a complete JSON"), (b'{"round": 1', "not a complete JSON"), (b"[1]", "JSON object"),
+                     (b'{"round": 1, "seed": 0}', "'rows' is missing")):  # fmt: skip
+        Path(st.location(rec.shard_manifest_key(1, 0))).write_bytes(bad)
+        with pytest.raises(DamagedMarker, match=msg):
+            read_marker(st, rec.shard_manifest_key(1, 0))

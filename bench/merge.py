@@ -1,0 +1,221 @@
+"""Merge benchmark: the merge Job's entry point (`genrun worker merge --job FILE`, its `main()` in a fresh Python
+process per round, as a Job pod runs it) on synthetic shards written in the shard contract to local storage, round
+after round; rensa's MinHash LSH dedup of the same rows in the same run is the baseline.
+
+Rows: base instructions drawn with Zipf frequencies; each row is the base, the base re-cased/re-punctuated, or a
+one-word edit (substituted, inserted or deleted). Truth: rows from one base are duplicates. Recall and precision are
+pair-counting scores of the merge's clusters (from its dataset and rejected parts: `duplicate_of`) against it.
+
+    python bench/merge.py --rows 1000000 --rounds 1
+    python bench/merge.py --rows 1000000 --rounds 5
+
+Per round: seconds, new rows, seconds per new row, the child's peak RSS. Last line:
+RESULT rows=<N> rounds=<R> merge_rows_per_s=<x> vs_rensa=<ratio> round_cost_ratio=<r> peak_mb=<m> recall=<r>
+precision=<p>. merge_rows_per_s is all rows over the sum of the rounds' seconds (the Job end to end: reading shards,
+dedup, QC, writing every output); vs_rensa divides it by rensa's rows/s on all rows in one pass;
+round_cost_ratio is the last round's seconds per new row over the first round's; peak_mb the largest child peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+THRESHOLD, NUM_PERM = 0.8, 128
+SHARD_ROWS = 100_000
+
+
+def synth(n: int, seed: int = 7) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vocab = np.array(
+        ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(3, 9))) for _ in range(30000)]
+    )
+    n_bases = max(10, n // 8)
+    bases = [list(vocab[rng.integers(0, len(vocab), rng.integers(9, 15))]) for _ in range(n_bases)]
+    pick = np.minimum(rng.zipf(1.15, n) - 1, n_bases - 1)  # a few very frequent instructions, a long tail
+    pick = rng.permutation(n_bases)[pick]
+    kind = rng.random(n)
+    rows = []
+    for b, k in zip(pick, kind, strict=True):
+        w = list(bases[b])
+        if k < 0.45:
+            text = " ".join(w) + "?"
+        elif k < 0.65:
+            text = (" ".join(w)).capitalize() + "!"
+        else:
+            i = int(rng.integers(0, len(w)))
+            op = rng.integers(0, 3)
+            if op == 0:
+                w[i] = str(vocab[rng.integers(0, len(vocab))])
+            elif op == 1:
+                w.insert(i, str(vocab[rng.integers(0, len(vocab))]))
+            else:
+                del w[i]
+            text = " ".join(w) + "?"
+        rows.append(text)
+    return rows, pick.astype(np.int64)
+
+
+def pair_scores(labels: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    def pairs(counts: np.ndarray) -> float:
+        c = counts.astype(np.float64)
+        return float((c * (c - 1) / 2).sum())
+
+    both = np.unique(np.stack([labels, truth], axis=1), axis=0, return_counts=True)[1]
+    tp = pairs(both)
+    predicted = pairs(np.unique(labels, return_counts=True)[1])
+    actual = pairs(np.unique(truth, return_counts=True)[1])
+    return (tp / actual if actual else 1.0), (tp / predicted if predicted else 1.0)
+
+
+def simple_words(text: str) -> list[str]:
+    return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
+
+
+def with_rensa(rows: list[str]) -> float:
+    from rensa import RMinHash, RMinHashLSH
+
+    lsh = RMinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM, num_bands=16)
+    t0 = time.perf_counter()
+    for i, text in enumerate(rows):
+        m = RMinHash(num_perm=NUM_PERM, seed=1)
+        m.update(simple_words(text))
+        if not lsh.query(m):
+            lsh.insert(i, m)
+    return len(rows) / (time.perf_counter() - t0)
+
+
+def write_shards(out: Path, rows: list[str], rnd: int, first_seed: int) -> list[tuple[int, int]]:
+    """Shards of SHARD_ROWS rows in the contract (schema, keys, markers), as generators publish them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from genrun.worker import records as rec
+    from genrun.worker.storage import LocalStorage
+
+    storage = LocalStorage(out)
+    ids = []
+    rng = np.random.default_rng(rnd)
+    words = np.array(["answer", "because", "first", "then", "result", "value", "simple", "example", "step", "note"])
+    for k, start in enumerate(range(0, len(rows), SHARD_ROWS)):
+        seed = first_seed + k
+        ins = rows[start : start + SHARD_ROWS]
+        n = len(ins)
+        resp = [" ".join(rng.choice(words, 12)) + f" {i}." for i in range(n)]  # passes QC, no two alike
+        cols = {
+            "instruction": ins, "response": resp, "domain": [f"d{i % 7}" for i in range(n)],
+            "round": np.full(n, rnd, np.int32), "seed": np.full(n, seed, np.int64), "index": np.arange(n, dtype=np.int32),
+            "temperature": np.full(n, 0.7 + 0.1 * (k % 3), np.float32), "top_p": np.full(n, 0.9, np.float32),
+            "repetition_penalty": np.full(n, 1.1, np.float32), "model": ["bench"] * n, "prompt_hash": ["0"] * n,
+            "instruction_tokens": np.full(n, 12, np.int32), "response_tokens": np.full(n, 14, np.int32),
+            "finish_reason": ["stop"] * n, "instruction_logprob": np.full(n, -1.0, np.float32),
+            "response_logprob": np.full(n, -1.0, np.float32), "critic_score": pa.nulls(n, pa.float32()),
+            "candidates": np.ones(n, np.int32),
+        }  # fmt: skip
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "s.parquet"
+            pq.write_table(pa.table(cols, schema=rec.example_schema()), p)
+            storage.upload(p, rec.shard_data_key(rnd, seed))
+        m = rec.ShardManifest(rnd, seed, n, n, 0, 0, 0, 26 * n, 1.0, rec.shard_data_key(rnd, seed))
+        storage.write_bytes(rec.shard_manifest_key(rnd, seed), rec.to_json(m).encode())
+        ids.append((rnd, seed))
+    return ids
+
+
+# A fresh interpreter per round, as a Job pod: it times `main()` (imports included) and reports its own peak RSS
+# (VmHWM: ru_maxrss would carry over the parent's RSS across fork and exec).
+CHILD = (
+    "import sys, time\n"
+    "t0 = time.perf_counter()\n"
+    "from genrun.worker.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM:')][0].split()[1]\n"
+    "print('BENCH', code, time.perf_counter() - t0, int(hwm) / 1024)\n"
+)
+
+
+def run_merge(job: Path) -> tuple[int, float, float]:
+    res = subprocess.run([sys.executable, "-P", "-c", CHILD, "merge", "--job", str(job)], capture_output=True,
+                         text=True, env={**os.environ, "GENRUN_LOG_LEVEL": "WARNING"})  # fmt: skip
+    line = [x for x in res.stdout.splitlines() if x.startswith("BENCH ")]
+    if not line:
+        sys.exit(f"merge failed: {res.stderr[-2000:]}")
+    _, code, dt, peak = line[-1].split()
+    return int(code), float(dt), float(peak)
+
+
+def labels_from_outputs(out: Path, n: int, offsets: dict[int, int]) -> np.ndarray:
+    """Each row's cluster (the global id of its kept row) from the rejected parts' duplicate_of."""
+    import pyarrow.parquet as pq
+
+    labels = np.arange(n, dtype=np.int64)
+    rej = pq.read_table(out / "rejected", columns=["seed", "index", "duplicate_of"])
+    # global id = position in (round, seed, index) order; seeds are unique over the run
+    start = np.array([offsets[s] for s in rej.column("seed").to_pylist()], dtype=np.int64)
+    gid = start + rej.column("index").to_numpy().astype(np.int64)
+    dup = rej.column("duplicate_of").to_numpy(zero_copy_only=False).astype(np.float64)
+    has = ~np.isnan(dup)
+    labels[gid[has]] = dup[has].astype(np.int64)
+    return labels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--no-rensa", action="store_true")
+    args = ap.parse_args()
+    from genrun.worker import records as rec
+
+    rows, truth = synth(args.rows)
+    per = -(-args.rows // args.rounds)
+    print(f"synthetic rows: {len(rows)} in {args.rounds} round(s), distinct bases: {len(np.unique(truth))}", flush=True)
+    spec = {"model": {"name": "bench"}, "target": {"uniqueExamples": 10}}
+    secs, news, peaks = [], [], []
+    with tempfile.TemporaryDirectory(prefix="genrun-bench-") as d:
+        out = Path(d) / "out"
+        ids: list[tuple[int, int]] = []
+        offsets: dict[int, int] = {}
+        for r in range(1, args.rounds + 1):
+            chunk = rows[(r - 1) * per : r * per]
+            new = write_shards(out, chunk, r, len(ids))
+            for k, (_, seed) in enumerate(new):
+                offsets[seed] = (r - 1) * per + k * SHARD_ROWS
+            ids += new
+            job = Path(d) / f"job-{r}.json"
+            job.write_text(
+                rec.to_json(
+                    rec.JobSpec(
+                        "merge", "bench", "default", {**spec, "output": {"path": str(out)}}, r, shards=tuple(ids)
+                    )
+                )
+            )
+            code, dt, peak = run_merge(job)
+            if code != 0:
+                sys.exit(f"merge of round {r} exited {code}")
+            secs.append(dt)
+            news.append(len(chunk))
+            peaks.append(peak)
+            print(f"round {r}: {dt:.2f} s for {len(chunk)} new rows ({1e6 * dt / len(chunk):.2f} us/row), "
+                  f"peak {peak:,.0f} MB", flush=True)  # fmt: skip
+        labels = labels_from_outputs(out, len(rows), offsets)
+    recall, precision = pair_scores(labels, truth)
+    merge_rps = len(rows) / sum(secs)
+    print(f"merge Job: {merge_rps:,.0f} rows/s, recall {recall:.4f}, precision {precision:.4f}", flush=True)
+    rensa = float("nan") if args.no_rensa else with_rensa(rows)
+    print(f"rensa ({len(rows)} rows, one pass): {rensa:,.0f} rows/s", flush=True)
+    ratio = (secs[-1] / news[-1]) / (secs[0] / news[0])
+    print(
+        f"RESULT rows={len(rows)} rounds={args.rounds} merge_rows_per_s={merge_rps:.0f} vs_rensa={merge_rps / rensa:.2f} "
+        f"round_cost_ratio={ratio:.2f} peak_mb={max(peaks):.0f} recall={recall:.4f} precision={precision:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

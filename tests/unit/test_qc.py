@@ -1,0 +1,163 @@
+"""QC filters one by one (each alone in a pipeline, defaults and params), then the pipeline's order and batch path."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from genrun.operator.api import QcFilter
+from genrun.worker.qc import QcPipeline, repeated_ngram_ratio
+
+from tests.helpers import example_row
+
+GOOD = "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the leaves."
+
+
+def only(name: str, **params: Any) -> QcPipeline:
+    return QcPipeline.from_spec([QcFilter(name, params)])
+
+
+def check(p: QcPipeline, instruction: str = "Explain how photosynthesis works.", response: str = GOOD,
+          **over: Any) -> str | None:  # fmt: skip
+    return p.check(example_row(instruction, response=response, **over))
+
+
+@pytest.mark.parametrize(
+    ("instruction", "response", "reason"),
+    [
+        ("Explain how photosynthesis works.", GOOD, None),
+        ("Why?", GOOD, "instruction_too_short"),  # 4 chars < 10
+        ("   Why?    ", GOOD, "instruction_too_short"),  # stripped first
+        ("x" * 1001, GOOD, "instruction_too_long"),
+        ("Explain how photosynthesis works.", "   ", "empty_response"),
+        ("Explain how photosynthesis works.", "k", "response_too_short"),
+        ("Explain how photosynthesis works.", "y" * 8001, "response_too_long"),
+        ("Why?", "", "instruction_too_short"),  # the instruction is checked first
+    ],
+)
+def test_length(instruction: str, response: str, reason: str | None) -> None:
+    assert check(only("length"), instruction, response) == reason
+
+
+def test_length_params() -> None:
+    p = only("length", minInstructionChars=3, maxResponseChars=20, minResponseChars=5)
+    assert check(p, "Why?", "Because it is.") is None
+    assert check(p, "Why?", "Yes.") == "response_too_short"
+    assert check(p, "Why?", "Because " * 5) == "response_too_long"
+
+
+def test_finish_reason() -> None:
+    assert check(only("finishReason"), finish_reason="length") == "truncated"
+    assert check(only("finishReason"), finish_reason="stop") is None
+    assert check(only("finishReason", allowTruncated=True), finish_reason="length") is None
+
+
+@pytest.mark.parametrize(
+    ("response", "reason"),
+    [
+        ("I'm sorry, but I can't do that.", "refusal"),
+        ("i am unable to browse the web.", "refusal"),  # case-insensitive
+        ("As an AI language model, I have no body.", "refusal"),
+        ("I cannot help with that request.", "refusal"),
+        ("I don't have access to real-time data.", "refusal"),
+        (GOOD, None),
+        ("Sorryville is a town; I am sorrowful.", None),  # word boundaries
+    ],
+)
+def test_refusal_defaults(response: str, reason: str | None) -> None:
+    assert check(only("refusal"), response=response) == reason
+
+
+def test_refusal_custom_patterns_and_python_only_syntax() -> None:
+    assert check(only("refusal", patterns=[r"\bnope\b"]), response="Nope, not today.") == "refusal"
+    assert check(only("refusal", patterns=[r"\bnope\b"]), response="I'm sorry.") is None  # replaces the defaults
+    # a look-behind RE2 cannot run: Python's re runs it, same verdicts
+    p = only("refusal", patterns=[r"(?<=not )possible"])
+    assert check(p, response="That is not possible.") == "refusal"
+    assert check(p, response="That is possible.") is None
+
+
+def test_banned_patterns_look_at_both_fields() -> None:
+    p = only("bannedPatterns", patterns=["lorem ipsum", r"\bTODO\b"])
+    assert check(p, instruction="Write lorem ipsum filler text.") == "banned_pattern"
+    assert check(p, response="todo: fill in later") == "banned_pattern"
+    assert check(p) is None
+    assert check(only("bannedPatterns")) is None  # no patterns: nothing banned
+
+
+@pytest.mark.parametrize(
+    ("instruction", "response", "reason"),
+    [
+        ("Explain how photosynthesis works.", "Explain how photosynthesis works.", "echo"),  # verbatim
+        ("Explain how photosynthesis works.", "explain how photosynthesis works!!", "echo"),  # case, little more
+        ("Name the planets in order", "planets in order name the", "echo"),  # the same words, reordered
+        ("Explain how photosynthesis works.", GOOD, None),
+        ("Explain how photosynthesis works.", "Explain how photosynthesis works. " + GOOD * 2, None),  # long answer
+    ],
+)
+def test_echo(instruction: str, response: str, reason: str | None) -> None:
+    assert check(only("echo"), instruction, response) == reason
+
+
+def test_echo_overlap_param() -> None:
+    ins, res = "Name the planets in order", "planets order name mercury venus"  # 3 of 5 words from the instruction
+    assert check(only("echo", maxOverlap=0.5), ins, res) == "echo"
+    assert check(only("echo", maxOverlap=0.8), ins, res) is None
+
+
+def test_repetition_and_garbage() -> None:
+    p = only("repetition")
+    assert check(p, response="the cat sat on the mat " * 6) == "repetition"
+    assert check(p) is None
+    assert check(p, response="@@@ ### !!! $$$ %%% ^^^ ok") == "garbage"
+    assert repeated_ngram_ratio("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
+    assert repeated_ngram_ratio("a b c d") == 0.0  # two 3-grams: too few to judge
+    loose = only("repetition", maxRepeatedNgramRatio=0.9, minAlnumRatio=0.1)
+    assert check(loose, response="the cat sat on the mat " * 6) is None
+    assert check(loose, response="@@@ ### ok") is None
+
+
+@pytest.mark.parametrize(
+    ("over", "reason"),
+    [
+        ({}, None),
+        ({"response_logprob": -3.0}, "low_logprob"),
+        ({"instruction_logprob": -3.5}, "low_logprob"),
+        ({"response_logprob": math.nan}, "nonfinite_logprob"),
+        ({"response_logprob": math.inf}, "nonfinite_logprob"),
+        ({"instruction_logprob": -math.inf}, "nonfinite_logprob"),
+        ({"response_logprob": -3.0, "instruction_logprob": math.nan}, "low_logprob"),  # the response's verdict first
+        ({"response_logprob": None, "instruction_logprob": None}, None),  # not measured: no verdict
+    ],
+)
+def test_logprob(over: dict[str, Any], reason: str | None) -> None:
+    assert check(only("logprob"), **over) == reason
+    nonfinite = any(v is not None and not math.isfinite(v) for v in over.values())
+    loose = only("logprob", minResponseLogprob=-4.0, minInstructionLogprob=-4.0)
+    assert check(loose, **over) == ("nonfinite_logprob" if nonfinite else None)
+
+
+def test_critic() -> None:
+    assert check(only("critic"), critic_score=3.0) == "low_critic_score"
+    assert check(only("critic"), critic_score=8.0) is None
+    assert check(only("critic"), critic_score=None) is None
+    assert check(only("critic", minScore=9), critic_score=8.0) == "low_critic_score"
+
+
+def test_pipeline_first_reason_in_spec_order_and_batch_equals_rows() -> None:
+    rows = [
+        example_row("Why?", response="I'm sorry, I cannot help with that."),
+        example_row("Explain how photosynthesis works.", response="I'm sorry, I cannot help with that."),
+        example_row("Explain how photosynthesis works.", response=GOOD, finish_reason="length"),
+        example_row("Explain how photosynthesis works.", response=GOOD, response_logprob=float("nan")),
+        example_row("Explain how photosynthesis works.", response=GOOD),
+    ]
+    a = QcPipeline.from_spec([QcFilter("length", {}), QcFilter("refusal", {}), QcFilter("finishReason", {}),
+                              QcFilter("logprob", {})])  # fmt: skip
+    b = QcPipeline.from_spec([QcFilter("refusal", {}), QcFilter("length", {})])
+    want = ["instruction_too_short", "refusal", "truncated", "nonfinite_logprob", None]
+    assert a.check_table(pa.Table.from_pylist(rows)) == want == [a.check(r) for r in rows]
+    assert b.check(rows[0]) == "refusal"
+    assert QcPipeline.from_spec([]).check(rows[0]) is None
