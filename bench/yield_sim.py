@@ -71,8 +71,7 @@ class Pools:
 
     @classmethod
     def load(cls, spec: Any, path: Path = POOLS) -> Pools:
-        with gzip.open(path, "rt") as f:
-            raw = [json.loads(line) for line in f]
+        raw = read_pools(path)
         rows: list[dict[str, Any]] = []
         arms = []
         for a in raw:
@@ -102,6 +101,26 @@ class Pools:
 
     def arm(self, temperature: float, penalty: float) -> Arm:
         return next(a for a in self.arms if (a.temperature, a.repetition_penalty) == (temperature, penalty))
+
+
+def read_pools(path: Path) -> list[dict[str, Any]]:
+    """The recorded pools; without them, the replay engine's recording (worker/replay: real SmolLM2-135M samples of
+    the quickstart prompt at T 0.7 and 1.0, repetition penalty 1.1) as two arms, malformed samples not recorded."""
+    if path.exists():
+        with gzip.open(path, "rt") as f:
+            return [json.loads(line) for line in f]
+    from genrun.worker.engine import REPLAY_DATA
+
+    by_t: dict[float, list[dict[str, Any]]] = {}
+    with gzip.open(ROOT / "worker" / REPLAY_DATA, "rt") as f:
+        for line in f:
+            row = json.loads(line)
+            by_t.setdefault(round(row.pop("temperature"), 2), []).append(row)
+    print(f"pools: {path} not recorded yet; using the replay recording ({len(by_t)} arms)")
+    return [
+        {"temperature": t, "top_p": 0.9, "repetition_penalty": 1.1, "malformed": 0, "malformed_tokens": 0, "rows": r}
+        for t, r in sorted(by_t.items())
+    ]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""bench/yield_sim.py end to end on pools made from the replay recording (real SmolLM2-135M samples at T 0.7 and
+"""bench/yield_sim.py end to end on pools made from the replay recording, written as the recorder writes them (real SmolLM2-135M samples at T 0.7 and
 1.0): it drives the real planner, dedup and QC, and its RESULT line holds the figures it printed."""
 
 from __future__ import annotations
