@@ -43,7 +43,7 @@ class OpenAIEngine:
         timeout: float = 300.0,
         max_retries: int = 6,
         backoff: float = 0.5,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         check: bool = True,
     ) -> None:
         self.url = url.rstrip("/")
@@ -53,7 +53,7 @@ class OpenAIEngine:
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
-        self._sleep = sleep
+        self._sleep = sleep if sleep is not None else time.sleep
         if check:
             self._check_model()
 

@@ -9,11 +9,16 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 from genrun.operator import api
 from genrun.operator.manifests import _env
+from genrun.operator.planner import make_round
+from genrun.operator.policy import base_sampling
+from genrun.worker import records as rec
+from genrun.worker.cli import main as worker_main
 from genrun.worker.engine import ModelError, Params, make_engine
 from genrun.worker.openai_engine import EndpointError, OpenAIEngine
 
@@ -217,3 +222,39 @@ def test_jobs_get_the_key_from_the_secret_by_reference() -> None:
     env = {e["name"]: e for e in _env(spec)}
     assert env["OPENAI_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "inference-key", "key": "OPENAI_API_KEY"}}
     assert "OPENAI_API_KEY" not in {e["name"] for e in _env(_spec({"url": "http://vllm:8000/v1"}))}
+
+
+def _job(tmp_path: Path, endpoint: dict[str, Any]) -> Path:
+    raw = {
+        "model": {"name": "served-model", "endpoint": endpoint},
+        "target": {"uniqueExamples": 10},
+        "output": {"path": str(tmp_path / "out")},
+        "shards": {"examplesPerShard": 3},
+        "worker": {"gpus": 0},
+    }
+    spec = api.parse_spec(raw)
+    shard = make_round(spec, 1, 1, base_sampling(spec), {}, "").shards[0]
+    path = tmp_path / "job.json"
+    path.write_text(rec.to_json(rec.JobSpec("shard", "r", "default", raw, 1, shard)))
+    return path
+
+
+def test_worker_generate_through_the_endpoint(
+    server: tuple[StandIn, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard Job (`genrun worker generate`) with spec.model.endpoint: rows from the server; a bad key is one line
+    and the non-retriable model exit code; an unreachable server is one line and a retriable exit."""
+    state, url = server
+    assert worker_main(["generate", "--job", str(_job(tmp_path, {"url": url}))]) == rec.EXIT_OK
+    assert state.requests and (tmp_path / "out" / rec.shard_manifest_key(1, 0)).exists()
+    state.key = "right"
+    monkeypatch.setenv("OPENAI_API_KEY", "wrong")
+    (tmp_path / "out").rename(tmp_path / "out1")
+    assert worker_main(["generate", "--job", str(_job(tmp_path, {"url": url}))]) == rec.EXIT_MODEL
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HTTP 401" in err[0]
+    monkeypatch.setattr("genrun.worker.openai_engine.time.sleep", lambda s: None)
+    job = _job(tmp_path, {"url": "http://127.0.0.1:9/v1"})
+    assert worker_main(["generate", "--job", str(job)]) == rec.EXIT_FAILED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gave up after" in err[0]
