@@ -61,12 +61,27 @@ QcFilterName = Literal["length", "finishReason", "refusal", "echo", "repetition"
 
 
 @dataclass(frozen=True)
+class EndpointSpec:
+    """An OpenAI-compatible server (vLLM, KServe, NIM, llm-d, ...) used instead of an in-process engine."""
+
+    url: str = _f("url")  # base URL with the API prefix, e.g. http://vllm.inference:8000/v1
+    model: str = _f("model", "")  # the served model name; empty means spec.model.name
+    api_key_secret: str = _f("apiKeySecret", "")  # a Secret with key OPENAI_API_KEY
+    max_concurrency: int = _f("maxConcurrency", 16)
+    timeout_seconds: int = _f("timeoutSeconds", 300)
+
+
+API_KEY_ENV = "OPENAI_API_KEY"  # the Secret's key and the worker's environment variable
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str = _f("name")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f("dtype", "auto")
     tensor_parallel_size: int = _f("tensorParallelSize", 1)
     max_model_len: int = _f("maxModelLen", 2048)
     gpu_memory_utilization: float = _f("gpuMemoryUtilization", 0.9)
+    endpoint: EndpointSpec | None = _f("endpoint", None)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_USAGE if bad else EXIT_OK
 
 
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from genrun.operator.preview import run_preview
+
+    return run_preview(Path(args.manifest), args.n, args.engine, args.json)
+
+
 def _cmd_model_prepare(args: argparse.Namespace) -> int:
     from genrun.worker.model import prepare_default_model
 
@@ -171,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("-q", "--quiet", action="store_true", help="no live progress")
     r.set_defaults(fn=_cmd_run)
+
+    pv = sub.add_parser("preview", help="sample a few examples with their dedup and QC verdicts; writes nothing")
+    pv.add_argument("manifest")
+    pv.add_argument("-n", type=int, default=20, help="examples to keep (default 20)")
+    pv.add_argument("--engine", choices=("vllm", "replay", "endpoint"), default="vllm",
+                    help="vllm: in-process (or spec.model.endpoint when set); replay: recorded real outputs; "
+                    "endpoint: spec.model.endpoint")  # fmt: skip
+    pv.add_argument("--json", action="store_true", help="the preview as one JSON object")
+    pv.set_defaults(fn=_cmd_preview)
 
     s = sub.add_parser("status", help="the status of a local run's output folder or s3:// prefix")
     s.add_argument("output")

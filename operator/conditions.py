@@ -11,6 +11,13 @@ FAILED = "Failed"
 PROGRESSING = "Progressing"
 SUSPENDED = "Suspended"
 CONDITION_TYPES = (SUCCEEDED, FAILED, PROGRESSING, SUSPENDED)
+# Derived from the four above for generic health tools, listed after them (the Status printer column shows the first
+# True condition): kstatus reads Reconciling (in progress) and Stalled (failed), Flux-style tools and humans read Ready,
+# which a batch resource sets True once it is done and good.
+READY = "Ready"
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+KSTATUS_TYPES = (READY, RECONCILING, STALLED)
 
 # Reasons: one CamelCase word each.
 TARGET_MET = "TargetMet"
@@ -32,6 +39,8 @@ NO_FAILURE = "NoFailure"
 ESCALATED = "Escalated"
 STEPPED_BACK = "SteppedBack"
 HELD = "Held"
+
+NOT_DONE = "NotDone"  # Ready=False while the run is still going or suspended
 
 TERMINAL_FAILURES = (BUDGET_EXHAUSTED, SHARDS_FAILED, MERGE_FAILED, INVALID_SPEC, CHILD_REJECTED)
 

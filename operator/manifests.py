@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from genrun.operator.api import API_VERSION, KIND, GenerationRunSpec, RunRef
+from genrun.operator.api import API_KEY_ENV, API_VERSION, KIND, GenerationRunSpec, RunRef
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, job_spec
 from genrun.operator.settings import Settings
 from genrun.worker import records as rec
@@ -131,6 +131,12 @@ def _env(spec: GenerationRunSpec) -> list[dict[str, Any]]:
             {"name": k, "valueFrom": {"secretKeyRef": {"name": s3.credentials_secret, "key": k}}}
             for k in CREDENTIAL_KEYS
         ]
+    ep = spec.model.endpoint
+    if ep is not None and ep.api_key_secret:
+        # The inference server's key, by reference like the S3 credentials (merge Jobs get it too; they ignore it).
+        env.append(
+            {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ep.api_key_secret, "key": API_KEY_ENV}}}
+        )
     return env
 
 

@@ -316,6 +316,7 @@ def _status(
         "unique": rep.unique_total if rep else 0,
         "qcPassed": rep.qc_passed_total if rep else 0,
         "duplicationRatio": round(rep.duplication_ratio, 4) if rep else 0.0,
+        "duplicationPercent": f"{rep.duplication_ratio:.1%}" if rep else "0.0%",  # for kubectl's Dup column
         "tokens": rep.tokens_total if rep else 0,
         "shardsSucceeded": sum(s.phase == "done" for s in all_states),
         "shardsFailed": sum(s.phase == "failed" for s in all_states),
@@ -369,11 +370,21 @@ def _conds(
     progressing: tuple[str, str, str],
     suspended: tuple[str, str, str],
 ) -> tuple[c.Condition, ...]:
+    done, stalled, busy = succeeded[0] == "True", failed[0] == "True", progressing[0] == "True"
+    if done:
+        ready = ("True", *succeeded[1:])
+    elif stalled:
+        ready = ("False", *failed[1:])
+    else:
+        ready = ("False", c.NOT_DONE, progressing[2] or suspended[2])
     return (
         c.Condition(c.SUCCEEDED, *succeeded),
         c.Condition(c.FAILED, *failed),
         c.Condition(c.PROGRESSING, *progressing),
         c.Condition(c.SUSPENDED, *suspended),
+        c.Condition(c.READY, *ready),
+        c.Condition(c.RECONCILING, *(progressing if busy else ("False", progressing[1], ""))),
+        c.Condition(c.STALLED, *(failed if stalled else ("False", c.NO_FAILURE, ""))),
     )
 
 

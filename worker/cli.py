@@ -75,11 +75,15 @@ def _generate(args: argparse.Namespace) -> int:
     if storage.exists(rec.shard_manifest_key(job.shard.round, job.shard.seed)):
         log.info("shard r%d s%d is already published; nothing to do", job.shard.round, job.shard.seed)
         return rec.EXIT_OK
+    from genrun.worker.openai_engine import EndpointError
+
     try:
         engine = make_engine(args.engine, spec, job.shard.seed)
-    except ModelError as exc:
+        generate_shard(storage, spec, job.shard, engine)
+    except ModelError as exc:  # also spec.model.endpoint refusing for good (bad key, no such model)
         raise _Fail(rec.EXIT_MODEL, str(exc)) from exc
-    generate_shard(storage, spec, job.shard, engine)
+    except EndpointError as exc:  # the server stayed unavailable through the retries: the Job's retry takes over
+        raise _Fail(rec.EXIT_FAILED, f"spec.model.endpoint: {exc}") from exc
     return rec.EXIT_OK
 
 

@@ -189,9 +189,17 @@ class ReplayEngine:
 
 
 def make_engine(kind: str, spec: object, seed: int) -> Engine:
+    """replay: recorded outputs; endpoint: the spec's OpenAI-compatible server; vllm: that server too when
+    spec.model.endpoint is set (a shard Job runs `--engine vllm`), else an in-process vLLM engine."""
     if kind == "replay":
         return ReplayEngine(seed=seed)
     m = spec.model  # type: ignore[attr-defined]
+    if kind == "endpoint" or getattr(m, "endpoint", None) is not None:
+        if getattr(m, "endpoint", None) is None:
+            raise ModelError("--engine endpoint: the manifest has no spec.model.endpoint (url, model, apiKeySecret)")
+        from genrun.worker.openai_engine import from_spec
+
+        return from_spec(spec)
     return VllmEngine(
         m.name,
         seed=seed,

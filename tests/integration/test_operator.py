@@ -115,7 +115,8 @@ def test_run_reaches_target_in_rounds_with_metrics_events_and_no_secret_leak(clu
         assert st["totals"]["qcPassed"] >= 30
         assert st["observedGeneration"] == run["metadata"].get("generation", 1)
         assert {c["type"]: c["status"] for c in st["conditions"]} == {
-            "Succeeded": "True", "Failed": "False", "Progressing": "False", "Suspended": "False"
+            "Succeeded": "True", "Failed": "False", "Progressing": "False", "Suspended": "False",
+            "Ready": "True", "Reconciling": "False", "Stalled": "False",
         }  # fmt: skip
         assert not [k for k in st if k in ("reconcile", "periodic")]  # handlers return nothing into status
 

@@ -33,7 +33,7 @@ def test_crd_names_and_columns() -> None:
     version = crd["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     cols = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert {"Kept", "Target", "Unique", "Round", "Succeeded", "Age"} <= set(cols)
+    assert {"Kept", "Target", "Unique", "Round", "Status", "Age"} <= set(cols)
     assert all(c.get("description") for c in cols.values())
 
 

@@ -50,7 +50,7 @@ def _genrun(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
 
 
 def test_bounds_are_read_from_the_crd_and_enforced_at_their_edges() -> None:
-    assert len(api.BOUNDS) == 45  # every number field of the spec has its range in the CRD
+    assert len(api.BOUNDS) == 47  # every number field of the spec has its range in the CRD
     for bound in api.BOUNDS:
         section, key = bound.path.split(".", 1)
         for value, ok in _edge_values(bound):
@@ -58,6 +58,9 @@ def test_bounds_are_read_from_the_crd_and_enforced_at_their_edges() -> None:
             if key.startswith("arms[]."):  # a list of objects: bound the field of its first item
                 doc["spec"][section] = {"arms": [{"temperature": 0.7, key.removeprefix("arms[]."): value}]}
                 where = f"spec.{section}.arms[0].{key.removeprefix('arms[].')}"
+            elif key.startswith("endpoint."):  # a nested object: with its required url
+                doc["spec"][section]["endpoint"] = {"url": "http://vllm:8000/v1", key.removeprefix("endpoint."): value}
+                where = f"spec.{bound.path}"
             else:
                 doc["spec"].setdefault(section, {})[key] = value
                 where = f"spec.{bound.path}"
