@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("worker_args", nargs=argparse.REMAINDER)
     w.set_defaults(fn=_cmd_worker)
 
+    d = sub.add_parser("dedup", help="deduplicate existing datasets (exact, MinHash, semantic)", add_help=False)
+    d.add_argument("dedup_args", nargs=argparse.REMAINDER)
+    d.set_defaults(fn=lambda a: __import__("genrun.worker.dedup_cli", fromlist=["main"]).main(a.dedup_args))
+
     o = sub.add_parser("operator", help="run the Kopf operator (settings from GENRUN_* environment variables)")
     o.set_defaults(fn=_cmd_operator)
     return p
