@@ -10,8 +10,9 @@ EmbeddingDedup drops both: not this), and a chain a~b~c with a !~ c keeps a and 
 makes the decision online (generators, before response tokens are spent) and offline (merge, `genrun dedup`), so the
 two agree by construction.
 
-Embeddings are unit vectors rounded to float16 (the stored form: half the memory) and compared in float32, so a
-comparison gives the same cosine whether its rows sit in the saved index or in the batch being checked. Embedding in
+Embeddings are unit vectors rounded to float16 (the saved form: half the bytes) and held and compared in float32
+(no conversion in the hot loop), so a comparison gives the same cosine whether its rows sit in a loaded index or in
+the batch being checked. Embedding in
 a batch of 7 or of 1,000 moves a cosine by less than 1e-5 (measured: tests), so online and offline decisions can
 only differ for a pair within 1e-5 of the threshold. Search is exact and blocked: matrix products of a block of queries against chunks
 of the kept rows, so memory stays bounded (bench/semantic.py compares it with a pairwise loop and with faiss).
@@ -164,7 +165,8 @@ class SemanticResult:
 
 
 class SemanticIndex:
-    """The kept rows' embeddings (float16) and ids: the semantic part of the seen-index and of the merge state.
+    """The kept rows' embeddings and ids: the semantic part of the seen-index and of the merge state. Held as float32
+    (values are float16-exact), saved as float16.
 
     `ids` are the caller's int64 row ids (the merge's global row id, the CLI's input row number): `query` and
     `filter_add` answer with them, so a dropped row can name the row it duplicates."""
@@ -173,7 +175,7 @@ class SemanticIndex:
 
     def __init__(self, dim: int, threshold: float = DEFAULT_THRESHOLD, model: str = DEFAULT_MODEL) -> None:
         self.dim, self.threshold, self.model = int(dim), float(threshold), model
-        self._emb = np.empty((0, self.dim), dtype=np.float16)
+        self._emb = np.empty((0, self.dim), dtype=np.float32)
         self._ids = np.empty(0, dtype=np.int64)
         self._n = 0
 
@@ -197,12 +199,12 @@ class SemanticIndex:
         need = self._n + len(ids)
         if need > len(self._emb):
             cap = max(need, 2 * len(self._emb), 1024)
-            grown = np.empty((cap, self.dim), dtype=np.float16)
+            grown = np.empty((cap, self.dim), dtype=np.float32)
             grown[: self._n] = self._emb[: self._n]
             gids = np.empty(cap, dtype=np.int64)
             gids[: self._n] = self._ids[: self._n]
             self._emb, self._ids = grown, gids
-        self._emb[self._n : need] = emb.astype(np.float16)
+        self._emb[self._n : need] = emb.astype(np.float16)  # rounded: what a save and load gives back
         self._ids[self._n : need] = ids
         self._n = need
 
@@ -259,7 +261,7 @@ class SemanticIndex:
 
     def to_npz(self) -> dict[str, Any]:
         return {
-            "semantic_emb": self.embeddings,
+            "semantic_emb": self.embeddings.astype(np.float16),
             "semantic_ids": self.ids,
             "semantic_params": np.array([self.VERSION, self.dim, self.threshold], dtype=np.float64),
             "semantic_model": np.array(self.model),
@@ -271,7 +273,7 @@ class SemanticIndex:
         if int(version) != cls.VERSION:
             raise ValueError(f"semantic index version {int(version)} is not {cls.VERSION}")
         idx = cls(int(dim), float(threshold), str(data["semantic_model"]))
-        emb = np.asarray(data["semantic_emb"], dtype=np.float16)
+        emb = np.asarray(data["semantic_emb"], dtype=np.float16).astype(np.float32)
         idx._emb, idx._ids, idx._n = emb.copy(), np.asarray(data["semantic_ids"], dtype=np.int64).copy(), len(emb)
         return idx
 
