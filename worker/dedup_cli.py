@@ -24,10 +24,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from genrun.worker.records import EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _USER_TURNS = ("human", "user")
 _ASSISTANT_TURNS = ("gpt", "assistant", "bot", "model", "chatgpt")
@@ -136,6 +138,7 @@ def decide(
 ) -> Decision:  # fmt: skip
     """Per row (SEEN rows first, then INPUT rows, keep-first): which tier drops it and for which earlier row.
     SEEN rows are never dropped; they only make INPUT rows duplicates."""
+    import numpy as np
     import pyarrow as pa
     from genrun.worker.dedup import (
         MinHasher,
@@ -201,6 +204,8 @@ def _write_jsonl(path: Path, rows: Iterator[Any]) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
     t0 = time.monotonic()
     seen_rows = read_rows(args.against)
     in_rows = read_rows(args.inputs)
@@ -287,10 +292,15 @@ def _default_t() -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="genrun dedup",
-        description="Deduplicate existing instruction datasets (JSONL, JSON list, Parquet; genrun, Alpaca, ShareGPT "
-        "rows) with genrun's tiers: exact, MinHash near-duplicates and semantic (sentence embeddings).",
+        prog="genrun dedup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `genrun dedup` (genrun.operator.cli adds them to its subcommand; this module imports no numpy
+    until it runs)."""
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="dataset files to deduplicate, in keep-first order")
     p.add_argument("--against", nargs="+", default=[], metavar="SEEN", help="datasets that already exist: input "
                    "rows that duplicate them are dropped, they are never dropped themselves")  # fmt: skip
@@ -305,7 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="instructions embedded per batch (default 256)")
     p.add_argument("--no-semantic", action="store_true", help="skip the semantic tier")
     p.add_argument("--json", action="store_true", help="print the counts as one JSON object on the last line")
-    return p
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -325,7 +334,10 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+    return run_args(build_parser().parse_args(list(argv)))
+
+
+def run_args(args: argparse.Namespace) -> int:
     try:
         _check(args)
         report = run(args)
