@@ -309,6 +309,20 @@ def semantic_dedup(
     return idx.filter_add(emb, np.arange(len(emb)) if ids is None else ids)
 
 
+def apply_tier(
+    keys: Sequence[str], ids: np.ndarray | Sequence[int], index: SemanticIndex | None, *,
+    model: str = DEFAULT_MODEL, threshold: float = DEFAULT_THRESHOLD, batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[SemanticResult, SemanticIndex, np.ndarray]:  # fmt: skip
+    """The merge's one call per round: `keys` are the normalised keys (dedup_keys) of the rows that exact and MinHash
+    kept, in (round, seed, index) order, `ids` their row ids; `index` is the state saved by the previous round (None
+    in round 1). Returns the per-row decision, the index with this round's kept rows added (save it with the state
+    and in seen-index.npz: `**index.to_npz()`), and the rows' embeddings (for `nearest_domains`)."""
+    embedder = load_embedder(model, None, batch_size)
+    idx = index if index is not None else SemanticIndex(embedder.dim, threshold, model)
+    emb = embed_keys(embedder, keys) if len(keys) else np.empty((0, idx.dim), dtype=np.float32)
+    return idx.filter_add(emb, np.asarray(ids, dtype=np.int64)), idx, emb
+
+
 def clusters(result: SemanticResult, ids: np.ndarray, top: int = 10) -> list[tuple[int, list[int]]]:
     """The largest semantic clusters: (kept id, [dropped ids]) sorted by size, for the round report."""
     groups: dict[int, list[int]] = {}

@@ -326,3 +326,20 @@ def test_dedup_cli_user_errors_are_one_line(
     code, _, err = _run(argv, capsys)
     assert code == 2
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_incremental_rounds_equal_one_pass(embedder: Any) -> None:
+    """What the incremental merge relies on: round 2 checked against round 1's saved index (bytes, as in storage)
+    keeps exactly the rows that one pass over both rounds keeps, and names the same kept rows."""
+    from genrun.worker.semantic import apply_tier
+
+    keys = dedup_keys(_recorded_instructions(500))
+    ids = np.arange(len(keys)) + 1000
+    whole, _, _ = apply_tier(keys, ids, None)
+    r1, state, _ = apply_tier(keys[:250], ids[:250], None)
+    state = SemanticIndex.from_bytes(state.to_bytes())
+    r2, state, emb2 = apply_tier(keys[250:], ids[250:], state)
+    assert np.concatenate([r1.keep, r2.keep]).tolist() == whole.keep.tolist()
+    assert np.concatenate([r1.dup_of, r2.dup_of]).tolist() == whole.dup_of.tolist()
+    assert len(state) == int(whole.keep.sum()) and emb2.shape == (250, embedder.dim)
+    assert whole.dropped > 0
