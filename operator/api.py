@@ -171,6 +171,16 @@ class GenerationSpec:
 
 
 @dataclass(frozen=True)
+class SemanticDedupSpec:
+    """The semantic tier: sentence embeddings of the normalised instruction, cosine >= threshold drops the later row."""
+
+    enabled: bool = _f("enabled", False)
+    model: str = _f("model", "embedded:all-minilm-l6-v2")
+    threshold: float = _f("threshold", 0.9)
+    batch_size: int = _f("batchSize", 256)
+
+
+@dataclass(frozen=True)
 class DedupSpec:
     key: Literal["instruction", "pair"] = _f("key", "instruction")
     normalize: bool = _f("normalize", True)
@@ -180,6 +190,7 @@ class DedupSpec:
     num_perm: int = _f("numPerm", 128)
     shingle_size: int = _f("shingleSize", 1)
     partitions: int = _f("partitions", 1)
+    semantic: SemanticDedupSpec = _f("semantic", factory=SemanticDedupSpec)
 
 
 @dataclass(frozen=True)

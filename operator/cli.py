@@ -220,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("worker_args", nargs=argparse.REMAINDER)
     w.set_defaults(fn=_cmd_worker)
 
+    from genrun.worker import dedup_cli  # argparse only: numpy, pyarrow and the model load when it runs
+
+    d = sub.add_parser("dedup", help="deduplicate existing datasets (exact, MinHash, semantic)",
+                       description=dedup_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    dedup_cli.add_arguments(d)
+    d.set_defaults(fn=dedup_cli.run_args)
+
     o = sub.add_parser("operator", help="run the Kopf operator (settings from GENRUN_* environment variables)")
     o.set_defaults(fn=_cmd_operator)
     return p

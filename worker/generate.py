@@ -81,18 +81,30 @@ def _judge(engine: Engine, prompt_template: str, instruction: str, seed: int) ->
 
 
 class _Novelty:
-    """Online dedup: earlier rounds' seen-index plus what this shard already accepted."""
+    """Online dedup: earlier rounds' seen-index plus what this shard already accepted. With `dedup.semantic` on, an
+    instruction that passed exact and MinHash is also checked against the kept embeddings (earlier rounds', then this
+    shard's) by the same keep-first rule the merge applies (genrun.worker.semantic)."""
 
-    def __init__(self, spec: Any, seen: SeenIndex | None) -> None:
+    def __init__(self, spec: Any, seen: SeenIndex | None, seen_semantic: Any = None) -> None:
         d = spec.dedup
         self.key, self.normalize, self.near = d.key, d.normalize, d.near_duplicates
         self.hasher = MinHasher(d.num_perm, 1, d.shingle_size)
         self.seen = seen if (seen is not None and d.online) else None
         self.mine = SeenIndex.empty(d.threshold, d.num_perm, 1, d.shingle_size)
+        self.semantic: Any = None  # (embedder, earlier rounds' SemanticIndex or None, this shard's SemanticIndex)
+        self.skipped_semantic = 0
+        sem = getattr(d, "semantic", None)
+        if sem is not None and sem.enabled and self.key == "instruction":
+            from genrun.worker.semantic import SemanticIndex, load_embedder
 
-    def filter(self, instructions: list[str]) -> tuple[list[bool], int, int]:
+            emb = load_embedder(sem.model, None, sem.batch_size)
+            old = seen_semantic if d.online else None
+            self.semantic = (emb, old, SemanticIndex(emb.dim, sem.threshold, sem.model))
+
+    def filter(self, instructions: list[str], ids: list[int] | None = None) -> tuple[list[bool], int, int]:
         """(novel flags, skipped as seen in earlier rounds, skipped as seen in this shard); order matters:
-        the first of two near-identical candidates in one batch is kept."""
+        the first of two near-identical candidates in one batch is kept. `ids` name the rows in the semantic index
+        (the sample indices)."""
         if self.key == "pair":  # the key needs the response: dedup happens in the merge
             return [True] * len(instructions), 0, 0
         keys = dedup_keys(instructions, key="instruction", normalized=self.normalize)
@@ -105,7 +117,46 @@ class _Novelty:
         status[fresh] = np.where(self.mine.admit([keys[i] for i in fresh], sigs[fresh], self.near) == 0, 0, 2)
         flags = (status == 0).tolist()
         skipped_old, skipped_mine = int((status == 1).sum()), int((status == 2).sum())
+        if self.semantic is not None:
+            skipped_old, skipped_mine = self._semantic(keys, flags, ids, skipped_old, skipped_mine)
         return flags, skipped_old, skipped_mine
+
+    def _semantic(
+        self, keys: list[str], flags: list[bool], ids: list[int] | None, skipped_old: int, skipped_mine: int
+    ) -> tuple[int, int]:
+        """Drop (in place) the exact/near-novel rows whose cosine with a kept row is >= threshold. A dropped row stays
+        in the shard's exact/near index: the merge's near tier sees it too, so its near-duplicates go either way."""
+        from genrun.worker.semantic import embed_keys
+
+        embedder, old, mine = self.semantic
+        rows = [j for j, ok in enumerate(flags) if ok]
+        if not rows:
+            return skipped_old, skipped_mine
+        emb = embed_keys(embedder, [keys[j] for j in rows])
+        alive = np.ones(len(rows), dtype=bool)
+        if old is not None and len(old):
+            alive = ~old.query(emb)[0]
+            skipped_old += int((~alive).sum())
+            self.skipped_semantic += int((~alive).sum())
+        row_ids = np.asarray([ids[j] if ids is not None else j for j in rows], dtype=np.int64)
+        res = mine.filter_add(emb[alive], row_ids[alive])
+        skipped_mine += res.dropped
+        self.skipped_semantic += res.dropped
+        keep = alive.copy()
+        keep[np.flatnonzero(alive)] = res.keep
+        for j, k in zip(rows, keep, strict=True):
+            flags[j] = bool(k)
+        return skipped_old, skipped_mine
+
+
+def _load_seen_semantic(spec: Any, storage: Storage, rnd: int) -> Any:
+    """The kept embeddings of the rounds before `rnd` (the merge saves them in the seen-index), when semantic is on."""
+    sem = getattr(spec.dedup, "semantic", None)
+    if sem is None or not sem.enabled or not spec.dedup.online:
+        return None
+    from genrun.worker.semantic import load_seen_semantic
+
+    return load_seen_semantic(storage, rnd - 1)
 
 
 def generate_shard(
@@ -123,7 +174,7 @@ def generate_shard(
 
     t0 = time.monotonic()
     builder = PromptBuilder.for_shard(spec, shard)
-    novelty = _Novelty(spec, load_seen_index(storage, shard.round - 1))
+    novelty = _Novelty(spec, load_seen_index(storage, shard.round - 1), _load_seen_semantic(spec, storage, shard.round))
     s, g, bon = shard.sampling, spec.generation, spec.best_of_n
     quota = shard.examples
     max_attempts = math.ceil(quota * g.max_attempts_factor)
@@ -169,7 +220,7 @@ def generate_shard(
                     counts.rejected.append({"index": i, "reason": why, "text": c.text})
                     continue
                 parsed.append((i, ins, c, None))
-        flags, old, mine = novelty.filter([p[1] for p in parsed])
+        flags, old, mine = novelty.filter([p[1] for p in parsed], [p[0] for p in parsed])
         counts.skipped_online += old
         counts.skipped_in_shard += mine
         novel = [p for p, ok in zip(parsed, flags, strict=True) if ok][: quota - len(rows)]
@@ -248,8 +299,9 @@ def generate_shard(
     )
     storage.write_bytes(mkey, rec.to_json(manifest).encode())  # the completion marker, last
     log.info(
-        "shard r%d s%d done: %d rows from %d sampled in %.1fs (%.0f tokens/s); skipped %d seen + %d in-shard; "
-        "%d malformed", shard.round, shard.seed, len(rows), counts.generated, manifest.seconds,
-        counts.tokens / max(manifest.seconds, 1e-9), counts.skipped_online, counts.skipped_in_shard, counts.malformed,
+        "shard r%d s%d done: %d rows from %d sampled in %.1fs (%.0f tokens/s); skipped %d seen + %d in-shard "
+        "(%d of them semantic); %d malformed", shard.round, shard.seed, len(rows), counts.generated, manifest.seconds,
+        counts.tokens / max(manifest.seconds, 1e-9), counts.skipped_online, counts.skipped_in_shard,
+        novelty.skipped_semantic, counts.malformed,
     )  # fmt: skip
     return manifest

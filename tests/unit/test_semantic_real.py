@@ -1,0 +1,167 @@
+"""Calibration of the semantic tier and the quality signals on real SmolLM2-135M output, with the real embedding model.
+
+Data: tests/data/smollm2-instructions.jsonl.gz (2,000 instructions sampled with the quickstart prompts and the
+problem's sampling, T 0.7, top_p 0.9, repetition penalty 1.1; scripts/record_instructions.py) and the replay
+recording. Labels: tests/data/semantic-labels.json, set by reading every pair (the rules are in the file). The figures
+asserted here are the ones docs/manifest.md quotes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from genrun.worker.dedup import dedup_keys
+from genrun.worker.dedup_cli import decide
+from genrun.worker.semantic import (
+    DEFAULT_DOMAIN_MARGIN,
+    DEFAULT_MIN_RELEVANCE,
+    DEFAULT_THRESHOLD,
+    domain_filter,
+    embed_keys,
+    load_embedder,
+    quality_columns,
+    relevance,
+    relevance_filter,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Any:
+    return load_embedder()
+
+
+@pytest.fixture(scope="module")
+def recorded() -> list[dict[str, Any]]:
+    with gzip.open(DATA / "smollm2-instructions.jsonl.gz", "rt") as f:
+        return [json.loads(x) for x in f]
+
+
+@pytest.fixture(scope="module")
+def labels() -> dict[str, Any]:
+    return json.loads((DATA / "semantic-labels.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiers(recorded: list[dict[str, Any]], embedder: Any) -> Any:
+    texts = [r["instruction"] for r in recorded if r["instruction"]]
+    return texts, decide(texts, 0)
+
+
+def test_counts_per_tier_on_real_output(tiers: Any) -> None:
+    """2,000 sampled, 1,998 parsed: exact 277, MinHash (word 1-grams, 0.8; the merge's bucket-firsts rule) 42 more,
+    semantic (0.9) 69 more: the semantic tier finds 22% more duplicates than exact + MinHash together, 1.6x what
+    MinHash finds."""
+    texts, d = tiers
+    counts = {t: int((d.tier == t).sum()) for t in ("exact", "near", "semantic")}
+    assert len(texts) == 1998
+    assert counts["exact"] == 277 and counts["near"] == 42
+    assert abs(counts["semantic"] - 69) <= 2  # a pair within 1e-5 of 0.9 may fall either way on another CPU
+    sem = d.similarity[d.tier == "semantic"]
+    assert sem.min() >= DEFAULT_THRESHOLD
+
+
+def test_precision_at_the_default_threshold(tiers: Any, labels: dict[str, Any]) -> None:
+    """Every pair the tier drops at 0.9 (dropped row, the kept row it names) was read and labelled: 59 of 69 are
+    the same request (86%); the 10 others add or change a constraint ("using only flour and sugar" vs "flour, sugar
+    and butter"). At 0.95 all 16 labelled pairs are the same request, at a quarter of the catches."""
+    texts, d = tiers
+    lab = {(p["a"], p["b"]): p["same"] for p in labels["semantic_pairs"]["pairs"]}
+    dropped = np.flatnonzero(d.tier == "semantic")
+    got = [lab.get((texts[j], texts[int(d.dup_of[j])])) for j in dropped]
+    known = [g for g in got if g is not None]
+    assert len(known) >= len(got) - 2  # every drop is a labelled pair (up to the CPU tolerance above)
+    precision = sum(known) / len(known)
+    assert precision >= 0.85
+    high = [p["same"] for p in labels["semantic_pairs"]["pairs"] if p["cosine"] >= 0.95]
+    assert len(high) >= 15 and all(high)
+
+
+def test_what_the_tier_catches_and_what_it_must_not_merge(embedder: Any) -> None:
+    """Caught: paraphrases from the real recording and the issue. Not merged: different questions that share most of
+    their words, from the same recording (below 0.9 although MinHash-style overlap is high)."""
+    caught = [
+        ("Can you explain the concept behind quantum computing?", "Can you explain the concept of quantum computing?"),
+        ("Can you tell me the best way to prepare for a marathon?", "What is the best way to prepare for a marathon?"),
+        ("How do you make the Caesar salad?", "How to make a Caesar salad?"),
+        ("When is the best time to go on a beach vacation?", "When is the best time to visit a beach destination?"),
+        ("How many days in a month?", "How many days are there in a month?"),
+        ("What is the capital city of France?", "Which city is the capital of France?"),
+        ("What is the capital city of France?", "Name France's capital"),
+    ]
+    kept_apart = [
+        ("Create a new list containing all the unique elements from a given list.",
+         "Can you create a new list containing all the duplicate elements from a given list?"),
+        ("What is the sum of all the digits of 25?", "What is the sum of all numbers from 0 to 25?"),
+        ("Write a function that returns the maximum value from a list of integers.",
+         "Write a function that takes a list of integers as input, returns the maximum product of any two numbers."),
+        ("To find the maximum number among two numbers using recursion in Python.",
+         "To find the maximum number among five numbers using recursion and Python, please provide the solution."),
+        ("What is the capital of France?", "What is the capital of Germany?"),
+        ("How do I reverse a string in Python?", "How do I reverse a list in Python?"),
+        ("How do I sort a list in Python?", "How do I sort a list in JavaScript?"),
+    ]  # fmt: skip
+    for a, b in caught + kept_apart:
+        e = embed_keys(embedder, dedup_keys([a, b]))
+        cos = float(e[0] @ e[1])
+        assert (cos >= DEFAULT_THRESHOLD) == ((a, b) in caught), (a, b, cos)
+
+
+def test_known_limitation_swapped_words_and_antonyms_look_alike(embedder: Any) -> None:
+    """A sentence embedding barely sees word order or a single antonym: these different requests score above the
+    threshold and the tier merges them. Stated, not hidden (docs/manifest.md); raise the threshold if it matters."""
+    merged = [
+        ("Convert 100 Fahrenheit to Celsius.", "Convert 100 Celsius to Fahrenheit."),
+        ("How do I add a row to a pandas DataFrame?", "How do I add a column to a pandas DataFrame?"),
+    ]
+    for a, b in merged:
+        e = embed_keys(embedder, dedup_keys([a, b]))
+        assert float(e[0] @ e[1]) >= DEFAULT_THRESHOLD, (a, b)
+
+
+def test_relevance_filter_calibration(embedder: Any, labels: dict[str, Any]) -> None:
+    """Below 0.15, 141 of the 145 real responses we read ignore their instruction (97%); a response paired with
+    another row's instruction falls below 0.15 four times in five."""
+    rows = labels["relevance"]["pairs"]
+    rel = relevance(embedder, [r["instruction"] for r in rows], [r["response"] for r in rows])
+    assert (rel < DEFAULT_MIN_RELEVANCE + 1e-3).all()
+    assert sum(not r["relevant"] for r in rows) / len(rows) >= 0.95
+    f = relevance_filter({})
+    assert f({"relevance": 0.05}) == "irrelevant_response" and f({"relevance": 0.4}) is None
+    assert relevance_filter({"minRelevance": 0.5})({"relevance": 0.4}) == "irrelevant_response"
+
+    with gzip.open(DATA.parent.parent / "worker" / "replay" / "smollm2-135m.jsonl.gz", "rt") as fh:
+        pairs = [json.loads(x) for x in fh]
+    ins = [p["instruction"] for p in pairs]
+    perm = np.random.default_rng(0).permutation(len(pairs))
+    mismatched = relevance(embedder, ins, [pairs[i]["response"] for i in perm])
+    assert (mismatched < DEFAULT_MIN_RELEVANCE).mean() >= 0.75
+
+
+def test_domain_adherence_on_real_output(embedder: Any, recorded: list[dict[str, Any]], labels: dict[str, Any]) -> None:
+    """The row records the domain its instruction is nearest to. On the embedded model's output only ~19% of rows are
+    nearest their asked domain (it follows its few-shot examples: programming and cooking); every one of 40 rows
+    flagged `off_domain` at the default margin, read by hand, had left its asked domain."""
+    lab = labels["domain"]
+    rows = lab["rows"]
+    cols = quality_columns(
+        embedder, [r["instruction"] for r in rows], ["x"] * len(rows), [r["asked"] for r in rows], lab["domains"]
+    )
+    f = domain_filter({})
+    reasons = [f({"domain_margin": m}) for m in cols["domain_margin"]]
+    assert all(r == "off_domain" for r in reasons) and all(r["off"] for r in rows)
+    assert cols["domain_nearest"] == [r["nearest"] for r in rows]
+    ok = [r for r in recorded if r["instruction"]][:400]
+    c = quality_columns(
+        embedder, [r["instruction"] for r in ok], ["x"] * len(ok), [r["domain"] for r in ok], lab["domains"]
+    )
+    same = np.mean([n == r["domain"] for n, r in zip(c["domain_nearest"], ok, strict=True)])
+    assert 0.1 < same < 0.3
+    assert domain_filter({"maxMargin": 0.5})({"domain_margin": 0.3}) is None
+    assert DEFAULT_DOMAIN_MARGIN == 0.1

@@ -1,0 +1,356 @@
+"""`genrun dedup INPUT... [--against SEEN...] --output DIR`: deduplicate existing datasets with genrun's tiers.
+
+Reads JSONL, JSON (an Alpaca-style list) and Parquet, with rows in genrun's form (instruction/response), Alpaca
+(instruction/input/output), ShareGPT (conversations with from/value) or chat messages (role/content). Tiers, cheapest
+first, keep-first in input order (SEEN rows first: what already exists is never dropped):
+
+  exact     the normalised key (genrun.worker.dedup.dedup_keys)
+  near      MinHash LSH on the exact-unique rows (MinHasher, band_keys/candidate_pairs via near_duplicate_labels)
+  semantic  sentence-embedding cosine with an earlier kept row (genrun.worker.semantic), on by default
+
+Writes DIR/kept.jsonl (the input rows as they were), DIR/dropped.jsonl (each row with `_dedup`: tier, the row it
+duplicates and the similarity), DIR/invalid.jsonl (rows without an instruction, with the reason) and DIR/report.json;
+every file is written to a temporary name and renamed. With --json the last stdout line is one JSON object
+{"rows", "kept", "exact", "near", "semantic"} (duplicates removed per tier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from genrun.worker.records import EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:
+    import numpy as np
+
+_USER_TURNS = ("human", "user")
+_ASSISTANT_TURNS = ("gpt", "assistant", "bot", "model", "chatgpt")
+
+
+class DedupUsageError(Exception):
+    """Bad arguments or unreadable input: one line on stderr, exit code 2."""
+
+
+@dataclass
+class Row:
+    source: str  # file name
+    line: int  # 1-based row number in that file
+    instruction: str | None
+    response: str
+    raw: Any  # the row as read, written back unchanged
+    why: str = ""  # why instruction is None
+
+
+def extract(raw: Any) -> tuple[str | None, str, str]:
+    """(instruction, response, reason when there is no instruction) of one row in any supported layout."""
+    if not isinstance(raw, dict):
+        return None, "", "not_an_object"
+    convo = raw.get("conversations", raw.get("messages"))
+    if isinstance(convo, list):  # ShareGPT / chat messages: the first user turn and the assistant turn after it
+        ins, res = None, ""
+        for turn in convo:
+            if not isinstance(turn, dict):
+                continue
+            who = str(turn.get("from", turn.get("role", ""))).lower()
+            text = turn.get("value", turn.get("content"))
+            if not isinstance(text, str):
+                continue
+            if ins is None and who in _USER_TURNS:
+                ins = text
+            elif ins is not None and who in _ASSISTANT_TURNS:
+                res = text
+                break
+        return (ins, res, "") if ins and ins.strip() else (None, "", "no_user_turn")
+    ins = raw.get("instruction", raw.get("prompt", raw.get("question")))
+    if not isinstance(ins, str) or not ins.strip():
+        return None, "", "no_instruction"
+    extra = raw.get("input")
+    if isinstance(extra, str) and extra.strip():  # Alpaca: the input is part of the request
+        ins = f"{ins}\n\n{extra}"
+    res = raw.get("response", raw.get("output", raw.get("completion", raw.get("answer", ""))))
+    return ins, res if isinstance(res, str) else "", ""
+
+
+def _records(path: Path) -> Iterator[Any]:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(path).to_pylist()
+        return
+    if name.endswith(".json"):
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise DedupUsageError(f"{path}: a .json input must be a list of rows (Alpaca style); use .jsonl for lines")
+        yield from data
+        return
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield {"_unparsable": line.rstrip("\n"), "_error": f"line {n}: {exc.msg}"}
+
+
+def read_rows(paths: Sequence[str]) -> list[Row]:
+    rows: list[Row] = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise DedupUsageError(f"{p}: no such file (inputs are .jsonl, .json or .parquet files)")
+        if not path.name.lower().endswith((".jsonl", ".json", ".parquet", ".ndjson")):
+            raise DedupUsageError(f"{p}: unknown format; name the file .jsonl, .json (a list) or .parquet")
+        try:
+            for i, raw in enumerate(_records(path), 1):
+                ins, res, why = extract(raw)
+                if isinstance(raw, dict) and "_unparsable" in raw:
+                    ins, why = None, "unparsable_json"
+                rows.append(Row(str(p), i, ins, res, raw, why))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DedupUsageError(f"{p}: cannot read: {exc}") from exc
+        except Exception as exc:  # pyarrow's errors: a damaged Parquet file
+            if type(exc).__module__.startswith("pyarrow"):
+                raise DedupUsageError(f"{p}: cannot read Parquet: {exc}") from exc
+            raise
+    return rows
+
+
+@dataclass
+class Decision:
+    tier: np.ndarray  # object: "" kept, "exact", "near", "semantic"
+    dup_of: np.ndarray  # int64: the row (in the combined order) it duplicates, -1 if kept
+    similarity: np.ndarray  # float: 1.0 exact, Jaccard estimate for near, cosine for semantic
+
+
+def decide(
+    instructions: Sequence[str], n_seen: int, *, key_texts: Sequence[str] | None = None, threshold: float = 0.8,
+    num_perm: int = 128, shingle_size: int = 1, near: bool = True, semantic: bool = True,
+    semantic_threshold: float | None = None, model: str | None = None, batch_size: int | None = None,
+) -> Decision:  # fmt: skip
+    """Per row (SEEN rows first, then INPUT rows, keep-first): which tier drops it and for which earlier row.
+    SEEN rows are never dropped; they only make INPUT rows duplicates."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pyarrow as pa
+    from genrun.worker.dedup import MinHasher, dedup_keys, similar
+    from genrun.worker.merge import State
+    from genrun.worker.merge import decide as merge_decide
+
+    n = len(instructions)
+    tier = np.full(n, "", dtype=object)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    sim = np.zeros(n, dtype=np.float64)
+    keys = dedup_keys(list(key_texts if key_texts is not None else instructions))
+    # Exact and near tiers: the merge Job's own rule (one implementation), rows numbered 0..n-1 in keep-first order.
+    dedup = SimpleNamespace(key="instruction", normalize=False, near_duplicates=near, threshold=threshold,
+                            num_perm=num_perm, shingle_size=shingle_size)  # fmt: skip
+    spec = SimpleNamespace(dedup=dedup)
+    dec = merge_decide(pa.array(keys, pa.string()), State.empty(spec), spec, 0)
+    is_in = np.arange(n) >= n_seen
+    dropped = is_in & ~dec.kept & (dec.root != np.arange(n))
+    ex, nd = dropped & ~dec.near, dropped & dec.near
+    tier[ex], dup_of[ex], sim[ex] = "exact", dec.root[ex], 1.0
+    tier[nd], dup_of[nd] = "near", dec.root[nd]
+    if nd.any():  # the estimated Jaccard similarity with the row it duplicates, for people reading dropped.jsonl
+        rows = np.flatnonzero(nd)
+        hasher = MinHasher(num_perm, 1, shingle_size)
+        a = hasher.signatures(pa.array([keys[i] for i in rows], pa.string()))
+        b = hasher.signatures(pa.array([keys[i] for i in dec.root[rows]], pa.string()))
+        sim[rows] = similar(a, b)
+    # semantic: rows still alive, in order; SEEN rows are all indexed, INPUT rows keep-first against them
+    if semantic:
+        from genrun.worker import semantic as sem
+
+        alive = np.flatnonzero(tier == "")
+        embedder = sem.load_embedder(model or sem.DEFAULT_MODEL, None, batch_size or sem.DEFAULT_BATCH_SIZE)
+        emb = sem.embed_keys(embedder, [keys[i] for i in alive])
+        t = sem.DEFAULT_THRESHOLD if semantic_threshold is None else semantic_threshold
+        index = sem.SemanticIndex(embedder.dim, t, embedder.name)
+        seen = alive < n_seen
+        index.add(emb[seen], alive[seen])
+        res = index.filter_add(emb[~seen], alive[~seen])
+        rows = alive[~seen][~res.keep]
+        tier[rows], dup_of[rows], sim[rows] = "semantic", res.dup_of[~res.keep], res.cosine[~res.keep]
+    return Decision(tier, dup_of, sim)
+
+
+def _write_jsonl(path: Path, rows: Iterator[Any]) -> int:
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with tmp.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    t0 = time.monotonic()
+    seen_rows = read_rows(args.against)
+    in_rows = read_rows(args.inputs)
+    valid_seen = [r for r in seen_rows if r.instruction is not None]
+    valid_in = [r for r in in_rows if r.instruction is not None]
+    invalid = [r for r in in_rows if r.instruction is None]
+    rows = valid_seen + valid_in
+    texts = [r.instruction or "" for r in rows]
+    key_texts = (
+        texts if args.key == "instruction" else [f"{t} \u241e {r.response}" for t, r in zip(texts, rows, strict=True)]
+    )
+    d = decide(
+        texts, len(valid_seen), key_texts=key_texts, threshold=args.threshold, num_perm=args.num_perm,
+        shingle_size=args.shingle_size, near=not args.no_near, semantic=not args.no_semantic,
+        semantic_threshold=args.semantic_threshold, model=args.model, batch_size=args.batch_size,
+    )  # fmt: skip
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    base = len(valid_seen)
+
+    def where(j: int) -> dict[str, Any]:
+        r = rows[j]
+        return {"source": r.source, "row": r.line, "seen": j < base, "instruction": r.instruction}
+
+    kept_n = _write_jsonl(out / "kept.jsonl", (r.raw for j, r in enumerate(valid_in, base) if not d.tier[j]))
+    dropped = (
+        {
+            **(r.raw if isinstance(r.raw, dict) else {"row": r.raw}),
+            "_dedup": {
+                "tier": d.tier[j],
+                "duplicate_of": where(int(d.dup_of[j])),
+                "similarity": round(float(d.similarity[j]), 4),
+                "source": r.source,
+                "row": r.line,
+            },
+        }
+        for j, r in enumerate(valid_in, base)
+        if d.tier[j]
+    )
+    _write_jsonl(out / "dropped.jsonl", dropped)
+    _write_jsonl(
+        out / "invalid.jsonl", ({"source": r.source, "row": r.line, "reason": r.why, "raw": r.raw} for r in invalid)
+    )
+    tiers = d.tier[base:]
+    counts = {t: int((tiers == t).sum()) for t in ("exact", "near", "semantic")}
+    clusters: dict[int, list[int]] = {}
+    for j in np.flatnonzero(d.tier == "semantic"):
+        clusters.setdefault(int(d.dup_of[j]), []).append(int(j))
+    top = sorted(clusters.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:10]
+    report = {
+        "rows": len(in_rows),
+        "kept": kept_n,
+        **counts,
+        "invalid": len(invalid),
+        "against_rows": len(seen_rows),
+        "inputs": list(args.inputs),
+        "against": list(args.against),
+        "parameters": {
+            "key": args.key,
+            "threshold": args.threshold,
+            "num_perm": args.num_perm,
+            "shingle_size": args.shingle_size,
+            "near": not args.no_near,
+            "semantic": not args.no_semantic,
+            "semantic_threshold": args.semantic_threshold if args.semantic_threshold is not None else _default_t(),
+            "model": args.model or "embedded:all-minilm-l6-v2",
+        },
+        "top_semantic_clusters": [
+            {"kept": where(k), "members": [rows[j].instruction for j in v], "size": len(v) + 1} for k, v in top
+        ],
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, out / "report.json")
+    return report
+
+
+def _default_t() -> float:
+    from genrun.worker.semantic import DEFAULT_THRESHOLD
+
+    return DEFAULT_THRESHOLD
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="genrun dedup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `genrun dedup` (genrun.operator.cli adds them to its subcommand; this module imports no numpy
+    until it runs)."""
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="dataset files to deduplicate, in keep-first order")
+    p.add_argument("--against", nargs="+", default=[], metavar="SEEN", help="datasets that already exist: input "
+                   "rows that duplicate them are dropped, they are never dropped themselves")  # fmt: skip
+    p.add_argument("--output", required=True, help="folder for kept.jsonl, dropped.jsonl, invalid.jsonl, report.json")
+    p.add_argument("--key", choices=("instruction", "pair"), default="instruction", help="what exact/near compare")
+    p.add_argument("--threshold", type=float, default=0.8, help="MinHash Jaccard threshold (default 0.8)")
+    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
+    p.add_argument("--shingle-size", type=int, default=1, help="MinHash word n-gram size (default 1)")
+    p.add_argument("--no-near", action="store_true", help="skip the MinHash tier")
+    p.add_argument("--semantic-threshold", type=float, default=None, help="cosine threshold (default 0.9)")
+    p.add_argument("--model", default=None, help="sentence-transformers path or id (default: all-MiniLM-L6-v2)")
+    p.add_argument("--batch-size", type=int, default=None, help="instructions embedded per batch (default 256)")
+    p.add_argument("--no-semantic", action="store_true", help="skip the semantic tier")
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON object on the last line")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not 0 < args.threshold <= 1:
+        raise DedupUsageError(f"--threshold: {args.threshold} is outside (0, 1]; 0.8 is the default")
+    if args.semantic_threshold is not None and not 0 < args.semantic_threshold <= 1:
+        raise DedupUsageError(f"--semantic-threshold: {args.semantic_threshold} is outside (0, 1]; 0.9 is the default")
+    if not 16 <= args.num_perm <= 1024:
+        raise DedupUsageError(f"--num-perm: {args.num_perm} is outside [16, 1024]; 128 is the default")
+    if not 1 <= args.shingle_size <= 32:
+        raise DedupUsageError(f"--shingle-size: {args.shingle_size} is outside [1, 32]; 1 is the default")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise DedupUsageError(f"--batch-size: must be at least 1, got {args.batch_size}")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise DedupUsageError(f"--output: {out} is a file; name a folder")
+
+
+def main(argv: Sequence[str]) -> int:
+    return run_args(build_parser().parse_args(list(argv)))
+
+
+def run_args(args: argparse.Namespace) -> int:
+    try:
+        _check(args)
+        report = run(args)
+    except DedupUsageError as exc:
+        print(f"genrun dedup: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        from genrun.worker.semantic import SemanticError
+
+        if isinstance(exc, SemanticError):
+            print(f"genrun dedup: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    line = {k: report[k] for k in ("rows", "kept", "exact", "near", "semantic")}
+    if report["invalid"]:
+        line["invalid"] = report["invalid"]
+    print(
+        f"{report['rows']:,} rows: kept {report['kept']:,}; dropped {report['exact']:,} exact, {report['near']:,} "
+        f"near, {report['semantic']:,} semantic; {report['invalid']:,} invalid -> {args.output} "
+        f"({report['seconds']:.1f}s)"
+    )
+    if args.json:
+        print(json.dumps(line))
+    return EXIT_OK
