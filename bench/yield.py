@@ -1,17 +1,21 @@
-"""Yield benchmark on the real engine: two policies driven to the same target of unique QC-passed examples, in one run.
+"""Yield benchmark on the real engine: three policies driven to the same target of unique QC-passed examples, in one run.
 
 (a) baseline, the problem statement's process: fixed sampling (T=0.7, top_p 0.9, repetition penalty 1.1), no
     domain rotation, instruction and response sampled jointly, no online dedup, and 10 more shards whenever the
     deduplicated, QC-passed count is below target.
-(b) genrun's default policy: next round sized from the measured marginal yield, sampling escalation while QC
-    holds, domain rotation, instructions first with online dedup.
+(b) genrun's default policy, the bandit over the simulator's sampling grid (bench/yield_sim.py): a pilot round over
+    every arm, shards allocated by Thompson sampling on each arm's measured reward, a last round sized to the target;
+    domain rotation, instructions first with online dedup.
+(c) the best static policy from the simulator's grid (`--static T,RP`, the arm bench/yield_sim.py found best in
+    hindsight): genrun's machinery on that one arm.
 
 Both are plain GenerationRun specs run by the same local runner, so the only difference is the policy.
 
     python bench/yield.py [--target 300] [--per-shard 30]
 
 Last line: RESULT baseline_generated=<a> genrun_generated=<b> generated_ratio=<a/b> baseline_tokens=<ta>
-genrun_tokens=<tb> token_ratio=<ta/tb> genrun_final_over_generated=<f>
+genrun_tokens=<tb> token_ratio=<ta/tb> genrun_final_over_generated=<f> static_tokens=<ts>
+genrun_over_static=<tb/ts>
 """
 
 from __future__ import annotations
@@ -33,7 +37,14 @@ from genrun.worker.storage import LocalStorage
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def specs(target: int, per_shard: int) -> dict[str, dict]:
+GRID = ((0.5, 1.1), (0.7, 1.1), (0.8, 1.2), (0.9, 1.3), (1.0, 1.3))  # scripts/record_arm_pools.py's grid
+
+
+def _arms(grid: tuple[tuple[float, float], ...]) -> list[dict[str, float]]:
+    return [{"temperature": t, "topP": 0.9, "repetitionPenalty": rp} for t, rp in grid]
+
+
+def specs(target: int, per_shard: int, static: tuple[float, float]) -> dict[str, dict]:
     base = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
     base["target"]["uniqueExamples"] = target
     base["shards"].update(initial=10, examplesPerShard=per_shard)
@@ -50,7 +61,10 @@ def specs(target: int, per_shard: int) -> dict[str, dict]:
     baseline["dedup"] = {"online": False}
     genrun = copy.deepcopy(base)
     genrun["escalation"] = {"maxShardsPerRound": 20}
-    return {"baseline": baseline, "genrun": genrun}
+    genrun["policy"] = {"arms": _arms(GRID)}
+    fixed = copy.deepcopy(genrun)
+    fixed["policy"] = {"arms": _arms((static,))}
+    return {"baseline": baseline, "genrun": genrun, "static": fixed}
 
 
 def run(name: str, spec: dict, where: Path) -> tuple[int, int, int]:
@@ -69,13 +83,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", type=int, default=300)
     ap.add_argument("--per-shard", type=int, default=30)
+    ap.add_argument("--static", default="0.7,1.1", help="T,RP of the best static arm from bench/yield_sim.py")
     args = ap.parse_args()
+    t, rp = (float(x) for x in args.static.split(","))
     with tempfile.TemporaryDirectory() as d:
-        out = {name: run(name, spec, Path(d)) for name, spec in specs(args.target, args.per_shard).items()}
-    (ga, ta, _), (gb, tb, kb) = out["baseline"], out["genrun"]
+        out = {name: run(name, spec, Path(d)) for name, spec in specs(args.target, args.per_shard, (t, rp)).items()}
+    (ga, ta, _), (gb, tb, kb), (_, ts, _) = out["baseline"], out["genrun"], out["static"]
     print(
         f"RESULT baseline_generated={ga} genrun_generated={gb} generated_ratio={ga / gb:.2f} baseline_tokens={ta} "
-        f"genrun_tokens={tb} token_ratio={ta / tb:.2f} genrun_final_over_generated={kb / gb:.3f}"
+        f"genrun_tokens={tb} token_ratio={ta / tb:.2f} genrun_final_over_generated={kb / gb:.3f} "
+        f"static_tokens={ts} genrun_over_static={tb / ts:.2f}"
     )
 
 

@@ -1,19 +1,31 @@
 """The GenerationRun API as Python types: parse a manifest, apply the CRD's defaults, reject semantic errors.
 
-The CRD (crds/generationrun.yaml) is the source of truth for structure and defaults; tests prove that parsing a
-manifest here gives the same object as parsing it after the CRD's own defaulting. Checks that the schema and CEL
-cannot express live in `semantic_errors`, each message naming the field and the fix.
+The CRD (crds/generationrun.yaml) is the source of truth for structure, defaults and value constraints; tests prove
+that parsing a manifest here gives the same object as parsing it after the CRD's own defaulting. The CRD's bounds,
+lengths and patterns are read from it at import (`BOUNDS`, `_schema_errors`), so Python applies the same numbers
+with messages that name the range and the fix. Checks that the schema and CEL cannot express live in
+`semantic_errors`. The whole decision for a manifest (schema, CEL, these, child names) is
+`genrun.operator.validate.check_manifest`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.resources
+import ipaddress
+import math
 import re
 import string
 import types
 import typing
+import unicodedata
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
+
+import yaml
 
 GROUP = "genrun.io"
 VERSION = "v1alpha1"
@@ -44,16 +56,7 @@ DEFAULT_TEMPLATE = (
     "about {domain}, each followed by a helpful, accurate response.\n\n{examples}"
 )
 TEMPLATE_PLACEHOLDERS = frozenset({"domain", "examples"})
-QC_FILTERS = (
-    "length",
-    "finishReason",
-    "refusal",
-    "echo",
-    "repetition",
-    "bannedPatterns",
-    "logprob",
-    "critic",
-)
+JUDGE_PLACEHOLDERS = frozenset({"instruction", "response"})
 QcFilterName = Literal["length", "finishReason", "refusal", "echo", "repetition", "bannedPatterns", "logprob", "critic"]
 
 
@@ -114,6 +117,26 @@ class EscalationSpec:
     headroom: float = _f("headroom", 1.2)
     min_shards_per_round: int = _f("minShardsPerRound", 1)
     max_shards_per_round: int = _f("maxShardsPerRound", 64)
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One sampling setting the policy may give a shard (an arm of the bandit)."""
+
+    temperature: float = _f("temperature")
+    top_p: float = _f("topP", 0.9)
+    repetition_penalty: float = _f("repetitionPenalty", 1.0)
+    min_p: float = _f("minP", 0.0)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    strategy: Literal["bandit", "ladder"] = _f("strategy", "bandit")
+    arms: tuple[ArmSpec, ...] = _f("arms", ())
+    exploration: float = _f("exploration", 0.25)
+    pilot_share: float = _f("pilotShare", 0.3)
+    stop_confidence: float = _f("stopConfidence", 0.9)
+    max_overshoot: float = _f("maxOvershoot", 0.1)
 
 
 @dataclass(frozen=True)
@@ -210,6 +233,7 @@ class GenerationRunSpec:
     sampling: SamplingSpec = _f("sampling", factory=SamplingSpec)
     shards: ShardsSpec = _f("shards", factory=ShardsSpec)
     escalation: EscalationSpec = _f("escalation", factory=EscalationSpec)
+    policy: PolicySpec = _f("policy", factory=PolicySpec)
     budget: BudgetSpec = _f("budget", factory=BudgetSpec)
     generation: GenerationSpec = _f("generation", factory=GenerationSpec)
     dedup: DedupSpec = _f("dedup", factory=DedupSpec)
@@ -234,6 +258,26 @@ class RunRef:
 T = TypeVar("T")
 
 
+ECHO_LIMIT = 200  # characters of a bad value echoed back in a message
+
+
+def short(value: Any) -> str:
+    """repr() of a value for a message, cut so that a huge bad value never floods a terminal or a condition."""
+    text = (
+        repr(value)
+        if not isinstance(value, int) or isinstance(value, bool) or abs(value) < 10**30
+        else "a huge integer"
+    )
+    return text if len(text) <= ECHO_LIMIT else text[:ECHO_LIMIT] + f"... ({len(text)} characters)"
+
+
+def num(value: float) -> str:
+    """A number for a message (integers in full; huge integers and floats never raise while formatting)."""
+    if isinstance(value, int):
+        return short(value)
+    return f"{value:g}"
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -244,7 +288,15 @@ def _type_name(tp: Any) -> str:
         return "a list"
     if origin is dict or tp is dict:
         return "a map"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        list: "a list",
+        dict: "a map",
+    }
+    return names.get(tp, str(tp))
 
 
 def _parse(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
@@ -258,8 +310,8 @@ def _parse(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
             return None
         return _parse_dataclass(tp, value, path, errors)  # type: ignore[arg-type]
     if origin is Literal:
-        if value not in typing.get_args(tp):
-            errors.append(f"{path}: must be {_type_name(tp)}, got {value!r}")
+        if not isinstance(value, str) or value not in typing.get_args(tp):
+            errors.append(f"{path}: must be {_type_name(tp)}, got {short(value)}")
         return value
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
@@ -271,34 +323,56 @@ def _parse(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
         if not isinstance(value, dict):
             errors.append(f"{path}: must be a map, got {type(value).__name__}")
             return {}
+        bad_keys = [k for k in value if not isinstance(k, str)]
+        if bad_keys:
+            errors.append(f'{path}: key {short(bad_keys[0])} is not a string; quote it ("{bad_keys[0]}")')
+            return {}
         (_, val_tp) = typing.get_args(tp)
         if val_tp is Any:
             return dict(value)
-        return {str(k): _parse(val_tp, v, f"{path}.{k}", errors) for k, v in value.items()}
+        return {k: _parse(val_tp, v, f"{path}.{k}", errors) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            errors.append(f"{path}: must be true or false, got {value!r}")
+            errors.append(f"{path}: must be true or false, got {short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{path}: must be an integer, got {value!r}")
+            errors.append(f"{path}: must be an integer, got {short(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            errors.append(f"{path}: must be a number, got {value!r}")
+            errors.append(f"{path}: must be a number, got {short(value)}")
             return value
+        if isinstance(value, int) and abs(value) > 10**300:
+            errors.append(f"{path}: must be a finite number, got {short(value)}")
+            return 0.0
+        if not math.isfinite(value):
+            errors.append(f"{path}: must be a finite number, got {value!r}; NaN and infinities are not allowed")
+            return 0.0
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            errors.append(f"{path}: must be a string, got {value!r}")
+            hint = (
+                "; quote it"
+                if isinstance(value, bool)
+                else f'; quote it ("{value}")'
+                if isinstance(value, int | float)
+                else ""
+            )
+            errors.append(f"{path}: must be a string, got {short(value)}{hint}")
         return value
     if tp is Any:
         return value
     raise TypeError(f"unsupported type {tp!r} at {path}")  # a programming error, not a user one
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _parse_dataclass(cls: type[T], data: dict[str, Any], path: str, errors: list[str]) -> T:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     known = set()
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -308,8 +382,12 @@ def _parse_dataclass(cls: type[T], data: dict[str, Any], path: str, errors: list
             kwargs[f.name] = _parse(hints[f.name], data[key], f"{path}.{key}", errors)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             errors.append(f"{path}.{key}: is required")
-    for key in sorted(set(data) - known):
-        errors.append(f"{path}.{key}: unknown field (known: {', '.join(sorted(known))})")
+    for key in sorted((k for k in data if k not in known), key=str):
+        if isinstance(key, str):
+            shown = key if len(key) <= ECHO_LIMIT else key[:ECHO_LIMIT] + "..."
+            errors.append(f"{path}.{shown}: unknown field (known: {', '.join(sorted(known))})")
+        else:
+            errors.append(f"{path}: key {short(key)} is not a string and not a field; quote it or remove it")
     if any(e.startswith(path + ".") or e.startswith(path + ":") for e in errors):
         # Fill what is missing so construction succeeds; the caller raises with the collected errors.
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -336,90 +414,414 @@ def to_manifest(obj: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Semantic checks: what the CRD schema and CEL cannot express, or express without naming the fix.
-
-_BOUNDS: list[tuple[str, float, float, bool, bool]] = [
-    # (dotted path, low, high, low exclusive, high exclusive)
-    ("sampling.temperature", 0, 2, True, False),
-    ("sampling.top_p", 0, 1, True, False),
-    ("sampling.repetition_penalty", 1, 2, False, False),
-    ("sampling.min_p", 0, 1, False, True),
-    ("sampling.max_tokens", 16, 32768, False, False),
-    ("escalation.max_temperature", 0, 2, True, False),
-    ("escalation.max_repetition_penalty", 1, 2, False, False),
-    ("escalation.temperature_step", 0, 1, False, False),
-    ("escalation.repetition_penalty_step", 0, 1, False, False),
-    ("escalation.min_qc_pass_rate", 0, 1, False, False),
-    ("escalation.escalate_below_unique_ratio", 0, 1, False, False),
-    ("escalation.headroom", 1, 4, False, False),
-    ("escalation.min_shards_per_round", 1, 1000, False, False),
-    ("escalation.max_shards_per_round", 1, 1000, False, False),
-    ("shards.initial", 1, 1000, False, False),
-    ("shards.first_seed", 0, 2**31 - 1, False, False),
-    ("shards.examples_per_shard", 1, 1_000_000, False, False),
-    ("target.unique_examples", 1, 100_000_000, False, False),
-    ("budget.max_rounds", 1, 1000, False, False),
-    ("budget.max_shards", 1, 100_000, False, False),
-    ("budget.max_generated_examples", 1, 10**10, False, False),
-    ("budget.max_shard_retries", 0, 20, False, False),
-    ("budget.max_failed_shards", 0, 100_000, False, False),
-    ("dedup.threshold", 0, 1, True, False),
-    ("dedup.num_perm", 16, 1024, False, False),
-    ("dedup.shingle_size", 1, 32, False, False),
-    ("dedup.partitions", 1, 256, False, False),
-    ("best_of_n.n", 1, 16, False, False),
-    ("generation.max_attempts_factor", 1, 50, False, False),
-    ("generation.batch_size", 1, 8192, False, False),
-    ("model.tensor_parallel_size", 1, 64, False, False),
-    ("model.max_model_len", 128, 1_048_576, False, False),
-    ("model.gpu_memory_utilization", 0.05, 0.99, False, False),
-    ("prompt.examples_per_prompt", 0, 16, False, False),
-    ("worker.gpus", 0, 16, False, False),
-    ("worker.active_deadline_seconds", 60, 2_592_000, False, False),
-    ("worker.parallelism", 0, 10_000, False, False),
-]
+# The CRD's own bounds: read from the CRD at import, so that its numbers, lengths and patterns live in one place.
+# Python applies them again (with messages that name the range and the fix) because the operator, the worker and
+# `genrun run` parse specs without a JSON-schema validator.
 
 
-def _camel_path(dotted: str) -> str:
-    parts = dotted.split(".")
-    return ".".join(p.split("_")[0] + "".join(w.title() for w in p.split("_")[1:]) for p in parts)
+@functools.cache
+def load_crd() -> dict[str, Any]:
+    text = importlib.resources.files("genrun.crds").joinpath("generationrun.yaml").read_text()
+    crd: dict[str, Any] = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return crd
 
 
-def _fmt_range(lo: float, hi: float, lo_ex: bool, hi_ex: bool) -> str:
-    return f"{'(' if lo_ex else '['}{lo:g}, {hi:g}{')' if hi_ex else ']'}"
+def crd_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = load_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
 
 
-_S3_RE = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?$")
-_QC_PARAMS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "length": {
-        "minInstructionChars": int,
-        "maxInstructionChars": int,
-        "minResponseChars": int,
-        "maxResponseChars": int,
-    },
-    "finishReason": {"allowTruncated": bool},
-    "refusal": {"patterns": list},
-    "echo": {"maxOverlap": (int, float)},
-    "repetition": {"maxRepeatedNgramRatio": (int, float), "ngram": int, "minAlnumRatio": (int, float)},
-    "bannedPatterns": {"patterns": list},
-    "logprob": {"minResponseLogprob": (int, float), "minInstructionLogprob": (int, float)},
-    "critic": {"minScore": (int, float)},
+SPEC_SCHEMA: dict[str, Any] = crd_schema()["properties"]["spec"]
+
+# What each CRD pattern means, for messages; a test checks that every pattern in the CRD has an entry here.
+PATTERN_HELP: dict[str, str] = {
+    r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|[^:]+)$": "must be a folder (no ':') or s3://bucket/prefix",
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$": (
+        "must be a Kubernetes object name (DNS-1123: lowercase letters, digits, '-' and '.', starting and ending "
+        "with a letter or digit)"
+    ),
+    r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$": (
+        "must be a label value (letters, digits, '-', '_' and '.', starting and ending with a letter or digit)"
+    ),
+    r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$": (
+        "must be a Kubernetes quantity such as 500m, 4, 16Gi or 1e9"
+    ),
+    r"^[a-z0-9-]*$": "must be an S3 region name (lowercase letters, digits and '-', e.g. us-east-1)",
+    r"^((([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)(\.([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?))*(:[0-9]+)?/)?"
+    r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?)?$": (
+        "must be an image reference such as registry.example.com/team/genrun-worker:1.2 (lowercase repository, "
+        "optional :tag and @sha256:digest)"
+    ),
+    r"^(https?://[^\s/?#@]+(/[^\s?#]*)?)?$": "must be an http:// or https:// URL without credentials, query or fragment",
 }
 
 
-def semantic_errors(spec: GenerationRunSpec) -> list[str]:
-    """Every problem the CRD cannot state well, as `spec.<field>: <problem and fix>`."""
+@dataclass(frozen=True)
+class Bound:
+    path: str  # camelCase, below spec
+    lo: float | None
+    hi: float | None
+    lo_ex: bool
+    hi_ex: bool
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"{'(' if self.lo_ex else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_ex else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_ex else '>='} {num(self.lo)}"
+        return f"{'<' if self.hi_ex else '<='} {num(self.hi) if self.hi is not None else ''}"
+
+    def violated(self, value: float) -> bool:
+        low = self.lo is not None and (value <= self.lo if self.lo_ex else value < self.lo)
+        high = self.hi is not None and (value >= self.hi if self.hi_ex else value > self.hi)
+        return low or high
+
+
+def _bound(path: str, node: dict[str, Any]) -> Bound:
+    # OpenAPI v3.0 (draft-4 style): exclusiveMinimum/exclusiveMaximum are booleans beside minimum/maximum.
+    return Bound(
+        path,
+        node.get("minimum"),
+        node.get("maximum"),
+        bool(node.get("exclusiveMinimum")),
+        bool(node.get("exclusiveMaximum")),
+    )
+
+
+def _leaves(schema: dict[str, Any], path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, schema
+    for key, sub in schema.get("properties", {}).items():
+        yield from _leaves(sub, f"{path}.{key}" if path else key)
+    if isinstance(schema.get("items"), dict):
+        yield from _leaves(schema["items"], path + "[]")
+
+
+BOUNDS: tuple[Bound, ...] = tuple(
+    _bound(p, n)
+    for p, n in _leaves(SPEC_SCHEMA, "")
+    if n.get("type") in ("integer", "number") and ("minimum" in n or "maximum" in n)
+)
+
+
+def _schema_errors(value: Any, schema: dict[str, Any], path: str, errors: list[str]) -> None:
+    """The CRD's value constraints (bounds, lengths, patterns, sizes) on a parsed, type-correct spec."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        b = _bound(path, schema)
+        if (b.lo is not None or b.hi is not None) and b.violated(value):
+            errors.append(f"{path}: must be in {b.describe()}, got {num(value)}")
+    elif isinstance(value, str):
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            errors.append(f"{path}: must be at most {schema['maxLength']} characters, got {len(value)}; shorten it")
+        elif "minLength" in schema and len(value) < schema["minLength"]:
+            errors.append(f"{path}: must not be empty" if schema["minLength"] == 1 else f"{path}: too short")
+        elif "pattern" in schema and not re.fullmatch(schema["pattern"], value):
+            help_ = PATTERN_HELP.get(schema["pattern"], f"must match {schema['pattern']}")
+            errors.append(f"{path}: {help_}, got {short(value)}")
+    elif isinstance(value, list):
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            errors.append(f"{path}: at most {schema['maxItems']} items, got {len(value)}")
+        items = schema.get("items")
+        if isinstance(items, dict):
+            for i, v in enumerate(value):
+                _schema_errors(v, items, f"{path}[{i}]", errors)
+    elif isinstance(value, dict):
+        if "maxProperties" in schema and len(value) > schema["maxProperties"]:
+            errors.append(f"{path}: at most {schema['maxProperties']} entries, got {len(value)}")
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        for k, v in value.items():
+            sub = props.get(k, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                _schema_errors(v, sub, f"{path}.{k}", errors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Semantic checks: what the CRD schema and CEL cannot express, or express without naming the fix.
+
+_S3_RE = re.compile(r"s3://([^/]*)(/.*)?", re.DOTALL)
+# S3's bucket naming rules (general purpose buckets): these would make every write fail.
+_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+# Folders no run may write into (or mount over, in a Job): the system's own, and the Job's /tmp and /models mounts.
+SYSTEM_FOLDERS = (
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr",
+    "/var/run", "/var/lib/kubelet",
+)  # fmt: skip
+JOB_MOUNTS = ("/tmp", "/models", "/home/genrun")  # manifests.py mounts these; a test keeps the lists in step
+
+# (type, low, high) per QC parameter; None is unbounded. Pairs (min, max) must not cross.
+_QC_PARAMS: dict[str, dict[str, tuple[type, float | None, float | None]]] = {
+    "length": {
+        "minInstructionChars": (int, 0, 10**6),
+        "maxInstructionChars": (int, 1, 10**6),
+        "minResponseChars": (int, 0, 10**6),
+        "maxResponseChars": (int, 1, 10**6),
+    },
+    "finishReason": {"allowTruncated": (bool, None, None)},
+    "refusal": {"patterns": (list, None, None)},
+    "echo": {"maxOverlap": (float, 0, 1)},
+    "repetition": {"maxRepeatedNgramRatio": (float, 0, 1), "ngram": (int, 1, 32), "minAlnumRatio": (float, 0, 1)},
+    "bannedPatterns": {"patterns": (list, None, None)},
+    "logprob": {"minResponseLogprob": (float, -100, 0), "minInstructionLogprob": (float, -100, 0)},
+    "critic": {"minScore": (float, 0, 10)},
+}
+_QC_PAIRS = (("minInstructionChars", "maxInstructionChars"), ("minResponseChars", "maxResponseChars"))
+MAX_PATTERNS, MAX_PATTERN_CHARS = 64, 1000
+
+# Cyrillic and Greek letters that render like Latin ones: a domain written with a Cyrillic "es" and one written
+# with a Latin "c" are one domain to a reader (escaped here so that the source shows what they are).
+_CONFUSABLES = str.maketrans(
+    "\u0430\u0432\u0435\u0451\u043a\u043c\u043d\u043e\u0440\u0441\u0442\u0443\u0445\u0456\u0457\u0458\u0455"
+    "\u0501\u051b\u051d\u0261\u0131\u03b1\u03b2\u03b5\u03b7\u03b9\u03ba\u03bd\u03bf\u03c1\u03c4\u03c5\u03c7\u03c9",
+    "abeekmhopctyxiijsdqwgiabenikvoptuxw",
+)
+
+
+def domain_key(domain: str) -> str:
+    """What makes two domains the same to a reader: NFKC, no invisible characters, one space, case, lookalikes."""
+    text = unicodedata.normalize("NFKC", domain)
+    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Cf", "Cc", "Zl", "Zp"))
+    return " ".join(text.split()).casefold().translate(_CONFUSABLES)
+
+
+def template_errors(template: str, allowed: frozenset[str], where: str) -> list[str]:
+    """Only bare placeholders: str.format would run format specs ({domain:>2000000000}), conversions and indexing."""
+    fix = f"use only {' and '.join('{' + a + '}' for a in sorted(allowed))}, and write literal braces as {{{{ }}}}"
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return [f"{where}: malformed placeholder ({exc}); {fix}"]
     errors: list[str] = []
-    for dotted, lo, hi, lo_ex, hi_ex in _BOUNDS:
-        section, attr = dotted.split(".")
-        value = getattr(getattr(spec, section), attr)
-        if not isinstance(value, int | float) or isinstance(value, bool):
+    for _, name, spec, conversion in parts:
+        if name is None:
             continue
-        too_low = value <= lo if lo_ex else value < lo
-        too_high = value >= hi if hi_ex else value > hi
-        if too_low or too_high:
-            errors.append(f"spec.{_camel_path(dotted)}: must be in {_fmt_range(lo, hi, lo_ex, hi_ex)}, got {value:g}")
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        shown = shown if len(shown) <= ECHO_LIMIT else shown[:ECHO_LIMIT] + "...}"
+        if name not in allowed:
+            errors.append(f"{where}: unknown placeholder(s) {shown}; {fix}")
+        elif spec or conversion:
+            errors.append(f"{where}: placeholder {shown} has a format spec or conversion; {fix}")
+    return errors
+
+
+def _bucket_problem(bucket: str) -> str | None:
+    if not 3 <= len(bucket) <= 63:
+        return "must be 3-63 characters"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*[a-z0-9]", bucket):
+        return "may hold only lowercase letters, digits, '.' and '-', and must start and end with a letter or digit"
+    if ".." in bucket or ".-" in bucket or "-." in bucket:
+        return "must not hold '..', '.-' or '-.'"
+    try:
+        ipaddress.ip_address(bucket)
+        return "must not be an IP address"
+    except ValueError:
+        pass
+    if bucket.startswith(_BUCKET_PREFIXES) or bucket.endswith(_BUCKET_SUFFIXES):
+        return f"must not start with {', '.join(_BUCKET_PREFIXES)} nor end with {', '.join(_BUCKET_SUFFIXES)}"
+    return None
+
+
+def output_errors(out: OutputSpec, worker: WorkerSpec) -> list[str]:
+    errors: list[str] = []
+    path = out.path
+    if any(unicodedata.category(ch) == "Cc" for ch in path):
+        return [f"spec.output.path: must not contain control characters, got {short(path)}"]
+    if out.is_s3:
+        m = _S3_RE.fullmatch(path)
+        bucket, key = (m.group(1), m.group(2) or "") if m else ("", "")
+        problem = _bucket_problem(bucket)
+        if problem:
+            errors.append(
+                f"spec.output.path: {short(path)} is not a valid s3://bucket/prefix: the bucket {problem} "
+                "(S3 bucket naming rules)"
+            )
+        segments = key.strip("/").split("/")
+        if any(s in (".", "..") for s in segments) or "//" in key:
+            errors.append(
+                f"spec.output.path: the S3 prefix of {short(path)} holds a '.', '..' or empty segment; "
+                "write the prefix without them"
+            )
+    else:
+        segments = path.split("/")
+        if ".." in segments:
+            errors.append(f"spec.output.path: {short(path)} holds a '..' segment; write the folder without it")
+        norm = "/" + "/".join(s for s in segments if s not in ("", ".")) if path.startswith("/") else None
+        if norm == "/":
+            errors.append("spec.output.path: '/' is the root folder; name a folder for the run's output")
+        elif norm and any(norm == f or norm.startswith(f + "/") for f in SYSTEM_FOLDERS):
+            errors.append(f"spec.output.path: {short(path)} is a system folder; name a folder of your own")
+        elif norm in JOB_MOUNTS:
+            errors.append(f"spec.output.path: {norm} is where the Jobs mount their own volume; use a subfolder")
+        if worker.output_volume_claim and not path.startswith("/"):
+            errors.append(
+                f"spec.output.path: {short(path)} must be absolute when spec.worker.outputVolumeClaim mounts it "
+                "in the Jobs (relative paths are relative to the folder `genrun run` starts in)"
+            )
+    if out.s3 is not None:
+        secret = out.s3.credentials_secret
+        if secret and not (len(secret) <= 253 and _DNS_SUBDOMAIN.fullmatch(secret)):
+            # The operator reads this Secret by name: anything but an object name could address another one.
+            errors.append(
+                f"spec.output.s3.credentialsSecret: {short(secret)} is not a Secret name; name a Secret in the run's "
+                "own namespace (lowercase letters, digits, '-' and '.', at most 253 characters; no '/' or '..')"
+            )
+        if out.s3.credentials_secret and not out.is_s3:
+            errors.append("spec.output.s3.credentialsSecret: is set but spec.output.path is not an s3:// URL")
+        if out.s3.endpoint:
+            errors += _endpoint_errors(out.s3.endpoint)
+    return errors
+
+
+def _endpoint_errors(endpoint: str) -> list[str]:
+    where = "spec.output.s3.endpoint"
+    try:
+        url = urllib.parse.urlsplit(endpoint)
+        port_ok = url.port is None or url.port > 0
+    except ValueError:
+        url, port_ok = None, False
+    if url is None or url.scheme not in ("http", "https") or not url.hostname or not port_ok:
+        return [
+            f"{where}: must be an http:// or https:// URL such as https://minio.example:9000, got {short(endpoint)}"
+        ]
+    if url.username or url.password or url.query or url.fragment or any(ch.isspace() for ch in endpoint):
+        return [
+            f"{where}: must not hold credentials, a query, a fragment or spaces, got {short(endpoint)}; "
+            "credentials belong in spec.output.s3.credentialsSecret"
+        ]
+    return []
+
+
+def _qc_errors(spec: GenerationRunSpec) -> list[str]:
+    errors: list[str] = []
+    seen_filters: set[str] = set()
+    for i, flt in enumerate(spec.qc.filters):
+        where = f"spec.qc.filters[{i}]"
+        if flt.name in seen_filters:
+            errors.append(f"{where}.name: filter {flt.name!r} is listed twice; merge their params")
+        seen_filters.add(flt.name)
+        allowed = _QC_PARAMS.get(flt.name, {})
+        for key, val in flt.params.items():
+            at = f"{where}.params.{key}"
+            if key not in allowed:
+                errors.append(
+                    f"{where}.params.{short(key)[1:-1]}: unknown parameter for filter {flt.name!r} "
+                    f"(known: {', '.join(sorted(allowed)) or 'none'})"
+                )
+                continue
+            tp, lo, hi = allowed[key]
+            if tp is float and isinstance(val, int | float) and not isinstance(val, bool):
+                if not math.isfinite(val):
+                    errors.append(f"{at}: must be a finite number, got {short(val)}")
+                    continue
+            elif not isinstance(val, tp) or (isinstance(val, bool) and tp is not bool):
+                errors.append(f"{at}: must be {_type_name(tp)}, got {short(val)}")
+                continue
+            if lo is not None and hi is not None and not lo <= val <= hi:
+                errors.append(f"{at}: must be in [{num(lo)}, {num(hi)}], got {num(val)}")
+        for lo_key, hi_key in _QC_PAIRS:
+            lo_v, hi_v = flt.params.get(lo_key), flt.params.get(hi_key)
+            if isinstance(lo_v, int) and isinstance(hi_v, int) and lo_v > hi_v:
+                errors.append(
+                    f"{where}.params.{lo_key}: {lo_v} is above {hi_key} ({hi_v}); every example would be rejected, "
+                    "lower it or raise the maximum"
+                )
+        pats = flt.params.get("patterns")
+        if isinstance(pats, list):
+            if len(pats) > MAX_PATTERNS:
+                errors.append(f"{where}.params.patterns: at most {MAX_PATTERNS} patterns, got {len(pats)}")
+            for j, pat in enumerate(pats[:MAX_PATTERNS]):
+                at = f"{where}.params.patterns[{j}]"
+                if not isinstance(pat, str):
+                    errors.append(f"{at}: must be a string (a regular expression), got {short(pat)}")
+                elif len(pat) > MAX_PATTERN_CHARS:
+                    errors.append(f"{at}: must be at most {MAX_PATTERN_CHARS} characters, got {len(pat)}")
+                else:
+                    try:
+                        re.compile(pat)
+                    except (re.error, OverflowError, RecursionError) as exc:
+                        errors.append(f"{at}: not a valid regular expression ({short(str(exc))[1:-1]})")
+    if "critic" in seen_filters and spec.best_of_n.critic != "judge":
+        errors.append("spec.qc.filters: the 'critic' filter needs spec.bestOfN.critic: judge to produce scores")
+    return errors
+
+
+def _worker_errors(w: WorkerSpec) -> list[str]:
+    errors: list[str] = []
+    for attr, field_name in (("cpu", "cpu"), ("memory", "memory")):
+        value = getattr(w, attr)
+        if re.fullmatch(r"[0-9.]+([eE][+-]?[0-9]+)?[A-Za-z]*", value) and not re.search(
+            r"[1-9]", value.split("e")[0].split("E")[0]
+        ):
+            errors.append(f"spec.worker.{field_name}: must be above zero, got {short(value)}")
+    for key in w.node_selector:
+        problem = label_key_problem(key)
+        if problem:
+            errors.append(f"spec.worker.nodeSelector: key {short(key)} {problem}")
+    for i, tol in enumerate(w.tolerations):
+        errors += _toleration_errors(tol, f"spec.worker.tolerations[{i}]")
+    return errors
+
+
+_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+
+
+def label_key_problem(key: str) -> str | None:
+    """Why a string is not a Kubernetes label key (optional DNS prefix '/', then a name of at most 63), or None."""
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        return "has a bad prefix: before '/' must be a DNS subdomain such as example.com"
+    if not name or len(name) > 63 or not _LABEL_NAME.fullmatch(name):
+        return (
+            "is not a label key: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or "
+            "digit, optionally after a prefix like example.com/"
+        )
+    return None
+
+
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+def _toleration_errors(tol: dict[str, Any], where: str) -> list[str]:
+    errors = [
+        f"{where}.{short(k)[1:-1] if isinstance(k, str) else short(k)}: unknown field (known: {', '.join(sorted(_TOLERATION_KEYS))})"
+        for k in tol
+        if k not in _TOLERATION_KEYS
+    ]
+    key, op, value, effect = (
+        tol.get("key", ""),
+        tol.get("operator", "Equal"),
+        tol.get("value", ""),
+        tol.get("effect", ""),
+    )
+    if not isinstance(key, str) or (key and label_key_problem(key)):
+        errors.append(f"{where}.key: must be a label key such as nvidia.com/gpu, got {short(key)}")
+    if op not in ("Equal", "Exists"):
+        errors.append(f"{where}.operator: must be Equal or Exists, got {short(op)}")
+    if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
+        errors.append(f"{where}.value: must be a label value (at most 63 characters), got {short(value)}")
+    elif op == "Exists" and value:
+        errors.append(f"{where}.value: must be empty when operator is Exists")
+    if op == "Equal" and not key and isinstance(key, str):
+        errors.append(f"{where}.key: is required unless operator is Exists")
+    if effect not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+        errors.append(f"{where}.effect: must be NoSchedule, PreferNoSchedule or NoExecute, got {short(effect)}")
+    secs = tol.get("tolerationSeconds")
+    if secs is not None and (isinstance(secs, bool) or not isinstance(secs, int) or abs(secs) > 2**63 - 1):
+        errors.append(f"{where}.tolerationSeconds: must be an integer, got {short(secs)}")
+    elif secs is not None and effect != "NoExecute":
+        errors.append(f"{where}.tolerationSeconds: applies only with effect NoExecute")
+    return errors
+
+
+def _relation_errors(spec: GenerationRunSpec) -> list[str]:
+    errors: list[str] = []
     s, e, b = spec.sampling, spec.escalation, spec.budget
+    if len(set(spec.policy.arms)) != len(spec.policy.arms):
+        errors.append("spec.policy.arms: has duplicates; list each sampling setting once")
     if e.max_temperature < s.temperature:
         errors.append(
             f"spec.escalation.maxTemperature: must be >= spec.sampling.temperature ({s.temperature:g}), "
@@ -432,79 +834,84 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
         )
     if b.max_shards < spec.shards.initial:
         errors.append(
-            f"spec.budget.maxShards: must be >= spec.shards.initial ({spec.shards.initial}), got {b.max_shards}"
+            f"spec.budget.maxShards: must be >= spec.shards.initial ({spec.shards.initial}), got {num(b.max_shards)}"
         )
     if e.max_shards_per_round < e.min_shards_per_round:
         errors.append(
             f"spec.escalation.maxShardsPerRound: must be >= spec.escalation.minShardsPerRound "
-            f"({e.min_shards_per_round}), got {e.max_shards_per_round}"
+            f"({num(e.min_shards_per_round)}), got {num(e.max_shards_per_round)}"
         )
     if spec.shards.first_seed + b.max_shards - 1 > 2**31 - 1:
         errors.append("spec.shards.firstSeed: firstSeed + budget.maxShards must stay below 2^31; lower either")
+    tp, gpus = spec.model.tensor_parallel_size, spec.worker.gpus
+    if tp > max(gpus, 1):
+        errors.append(
+            f"spec.model.tensorParallelSize: {tp} is more than spec.worker.gpus ({gpus}); vLLM runs one rank per "
+            "GPU: raise worker.gpus or lower tensorParallelSize"
+        )
+    target = spec.target.unique_examples
+    if target > b.max_generated_examples:
+        errors.append(
+            f"spec.target.uniqueExamples: {num(target)} can never be reached: spec.budget.maxGeneratedExamples is "
+            f"{num(b.max_generated_examples)}; raise the budget or lower the target"
+        )
+    elif target > b.max_shards * spec.shards.examples_per_shard:
+        errors.append(
+            f"spec.target.uniqueExamples: {num(target)} can never be reached: spec.budget.maxShards x "
+            f"spec.shards.examplesPerShard is {num(b.max_shards * spec.shards.examples_per_shard)}; raise either "
+            "or lower the target"
+        )
+    return errors
 
-    # The template is formatted with str.format: unknown or malformed placeholders would crash every shard.
-    try:
-        names = {fname for _, fname, _, _ in string.Formatter().parse(spec.prompt.template) if fname is not None}
-    except ValueError as exc:
-        errors.append(f"spec.prompt.template: malformed placeholder ({exc}); write literal braces as {{{{ }}}}")
-    else:
-        unknown = names - TEMPLATE_PLACEHOLDERS
-        if unknown:
-            errors.append(
-                f"spec.prompt.template: unknown placeholder(s) {', '.join('{' + n + '}' for n in sorted(unknown))}; "
-                "use {domain} and {examples}, and write literal braces as {{ }}"
-            )
-        if "examples" not in names and spec.prompt.examples:
-            errors.append("spec.prompt.template: has few-shot examples but no {examples} placeholder; add it")
+
+def semantic_errors(spec: GenerationRunSpec) -> list[str]:
+    """Every problem the CRD cannot state well, as `spec.<field>: <problem and fix>`."""
+    errors: list[str] = []
+    generic: list[str] = []
+    _schema_errors(to_manifest(spec), SPEC_SCHEMA, "spec", generic)
+    if not generic:  # relations between fields mean something only once each field is in its own range
+        errors += _relation_errors(spec)
+
+    # The template is formatted with str.format: anything but bare placeholders would crash every shard.
+    errors += template_errors(spec.prompt.template, TEMPLATE_PLACEHOLDERS, "spec.prompt.template")
+    if "{examples}" not in spec.prompt.template and spec.prompt.examples:
+        errors.append("spec.prompt.template: has few-shot examples but no {examples} placeholder; add it")
     if spec.prompt.examples_per_prompt > len(spec.prompt.examples) and spec.prompt.examples:
         errors.append(
             f"spec.prompt.examplesPerPrompt: {spec.prompt.examples_per_prompt} is more than the "
             f"{len(spec.prompt.examples)} examples given; lower it or add examples"
         )
-    if len(set(spec.prompt.domains)) != len(spec.prompt.domains):
-        errors.append("spec.prompt.domains: has duplicates; list each domain once")
-
-    out = spec.output
-    if out.is_s3 and not _S3_RE.match(out.path):
-        errors.append(
-            f"spec.output.path: {out.path!r} is not a valid s3://bucket/prefix (bucket: 3-63 lowercase letters, "
-            "digits, dots or hyphens)"
-        )
-    if out.s3 is not None and out.s3.credentials_secret and not out.is_s3:
-        errors.append("spec.output.s3.credentialsSecret: is set but spec.output.path is not an s3:// URL")
-
-    seen_filters: set[str] = set()
-    for i, flt in enumerate(spec.qc.filters):
-        where = f"spec.qc.filters[{i}]"
-        if flt.name in seen_filters:
-            errors.append(f"{where}.name: filter {flt.name!r} is listed twice; merge their params")
-        seen_filters.add(flt.name)
-        allowed = _QC_PARAMS.get(flt.name, {})
-        for key, val in flt.params.items():
-            if key not in allowed:
-                errors.append(
-                    f"{where}.params.{key}: unknown parameter for filter {flt.name!r} "
-                    f"(known: {', '.join(sorted(allowed)) or 'none'})"
-                )
-            elif not isinstance(val, allowed[key]) or (isinstance(val, bool) and allowed[key] is not bool):
-                errors.append(f"{where}.params.{key}: has the wrong type ({type(val).__name__})")
-        for key in ("patterns",):
-            for j, pat in enumerate(flt.params.get(key, []) if isinstance(flt.params.get(key), list) else []):
-                try:
-                    re.compile(str(pat))
-                except re.error as exc:
-                    errors.append(f"{where}.params.{key}[{j}]: not a valid regular expression ({exc})")
-    if "critic" in seen_filters and spec.best_of_n.critic != "judge":
-        errors.append("spec.qc.filters: the 'critic' filter needs spec.bestOfN.critic: judge to produce scores")
-    if spec.best_of_n.critic == "judge" and spec.best_of_n.judge_prompt:
-        try:
-            names = {f for _, f, _, _ in string.Formatter().parse(spec.best_of_n.judge_prompt) if f is not None}
-        except ValueError as exc:
-            errors.append(f"spec.bestOfN.judgePrompt: malformed placeholder ({exc})")
+    seen: dict[str, int] = {}
+    for i, d in enumerate(spec.prompt.domains):
+        k = domain_key(d)
+        if any(unicodedata.category(ch) == "Cc" for ch in d):
+            errors.append(f"spec.prompt.domains[{i}]: must not contain control characters, got {short(d)}")
+        elif not k:
+            errors.append(f"spec.prompt.domains[{i}]: is blank (only spaces or invisible characters); remove it")
+        elif k in seen:
+            errors.append(
+                f"spec.prompt.domains[{i}]: {short(d)} is a duplicate of domains[{seen[k]}] once Unicode, case, "
+                "spaces, invisible characters and lookalike letters are folded; list each domain once"
+            )
         else:
-            if not names <= {"instruction", "response"}:
-                errors.append("spec.bestOfN.judgePrompt: only {instruction} and {response} are placeholders")
-    return errors
+            seen[k] = i
+
+    if any(unicodedata.category(ch) == "Cc" for ch in spec.model.name):
+        errors.append(f"spec.model.name: must not contain control characters, got {short(spec.model.name)}")
+    errors += output_errors(spec.output, spec.worker)
+    errors += _qc_errors(spec)
+    errors += _worker_errors(spec.worker)
+    if spec.best_of_n.judge_prompt:
+        errors += template_errors(spec.best_of_n.judge_prompt, JUDGE_PLACEHOLDERS, "spec.bestOfN.judgePrompt")
+    # The CRD's own constraints last: where a specific check above already named a field, its message (which says
+    # why and how to fix it) is the one kept.
+    named = {error_field(x) for x in errors}
+    return errors + [x for x in generic if error_field(x) not in named]
+
+
+def error_field(error: str) -> str:
+    """The field an error message names (its text before the first ': ')."""
+    return error.split(": ")[0].split(" ")[0]
 
 
 def parse_spec(spec: Any, path: str = "spec") -> GenerationRunSpec:
@@ -527,15 +934,24 @@ def parse_manifest(doc: Any) -> tuple[RunRef, GenerationRunSpec]:
         raise SpecError(["(document): must be a YAML mapping (a GenerationRun manifest)"])
     errors = []
     if doc.get("apiVersion") != API_VERSION:
-        errors.append(f"apiVersion: must be {API_VERSION!r}, got {doc.get('apiVersion')!r}")
+        errors.append(f"apiVersion: must be {API_VERSION!r}, got {short(doc.get('apiVersion'))}")
     if doc.get("kind") != KIND:
-        errors.append(f"kind: must be {KIND!r}, got {doc.get('kind')!r}")
+        errors.append(f"kind: must be {KIND!r}, got {short(doc.get('kind'))}")
     meta = doc.get("metadata") or {}
+    if not isinstance(meta, dict):
+        errors.append(f"metadata: must be a map with a name, got {type(meta).__name__}")
     name = meta.get("name") if isinstance(meta, dict) else None
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?", name):
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name):
         errors.append(
-            f"metadata.name: must be 1-42 lowercase letters, digits or '-' (child Jobs add a suffix), got {name!r}"
+            "metadata.name: must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit "
+            f"(it names and labels every child Job), got {short(name)}"
         )
+    namespace = meta.get("namespace") if isinstance(meta, dict) else None
+    if namespace is not None and not isinstance(namespace, str):
+        errors.append(f"metadata.namespace: must be a string, got {short(namespace)}")
+    generation = meta.get("generation") if isinstance(meta, dict) else None
+    if generation is not None and (isinstance(generation, bool) or not isinstance(generation, int)):
+        errors.append(f"metadata.generation: must be an integer, got {short(generation)}")
     if "spec" not in doc:
         errors.append("spec: is required")
     if errors:

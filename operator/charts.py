@@ -1,81 +1,240 @@
 """A self-contained HTML page (inline SVG, no scripts, no network) for people who would rather look than read:
-unique vs generated across rounds, duplication rate per round, yield per temperature and per domain."""
+kept vs target and generated across rounds, duplication and yield per round, yield per temperature and per domain,
+then the top duplicates, the QC rejections by reason and a few sample rows.
+
+Every chart has a labelled value axis with gridlines; ratios are drawn on a fixed 0-100% axis (so 17% duplication
+looks like 17%), counts on an axis from 0 to a round number above the largest value and the target."""
 
 from __future__ import annotations
 
 import html
+import json
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from genrun.worker import records as rec
 from genrun.worker.records import RoundReport
+from genrun.worker.storage import Storage, local_copy
 
-W, H, PAD = 560, 220, 40
+W, H = 600, 300  # one chart
+LEFT, RIGHT, TOP, BOTTOM = 64, 16, 42, 64  # plot margins: value axis labels, title, category labels and legend
+SAMPLE_ROWS = 5
 
 
-def _bars(
-    title: str, labels: Sequence[str], series: Sequence[tuple[str, str, Sequence[float]]], fmt: str = "{:,.0f}"
+@dataclass(frozen=True)
+class Series:
+    name: str
+    color: str
+    values: Sequence[float]
+
+
+def _esc(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _nice_max(v: float) -> float:
+    """The smallest 1, 2, 2.5 or 5 x 10^k at or above v: an axis top with round ticks."""
+    if v <= 0:
+        return 1.0
+    exp = 10 ** math.floor(math.log10(v))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * exp >= v:
+            return float(m * exp)
+    return float(10 * exp)
+
+
+def bar_chart(
+    title: str,
+    labels: Sequence[str],
+    series: Sequence[Series],
+    *,
+    ratio: bool = False,
+    axis_title: str = "",
+    x_title: str = "",
+    target: float | None = None,
 ) -> str:
+    """Grouped bars with a value axis (5 ticks and gridlines), category labels, a legend and an optional dashed
+    target line. `ratio`: values are 0-1, drawn on a 0-100% axis."""
     n, k = max(1, len(labels)), max(1, len(series))
-    top = max([v for _, _, vals in series for v in vals] + [1e-9])
-    slot = (W - 2 * PAD) / n
-    bw = slot * 0.8 / k
-    out = [f'<svg viewBox="0 0 {W} {H + 40}" width="{W}" role="img" aria-label="{html.escape(title)}">',
-           f'<text x="{W / 2}" y="16" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>',
-           f'<line x1="{PAD}" y1="{H}" x2="{W - PAD}" y2="{H}" stroke="#888"/>']  # fmt: skip
+    top = 1.0 if ratio else _nice_max(max([v for s in series for v in s.values] + [target or 0.0, 1.0]))
+    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
+    y0 = TOP + ph
+
+    def y(v: float) -> float:
+        return y0 - ph * max(0.0, min(v, top)) / top
+
+    def fmt(v: float) -> str:
+        return f"{v:.0%}" if ratio else f"{v:,.0f}"
+
+    out = [
+        f'<svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{_esc(title)}">',
+        f'<text x="{W / 2}" y="18" text-anchor="middle" font-weight="bold" font-size="14">{_esc(title)}</text>',
+    ]
+    for i in range(6):  # value axis: ticks, labels, gridlines
+        v = top * i / 5
+        out.append(f'<line x1="{LEFT}" y1="{y(v):.1f}" x2="{LEFT + pw}" y2="{y(v):.1f}" stroke="#e5e7eb"/>'
+                   f'<text x="{LEFT - 6}" y="{y(v) + 4:.1f}" font-size="11" text-anchor="end">{fmt(v)}</text>')  # fmt: skip
+    out.append(f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{y0}" stroke="#374151"/>'
+               f'<line x1="{LEFT}" y1="{y0}" x2="{LEFT + pw}" y2="{y0}" stroke="#374151"/>')  # fmt: skip
+    if axis_title:
+        out.append(f'<text transform="translate(14 {TOP + ph / 2}) rotate(-90)" text-anchor="middle" font-size="11">'
+                   f"{_esc(axis_title)}</text>")  # fmt: skip
+    slot = pw / n
+    bw = min(slot * 0.8 / k, 70.0)  # one category: bars of a sensible width, centred
+    chars = max(4, int(slot / 7.5))  # category labels clipped to their slot
     for i, label in enumerate(labels):
-        x0 = PAD + i * slot + slot * 0.1
-        for j, (_, color, vals) in enumerate(series):
-            v = vals[i]
-            h = (H - 30) * v / top
-            x = x0 + j * bw
-            out.append(
-                f'<rect x="{x:.1f}" y="{H - h:.1f}" width="{bw:.1f}" height="{h:.1f}" fill="{color}"><title>{html.escape(fmt.format(v))}</title></rect>'
-            )
-            out.append(
-                f'<text x="{x + bw / 2:.1f}" y="{H - h - 3:.1f}" font-size="9" text-anchor="middle">{html.escape(fmt.format(v))}</text>'
-            )
-        short = label if len(label) <= 11 else label[:10] + "\u2026"
+        x0 = LEFT + i * slot + (slot - bw * k) / 2
+        for j, s in enumerate(series):
+            v = s.values[i]
+            x, h = x0 + j * bw, y0 - y(v)
+            out.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{bw:.1f}" height="{h:.1f}" fill="{s.color}">'
+                       f"<title>{_esc(s.name)}, {_esc(label)}: {_esc(fmt(v))}</title></rect>")  # fmt: skip
+            if n * k <= 24:  # values on the bars while they fit
+                out.append(f'<text x="{x + bw / 2:.1f}" y="{y(v) - 3:.1f}" font-size="10" text-anchor="middle">'
+                           f"{_esc(f'{v:.1%}' if ratio else f'{v:,.0f}')}</text>")  # fmt: skip
+        short = label if len(label) <= chars else label[: chars - 1] + "\u2026"
+        out.append(f'<text x="{x0 + bw * k / 2:.1f}" y="{y0 + 15}" font-size="11" text-anchor="middle">'
+                   f"<title>{_esc(label)}</title>{_esc(short)}</text>")  # fmt: skip
+    if x_title:
         out.append(
-            f'<text x="{x0 + slot * 0.4:.1f}" y="{H + 14}" font-size="9" text-anchor="middle">'
-            f"<title>{html.escape(label)}</title>{html.escape(short)}</text>"
+            f'<text x="{LEFT + pw / 2}" y="{y0 + 31}" font-size="11" text-anchor="middle">{_esc(x_title)}</text>'
         )
-    for j, (name, color, _) in enumerate(series):
-        out.append(f'<rect x="{PAD + j * 150}" y="{H + 24}" width="10" height="10" fill="{color}"/>'
-                   f'<text x="{PAD + j * 150 + 14}" y="{H + 33}" font-size="11">{html.escape(name)}</text>')  # fmt: skip
+    lx = LEFT
+    if target is not None:  # the line across the plot; its label in the legend, where no bar can hide it
+        ty = y(target)
+        out.append(f'<line x1="{LEFT}" y1="{ty:.1f}" x2="{LEFT + pw}" y2="{ty:.1f}" stroke="#111827" '
+                   f'stroke-width="1.5" stroke-dasharray="6 4"><title>target {_esc(fmt(target))}</title></line>'
+                   f'<line x1="{lx}" y1="{H - 11}" x2="{lx + 18}" y2="{H - 11}" stroke="#111827" stroke-width="1.5" '
+                   f'stroke-dasharray="6 4"/><text x="{lx + 22}" y="{H - 7}" font-size="11">target {_esc(fmt(target))}</text>')  # fmt: skip
+        lx += 40 + 7 * len(f"target {fmt(target)}")
+    for s in series:
+        out.append(f'<rect x="{lx}" y="{H - 16}" width="10" height="10" fill="{s.color}"/>'
+                   f'<text x="{lx + 14}" y="{H - 7}" font-size="11">{_esc(s.name)}</text>')  # fmt: skip
+        lx += 24 + 7 * len(s.name)
     out.append("</svg>")
     return "".join(out)
 
 
-def render_html(run: str, reports: Sequence[RoundReport]) -> str:
-    rounds = [f"round {r.round}" for r in reports]
+def _table(caption: str, head: Sequence[str], rows: Sequence[Sequence[object]], empty: str) -> str:
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    if not rows:
+        body = f'<tr><td colspan="{len(head)}">{_esc(empty)}</td></tr>'
+    return (f"<table><caption>{_esc(caption)}</caption><thead><tr>"
+            + "".join(f"<th>{_esc(h)}</th>" for h in head) + f"</tr></thead><tbody>{body}</tbody></table>")  # fmt: skip
+
+
+def _clip(text: str, n: int = 280) -> str:
+    return text if len(text) <= n else text[: n - 1] + "\u2026"
+
+
+def render_html(
+    run: str,
+    reports: Sequence[RoundReport],
+    target: int | None = None,
+    samples: Sequence[dict[str, Any]] = (),
+    verdict: str = "",
+    status: dict[str, Any] | None = None,
+) -> str:
+    rounds = [str(r.round) for r in reports]
     last = reports[-1]
+    pt, pd = last.per_temperature, last.per_domain
     charts = [
-        _bars("Unique vs generated (cumulative)", rounds, [
-            ("generated", "#9aa5b1", [r.generated_total for r in reports]),
-            ("unique", "#3b82f6", [r.unique_total for r in reports]),
-            ("kept (unique + QC)", "#16a34a", [r.qc_passed_total for r in reports]),
-        ]),
-        _bars("Duplication rate per round", rounds, [
-            ("duplicates / generated", "#dc2626", [1 - r.unique_ratio if r.generated else 0 for r in reports]),
-        ], fmt="{:.0%}"),
-        _bars("Marginal yield per round (new kept / generated)", rounds, [
-            ("marginal yield", "#7c3aed", [r.marginal_yield for r in reports]),
-        ], fmt="{:.2f}"),
-        _bars("Yield per temperature (rows written, all rounds)", [f"T={t.temperature:g}" for t in last.per_temperature], [
-            ("unique / rows", "#3b82f6", [t.new_unique / t.generated if t.generated else 0 for t in last.per_temperature]),
-            ("kept / rows", "#16a34a", [t.new_qc_passed / t.generated if t.generated else 0 for t in last.per_temperature]),
-        ], fmt="{:.0%}"),
-        _bars("Yield per domain (rows written, all rounds)", [d.domain or "(none)" for d in last.per_domain], [
-            ("unique / rows", "#3b82f6", [d.new_unique / d.generated if d.generated else 0 for d in last.per_domain]),
-            ("kept / rows", "#16a34a", [d.new_qc_passed / d.generated if d.generated else 0 for d in last.per_domain]),
-        ], fmt="{:.0%}"),
+        bar_chart("Kept vs target, unique and generated (cumulative)", rounds, [
+            Series("generated", "#9ca3af", [r.generated_total for r in reports]),
+            Series("unique", "#3b82f6", [r.unique_total for r in reports]),
+            Series("kept (unique + QC)", "#16a34a", [r.qc_passed_total for r in reports]),
+        ], axis_title="examples", x_title="round", target=target),
+        bar_chart("Duplication rate per round", rounds, [
+            Series("duplicates / generated", "#dc2626", [1 - r.unique_ratio if r.generated else 0 for r in reports]),
+        ], ratio=True, axis_title="share of the round's generated", x_title="round"),
+        bar_chart("Marginal yield per round", rounds, [
+            Series("new kept / generated", "#7c3aed", [r.marginal_yield for r in reports]),
+        ], ratio=True, axis_title="new kept per generated", x_title="round"),
+        bar_chart("Yield per temperature (all rounds)", [f"T={t.temperature:g}" for t in pt], [
+            Series("unique / generated", "#3b82f6", [t.new_unique / t.generated if t.generated else 0 for t in pt]),
+            Series("kept / generated", "#16a34a", [t.new_qc_passed / t.generated if t.generated else 0 for t in pt]),
+        ], ratio=True, axis_title="share of rows", x_title="sampling temperature"),
+        bar_chart("Yield per domain (all rounds)", [d.domain or "(none)" for d in pd], [
+            Series("unique / generated", "#3b82f6", [d.new_unique / d.generated if d.generated else 0 for d in pd]),
+            Series("kept / generated", "#16a34a", [d.new_qc_passed / d.generated if d.generated else 0 for d in pd]),
+        ], ratio=True, axis_title="share of rows", x_title="domain"),
     ]  # fmt: skip
-    head = (f"{last.qc_passed_total:,} kept of {last.generated_total:,} generated; "
-            f"{last.unique_total:,} unique; duplication {last.duplication_ratio:.1%}")  # fmt: skip
+    dup_total = last.exact_duplicates + last.near_duplicates
+    rejections = [("exact duplicate", last.exact_duplicates), ("near duplicate", last.near_duplicates)]
+    rejections += sorted(last.qc_rejected.items(), key=lambda x: (-x[1], x[0]))
+    tables = [
+        _table("Most duplicated instructions (times generated)", ["times", "instruction"],
+               [(c, _clip(t)) for t, c in last.top_duplicates], "no duplicates"),
+        _table("Rejected rows by reason (all rounds)", ["reason", "rows", "share of generated"],
+               [(k, f"{v:,}", f"{v / last.generated_total:.1%}" if last.generated_total else "-")
+                for k, v in rejections if v], "nothing rejected"),
+        _table("Sampling arms (reward: new unique QC-passed examples per 1k tokens, recent rounds weigh more)",
+               ["arm", "shards", "examples", "tokens", "kept", "reward / 1k tokens", "QC-pass", "retired"],
+               [(a.get("arm"), a.get("shards"), f"{a.get('examples', 0):,}", f"{a.get('tokens', 0):,}",
+                 f"{a.get('kept', 0):,}", f"{a.get('rewardPer1kTokens', 0):.2f}", f"{a.get('qcPassRate', 0):.0%}",
+                 "yes" if a.get("retired") else "") for a in (status or {}).get("arms", [])],
+               "no arm measured yet"),
+        _table(f"Sample rows ({len(samples)} of {last.qc_passed_total:,} kept)",
+               ["round", "seed", "domain", "T", "instruction", "response"],
+               [(s.get("round"), s.get("seed"), s.get("domain"), f"{s.get('temperature', 0):g}",
+                 _clip(str(s.get("instruction", ""))), _clip(str(s.get("response", "")))) for s in samples],
+               "no rows to show"),
+    ]  # fmt: skip
+    target_txt = f" (target {target:,})" if target is not None else ""
+    head = (f"{last.qc_passed_total:,} kept{target_txt} of {last.generated_total:,} generated after {last.round} "
+            f"round(s); {last.unique_total:,} unique; duplication {last.duplication_ratio:.1%} "
+            f"({dup_total:,} rows dropped as duplicates); {last.tokens_total:,} tokens.")  # fmt: skip
+    st = status or {}
+    if st.get("projectedTokensToTarget"):
+        head += (f" Projected: {st['projectedTokensToTarget']:,} more tokens, {st.get('projectedRounds', '?')} "
+                 "round(s) in all.")  # fmt: skip
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1260px;margin:2em auto;color:#111827}"
+        ".charts{display:flex;flex-wrap:wrap;gap:12px}svg{border:1px solid #e5e7eb;background:#fff}"
+        "table{border-collapse:collapse;margin:1.5em 0;width:100%;font-size:13px}caption{text-align:left;"
+        "font-weight:bold;font-size:15px;margin-bottom:.4em}td,th{border:1px solid #e5e7eb;padding:4px 8px;"
+        "text-align:left;vertical-align:top}th{background:#f3f4f6}"
+    )
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>genrun: {html.escape(run)}</title>"
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}svg{margin:1em;border:1px solid #eee}</style>"
-        f"</head><body><h1>genrun: {html.escape(run)}</h1><p>{html.escape(head)}</p>"
+        f"<title>genrun: {_esc(run)}</title><style>{style}</style></head><body>"
+        f"<h1>genrun: {_esc(run)}</h1>"
+        + (f"<p><b>{_esc(verdict)}</b></p>" if verdict else "")
+        + f"<p>{_esc(head)}</p><div class='charts'>"
         + "".join(charts)
+        + "</div>"
+        + "".join(tables)
         + "</body></html>\n"
     )
+
+
+def _samples(storage: Storage, report: RoundReport, n: int) -> list[dict[str, Any]]:
+    """The first rows of the dataset: the per-round parts (dataset/data/) or, before them, the round's file."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # the operator image has no pyarrow: the page has no sample rows then
+        return []
+    parts = [k for k in storage.list("dataset/data/") if k.endswith(".parquet")]
+    keys = parts or [f"{rec.merge_prefix(report.round)}/dataset.parquet"]
+    rows: list[dict[str, Any]] = []
+    for key in keys:
+        if len(rows) >= n or not storage.exists(key):
+            continue
+        with local_copy(storage, key) as path:
+            cols = ["round", "seed", "domain", "temperature", "instruction", "response"]
+            rows += pq.ParquetFile(path).read_row_group(0, columns=cols).slice(0, n - len(rows)).to_pylist()
+    return rows
+
+
+def write_report_html(storage: Storage, reports: Sequence[RoundReport], path: Path) -> None:
+    doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
+    target = doc.get("spec", {}).get("target", {}).get("uniqueExamples")
+    verdict = ""
+    for cond in doc.get("status", {}).get("conditions", []):
+        if cond.get("type") in ("Succeeded", "Failed") and cond.get("status") == "True":
+            verdict = f"{cond['type']} ({cond.get('reason', '')}): {cond.get('message', '')}"
+    samples = _samples(storage, reports[-1], SAMPLE_ROWS)
+    path.write_text(render_html(doc["metadata"]["name"], reports, target, samples, verdict, doc.get("status", {})))

@@ -4,11 +4,14 @@ image never touches the worker's engine, and a user error is one line on stderr,
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from genrun.worker.records import EXIT_OK, EXIT_USAGE
+from genrun.worker import records as rec
+from genrun.worker.records import EXIT_OK, EXIT_STORAGE, EXIT_USAGE
 
 EXIT_RUN_FAILED = 3  # `genrun run`: the run ended Failed (budget, shards)
 EXIT_INTERRUPTED = 130
@@ -23,7 +26,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     bad = 0
     for name in args.files:
-        errors = validate_file(Path(name))
+        try:
+            errors = validate_file(Path(name))
+        except Exception as exc:  # a bug of ours: still one line, and the file counts as not validated
+            errors = [f"internal error while validating ({type(exc).__name__}: {str(exc)[:200]}); please report it"]
         if errors:
             bad += 1
             for e in errors:
@@ -44,6 +50,11 @@ def _cmd_model_prepare(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from genrun.operator.local import run_manifest
 
+    if args.jobs < 1:
+        raise UserError(f"--jobs: must be at least 1, got {args.jobs}")
+    if args.output is not None and (not args.output.strip() or "\0" in args.output):
+        raise UserError(f"--output: must name a folder or s3://bucket/prefix, got {args.output!r}")
+
     return run_manifest(
         Path(args.manifest),
         output=args.output,
@@ -60,15 +71,76 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from genrun.operator.local import print_report
+    from genrun.operator.local import _open, observe_storage, print_report
 
-    return print_report(args.output, html=args.html)
+    if not args.json and not args.html:
+        return print_report(args.output)
+    storage = _open(args.output)
+    _, _, reports = observe_storage(storage)
+    if not reports:
+        if args.json:
+            raise UserError(f"{args.output}: no round has been merged yet")
+        return print_report(args.output)  # says so; there is nothing to chart
+    if not args.json:
+        print_report(args.output)
+    if args.html:
+        from genrun.operator.charts import write_report_html
+
+        write_report_html(storage, [reports[k] for k in sorted(reports)], Path(args.html))
+        print(f"charts: {args.html}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        # One object on the last line, so `genrun report --json OUT | tail -1 | jq` reads it whatever came before.
+        raw = json.loads(storage.read_bytes(rec.round_report_key(max(reports))))
+        print(json.dumps(raw, sort_keys=True, separators=(",", ":")))
+    return EXIT_OK
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from genrun.operator.local import _open
+    from genrun.worker.export import stage_for_push
+
+    storage = _open(args.output)
+    with tempfile.TemporaryDirectory(prefix="genrun-push-") as tmpd:
+        try:
+            files = stage_for_push(storage, Path(tmpd))
+        except FileNotFoundError as exc:
+            raise UserError(str(exc)) from exc
+        size = sum((Path(tmpd) / f).stat().st_size for f in files)
+        print(f"{len(files)} files, {size / 1e6:.1f} MB -> https://huggingface.co/datasets/{args.repo}")
+        for f in files:
+            print(f"  {f}")
+        if args.dry_run:
+            return EXIT_OK
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        api = HfApi(token=args.token)
+        try:
+            api.create_repo(args.repo, repo_type="dataset", private=args.private, exist_ok=True)
+            # One commit: the card, every part and its messages; parts a re-merge no longer writes are deleted.
+            info = api.upload_folder(
+                repo_id=args.repo, repo_type="dataset", folder_path=tmpd, revision=args.revision,
+                commit_message=args.message, delete_patterns=["data/train-*.parquet", "messages/train-*.parquet"],
+            )  # fmt: skip
+        except (OfflineModeIsEnabled, HfHubHTTPError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"push to {args.repo}: {first} (log in with `hf auth login` or pass --token)") from exc
+    print(f"pushed: {getattr(info, 'commit_url', info)}")
+    return EXIT_OK
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from genrun.worker.cli import main as worker_main
 
     return worker_main(args.worker_args)
+
+
+def _version() -> str:
+    from genrun.operator import __version__
+
+    return f"genrun {__version__}"
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
@@ -79,6 +151,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genrun", description=__doc__)
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check GenerationRun manifests like the API server would, offline")
@@ -107,7 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print the latest round report of an output")
     rep.add_argument("output")
     rep.add_argument("--html", help="also write a self-contained HTML page with charts here")
+    rep.add_argument("--json", action="store_true", help="the round report as one JSON object (on the last line)")
     rep.set_defaults(fn=_cmd_report)
+
+    pu = sub.add_parser(
+        "push", help="upload an output's dataset folder (card, parts, messages) to the Hugging Face Hub"
+    )
+    pu.add_argument("output")
+    pu.add_argument("--repo", required=True, help="dataset repo id, e.g. my-org/my-dataset (created if missing)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    pu.add_argument("--revision", help="branch to commit to (default: main)")
+    pu.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the stored login)")
+    pu.add_argument("--message", default="genrun: dataset update", help="commit message")
+    pu.add_argument("--dry-run", action="store_true", help="list what would be uploaded; no network")
+    pu.set_defaults(fn=_cmd_push)
 
     m = sub.add_parser("model", help="the embedded default model")
     msub = m.add_subparsers(dest="model_command", required=True)
@@ -124,18 +210,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _storage_message(exc: Exception) -> str | None:
+    """One line for a storage failure the user can fix; None for anything else (a bug keeps its traceback)."""
+    from genrun.worker.storage import StorageError
+
+    if isinstance(exc, StorageError):
+        return f"storage: {exc}"
+    if not type(exc).__module__.startswith(("botocore", "boto3", "s3transfer")):
+        return None
+    name = type(exc).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return (f"S3: {exc}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL "
+                "for a store other than AWS")  # fmt: skip
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
+        return f"S3: {exc}: check AWS_ENDPOINT_URL and that the store is reachable from here"
+    return f"S3: {exc}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        # The worker's own parser owns everything after `worker`, --help included (the worker image's default command).
+        args = argparse.Namespace(fn=_cmd_worker, worker_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         code: int = args.fn(args)
+        sys.stdout.flush()
     except UserError as exc:
         print(f"genrun: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("genrun: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`genrun status --json | head -1`): stop quietly, and keep Python's exit-time flush
+        # of stdout from printing a traceback of its own.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as exc:
+        message = _storage_message(exc)
+        if message is None:
+            raise
+        print(f"genrun: error: {message}", file=sys.stderr)
+        return EXIT_STORAGE
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m`, this file is __main__ and `genrun.operator.cli` (imported by the subcommands for UserError)
+    # is a second copy with its own UserError class: run the real module's main so that its handler catches them.
+    from genrun.operator.cli import main as _main
+
+    sys.exit(_main())

@@ -19,6 +19,8 @@ BUDGET_EXHAUSTED = "BudgetExhausted"
 SHARDS_FAILED = "ShardsFailed"
 MERGE_FAILED = "MergeFailed"
 INVALID_SPEC = "InvalidSpec"
+CHILD_REJECTED = "ChildRejected"  # the API server refused a Job or ConfigMap for good (422, ...)
+SHARDS_QUARANTINED = "ShardsQuarantined"  # Warning Event: unreadable shards set aside
 ROUND_STARTED = "RoundStarted"
 ROUND_FINISHED = "RoundFinished"
 SHARDS_RUNNING = "ShardsRunning"
@@ -31,7 +33,7 @@ ESCALATED = "Escalated"
 STEPPED_BACK = "SteppedBack"
 HELD = "Held"
 
-TERMINAL_FAILURES = (BUDGET_EXHAUSTED, SHARDS_FAILED, MERGE_FAILED, INVALID_SPEC)
+TERMINAL_FAILURES = (BUDGET_EXHAUSTED, SHARDS_FAILED, MERGE_FAILED, INVALID_SPEC, CHILD_REJECTED)
 
 
 @dataclass(frozen=True)

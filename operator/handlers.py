@@ -16,6 +16,7 @@ import json
 import logging
 import ssl
 import time
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from typing import Any
 import aiohttp
 import kopf
 from genrun.operator import conditions as c
+from genrun.operator import local
 from genrun.operator import manifests as mf
-from genrun.operator.api import GROUP, PLURAL, VERSION, RunRef, SpecError, parse_spec
+from genrun.operator.api import GROUP, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError
 from genrun.operator.metrics import Metrics
 from genrun.operator.planner import (
     CreateMergeJob,
@@ -39,12 +41,42 @@ from genrun.operator.planner import (
     invalid_plan,
 )
 from genrun.operator.settings import Settings
+from genrun.operator.validate import check_manifest
 from genrun.worker import records as rec
 
 log = logging.getLogger("genrun.operator")
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 RunKey = tuple[str, str]
 SECRET_TTL_SECONDS = 60.0
+# What the API server answers when it will never accept this object as written: fail the run, do not retry. 401/403
+# (the operator's own identity, RBAC or a quota), 404, 408, 409 and 429 are not about the object: retried.
+RETRIABLE_4XX = (401, 403, 404, 408, 409, 429)
+
+
+class UnsafeName(ValueError):
+    """A name that is not a Kubernetes object name: never put into an API path."""
+
+
+class ChildRejected(Exception):
+    """The API server refused a child object for good (422 and the like): the run fails with its message."""
+
+    def __init__(self, kind: str, name: str, status: int, message: str) -> None:
+        super().__init__(f"the API server refused {kind} {name!r} ({status}): {message}")
+
+
+def api_path(group_version: str, namespace: str, plural: str, name: str = "", subresource: str = "") -> str:
+    """An API path from checked, quoted segments: a name with '/' or '..' can never address another object."""
+    root = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+    path = f"{root}/namespaces/{_segment(namespace)}/{plural}"
+    if name:
+        path += f"/{_segment(name)}"
+    return path + (f"/{subresource}" if subresource else "")
+
+
+def _segment(name: str) -> str:
+    if not mf.is_object_name(name):
+        raise UnsafeName(f"{name[:200]!r} is not a Kubernetes object name")
+    return urllib.parse.quote(name, safe="")
 
 
 def _now() -> str:
@@ -102,10 +134,17 @@ class Kube:
                 return resp.status, text
 
     async def create(self, path: str, body: Mapping[str, Any]) -> bool:
-        """True if created, False if it already existed (409); raises on anything else."""
+        """True if created, False if it already existed (409); ChildRejected when the API server will never
+        accept it (422, 400, 413, ...); a retry (TemporaryError) on anything else."""
         status, out = await self._call("POST", path, body)
         if status == 409:
             return False
+        if 400 <= status < 500 and status not in RETRIABLE_4XX:
+            meta = body.get("metadata") or {}
+            msg = out.get("message") if isinstance(out, dict) else None
+            raise ChildRejected(
+                str(body.get("kind", "object")), str(meta.get("name", "")), status, str(msg or out)[:1000]
+            )
         if status >= 300:
             raise kopf.TemporaryError(f"POST {path}: {status} {str(out)[:300]}", delay=5)
         return True
@@ -132,7 +171,7 @@ class Kube:
 
 
 def run_path(ns: str, name: str) -> str:
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{name}"
+    return api_path(f"{GROUP}/{VERSION}", ns, PLURAL, name)
 
 
 class Reconciler:
@@ -146,9 +185,11 @@ class Reconciler:
         self.storages: dict[tuple[str, str, str], Any] = {}
         self.posted: dict[RunKey, set[tuple[str, str]]] = {}
         self.secrets: dict[tuple[str, str], tuple[float, Any]] = {}
+        self.checked: dict[RunKey, tuple[str, GenerationRunSpec | SpecError]] = {}  # spec JSON -> its verdict
+        self.markers_ok: set[tuple[str, str]] = set()  # (storage url, key) of markers read and found whole
 
     # -- observation ---------------------------------------------------------------------------------------------
-    async def _storage(self, ref: RunRef, spec: Any) -> Any:
+    async def _storage(self, ref: RunRef, spec: GenerationRunSpec) -> Any:
         from genrun.worker.storage import open_storage
 
         s3 = spec.output.s3
@@ -179,14 +220,14 @@ class Reconciler:
         hit = self.secrets.get(key)
         if hit is not None and time.monotonic() - hit[0] < SECRET_TTL_SECONDS:
             return hit[1]
-        secret = await self.kube.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        secret = await self.kube.get(api_path("v1", namespace, "secrets", name))
         if secret is not None:
             self.secrets[key] = (time.monotonic(), secret)
         return secret
 
     def _read_reports(
         self, key: RunKey, storage: Any, rounds: Mapping[int, rec.RoundPlan]
-    ) -> tuple[dict[int, rec.RoundReport], frozenset[tuple[int, int]]]:
+    ) -> tuple[dict[int, rec.RoundReport], frozenset[tuple[int, int]], frozenset[str]]:
         reports: dict[int, rec.RoundReport] = {}
         for rnd in rounds:
             ck = (key, storage.url, rnd)
@@ -202,10 +243,18 @@ class Reconciler:
             cur = max(rounds)
             if cur not in reports:  # markers matter only while the round is open (Jobs may be gone by TTL)
                 for k in storage.list(f"shards/r{cur:04d}/"):
-                    if k.endswith(".done.json"):
-                        seed = int(k.rsplit("/s", 1)[1].split(".")[0])
-                        done.add((cur, seed))
-        return reports, frozenset(done)
+                    if not k.endswith(".done.json"):
+                        continue
+                    if (storage.url, k) not in self.markers_ok:  # read once: a published marker never changes
+                        marker, why = local.read_marker(storage, k)
+                        if marker is None:  # set aside, so the merge never trips on it; counted in the status
+                            log.warning("%s/%s: %s; quarantined", key[0], key[1], why)
+                            local.quarantine_marker(storage, k, why)
+                            continue
+                        self.markers_ok.add((storage.url, k))
+                    seed = int(k.rsplit("/s", 1)[1].split(".")[0])
+                    done.add((cur, seed))
+        return reports, frozenset(done), local.quarantined_keys(storage, reports)
 
     # -- reconcile -------------------------------------------------------------------------------------------------
     async def reconcile(self, body: Mapping[str, Any], jobs: Any, plans: Any) -> None:
@@ -231,11 +280,51 @@ class Reconciler:
         raw_spec = dict(body.get("spec") or {})
         old_status = dict(body.get("status") or {})
         path = run_path(*key)
+        if _rejected(old_status, ref.generation):
+            return  # a child was refused for this generation: terminal until the spec changes
         try:
-            spec = parse_spec(raw_spec)
+            spec = self._check(key, body, raw_spec)
         except SpecError as exc:
             await self._publish(body, path, invalid_plan(ref, exc.errors), old_status, ref, 0, {})
             return
+        errors = mf.run_errors(spec, self.settings)
+        if errors:  # before any request that uses the spec's names or endpoints
+            await self._publish(body, path, invalid_plan(ref, errors), old_status, ref, 0, {})
+            return
+        try:
+            await self._apply(body, key, ref, raw_spec, spec, old_status, jobs_idx, plans_idx)
+        except (ChildRejected, mf.TooLarge) as exc:
+            reason = c.CHILD_REJECTED if isinstance(exc, ChildRejected) else c.INVALID_SPEC
+            await self._publish(body, path, invalid_plan(ref, [str(exc)], reason), old_status, ref, 0, {})
+
+    def _check(self, key: RunKey, body: Mapping[str, Any], raw_spec: dict[str, Any]) -> GenerationRunSpec:
+        """The one validation path (validate.check_manifest: schema, CEL, semantics, children's names), run once per
+        distinct spec of a run: a reconcile per Job event must not re-validate an unchanged spec."""
+
+        text = json.dumps(raw_spec, sort_keys=True, default=str)
+        hit = self.checked.get(key)
+        if hit is None or hit[0] != text:
+            try:
+                hit = (text, check_manifest(body)[1])
+            except SpecError as exc:
+                hit = (text, exc)
+            self.checked[key] = hit
+        if isinstance(hit[1], SpecError):
+            raise hit[1]
+        return hit[1]
+
+    async def _apply(
+        self,
+        body: Mapping[str, Any],
+        key: RunKey,
+        ref: RunRef,
+        raw_spec: dict[str, Any],
+        spec: GenerationRunSpec,
+        old_status: dict[str, Any],
+        jobs_idx: Any,
+        plans_idx: Any,
+    ) -> None:
+        path = run_path(*key)
 
         rounds: dict[int, rec.RoundPlan] = {p.round: p for p in _values(plans_idx, key)}
         rounds.update({r: p for r, p in self.recorded.get(key, {}).items() if r not in rounds})
@@ -249,8 +338,8 @@ class Reconciler:
                 del overlay[name]
         jobs = tuple({**overlay, **indexed}.values())
         storage = await self._storage(ref, spec)
-        reports, done = await asyncio.to_thread(self._read_reports, key, storage, rounds)
-        obs = Observed(rounds, jobs, done, reports)
+        reports, done, quarantined = await asyncio.to_thread(self._read_reports, key, storage, rounds)
+        obs = Observed(rounds, jobs, done, reports, quarantined)
         plan = decide(ref, spec, obs)
 
         events: list[Event] = []
@@ -259,29 +348,28 @@ class Reconciler:
             if new_round is None:
                 break
             cm = mf.round_configmap(ref, new_round)
-            if await self.kube.create(f"/api/v1/namespaces/{ref.namespace}/configmaps", cm):
+            if await self.kube.create(api_path("v1", ref.namespace, "configmaps"), cm):
                 events += plan.events  # the round really starts now: announce it once
             else:
-                existing = await self.kube.get(
-                    f"/api/v1/namespaces/{ref.namespace}/configmaps/{cm['metadata']['name']}"
-                )
+                existing = await self.kube.get(api_path("v1", ref.namespace, "configmaps", cm["metadata"]["name"]))
                 new_round = rec.round_plan_from(json.loads(existing["data"]["plan.json"]))
             self.recorded.setdefault(key, {})[new_round.round] = new_round
             # Decide again on the recorded plan: Jobs always come from what was recorded, never from a re-plan.
-            obs = Observed({**rounds, new_round.round: new_round}, jobs, done, reports)
+            obs = Observed({**rounds, new_round.round: new_round}, jobs, done, reports, quarantined)
             plan = decide(ref, spec, obs)
 
+        creates = []
         for a in plan.actions:
             if isinstance(a, CreateShardJob):
-                manifest = mf.shard_job(ref, a, spec, raw_spec, self.settings)
+                manifest = mf.shard_job(ref, a, spec, self.settings)
                 job = ObservedJob(a.name, "shard", a.shard.round, a.shard.seed, a.attempt, "Pending")
             elif isinstance(a, CreateMergeJob):
-                manifest = mf.merge_job(ref, a, spec, raw_spec, self.settings)
+                manifest = mf.merge_job(ref, a, spec, self.settings)
                 job = ObservedJob(a.name, "merge", a.round, None, a.attempt, "Pending")
             else:
                 continue
-            await self.kube.create(f"/apis/batch/v1/namespaces/{ref.namespace}/jobs", manifest)
-            overlay[a.name] = job
+            creates.append(self._create_job(ref, mf.job_configmap(ref, a, raw_spec), manifest, job, overlay))
+        await asyncio.gather(*creates)  # each Job after its own ConfigMap; Jobs side by side
         states = _shard_states(_values(jobs_idx, key))
         await self._publish(
             body,
@@ -294,6 +382,14 @@ class Reconciler:
             events,
             budget_used(spec, plan.status),
         )
+
+    async def _create_job(
+        self, ref: RunRef, cm: dict[str, Any], job: dict[str, Any], seen: ObservedJob, overlay: dict[str, ObservedJob]
+    ) -> None:
+        # The job spec first (a 409 after a restart is the same spec), then the Job that mounts it.
+        await self.kube.create(api_path("v1", ref.namespace, "configmaps"), cm)
+        await self.kube.create(api_path("batch/v1", ref.namespace, "jobs"), job)
+        overlay[seen.name] = seen
 
     async def _publish(
         self,
@@ -311,7 +407,7 @@ class Reconciler:
         status = {**plan.status, "conditions": conds}
         if _strip_times(status) != _strip_times({k: old.get(k) for k in status}):
             await self.kube.patch_status(path, status)
-        for ev in events or []:
+        for ev in [*(events or []), *_quarantine_events(old, status)]:
             kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)  # type: ignore[arg-type]
         posted = self.posted.setdefault((ref.namespace, ref.name), set())
         for t in c.transitions(old.get("conditions"), plan.conditions):
@@ -329,12 +425,38 @@ class Reconciler:
         """On delete: children go (owner references do this on a real cluster; this also covers API servers
         without a garbage collector), and the run's metrics stop being exported."""
         for s in _values(jobs_idx, (ns, name)):
-            await self.kube.delete(f"/apis/batch/v1/namespaces/{ns}/jobs/{s['name']}")
+            await self.kube.delete(api_path("batch/v1", ns, "jobs", s["name"]))
+            await self.kube.delete(api_path("v1", ns, "configmaps", s["name"]))  # the Job's job-spec ConfigMap
         for p in _values(plans_idx, (ns, name)):
-            await self.kube.delete(f"/api/v1/namespaces/{ns}/configmaps/{name}-r{p.round}-plan")
+            await self.kube.delete(api_path("v1", ns, "configmaps", f"{name}-r{p.round}-plan"))
         self.metrics.runs.forget(ns, name)
-        for store in (self.recorded, self.created_jobs, self.posted):
+        for store in (self.recorded, self.created_jobs, self.posted, self.checked):
             store.pop((ns, name), None)
+
+
+def _rejected(status: Mapping[str, Any], generation: int) -> bool:
+    """Whether this generation already failed because the API server refused a child (never retried)."""
+    return any(
+        isinstance(cnd, dict)
+        and cnd.get("type") == c.FAILED
+        and cnd.get("status") == "True"
+        and cnd.get("reason") == c.CHILD_REJECTED
+        and cnd.get("observedGeneration") == generation
+        for cnd in status.get("conditions") or []
+    )
+
+
+def _quarantine_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
+    """A Warning when more shards were set aside as unreadable than the last status said."""
+    before = int(((old.get("totals") or {}).get("shardsQuarantined")) or 0)
+    now = int((new.get("totals") or {}).get("shardsQuarantined", 0) or 0)
+    if now <= before:
+        return []
+    msg = (
+        f"{now} shard(s) quarantined as unreadable (set aside under quarantine/ in the output, not merged); "
+        "see the round's report.md"
+    )
+    return [Event("Warning", c.SHARDS_QUARANTINED, msg)]
 
 
 def _creds(keys: Mapping[str, str]) -> dict[str, str]:
@@ -384,7 +506,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, reconciler: Re
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=GROUP, key="last-handled-configuration"
         )
-        settings.posting.level = logging.INFO
+        settings.posting.level = logging.WARNING
         settings.batching.idle_timeout = 30
 
     @kopf.on.login(id="login", **on)  # type: ignore[arg-type]

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-import yaml
 from genrun.operator import conditions as c
-from genrun.operator.api import API_VERSION, RunRef, parse_manifest, parse_spec
+from genrun.operator.api import API_VERSION, RunRef, parse_spec
 from genrun.operator.planner import (
     CreateMergeJob,
     CreateShardJob,
@@ -63,9 +62,44 @@ class _Proc:
     log: TextIO
 
 
+QUARANTINE = "quarantine/"  # damaged files are recorded here (as merge.py does for shard data), never deleted silently
+
+
+def read_marker(storage: Storage, key: str) -> tuple[rec.ShardManifest | None, str]:
+    """A shard's completion marker, or (None, why) when it is truncated, empty, incomplete or not its shard's.
+
+    One small function on purpose: the worker's merge reads markers too, and the two should share one reader.
+    """
+    try:
+        name = key.rsplit("/", 2)
+        rnd, seed = int(name[-2].removeprefix("r")), int(name[-1].removeprefix("s").split(".")[0])
+        m = rec.shard_manifest_from(json.loads(storage.read_bytes(key)))
+        if (int(m.round), int(m.seed)) != (rnd, seed) or not isinstance(m.data, str) or not m.data:
+            return None, f"describes round {m.round} seed {m.seed} (data {m.data!r}), not round {rnd} seed {seed}"
+        return m, ""
+    except KeyError:
+        return None, "disappeared while being read"
+    except (ValueError, TypeError, AttributeError, IndexError) as exc:  # JSON, UTF-8, missing or extra fields
+        return None, f"unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+
+
+def quarantine_marker(storage: Storage, key: str, why: str) -> None:
+    """Set a damaged marker aside: its shard then counts as not done and is generated again."""
+    storage.write_bytes(f"{QUARANTINE}{key}.json", json.dumps({"key": key, "error": why}).encode())
+    storage.delete(key)
+
+
+def quarantined_keys(storage: Storage, reports: dict[int, rec.RoundReport]) -> frozenset[str]:
+    """Every file set aside as damaged: markers (here) and shard data (by the merge, listed in its reports)."""
+    keys = {k.removeprefix(QUARANTINE).removesuffix(".json") for k in storage.list(QUARANTINE)}
+    return frozenset(keys.union(*(r.quarantined for r in reports.values())))
+
+
 def observe_storage(
-    storage: Storage,
+    storage: Storage, *, repair: bool = True, out: TextIO | None = None
 ) -> tuple[dict[int, rec.RoundPlan], frozenset[tuple[int, int]], dict[int, rec.RoundReport]]:
+    """What exists on storage. With repair, a damaged marker is quarantined (so its shard runs again); without
+    (`genrun report` only reads), it is skipped."""
     rounds: dict[int, rec.RoundPlan] = {}
     for key in storage.list("rounds/"):
         if key.endswith("/plan.json"):
@@ -74,8 +108,14 @@ def observe_storage(
     done = set()
     for key in storage.list("shards/"):
         if key.endswith(".done.json"):
-            m = rec.shard_manifest_from(json.loads(storage.read_bytes(key)))
-            done.add((m.round, m.seed))
+            m, why = read_marker(storage, key)
+            if m is not None:
+                done.add((m.round, m.seed))
+            elif repair:
+                quarantine_marker(storage, key, why)
+                if out is not None:
+                    out.write(f"\nwarning: {storage.location(key)}: {why}; set aside under {QUARANTINE}, the shard "
+                              "runs again\n")  # fmt: skip
     reports = {}
     for rnd in rounds:
         key = rec.round_report_key(rnd)
@@ -122,12 +162,13 @@ class LocalRunner:
         return out
 
     def observe(self) -> Observed:
-        rounds, done, reports = observe_storage(self.storage)
+        rounds, done, reports = observe_storage(self.storage, out=None if self.quiet else self.out)
         jobs = {j.name: j for j in self._failed_attempts()}
         jobs.update(self.finished)
         for p in self.procs.values():
             jobs[p.name] = ObservedJob(p.name, p.kind, p.round, p.seed, p.attempt, "Running")
-        return Observed(rounds, tuple(jobs.values()), done, reports)
+        quarantined = quarantined_keys(self.storage, reports)
+        return Observed(rounds, tuple(jobs.values()), done, reports, quarantined)
 
     # -- effects -----------------------------------------------------------------------------------------
     def _start(self, action: CreateShardJob | CreateMergeJob) -> None:
@@ -241,28 +282,50 @@ class LocalRunner:
                 p.popen.kill()
 
     def progress(self, plan: Plan, obs: Observed) -> None:
+        """One live line: the round's shards, kept vs target, duplication, tokens/s, elapsed<ETA, sampling, reason.
+        Rates count what this process saw finish (a resumed run starts its clocks again); tqdm formats the times."""
         if self.quiet:
             return
+        from tqdm import tqdm
+
+        # This method's own state, kept on the runner under one name.
+        ps: dict[str, Any] = self.__dict__.setdefault(
+            "_progress", {"t0": time.monotonic(), "kept0": None, "seen": None, "tokens": 0}
+        )
         st = plan.status
         rnd = st.get("round", 0)
         target = self.spec.target.unique_examples
         kept = st.get("totals", {}).get("qcPassed", 0)
         dup = st.get("totals", {}).get("duplicationRatio", 0.0)
+        if ps["kept0"] is None:
+            ps["kept0"], ps["seen"] = kept, set(obs.shards_done)  # what existed before this process: not timed
+        for r, seed in sorted(obs.shards_done - ps["seen"]):  # shards finished since: their tokens, read once
+            with contextlib.suppress(KeyError, ValueError, OSError, StorageError):
+                m = rec.shard_manifest_from(json.loads(self.storage.read_bytes(rec.shard_manifest_key(r, seed))))
+                ps["tokens"] += m.tokens
+            ps["seen"].add((r, seed))
+        elapsed = time.monotonic() - ps["t0"]
         cur = obs.rounds.get(rnd)
         shards = len(cur.shards) if cur else 0
         done = sum(1 for s in (cur.shards if cur else ()) if (s.round, s.seed) in obs.shards_done)
         width = 20
         bar = "#" * (width * done // shards if shards else 0)
         sampling = cur.sampling.describe() if cur else ""
-        line = (
-            f"round {rnd} [{bar:<{width}}] {done}/{shards} shards | kept {kept}/{target} | dup {100 * dup:.1f}% | "
-            f"{sampling} | {plan.condition(c.PROGRESSING).reason}"
+        # ETA from the kept examples per second so far (they arrive when a round is merged; '?' before the first).
+        times = tqdm.format_meter(
+            n=min(kept, target), total=target, elapsed=elapsed, bar_format="{elapsed}<{remaining}", initial=ps["kept0"]
         )
-        if line != self._last_line:
-            tty = self.out.isatty()
+        rate = f"{ps['tokens'] / elapsed:,.0f} tokens/s" if ps["tokens"] and elapsed > 0 else "- tokens/s"
+        head = f"round {rnd} [{bar:<{width}}] {done}/{shards} shards | kept {kept}/{target} | dup {100 * dup:.1f}%"
+        tail = f"{sampling} | {plan.condition(c.PROGRESSING).reason}"
+        line = f"{head} | {rate} | {times} | {tail}"
+        tty = self.out.isatty()
+        # On a terminal the line is redrawn as the clock runs; in a log, a new line only when something happened.
+        key = line if tty else f"{head} | {ps['tokens']} | {tail}"
+        if key != self._last_line:
             self.out.write(("\r\033[K" if tty else "") + line + ("" if tty else "\n"))
             self.out.flush()
-            self._last_line = line
+            self._last_line = key
 
 
 def _tail(path: Path, lines: int = 1) -> str:
@@ -285,17 +348,14 @@ def run_manifest(
     path: Path, *, output: str | None, jobs: int, engine: str, quiet: bool, out: TextIO = sys.stderr
 ) -> int:
     from genrun.operator.cli import EXIT_RUN_FAILED, UserError
-    from genrun.operator.validate import validate_file
+    from genrun.operator.validate import ManifestError, SpecError, load_run_manifest
 
-    errors = validate_file(path)
-    if errors:  # before anything touches the output folder
-        for e in errors:
+    try:  # the one validation path, --output included, before anything touches the output folder
+        doc, ref, spec = load_run_manifest(path, output)
+    except (ManifestError, SpecError) as exc:
+        for e in exc.errors if isinstance(exc, SpecError) else [str(exc)]:
             print(f"{path}: {e}", file=sys.stderr)
         return rec.EXIT_USAGE
-    doc = yaml.safe_load(path.read_text())
-    if output:
-        doc["spec"]["output"]["path"] = output
-    ref, spec = parse_manifest(doc)
     storage = open_storage(spec.output.path, spec.output.s3.endpoint if spec.output.s3 else "")
     try:
         storage.check()
@@ -342,6 +402,9 @@ def print_status(output: str, as_json: bool = False) -> int:
     target = doc["spec"]["target"]["uniqueExamples"]
     print(f"{doc['metadata']['name']}: round {st.get('round', 0)}, kept {t.get('qcPassed', 0)}/{target}, unique "
           f"{t.get('unique', 0)}, generated {t.get('generated', 0)}, duplication {100 * t.get('duplicationRatio', 0):.1f}%")  # fmt: skip
+    if t.get("shardsQuarantined") or t.get("shardsFailed"):
+        print(f"  shards: {t.get('shardsQuarantined', 0)} quarantined (damaged, set aside under quarantine/), "
+              f"{t.get('shardsFailed', 0)} failed")  # fmt: skip
     for cond in st.get("conditions", []):
         print(f"  {cond['type']:<12} {cond['status']:<6} {cond['reason']:<16} {cond.get('message', '')[:120]}")
     print("  round shards seeds        T     rep   generated  new unique  kept  yield")
@@ -353,7 +416,7 @@ def print_status(output: str, as_json: bool = False) -> int:
 
 def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout) -> int:
     storage = _open(output)
-    _, _, reports = observe_storage(storage)
+    _, _, reports = observe_storage(storage, repair=False)
     if not reports:
         print("no round has been merged yet", file=file)
         return 0

@@ -1,12 +1,16 @@
-"""Pure builders of the Kubernetes objects a run owns: round-plan ConfigMaps, shard Jobs and merge Jobs.
+"""Pure builders of the Kubernetes objects a run owns: round-plan ConfigMaps, shard and merge Jobs, and the
+job-spec ConfigMap each Job mounts.
 
 No API calls here: the handlers create what these return, and tests inspect them (owner references, labels, GPU
-resources, Kueue, podFailurePolicy) without a cluster.
+resources, Kueue, podFailurePolicy, Pod Security "restricted") without a cluster.
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
+import re
 from typing import Any
 
 from genrun.operator.api import API_VERSION, KIND, GenerationRunSpec, RunRef
@@ -23,6 +27,38 @@ MANAGED_BY = "genrun-operator"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 CONTAINER = "worker"
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# The worker image's user (Dockerfile.worker): a fixed, high UID so runAsNonRoot can be checked by the kubelet.
+WORKER_UID = 10001
+JOB_DIR = "/etc/genrun/job"  # the Job's job-spec ConfigMap, mounted read-only
+JOB_FILE = "job.json"
+HOME = "/home/genrun"  # an emptyDir: the root filesystem is read-only
+CONFIGMAP_MAX_BYTES = 1024 * 1024  # the API server refuses a ConfigMap whose data is larger
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def is_object_name(name: str) -> bool:
+    """A DNS-1123 subdomain (what Secret, ConfigMap, Job and namespace names are): no '/', no '..', no spaces."""
+    return isinstance(name, str) and len(name) <= 253 and _OBJECT_NAME.fullmatch(name) is not None
+
+
+def run_errors(spec: GenerationRunSpec, settings: Settings) -> list[str]:
+    """What this operator refuses to do for a run, as `spec.<field>: <problem and fix>` (on top of parse_spec)."""
+    errors = []
+    s3 = spec.output.s3
+    secret = s3.credentials_secret if s3 is not None else ""
+    if secret and not is_object_name(secret):
+        errors.append(
+            f"spec.output.s3.credentialsSecret: {secret[:200]!r} is not a Secret name; name a Secret in the run's "
+            "own namespace (lowercase letters, digits, '-' and '.', at most 253 characters; no '/' or '..')"
+        )
+    if spec.output.is_s3 and not secret and not settings.allow_ambient_credentials:
+        errors.append(
+            "spec.output.s3.credentialsSecret: is required for an s3:// output: create a Secret with "
+            f"{' and '.join(CREDENTIAL_KEYS)} in the run's namespace and name it here (this operator does not lend "
+            "its own cloud credentials to runs; its administrator can allow that with the chart value "
+            "operator.allowAmbientCredentials)"
+        )
+    return errors
 
 
 def labels(ref: RunRef, kind: str, **extra: str) -> dict[str, str]:
@@ -65,10 +101,24 @@ def round_configmap(ref: RunRef, plan: rec.RoundPlan) -> dict[str, Any]:
 
 
 def _env(spec: GenerationRunSpec) -> list[dict[str, Any]]:
+    cache = f"{HOME}/.cache"
+    # The root filesystem is read-only: every cache vLLM, Hugging Face, torch and Triton write goes to emptyDirs.
+    # With a model PVC, Hugging Face reads the cache pre-filled there (read-only); else it downloads into the pod.
+    hf_home = "/models/.hf-cache" if spec.worker.model_volume_claim else f"{cache}/huggingface"
     env: list[dict[str, Any]] = [
         {"name": "GENRUN_LOG_LEVEL", "value": "INFO"},
         {"name": "VLLM_ENABLE_V1_MULTIPROCESSING", "value": "0"},
-        {"name": "HF_HOME", "value": "/models/.hf-cache"},
+        {"name": "HOME", "value": HOME},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": cache},
+        {"name": "XDG_CONFIG_HOME", "value": f"{HOME}/.config"},
+        {"name": "HF_HOME", "value": hf_home},
+        {"name": "VLLM_CACHE_ROOT", "value": f"{cache}/vllm"},
+        {"name": "VLLM_CONFIG_ROOT", "value": f"{HOME}/.config/vllm"},
+        {"name": "TORCH_HOME", "value": f"{cache}/torch"},
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{cache}/torchinductor"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{cache}/triton"},
+        {"name": "NUMBA_CACHE_DIR", "value": f"{cache}/numba"},
     ]
     s3 = spec.output.s3
     if s3 is not None and s3.endpoint:
@@ -84,9 +134,19 @@ def _env(spec: GenerationRunSpec) -> list[dict[str, Any]]:
     return env
 
 
-def _volumes(spec: GenerationRunSpec, shm: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    vols: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
-    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+def _volumes(
+    spec: GenerationRunSpec, job_name: str, shm: str | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    vols: list[dict[str, Any]] = [
+        {"name": "job", "configMap": {"name": job_name}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "home", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "job", "mountPath": JOB_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "home", "mountPath": HOME},
+    ]
     if shm:
         vols.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -111,12 +171,21 @@ def _job(
     shm: str | None,
 ) -> dict[str, Any]:
     w = spec.worker
-    vols, mounts = _volumes(spec, shm)
+    vols, mounts = _volumes(spec, name, shm)
     if w.queue_name:
         lbls = {**lbls, KUEUE_QUEUE: w.queue_name}
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        # Pod Security "restricted": non-root with a fixed UID/GID (the image's), seccomp, no ServiceAccount token
+        # (workers never call the API server).
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "fsGroup": WORKER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [
             {
                 "name": CONTAINER,
@@ -127,7 +196,12 @@ def _job(
                 "resources": resources,
                 "volumeMounts": mounts,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "runAsNonRoot": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
             }
         ],
         "volumes": vols,
@@ -169,30 +243,24 @@ def _job(
     }
 
 
-def shard_job(
-    ref: RunRef, action: CreateShardJob, spec: GenerationRunSpec, raw_spec: dict[str, Any], settings: Settings
-) -> dict[str, Any]:
+def shard_job(ref: RunRef, action: CreateShardJob, spec: GenerationRunSpec, settings: Settings) -> dict[str, Any]:
     s, w = action.shard, spec.worker
     lbls = labels(
         ref, "shard", **{LABEL_ROUND: str(s.round), LABEL_SEED: str(s.seed), LABEL_ATTEMPT: str(action.attempt)}
     )
-    job = json.dumps(rec.plain(job_spec(action, ref, raw_spec)), separators=(",", ":"), sort_keys=True)
     limits: dict[str, str] = {"cpu": w.cpu, "memory": w.memory}
     if w.gpus:
         limits["nvidia.com/gpu"] = str(w.gpus)
     resources = {"requests": dict(limits), "limits": limits}
-    args = ["worker", "generate", "--job-json", job]
+    args = ["worker", "generate", "--job", f"{JOB_DIR}/{JOB_FILE}"]
     return _job(ref, action.name, lbls, spec, settings, args, resources, settings.shm_size if w.gpus else None)
 
 
-def merge_job(
-    ref: RunRef, action: CreateMergeJob, spec: GenerationRunSpec, raw_spec: dict[str, Any], settings: Settings
-) -> dict[str, Any]:
+def merge_job(ref: RunRef, action: CreateMergeJob, spec: GenerationRunSpec, settings: Settings) -> dict[str, Any]:
     lbls = labels(ref, "merge", **{LABEL_ROUND: str(action.round), LABEL_ATTEMPT: str(action.attempt)})
-    job = json.dumps(rec.plain(job_spec(action, ref, raw_spec)), separators=(",", ":"), sort_keys=True)
     limits = {"cpu": settings.merge_cpu, "memory": settings.merge_memory}
     resources = {"requests": dict(limits), "limits": limits}
-    args = ["worker", "merge", "--job-json", job]
+    args = ["worker", "merge", "--job", f"{JOB_DIR}/{JOB_FILE}"]
     manifest = _job(ref, action.name, lbls, spec, settings, args, resources, None)
     parts = spec.dedup.partitions
     if parts > 1:
@@ -200,6 +268,42 @@ def merge_job(
         # The indexes wait for each other's outputs, so all run at once.
         manifest["spec"].update(completionMode="Indexed", completions=parts, parallelism=parts)
     return manifest
+
+
+class TooLarge(ValueError):
+    pass
+
+
+def job_configmap(ref: RunRef, action: CreateShardJob | CreateMergeJob, raw_spec: dict[str, Any]) -> dict[str, Any]:
+    """The job spec a Job mounts at JOB_DIR/JOB_FILE, named like the Job and created just before it.
+
+    A file, not an argument: Linux refuses a single argv string over 128 KiB, and a spec within the CRD's bounds can
+    be far larger. A ConfigMap holds at most 1 MiB: a larger job spec is stored gzip-compressed (binaryData; the
+    worker reads either), and one still too large raises TooLarge, which fails the run naming the size. (The API
+    server itself refuses a whole GenerationRun over ~1.5 MiB, so such a spec could not have been stored anyway.)
+    """
+    kind = "shard" if isinstance(action, CreateShardJob) else "merge"
+    rnd = action.shard.round if isinstance(action, CreateShardJob) else action.round
+    text = json.dumps(rec.plain(job_spec(action, ref, raw_spec)), separators=(",", ":"), sort_keys=True,
+                      ensure_ascii=False)  # fmt: skip
+    raw = text.encode()
+    cm: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(ref, action.name, labels(ref, f"{kind}-job-spec", **{LABEL_ROUND: str(rnd)})),
+        "immutable": True,
+    }
+    if len(raw) <= CONFIGMAP_MAX_BYTES - 4096:
+        cm["data"] = {JOB_FILE: text}
+        return cm
+    packed = gzip.compress(raw, compresslevel=9, mtime=0)
+    if len(base64.b64encode(packed)) > CONFIGMAP_MAX_BYTES - 4096:
+        raise TooLarge(
+            f"spec: the job spec of {action.name} is {len(raw):,} bytes ({len(packed):,} compressed), over the "
+            f"{CONFIGMAP_MAX_BYTES:,} bytes a ConfigMap holds; shorten spec.prompt.examples or spec.prompt.domains"
+        )
+    cm["binaryData"] = {JOB_FILE: base64.b64encode(packed).decode()}
+    return cm
 
 
 def job_summary(body: dict[str, Any]) -> dict[str, Any] | None:

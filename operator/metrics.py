@@ -74,6 +74,22 @@ class RunCollector(Collector):
         cond = GaugeMetricFamily(
             "genrun_run_condition", "1 where the run's condition is True.", labels=[*lbl, "condition"]
         )
+        projected_tokens = GaugeMetricFamily(
+            "genrun_projected_tokens_to_target",
+            "Tokens still to generate to reach the target at the best arm's measured yield.",
+            labels=lbl,
+        )
+        projected_rounds = GaugeMetricFamily(
+            "genrun_projected_rounds", "Rounds in all (done and still needed) to reach the target.", labels=lbl
+        )
+        arm_reward = GaugeMetricFamily(
+            "genrun_arm_reward_per_1k_tokens",
+            "New unique QC-passed examples per 1k generated tokens of a sampling arm (at most 16 arms a run).",
+            labels=[*lbl, "arm"],
+        )
+        arm_shards = CounterMetricFamily(
+            "genrun_arm_shards", "Shard Jobs given to a sampling arm (at most 16 arms a run).", labels=[*lbl, "arm"]
+        )
         budget = GaugeMetricFamily(
             "genrun_budget_used_ratio",
             "Largest used share of the run's budget: rounds, shards or generated examples (0-1).",
@@ -90,6 +106,12 @@ class RunCollector(Collector):
             dup.add_metric(v, totals.get("duplicationRatio", 0.0))
             rnd.add_metric(v, st.get("round", 0))
             budget.add_metric(v, run["budget"])
+            if "projectedTokensToTarget" in st:
+                projected_tokens.add_metric(v, st["projectedTokensToTarget"])
+                projected_rounds.add_metric(v, st.get("projectedRounds", 0))
+            for arm in st.get("arms", []):
+                arm_reward.add_metric([*v, arm["arm"]], arm.get("rewardPer1kTokens", 0.0))
+                arm_shards.add_metric([*v, arm["arm"]], arm.get("shards", 0))
             for row in st.get("rounds", []):
                 if "marginalYield" in row:
                     yld.add_metric([*v, str(row["round"])], row["marginalYield"])
@@ -102,7 +124,8 @@ class RunCollector(Collector):
                 cond.add_metric([*v, ctype], 1.0 if ctype in trues else 0.0)
         build = GaugeMetricFamily("genrun_build_info", "genrun operator build.", labels=["version"])
         build.add_metric([__version__], 1.0)
-        yield from (generated, tokens, unique, kept, target, dup, rnd, yld, round_dup, shards, cond, budget, build)
+        yield from (generated, tokens, unique, kept, target, dup, rnd, yld, round_dup, shards, cond, budget,
+                    projected_tokens, projected_rounds, arm_reward, arm_shards, build)  # fmt: skip
 
 
 class Metrics:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from genrun.operator import conditions as c
+from genrun.operator import policy as pol
 from genrun.operator.api import GenerationRunSpec, RunRef, SpecError, parse_spec
+from genrun.operator.policy import base_sampling, round4
 from genrun.worker.records import JobSpec, RoundPlan, RoundReport, Sampling, ShardPlan
 
 JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
@@ -44,6 +46,7 @@ class Observed:
     jobs: tuple[ObservedJob, ...] = ()
     shards_done: frozenset[tuple[int, int]] = frozenset()  # (round, seed) with a completion marker on storage
     reports: Mapping[int, RoundReport] = field(default_factory=dict)
+    quarantined: frozenset[str] = frozenset()  # storage keys set aside as damaged (markers, shard data)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,15 +135,6 @@ def merge_job_name(run: str, rnd: int, attempt: int) -> str:
 # Sampling policy and round sizing (pure arithmetic, unit-tested on the problem's numbers)
 
 
-def base_sampling(spec: GenerationRunSpec) -> Sampling:
-    s = spec.sampling
-    return Sampling(s.temperature, s.top_p, s.repetition_penalty, s.min_p, s.max_tokens)
-
-
-def _r(x: float) -> float:
-    return round(x, 4)  # keeps 0.7 + 0.1 from printing as 0.7999999999
-
-
 def next_sampling(
     spec: GenerationRunSpec,
     last: Sampling,
@@ -151,16 +145,16 @@ def next_sampling(
     escalate again to a level where QC already fell below it (history: (sampling, report) of earlier rounds)."""
     e, base = spec.escalation, base_sampling(spec)
     if report.new_unique and report.qc_pass_rate < e.min_qc_pass_rate:
-        t = max(base.temperature, _r(last.temperature - e.temperature_step))
-        p = max(base.repetition_penalty, _r(last.repetition_penalty - e.repetition_penalty_step))
+        t = max(base.temperature, round4(last.temperature - e.temperature_step))
+        p = max(base.repetition_penalty, round4(last.repetition_penalty - e.repetition_penalty_step))
         why = (
             f"QC-pass rate {report.qc_pass_rate:.2f} is below the floor {e.min_qc_pass_rate:g}: "
             f"temperature {last.temperature:g}->{t:g}, repetition penalty {last.repetition_penalty:g}->{p:g}"
         )
         return Sampling(t, last.top_p, p, last.min_p, last.max_tokens), c.STEPPED_BACK, why
     if report.unique_ratio < e.escalate_below_unique_ratio:
-        t = min(e.max_temperature, _r(last.temperature + e.temperature_step))
-        p = min(e.max_repetition_penalty, _r(last.repetition_penalty + e.repetition_penalty_step))
+        t = min(e.max_temperature, round4(last.temperature + e.temperature_step))
+        p = min(e.max_repetition_penalty, round4(last.repetition_penalty + e.repetition_penalty_step))
         failed = [s for s, r in (*history, (last, report)) if r.new_unique and r.qc_pass_rate < e.min_qc_pass_rate]
         if any(t >= s.temperature and p >= s.repetition_penalty for s in failed):
             return (
@@ -224,21 +218,30 @@ def make_round(
     sampling: Sampling,
     rounds: Mapping[int, RoundPlan],
     reason: str,
+    *,
+    arms: Sequence[Sampling] = (),
+    examples: int = 0,
 ) -> RoundPlan:
+    """A round of `count` shards with fresh seeds; each shard runs arms[i] (default: `sampling` for all) and writes
+    `examples` rows (default: spec.shards.examplesPerShard). The round's `sampling` is its most used arm."""
     used = [s for p in rounds.values() for s in p.shards]
     seed0 = max((s.seed for s in used), default=spec.shards.first_seed - 1) + 1
     ordinal0 = len(used)
+    per_shard = list(arms) or [sampling] * count
     shards = tuple(
         ShardPlan(
             round=rnd,
             seed=seed0 + i,
             ordinal=ordinal0 + i,
-            examples=spec.shards.examples_per_shard,
-            sampling=sampling,
+            examples=examples or spec.shards.examples_per_shard,
+            sampling=per_shard[i],
             domains=shard_domains(spec, ordinal0 + i),
+            arm=pol.arm_id(per_shard[i]),
         )
         for i in range(count)
     )
+    if arms:
+        sampling = max(per_shard, key=per_shard.count)
     return RoundPlan(round=rnd, shards=shards, sampling=sampling, reason=reason)
 
 
@@ -302,7 +305,9 @@ def _seed_range(seeds: tuple[int, ...]) -> str:
     return f"{lo}-{hi}" if hi - lo + 1 == len(seeds) else f"{lo}-{hi} ({len(seeds)})"
 
 
-def _status(ref: RunRef, obs: Observed, states: Mapping[int, list[_ShardState]]) -> dict[str, Any]:
+def _status(
+    ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping[int, list[_ShardState]]
+) -> dict[str, Any]:
     latest = max(obs.reports) if obs.reports else 0
     rep = obs.reports.get(latest)
     all_states = [s for ss in states.values() for s in ss]
@@ -315,6 +320,7 @@ def _status(ref: RunRef, obs: Observed, states: Mapping[int, list[_ShardState]])
         "shardsSucceeded": sum(s.phase == "done" for s in all_states),
         "shardsFailed": sum(s.phase == "failed" for s in all_states),
         "shardsRunning": sum(s.phase == "active" for s in all_states),
+        "shardsQuarantined": len(obs.quarantined.union(*(r.quarantined for r in obs.reports.values()))),
     }
     rounds = []
     for rnd in sorted(obs.rounds)[-100:]:
@@ -347,6 +353,12 @@ def _status(ref: RunRef, obs: Observed, states: Mapping[int, list[_ShardState]])
     }
     if rep is not None:
         status["output"] = {"dataset": rep.dataset, "report": rep.report}
+        stats = pol.arm_stats(spec, obs.rounds, obs.reports)
+        tokens, rounds_total = pol.projections(spec, stats, spec.target.unique_examples - rep.qc_passed_total, latest)
+        if tokens is not None and rounds_total is not None:
+            status["projectedTokensToTarget"] = tokens
+            status["projectedRounds"] = rounds_total
+        status["arms"] = pol.arm_status([a for a in stats if a.shards])
     return status
 
 
@@ -399,9 +411,9 @@ def _succeeded(msg: str) -> tuple[c.Condition, ...]:
     )
 
 
-def invalid_plan(ref: RunRef, errors: list[str]) -> Plan:
+def invalid_plan(ref: RunRef, errors: list[str], reason: str = c.INVALID_SPEC) -> Plan:
     msg = "; ".join(errors)
-    return Plan(actions=(), conditions=_failed(c.INVALID_SPEC, msg), status={"observedGeneration": ref.generation})
+    return Plan(actions=(), conditions=_failed(reason, msg), status={"observedGeneration": ref.generation})
 
 
 def plan_for_manifest(ref: RunRef, spec: Mapping[str, Any], observed: Observed) -> Plan:
@@ -421,21 +433,32 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
     def finish(conds: tuple[c.Condition, ...]) -> Plan:
         # No events: a finished or waiting run is decided again and again; its Events come from condition
         # transitions (conditions.transitions), so each is posted once.
-        return Plan((), conds, _status(ref, obs, states))
+        return Plan((), conds, _status(ref, spec, obs, states))
 
-    def new_round(rnd: int, count: int, sampling: Sampling, why: str, events: list[Event]) -> Plan:
-        plan = make_round(spec, rnd, count, sampling, obs.rounds, why)
+    def new_round(
+        rnd: int,
+        count: int,
+        sampling: Sampling,
+        why: str,
+        events: list[Event],
+        arms: Sequence[Sampling] = (),
+        examples: int = 0,
+    ) -> Plan:
+        plan = make_round(spec, rnd, count, sampling, obs.rounds, why, arms=arms, examples=examples)
         states[rnd] = [_ShardState(s, "create") for s in plan.shards]
         actions: list[Action] = [RecordRound(plan)]
         actions += _shard_creates(spec, ref, states[rnd], active=0)
-        msg = f"round {rnd}: {count} shard(s), seeds {_seed_range(plan.seeds)}, {sampling.describe()}; {why}"
+        msg = f"round {rnd}: {count} shard(s), seeds {_seed_range(plan.seeds)}, {_arms_summary(plan)}; {why}"
         events.append(Event("Normal", c.ROUND_STARTED, msg))
-        status = _status(ref, _with_round(obs, plan), states)
+        status = _status(ref, spec, _with_round(obs, plan), states)
         return Plan(tuple(actions), _running(c.ROUND_STARTED, msg, False), status, tuple(events))
 
     if not obs.rounds:
         if suspended:
             return finish(_running(c.SUSPENDED_BY_SPEC, "no round started yet", True))
+        if spec.policy.strategy == "bandit" and spec.policy.pilot_share > 0:
+            picked, per, why = pol.pilot(spec)
+            return new_round(1, len(picked), picked[0], why, [], arms=picked, examples=per)
         return new_round(1, spec.shards.initial, base_sampling(spec), "first round from spec.shards.initial", [])
 
     rnd = max(obs.rounds)
@@ -444,8 +467,8 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
     if failed_total > b.max_failed_shards:
         first = next(s for ss in states.values() for s in ss if s.phase == "failed")
         msg = (
-            f"{failed_total} shard(s) failed after {b.max_shard_retries} retries, more than "
-            f"spec.budget.maxFailedShards={b.max_failed_shards}; first: {first.message}"
+            f"{failed_total} shard(s) failed, more than spec.budget.maxFailedShards={b.max_failed_shards}; first: "
+            f"{first.message} ({_retries(first.attempt, b.max_shard_retries)})"
         )
         return finish(_failed(c.SHARDS_FAILED, msg))
 
@@ -457,14 +480,14 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
             done = sum(s.phase == "done" for s in cur)
             msg = f"round {rnd}: {done}/{len(cur)} shard(s) done, {active} running"
             actions = () if suspended else tuple(_shard_creates(spec, ref, cur, active))
-            status = _status(ref, obs, states)
+            status = _status(ref, spec, obs, states)
             return Plan(actions, _running(c.SHARDS_RUNNING, msg, suspended), status)
         if not any(s.phase == "done" for s in cur):
             msg = f"round {rnd}: every shard failed"
             return finish(_failed(c.SHARDS_FAILED, msg))
         phase, attempt, why = _job_state(_attempts(obs.jobs, "merge", rnd, None), b.max_shard_retries)
         if phase == "failed":
-            msg = f"round {rnd}: the merge/dedup/QC Job failed after {b.max_shard_retries} retries: {why}"
+            msg = f"round {rnd}: the merge/dedup/QC Job failed ({_retries(attempt, b.max_shard_retries)}): {why}"
             return finish(_failed(c.MERGE_FAILED, msg))
         msg = f"round {rnd}: merging, deduplicating and checking {sum(s.phase == 'done' for s in cur)} shard(s)"
         if phase == "done":
@@ -473,7 +496,7 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
         if phase == "create" and not suspended:
             shard_ids = tuple((s.round, s.seed) for r in sorted(obs.rounds) if r <= rnd for s in obs.rounds[r].shards)
             actions = (CreateMergeJob(merge_job_name(ref.name, rnd, attempt), attempt, rnd, shard_ids),)
-        return Plan(actions, _running(c.MERGING, msg, suspended), _status(ref, obs, states))
+        return Plan(actions, _running(c.MERGING, msg, suspended), _status(ref, spec, obs, states))
 
     kept = report.qc_passed_total
     target = spec.target.unique_examples
@@ -505,6 +528,20 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
     if suspended:
         return finish(_running(c.SUSPENDED_BY_SPEC, f"{kept}/{target} after round {rnd}", True))
 
+    finished = (
+        f"round {rnd}: {report.generated} generated, {report.new_unique} new unique, {report.new_qc_passed} new kept "
+        f"(marginal yield {report.marginal_yield:.3f}); {kept}/{target} kept in all"
+    )
+    events = [Event("Normal", c.ROUND_FINISHED, finished)]
+    if spec.policy.strategy == "bandit":
+        planned = sum(s.examples for s in obs.rounds[rnd].shards)
+        per_example = report.generated / planned if planned else 1.0
+        room_examples = math.floor((b.max_generated_examples - report.generated_total) / max(per_example, 1e-9))
+        arms, per, why = _bandit_round(
+            spec, ref, obs, rnd + 1, target - kept, room_examples, b.max_shards - used_shards
+        )
+        return new_round(rnd + 1, len(arms), arms[0], why, events, arms=arms, examples=per)
+
     history = tuple(
         (obs.rounds[r].sampling, obs.reports[r]) for r in sorted(obs.reports) if r in obs.rounds and r < rnd
     )
@@ -514,17 +551,49 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
     )
     if count > room:
         count, why = room, why + f"; {room} left in the budget"
-    finished = (
-        f"round {rnd}: {report.generated} generated, {report.new_unique} new unique, {report.new_qc_passed} new kept "
-        f"(marginal yield {report.marginal_yield:.3f}); {kept}/{target} kept in all"
-    )
-    events = [Event("Normal", c.ROUND_FINISHED, finished)]
     events += [] if policy == c.HELD else [Event("Normal", policy, f"round {rnd + 1}: {policy_why}")]
     return new_round(rnd + 1, count, sampling, f"{why}; {policy_why}", events)
 
 
+def _bandit_round(
+    spec: GenerationRunSpec, ref: RunRef, obs: Observed, rnd: int, need: int, room_examples: int, room_shards: int
+) -> tuple[list[Sampling], int, str]:
+    """The next round under the bandit: (arm per shard, examples per shard, why)."""
+    stats = pol.arm_stats(spec, obs.rounds, obs.reports)
+    rng = pol.round_rng(ref, rnd)
+    cap = max(1, min(spec.escalation.max_shards_per_round, room_shards))
+    last = rnd >= spec.budget.max_rounds
+    # The mix a full round would get estimates the yield to size with; the round itself is then drawn at its size.
+    y, sd = pol.mix_yield(stats, pol.allocate(stats, cap, spec.policy.exploration, rng))
+    size = pol.size_round(spec, need, y, sd, room_examples, room_shards, last)
+    picks = pol.allocate(stats, size.shards, spec.policy.exploration, rng)
+    per, why = size.examples, size.why
+    if size.shards < cap:  # sized to the target: size again for the arms actually drawn
+        y, sd = pol.mix_yield(stats, picks)
+        n, _, why = pol.examples_for(spec, need, y, sd, last)
+        per = pol.shard_examples(spec, math.ceil(n / len(picks)))
+        why += f" -> {len(picks)} shard(s) x {per}"
+    retired = [a.id for a in stats if a.retired]
+    why += f"; retired (QC-pass rate below the floor): {', '.join(retired)}" if retired else ""
+    return [a.sampling for a in picks], per, why
+
+
+def _arms_summary(plan: RoundPlan) -> str:
+    counts: dict[str, int] = {}
+    for s in plan.shards:
+        counts[s.sampling.describe()] = counts.get(s.sampling.describe(), 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{n}x {d}" for d, n in counts.items())
+
+
+def _retries(attempt: int, bound: int) -> str:
+    """The retries really made (attempt N is retry N), against the bound."""
+    return f"after {attempt} {'retry' if attempt == 1 else 'retries'}, spec.budget.maxShardRetries={bound}"
+
+
 def _with_round(obs: Observed, plan: RoundPlan) -> Observed:
-    return Observed({**obs.rounds, plan.round: plan}, obs.jobs, obs.shards_done, obs.reports)
+    return Observed({**obs.rounds, plan.round: plan}, obs.jobs, obs.shards_done, obs.reports, obs.quarantined)
 
 
 def _shard_creates(spec: GenerationRunSpec, ref: RunRef, states: list[_ShardState], active: int) -> list[Action]:

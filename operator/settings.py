@@ -32,6 +32,13 @@ class Settings:
     server: str = field(default="", metadata={"doc": "API server URL; empty: in-cluster or kubeconfig"})
     insecure: bool = field(default=False, metadata={"doc": "skip TLS verification (tests against an emulator only)"})
     log_level: str = field(default="INFO", metadata={"doc": "DEBUG, INFO, WARNING or ERROR"})
+    allow_ambient_credentials: bool = field(
+        default=False,
+        metadata={
+            "doc": "let runs with an s3:// output and no credentialsSecret use the operator's own cloud credentials "
+            "(off: such runs fail InvalidSpec, so no run can borrow the operator's identity)"
+        },
+    )
     storage_endpoint: str = field(
         default="", metadata={"doc": "S3 endpoint the operator uses to read reports (defaults to the run's)"}
     )

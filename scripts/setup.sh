@@ -33,6 +33,12 @@ if [ ! -x .tools/bin/helm ]; then
   chmod +x .tools/bin/helm .tools/bin/kubectl
   rm -rf "$tmp"
 fi
+# checkov (pinned, as in pyproject's `checkov` extra) in its own virtualenv: its pins would downgrade boto3,
+# packaging and networkx in the project's.
+if [ ! -x .tools/checkov/bin/checkov ]; then
+  "$PY" -m venv .tools/checkov
+  .tools/checkov/bin/python -m pip install -q --disable-pip-version-check "checkov==3.3.30"
+fi
 # Prometheus and promtool from Debian, for the alert-rule and dashboard-query tests.
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   if [ "$(id -u)" = 0 ]; then

@@ -7,6 +7,7 @@ model are final; 1 (crash) and 4 (storage) are retried within the run's bound.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import os
@@ -25,15 +26,17 @@ def _load_job(args: argparse.Namespace) -> tuple[rec.JobSpec, Any]:
     from genrun.operator.api import SpecError, parse_spec
 
     try:
-        if args.job_json is not None:
-            raw, args.job = args.job_json, "(--job-json)"
-        else:
-            raw = Path(args.job).read_text() if args.job != "-" else sys.stdin.read()
+        # A file (Kubernetes Jobs mount their job-spec ConfigMap), never one argv string: Linux caps a single
+        # argument at 128 KiB and a valid spec can be larger.
+        data = Path(args.job).read_bytes() if args.job != "-" else sys.stdin.buffer.read()
+        if data[:2] == b"\x1f\x8b":  # a large job spec comes gzip-compressed (see manifests.job_configmap)
+            data = gzip.decompress(data)
+        raw = data.decode("utf-8")
         job = rec.job_spec_from(json.loads(raw))
         spec = parse_spec(job.spec)
     except OSError as exc:
-        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: cannot read ({exc.strerror})") from exc
-    except (ValueError, KeyError, TypeError) as exc:
+        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: cannot read ({exc.strerror or exc})") from exc
+    except (ValueError, KeyError, TypeError, EOFError) as exc:
         raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: not a valid job spec: {exc}") from exc
     except SpecError as exc:
         raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: {exc}") from exc
@@ -148,9 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genrun worker")
     sub = p.add_subparsers(dest="kind", required=True)
     g = sub.add_parser("generate", help="generate one seed shard")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--job", help="job spec JSON file (- for stdin)")
-    src.add_argument("--job-json", help="the job spec itself, as one argument (how Kubernetes Jobs pass it)")
+    g.add_argument("--job", required=True, help="job spec JSON file (- for stdin); Jobs mount theirs from a ConfigMap")
     g.add_argument("--engine", choices=("vllm", "replay"), default=os.environ.get("GENRUN_ENGINE", "vllm"))
     g.add_argument("--output", help="override spec.output.path")
     g.set_defaults(fn=_generate, kind="shard")
@@ -161,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("dedup-reduce", _dedup_reduce, "reduce step of partitioned dedup: verified pairs of one band partition"),
     ):
         m = sub.add_parser(name, help=help_)
-        src = m.add_mutually_exclusive_group(required=True)
-        src.add_argument("--job", help="job spec JSON file (- for stdin)")
-        src.add_argument("--job-json", help="the job spec itself, as one argument")
+        m.add_argument("--job", required=True, help="job spec JSON file (- for stdin)")
         m.add_argument("--output", help="override spec.output.path")
         m.add_argument("--index", type=int, default=int(index_default) if index_default else None,
                        help="partition index (default: $JOB_COMPLETION_INDEX of an Indexed Job)")  # fmt: skip

@@ -45,6 +45,7 @@ class ShardPlan:
     examples: int
     sampling: Sampling
     domains: tuple[str, ...] = ()
+    arm: str = ""  # the policy's arm this shard measures (its sampling); "" in plans made before arms existed
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,18 @@ class TemperatureYield:
 
 
 @dataclass(frozen=True)
+class ShardYield:
+    """One shard's figures in its round, each new row judged against what existed BEFORE the round (not against
+    the round's other shards), so that keep-first order inside a round favours no seed: the bandit's reward."""
+
+    seed: int
+    rows: int  # rows the shard wrote
+    tokens: int
+    new_unique: int  # rows unique against earlier rounds (exact and near)
+    new_qc_passed: int  # of those, rows that passed QC
+
+
+@dataclass(frozen=True)
 class RoundReport:
     """What a round's merge writes and the planner reads. Totals are cumulative over rounds 1..round."""
 
@@ -98,6 +111,7 @@ class RoundReport:
     per_temperature: tuple[TemperatureYield, ...] = ()
     quarantined: tuple[str, ...] = ()  # shard data or marker keys that could not be read (all rounds)
     quarantined_count: int = 0  # len(quarantined), for readers that only count
+    per_shard: tuple[ShardYield, ...] = ()
     dataset: str = ""  # where the dataset of this round lives
     report: str = ""
     contract: int = CONTRACT_VERSION
@@ -165,6 +179,7 @@ def shard_plan_from(d: dict[str, Any]) -> ShardPlan:
         examples=int(d["examples"]),
         sampling=Sampling(**d["sampling"]),
         domains=tuple(d.get("domains", ())),
+        arm=str(d.get("arm", "")),
     )
 
 
@@ -184,6 +199,7 @@ def round_report_from(d: dict[str, Any]) -> RoundReport:
     kw["per_domain"] = tuple(DomainYield(**x) for x in d.get("per_domain", ()))
     kw["per_temperature"] = tuple(TemperatureYield(**x) for x in d.get("per_temperature", ()))
     kw["quarantined"] = tuple(d.get("quarantined", ()))
+    kw["per_shard"] = tuple(ShardYield(**x) for x in d.get("per_shard", ()))
     known = {f.name for f in dataclasses.fields(RoundReport)}
     return RoundReport(**{k: v for k, v in kw.items() if k in known})
 

@@ -81,6 +81,9 @@ class _Emulator(kmock.KubernetesEmulator):
 
     _serial = 0
     log: list[tuple[float, str, str, str, str]] = []
+    # Test hook: (method, path, body) -> (HTTP status, message) to refuse a request as a real API server would
+    # (e.g. 422 for an object its validation refuses), or None to serve it.
+    reject: Callable[[str, str, Any], tuple[int, str] | None] | None = None
 
     async def _handle(self, request: Any) -> Any:
         # kmock matches each request against its whole request history (by identity): O(n^2) over a long run. We
@@ -93,6 +96,24 @@ class _Emulator(kmock.KubernetesEmulator):
              str(request.headers.get("User-Agent", "")))
         )  # fmt: skip
         data = getattr(request, "data", None)
+        refused = (
+            self.reject(str(getattr(request.method, "value", request.method)), request.url.path, data)
+            if self.reject
+            else None
+        )
+        if refused is not None:
+            import aiohttp.web
+
+            code, message = refused
+            status = {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "message": message,
+                "reason": "Invalid",
+                "code": code,
+            }
+            return aiohttp.web.json_response(status, status=code)
         if request.method == "POST" and isinstance(data, dict) and isinstance(data.get("metadata"), dict):
             meta = data["metadata"]
             if not meta.get("name") and meta.get("generateName"):
@@ -223,11 +244,41 @@ class JobRunner:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
 
-    def _env(self, container: dict[str, Any]) -> dict[str, str]:
+    def _mounts(self, name: str, job: dict[str, Any]) -> dict[str, str]:
+        """What a kubelet does with the pod's volumes: each ConfigMap volume becomes a folder of its keys, each
+        emptyDir an empty folder (here under this runner's temporary folder). Returns mountPath -> local folder."""
+        pod = job["spec"]["template"]["spec"]
+        vols = {v["name"]: v for v in pod.get("volumes", [])}
+        out: dict[str, str] = {}
+        for m in pod["containers"][0].get("volumeMounts", []):
+            vol = vols[m["name"]]
+            if "configMap" in vol:
+                local = self.logs / name / m["name"]
+                local.mkdir(parents=True, exist_ok=True)
+                cm = self.cluster.get(f"/api/v1/namespaces/{self.ns}/configmaps/{vol['configMap']['name']}")
+                if cm is None:
+                    raise LookupError(f"ConfigMap {vol['configMap']['name']} not found (the pod cannot start)")
+                for key, text in (cm.get("data") or {}).items():
+                    (local / key).write_text(text, encoding="utf-8")
+                out[m["mountPath"]] = str(local)
+            elif "emptyDir" in vol:
+                local = self.logs / name / m["name"]
+                local.mkdir(parents=True, exist_ok=True)
+                out[m["mountPath"]] = str(local)
+        return out
+
+    @staticmethod
+    def _local(value: str, mounts: dict[str, str]) -> str:
+        for path in sorted(mounts, key=len, reverse=True):
+            if value == path or value.startswith(path + "/"):
+                return mounts[path] + value[len(path) :]
+        return value
+
+    def _env(self, container: dict[str, Any], mounts: dict[str, str] | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GENRUN_"))}
         for e in container.get("env", []):
             if "value" in e:
-                env[e["name"]] = e["value"]
+                env[e["name"]] = self._local(e["value"], mounts or {})
             elif "secretKeyRef" in e.get("valueFrom", {}):
                 ref = e["valueFrom"]["secretKeyRef"]
                 secret = self.cluster.get(f"/api/v1/namespaces/{self.ns}/secrets/{ref['name']}") or {}
@@ -250,19 +301,24 @@ class JobRunner:
                 continue
             if (job.get("status") or {}).get("conditions"):
                 continue
+            try:
+                mounts = self._mounts(name, job)
+            except LookupError:
+                continue  # a mounted ConfigMap is not there yet: the kubelet waits and retries, so do we
             self.started.append(name)
             c = job["spec"]["template"]["spec"]["containers"][0]
             forced = self.fail(job) if self.fail else None
             if forced is not None:
                 self._finish(name, forced)
                 continue
+            args = [self._local(a, mounts) for a in c["args"]]
             cmd = (
-                [sys.executable, "-P", "-m", "genrun.operator.cli", *c["args"]]
+                [sys.executable, "-P", "-m", "genrun.operator.cli", *args]
                 if c["command"] == ["genrun"]
-                else c["command"] + c["args"]
+                else c["command"] + args
             )
             log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115
-            self.procs[name] = subprocess.Popen(cmd, env=self._env(c), stdout=log, stderr=subprocess.STDOUT)
+            self.procs[name] = subprocess.Popen(cmd, env=self._env(c, mounts), stdout=log, stderr=subprocess.STDOUT)
             self.cluster.patch(JOBS.format(ns=self.ns) + f"/{name}/status", {"status": {"active": 1}})
         for name, p in list(self.procs.items()):
             if name not in jobs:  # the Job was deleted: its pod goes too
@@ -325,7 +381,8 @@ class SeaweedFS:
             [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.dir}", f"-master.port={m}",
              f"-volume.port={v}", "-filer", f"-filer.port={f}", "-s3", f"-s3.port={s3}",
              "-master.volumeSizeLimitMB=64", "-volume.max=8",
-             "-s3.port.iceberg=0", "-s3.port.lance=0"],  # fixed ports: two servers at once would collide
+             # Its Iceberg and Lance listeners take fixed ports (8181, 9101): off, so servers can run side by side.
+             "-s3.port.iceberg=0", "-s3.port.lance=0"],
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "weed.log", "ab"),  # noqa: SIM115
         )  # fmt: skip
         wait_for(self._ready, 60, "SeaweedFS S3")

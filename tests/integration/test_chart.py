@@ -159,6 +159,48 @@ def test_dashboard_uses_variables_and_describes_panels() -> None:
     cm = next(d for d in render(CHART / "ci" / "cluster-wide-monitoring-values.yaml") if d["kind"] == "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["genrun.json"]) == dash
+    assert cm["metadata"]["namespace"] == "ops"  # the release namespace unless dashboard.namespace names another
+    moved = render(None, "--set", "dashboard.enabled=true", "--set", "dashboard.namespace=monitoring")
+    assert next(d for d in moved if d["kind"] == "ConfigMap")["metadata"]["namespace"] == "monitoring"
+
+
+def _metrics(expr: str) -> set[str]:
+    return set(re.findall(r"genrun_\w+", expr))
+
+
+def test_dashboard_has_one_unit_per_axis_and_per_round_bars() -> None:
+    """One unit per panel (no overrides that put a second unit on a second axis); ratios (0-1) never share a panel
+    with counts; examples/s and tokens/s apart; per-round bars from instant table queries (one bar per round, not per
+    scrape)."""
+    dash = json.loads((CHART / "files" / "dashboard.json").read_text())
+    for panel in dash["panels"]:
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        assert not any(p["id"] == "unit" for o in panel["fieldConfig"]["overrides"] for p in o.get("properties", [])), (
+            panel["title"]
+        )
+        metrics = set().union(*(_metrics(t["expr"]) for t in panel["targets"]))
+        ratios = {m for m in metrics if m.endswith("_ratio")}
+        assert not ratios or ratios == metrics, f"{panel['title']}: ratios and counts on one axis: {metrics}"
+        assert (unit == "percentunit") == bool(ratios), (panel["title"], unit)
+        assert len(metrics & {"genrun_generated_examples_total", "genrun_generated_tokens_total"}) <= 1
+        assert len(metrics & {"genrun_round", "genrun_budget_used_ratio"}) <= 1
+        if any("round" in m and m != "genrun_round" for m in metrics):  # per-round series
+            assert panel["type"] == "barchart" and panel["options"]["xField"] == "round"
+            for t in panel["targets"]:
+                assert t["instant"] is True and t["range"] is False and t["format"] == "table", panel["title"]
+    rates = [p["fieldConfig"]["defaults"]["unit"] for p in dash["panels"] if "per second" in p["title"]]
+    assert sorted(rates) == ["suffix: examples/s", "suffix: tokens/s"]
+
+
+def test_service_monitor_keeps_the_runs_namespace_label() -> None:
+    """What it means is tested in test_prometheus.py, through a real Prometheus; here, that it is rendered."""
+    sm = next(d for d in render(CHART / "ci" / "cluster-wide-monitoring-values.yaml") if d["kind"] == "ServiceMonitor")
+    ep = sm["spec"]["endpoints"][0]
+    assert ep["honorLabels"] is True
+    assert [r.get("targetLabel", r.get("regex")) for r in ep["metricRelabelings"]] == [
+        "namespace",
+        "exported_namespace",
+    ]
 
 
 def test_dockerfiles_lint() -> None:
@@ -180,7 +222,7 @@ def test_operator_image_install_step_runs_here_without_the_engine(tmp_path: Path
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     for d in ("operator", "worker", "crds"):
-        shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__", "replay"))
+        shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     res = subprocess.run(cmd, shell=True, cwd=src, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -194,3 +236,99 @@ def test_operator_image_install_step_runs_here_without_the_engine(tmp_path: Path
     settings = subprocess.run([str(py), "-c", "from genrun.operator.handlers import build; from genrun.operator.settings import Settings; "
                                "build(Settings(server='http://127.0.0.1:1')); print('ok')"], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert settings.stdout.strip() == "ok", settings.stderr
+
+
+def test_chart_renders_as_a_dependency_of_an_umbrella_chart(tmp_path: Path) -> None:
+    """Helm hands every subchart a `global` value; the values schema must allow it."""
+    umbrella = tmp_path / "platform"
+    umbrella.mkdir()
+    (umbrella / "Chart.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v2", "name": "platform", "version": "1.0.0",
+        "dependencies": [{"name": "genrun", "version": yaml.safe_load((CHART / "Chart.yaml").read_text())["version"],
+                          "repository": f"file://{CHART}"}],
+    }))  # fmt: skip
+    (umbrella / "values.yaml").write_text(yaml.safe_dump({
+        "global": {"imageRegistry": "registry.example.com"},
+        "genrun": {"operator": {"workerImage": "registry.example.com/genrun-worker:0.1.0"}, "dashboard": {"enabled": True}},
+    }))  # fmt: skip
+    dep = subprocess.run(
+        [tool("helm"), "dependency", "update", "--skip-refresh", str(umbrella)], capture_output=True, text=True
+    )
+    assert dep.returncode == 0, dep.stdout + dep.stderr
+    res = subprocess.run(
+        [tool("helm"), "template", "platform", str(umbrella), "-n", "ops"], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    dep_doc = next(d for d in docs if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in dep_doc["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GENRUN_WORKER_IMAGE"] == "registry.example.com/genrun-worker:0.1.0"
+    assert any(d["kind"] == "ConfigMap" for d in docs)
+
+
+def test_extra_env_volumes_and_mounts_reach_the_operator(tmp_path: Path) -> None:
+    """docs/install.md: local-path outputs need the runs' PVC mounted into the operator at the same path."""
+    values = tmp_path / "pvc.yaml"
+    values.write_text(yaml.safe_dump({
+        "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+        "extraVolumes": [{"name": "outputs", "persistentVolumeClaim": {"claimName": "genrun-outputs"}}],
+        "extraVolumeMounts": [{"name": "outputs", "mountPath": "/data/genrun"}],
+    }))  # fmt: skip
+    docs = render(values)
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert {"name": "HTTPS_PROXY", "value": "http://proxy:3128"} in c["env"]
+    assert {"name": "outputs", "mountPath": "/data/genrun"} in c["volumeMounts"]
+    assert {"name": "outputs", "persistentVolumeClaim": {"claimName": "genrun-outputs"}} in pod["volumes"]
+    path = tmp_path / "dep.yaml"
+    path.write_text(yaml.safe_dump(next(d for d in docs if d["kind"] == "Deployment")))
+    res = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "-k", "1.31.0", str(path)], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"extraVolumeMounts": [{"name": "outputs"}]}))
+    res = subprocess.run([tool("helm"), "template", "g", str(CHART), "-f", str(bad)], capture_output=True, text=True)
+    assert res.returncode != 0 and "mountPath" in res.stderr
+
+
+def rendered_notes(tmp_path: Path, *extra: str) -> str:
+    """`helm template` does not print NOTES.txt; a copy of the chart renders it into a ConfigMap through its template
+    name, with the real values and helpers."""
+    chart = tmp_path / "genrun"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: {{ include "genrun/templates/NOTES.txt" . | toJson }}\n'
+    )
+    out = subprocess.run([tool("helm"), "template", "genrun", str(chart), "-n", "ops", *extra],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return str(next(d for d in yaml.safe_load_all(out) if d and d["metadata"]["name"] == "notes")["data"]["notes"])
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "rbac.clusterWide=true"]], ids=["namespaced", "cluster-wide"])
+def test_notes_work_as_printed(tmp_path: Path, extra: list[str]) -> None:
+    notes = rendered_notes(tmp_path, *extra)
+    assert "examples/" not in notes and "charts/" not in notes  # no repository path the chart does not ship
+    for line in notes.splitlines():
+        if "port-forward" in line:
+            assert "&&" not in line and ";" not in line and "|" not in line  # port-forward blocks: nothing after it
+    # The inline manifest is a valid run, by the same checks as the API server's (genrun validate).
+    manifest = notes.split("<<'YAML'\n", 1)[1].split("\nYAML\n", 1)[0]
+    path = tmp_path / "first-run.yaml"
+    path.write_text(manifest)
+    from genrun.operator.validate import validate_file
+
+    assert validate_file(path) == []
+    assert "kubectl -n ops apply -f - <<'YAML'" in notes
+    assert "helm show crds CHART --version 0.1.0 | kubectl apply --server-side --force-conflicts -f -" in notes
+
+
+def test_crd_upgrade_path_is_the_charts_crd() -> None:
+    """Helm installs crds/ once and never upgrades it; the documented upgrade step applies `helm show crds`, which
+    must be exactly the CRD."""
+    shown = subprocess.run(
+        [tool("helm"), "show", "crds", str(CHART)], capture_output=True, text=True, check=True
+    ).stdout
+    assert list(yaml.safe_load_all(shown)) == [yaml.safe_load((ROOT / "crds" / "generationrun.yaml").read_text())]
+    install = (ROOT / "docs" / "install.md").read_text()
+    assert "helm show crds charts/genrun | kubectl apply --server-side --force-conflicts -f -" in install

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import json
 import re
 import time
 import urllib.request
@@ -21,7 +22,17 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.integration.harness import JOBS, RUNS, Cluster, JobRunner, OperatorProcess, SeaweedFS, free_port, wait_for
+from tests.integration.harness import (
+    JOBS,
+    RUNS,
+    Cluster,
+    JobRunner,
+    OperatorProcess,
+    SeaweedFS,
+    _Emulator,
+    free_port,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,3 +270,112 @@ def test_invalid_spec_is_reported_not_crashed(cluster: Cluster, s3: SeaweedFS) -
                 return False
 
         assert wait_for(healthy, 30, "/healthz")
+
+
+def _failed(cluster: Cluster, name: str) -> dict[str, Any] | None:
+    c = cluster.condition(NS, name, "Failed")
+    return c if c and c["status"] == "True" else None
+
+
+def test_secret_name_with_a_path_never_reads_another_namespace(cluster: Cluster, s3: SeaweedFS) -> None:
+    """The issue's escape: `credentialsSecret: ../../kube-system/secrets/aws-creds` made the operator GET
+    /api/v1/namespaces/data/secrets/../../kube-system/secrets/aws-creds, which the HTTP stack normalised."""
+    cluster.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kube-system"}})
+    cluster.create("/api/v1/namespaces/kube-system/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "aws-creds", "namespace": "kube-system"},
+        "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(b"admin").decode(),
+                 "AWS_SECRET_ACCESS_KEY": base64.b64encode(b"cluster-admin-key").decode()},
+    })  # fmt: skip
+    names = {
+        "escape-dots": "../../kube-system/secrets/aws-creds",
+        "escape-slash": "kube-system/aws-creds",
+        "escape-encoded": "..%2F..%2Fkube-system%2Fsecrets%2Faws-creds",
+        "escape-dot": "..",
+    }
+    first = len(_Emulator.log)
+    with OperatorProcess(cluster, NS) as op:
+        for run, secret in names.items():
+            m = manifest(run, s3)
+            m["spec"]["output"]["s3"]["credentialsSecret"] = secret
+            cluster.create(RUNS.format(ns=NS), m)
+        for run, secret in names.items():
+            cond = wait_for(lambda run=run: _failed(cluster, run), 60, f"{run} Failed")
+            assert cond["reason"] == "InvalidSpec"
+            # Refused by the one validation path (validate.check_manifest) before any request; were it to let one
+            # through, manifests.run_errors and api_path refuse it again (tests/unit/test_manifests.py).
+            assert cond["message"].startswith("spec.output.s3.credentialsSecret: ") and repr(secret) in cond["message"]
+        assert "Traceback" not in op.log()
+    paths = [e[2] for e in _Emulator.log[first:]]
+    assert not [p for p in paths if "secrets" in p or "kube-system" in p]  # not one request for any Secret
+    assert not [j for j in cluster.items(JOBS.format(ns=NS)) if j["metadata"]["name"].startswith("escape-")]
+
+
+def test_s3_output_without_a_secret_uses_no_operator_credentials_unless_allowed(
+    cluster: Cluster, s3: SeaweedFS
+) -> None:
+    ambient = manifest("ambient", s3)
+    del ambient["spec"]["output"]["s3"]["credentialsSecret"]
+    with OperatorProcess(cluster, NS, AWS_ACCESS_KEY_ID="operator", AWS_SECRET_ACCESS_KEY="operator-key"):
+        cluster.create(RUNS.format(ns=NS), copy.deepcopy(ambient))
+        cond = wait_for(lambda: _failed(cluster, "ambient"), 60, "Failed")
+        assert cond["reason"] == "InvalidSpec"
+        assert cond["message"].startswith("spec.output.s3.credentialsSecret: is required for an s3:// output")
+        assert "operator.allowAmbientCredentials" in cond["message"]
+        assert not s3.client().list_objects_v2(Bucket="genrun-test", Prefix="ambient/").get("Contents")
+    # An administrator who allows it: the same run starts (the operator reads the bucket with its own keys).
+    ambient["metadata"]["name"] = "ambient-ok"
+    with OperatorProcess(cluster, NS, GENRUN_ALLOW_AMBIENT_CREDENTIALS="true", AWS_ACCESS_KEY_ID="operator",
+                         AWS_SECRET_ACCESS_KEY="operator-key"):  # fmt: skip
+        cluster.create(RUNS.format(ns=NS), ambient)
+        wait_for(lambda: cluster.items(JOBS.format(ns=NS), ("genrun.io/run", "ambient-ok")), 60, "Jobs")
+        assert _failed(cluster, "ambient-ok") is None
+
+
+def test_a_child_the_api_server_refuses_fails_the_run_once_not_forever(cluster: Cluster, s3: SeaweedFS) -> None:
+    message = 'Job.batch "refused-r1-s100" is invalid: metadata.labels: Invalid value: must be 63 characters or less'
+
+    def refuse(method: str, path: str, body: Any) -> tuple[int, str] | None:
+        name = (body or {}).get("metadata", {}).get("name", "") if isinstance(body, dict) else ""
+        return (422, message) if method == "POST" and path.endswith("/jobs") and name.startswith("refused-") else None
+
+    cluster.emulator.reject = refuse
+    with OperatorProcess(cluster, NS) as op:
+        cluster.create(RUNS.format(ns=NS), manifest("refused", s3))
+        cond = wait_for(lambda: _failed(cluster, "refused"), 60, "Failed")
+        assert cond["reason"] == "ChildRejected"
+        assert "(422)" in cond["message"] and message in cond["message"]
+        events = cluster.items(f"/api/v1/namespaces/{NS}/events")
+        assert [e for e in events if e.get("reason") == "ChildRejected" and e.get("type") == "Warning"]
+
+        def job_posts() -> int:
+            return sum(1 for e in _Emulator.log if e[1] == "POST" and e[2].endswith(f"/namespaces/{NS}/jobs"))
+
+        before = job_posts()
+        time.sleep(7)  # the timer reconciles every 2 s here: a retry loop would POST again
+        assert job_posts() == before
+        assert "Traceback" not in op.log()
+
+
+def test_damaged_shard_marker_is_quarantined_counted_and_announced(cluster: Cluster, s3: SeaweedFS) -> None:
+    """A truncated `*.done.json` (what the issue saw end a run MergeFailed naming no file): set aside, counted in
+    status.totals.shardsQuarantined with a Warning Event, and the run goes on."""
+    key = "damaged/shards/r0001/s0000000101.done.json"
+
+    def damage_seed_101(job: dict[str, Any]) -> int | None:
+        if job["metadata"]["labels"].get("genrun.io/seed") != "101":
+            return None
+        s3.client().put_object(Bucket="genrun-test", Key=key, Body=b'{"round": 1, "seed": 101, "ro')  # truncated
+        return 0  # the pod "succeeded" but left a damaged marker
+
+    with JobRunner(cluster, NS, {"GENRUN_ENGINE": "replay"}, fail=damage_seed_101), OperatorProcess(cluster, NS) as op:
+        cluster.create(RUNS.format(ns=NS), manifest("damaged", s3))
+        wait_for(lambda: succeeded(cluster, "damaged"), 240, "Succeeded")
+        st = cluster.run(NS, "damaged")["status"]
+        assert st["totals"]["shardsQuarantined"] == 1
+        record = s3.client().get_object(
+            Bucket="genrun-test", Key=f"damaged/quarantine/{key.removeprefix('damaged/')}.json"
+        )
+        assert "unreadable" in json.loads(record["Body"].read())["error"]
+        events = [e for e in cluster.items(f"/api/v1/namespaces/{NS}/events") if e.get("reason") == "ShardsQuarantined"]
+        assert events and events[0]["type"] == "Warning" and "1 shard(s) quarantined" in events[0]["message"]
+        assert "Traceback" not in op.log()

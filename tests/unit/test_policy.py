@@ -1,0 +1,238 @@
+"""The bandit policy (operator/policy.py) and the planner's bandit strategy: pure, so every test is (spec, observed)
+-> plan, with worlds where each arm has a known yield."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+from genrun.operator import conditions as c
+from genrun.operator import policy as pol
+from genrun.operator.api import RunRef, parse_spec
+from genrun.operator.planner import CreateShardJob, Observed, ObservedJob, RecordRound, decide
+from genrun.worker.records import RoundReport, Sampling, ShardYield
+
+REF = RunRef(name="sft", namespace="data", uid="6f1c", generation=1)
+BASE = {
+    "model": {"name": "Qwen/Qwen2.5-32B"},
+    "target": {"uniqueExamples": 6000},
+    "output": {"path": "s3://sft-data/stage1"},
+    "sampling": {"temperature": 0.7, "topP": 0.9, "repetitionPenalty": 1.1},
+    "shards": {"initial": 10, "firstSeed": 100, "examplesPerShard": 400},
+    "escalation": {"maxShardsPerRound": 64},
+    "budget": {"maxRounds": 12, "maxShards": 1000},
+}
+TOKENS_PER_EXAMPLE = 60
+
+
+def spec_of(**over: dict) -> object:
+    raw = copy.deepcopy(BASE)
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    return parse_spec(raw)
+
+
+def binom_tail(n: int, y: float, k: int) -> float:
+    """P(Binomial(n, y) >= k), exactly (log-space terms)."""
+    lg = math.lgamma
+    return sum(
+        math.exp(lg(n + 1) - lg(i + 1) - lg(n - i + 1) + i * math.log(y) + (n - i) * math.log1p(-y))
+        for i in range(k, n + 1)
+    )
+
+
+QC_PASS = 0.9
+
+
+def run_world(
+    spec, yields: dict[float, float], max_steps: int = 200, noise: random.Random | None = None
+) -> tuple[Observed, list]:
+    """Drive decide() to the end. A shard of the arm at temperature t writes its examples; a share yields[t] of
+    them is new and passes QC (per-shard figures, as the merge reports them); Jobs finish at once. With `noise`,
+    each example is kept with probability yields[t] (a binomial world), else exactly floor(examples * yield)."""
+    obs, plans = Observed(), []
+
+    def kept_of(examples: int, y: float) -> int:
+        return sum(noise.random() < y for _ in range(examples)) if noise else math.floor(examples * y)
+
+    for _ in range(max_steps):
+        plan = decide(REF, spec, obs)
+        plans.append(plan)
+        if plan.finished:
+            return obs, plans
+        rounds, jobs, reports = dict(obs.rounds), list(obs.jobs), dict(obs.reports)
+        for a in plan.actions:
+            if isinstance(a, RecordRound):
+                rounds[a.plan.round] = a.plan
+            elif isinstance(a, CreateShardJob):
+                jobs.append(ObservedJob(a.name, "shard", a.shard.round, a.shard.seed, a.attempt, "Succeeded"))
+            else:
+                jobs.append(ObservedJob(a.name, "merge", a.round, None, a.attempt, "Succeeded"))
+                kept = [kept_of(s.examples, yields[s.sampling.temperature]) for s in rounds[a.round].shards]
+                per = tuple(
+                    ShardYield(
+                        s.seed, s.examples, s.examples * TOKENS_PER_EXAMPLE, min(s.examples, round(k / QC_PASS)), k
+                    )
+                    for s, k in zip(rounds[a.round].shards, kept, strict=True)
+                )
+                prev = reports.get(a.round - 1)
+                gen = sum(y.rows for y in per)
+                uniq = sum(y.new_unique for y in per)
+                total = sum(kept)
+                reports[a.round] = RoundReport(
+                    round=a.round,
+                    shards=len(per),
+                    generated=gen,
+                    new_unique=uniq,
+                    new_qc_passed=total,
+                    generated_total=gen + (prev.generated_total if prev else 0),
+                    unique_total=uniq + (prev.unique_total if prev else 0),
+                    qc_passed_total=total + (prev.qc_passed_total if prev else 0),
+                    tokens=gen * TOKENS_PER_EXAMPLE,
+                    per_shard=per,
+                )
+        obs = Observed(rounds, tuple(jobs), frozenset(), reports)
+    raise AssertionError("did not finish")
+
+
+def test_arms_default_to_the_escalation_ladder_and_explicit_arms_replace_it() -> None:
+    ladder = pol.arms(spec_of())
+    assert [(a.temperature, a.repetition_penalty) for a in ladder] == [(0.7, 1.1), (0.8, 1.2), (0.9, 1.3), (1.0, 1.3)]
+    explicit = pol.arms(spec_of(policy={"arms": [{"temperature": 0.5}, {"temperature": 1.1, "minP": 0.05}]}))
+    assert [(a.temperature, a.min_p, a.top_p) for a in explicit] == [(0.5, 0.0, 0.9), (1.1, 0.05, 0.9)]
+    assert pol.arm_id(explicit[1]) == "t1.1-p0.9-r1-m0.05"
+
+
+def test_pilot_samples_a_share_of_the_target_over_every_arm() -> None:
+    spec = spec_of()
+    plan = decide(REF, spec, Observed())
+    shards = [a.shard for a in plan.actions if isinstance(a, CreateShardJob)]
+    assert {s.sampling for s in shards} == set(pol.arms(spec))  # every arm measured in round 1
+    assert sum(s.examples for s in shards) <= 0.3 * 6000 + len(shards)  # never the whole first budget blind
+    assert len({s.seed for s in shards}) == len(shards)
+    # A small target still gets one shard per arm, of the minimum useful size.
+    small = [
+        a.shard
+        for a in decide(REF, spec_of(target={"uniqueExamples": 50}), Observed()).actions
+        if isinstance(a, CreateShardJob)
+    ]
+    assert len(small) == 4 and all(s.examples == pol.MIN_SHARD_EXAMPLES for s in small)
+
+
+def test_pinned_first_round_uses_shards_initial() -> None:
+    plan = decide(REF, spec_of(policy={"pilotShare": 0}), Observed())
+    shards = [a.shard for a in plan.actions if isinstance(a, CreateShardJob)]
+    assert len(shards) == 10 and all(s.examples == 400 and s.sampling.temperature == 0.7 for s in shards)
+
+
+@pytest.mark.parametrize(
+    ("need", "y", "conf"), [(100, 0.3, 0.9), (1000, 0.05, 0.95), (37, 0.8, 0.9), (5000, 0.5, 0.99)]
+)
+def test_examples_needed_meets_the_confidence_and_is_near_minimal(need: int, y: float, conf: float) -> None:
+    n = pol.examples_needed(need, y, conf)
+    assert binom_tail(n, y, need) >= conf - 0.01
+    assert binom_tail(math.floor(n * 0.97), y, need) < conf
+
+
+def _stats(spec, evidence: dict[float, tuple[int, int]]) -> list[pol.ArmStats]:
+    out = []
+    for s in pol.arms(spec):
+        a = pol.ArmStats(s)
+        if s.temperature in evidence:
+            examples, kept = evidence[s.temperature]
+            a.add(1.0, 1, examples, examples * TOKENS_PER_EXAMPLE, examples, kept)
+        out.append(a)
+    return out
+
+
+def test_thompson_gives_most_shards_to_the_best_arm_and_caps_exploration() -> None:
+    spec = spec_of()
+    stats = _stats(spec, {0.7: (800, 120), 0.8: (800, 400), 0.9: (800, 200), 1.0: (800, 100)})
+    picks = pol.allocate(stats, 20, 0.25, random.Random(1))
+    best = [p for p in picks if p.sampling.temperature == 0.8]
+    assert len(best) >= 15 and len(picks) - len(best) <= 5
+    assert pol.allocate(stats, 20, 0.25, random.Random(1)) == picks  # same stream, same allocation
+    assert all(p.sampling.temperature == 0.8 for p in pol.allocate(stats, 20, 0.0, random.Random(2)))
+
+
+def test_arms_below_the_qc_floor_are_retired() -> None:
+    from genrun.operator.planner import make_round
+
+    spec = spec_of()
+    cool, hot = pol.arms(spec)[0], pol.arms(spec)[1]
+    plan = make_round(spec, 1, 2, cool, {}, "test", arms=[cool, hot], examples=100)
+    per = (ShardYield(100, 100, 6000, 25, 20), ShardYield(101, 100, 6000, 100, 50))  # hot: QC-pass 0.5 < 0.7
+    rep = RoundReport(1, 2, 200, 125, 70, 200, 125, 70, tokens=12000, per_shard=per)
+    stats = pol.arm_stats(spec, {1: plan}, {1: rep})
+    by_t = {a.sampling.temperature: a for a in stats}
+    assert by_t[0.8].retired and not by_t[0.7].retired and not by_t[0.9].retired  # untried arms stay
+    assert all(not p.retired for p in pol.allocate(stats, 30, 1.0, random.Random(3)))
+
+
+def test_bandit_moves_the_budget_to_the_best_arm_and_stops_precisely() -> None:
+    spec = spec_of()
+    yields = {0.7: 0.15, 0.8: 0.45, 0.9: 0.3, 1.0: 0.1}
+    obs, plans = run_world(spec, yields)
+    assert plans[-1].condition(c.SUCCEEDED).status == "True"
+    kept = max(obs.reports.values(), key=lambda r: r.round).qc_passed_total
+    assert 6000 <= kept <= 6000 * 1.1  # overshoot within 10%
+    after_pilot = [s for r, p in obs.rounds.items() if r > 1 for s in p.shards]
+    best = sum(s.examples for s in after_pilot if s.sampling.temperature == 0.8)
+    assert best >= 0.7 * sum(s.examples for s in after_pilot)
+    status = plans[-1].status
+    assert status["projectedTokensToTarget"] == 0 and status["projectedRounds"] == len(obs.rounds)
+    assert {a["temperature"] for a in status["arms"]} == {0.7, 0.8, 0.9, 1.0}
+
+
+def test_status_projects_tokens_and_rounds_after_the_pilot() -> None:
+    spec = spec_of()
+    obs, plans = run_world(spec, {0.7: 0.2, 0.8: 0.2, 0.9: 0.2, 1.0: 0.2}, max_steps=200)
+    first = next(p for p in plans if "projectedTokensToTarget" in p.status)
+    need = 6000 - obs.reports[1].qc_passed_total
+    # At a 0.2 yield and 60 tokens an example: ~need/0.2 examples, and a full round holds 64 x 400.
+    assert first.status["projectedTokensToTarget"] == pytest.approx(need / 0.2 * TOKENS_PER_EXAMPLE, rel=0.08)
+    assert first.status["projectedRounds"] == 1 + math.ceil(need / 0.2 / (64 * 400) * 1.02)
+
+
+@pytest.mark.parametrize(
+    ("yields", "target"),
+    [
+        ((0.5, 0.25, 0.5, 0.5), 300),
+        ((0.15, 0.45, 0.3, 0.1), 1500),
+        ((0.05, 0.08, 0.1, 0.6), 6000),
+        ((0.3, 0.3, 0.3, 0.3), 20000),
+    ],
+)
+def test_bandit_overshoot_in_a_binomial_world(yields: tuple[float, ...], target: int) -> None:
+    """Each example is kept at random (a binomial world, 40 fixed seeds): the target is always met, the median
+    overshoot stays within spec.policy.maxOvershoot (10%) and even the 90th percentile within 20%."""
+    spec = spec_of(target={"uniqueExamples": target}, budget={"maxRounds": 30, "maxShards": 5000})
+    temps = [a.temperature for a in pol.arms(spec)]
+    over = []
+    for seed in range(40):
+        obs, plans = run_world(spec, dict(zip(temps, yields, strict=True)), noise=random.Random(seed))
+        assert plans[-1].condition(c.SUCCEEDED).status == "True"
+        seeds = [s.seed for p in obs.rounds.values() for s in p.shards]
+        assert len(seeds) == len(set(seeds))
+        over.append(max(obs.reports.values(), key=lambda r: r.round).qc_passed_total / target - 1)
+    over.sort()
+    assert over[len(over) // 2] <= 0.10 and over[int(0.9 * len(over))] <= 0.20, over
+
+
+def test_round_rng_is_derived_from_the_run_and_round() -> None:
+    a = pol.round_rng(REF, 2).random()
+    assert a == pol.round_rng(REF, 2).random()
+    assert a != pol.round_rng(REF, 3).random()
+    assert a != pol.round_rng(RunRef(name="other", namespace="data", uid="6f1c"), 2).random()
+
+
+def test_sampling_of_mixed_round_is_its_most_used_arm() -> None:
+    from genrun.operator.planner import make_round
+
+    spec = spec_of()
+    arms = [Sampling(0.7, 0.9, 1.1, 0, 512), Sampling(0.8, 0.9, 1.2, 0, 512), Sampling(0.8, 0.9, 1.2, 0, 512)]
+    plan = make_round(spec, 1, 3, arms[0], {}, "test", arms=arms, examples=50)
+    assert plan.sampling == arms[1] and [s.examples for s in plan.shards] == [50, 50, 50]
+    assert [s.arm for s in plan.shards] == ["t0.7-p0.9-r1.1", "t0.8-p0.9-r1.2", "t0.8-p0.9-r1.2"]

@@ -1,0 +1,317 @@
+"""One validation path: check_manifest decides for `genrun validate`, `genrun run` and the operator; the CLI never
+prints a traceback whatever the file; the CRD is the one source of bounds and patterns."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import yaml
+from genrun.operator import api, cli
+from genrun.operator.validate import (
+    MAX_EXPANDED,
+    ManifestError,
+    apply_defaults,
+    cel_errors,
+    check_manifest,
+    crd_schema,
+    load_text,
+    manifest_errors,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+MINIMAL = {
+    "apiVersion": "genrun.io/v1alpha1",
+    "kind": "GenerationRun",
+    "metadata": {"name": "r1"},
+    "spec": {"model": {"name": "m"}, "target": {"uniqueExamples": 10}, "output": {"path": "/out"}},
+}
+
+
+def _genrun(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "genrun.operator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kw,  # type: ignore[call-overload]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CRD is the single source of bounds and patterns
+
+
+def test_bounds_are_read_from_the_crd_and_enforced_at_their_edges() -> None:
+    assert len(api.BOUNDS) == 45  # every number field of the spec has its range in the CRD
+    for bound in api.BOUNDS:
+        section, key = bound.path.split(".", 1)
+        for value, ok in _edge_values(bound):
+            doc = copy.deepcopy(MINIMAL)
+            if key.startswith("arms[]."):  # a list of objects: bound the field of its first item
+                doc["spec"][section] = {"arms": [{"temperature": 0.7, key.removeprefix("arms[]."): value}]}
+                where = f"spec.{section}.arms[0].{key.removeprefix('arms[].')}"
+            else:
+                doc["spec"].setdefault(section, {})[key] = value
+                where = f"spec.{bound.path}"
+            errors = [e for e in manifest_errors(doc) if e.startswith(f"{where}: must be in")]
+            assert (not errors) == ok, (bound, value, errors)
+
+
+def _edge_values(b: api.Bound) -> list[tuple[float, bool]]:
+    assert b.lo is not None and b.hi is not None
+    is_int = isinstance(b.lo, int) and isinstance(b.hi, int) and b.path not in _NUMBER_FIELDS
+    step = 1 if is_int else 1e-6
+    return [(b.lo, not b.lo_ex), (b.lo - step, False), (b.hi, not b.hi_ex), (b.hi + step, False)]
+
+
+_NUMBER_FIELDS = {
+    p for p, n in api._leaves(crd_schema()["properties"]["spec"], "") if n.get("type") == "number"
+}  # number fields whose CRD bounds happen to be written as integers
+
+
+def test_every_crd_pattern_has_a_message_and_python_applies_it() -> None:
+    patterns = []
+    for _, node in api._leaves(crd_schema(), ""):
+        for n in (node, node.get("additionalProperties")):
+            if isinstance(n, dict) and "pattern" in n:
+                patterns.append(n["pattern"])
+    assert len(patterns) >= 10 and all(p in api.PATTERN_HELP for p in patterns)
+
+
+def test_qc_filters_constant_is_gone() -> None:
+    assert not hasattr(api, "QC_FILTERS")  # the Literal type and the CRD enum are the one list
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"model": {"name": "m", "tensorParallelSize": 4}, "worker": {"gpus": 2}}, "spec.model.tensorParallelSize"),
+        ({"target": {"uniqueExamples": 5000}, "budget": {"maxGeneratedExamples": 100}}, "spec.target.uniqueExamples"),
+        ({"target": {"uniqueExamples": 5000}, "budget": {"maxShards": 4}}, "spec.target.uniqueExamples"),
+        ({"output": {"path": "/data/../etc"}}, "spec.output.path: must not hold a '..' segment"),
+    ],
+)
+def test_new_cel_rules_are_evaluated_for_real(patch: dict, message: str) -> None:
+    doc = copy.deepcopy(MINIMAL)
+    doc["spec"].update(patch)
+    assert any(e.startswith(message) for e in cel_errors(apply_defaults(doc, crd_schema())))
+
+
+def test_examples_pass_the_new_cel_rules() -> None:
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        assert cel_errors(apply_defaults(yaml.safe_load(path.read_text()), crd_schema())) == [], path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# check_manifest: the operator's call
+
+
+def test_check_manifest_takes_an_operator_body() -> None:
+    """The operator passes the object it watches: API-server metadata and status beside the spec."""
+    body = apply_defaults(copy.deepcopy(MINIMAL), crd_schema())
+    body["metadata"].update(namespace="team-a", uid="0b1c", generation=3, resourceVersion="17", managedFields=[])
+    body["status"] = {"round": 1, "conditions": []}
+    ref, spec = check_manifest(body)
+    assert (ref.name, ref.namespace, ref.uid, ref.generation) == ("r1", "team-a", "0b1c", 3)
+    assert spec.target.unique_examples == 10
+    body["spec"]["output"]["s3"] = {"credentialsSecret": "../../kube-system/secrets/aws-creds"}
+    body["spec"]["output"]["path"] = "s3://bucket/x"
+    with pytest.raises(api.SpecError) as exc:
+        check_manifest(body)
+    assert [e.split(":")[0] for e in exc.value.errors] == ["spec.output.s3.credentialsSecret"]
+
+
+def test_check_manifest_refuses_a_nan_headroom_that_used_to_crash_decide() -> None:
+    doc = copy.deepcopy(MINIMAL)
+    doc["spec"]["escalation"] = {"headroom": math.nan}
+    with pytest.raises(api.SpecError) as exc:
+        check_manifest(doc)
+    assert exc.value.errors == [
+        "spec.escalation.headroom: must be a finite number, got nan; NaN and infinities are not allowed"
+    ]
+
+
+def test_transition_rules_still_apply_through_check_manifest() -> None:
+    old = copy.deepcopy(MINIMAL)
+    new = copy.deepcopy(MINIMAL)
+    new["spec"]["model"]["name"] = "other"
+    with pytest.raises(api.SpecError, match=r"spec\.model: is immutable"):
+        check_manifest(new, old)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bounded loader
+
+
+def test_alias_bomb_is_refused_while_composing_within_100_mb() -> None:
+    levels = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    levels += [
+        f"{c}: &{c} [{','.join(['*' + p] * 9)}]" for p, c in zip("abcdefghijklmn", "bcdefghijklmno", strict=True)
+    ]
+    tracemalloc.start()
+    try:
+        with pytest.raises(ManifestError, match="expands to more than"):
+            load_text("\n".join(levels) + "\n")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * 1024 * 1024
+
+
+def test_aliases_within_the_bound_still_load_like_kubectl() -> None:
+    docs = load_text("base: &b {x: 1}\nuse: *b\nwhen: 2024-01-01\n")
+    assert docs == [{"base": {"x": 1}, "use": {"x": 1}, "when": "2024-01-01"}]  # dates stay strings
+    assert MAX_EXPANDED > 2 * 1024 * 1024  # a plain file at the size limit is never refused for its size
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: 1\na: 2\n", "line 2, column 1: duplicate key 'a'"),
+        ("on: 1\n", "key 'on' is not a string"),
+        ("x:\n  1: a\n", "key '1' is not a string"),
+        ("[" * 50_000 + "]" * 50_000, "nested deeper than 64 levels"),
+        ("a: &a\n  b: *a\n", "refers to a node that contains it"),
+        ("a: [1\n", "not valid YAML: line 2"),
+    ],
+)
+def test_loader_refuses_with_one_line(text: str, message: str) -> None:
+    with pytest.raises(ManifestError) as exc:
+        load_text(text)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CLI: never a traceback, exit code 2, one line per error
+
+
+def test_validate_never_tracebacks_on_hostile_files(tmp_path: Path) -> None:
+    files = {
+        "binary.yaml": bytes(range(256)) * 8,
+        "empty.yaml": b"",
+        "huge.yaml": b"a: " + b"x" * (3 * 1024 * 1024) + b"\n",
+        "deep.yaml": b"[" * 50_000 + b"]" * 50_000,
+        "utf16.yaml": "kind: GenerationRun\n".encode("utf-16"),
+        "folder": None,
+    }
+    for name, data in files.items():
+        if data is None:
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_bytes(data)
+    res = _genrun("validate", *(str(tmp_path / n) for n in files), str(tmp_path / "missing.yaml"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == len(files) + 1, res.stderr
+    for needle in ("not UTF-8 text", "no YAML document", "larger than 2 MiB", "nested deeper", "cannot read"):
+        assert needle in res.stderr
+
+
+def test_validate_exits_quietly_when_stdout_is_closed() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before genrun writes ("genrun validate x | true")
+    try:
+        res = subprocess.run(
+            [sys.executable, "-P", "-m", "genrun.operator.cli", "validate", str(QUICKSTART)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert res.returncode == 0 and res.stderr == ""
+
+
+def test_run_refuses_multi_document_files_and_bad_options(tmp_path: Path) -> None:
+    text = QUICKSTART.read_text()
+    (tmp_path / "two.yaml").write_text(text + "\n---\n" + text)
+    out = tmp_path / "out"
+    res = _genrun("run", str(tmp_path / "two.yaml"), "--output", str(out), "--engine", "replay")
+    assert res.returncode == 2 and "holds 2 YAML documents" in res.stderr and "Traceback" not in res.stderr
+    for output, needle in [
+        ("/etc", "spec.output.path: '/etc' is a system folder"),
+        ("s3://my..bucket/x", "must not hold '..'"),
+        ("", "--output: must name a folder"),
+        ("../../x", "holds a '..' segment"),
+    ]:
+        res = _genrun("run", str(QUICKSTART), "--output", output, "--engine", "replay")
+        assert res.returncode == 2 and needle in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1
+    res = _genrun("run", str(QUICKSTART), "--jobs", "0", "--output", str(out), "--engine", "replay")
+    assert res.returncode == 2 and "--jobs: must be at least 1" in res.stderr
+    assert not out.exists()
+
+
+def test_run_refuses_every_invalid_example_before_touching_its_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`genrun run` goes through the same check: each invalid example exits 2 with its message, creating nothing."""
+    monkeypatch.chdir(tmp_path)  # relative output paths would land here
+    out = tmp_path / "out"
+    for path in sorted((ROOT / "examples" / "invalid").glob("*.yaml")):
+        expect = path.read_bytes().split(b"\n")[0].decode().removeprefix("# expect: ")
+        # Where the error is the output path itself, --output would replace it: run the file as written.
+        override = [] if "spec.output" in expect else ["--output", str(out)]
+        code = cli.main(["run", str(path), *override, "--engine", "replay", "-q"])
+        err = capsys.readouterr().err
+        assert code == 2, (path.name, err)
+        assert expect in err, (path.name, err)
+        assert not out.exists() and list(tmp_path.iterdir()) == [], path.name
+
+
+def test_run_without_s3_credentials_is_one_line(tmp_path: Path) -> None:
+    """Also under `python -m` (where cli.py is __main__ and a second copy defines UserError)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+        HOME=str(tmp_path),
+    )
+    res = _genrun("run", str(QUICKSTART), "--output", "s3://genrun-no-creds/x", "--engine", "replay", env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert (
+        res.stderr.startswith("genrun: error: spec.output.path: s3://genrun-no-creds/x")
+        and len(res.stderr.splitlines()) == 1
+    )
+
+
+def test_output_path_never_lands_on_a_folder_the_jobs_mount() -> None:
+    """The output volume is mounted at spec.output.path: on a path the Job already mounts, the API server refuses
+    the Job (duplicate mountPath), or the output would shadow the job spec, caches or model."""
+    from genrun.operator import manifests as mf
+
+    for path in (mf.JOB_DIR, mf.HOME, "/tmp", "/dev/shm", "/models", "/models/"):
+        doc = copy.deepcopy(MINIMAL)
+        doc["spec"]["output"]["path"] = path
+        assert any(e.startswith("spec.output.path:") for e in manifest_errors(doc)), path
+
+
+def test_messages_are_one_printable_line_whatever_the_keys_and_values() -> None:
+    """Keys and values are echoed back: a newline or an escape sequence in them must not reach the terminal."""
+    errors = []
+    for section, patch in [
+        ("model", {"name": "m", "na\nme\x1b[2J": "x"}),
+        ("worker", {"nodeSelector": {"k\x1b]0;pwned\x07": "v\n"}}),
+        ("output", {"path": "/data/\x1b[31mout"}),
+    ]:
+        doc = copy.deepcopy(MINIMAL)
+        doc["spec"][section] = patch
+        errors += manifest_errors(doc)
+    doc = copy.deepcopy(MINIMAL)
+    doc["metadata"]["name"] = "bad\nname"
+    errors += manifest_errors(doc)
+    assert len(errors) >= 5, errors
+    assert all(e.isprintable() for e in errors), errors
+    with pytest.raises(ManifestError) as exc:
+        load_text("a: 1\n'\x1b[2J': 2\n'\x1b[2J': 3\n")
+    assert str(exc.value).isprintable()

@@ -1,0 +1,357 @@
+"""The dataset where users load data: `<output>/dataset/` is a Hugging Face dataset folder.
+
+    dataset/README.md                      the dataset card: YAML front matter (configs, tags, size) + how it was made
+    dataset/data/train-rNNNN.parquet       the merge's parts: new unique QC-passed rows of each round, full provenance
+    dataset/messages/train-rNNNN.parquet   the same rows as chat `messages` (role/content), what TRL and most
+                                           trainers read natively; its Parquet key-value metadata holds the spec and
+                                           the round's report
+    merge/rNNNN/messages.jsonl             the same as JSON lines, beside the merge's alpaca.jsonl and sharegpt.jsonl
+
+`datasets.load_dataset("<output>/dataset")` reads the parts (the card's default config);
+`load_dataset("<output>/dataset", "messages")` the chat form; pandas reads `data/` as one Parquet dataset. Rejected
+rows live outside dataset/ (`<output>/rejected/`), so they never load as training data. (`datasets` picks one file
+format per folder, so the JSON lines stay outside it.)
+
+`export_dataset` runs in the merge Job after the round's parts are published and before its report (the completion
+marker), so a retried merge redoes it. Everything it writes is derived from the parts, the round plans and the round
+reports: deterministic, atomic per file, safe to rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from genrun.worker import records as rec
+from genrun.worker.storage import Storage, local_copy
+
+DATASET_DIR = "dataset"
+PARTS_PREFIX = f"{DATASET_DIR}/data/"  # records.DATASET_PREFIX on the incremental merge: one place once it lands
+MESSAGES_PREFIX = f"{DATASET_DIR}/messages/"
+CARD_KEY = f"{DATASET_DIR}/README.md"
+PART_RE = re.compile(r"train-r(\d{4,})\.parquet$")
+METADATA_KEY = b"genrun"  # Parquet key-value metadata: {"version", "run", "spec"} as JSON
+
+
+def genrun_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genrun")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _manifest(spec: Any) -> dict[str, Any]:
+    """The spec as a manifest dict, from the raw spec (as applied) or the parsed GenerationRunSpec (defaults in)."""
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    from genrun.operator.api import to_manifest
+
+    out: dict[str, Any] = to_manifest(spec)
+    return out
+
+
+def part_metadata(spec: Any, run: str) -> dict[bytes, bytes]:
+    """Key-value metadata for a dataset part's Parquet schema (`example_schema().with_metadata(...)`): the spec that
+    made the rows travels with them, whoever copies the file. `spec`: raw (a mapping) or parsed."""
+    doc = {"version": genrun_version(), "run": run, "spec": _manifest(spec)}
+    return {METADATA_KEY: json.dumps(doc, sort_keys=True).encode()}
+
+
+def messages_key(rnd: int) -> str:
+    return f"{MESSAGES_PREFIX}train-r{rnd:04d}.parquet"
+
+
+def messages_jsonl_key(rnd: int) -> str:
+    return f"{rec.merge_prefix(rnd)}/messages.jsonl"
+
+
+def messages_schema() -> Any:
+    import pyarrow as pa
+
+    turn = pa.struct([pa.field("role", pa.string(), nullable=False), pa.field("content", pa.string(), nullable=False)])
+    return pa.schema([pa.field("messages", pa.list_(turn), nullable=False)])
+
+
+def _parts(storage: Storage) -> dict[int, str]:
+    out = {}
+    for key in storage.list(PARTS_PREFIX):
+        m = PART_RE.search(key)
+        if m:
+            out[int(m.group(1))] = key
+    return out
+
+
+def _write_messages(storage: Storage, part: str, rnd: int, meta: dict[bytes, bytes], tmp: Path) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with local_copy(storage, part) as path:
+        table = pq.read_table(path, columns=["instruction", "response"])
+    ins, res = table.column("instruction").to_pylist(), table.column("response").to_pylist()
+    msgs = [
+        [{"role": "user", "content": i}, {"role": "assistant", "content": r}] for i, r in zip(ins, res, strict=True)
+    ]
+    out = tmp / f"messages-{rnd}.parquet"
+    pq.write_table(pa.table({"messages": msgs}, schema=messages_schema().with_metadata(meta)), out)
+    lines = tmp / f"messages-{rnd}.jsonl"
+    with open(lines, "w") as f:
+        for m in msgs:
+            f.write(json.dumps({"messages": m}, ensure_ascii=False) + "\n")
+    storage.upload(out, messages_key(rnd))
+    storage.upload(lines, messages_jsonl_key(rnd))
+    return table.num_rows
+
+
+def _reports(storage: Storage, upto: int) -> list[rec.RoundReport]:
+    out = []
+    for r in range(1, upto + 1):
+        key = rec.round_report_key(r)
+        if storage.exists(key):
+            out.append(rec.round_report_from(json.loads(storage.read_bytes(key))))
+    return out
+
+
+def _plans(storage: Storage, upto: int) -> dict[int, rec.RoundPlan]:
+    out = {}
+    for r in range(1, upto + 1):
+        key = rec.round_plan_key(r)
+        if storage.exists(key):
+            out[r] = rec.round_plan_from(json.loads(storage.read_bytes(key)))
+    return out
+
+
+def export_dataset(
+    storage: Storage,
+    spec: Any,
+    run: str,
+    report: rec.RoundReport,
+    rewritten: Iterable[int] = (),
+) -> None:
+    """Bring `<output>/dataset/` up to date with round `report.round`: the messages export of every part that has
+    none yet or was (re)written this time (`rewritten`: rounds a full re-merge replayed; the current round always),
+    and the dataset card. `spec`: the run's spec, raw (a mapping) or parsed; `report`: the round's report, which may
+    not be published yet."""
+    raw_spec = _manifest(spec)
+    parts = _parts(storage)
+    have = {int(m.group(1)) for k in storage.list(MESSAGES_PREFIX) if (m := PART_RE.search(k))}
+    todo = sorted({r for r in parts if r not in have} | ({report.round, *rewritten} & set(parts)))
+    reports = {x.round: x for x in _reports(storage, report.round - 1)}
+    reports[report.round] = report
+    with tempfile.TemporaryDirectory(prefix="genrun-export-") as tmpd:
+        for r in todo:
+            meta = part_metadata(raw_spec, run)
+            if r in reports:
+                meta[METADATA_KEY] = json.dumps(
+                    {**json.loads(meta[METADATA_KEY]), "report": rec.plain(reports[r])}, sort_keys=True
+                ).encode()
+            _write_messages(storage, parts[r], r, meta, Path(tmpd))
+    for r in sorted(have - set(parts)):  # a part a re-merge no longer writes: its export goes too
+        storage.delete(messages_key(r))
+        storage.delete(messages_jsonl_key(r))
+    card = render_card(raw_spec, run, [reports[k] for k in sorted(reports)], _plans(storage, report.round))
+    storage.write_bytes(CARD_KEY, card.encode())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The dataset card
+
+
+def _size_category(n: int) -> str:
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                        (10_000_000, "1M<n<10M")):  # fmt: skip
+        if n < bound:
+            return name
+    return "10M<n<100M"
+
+
+def _front_matter(run: str, rows: int, fingerprint: str) -> str:
+    """Hub metadata. `dataset_info` names the content (row count and a fingerprint of the run's reports and spec):
+    `datasets` caches a local folder under its name and a hash of this metadata, so without it two outputs'
+    `dataset/` folders would share one cache entry and the second load would return the first one's rows."""
+    import yaml
+
+    info = {
+        "description": f"genrun run {run}; content {fingerprint}",
+        "splits": [{"name": "train", "num_examples": rows}],
+    }
+    meta = {
+        "pretty_name": f"genrun: {run}",
+        "tags": ["synthetic", "instruction-tuning", "genrun"],
+        "task_categories": ["text-generation"],
+        "size_categories": [_size_category(rows)],
+        "configs": [
+            {"config_name": "default", "default": True,
+             "data_files": [{"split": "train", "path": "data/train-*.parquet"}]},
+            {"config_name": "messages", "data_files": [{"split": "train", "path": "messages/train-*.parquet"}]},
+        ],
+        "dataset_info": [{"config_name": name, **json.loads(json.dumps(info))} for name in ("default", "messages")],
+    }  # fmt: skip
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _fingerprint(raw_spec: Mapping[str, Any], run: str, reports: Sequence[rec.RoundReport]) -> str:
+    import hashlib
+
+    doc = json.dumps([run, raw_spec, [rec.plain(r) for r in reports]], sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_card(
+    raw_spec: Mapping[str, Any], run: str, reports: Sequence[rec.RoundReport], plans: Mapping[int, rec.RoundPlan]
+) -> str:
+    """The dataset card: what a reader needs to trust or reproduce the data, from the spec as applied (defaults
+    filled in), the round plans (seeds and sampling) and the round reports (counts)."""
+    import yaml
+    from genrun.operator.api import parse_spec, to_manifest
+
+    spec = parse_spec(dict(raw_spec))
+    eff: dict[str, Any] = to_manifest(spec)
+    last = reports[-1]
+    p, d = spec.prompt, eff.get("dedup", {})
+    lines = [
+        _front_matter(run, last.qc_passed_total, _fingerprint(eff, run, reports)),
+        f"# {run}",
+        "",
+        f"A synthetic instruction dataset generated by [genrun](https://github.com/genrun/genrun) {genrun_version()} "
+        f"from **{spec.model.name}**: {last.qc_passed_total:,} unique, quality-checked instruction/response pairs "
+        f"(target {spec.target.unique_examples:,}) after {last.round} round(s).",
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        'ds = load_dataset("path/to/dataset")              # full rows with provenance (data/train-*.parquet)',
+        'chat = load_dataset("path/to/dataset", "messages")  # role/content messages (messages/train-*.parquet)',
+        "```",
+        "",
+        "Each round adds one part, `data/train-rNNNN.parquet` (and `messages/train-rNNNN.parquet`); the dataset is "
+        "their union. The Parquet metadata of each messages part (key `genrun`) holds the spec and that round's "
+        "report. Rows rejected as duplicates or by QC are kept outside this folder, with their reason.",
+        "",
+        "## Yield",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| instructions generated | {last.generated_total:,} |",
+        f"| unique after dedup | {last.unique_total:,} |",
+        f"| kept (unique and QC-passed) | {last.qc_passed_total:,} |",
+        f"| duplication ratio | {last.duplication_ratio:.1%} |",
+        f"| exact duplicates / near duplicates | {last.exact_duplicates:,} / {last.near_duplicates:,} |",
+        f"| tokens generated | {last.tokens_total:,} |",
+        f"| kept per generated | {last.qc_passed_total / last.generated_total if last.generated_total else 0:.1%} |",
+        "",
+        "## Rounds",
+        "",
+        "Each shard is one seed at one sampling setting; seeds are never reused.",
+        "",
+        "| round | shards | seeds | sampling | generated | new unique | new kept | marginal yield |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        plan = plans.get(r.round)
+        # Shards of a round may run different arms (sampling settings): each distinct one, in the plan's order.
+        arms = list(dict.fromkeys(x.sampling.describe() for x in plan.shards)) if plan else []
+        seeds = _seed_ranges(plan.seeds) if plan else ""
+        lines.append(
+            f"| {r.round} | {r.shards} | {seeds} | {'; '.join(arms)} | {r.generated:,} | {r.new_unique:,} | "
+            f"{r.new_qc_passed:,} | {r.marginal_yield:.3f} |"
+        )
+    lines += [
+        "",
+        "## Model and prompt",
+        "",
+        f"- model: `{spec.model.name}` (dtype {spec.model.dtype}, max model length {spec.model.max_model_len})",
+        f"- generation mode: {spec.generation.mode}; max tokens {spec.sampling.max_tokens}; min_p {spec.sampling.min_p:g}",
+        f"- domains ({len(p.domains)}): {', '.join(p.domains) if p.domains else '(none)'}",
+        f"- few-shot examples: {len(p.examples)} in the spec, {p.examples_per_prompt} per prompt",
+        f"- prompt template: `{_md_escape(p.template)}`",
+        "",
+        "## Deduplication",
+        "",
+        f"- exact: normalised key of the {spec.dedup.key} (normalise: {str(spec.dedup.normalize).lower()}), keep-first "
+        "in (round, seed, index) order",
+    ]
+    if spec.dedup.near_duplicates:
+        lines.append(
+            f"- near duplicates: MinHash LSH, Jaccard threshold {spec.dedup.threshold:g}, {spec.dedup.num_perm} "
+            f"permutations, word shingles of {spec.dedup.shingle_size}"
+        )
+    extra = {k: v for k, v in d.items() if k not in {"key", "normalize", "online", "nearDuplicates", "threshold",
+                                                      "numPerm", "shingleSize", "partitions"}}  # fmt: skip
+    for k, v in extra.items():  # tiers added later (e.g. semantic) show with their parameters
+        lines.append(f"- {k}: `{json.dumps(v, sort_keys=True)}`")
+    lines += [
+        f"- online: {'generators skip instructions seen in earlier rounds before writing responses' if spec.dedup.online else 'off'}",
+        "",
+        "## Quality checks",
+        "",
+        "Filters, in order (the first that objects names the reason):",
+        "",
+    ]
+    lines += [f"- {f.name} `{json.dumps(f.params, sort_keys=True)}`" for f in spec.qc.filters] or ["- (none)"]
+    lines += ["", "| rejected because | rows |", "|---|---|"]
+    lines += [f"| {k} | {v:,} |" for k, v in sorted(last.qc_rejected.items(), key=lambda x: (-x[1], x[0]))] or [
+        "| (nothing rejected) | 0 |"
+    ]
+    lines += [
+        "",
+        "## Columns (data/)",
+        "",
+        ", ".join(f"`{name}` ({typ})" for name, typ in rec.EXAMPLE_COLUMNS),
+        "",
+        "## The spec as applied",
+        "",
+        "```yaml",
+        yaml.safe_dump(eff, sort_keys=False, allow_unicode=True).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _seed_ranges(seeds: Sequence[int]) -> str:
+    spans: list[list[int]] = []
+    for s in sorted(seeds):
+        if spans and spans[-1][1] == s - 1:
+            spans[-1][1] = s
+        else:
+            spans.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pushing to the Hugging Face Hub
+
+
+def push_files(storage: Storage) -> list[str]:
+    """What `genrun push` uploads, as paths inside the dataset repo: the card, the parts and the messages export.
+    Nothing else under the output (plans, shards, rejected rows, merge state) ever leaves."""
+    keys = [CARD_KEY] if storage.exists(CARD_KEY) else []
+    keys += [k for k in storage.list(PARTS_PREFIX) if PART_RE.search(k)]
+    keys += [k for k in storage.list(MESSAGES_PREFIX) if PART_RE.search(k)]
+    return [k.removeprefix(f"{DATASET_DIR}/") for k in keys]
+
+
+def stage_for_push(storage: Storage, dest: Path) -> list[str]:
+    """Copy the files `push_files` names into `dest`, laid out as the repo; return their repo paths."""
+    import shutil
+
+    files = push_files(storage)
+    if "README.md" not in files:
+        raise FileNotFoundError(f"{storage.location(CARD_KEY)}: no dataset card yet (no round has been exported)")
+    for name in files:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with local_copy(storage, f"{DATASET_DIR}/{name}") as src:
+            shutil.copyfile(src, target)
+    return files
