@@ -540,3 +540,25 @@ class SeenIndex:
                 order = np.argsort(k, kind="stable")
                 out._firsts[band] = (k[order], np.concatenate([r[1] for r in runs])[order])
         return out
+
+
+def deduplicate(
+    texts: Any, *, threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 1, near: bool = True
+) -> np.ndarray:
+    """For each text (keep-first order), the first row of its cluster (itself when it is kept): the merge's rule
+    (exact normalised key, then bucket firsts) in one batch, for simulations and tools that hold rows in memory."""
+    keys = normalize_array(texts)
+    h = key_hashes(keys)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    owner = first[inverse]  # row -> first row with its key
+    cand = np.sort(first)
+    if not near or len(cand) == 0:
+        return owner
+    import pyarrow as pa
+
+    sigs = MinHasher(num_perm, 1, shingle_size).signatures(keys.take(pa.array(cand, pa.int64())))
+    index = SeenIndex.empty(threshold, num_perm, 1, shingle_size)
+    _, new = index.assign(sigs, index.band_keys(sigs))
+    root = np.arange(len(owner))
+    root[cand] = cand[resolve_roots(new, np.arange(len(cand)))]
+    return root[owner]

@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +281,7 @@ class Decisions:
     cand: np.ndarray  # rows that are the first with a key never seen before
     sigs: np.ndarray  # their signatures
     bands: np.ndarray
+    fresh: np.ndarray  # bool: neither an exact nor a near duplicate of anything before the round
 
 
 def decide(
@@ -330,7 +331,10 @@ def decide(
     root[rest] = root[first_of[rest]]
     kept = np.zeros(n, dtype=bool)
     kept[cand[(old < 0) & (new < 0)]] = True
-    return Decisions(ids, kept, near, root, h, cand, sigs, bands)
+    fresh_key = np.zeros(n, dtype=bool)
+    fresh_key[cand[old < 0]] = True
+    fresh = ~seen_before & fresh_key[first_of]  # judged against earlier rounds only
+    return Decisions(ids, kept, near, root, h, cand, sigs, bands, fresh)
 
 
 def _merge_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -463,7 +467,7 @@ def _merge_one(
             storage.upload(tmp / name, f"{prefix}/{name}")
         storage.upload(tmp / "dataset.parquet", rec.dataset_part_key(rnd))
         storage.upload(tmp / "rejected.parquet", rec.rejected_part_key(rnd))
-        report = _report(storage, state, rnd, len(shards))
+        report = replace(_report(storage, state, rnd, len(shards)), per_shard=round_counts["per_shard"])
         if final:
             (tmp / "report.md").write_text(render_markdown(report, run, missing=missing))
             storage.upload(tmp / "report.md", f"{prefix}/report.md")
@@ -489,6 +493,7 @@ def _write_rows(
     per_temp: dict[float, Counts] = {}
     this = Counts()
     rejected: Counter[str] = Counter()
+    shard_yield: list[rec.ShardYield] = []
     ds = pq.ParquetWriter(tmp / "dataset.parquet", rec.example_schema())
     rj = pq.ParquetWriter(tmp / "rejected.parquet", rej_schema)
     kept_w = pq.ParquetWriter(tmp / "kept.parquet", pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
@@ -498,15 +503,27 @@ def _write_rows(
             table = _read_table(storage, rec.shard_data_key(sh.round, sh.seed))
             n = table.num_rows
             kept = dec.kept[g : g + n]
+            _, in_shard = np.unique(dec.hashes[g : g + n], return_index=True)
+            fresh = np.zeros(n, dtype=bool)  # the shard's own yield: new against earlier rounds, once per key
+            fresh[in_shard] = True
+            fresh &= dec.fresh[g : g + n]
             reasons = np.array([None] * n, dtype=object)
+            check = np.flatnonzero(kept | fresh)
+            verdict = np.array([None] * n, dtype=object)
+            if len(check):
+                verdict[check] = qc.check_table(table.take(pa.array(check)))
+            reasons[kept] = verdict[kept]
             reasons[~kept] = np.where(dec.near[g : g + n][~kept], REASON_NEAR, REASON_EXACT)
+            qc_ok = np.array([v is None for v in verdict], dtype=bool)
+            shard_yield.append(
+                rec.ShardYield(sh.seed, n, sh.manifest.tokens, int(fresh.sum()), int((fresh & qc_ok).sum()))
+            )
             kidx = np.flatnonzero(kept)
             if len(kidx):
-                sub = table.take(pa.array(kidx))
-                reasons[kidx] = qc.check_table(sub)
                 kept_w.write_table(
-                    pa.table({"id": pa.array(dec.ids[g : g + n][kidx]), "instruction": sub.column("instruction")})
-                )
+                    pa.table({"id": pa.array(dec.ids[g : g + n][kidx]),
+                              "instruction": table.column("instruction").take(pa.array(kidx))})
+                )  # fmt: skip
             passed = np.array([x is None for x in reasons])
             # counters: per domain and temperature, vectorised over codes
             dom = pc.dictionary_encode(pc.fill_null(table.column("domain"), "")).combine_chunks()
@@ -545,7 +562,8 @@ def _write_rows(
     ds.close()
     rj.close()
     kept_w.close()
-    return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected)}
+    return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected),
+            "per_shard": tuple(shard_yield)}  # fmt: skip
 
 
 def _codes(values: np.ndarray) -> tuple[np.ndarray, list[float]]:

@@ -13,6 +13,7 @@ from genrun.worker.dedup import (
     SeenIndex,
     band_keys,
     dedup_key,
+    deduplicate,
     lsh_params,
     normalize,
     resolve_roots,
@@ -149,3 +150,10 @@ def test_seen_index_exact_and_near() -> None:
     again = SeenIndex.from_npz(seen.to_npz())
     assert again.contains_exact(queries).tolist() == [True, False, True]
     assert again.contains_near(hasher.signatures(queries)).tolist() == [True, True, True]
+
+
+def test_deduplicate_is_the_merge_rule_in_one_batch() -> None:
+    texts = ["What's the capital of France?", "what is the capital of france", "How do I reverse a string in Python?",
+             "How can I reverse a string in Python?", "Write a poem about the sea."]  # fmt: skip
+    assert deduplicate(texts, threshold=0.7).tolist() == [0, 0, 2, 2, 4]
+    assert deduplicate(texts, threshold=0.7, near=False).tolist() == [0, 0, 2, 3, 4]
