@@ -217,7 +217,7 @@ def _samples(storage: Storage, report: RoundReport, n: int) -> list[dict[str, An
         import pyarrow.parquet as pq
     except ImportError:  # the operator image has no pyarrow: the page has no sample rows then
         return []
-    parts = [k for k in storage.list("dataset/data/") if k.endswith(".parquet")]
+    parts = [k for k in storage.list(rec.DATASET_PREFIX) if k.endswith(".parquet")]
     keys = parts or [f"{rec.merge_prefix(report.round)}/dataset.parquet"]
     rows: list[dict[str, Any]] = []
     for key in keys:

@@ -30,7 +30,7 @@ from genrun.worker import records as rec
 from genrun.worker.storage import Storage, local_copy
 
 DATASET_DIR = "dataset"
-PARTS_PREFIX = f"{DATASET_DIR}/data/"  # records.DATASET_PREFIX on the incremental merge: one place once it lands
+PARTS_PREFIX = rec.DATASET_PREFIX
 MESSAGES_PREFIX = f"{DATASET_DIR}/messages/"
 CARD_KEY = f"{DATASET_DIR}/README.md"
 PART_RE = re.compile(r"train-r(\d{4,})\.parquet$")

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from genrun.worker import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes, lsh_params, normalize_array, resolve_roots
+from genrun.worker.export import export_dataset, part_metadata
 from genrun.worker.qc import QcPipeline
 from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
 
@@ -413,11 +414,15 @@ def merge_round(storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list
     t0 = time.monotonic()
     _clean_leftovers(storage, rnd)
     state = load_state(storage, spec, rnd - 1)
+    replayed: range = range(0)
     if state is None:  # full re-merge: replay rounds 1..rnd-1 from nothing, then this one
         state = State.empty(spec)
-        for r in range(1, rnd):
+        replayed = range(1, rnd)
+        for r in replayed:
             _merge_one(storage, spec, run, r, [x for x in shard_ids if x[0] == r], state, final=False)
-    report = _merge_one(storage, spec, run, rnd, [x for x in shard_ids if x[0] == rnd], state, final=True)
+    report = _merge_one(
+        storage, spec, run, rnd, [x for x in shard_ids if x[0] == rnd], state, final=True, rewritten=replayed
+    )
     log.info(
         "round %d merged in %.1fs: %d new rows, %d unique, %d kept in all",
         rnd, time.monotonic() - t0, report.generated, report.unique_total, report.qc_passed_total,
@@ -426,7 +431,15 @@ def merge_round(storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list
 
 
 def _merge_one(
-    storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list[tuple[int, int]], state: State, *, final: bool
+    storage: Storage,
+    spec: Any,
+    run: str,
+    rnd: int,
+    shard_ids: list[tuple[int, int]],
+    state: State,
+    *,
+    final: bool,
+    rewritten: range = range(0),
 ) -> rec.RoundReport:
     shards, cols, quarantined, missing = _read_round(storage, spec, shard_ids)
     tot = state.totals
@@ -442,7 +455,7 @@ def _merge_one(
     del keys
     with tempfile.TemporaryDirectory(prefix=f"{TMP_DIR_PREFIX}{os.getpid()}-") as tmpd:
         tmp = Path(tmpd)
-        round_counts = _write_rows(storage, spec, rnd, shards, dec, tmp)
+        round_counts = _write_rows(storage, spec, run, rnd, shards, dec, tmp)
         step = _advance(state, dec)
         tot.round = rnd
         tot.round_first_id[rnd] = first_id
@@ -473,12 +486,14 @@ def _merge_one(
             storage.upload(tmp / "report.md", f"{prefix}/report.md")
         storage.write_bytes(_state_key(rnd, "state.json"), tot.to_json().encode())
     if final:
+        # The dataset folder (card, messages) before the completion marker, so that a retried merge redoes it.
+        export_dataset(storage, spec, run, report, rewritten=rewritten)
         storage.write_bytes(rec.round_report_key(rnd), rec.to_json(report).encode())  # last: the completion marker
     return report
 
 
 def _write_rows(
-    storage: Storage, spec: Any, rnd: int, shards: list[_Shard], dec: Decisions, tmp: Path
+    storage: Storage, spec: Any, run: str, rnd: int, shards: list[_Shard], dec: Decisions, tmp: Path
 ) -> dict[str, Any]:
     """Pass 2: each shard again, whole rows: QC on the kept ones, the dataset part, rejected rows, exports."""
     import pyarrow as pa
@@ -494,7 +509,7 @@ def _write_rows(
     this = Counts()
     rejected: Counter[str] = Counter()
     shard_yield: list[rec.ShardYield] = []
-    ds = pq.ParquetWriter(tmp / "dataset.parquet", rec.example_schema())
+    ds = pq.ParquetWriter(tmp / "dataset.parquet", rec.example_schema().with_metadata(part_metadata(spec, run)))
     rj = pq.ParquetWriter(tmp / "rejected.parquet", rej_schema)
     kept_w = pq.ParquetWriter(tmp / "kept.parquet", pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
     g = 0

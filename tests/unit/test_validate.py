@@ -50,7 +50,7 @@ def _genrun(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
 
 
 def test_bounds_are_read_from_the_crd_and_enforced_at_their_edges() -> None:
-    assert len(api.BOUNDS) == 47  # every number field of the spec has its range in the CRD
+    assert len(api.BOUNDS) == 49  # every number field of the spec has its range in the CRD
     for bound in api.BOUNDS:
         section, key = bound.path.split(".", 1)
         for value, ok in _edge_values(bound):
@@ -61,8 +61,12 @@ def test_bounds_are_read_from_the_crd_and_enforced_at_their_edges() -> None:
             elif key.startswith("endpoint."):  # a nested object: with its required url
                 doc["spec"][section]["endpoint"] = {"url": "http://vllm:8000/v1", key.removeprefix("endpoint."): value}
                 where = f"spec.{bound.path}"
-            else:
-                doc["spec"].setdefault(section, {})[key] = value
+            else:  # a field, or a field of a nested object (dedup.semantic.threshold)
+                node = doc["spec"].setdefault(section, {})
+                *parents, leaf = key.split(".")
+                for p in parents:
+                    node = node.setdefault(p, {})
+                node[leaf] = value
                 where = f"spec.{bound.path}"
             errors = [e for e in manifest_errors(doc) if e.startswith(f"{where}: must be in")]
             assert (not errors) == ok, (bound, value, errors)
