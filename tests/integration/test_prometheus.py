@@ -161,7 +161,11 @@ def test_dashboard_and_alert_queries_have_data(cluster: Cluster, tmp_path: Path)
             )
             wait_for(
                 lambda: [
-                    r for r in prom.query('rate(genrun_generated_examples_total{name="watched"}[1m])')["data"]["result"]
+                    # every job's target twice (the dashboard's rate() needs two samples of the namespaced series)
+                    r
+                    for r in prom.query(
+                        f'rate(genrun_generated_examples_total{{namespace="{NS}", name="watched"}}[1m])'
+                    )["data"]["result"]
                 ],
                 30,
                 "two samples",
