@@ -87,12 +87,12 @@ def test_merge_job_is_indexed_when_partitioned() -> None:
     assert "completionMode" not in single["spec"]
 
 
-def test_round_configmap_round_trips_the_plan() -> None:
+def test_round_plan_round_trips_through_its_storage_record() -> None:
+    """Round plans are recorded on storage (rounds/rNNNN/plan.json), read back by every later step."""
     spec = parse_spec(RAW)
     plan = next(a for a in decide(REF, spec, Observed()).actions if isinstance(a, RecordRound)).plan
-    cm = mf.round_configmap(REF, plan)
-    assert cm["metadata"]["name"] == "sft-r1-plan" and cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
-    assert rec.round_plan_from(json.loads(cm["data"]["plan.json"])) == plan
+    assert rec.round_plan_key(plan.round) == "rounds/r0001/plan.json"
+    assert rec.round_plan_from(json.loads(rec.to_json(plan))) == plan
 
 
 def test_job_summary_reads_phase_and_retriability() -> None:
