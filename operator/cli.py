@@ -255,8 +255,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Under `python -m`, this file is __main__ and `genrun.operator.cli` (imported by the subcommands for UserError)
-    # is a second copy with its own UserError class: run the real module's main so that its handler catches them.
-    from genrun.operator.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())  # errors live in genrun.operator.errors: one UserError class, also under `python -m`

@@ -198,13 +198,12 @@ class KubeRun:
                 await self.publish(status, events, changed)
                 self.status = status
             else:
-                self.spec, self.raw_spec = spec, raw_spec
+                self.spec = spec
             self.spec_text = text
         if self.spec is None:
             return
         storage = await self._storage(self.spec)
         if self.loop is None:
-            self.ref = ref
             self.loop = RunLoop(ref, raw_spec, self.spec, storage, self, status=self.status)
         self.loop.storage = storage
         await self.loop.step()
@@ -242,16 +241,17 @@ class KubeRun:
         return tuple({**self.created, **indexed}.values())
 
     async def start(self, action: CreateShardJob | CreateMergeJob) -> None:
-        ref, ns = self.ref, self.key[0]
+        assert self.loop is not None and self.spec is not None  # called by the loop only
+        ref, ns, spec = self.loop.ref, self.key[0], self.spec
         try:
-            cm = mf.job_configmap(ref, action, self.raw_spec)
+            cm = mf.job_configmap(ref, action, self.loop.raw_spec)
         except mf.TooLarge as exc:
             raise Rejected(c.INVALID_SPEC, str(exc)) from exc
         if isinstance(action, CreateShardJob):
-            job = mf.shard_job(ref, action, self.loop_spec, self.settings)
+            job = mf.shard_job(ref, action, spec, self.settings)
             seen = ObservedJob(action.name, "shard", action.shard.round, action.shard.seed, action.attempt, "Pending")
         else:
-            job = mf.merge_job(ref, action, self.loop_spec, self.settings)
+            job = mf.merge_job(ref, action, spec, self.settings)
             seen = ObservedJob(action.name, "merge", action.round, None, action.attempt, "Pending")
         # The job spec first (a 409 after a restart is the same spec), then the Job that mounts it.
         await self.kube.create(api_path("v1", ns, "configmaps"), cm)
@@ -266,11 +266,6 @@ class KubeRun:
         spec = self.spec
         target, budget = (spec.target.unique_examples, budget_used(spec, status)) if spec else (0, 0.0)
         self.metrics.runs.update(*self.key, target, status, _shard_states(self._summaries()), budget)
-
-    @property
-    def loop_spec(self) -> GenerationRunSpec:
-        assert self.loop is not None  # start() is called by the loop only
-        return self.loop.spec
 
     def _summaries(self) -> list[Any]:
         return _values(self.index, self.key)
