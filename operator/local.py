@@ -31,12 +31,11 @@ from genrun.operator.planner import (
     CreateShardJob,
     Event,
     JobPhase,
-    Observed,
     ObservedJob,
     Plan,
     job_spec,
 )
-from genrun.operator.show import print_report
+from genrun.operator.show import Progress, print_report
 from genrun.worker import records as rec
 from genrun.worker.storage import Storage, StorageError, open_storage
 
@@ -83,7 +82,7 @@ class LocalRunner:
         self.procs: dict[str, _Proc] = {}
         self.finished: dict[str, ObservedJob] = {}
         self.stopping = False
-        self._last_line = ""
+        self.progress = Progress(out, storage, self.spec.target.unique_examples, quiet)
 
     # -- the backend: Jobs are local processes --------------------------------------------------------------
     async def jobs(self) -> Sequence[ObservedJob]:
@@ -210,52 +209,6 @@ class LocalRunner:
         for p in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
                 p.popen.kill()
-
-    def progress(self, plan: Plan, obs: Observed) -> None:
-        """One live line: the round's shards, kept vs target, duplication, tokens/s, elapsed<ETA, sampling, reason.
-        Rates count what this process saw finish (a resumed run starts its clocks again); tqdm formats the times."""
-        if self.quiet:
-            return
-        from tqdm import tqdm
-
-        # This method's own state, kept on the runner under one name.
-        ps: dict[str, Any] = self.__dict__.setdefault(
-            "_progress", {"t0": time.monotonic(), "kept0": None, "seen": None, "tokens": 0}
-        )
-        st = plan.status
-        rnd = st.get("round", 0)
-        target = self.spec.target.unique_examples
-        kept = st.get("totals", {}).get("qcPassed", 0)
-        dup = st.get("totals", {}).get("duplicationRatio", 0.0)
-        if ps["kept0"] is None:
-            ps["kept0"], ps["seen"] = kept, set(obs.shards_done)  # what existed before this process: not timed
-        for r, seed in sorted(obs.shards_done - ps["seen"]):  # shards finished since: their tokens, read once
-            with contextlib.suppress(KeyError, ValueError, OSError, StorageError):
-                m = rec.shard_manifest_from(json.loads(self.storage.read_bytes(rec.shard_manifest_key(r, seed))))
-                ps["tokens"] += m.tokens
-            ps["seen"].add((r, seed))
-        elapsed = time.monotonic() - ps["t0"]
-        cur = obs.rounds.get(rnd)
-        shards = len(cur.shards) if cur else 0
-        done = sum(1 for s in (cur.shards if cur else ()) if (s.round, s.seed) in obs.shards_done)
-        width = 20
-        bar = "#" * (width * done // shards if shards else 0)
-        sampling = cur.sampling.describe() if cur else ""
-        # ETA from the kept examples per second so far (they arrive when a round is merged; '?' before the first).
-        times = tqdm.format_meter(
-            n=min(kept, target), total=target, elapsed=elapsed, bar_format="{elapsed}<{remaining}", initial=ps["kept0"]
-        )
-        rate = f"{ps['tokens'] / elapsed:,.0f} tokens/s" if ps["tokens"] and elapsed > 0 else "- tokens/s"
-        head = f"round {rnd} [{bar:<{width}}] {done}/{shards} shards | kept {kept}/{target} | dup {100 * dup:.1f}%"
-        tail = f"{sampling} | {plan.condition(c.PROGRESSING).reason}"
-        line = f"{head} | {rate} | {times} | {tail}"
-        tty = self.out.isatty()
-        # On a terminal the line is redrawn as the clock runs; in a log, a new line only when something happened.
-        key = line if tty else f"{head} | {ps['tokens']} | {tail}"
-        if key != self._last_line:
-            self.out.write(("\r\033[K" if tty else "") + line + ("" if tty else "\n"))
-            self.out.flush()
-            self._last_line = key
 
 
 def _tail(path: Path, lines: int = 1) -> str:

@@ -1,17 +1,21 @@
-"""What `genrun status` and `genrun report` print: read from the run's record on storage (status.json, round
-plans, round reports), the same for a run made on a cluster or on this machine."""
+"""What `genrun run`, `genrun status` and `genrun report` print. Status and reports are read from the run's record on
+storage (status.json, round plans, round reports), the same for a run made on a cluster or on this machine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+from genrun.operator import conditions as c
 from genrun.operator.errors import UserError
 from genrun.operator.loop import read_reports
+from genrun.operator.planner import Observed, Plan
 from genrun.worker import records as rec
-from genrun.worker.storage import Storage, open_storage
+from genrun.worker.storage import Storage, StorageError, open_storage
 
 
 def open_run(output: str) -> Storage:
@@ -59,3 +63,55 @@ def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout
         Path(html).write_text(render_html(doc["metadata"]["name"], [reports[k] for k in sorted(reports)]))
         print(f"charts: {html}", file=file)
     return 0
+
+
+class Progress:
+    """`genrun run`'s live progress line (nothing when quiet)."""
+
+    def __init__(self, out: TextIO, storage: Storage, target: int, quiet: bool) -> None:
+        self.out, self.storage, self.target, self.quiet = out, storage, target, quiet
+        self.state: dict[str, Any] = {"t0": time.monotonic(), "kept0": None, "seen": None, "tokens": 0}
+        self._last_line = ""
+
+    def __call__(self, plan: Plan, obs: Observed) -> None:
+        """One live line: the round's shards, kept vs target, duplication, tokens/s, elapsed<ETA, sampling, reason.
+        Rates count what this process saw finish (a resumed run starts its clocks again); tqdm formats the times."""
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        ps = self.state
+        st = plan.status
+        rnd = st.get("round", 0)
+        target = self.target
+        kept = st.get("totals", {}).get("qcPassed", 0)
+        dup = st.get("totals", {}).get("duplicationRatio", 0.0)
+        if ps["kept0"] is None:
+            ps["kept0"], ps["seen"] = kept, set(obs.shards_done)  # what existed before this process: not timed
+        for r, seed in sorted(obs.shards_done - ps["seen"]):  # shards finished since: their tokens, read once
+            with contextlib.suppress(KeyError, ValueError, OSError, StorageError):
+                m = rec.shard_manifest_from(json.loads(self.storage.read_bytes(rec.shard_manifest_key(r, seed))))
+                ps["tokens"] += m.tokens
+            ps["seen"].add((r, seed))
+        elapsed = time.monotonic() - ps["t0"]
+        cur = obs.rounds.get(rnd)
+        shards = len(cur.shards) if cur else 0
+        done = sum(1 for s in (cur.shards if cur else ()) if (s.round, s.seed) in obs.shards_done)
+        width = 20
+        bar = "#" * (width * done // shards if shards else 0)
+        sampling = cur.sampling.describe() if cur else ""
+        # ETA from the kept examples per second so far (they arrive when a round is merged; '?' before the first).
+        times = tqdm.format_meter(
+            n=min(kept, target), total=target, elapsed=elapsed, bar_format="{elapsed}<{remaining}", initial=ps["kept0"]
+        )
+        rate = f"{ps['tokens'] / elapsed:,.0f} tokens/s" if ps["tokens"] and elapsed > 0 else "- tokens/s"
+        head = f"round {rnd} [{bar:<{width}}] {done}/{shards} shards | kept {kept}/{target} | dup {100 * dup:.1f}%"
+        tail = f"{sampling} | {plan.condition(c.PROGRESSING).reason}"
+        line = f"{head} | {rate} | {times} | {tail}"
+        tty = self.out.isatty()
+        # On a terminal the line is redrawn as the clock runs; in a log, a new line only when something happened.
+        key = line if tty else f"{head} | {ps['tokens']} | {tail}"
+        if key != self._last_line:
+            self.out.write(("\r\033[K" if tty else "") + line + ("" if tty else "\n"))
+            self.out.flush()
+            self._last_line = key

@@ -223,7 +223,7 @@ def test_worker_cli_generates_a_shard_from_the_mounted_job_spec(tmp_path: Path) 
     "name", ["../../kube-system/secrets/aws-creds", "a/b", "..", ".", "a..b", "A", "x%2Fy", "", "a" * 254, "a b"]
 )
 def test_api_paths_refuse_what_is_not_an_object_name(name: str) -> None:
-    from genrun.operator.handlers import UnsafeName, api_path
+    from genrun.operator.kube import UnsafeName, api_path
 
     if name:  # an empty name is the collection's path
         with pytest.raises(UnsafeName):
@@ -233,7 +233,7 @@ def test_api_paths_refuse_what_is_not_an_object_name(name: str) -> None:
 
 
 def test_api_paths_of_valid_names() -> None:
-    from genrun.operator.handlers import api_path, run_path
+    from genrun.operator.kube import api_path, run_path
 
     assert api_path("v1", "data", "secrets", "s3.creds-1") == "/api/v1/namespaces/data/secrets/s3.creds-1"
     assert api_path("batch/v1", "data", "jobs") == "/apis/batch/v1/namespaces/data/jobs"
