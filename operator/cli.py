@@ -10,15 +10,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from genrun.operator.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, UserError
 from genrun.worker import records as rec
 from genrun.worker.records import EXIT_OK, EXIT_STORAGE, EXIT_USAGE
 
-EXIT_RUN_FAILED = 3  # `genrun run`: the run ended Failed (budget, shards)
-EXIT_INTERRUPTED = 130
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit code EXIT_USAGE."""
+__all__ = ["EXIT_RUN_FAILED", "UserError", "main"]
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -71,18 +67,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from genrun.operator.local import print_status
+    from genrun.operator.show import print_status
 
     return print_status(args.output, as_json=args.json)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from genrun.operator.local import _open, observe_storage, print_report
+    from genrun.operator.loop import read_reports
+    from genrun.operator.show import open_run, print_report
 
     if not args.json and not args.html:
         return print_report(args.output)
-    storage = _open(args.output)
-    _, _, reports = observe_storage(storage)
+    storage = open_run(args.output)
+    reports = read_reports(storage)
     if not reports:
         if args.json:
             raise UserError(f"{args.output}: no round has been merged yet")
@@ -104,10 +101,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_push(args: argparse.Namespace) -> int:
     import tempfile
 
-    from genrun.operator.local import _open
+    from genrun.operator.show import open_run
     from genrun.worker.export import stage_for_push
 
-    storage = _open(args.output)
+    storage = open_run(args.output)
     with tempfile.TemporaryDirectory(prefix="genrun-push-") as tmpd:
         try:
             files = stage_for_push(storage, Path(tmpd))
@@ -280,8 +277,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Under `python -m`, this file is __main__ and `genrun.operator.cli` (imported by the subcommands for UserError)
-    # is a second copy with its own UserError class: run the real module's main so that its handler catches them.
-    from genrun.operator.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())  # errors live in genrun.operator.errors: one UserError class, also under `python -m`

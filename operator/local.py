@@ -8,41 +8,39 @@ finished shard is never generated twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
-import datetime as dt
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from genrun.operator import conditions as c
-from genrun.operator.api import API_VERSION, RunRef, parse_spec
+from genrun.operator.api import RunRef, parse_spec
+from genrun.operator.errors import EXIT_RUN_FAILED, UserError
+from genrun.operator.loop import RunLoop
 from genrun.operator.planner import (
     CreateMergeJob,
     CreateShardJob,
+    Event,
     JobPhase,
-    Observed,
     ObservedJob,
     Plan,
-    RecordRound,
-    decide,
     job_spec,
 )
+from genrun.operator.show import Progress, print_report
 from genrun.worker import records as rec
 from genrun.worker.storage import Storage, StorageError, open_storage
 
 STATE = "_genrun"  # runner bookkeeping under the output: job specs, logs, failed attempts
 POLL_SECONDS = 0.5
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _die_with_parent() -> None:
@@ -60,68 +58,6 @@ class _Proc:
     attempt: int
     popen: subprocess.Popen[bytes]
     log: TextIO
-
-
-QUARANTINE = "quarantine/"  # damaged files are recorded here (as merge.py does for shard data), never deleted silently
-
-
-def read_marker(storage: Storage, key: str) -> tuple[rec.ShardManifest | None, str]:
-    """A shard's completion marker, or (None, why) when it is truncated, empty, incomplete or not its shard's.
-
-    One small function on purpose: the worker's merge reads markers too, and the two should share one reader.
-    """
-    try:
-        name = key.rsplit("/", 2)
-        rnd, seed = int(name[-2].removeprefix("r")), int(name[-1].removeprefix("s").split(".")[0])
-        m = rec.shard_manifest_from(json.loads(storage.read_bytes(key)))
-        if (int(m.round), int(m.seed)) != (rnd, seed) or not isinstance(m.data, str) or not m.data:
-            return None, f"describes round {m.round} seed {m.seed} (data {m.data!r}), not round {rnd} seed {seed}"
-        return m, ""
-    except KeyError:
-        return None, "disappeared while being read"
-    except (ValueError, TypeError, AttributeError, IndexError) as exc:  # JSON, UTF-8, missing or extra fields
-        return None, f"unreadable ({type(exc).__name__}: {str(exc)[:200]})"
-
-
-def quarantine_marker(storage: Storage, key: str, why: str) -> None:
-    """Set a damaged marker aside: its shard then counts as not done and is generated again."""
-    storage.write_bytes(f"{QUARANTINE}{key}.json", json.dumps({"key": key, "error": why}).encode())
-    storage.delete(key)
-
-
-def quarantined_keys(storage: Storage, reports: dict[int, rec.RoundReport]) -> frozenset[str]:
-    """Every file set aside as damaged: markers (here) and shard data (by the merge, listed in its reports)."""
-    keys = {k.removeprefix(QUARANTINE).removesuffix(".json") for k in storage.list(QUARANTINE)}
-    return frozenset(keys.union(*(r.quarantined for r in reports.values())))
-
-
-def observe_storage(
-    storage: Storage, *, repair: bool = True, out: TextIO | None = None
-) -> tuple[dict[int, rec.RoundPlan], frozenset[tuple[int, int]], dict[int, rec.RoundReport]]:
-    """What exists on storage. With repair, a damaged marker is quarantined (so its shard runs again); without
-    (`genrun report` only reads), it is skipped."""
-    rounds: dict[int, rec.RoundPlan] = {}
-    for key in storage.list("rounds/"):
-        if key.endswith("/plan.json"):
-            p = rec.round_plan_from(json.loads(storage.read_bytes(key)))
-            rounds[p.round] = p
-    done = set()
-    for key in storage.list("shards/"):
-        if key.endswith(".done.json"):
-            m, why = read_marker(storage, key)
-            if m is not None:
-                done.add((m.round, m.seed))
-            elif repair:
-                quarantine_marker(storage, key, why)
-                if out is not None:
-                    out.write(f"\nwarning: {storage.location(key)}: {why}; set aside under {QUARANTINE}, the shard "
-                              "runs again\n")  # fmt: skip
-    reports = {}
-    for rnd in rounds:
-        key = rec.round_report_key(rnd)
-        if storage.exists(key):
-            reports[rnd] = rec.round_report_from(json.loads(storage.read_bytes(key)))
-    return rounds, frozenset(done), reports
 
 
 class LocalRunner:
@@ -142,14 +78,28 @@ class LocalRunner:
         self.ref, self.raw_spec, self.storage = ref, raw_spec, storage
         self.spec = parse_spec(raw_spec)
         self.state = state_dir
-        self.jobs, self.engine, self.out, self.quiet = max(1, jobs), engine, out, quiet
+        self.max_jobs, self.engine, self.out, self.quiet = max(1, jobs), engine, out, quiet
         self.procs: dict[str, _Proc] = {}
         self.finished: dict[str, ObservedJob] = {}
         self.stopping = False
-        self.old_conditions: list[dict[str, Any]] = []
-        self._last_line = ""
+        self.progress = Progress(out, storage, self.spec.target.unique_examples, quiet)
 
-    # -- observation -------------------------------------------------------------------------------------
+    # -- the backend: Jobs are local processes --------------------------------------------------------------
+    async def jobs(self) -> Sequence[ObservedJob]:
+        out = {j.name: j for j in self._failed_attempts()}
+        out.update(self.finished)
+        for p in self.procs.values():
+            out[p.name] = ObservedJob(p.name, p.kind, p.round, p.seed, p.attempt, "Running")
+        return tuple(out.values())
+
+    async def start(self, action: CreateShardJob | CreateMergeJob) -> None:
+        # Jobs over the concurrency bound are not started: the planner asks for them again next time.
+        if action.name not in self.procs and len(self.procs) < self.max_jobs:
+            self._start(action)  # in this thread: a worker dies with the thread that started it
+
+    async def publish(self, status: dict[str, Any], events: Sequence[Event], changed: bool) -> None:
+        return None  # status.json is the local run's status (written by the loop); Events have no reader here
+
     def _failed_attempts(self) -> list[ObservedJob]:
         out = []
         for p in sorted((self.state / "jobs").glob("*.failed.json")):
@@ -160,15 +110,6 @@ class LocalRunner:
                 )
             )
         return out
-
-    def observe(self) -> Observed:
-        rounds, done, reports = observe_storage(self.storage, out=None if self.quiet else self.out)
-        jobs = {j.name: j for j in self._failed_attempts()}
-        jobs.update(self.finished)
-        for p in self.procs.values():
-            jobs[p.name] = ObservedJob(p.name, p.kind, p.round, p.seed, p.attempt, "Running")
-        quarantined = quarantined_keys(self.storage, reports)
-        return Observed(rounds, tuple(jobs.values()), done, reports, quarantined)
 
     # -- effects -----------------------------------------------------------------------------------------
     def _start(self, action: CreateShardJob | CreateMergeJob) -> None:
@@ -191,14 +132,6 @@ class LocalRunner:
         )
         self.procs[action.name] = _Proc(action.name, kind, rnd, seed, action.attempt, popen, log)
 
-    def apply(self, plan: Plan) -> None:
-        for a in plan.actions:
-            if isinstance(a, RecordRound):
-                self.storage.write_bytes(rec.round_plan_key(a.plan.round), rec.to_json(a.plan).encode())
-            elif a.name not in self.procs and len(self.procs) < self.jobs:
-                self._start(a)
-            # Jobs over the concurrency bound are not started: the planner asks for them again next time.
-
     def reap(self) -> bool:
         changed = False
         for name, p in list(self.procs.items()):
@@ -208,8 +141,10 @@ class LocalRunner:
             changed = True
             p.log.close()
             del self.procs[name]
-            if self.stopping:
-                continue  # interrupted by us: not a failed attempt
+            if self.stopping or code in (-signal.SIGINT, 128 + signal.SIGINT):
+                # Interrupted (by us, or by the Ctrl-C that reached the whole process group before it reached our
+                # loop): not a failed attempt; the shard simply runs again.
+                continue
             phase: JobPhase = "Succeeded" if code == 0 else "Failed"
             retriable = code not in rec.NON_RETRIABLE_EXIT_CODES
             tail = _tail(self.state / "logs" / f"{name}.log")
@@ -233,37 +168,31 @@ class LocalRunner:
                 )
         return changed
 
-    def write_status(self, plan: Plan) -> dict[str, Any]:
-        conds = c.merge_conditions(self.old_conditions, plan.conditions, self.ref.generation, _now())
-        self.old_conditions = conds
-        doc = {
-            "apiVersion": API_VERSION,
-            "kind": "GenerationRun",
-            "metadata": {"name": self.ref.name, "namespace": self.ref.namespace},
-            "spec": self.raw_spec,
-            "status": {**plan.status, "conditions": conds},
-        }
-        self.storage.write_bytes(rec.STATUS_KEY, json.dumps(doc, indent=1).encode())
-        return doc
-
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> Plan:
+        return asyncio.run(self._run())
+
+    async def _run(self) -> Plan:
+        old: dict[str, Any] = {}
         with contextlib.suppress(KeyError, ValueError):
-            self.old_conditions = json.loads(self.storage.read_bytes(rec.STATUS_KEY))["status"]["conditions"]
+            old = json.loads(self.storage.read_bytes(rec.STATUS_KEY))["status"]
+
+        def warn(message: str) -> None:
+            if not self.quiet:
+                self.out.write(f"\nwarning: {message}\n")
+
+        loop = RunLoop(self.ref, self.raw_spec, self.spec, self.storage, self, status=old, warn=warn)
         try:
             while True:
-                obs = self.observe()
-                plan = decide(self.ref, self.spec, obs)
-                self.write_status(plan)
-                self.progress(plan, obs)
+                plan = await loop.step()
+                self.progress(plan, loop.observed)
                 if plan.finished and not self.procs:
                     return plan
                 if not plan.actions and not self.procs and plan.condition(c.SUSPENDED).status == "True":
                     return plan
-                self.apply(plan)
                 deadline = time.monotonic() + POLL_SECONDS
                 while not self.reap() and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                    await asyncio.sleep(0.05)
         except BaseException:
             self.stop()
             raise
@@ -280,52 +209,6 @@ class LocalRunner:
         for p in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
                 p.popen.kill()
-
-    def progress(self, plan: Plan, obs: Observed) -> None:
-        """One live line: the round's shards, kept vs target, duplication, tokens/s, elapsed<ETA, sampling, reason.
-        Rates count what this process saw finish (a resumed run starts its clocks again); tqdm formats the times."""
-        if self.quiet:
-            return
-        from tqdm import tqdm
-
-        # This method's own state, kept on the runner under one name.
-        ps: dict[str, Any] = self.__dict__.setdefault(
-            "_progress", {"t0": time.monotonic(), "kept0": None, "seen": None, "tokens": 0}
-        )
-        st = plan.status
-        rnd = st.get("round", 0)
-        target = self.spec.target.unique_examples
-        kept = st.get("totals", {}).get("qcPassed", 0)
-        dup = st.get("totals", {}).get("duplicationRatio", 0.0)
-        if ps["kept0"] is None:
-            ps["kept0"], ps["seen"] = kept, set(obs.shards_done)  # what existed before this process: not timed
-        for r, seed in sorted(obs.shards_done - ps["seen"]):  # shards finished since: their tokens, read once
-            with contextlib.suppress(KeyError, ValueError, OSError, StorageError):
-                m = rec.shard_manifest_from(json.loads(self.storage.read_bytes(rec.shard_manifest_key(r, seed))))
-                ps["tokens"] += m.tokens
-            ps["seen"].add((r, seed))
-        elapsed = time.monotonic() - ps["t0"]
-        cur = obs.rounds.get(rnd)
-        shards = len(cur.shards) if cur else 0
-        done = sum(1 for s in (cur.shards if cur else ()) if (s.round, s.seed) in obs.shards_done)
-        width = 20
-        bar = "#" * (width * done // shards if shards else 0)
-        sampling = cur.sampling.describe() if cur else ""
-        # ETA from the kept examples per second so far (they arrive when a round is merged; '?' before the first).
-        times = tqdm.format_meter(
-            n=min(kept, target), total=target, elapsed=elapsed, bar_format="{elapsed}<{remaining}", initial=ps["kept0"]
-        )
-        rate = f"{ps['tokens'] / elapsed:,.0f} tokens/s" if ps["tokens"] and elapsed > 0 else "- tokens/s"
-        head = f"round {rnd} [{bar:<{width}}] {done}/{shards} shards | kept {kept}/{target} | dup {100 * dup:.1f}%"
-        tail = f"{sampling} | {plan.condition(c.PROGRESSING).reason}"
-        line = f"{head} | {rate} | {times} | {tail}"
-        tty = self.out.isatty()
-        # On a terminal the line is redrawn as the clock runs; in a log, a new line only when something happened.
-        key = line if tty else f"{head} | {ps['tokens']} | {tail}"
-        if key != self._last_line:
-            self.out.write(("\r\033[K" if tty else "") + line + ("" if tty else "\n"))
-            self.out.flush()
-            self._last_line = key
 
 
 def _tail(path: Path, lines: int = 1) -> str:
@@ -347,7 +230,6 @@ def _state_dir(storage: Storage, output: str) -> Path:
 def run_manifest(
     path: Path, *, output: str | None, jobs: int, engine: str, quiet: bool, out: TextIO = sys.stderr
 ) -> int:
-    from genrun.operator.cli import EXIT_RUN_FAILED, UserError
     from genrun.operator.validate import ManifestError, SpecError, load_run_manifest
 
     try:  # the one validation path, --output included, before anything touches the output folder
@@ -380,52 +262,3 @@ def run_manifest(
     if plan.status.get("output"):
         out.write(f"dataset: {plan.status['output']['dataset']}\nreport:  {plan.status['output']['report']}\n")
     return 0 if ok else EXIT_RUN_FAILED
-
-
-def _open(output: str) -> Storage:
-    storage = open_storage(output)
-    if not storage.exists(rec.STATUS_KEY):
-        from genrun.operator.cli import UserError
-
-        raise UserError(f"{output}: no genrun run here (no {rec.STATUS_KEY})")
-    return storage
-
-
-def print_status(output: str, as_json: bool = False) -> int:
-    storage = _open(output)
-    doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
-    st = doc["status"]
-    if as_json:
-        print(json.dumps(st, indent=1))
-        return 0
-    t = st.get("totals", {})
-    target = doc["spec"]["target"]["uniqueExamples"]
-    print(f"{doc['metadata']['name']}: round {st.get('round', 0)}, kept {t.get('qcPassed', 0)}/{target}, unique "
-          f"{t.get('unique', 0)}, generated {t.get('generated', 0)}, duplication {100 * t.get('duplicationRatio', 0):.1f}%")  # fmt: skip
-    if t.get("shardsQuarantined") or t.get("shardsFailed"):
-        print(f"  shards: {t.get('shardsQuarantined', 0)} quarantined (damaged, set aside under quarantine/), "
-              f"{t.get('shardsFailed', 0)} failed")  # fmt: skip
-    for cond in st.get("conditions", []):
-        print(f"  {cond['type']:<12} {cond['status']:<6} {cond['reason']:<16} {cond.get('message', '')[:120]}")
-    print("  round shards seeds        T     rep   generated  new unique  kept  yield")
-    for r in st.get("rounds", []):
-        print(f"  {r['round']:>5} {r['shards']:>6} {r['seeds']:<12} {r['temperature']:<5g} {r['repetitionPenalty']:<5g} "
-              f"{r.get('generated', '-'):>9} {r.get('newUnique', '-'):>11} {r.get('qcPassed', '-'):>5} {r.get('marginalYield', '-')}")  # fmt: skip
-    return 0
-
-
-def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout) -> int:
-    storage = _open(output)
-    _, _, reports = observe_storage(storage, repair=False)
-    if not reports:
-        print("no round has been merged yet", file=file)
-        return 0
-    latest = reports[max(reports)]
-    print(storage.read_bytes(f"{rec.merge_prefix(latest.round)}/report.md").decode(), file=file)
-    if html:
-        from genrun.operator.charts import render_html
-
-        doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
-        Path(html).write_text(render_html(doc["metadata"]["name"], [reports[k] for k in sorted(reports)]))
-        print(f"charts: {html}", file=file)
-    return 0

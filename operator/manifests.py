@@ -1,5 +1,5 @@
-"""Pure builders of the Kubernetes objects a run owns: round-plan ConfigMaps, shard and merge Jobs, and the
-job-spec ConfigMap each Job mounts.
+"""Pure builders of the Kubernetes objects a run owns: shard and merge Jobs and the job-spec ConfigMap each Job
+mounts.
 
 No API calls here: the handlers create what these return, and tests inspect them (owner references, labels, GPU
 resources, Kueue, podFailurePolicy, Pod Security "restricted") without a cluster.
@@ -86,18 +86,6 @@ def owner_reference(ref: RunRef) -> dict[str, Any]:
 
 def _meta(ref: RunRef, name: str, lbls: dict[str, str]) -> dict[str, Any]:
     return {"name": name, "namespace": ref.namespace, "labels": lbls, "ownerReferences": [owner_reference(ref)]}
-
-
-def round_configmap(ref: RunRef, plan: rec.RoundPlan) -> dict[str, Any]:
-    """A round's plan, recorded before its Jobs so later decisions read it back."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(
-            ref, f"{ref.name}-r{plan.round}-plan", labels(ref, "round-plan", **{LABEL_ROUND: str(plan.round)})
-        ),
-        "data": {"plan.json": rec.to_json(plan)},
-    }
 
 
 def _env(spec: GenerationRunSpec) -> list[dict[str, Any]]:

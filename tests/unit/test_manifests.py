@@ -87,12 +87,12 @@ def test_merge_job_is_indexed_when_partitioned() -> None:
     assert "completionMode" not in single["spec"]
 
 
-def test_round_configmap_round_trips_the_plan() -> None:
+def test_round_plan_round_trips_through_its_storage_record() -> None:
+    """Round plans are recorded on storage (rounds/rNNNN/plan.json), read back by every later step."""
     spec = parse_spec(RAW)
     plan = next(a for a in decide(REF, spec, Observed()).actions if isinstance(a, RecordRound)).plan
-    cm = mf.round_configmap(REF, plan)
-    assert cm["metadata"]["name"] == "sft-r1-plan" and cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
-    assert rec.round_plan_from(json.loads(cm["data"]["plan.json"])) == plan
+    assert rec.round_plan_key(plan.round) == "rounds/r0001/plan.json"
+    assert rec.round_plan_from(json.loads(rec.to_json(plan))) == plan
 
 
 def test_job_summary_reads_phase_and_retriability() -> None:
@@ -223,7 +223,7 @@ def test_worker_cli_generates_a_shard_from_the_mounted_job_spec(tmp_path: Path) 
     "name", ["../../kube-system/secrets/aws-creds", "a/b", "..", ".", "a..b", "A", "x%2Fy", "", "a" * 254, "a b"]
 )
 def test_api_paths_refuse_what_is_not_an_object_name(name: str) -> None:
-    from genrun.operator.handlers import UnsafeName, api_path
+    from genrun.operator.kube import UnsafeName, api_path
 
     if name:  # an empty name is the collection's path
         with pytest.raises(UnsafeName):
@@ -233,7 +233,7 @@ def test_api_paths_refuse_what_is_not_an_object_name(name: str) -> None:
 
 
 def test_api_paths_of_valid_names() -> None:
-    from genrun.operator.handlers import api_path, run_path
+    from genrun.operator.kube import api_path, run_path
 
     assert api_path("v1", "data", "secrets", "s3.creds-1") == "/api/v1/namespaces/data/secrets/s3.creds-1"
     assert api_path("batch/v1", "data", "jobs") == "/apis/batch/v1/namespaces/data/jobs"

@@ -1,0 +1,117 @@
+"""What `genrun run`, `genrun status` and `genrun report` print. Status and reports are read from the run's record on
+storage (status.json, round plans, round reports), the same for a run made on a cluster or on this machine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from genrun.operator import conditions as c
+from genrun.operator.errors import UserError
+from genrun.operator.loop import read_reports
+from genrun.operator.planner import Observed, Plan
+from genrun.worker import records as rec
+from genrun.worker.storage import Storage, StorageError, open_storage
+
+
+def open_run(output: str) -> Storage:
+    storage = open_storage(output)
+    if not storage.exists(rec.STATUS_KEY):
+        raise UserError(f"{output}: no genrun run here (no {rec.STATUS_KEY})")
+    return storage
+
+
+def print_status(output: str, as_json: bool = False) -> int:
+    storage = open_run(output)
+    doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
+    st = doc["status"]
+    if as_json:
+        print(json.dumps(st, indent=1))
+        return 0
+    t = st.get("totals", {})
+    target = doc["spec"]["target"]["uniqueExamples"]
+    print(f"{doc['metadata']['name']}: round {st.get('round', 0)}, kept {t.get('qcPassed', 0)}/{target}, unique "
+          f"{t.get('unique', 0)}, generated {t.get('generated', 0)}, duplication {100 * t.get('duplicationRatio', 0):.1f}%")  # fmt: skip
+    if t.get("shardsQuarantined") or t.get("shardsFailed"):
+        print(f"  shards: {t.get('shardsQuarantined', 0)} quarantined (damaged, set aside under quarantine/), "
+              f"{t.get('shardsFailed', 0)} failed")  # fmt: skip
+    for cond in st.get("conditions", []):
+        print(f"  {cond['type']:<12} {cond['status']:<6} {cond['reason']:<16} {cond.get('message', '')[:120]}")
+    print("  round shards seeds        T     rep   generated  new unique  kept  yield")
+    for r in st.get("rounds", []):
+        print(f"  {r['round']:>5} {r['shards']:>6} {r['seeds']:<12} {r['temperature']:<5g} {r['repetitionPenalty']:<5g} "
+              f"{r.get('generated', '-'):>9} {r.get('newUnique', '-'):>11} {r.get('qcPassed', '-'):>5} {r.get('marginalYield', '-')}")  # fmt: skip
+    return 0
+
+
+def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout) -> int:
+    storage = open_run(output)
+    reports = read_reports(storage)
+    if not reports:
+        print("no round has been merged yet", file=file)
+        return 0
+    latest = reports[max(reports)]
+    print(storage.read_bytes(f"{rec.merge_prefix(latest.round)}/report.md").decode(), file=file)
+    if html:
+        from genrun.operator.charts import render_html
+
+        doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
+        Path(html).write_text(render_html(doc["metadata"]["name"], [reports[k] for k in sorted(reports)]))
+        print(f"charts: {html}", file=file)
+    return 0
+
+
+class Progress:
+    """`genrun run`'s live progress line (nothing when quiet)."""
+
+    def __init__(self, out: TextIO, storage: Storage, target: int, quiet: bool) -> None:
+        self.out, self.storage, self.target, self.quiet = out, storage, target, quiet
+        self.state: dict[str, Any] = {"t0": time.monotonic(), "kept0": None, "seen": None, "tokens": 0}
+        self._last_line = ""
+
+    def __call__(self, plan: Plan, obs: Observed) -> None:
+        """One live line: the round's shards, kept vs target, duplication, tokens/s, elapsed<ETA, sampling, reason.
+        Rates count what this process saw finish (a resumed run starts its clocks again); tqdm formats the times."""
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        ps = self.state
+        st = plan.status
+        rnd = st.get("round", 0)
+        target = self.target
+        kept = st.get("totals", {}).get("qcPassed", 0)
+        dup = st.get("totals", {}).get("duplicationRatio", 0.0)
+        if ps["kept0"] is None:
+            ps["kept0"], ps["seen"] = kept, set(obs.shards_done)  # what existed before this process: not timed
+        for r, seed in sorted(obs.shards_done - ps["seen"]):  # shards finished since: their tokens, read once
+            with contextlib.suppress(KeyError, ValueError, OSError, StorageError):
+                m = rec.shard_manifest_from(json.loads(self.storage.read_bytes(rec.shard_manifest_key(r, seed))))
+                ps["tokens"] += m.tokens
+            ps["seen"].add((r, seed))
+        elapsed = time.monotonic() - ps["t0"]
+        cur = obs.rounds.get(rnd)
+        shards = len(cur.shards) if cur else 0
+        done = sum(1 for s in (cur.shards if cur else ()) if (s.round, s.seed) in obs.shards_done)
+        width = 20
+        bar = "#" * (width * done // shards if shards else 0)
+        sampling = cur.sampling.describe() if cur else ""
+        # ETA from the kept examples per second so far (they arrive when a round is merged; '?' before the first).
+        times = tqdm.format_meter(
+            n=min(kept, target), total=target, elapsed=elapsed, bar_format="{elapsed}<{remaining}", initial=ps["kept0"]
+        )
+        rate = f"{ps['tokens'] / elapsed:,.0f} tokens/s" if ps["tokens"] and elapsed > 0 else "- tokens/s"
+        head = f"round {rnd} [{bar:<{width}}] {done}/{shards} shards | kept {kept}/{target} | dup {100 * dup:.1f}%"
+        tail = f"{sampling} | {plan.condition(c.PROGRESSING).reason}"
+        line = f"{head} | {rate} | {times} | {tail}"
+        tty = self.out.isatty()
+        # On a terminal the line is redrawn as the clock runs; in a log, a new line only when something happened.
+        key = line if tty else f"{head} | {ps['tokens']} | {tail}"
+        if key != self._last_line:
+            self.out.write(("\r\033[K" if tty else "") + line + ("" if tty else "\n"))
+            self.out.flush()
+            self._last_line = key
