@@ -48,10 +48,20 @@ def genrun(args: list[str], s3: SeaweedFS) -> str:
 
 
 def rows(s3: SeaweedFS, location: str) -> list[dict[str, Any]]:
+    """The dataset's rows: every per-round part under the dataset folder, in round order."""
     if location.startswith("s3://"):
-        key = location.removeprefix(f"s3://{BUCKET}/")
-        return pq.read_table(io.BytesIO(s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())).to_pylist()
-    return pq.read_table(location).to_pylist()
+        prefix = location.removeprefix(f"s3://{BUCKET}/").rstrip("/") + "/"
+        listed = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+        keys = sorted(o["Key"] for o in listed if o["Key"].endswith(".parquet"))
+        assert keys, f"no dataset parts under {location}"
+        out: list[dict[str, Any]] = []
+        for key in keys:
+            body = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+            out += pq.read_table(io.BytesIO(body)).to_pylist()
+        return out
+    parts = sorted(Path(location).glob("*.parquet"))
+    assert parts, f"no dataset parts under {location}"
+    return [r for p in parts for r in pq.read_table(p).to_pylist()]
 
 
 def round_plans(s3: SeaweedFS, output: str) -> list[Any]:
