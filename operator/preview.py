@@ -185,7 +185,7 @@ def render(p: Preview, out: TextIO) -> None:
 
 
 def run_preview(path: Path, n: int, engine: str, as_json: bool, out: TextIO | None = None) -> int:
-    from genrun.operator.cli import UserError
+    from genrun.operator.errors import UserError
     from genrun.operator.validate import ManifestError, SpecError, load_run_manifest
     from genrun.worker import records as rec
     from genrun.worker.engine import ModelError

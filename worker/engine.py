@@ -14,45 +14,13 @@ import logging
 import os
 import random
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+
+from genrun.worker.engine_types import Completion, Engine, ModelError, Params
+
+__all__ = ["Completion", "Engine", "ModelError", "Params", "make_engine", "per_request_seed"]
 
 log = logging.getLogger("genrun.engine")
-
-
-@dataclass(frozen=True)
-class Params:
-    n: int
-    temperature: float
-    top_p: float
-    repetition_penalty: float
-    min_p: float
-    max_tokens: int
-    stop: tuple[str, ...]
-    seed: int
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    tokens: int
-    logprob: float | None  # cumulative log-probability of the sampled tokens
-    finish_reason: str  # "stop" | "length"
-
-    @property
-    def mean_logprob(self) -> float | None:
-        return self.logprob / self.tokens if self.logprob is not None and self.tokens else None
-
-
-class Engine(Protocol):
-    model: str
-
-    def generate(self, prompts: list[str], params: list[Params]) -> list[list[Completion]]: ...
-
-
-class ModelError(Exception):
-    """The model cannot be found or loaded (not retriable)."""
 
 
 def per_request_seed(shard_seed: int, index: int, stage: int = 0) -> int:

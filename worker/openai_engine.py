@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from genrun.worker.engine import Completion, ModelError, Params
+from genrun.worker.engine_types import Completion, ModelError, Params
 
 log = logging.getLogger("genrun.engine")
 
