@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 from genrun.operator.api import RunRef, parse_spec
-from genrun.operator.planner import CreateMergeJob, CreateShardJob, Observed, ObservedJob, RecordRound, decide
+from genrun.operator.simulate import run_instantly
 from genrun.worker.merge import State, round_keys
 from genrun.worker.merge import decide as dedup_decide
 from genrun.worker.qc import QcPipeline
@@ -187,24 +187,10 @@ def run_seed_process(pools: Pools, spec: Any, rng: random.Random) -> tuple[int, 
 def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef) -> tuple[int, int]:
     """genrun's planner driving simulated shards and merges until it finishes."""
     w = World(pools, rng)
-    obs = Observed()
     joint = spec.generation.mode == "joint"
-    for _ in range(500):
-        plan = decide(ref, spec, obs)
-        if plan.finished:
-            ok = plan.condition("Succeeded").status == "True"
-            return (w.tokens if ok else sys.maxsize), w.kept
-        rounds, jobs, reports = dict(obs.rounds), list(obs.jobs), dict(obs.reports)
-        for a in plan.actions:
-            if isinstance(a, RecordRound):
-                rounds[a.plan.round] = a.plan
-            elif isinstance(a, CreateShardJob):
-                jobs.append(ObservedJob(a.name, "shard", a.shard.round, a.shard.seed, a.attempt, "Succeeded"))
-            elif isinstance(a, CreateMergeJob):
-                jobs.append(ObservedJob(a.name, "merge", a.round, None, a.attempt, "Succeeded"))
-                reports[a.round] = _round(w, rounds[a.round], reports.get(a.round - 1), joint, spec)
-        obs = Observed(rounds, tuple(jobs), frozenset(), reports)
-    raise RuntimeError("the planner did not finish in 500 steps")
+    _, plans = run_instantly(ref, spec, lambda plan, prev: _round(w, plan, prev, joint, spec))
+    ok = plans[-1].condition("Succeeded").status == "True"
+    return (w.tokens if ok else sys.maxsize), w.kept
 
 
 def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spec: Any) -> RoundReport:

@@ -11,8 +11,9 @@ import pytest
 from genrun.operator import conditions as c
 from genrun.operator import policy as pol
 from genrun.operator.api import RunRef, parse_spec
-from genrun.operator.planner import CreateShardJob, Observed, ObservedJob, RecordRound, decide
-from genrun.worker.records import RoundReport, Sampling, ShardYield
+from genrun.operator.planner import CreateShardJob, Observed, decide
+from genrun.operator.simulate import run_instantly
+from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardYield
 
 REF = RunRef(name="sft", namespace="data", uid="6f1c", generation=1)
 BASE = {
@@ -52,49 +53,31 @@ def run_world(
     """Drive decide() to the end. A shard of the arm at temperature t writes its examples; a share yields[t] of
     them is new and passes QC (per-shard figures, as the merge reports them); Jobs finish at once. With `noise`,
     each example is kept with probability yields[t] (a binomial world), else exactly floor(examples * yield)."""
-    obs, plans = Observed(), []
 
     def kept_of(examples: int, y: float) -> int:
         return sum(noise.random() < y for _ in range(examples)) if noise else math.floor(examples * y)
 
-    for _ in range(max_steps):
-        plan = decide(REF, spec, obs)
-        plans.append(plan)
-        if plan.finished:
-            return obs, plans
-        rounds, jobs, reports = dict(obs.rounds), list(obs.jobs), dict(obs.reports)
-        for a in plan.actions:
-            if isinstance(a, RecordRound):
-                rounds[a.plan.round] = a.plan
-            elif isinstance(a, CreateShardJob):
-                jobs.append(ObservedJob(a.name, "shard", a.shard.round, a.shard.seed, a.attempt, "Succeeded"))
-            else:
-                jobs.append(ObservedJob(a.name, "merge", a.round, None, a.attempt, "Succeeded"))
-                kept = [kept_of(s.examples, yields[s.sampling.temperature]) for s in rounds[a.round].shards]
-                per = tuple(
-                    ShardYield(
-                        s.seed, s.examples, s.examples * TOKENS_PER_EXAMPLE, min(s.examples, round(k / QC_PASS)), k
-                    )
-                    for s, k in zip(rounds[a.round].shards, kept, strict=True)
-                )
-                prev = reports.get(a.round - 1)
-                gen = sum(y.rows for y in per)
-                uniq = sum(y.new_unique for y in per)
-                total = sum(kept)
-                reports[a.round] = RoundReport(
-                    round=a.round,
-                    shards=len(per),
-                    generated=gen,
-                    new_unique=uniq,
-                    new_qc_passed=total,
-                    generated_total=gen + (prev.generated_total if prev else 0),
-                    unique_total=uniq + (prev.unique_total if prev else 0),
-                    qc_passed_total=total + (prev.qc_passed_total if prev else 0),
-                    tokens=gen * TOKENS_PER_EXAMPLE,
-                    per_shard=per,
-                )
-        obs = Observed(rounds, tuple(jobs), frozenset(), reports)
-    raise AssertionError("did not finish")
+    def merge(plan: RoundPlan, prev: RoundReport | None) -> RoundReport:
+        kept = [kept_of(s.examples, yields[s.sampling.temperature]) for s in plan.shards]
+        per = tuple(
+            ShardYield(s.seed, s.examples, s.examples * TOKENS_PER_EXAMPLE, min(s.examples, round(k / QC_PASS)), k)
+            for s, k in zip(plan.shards, kept, strict=True)
+        )
+        gen, uniq, total = sum(y.rows for y in per), sum(y.new_unique for y in per), sum(kept)
+        return RoundReport(
+            round=plan.round,
+            shards=len(per),
+            generated=gen,
+            new_unique=uniq,
+            new_qc_passed=total,
+            generated_total=gen + (prev.generated_total if prev else 0),
+            unique_total=uniq + (prev.unique_total if prev else 0),
+            qc_passed_total=total + (prev.qc_passed_total if prev else 0),
+            tokens=gen * TOKENS_PER_EXAMPLE,
+            per_shard=per,
+        )
+
+    return run_instantly(REF, spec, merge, max_steps)
 
 
 def test_arms_default_to_the_escalation_ladder_and_explicit_arms_replace_it() -> None:
