@@ -36,7 +36,7 @@ def quickstart_spec(out: Path, **over: Any) -> dict[str, Any]:
 
 
 def shard_job(tmp: Path, out: Path, examples: int = 8) -> Path:
-    raw = quickstart_spec(out, shards={"examplesPerShard": examples})
+    raw = quickstart_spec(out, shards={"examplesPerShard": examples}, target={"uniqueExamples": examples})
     spec = parse_spec(raw)
     s = spec.sampling
     shard = make_round(
@@ -131,9 +131,11 @@ def test_bad_model_path_is_one_line_and_final_exit_code(tmp_path: Path) -> None:
 
 
 def test_genrun_run_reaches_a_two_round_target_on_the_real_model(tmp_path: Path) -> None:
+    """The default policy: a pilot over the four ladder arms (16 examples each) cannot reach 60 kept; the next round
+    is sized to the target."""
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    doc["spec"]["shards"]["examplesPerShard"] = 12
-    doc["spec"]["target"]["uniqueExamples"] = 28
+    doc["spec"]["shards"]["examplesPerShard"] = 16
+    doc["spec"]["target"]["uniqueExamples"] = 60
     doc["spec"]["output"]["path"] = str(tmp_path / "out")
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(doc))
     res = subprocess.run(
@@ -141,7 +143,8 @@ def test_genrun_run_reaches_a_two_round_target_on_the_real_model(tmp_path: Path)
     )
     assert res.returncode == 0, res.stderr[-3000:]
     st = json.loads((tmp_path / "out" / "status.json").read_text())["status"]
-    assert st["round"] >= 2 and st["totals"]["qcPassed"] >= 28
+    assert st["round"] >= 2 and st["totals"]["qcPassed"] >= 60
+    assert len({a["arm"] for a in st["arms"]}) == 4 and st["projectedTokensToTarget"] == 0
     data = pq.read_table(st["output"]["dataset"]).to_pylist()
     assert len(data) == st["totals"]["qcPassed"]
     assert len({normalize(r["instruction"]) for r in data}) == len(data)
@@ -163,8 +166,11 @@ def test_operator_runs_the_real_model_end_to_end(tmp_path: Path) -> None:
         cluster.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "gpu"}})
         cluster.create("/api/v1/namespaces/gpu/secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3", "namespace": "gpu"},
                        "data": {k: base64.b64encode(b"test").decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})  # fmt: skip
-        spec = quickstart_spec(
-            Path("/unused"), shards={"initial": 1, "examplesPerShard": 10}, target={"uniqueExamples": 6}
+        spec = quickstart_spec(  # pilotShare 0 pins round 1 to shards.initial: one real shard
+            Path("/unused"),
+            shards={"initial": 1, "examplesPerShard": 10},
+            target={"uniqueExamples": 6},
+            policy={"pilotShare": 0},
         )
         spec["output"] = {"path": "s3://real/run", "s3": {"endpoint": s3.endpoint, "credentialsSecret": "s3"}}
         with JobRunner(cluster, "gpu"), OperatorProcess(cluster, "gpu"):
