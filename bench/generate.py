@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import yaml
-from genrun.operator.api import parse_spec
+from genrun.contract.api import parse_spec
 from genrun.operator.planner import make_round
 from genrun.worker import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys

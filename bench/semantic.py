@@ -110,7 +110,7 @@ def worker_tokens_per_s(examples: int) -> None:
     import tempfile
 
     import yaml
-    from genrun.operator.api import parse_spec
+    from genrun.contract.api import parse_spec
     from genrun.operator.planner import make_round
     from genrun.worker import records as rec
     from genrun.worker.engine import VllmEngine

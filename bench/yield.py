@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import yaml
-from genrun.operator.api import RunRef
+from genrun.contract.api import RunRef
 from genrun.operator.local import LocalRunner
 from genrun.worker import records as rec
 from genrun.worker.storage import LocalStorage

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from genrun.operator.api import RunRef, parse_spec
+from genrun.contract.api import RunRef, parse_spec
 from genrun.operator.simulate import run_instantly
 from genrun.worker.merge import State, round_keys
 from genrun.worker.merge import decide as dedup_decide

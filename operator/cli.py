@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from genrun.operator.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, UserError
+from genrun.contract.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, UserError
 from genrun.worker import records as rec
 from genrun.worker.records import EXIT_OK, EXIT_STORAGE, EXIT_USAGE
 
@@ -277,4 +277,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())  # errors live in genrun.operator.errors: one UserError class, also under `python -m`
+    sys.exit(main())  # errors live in genrun.contract.errors: one UserError class, also under `python -m`

@@ -20,10 +20,10 @@ from typing import Any
 
 import aiohttp
 import kopf
+from genrun.contract.api import GROUP, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError
+from genrun.contract.errors import Rejected, UserError
 from genrun.operator import conditions as c
 from genrun.operator import manifests as mf
-from genrun.operator.api import GROUP, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError
-from genrun.operator.errors import Rejected, UserError
 from genrun.operator.kube import Kube, api_path, run_path
 from genrun.operator.loop import RunLoop, publication
 from genrun.operator.metrics import Metrics

@@ -13,10 +13,10 @@ from typing import Any
 
 import aiohttp
 import kopf
+from genrun.contract.api import GROUP, PLURAL, VERSION
+from genrun.contract.errors import Rejected
 from genrun.operator import conditions as c
 from genrun.operator import manifests as mf
-from genrun.operator.api import GROUP, PLURAL, VERSION
-from genrun.operator.errors import Rejected
 from genrun.operator.settings import Settings
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")

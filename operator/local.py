@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from genrun.contract.api import RunRef, parse_spec
+from genrun.contract.errors import EXIT_RUN_FAILED, UserError
 from genrun.operator import conditions as c
-from genrun.operator.api import RunRef, parse_spec
-from genrun.operator.errors import EXIT_RUN_FAILED, UserError
 from genrun.operator.loop import RunLoop
 from genrun.operator.planner import (
     CreateMergeJob,

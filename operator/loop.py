@@ -16,9 +16,9 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from genrun.contract.api import API_VERSION, GenerationRunSpec, RunRef
+from genrun.contract.errors import Rejected
 from genrun.operator import conditions as c
-from genrun.operator.api import API_VERSION, GenerationRunSpec, RunRef
-from genrun.operator.errors import Rejected
 from genrun.operator.planner import (
     CreateMergeJob,
     CreateShardJob,

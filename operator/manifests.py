@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from genrun.operator.api import API_KEY_ENV, API_VERSION, KIND, GenerationRunSpec, RunRef
+from genrun.contract.api import API_KEY_ENV, API_VERSION, KIND, GenerationRunSpec, RunRef
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, job_spec
 from genrun.operator.settings import Settings
 from genrun.worker import records as rec

@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from genrun.contract.api import GenerationRunSpec, RunRef, SpecError, parse_spec
 from genrun.operator import conditions as c
 from genrun.operator import policy as pol
-from genrun.operator.api import GenerationRunSpec, RunRef, SpecError, parse_spec
 from genrun.operator.policy import base_sampling, round4
 from genrun.worker.records import JobSpec, RoundPlan, RoundReport, Sampling, ShardPlan
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from genrun.operator.api import GenerationRunSpec, RunRef
+from genrun.contract.api import GenerationRunSpec, RunRef
 from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
 
 DISCOUNT = 0.7  # weight of a round's evidence per round of age

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from genrun.operator.api import GenerationRunSpec
+from genrun.contract.api import GenerationRunSpec
 
 CUT = 160  # characters of text shown per field in the table
 
@@ -185,7 +185,7 @@ def render(p: Preview, out: TextIO) -> None:
 
 
 def run_preview(path: Path, n: int, engine: str, as_json: bool, out: TextIO | None = None) -> int:
-    from genrun.operator.errors import UserError
+    from genrun.contract.errors import UserError
     from genrun.operator.validate import ManifestError, SpecError, load_run_manifest
     from genrun.worker import records as rec
     from genrun.worker.engine import ModelError

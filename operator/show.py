@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from genrun.contract.errors import UserError
 from genrun.operator import conditions as c
-from genrun.operator.errors import UserError
 from genrun.operator.loop import read_reports
 from genrun.operator.planner import Observed, Plan
 from genrun.worker import records as rec

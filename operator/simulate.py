@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from genrun.operator.api import GenerationRunSpec, RunRef
+from genrun.contract.api import GenerationRunSpec, RunRef
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, Observed, ObservedJob, Plan, RecordRound, decide
 from genrun.worker.records import RoundPlan, RoundReport
 

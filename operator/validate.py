@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from genrun.operator.api import (
+from genrun.contract.api import (
     GenerationRunSpec,
     RunRef,
     SpecError,

@@ -12,7 +12,8 @@ VENV=${GENRUN_VENV:-.venv}
 tree=$(mktemp -d)
 trap 'rm -rf "$tree"' EXIT
 mkdir -p "$tree/genrun"
+ln -s "$PWD/contract" "$tree/genrun/contract"
 ln -s "$PWD/operator" "$tree/genrun/operator"
 ln -s "$PWD/worker" "$tree/genrun/worker"
 ln -s "$PWD/crds" "$tree/genrun/crds"
-MYPYPATH="$tree" "$VENV/bin/mypy" --cache-dir "${TMPDIR:-/tmp}/genrun-mypy-cache" -p genrun.operator
+MYPYPATH="$tree" "$VENV/bin/mypy" --cache-dir "${TMPDIR:-/tmp}/genrun-mypy-cache" -p genrun.contract -p genrun.operator

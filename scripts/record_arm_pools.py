@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
-from genrun.operator.api import parse_spec
+from genrun.contract.api import parse_spec
 from genrun.operator.planner import make_round
 from genrun.worker import records as rec
 from genrun.worker.engine import make_engine

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import yaml
-from genrun.operator.api import parse_spec
+from genrun.contract.api import parse_spec
 from genrun.operator.planner import make_round
 from genrun.worker import records as rec
 from genrun.worker.engine import Params, VllmEngine, per_request_seed

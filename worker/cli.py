@@ -23,7 +23,7 @@ log = logging.getLogger("genrun.worker")
 
 
 def _load_job(args: argparse.Namespace) -> tuple[rec.JobSpec, Any]:
-    from genrun.operator.api import SpecError, parse_spec
+    from genrun.contract.api import SpecError, parse_spec
 
     try:
         # A file (Kubernetes Jobs mount their job-spec ConfigMap), never one argv string: Linux caps a single

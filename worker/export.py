@@ -50,7 +50,7 @@ def _manifest(spec: Any) -> dict[str, Any]:
     """The spec as a manifest dict, from the raw spec (as applied) or the parsed GenerationRunSpec (defaults in)."""
     if isinstance(spec, Mapping):
         return dict(spec)
-    from genrun.operator.api import to_manifest
+    from genrun.contract.api import to_manifest
 
     out: dict[str, Any] = to_manifest(spec)
     return out
@@ -212,7 +212,7 @@ def render_card(
     """The dataset card: what a reader needs to trust or reproduce the data, from the spec as applied (defaults
     filled in), the round plans (seeds and sampling) and the round reports (counts)."""
     import yaml
-    from genrun.operator.api import parse_spec, to_manifest
+    from genrun.contract.api import parse_spec, to_manifest
 
     spec = parse_spec(dict(raw_spec))
     eff: dict[str, Any] = to_manifest(spec)

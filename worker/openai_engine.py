@@ -24,7 +24,7 @@ from genrun.worker.engine_types import Completion, ModelError, Params
 
 log = logging.getLogger("genrun.engine")
 
-API_KEY_ENV = "OPENAI_API_KEY"  # = genrun.operator.api.API_KEY_ENV (the worker does not import the operator here)
+API_KEY_ENV = "OPENAI_API_KEY"  # = genrun.contract.api.API_KEY_ENV (the worker does not import the operator here)
 RETRIABLE = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from genrun.operator.api import parse_spec
+from genrun.contract.api import parse_spec
 from genrun.operator.planner import make_round
 from genrun.worker import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, normalize

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
+from genrun.contract.api import parse_manifest
 from genrun.operator import manifests as mf
-from genrun.operator.api import parse_manifest
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, Observed, decide
 from genrun.operator.settings import Settings
 

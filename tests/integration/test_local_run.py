@@ -120,7 +120,7 @@ def test_runner_storage_is_where_workers_write(tmp_path: Path) -> None:
     """The runner's storage, not a path left in the spec, is where every worker writes."""
     import io
 
-    from genrun.operator.api import RunRef
+    from genrun.contract.api import RunRef
     from genrun.operator.local import LocalRunner
     from genrun.worker.storage import LocalStorage
 

@@ -102,7 +102,7 @@ def test_incremental_merge_on_s3_equals_the_same_merge_on_a_folder(
     s3: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import pyarrow.parquet as pq
-    from genrun.operator.api import parse_spec
+    from genrun.contract.api import parse_spec
     from genrun.worker.merge import load_seen_index, merge_round
     from genrun.worker.storage import LocalStorage
 

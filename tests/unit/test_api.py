@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from genrun.operator import api
+from genrun.contract import api
 from genrun.operator.validate import apply_defaults, cel_errors, crd_schema, load_crd, validate_document
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from genrun.contract.api import RunRef, parse_spec
+from genrun.contract.errors import Rejected
 from genrun.operator import conditions as c
-from genrun.operator.api import RunRef, parse_spec
-from genrun.operator.errors import Rejected
 from genrun.operator.loop import RunLoop
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, Event, ObservedJob
 from genrun.worker import records as rec

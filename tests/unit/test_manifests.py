@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from genrun.contract.api import RunRef, parse_spec
 from genrun.operator import manifests as mf
-from genrun.operator.api import RunRef, parse_spec
 from genrun.operator.planner import Observed, RecordRound, decide
 from genrun.operator.settings import Settings
 from genrun.worker import records as rec
@@ -243,7 +243,7 @@ def test_api_paths_of_valid_names() -> None:
 def test_run_errors_name_the_field_and_the_fix() -> None:
     import dataclasses
 
-    from genrun.operator.api import S3Spec
+    from genrun.contract.api import S3Spec
 
     # Validation refuses this name first (a DNS-1123 pattern); the builders refuse it again should anything get past.
     good = parse_spec({**RAW, "output": {"path": "s3://b-1/p", "s3": {"credentialsSecret": "creds"}}})

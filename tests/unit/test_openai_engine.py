@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from genrun.operator import api
+from genrun.contract import api
 from genrun.operator.manifests import _env
 from genrun.operator.planner import make_round
 from genrun.operator.policy import base_sampling

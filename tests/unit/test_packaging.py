@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = (
     "import sys, genrun.operator, genrun.operator.planner, genrun.operator.validate, genrun.worker, "
-    "genrun.worker.records, genrun.crds; "
+    "genrun.worker.records, genrun.crds, genrun.contract.api; "
     "from genrun.operator.validate import load_crd; assert load_crd()['spec']['group'] == 'genrun.io'; "
     "heavy = sorted(m for m in ('vllm', 'torch', 'pyarrow', 'kopf') if m in sys.modules); "
     "print('loaded:', heavy, genrun.operator.__file__)"
@@ -42,7 +42,12 @@ def test_repo_root_does_not_shadow_the_standard_library(tmp_path: Path) -> None:
 
 
 def test_no_bare_operator_import() -> None:
-    for path in [*ROOT.glob("operator/**/*.py"), *ROOT.glob("worker/**/*.py"), *ROOT.glob("tests/**/*.py")]:
+    for path in [
+        *ROOT.glob("contract/**/*.py"),
+        *ROOT.glob("operator/**/*.py"),
+        *ROOT.glob("worker/**/*.py"),
+        *ROOT.glob("tests/**/*.py"),
+    ]:
         for line in path.read_text().splitlines():
             assert not line.startswith(("import operator", "from operator ")), f"{path}: {line}"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from genrun.operator.api import parse_spec
+from genrun.contract.api import parse_spec
 from genrun.worker import records as rec
 from genrun.worker.cli import main as worker_main
 from genrun.worker.merge import load_seen_index, merge_round

@@ -8,8 +8,8 @@ import math
 from collections.abc import Callable
 
 import pytest
+from genrun.contract.api import RunRef, parse_spec
 from genrun.operator import conditions as c
-from genrun.operator.api import RunRef, parse_spec
 from genrun.operator.planner import (
     CreateMergeJob,
     CreateShardJob,

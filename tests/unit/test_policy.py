@@ -8,9 +8,9 @@ import math
 import random
 
 import pytest
+from genrun.contract.api import RunRef, parse_spec
 from genrun.operator import conditions as c
 from genrun.operator import policy as pol
-from genrun.operator.api import RunRef, parse_spec
 from genrun.operator.planner import CreateShardJob, Observed, decide
 from genrun.operator.simulate import run_instantly
 from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardYield

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from genrun.operator.api import parse_spec
+from genrun.contract.api import parse_spec
 from genrun.worker.prompts import INSTRUCTION, RESPONSE, PromptBuilder, parse_instruction, parse_joint, parse_response
 from genrun.worker.records import Sampling, ShardPlan
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from genrun.operator.api import QcFilter
+from genrun.contract.api import QcFilter
 from genrun.worker.qc import QcPipeline, repeated_ngram_ratio
 
 from tests.helpers import example_row

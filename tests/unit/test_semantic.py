@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from genrun.operator.api import parse_spec
+from genrun.contract.api import parse_spec
 from genrun.operator.cli import main as genrun_main
 from genrun.worker import records as rec
 from genrun.worker.dedup import SeenIndex, dedup_keys

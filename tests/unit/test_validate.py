@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from genrun.operator import api, cli
+from genrun.contract import api
+from genrun.operator import cli
 from genrun.operator.validate import (
     MAX_EXPANDED,
     ManifestError,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from genrun.operator import api
+from genrun.contract import api
 from genrun.operator.planner import (
     CreateMergeJob,
     CreateShardJob,
