@@ -89,6 +89,16 @@ class ShardYield:
 
 
 @dataclass(frozen=True)
+class SemanticCluster:
+    """A cluster the semantic tier formed: its first (kept) instruction and the later ones it dropped, with their
+    cosine similarity to it; `size` counts every member, including those beyond the listed sample."""
+
+    first: str
+    members: tuple[tuple[str, float], ...]
+    size: int
+
+
+@dataclass(frozen=True)
 class RoundReport:
     """What a round's merge writes and the planner reads. Totals are cumulative over rounds 1..round."""
 
@@ -105,6 +115,10 @@ class RoundReport:
     skipped_online: int = 0  # of `generated`, how many the generators skipped (seen in earlier rounds or in the shard)
     exact_duplicates: int = 0
     near_duplicates: int = 0
+    semantic_duplicates: int = 0  # this round's rows dropped by the semantic tier (after exact and near)
+    # Which tiers decide "unique" for this run (new_unique, unique_total and the target count what survives them all).
+    dedup_tiers: tuple[str, ...] = ("exact", "near")
+    semantic_clusters: tuple[SemanticCluster, ...] = ()  # the largest semantic clusters so far
     qc_rejected: dict[str, int] = field(default_factory=dict)
     top_duplicates: tuple[tuple[str, int], ...] = ()
     per_domain: tuple[DomainYield, ...] = ()
@@ -200,6 +214,11 @@ def round_report_from(d: dict[str, Any]) -> RoundReport:
     kw["per_temperature"] = tuple(TemperatureYield(**x) for x in d.get("per_temperature", ()))
     kw["quarantined"] = tuple(d.get("quarantined", ()))
     kw["per_shard"] = tuple(ShardYield(**x) for x in d.get("per_shard", ()))
+    kw["dedup_tiers"] = tuple(d.get("dedup_tiers", ("exact", "near")))
+    kw["semantic_clusters"] = tuple(
+        SemanticCluster(str(c["first"]), tuple((str(m), float(s)) for m, s in c["members"]), int(c["size"]))
+        for c in d.get("semantic_clusters", ())
+    )
     known = {f.name for f in dataclasses.fields(RoundReport)}
     return RoundReport(**{k: v for k, v in kw.items() if k in known})
 
