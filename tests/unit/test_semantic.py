@@ -228,6 +228,34 @@ def test_generate_shard_with_semantic_on_writes_no_semantic_duplicates(tmp_path:
     again = semantic_dedup(embed_keys(load_embedder(), dedup_keys([r["instruction"] for r in rows])))
     assert again.keep.all()  # nothing the shard wrote is a semantic duplicate of an earlier row of it
     assert "of them semantic" in caplog.text
+    # The quality columns: written because the model is loaded; the per-domain yield counts the generated domain.
+    domains = set(spec.prompt.domains)
+    assert all(r["generated_domain"] in domains and -1 <= r["relevance"] <= 1 for r in rows)
+    assert all((r["domain_margin"] == 0) == (r["generated_domain"] == r["domain"]) for r in rows)
+    from genrun.worker.merge import merge_round
+
+    report = merge_round(storage, spec, "t", 1, [(1, shard.seed)])
+    left = sum(r["generated_domain"] != r["domain"] for r in rows)
+    assert report.left_domain == left > 0
+    generated = {}
+    for r in rows:
+        generated[r["generated_domain"]] = generated.get(r["generated_domain"], 0) + 1
+    assert {d.domain: d.generated for d in report.per_domain} == generated
+    md = (tmp_path / rec.merge_prefix(1) / "report.md").read_text()
+    assert f"{left:,} rows left the domain they were asked for" in md
+
+
+def test_quality_columns_only_when_the_model_is_loaded_or_a_filter_needs_them() -> None:
+    from genrun.worker.generate import _quality_signals
+
+    assert _quality_signals(_spec(False)) is None
+    raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
+    raw["qc"] = {"filters": [{"name": "length"}, {"name": "relevance"}]}
+    sig = _quality_signals(parse_spec(raw))
+    assert sig is not None and sig.domains == list(parse_spec(raw).prompt.domains)
+    cols = sig.columns(["How do I bake bread at home?"], ["Mix flour, water, yeast and salt, knead, rise, bake."],
+                       ["cooking"])  # fmt: skip
+    assert cols["generated_domain"] == ["cooking"] and cols["domain_margin"] == [0.0] and cols["relevance"][0] > 0.3
 
 
 # ---------------------------------------------------------------------------------------------------------
