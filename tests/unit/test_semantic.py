@@ -371,3 +371,45 @@ def test_incremental_rounds_equal_one_pass(embedder: Any) -> None:
     assert np.concatenate([r1.dup_of, r2.dup_of]).tolist() == whole.dup_of.tolist()
     assert len(state) == int(whole.keep.sum()) and emb2.shape == (250, embedder.dim)
     assert whole.dropped > 0
+
+
+def test_status_counts_duplicates_per_tier_and_names_the_tiers() -> None:
+    """The status the planner publishes (operator/planner.py `_status`): per-tier duplicates and the tiers that
+    "unique" (and the target) count through: before any report from the spec, then from the round's report."""
+    import dataclasses
+
+    from genrun.contract.api import RunRef
+    from genrun.operator.planner import Observed, decide
+
+    spec = _spec(True)
+    ref = RunRef("sft")
+    st = decide(ref, spec, Observed()).status["totals"]
+    assert st["dedupTiers"] == ["exact", "near", "semantic"] and st["duplicates"] == {
+        "exact": 0,
+        "near": 0,
+        "semantic": 0,
+    }
+    assert decide(ref, _spec(False), Observed()).status["totals"]["dedupTiers"] == ["exact", "near"]
+    rep = rec.RoundReport(round=1, shards=1, generated=100, new_unique=60, new_qc_passed=50, generated_total=100,
+                          unique_total=60, qc_passed_total=50, exact_duplicates=25, near_duplicates=5,
+                          semantic_duplicates=10, dedup_tiers=("exact", "near", "semantic"))  # fmt: skip
+    st = decide(ref, spec, dataclasses.replace(Observed(), reports={1: rep})).status["totals"]
+    assert st["duplicates"] == {"exact": 25, "near": 5, "semantic": 10} and st["dedupTiers"][-1] == "semantic"
+
+
+def test_dataset_card_shows_tiers_clusters_and_left_domain() -> None:
+    from genrun.contract.api import to_manifest
+    from genrun.worker.export import render_card
+
+    raw = to_manifest(_spec(True))
+    cluster = rec.SemanticCluster("What is the capital city of France?", (("Name France's capital", 0.91),), 3)
+    rep = rec.RoundReport(round=1, shards=1, generated=100, new_unique=60, new_qc_passed=50, generated_total=100,
+                          unique_total=60, qc_passed_total=50, exact_duplicates=25, near_duplicates=5,
+                          semantic_duplicates=10, dedup_tiers=("exact", "near", "semantic"),
+                          semantic_clusters=(cluster,), left_domain=12)  # fmt: skip
+    card = render_card(raw, "sft", [rep], {})
+    assert "| exact / near / semantic duplicates | 25 / 5 / 10 |" in card
+    assert "| rows that left their asked domain | 12 |" in card
+    assert "unique (the target) counts rows kept by the tiers: exact, near, semantic" in card
+    assert "| 3 | What is the capital city of France? | Name France's capital (0.91) |" in card
+    assert "`relevance` (float32)" in card and "`generated_domain` (string)" in card
