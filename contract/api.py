@@ -57,7 +57,18 @@ DEFAULT_TEMPLATE = (
 )
 TEMPLATE_PLACEHOLDERS = frozenset({"domain", "examples"})
 JUDGE_PLACEHOLDERS = frozenset({"instruction", "response"})
-QcFilterName = Literal["length", "finishReason", "refusal", "echo", "repetition", "bannedPatterns", "logprob", "critic"]
+QcFilterName = Literal[
+    "length",
+    "finishReason",
+    "refusal",
+    "echo",
+    "repetition",
+    "bannedPatterns",
+    "logprob",
+    "critic",
+    "relevance",
+    "domain",
+]
 
 
 @dataclass(frozen=True)
@@ -592,6 +603,8 @@ _QC_PARAMS: dict[str, dict[str, tuple[type, float | None, float | None]]] = {
     "bannedPatterns": {"patterns": (list, None, None)},
     "logprob": {"minResponseLogprob": (float, -100, 0), "minInstructionLogprob": (float, -100, 0)},
     "critic": {"minScore": (float, 0, 10)},
+    "relevance": {"minRelevance": (float, -1, 1)},
+    "domain": {"maxMargin": (float, 0, 2)},
 }
 _QC_PAIRS = (("minInstructionChars", "maxInstructionChars"), ("minResponseChars", "maxResponseChars"))
 MAX_PATTERNS, MAX_PATTERN_CHARS = 64, 1000
@@ -768,6 +781,8 @@ def _qc_errors(spec: GenerationRunSpec) -> list[str]:
                         re.compile(pat)
                     except (re.error, OverflowError, RecursionError) as exc:
                         errors.append(f"{at}: not a valid regular expression ({short(str(exc))[1:-1]})")
+    if "domain" in seen_filters and not spec.prompt.domains:
+        errors.append("spec.qc.filters: the 'domain' filter needs spec.prompt.domains to compare each row with")
     if "critic" in seen_filters and spec.best_of_n.critic != "judge":
         errors.append("spec.qc.filters: the 'critic' filter needs spec.bestOfN.critic: judge to produce scores")
     return errors

@@ -311,6 +311,7 @@ def _status(
     latest = max(obs.reports) if obs.reports else 0
     rep = obs.reports.get(latest)
     all_states = [s for ss in states.values() for s in ss]
+    tiers = list(rep.dedup_tiers) if rep else ["exact", "near", *(["semantic"] if spec.dedup.semantic.enabled else [])]
     totals = {
         "generated": rep.generated_total if rep else 0,
         "unique": rep.unique_total if rep else 0,
@@ -322,6 +323,13 @@ def _status(
         "shardsFailed": sum(s.phase == "failed" for s in all_states),
         "shardsRunning": sum(s.phase == "active" for s in all_states),
         "shardsQuarantined": len(obs.quarantined.union(*(r.quarantined for r in obs.reports.values()))),
+        # Rows dropped per dedup tier, and the tiers "unique" (and the target) count through (sem, issue 12).
+        "duplicates": {
+            "exact": rep.exact_duplicates if rep else 0,
+            "near": rep.near_duplicates if rep else 0,
+            "semantic": rep.semantic_duplicates if rep else 0,
+        },
+        "dedupTiers": tiers,
     }
     rounds = []
     for rnd in sorted(obs.rounds)[-100:]:

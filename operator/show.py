@@ -36,6 +36,10 @@ def print_status(output: str, as_json: bool = False) -> int:
     target = doc["spec"]["target"]["uniqueExamples"]
     print(f"{doc['metadata']['name']}: round {st.get('round', 0)}, kept {t.get('qcPassed', 0)}/{target}, unique "
           f"{t.get('unique', 0)}, generated {t.get('generated', 0)}, duplication {100 * t.get('duplicationRatio', 0):.1f}%")  # fmt: skip
+    dups, tiers = t.get("duplicates") or {}, t.get("dedupTiers") or []
+    if dups or tiers:  # what "unique" means: with semantic, the target counts semantic-unique rows (issue 12)
+        print(f"  duplicates: {dups.get('exact', 0)} exact, {dups.get('near', 0)} near, {dups.get('semantic', 0)} "
+              f"semantic; unique counts through the {', '.join(tiers)} tiers")  # fmt: skip
     if t.get("shardsQuarantined") or t.get("shardsFailed"):
         print(f"  shards: {t.get('shardsQuarantined', 0)} quarantined (damaged, set aside under quarantine/), "
               f"{t.get('shardsFailed', 0)} failed")  # fmt: skip

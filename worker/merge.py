@@ -89,6 +89,7 @@ class Totals:
     generated: dict[int, int] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, int] = field(default_factory=dict)
+    left_domain: int = 0  # rows whose generated_domain is not the domain asked (sem, issue 12)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -109,6 +110,7 @@ class Totals:
         t.per_domain = {str(k): Counts(**c) for k, c in d["per_domain"]}
         t.per_temperature = {float(k): Counts(**c) for k, c in d["per_temperature"]}
         t.rejected = {str(k): int(v) for k, v in d["rejected"].items()}
+        t.left_domain = int(d.get("left_domain", 0))
         for name in ("generated", "tokens", "skipped"):
             setattr(t, name, {int(k): int(v) for k, v in d[name]})
         return t
@@ -471,6 +473,7 @@ def _merge_one(
             for k, c in table.items():
                 acc.setdefault(k, Counts()).add(c)
         tot.per_round[rnd] = round_counts["round"]
+        tot.left_domain += round_counts["left_domain"]
         for k, v in round_counts["rejected"].items():
             tot.rejected[k] = tot.rejected.get(k, 0) + v
         np.savez(tmp / "state.npz", **step["chunk"])
@@ -513,6 +516,7 @@ def _write_rows(
     rj = pq.ParquetWriter(tmp / "rejected.parquet", rej_schema)
     kept_w = pq.ParquetWriter(tmp / "kept.parquet", pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
     g = 0
+    left_domain = 0
     with open(tmp / "alpaca.jsonl", "w") as alpaca, open(tmp / "sharegpt.jsonl", "w") as sharegpt:
         for sh in shards:
             table = _read_table(storage, rec.shard_data_key(sh.round, sh.seed))
@@ -541,7 +545,11 @@ def _write_rows(
                 )  # fmt: skip
             passed = np.array([x is None for x in reasons])
             # counters: per domain and temperature, vectorised over codes
-            dom = pc.dictionary_encode(pc.fill_null(table.column("domain"), "")).combine_chunks()
+            # The domain actually generated (quality column, when the generator had the embedding model), else the
+            # domain asked for; rows that left their asked domain are counted (sem, issue 12).
+            asked, gen = pc.fill_null(table.column("domain"), ""), table.column("generated_domain")
+            left_domain += int(pc.sum(pc.fill_null(pc.not_equal(gen, asked), False)).as_py() or 0)
+            dom = pc.dictionary_encode(pc.coalesce(gen, asked)).combine_chunks()
             temp = np.round(table.column("temperature").to_numpy().astype(np.float64), 3)
             for label, codes, names, acc in (
                 ("domain", np.asarray(dom.indices), dom.dictionary.to_pylist(), per_domain),
@@ -578,7 +586,7 @@ def _write_rows(
     rj.close()
     kept_w.close()
     return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected),
-            "per_shard": tuple(shard_yield)}  # fmt: skip
+            "per_shard": tuple(shard_yield), "left_domain": left_domain}  # fmt: skip
 
 
 def _codes(values: np.ndarray) -> tuple[np.ndarray, list[float]]:
@@ -641,6 +649,7 @@ def _report(storage: Storage, state: State, rnd: int, shards: int) -> rec.RoundR
         ),
         quarantined=tuple(tot.quarantined),
         quarantined_count=len(tot.quarantined),
+        left_domain=tot.left_domain,
         dataset=storage.location(rec.DATASET_PREFIX),
         report=storage.location(f"{rec.merge_prefix(rnd)}/report.md"),
     )
@@ -681,6 +690,11 @@ def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = No
         "",
         "## Yield per domain (rows written, all rounds)",
         "",
+        *(
+            [f"Domain generated (nearest spec domain); {r.left_domain:,} rows left the domain they were asked for.", ""]
+            if r.left_domain
+            else []
+        ),
         "| domain | rows | unique | kept |",
         "|---|---:|---:|---:|",
     ]
