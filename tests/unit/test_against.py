@@ -155,3 +155,30 @@ def test_the_merge_starts_round_one_from_the_seed_and_later_rounds_keep_it(tmp_p
     assert {r["instruction"]: r["duplicate_of"] for r in rejected if r["reject_reason"] == "exact_duplicate"}[
         "Explain how a bicycle gear system works."
     ] < 3  # names the seed row (ids 0..2)
+
+
+def test_genrun_dedup_takes_folders_and_a_run_output_as_seen(tmp_path: Path, capsys: Any) -> None:
+    """`genrun dedup FOLDER --against RUN_OUTPUT`: the run output gives its kept instructions (as spec.dedup.against
+    reads it), a dataset folder its files; the last stdout line is the JSON counts."""
+    from genrun.operator.cli import main as genrun_main
+
+    run_dir, _ = _earlier_run(tmp_path)
+    ds = tmp_path / "new"
+    ds.mkdir()
+    (ds / "a.jsonl").write_text(
+        "".join(
+            json.dumps({"instruction": t, "output": "x"}) + "\n"
+            for t in ["What is the capital city of France?", "How do I keep basil alive indoors?"]
+        )
+    )
+    pq.write_table(pa.table({"instruction": ["Explain how a bicycle gear system works."]}), ds / "b.parquet")
+    code = genrun_main(["dedup", str(ds), "--against", str(run_dir), "--output", str(tmp_path / "o"), "--no-semantic",
+                        "--json"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert json.loads(out.strip().splitlines()[-1]) == {"rows": 3, "kept": 1, "exact": 2, "near": 0, "semantic": 0}
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["against_rows"] == 3  # the run's three kept (unique) instructions, not its dataset files again
+    (tmp_path / "void").mkdir()
+    assert genrun_main(["dedup", str(tmp_path / "void"), "--output", str(tmp_path / "o2")]) == 2
+    assert "void: a folder with no .jsonl, .json or .parquet file" in capsys.readouterr().err
