@@ -202,6 +202,8 @@ class DedupSpec:
     shingle_size: int = _f("shingleSize", 1)
     partitions: int = _f("partitions", 1)
     semantic: SemanticDedupSpec = _f("semantic", factory=SemanticDedupSpec)
+    # Earlier datasets or runs whose instructions this run treats as already seen (genrun.worker.against).
+    against: tuple[str, ...] = _f("against", ())
 
 
 @dataclass(frozen=True)
@@ -732,6 +734,45 @@ def _endpoint_errors(endpoint: str) -> list[str]:
     return []
 
 
+AGAINST_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")
+
+
+def against_errors(spec: GenerationRunSpec) -> list[str]:
+    """spec.dedup.against: absolute folders or files, or s3:// URIs, each once, never the run's own output."""
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    own = spec.output.path.rstrip("/")
+    for i, uri in enumerate(spec.dedup.against):
+        at, u = f"spec.dedup.against[{i}]", uri.strip()
+        fix = (
+            "name an earlier run's output folder (its merge/ seen-index), a dataset folder, or a .parquet/.jsonl/.json "
+            "file, as an absolute path or s3://bucket/prefix"
+        )
+        m = _S3_RE.fullmatch(u)
+        if u.startswith("s3://") and m:
+            problem = _bucket_problem(m.group(1))
+            if problem:
+                errors.append(f"{at}: bucket {short(m.group(1))} {problem}; {fix}")
+                continue
+        elif "://" in u:
+            errors.append(f"{at}: {short(u)} is not a folder, file or s3:// URI (only s3:// is supported); {fix}")
+            continue
+        elif not u.startswith("/"):
+            errors.append(f"{at}: {short(u)} is a relative path; {fix}")
+            continue
+        if any(part == ".." for part in u.split("/")):
+            errors.append(f"{at}: must not hold a '..' segment; {fix}")
+            continue
+        key = u.rstrip("/")
+        if key == own:
+            errors.append(f"{at}: is this run's own output.path (every row would be a duplicate of itself); {fix}")
+        elif key in seen:
+            errors.append(f"{at}: {short(u)} is listed twice (also against[{seen[key]}]); list each source once")
+        else:
+            seen[key] = i
+    return errors
+
+
 def _qc_errors(spec: GenerationRunSpec) -> list[str]:
     errors: list[str] = []
     seen_filters: set[str] = set()
@@ -941,6 +982,7 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
         errors.append(f"spec.model.name: must not contain control characters, got {short(spec.model.name)}")
     errors += output_errors(spec.output, spec.worker)
     errors += _qc_errors(spec)
+    errors += against_errors(spec)
     errors += _worker_errors(spec.worker)
     if spec.best_of_n.judge_prompt:
         errors += template_errors(spec.best_of_n.judge_prompt, JUDGE_PLACEHOLDERS, "spec.bestOfN.judgePrompt")

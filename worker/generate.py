@@ -189,7 +189,14 @@ def generate_shard(
 
     t0 = time.monotonic()
     builder = PromptBuilder.for_shard(spec, shard)
-    novelty = _Novelty(spec, load_seen_index(storage, shard.round - 1), _load_seen_semantic(spec, storage, shard.round))
+    seen, seen_sem = load_seen_index(storage, shard.round - 1), _load_seen_semantic(spec, storage, shard.round)
+    if spec.dedup.against and spec.dedup.online:  # earlier datasets or runs count as seen (spec.dedup.against)
+        from genrun.worker.against import join_seen, join_semantic, load_against
+
+        prior = load_against(spec)
+        if prior is not None:
+            seen, seen_sem = join_seen(prior.seen, seen), join_semantic(prior.semantic, seen_sem)
+    novelty = _Novelty(spec, seen, seen_sem)
     signals = _quality_signals(spec)
     s, g, bon = shard.sampling, spec.generation, spec.best_of_n
     quota = shard.examples
