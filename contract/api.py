@@ -149,7 +149,8 @@ class PolicySpec:
     strategy: Literal["bandit", "ladder"] = _f("strategy", "bandit")
     arms: tuple[ArmSpec, ...] = _f("arms", ())
     exploration: float = _f("exploration", 0.25)
-    pilot_share: float = _f("pilotShare", 0.3)
+    pilot_share: float = _f("pilotShare", 0.05)
+    retire_confidence: float = _f("retireConfidence", 0.9)
     stop_confidence: float = _f("stopConfidence", 0.9)
     max_overshoot: float = _f("maxOvershoot", 0.1)
 

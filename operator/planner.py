@@ -576,10 +576,11 @@ def _bandit_round(
     last = rnd >= spec.budget.max_rounds
     # The mix a full round would get estimates the yield to size with; the round itself is then drawn at its size.
     y, sd = pol.mix_yield(stats, pol.allocate(stats, cap, spec.policy.exploration, rng))
-    size = pol.size_round(spec, need, y, sd, room_examples, room_shards, last)
+    measured = max(obs.reports[max(obs.reports)].generated_total, 1)
+    size = pol.size_round(spec, need, y, sd, room_examples, room_shards, last, measured)
     picks = pol.allocate(stats, size.shards, spec.policy.exploration, rng)
     per, why = size.examples, size.why
-    if size.shards < cap:  # sized to the target: size again for the arms actually drawn
+    if size.precise and size.shards < cap:  # sized to the target: size again for the arms actually drawn
         y, sd = pol.mix_yield(stats, picks)
         n, _, why = pol.examples_for(spec, need, y, sd, last)
         per = pol.shard_examples(spec, math.ceil(n / len(picks)))

@@ -93,15 +93,32 @@ def test_pilot_samples_a_share_of_the_target_over_every_arm() -> None:
     plan = decide(REF, spec, Observed())
     shards = [a.shard for a in plan.actions if isinstance(a, CreateShardJob)]
     assert {s.sampling for s in shards} == set(pol.arms(spec))  # every arm measured in round 1
-    assert sum(s.examples for s in shards) <= 0.3 * 6000 + len(shards)  # never the whole first budget blind
+    assert sum(s.examples for s in shards) <= 0.05 * 6000 + len(shards)  # never the whole first budget blind
     assert len({s.seed for s in shards}) == len(shards)
-    # A small target still gets one shard per arm, of the minimum useful size.
+    # A small target still gets one shard per arm: a probe just large enough to retire an arm that passes no QC.
     small = [
         a.shard
         for a in decide(REF, spec_of(target={"uniqueExamples": 50}), Observed()).actions
         if isinstance(a, CreateShardJob)
     ]
-    assert len(small) == 4 and all(s.examples == pol.MIN_SHARD_EXAMPLES for s in small)
+    assert len(small) == 4 and all(s.examples == pol.probe_examples(spec) for s in small)
+
+
+@pytest.mark.parametrize(("floor", "conf", "probe"), [(0.7, 0.9, 2), (0.7, 0.95, 3), (0.5, 0.95, 5), (0.9, 0.98, 2)])
+def test_probe_is_the_fewest_examples_whose_failure_retires_an_arm(floor: float, conf: float, probe: int) -> None:
+    spec = spec_of(escalation={"minQcPassRate": floor}, policy={"retireConfidence": conf})
+    assert pol.probe_examples(spec) == probe
+    assert pol.qc_upper_bound(0, probe, conf) < floor <= pol.qc_upper_bound(0, probe - 1, conf)
+
+
+@pytest.mark.parametrize(("passed", "n", "conf"), [(0, 3, 0.9), (1, 8, 0.95), (30, 40, 0.9), (700, 1000, 0.99)])
+def test_qc_upper_bound_is_the_exact_clopper_pearson_bound(passed: int, n: int, conf: float) -> None:
+    """At the bound, seeing `passed` or fewer has probability 1 - confidence; the Wilson bound above 2,000 rows is
+    close to the exact one."""
+    u = pol.qc_upper_bound(passed, n, conf)
+    assert 1 - binom_tail(n, u, passed + 1) == pytest.approx(1 - conf, abs=1e-6)
+    big = pol.qc_upper_bound(passed * 3, n * 3, conf)
+    assert pol.qc_upper_bound(passed * 3, n * 3 + pol.EXACT_BOUND_MAX, conf) < big
 
 
 def test_pinned_first_round_uses_shards_initial() -> None:
@@ -152,6 +169,10 @@ def test_arms_below_the_qc_floor_are_retired() -> None:
     by_t = {a.sampling.temperature: a for a in stats}
     assert by_t[0.8].retired and not by_t[0.7].retired and not by_t[0.9].retired  # untried arms stay
     assert all(not p.retired for p in pol.allocate(stats, 30, 1.0, random.Random(3)))
+    # A rate below the floor on a few rows is not yet evidence: 2 of 4 could be a 0.7 arm's bad luck.
+    few = (ShardYield(100, 4, 240, 4, 4), ShardYield(101, 4, 240, 4, 2))
+    stats = pol.arm_stats(spec, {1: plan}, {1: RoundReport(1, 2, 8, 8, 6, 8, 8, 6, tokens=480, per_shard=few)})
+    assert not any(a.retired for a in stats)
 
 
 def test_bandit_moves_the_budget_to_the_best_arm_and_stops_precisely() -> None:
@@ -219,3 +240,17 @@ def test_sampling_of_mixed_round_is_its_most_used_arm() -> None:
     plan = make_round(spec, 1, 3, arms[0], {}, "test", arms=arms, examples=50)
     assert plan.sampling == arms[1] and [s.examples for s in plan.shards] == [50, 50, 50]
     assert [s.arm for s in plan.shards] == ["t0.7-p0.9-r1.1", "t0.8-p0.9-r1.2", "t0.8-p0.9-r1.2"]
+
+
+def test_each_round_grows_at_most_growth_times_the_evidence_before_it() -> None:
+    """The pilot's few examples never commit the whole need: round r plans at most GROWTH x the examples generated
+    in rounds 1..r-1 (one shard's rounding aside), and the run still finishes with a small overshoot."""
+    spec = spec_of(target={"uniqueExamples": 3000})
+    obs, plans = run_world(spec, {0.7: 0.5, 0.8: 0.6, 0.9: 0.3, 1.0: 0.0})
+    assert plans[-1].condition(c.SUCCEEDED).status == "True"
+    for r in sorted(obs.rounds)[1:]:
+        planned = sum(s.examples for s in obs.rounds[r].shards)
+        assert planned <= pol.GROWTH * obs.reports[r - 1].generated_total + 400, r
+    assert len(obs.rounds) >= 3  # grown into, not committed after the pilot
+    kept = max(obs.reports.values(), key=lambda r: r.round).qc_passed_total
+    assert 3000 <= kept <= 3000 * 1.1
