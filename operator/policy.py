@@ -23,6 +23,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import TypeVar
 
 from genrun.contract.api import GenerationRunSpec, RunRef
 from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
@@ -131,6 +132,9 @@ class ArmStats:
         return self.kept / self.unique if self.unique else 0.0
 
 
+A = TypeVar("A", bound=ArmStats)
+
+
 def shard_arm(shard: ShardPlan) -> Sampling:
     return shard.sampling
 
@@ -172,19 +176,7 @@ def arm_stats(
                     part = share * sum(s.examples for s in plan.shards)
                     stats[match[0]].add(w, n, part, share * rep.tokens, t.new_unique, t.new_qc_passed)
     out = list(stats.values())
-    floor, conf = spec.escalation.min_qc_pass_rate, spec.policy.retire_confidence
-    for a in out:
-        a.retired = a.unique > 0 and qc_upper_bound(a.kept, a.unique, conf) < floor
-    # Empirical-Bayes prior: the pooled yield of the live arms tried, worth PRIOR_WEIGHT examples. A flat Beta(1, 1)
-    # would pull a good arm seen on a few examples towards 0.5 and hand the "best" label (and the exploration cap's
-    # protection) to whichever arm happened to get more examples; an untried arm is expected to do as well as the
-    # live arms on average, with a spread as wide as two examples' worth.
-    live = [a for a in out if not a.retired and a.w_examples > 0]
-    ex = sum(a.w_examples for a in live)
-    if ex > 0:
-        m = min(0.99, max(0.01, sum(a.w_kept for a in live) / ex))
-        for a in out:
-            a.prior = (PRIOR_WEIGHT * m, PRIOR_WEIGHT * (1 - m))
+    _judge(spec, out)
     return out
 
 
@@ -270,22 +262,22 @@ def mix_yield(stats: Sequence[ArmStats], picks: Sequence[ArmStats]) -> tuple[flo
     return mean, math.sqrt(var)
 
 
-def active(stats: Sequence[ArmStats]) -> list[ArmStats]:
+def active(stats: Sequence[A]) -> list[A]:
     live = [a for a in stats if not a.retired]
     return live or [max(stats, key=lambda a: reward(stats, a))]
 
 
-def best(stats: Sequence[ArmStats]) -> ArmStats:
+def best(stats: Sequence[A]) -> A:
     return max(active(stats), key=lambda a: reward(stats, a))
 
 
-def allocate(stats: Sequence[ArmStats], n: int, exploration: float, rng: random.Random) -> list[ArmStats]:
+def allocate(stats: Sequence[A], n: int, exploration: float, rng: random.Random) -> list[A]:
     """Thompson sampling: each of the n shards goes to the arm whose posterior draw of reward is highest; at most
     exploration * n shards go to arms other than the best posterior mean (rounded at random, up with probability
     its fraction, so that a round of few shards still explores at that rate on average). Returned in arm order."""
     live = active(stats)
     top = best(stats)
-    picks: list[ArmStats] = []
+    picks: list[A] = []
     for _ in range(n):
         draws = [1000 * rng.betavariate(*a.posterior) / tokens_per_example(stats, a) for a in live]
         picks.append(live[max(range(len(live)), key=draws.__getitem__)])
@@ -443,4 +435,151 @@ def arm_status(stats: Sequence[ArmStats]) -> list[dict[str, object]]:
             "retired": a.retired,
         }
         for a in stats[:MAX_ARMS]
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attribute cells: the second factor of an arm. A shard runs one sampling arm and one cell; the two are chosen by
+# two bandits over the same per-shard yields (a factorised model: a cell's yield is measured over every sampling,
+# a sampling's over every cell), so the arm space grows as samplings + cells, not samplings x cells.
+
+Cell = tuple[tuple[str, str], ...]
+
+
+def cells(spec: GenerationRunSpec) -> tuple[Cell, ...]:
+    """Every combination of one value per attribute, in spec order; (()) when the spec has no attributes."""
+    out: list[Cell] = [()]
+    for a in spec.prompt.attributes:
+        out = [(*c, (a.name, v)) for c in out for v in a.values]
+    return tuple(out)
+
+
+def pilot_cells(spec: GenerationRunSpec, n: int, rng: random.Random) -> list[Cell]:
+    """The pilot's n shards cycle through the cells in an order drawn from the run's stream (no cells: none)."""
+    if not spec.prompt.attributes:
+        return []
+    order = list(cells(spec))
+    rng.shuffle(order)
+    return [order[i % len(order)] for i in range(n)]
+
+
+def cell_id(cell: Cell) -> str:
+    return ",".join(f"{k}={v}" for k, v in cell) or "(all)"
+
+
+@dataclass
+class CellStats(ArmStats):
+    cell: Cell = ()
+
+    @property
+    def id(self) -> str:
+        return cell_id(self.cell)
+
+
+def cell_stats(
+    spec: GenerationRunSpec, rounds: Mapping[int, RoundPlan], reports: Mapping[int, RoundReport]
+) -> list[CellStats]:
+    """Each cell's evidence from the per-shard yields (shards planned without a cell count for none), with the
+    same discount, retirement and pooled prior as the sampling arms."""
+    base = base_sampling(spec)
+    stats = {c: CellStats(base, cell=c) for c in cells(spec)}
+    latest = max(reports, default=0)
+    for rnd in sorted(reports):
+        plan, rep = rounds.get(rnd), reports[rnd]
+        if plan is None:
+            continue
+        by_seed = {s.seed: s for s in plan.shards}
+        for y in rep.per_shard:
+            shard = by_seed.get(y.seed)
+            if shard is not None and shard.cell in stats:
+                w = DISCOUNT ** (latest - rnd)
+                stats[shard.cell].add(w, 1, y.rows, y.tokens, y.new_unique, y.new_qc_passed)
+    out = list(stats.values())
+    _judge(spec, out)
+    return out
+
+
+def _judge(spec: GenerationRunSpec, out: Sequence[ArmStats]) -> None:
+    """Retirement on the exact QC-pass bound, and the prior (shared by arms and cells). The prior is empirical-Bayes:
+    the pooled yield of the live arms tried, worth PRIOR_WEIGHT examples. A flat Beta(1, 1) would pull a good arm
+    seen on a few examples towards 0.5 and hand the "best" label (and the exploration cap's protection) to whichever
+    arm happened to get more examples; an untried arm is expected to do as well as the live arms on average."""
+    floor, conf = spec.escalation.min_qc_pass_rate, spec.policy.retire_confidence
+    for a in out:
+        a.retired = a.unique > 0 and qc_upper_bound(a.kept, a.unique, conf) < floor
+    live = [a for a in out if not a.retired and a.w_examples > 0]
+    ex = sum(a.w_examples for a in live)
+    if ex > 0:
+        m = min(0.99, max(0.01, sum(a.w_kept for a in live) / ex))
+        for a in out:
+            a.prior = (PRIOR_WEIGHT * m, PRIOR_WEIGHT * (1 - m))
+
+
+def _matches(cell: Cell, match: Mapping[str, str]) -> bool:
+    d = dict(cell)
+    return all(d.get(k) == v for k, v in match.items())
+
+
+def allocate_cells(
+    spec: GenerationRunSpec, stats: Sequence[CellStats], n: int, per: int, rng: random.Random
+) -> tuple[list[Cell], str]:
+    """A cell for each of n shards of `per` examples: Thompson sampling with the exploration cap, then the quotas:
+    the cells matching a quota get enough shards (each to the matching cell of the best estimated reward) that,
+    at the posterior mean yields, they hold minShare of all kept rows once this round is merged:
+    held + F*yc >= q * (kept + F*yc + (E - F)*yo) for E = n * per examples of which F go to them.
+    Returns (cells, why) in draw order."""
+    if len(stats) == 1:
+        return [stats[0].cell] * n, ""
+    out = [p.cell for p in allocate(stats, n, spec.policy.exploration, rng)]
+    kept = sum(s.kept for s in stats)
+    notes = []
+    for q in spec.prompt.quotas:
+        fill = [s for s in active(stats) if _matches(s.cell, q.match)] or [
+            s for s in stats if _matches(s.cell, q.match)
+        ]
+        if not fill:
+            continue
+        top = max(fill, key=lambda s: reward(stats, s))
+        rest = [s for s in active(stats) if not _matches(s.cell, q.match)] or [top]
+        yc, yo = top.mean_yield, sum(s.mean_yield for s in rest) / len(rest)
+        held, total = sum(s.kept for s in stats if _matches(s.cell, q.match)), n * per
+        f = (q.min_share * (kept + total * yo) - held) / max(1e-9, (1 - q.min_share) * yc + q.min_share * yo) / total
+        want = min(n, math.ceil(max(0.0, f) * n))
+        have = [i for i, c in enumerate(out) if _matches(c, q.match)]
+        others = [i for i, c in enumerate(out) if not _matches(c, q.match)]
+        for i in others[: max(0, want - len(have))]:
+            out[i] = top.cell
+        if want:
+            notes.append(
+                f"quota {cell_id(tuple(q.match.items()))} >= {q.min_share:g} ({held}/{kept} kept): {want} shard(s)"
+            )
+    return out, "; ".join(notes)
+
+
+def cell_factor(stats: Sequence[CellStats], picks: Sequence[Cell]) -> float:
+    """How the cells drawn for a round scale its yield: their mean posterior yield over the live cells' pooled
+    yield (the factorised model: a shard's yield = its sampling arm's yield x this factor)."""
+    by = {s.cell: s for s in stats}
+    pooled = stats[0].prior[0] / sum(stats[0].prior) if stats else 1.0
+    if not picks or pooled <= 0:
+        return 1.0
+    return sum(by[c].mean_yield for c in picks) / len(picks) / pooled
+
+
+def cell_status(stats: Sequence[CellStats]) -> list[dict[str, object]]:
+    return [
+        {
+            "cell": c.id,
+            "attributes": dict(c.cell),
+            "shards": c.shards,
+            "examples": c.examples,
+            "tokens": c.tokens,
+            "kept": c.kept,
+            "yield": round(c.kept / c.examples, 4) if c.examples else 0.0,
+            "rewardPer1kTokens": round(1000 * c.w_kept / c.w_tokens, 4) if c.w_tokens > 0 else 0.0,
+            "qcPassRate": round(c.qc_pass_rate, 4),
+            "retired": c.retired,
+        }
+        for c in stats
+        if c.shards
     ]

@@ -254,3 +254,77 @@ def test_each_round_grows_at_most_growth_times_the_evidence_before_it() -> None:
     assert len(obs.rounds) >= 3  # grown into, not committed after the pilot
     kept = max(obs.reports.values(), key=lambda r: r.round).qc_passed_total
     assert 3000 <= kept <= 3000 * 1.1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attribute cells
+
+CELL_PROMPT = {
+    "attributes": [
+        {"name": "task", "values": ["explain", "howto"]},
+        {"name": "level", "values": ["easy", "hard"]},
+    ]
+}
+CELL_YIELD = {  # hard how-tos collapse (say, the model repeats itself); the rest yield alike
+    (("task", "explain"), ("level", "easy")): 0.5,
+    (("task", "explain"), ("level", "hard")): 0.5,
+    (("task", "howto"), ("level", "easy")): 0.5,
+    (("task", "howto"), ("level", "hard")): 0.05,
+}
+
+
+def run_cells(spec, cell_yield: dict) -> tuple[Observed, list]:
+    """A world whose yield depends on the shard's attribute cell only (every sampling arm alike)."""
+
+    def merge(plan: RoundPlan, prev: RoundReport | None) -> RoundReport:
+        kept = [math.floor(s.examples * cell_yield[s.cell]) for s in plan.shards]
+        per = tuple(
+            ShardYield(s.seed, s.examples, s.examples * TOKENS_PER_EXAMPLE, min(s.examples, round(k / QC_PASS)), k)
+            for s, k in zip(plan.shards, kept, strict=True)
+        )
+        gen, uniq, total = sum(y.rows for y in per), sum(y.new_unique for y in per), sum(kept)
+        return RoundReport(
+            round=plan.round,
+            shards=len(per),
+            generated=gen,
+            new_unique=uniq,
+            new_qc_passed=total,
+            generated_total=gen + (prev.generated_total if prev else 0),
+            unique_total=uniq + (prev.unique_total if prev else 0),
+            qc_passed_total=total + (prev.qc_passed_total if prev else 0),
+            tokens=gen * TOKENS_PER_EXAMPLE,
+            per_shard=per,
+        )
+
+    return run_instantly(REF, spec, merge, 200)
+
+
+def test_cells_whose_yield_collapses_get_fewer_shards_and_the_status_shows_yield_per_cell() -> None:
+    spec = spec_of(prompt=CELL_PROMPT, target={"uniqueExamples": 20000}, budget={"maxRounds": 30, "maxShards": 5000})
+    obs, plans = run_cells(spec, CELL_YIELD)
+    assert plans[-1].condition(c.SUCCEEDED).status == "True"
+    shards = [s for p in obs.rounds.values() for s in p.shards]
+    assert {s.cell for s in obs.rounds[1].shards} <= set(pol.cells(spec)) and all(s.cell for s in shards)
+    later = [s for r, p in obs.rounds.items() if r > 2 for s in p.shards]
+    collapsed = sum(s.examples for s in later if s.cell == (("task", "howto"), ("level", "hard")))
+    assert collapsed <= 0.12 * sum(s.examples for s in later)  # a fair share would be 25%
+    cells = {x["cell"]: x for x in plans[-1].status["cells"]}
+    assert cells["task=howto,level=hard"]["yield"] < 0.1 < cells["task=explain,level=easy"]["yield"]
+    assert sum(x["shards"] for x in cells.values()) == len(shards)
+
+
+def test_a_quota_gives_a_low_yield_cell_its_share_of_the_kept_rows() -> None:
+    quota = {**CELL_PROMPT, "quotas": [{"match": {"task": "howto", "level": "hard"}, "minShare": 0.05}]}
+    spec = spec_of(prompt=quota, target={"uniqueExamples": 20000}, budget={"maxRounds": 30, "maxShards": 5000})
+    obs, plans = run_cells(spec, CELL_YIELD)
+    assert plans[-1].condition(c.SUCCEEDED).status == "True"
+    cells = {x["cell"]: x for x in plans[-1].status["cells"]}
+    kept = sum(x["kept"] for x in cells.values())
+    assert cells["task=howto,level=hard"]["kept"] >= 0.045 * kept  # without the quota it starves (test above)
+    assert any("quota task=howto,level=hard" in p.reason for p in obs.rounds.values())
+
+
+def test_without_attributes_shards_have_no_cell_and_the_plan_is_unchanged() -> None:
+    obs, plans = run_world(spec_of(), {0.7: 0.3, 0.8: 0.4, 0.9: 0.2, 1.0: 0.1})
+    assert all(s.cell == () for p in obs.rounds.values() for s in p.shards)
+    assert "cells" not in plans[-1].status
