@@ -14,6 +14,8 @@ from genrun.operator import policy as pol
 from genrun.operator.planner import CreateShardJob, Observed, decide
 from genrun.operator.simulate import run_instantly
 from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardYield
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 REF = RunRef(name="sft", namespace="data", uid="6f1c", generation=1)
 BASE = {
@@ -328,3 +330,35 @@ def test_without_attributes_shards_have_no_cell_and_the_plan_is_unchanged() -> N
     obs, plans = run_world(spec_of(), {0.7: 0.3, 0.8: 0.4, 0.9: 0.2, 1.0: 0.1})
     assert all(s.cell == () for p in obs.rounds.values() for s in p.shards)
     assert "cells" not in plans[-1].status
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    evidence=st.lists(st.tuples(st.integers(0, 500), st.floats(0, 1)), min_size=4, max_size=4),
+    n=st.integers(1, 64),
+    exploration=st.floats(0, 1),
+    seed=st.integers(0, 2**32),
+)
+def test_property_allocation_is_replayable_bounded_and_skips_retired_arms(evidence, n, exploration, seed) -> None:
+    spec = spec_of()
+    temps = [a.temperature for a in pol.arms(spec)]
+    stats = _stats(spec, {t: (ex, math.floor(ex * y)) for t, (ex, y) in zip(temps, evidence, strict=True)})
+    for a in stats:  # _stats counts every example as unique: judge them as the planner does
+        a.retired = a.unique > 0 and pol.qc_upper_bound(a.kept, a.unique, 0.9) < 0.7
+    picks = pol.allocate(stats, n, exploration, random.Random(seed))
+    assert picks == pol.allocate(stats, n, exploration, random.Random(seed))  # same stream, same allocation
+    assert len(picks) == n
+    top = pol.best(stats)
+    assert sum(p is not top for p in picks) <= math.ceil(exploration * n)
+    assert all(not p.retired for p in picks) or all(a.retired for a in stats)
+
+
+def test_the_html_report_has_a_table_of_attribute_cells() -> None:
+    from genrun.operator.charts import render_html
+
+    spec = spec_of(prompt=CELL_PROMPT, target={"uniqueExamples": 3000})
+    obs, plans = run_cells(spec, CELL_YIELD)
+    reports = [obs.reports[r] for r in sorted(obs.reports)]
+    page = render_html("sft", reports, 3000, status=plans[-1].status)
+    assert "Attribute cells" in page and "task=howto,level=hard" in page
+    assert "no attributes in the spec" in render_html("sft", reports, 3000, status={})
