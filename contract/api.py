@@ -103,11 +103,32 @@ class FewShotExample:
 
 
 @dataclass(frozen=True)
+class AttributeSpec:
+    """One attribute each prompt is conditioned on (task type, difficulty, audience, persona...): a value per prompt."""
+
+    name: str = _f("name")
+    values: tuple[str, ...] = _f("values")
+
+
+@dataclass(frozen=True)
+class CellQuota:
+    """The cells matching `match` (attribute name -> value) should hold at least `min_share` of the kept rows."""
+
+    match: dict[str, str] = _f("match")
+    min_share: float = _f("minShare")
+
+
+MAX_CELLS = 256  # attribute cells (the product of the value lists) the planner measures one by one
+
+
+@dataclass(frozen=True)
 class PromptSpec:
     template: str = _f("template", DEFAULT_TEMPLATE)
     domains: tuple[str, ...] = _f("domains", ())
     examples: tuple[FewShotExample, ...] = _f("examples", ())
     examples_per_prompt: int = _f("examplesPerPrompt", 2)
+    attributes: tuple[AttributeSpec, ...] = _f("attributes", ())
+    quotas: tuple[CellQuota, ...] = _f("quotas", ())
 
 
 @dataclass(frozen=True)
@@ -160,7 +181,8 @@ class PolicySpec:
     strategy: Literal["bandit", "ladder"] = _f("strategy", "bandit")
     arms: tuple[ArmSpec, ...] = _f("arms", ())
     exploration: float = _f("exploration", 0.25)
-    pilot_share: float = _f("pilotShare", 0.3)
+    pilot_share: float = _f("pilotShare", 0.05)
+    retire_confidence: float = _f("retireConfidence", 0.9)
     stop_confidence: float = _f("stopConfidence", 0.9)
     max_overshoot: float = _f("maxOvershoot", 0.1)
 
@@ -493,6 +515,7 @@ PATTERN_HELP: dict[str, str] = {
         "optional :tag and @sha256:digest)"
     ),
     r"^(https?://[^\s/?#@]+(/[^\s?#]*)?)?$": "must be an http:// or https:// URL without credentials, query or fragment",
+    r"^[a-z][a-zA-Z0-9_]*$": "must be a placeholder name (a lowercase letter, then letters, digits or '_')",
 }
 
 
@@ -899,6 +922,41 @@ def _toleration_errors(tol: dict[str, Any], where: str) -> list[str]:
     return errors
 
 
+def _attribute_errors(p: PromptSpec) -> list[str]:
+    errors: list[str] = []
+    seen: set[str] = set()
+    cells = 1
+    for i, a in enumerate(p.attributes):
+        where = f"spec.prompt.attributes[{i}]"
+        if a.name in TEMPLATE_PLACEHOLDERS:
+            errors.append(f"{where}.name: {a.name!r} is a built-in placeholder; choose another name")
+        if a.name in seen:
+            errors.append(f"{where}.name: {a.name!r} is listed twice; list each attribute once")
+        seen.add(a.name)
+        if not a.values:
+            errors.append(f"{where}.values: is empty; list at least one value")
+        elif len(set(a.values)) != len(a.values):
+            errors.append(f"{where}.values: has duplicates; list each value once")
+        cells *= max(1, len(a.values))
+    if cells > MAX_CELLS:
+        errors.append(
+            f"spec.prompt.attributes: {cells} cells (the product of the value lists) is more than {MAX_CELLS}; "
+            "use fewer attributes or values"
+        )
+    values = {a.name: set(a.values) for a in p.attributes}
+    for i, q in enumerate(p.quotas):
+        for k, v in q.match.items():
+            if k not in values:
+                errors.append(
+                    f"spec.prompt.quotas[{i}].match.{k}: no such attribute (known: {', '.join(sorted(values))})"
+                )
+            elif v not in values[k]:
+                errors.append(f"spec.prompt.quotas[{i}].match.{k}: {v!r} is not one of that attribute's values")
+    if sum(q.min_share for q in p.quotas) > 1:
+        errors.append("spec.prompt.quotas: the minShare values add up to more than 1; lower them")
+    return errors
+
+
 def _relation_errors(spec: GenerationRunSpec) -> list[str]:
     errors: list[str] = []
     s, e, b = spec.sampling, spec.escalation, spec.budget
@@ -955,7 +1013,9 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
         errors += _relation_errors(spec)
 
     # The template is formatted with str.format: anything but bare placeholders would crash every shard.
-    errors += template_errors(spec.prompt.template, TEMPLATE_PLACEHOLDERS, "spec.prompt.template")
+    names = frozenset(a.name for a in spec.prompt.attributes)
+    errors += template_errors(spec.prompt.template, TEMPLATE_PLACEHOLDERS | names, "spec.prompt.template")
+    errors += _attribute_errors(spec.prompt)
     if "{examples}" not in spec.prompt.template and spec.prompt.examples:
         errors.append("spec.prompt.template: has few-shot examples but no {examples} placeholder; add it")
     if spec.prompt.examples_per_prompt > len(spec.prompt.examples) and spec.prompt.examples:

@@ -94,6 +94,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         # One object on the last line, so `genrun report --json OUT | tail -1 | jq` reads it whatever came before.
         raw = json.loads(storage.read_bytes(rec.round_report_key(max(reports))))
+        if storage.exists(rec.STATUS_KEY):  # the planner's per-arm and per-attribute-cell yields, from the status
+            status = json.loads(storage.read_bytes(rec.STATUS_KEY)).get("status", {})
+            raw.update({k: status[k] for k in ("arms", "cells") if k in status})
         print(json.dumps(raw, sort_keys=True, separators=(",", ":")))
     return EXIT_OK
 

@@ -46,6 +46,7 @@ class ShardPlan:
     sampling: Sampling
     domains: tuple[str, ...] = ()
     arm: str = ""  # the policy's arm this shard measures (its sampling); "" in plans made before arms existed
+    cell: tuple[tuple[str, str], ...] = ()  # (attribute, value) for every prompt of the shard; () draws them per prompt
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ def shard_plan_from(d: dict[str, Any]) -> ShardPlan:
         sampling=Sampling(**d["sampling"]),
         domains=tuple(d.get("domains", ())),
         arm=str(d.get("arm", "")),
+        cell=tuple((str(k), str(v)) for k, v in d.get("cell", ())),
     )
 
 
