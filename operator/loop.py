@@ -201,7 +201,7 @@ def checked_marker(storage: Storage, key: str) -> tuple[rec.ShardManifest | None
     try:
         m = read_marker(storage, key)
     except DamagedMarker as exc:
-        return None, f"unreadable ({exc})"
+        return None, f"unreadable ({type(exc.__cause__ or exc).__name__}: {str(exc)[:300]})"
     if m is None:
         return None, ""
     if key != rec.shard_manifest_key(m.round, m.seed) or not m.data:
