@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from genrun.contract.errors import UserError
+from genrun.contract.errors import EXIT_RUN_FAILED, UserError
 from genrun.operator import conditions as c
 from genrun.operator.loop import read_reports
 from genrun.operator.planner import Observed, Plan
@@ -67,6 +67,21 @@ def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout
         Path(html).write_text(render_html(doc["metadata"]["name"], [reports[k] for k in sorted(reports)]))
         print(f"charts: {html}", file=file)
     return 0
+
+
+def print_outcome(plan: Plan, output: str, url: str, out: TextIO) -> int:
+    """`genrun run`'s last words: the report and the verdict; its exit code."""
+    out.write("\n")
+    if plan.condition(c.SUSPENDED).status == "True":
+        out.write(f"suspended (spec.suspend is true): {url}\n")
+        return 0
+    print_report(output, file=sys.stdout)
+    ok = plan.condition(c.SUCCEEDED).status == "True"
+    verdict = plan.condition(c.SUCCEEDED if ok else c.FAILED)
+    out.write(f"{'Succeeded' if ok else 'Failed'} ({verdict.reason}): {verdict.message}\n")
+    if plan.status.get("output"):
+        out.write(f"dataset: {plan.status['output']['dataset']}\nreport:  {plan.status['output']['report']}\n")
+    return 0 if ok else EXIT_RUN_FAILED
 
 
 class Progress:
