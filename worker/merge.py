@@ -3,13 +3,12 @@
 The cluster rule (the exact tier here, the near tier in `dedup.SeenIndex.assign`):
 - Rows are taken in (round, seed, index) order and numbered in that order (global row ids, cumulative over rounds).
 - A row whose normalised key equals the key of ANY earlier row is an exact duplicate, in that row's cluster.
-- Otherwise (the first row with its key), for each LSH band the first row ever with the same band key is that
-  bucket's first; the row is a near duplicate when it is similar (estimated Jaccard >= threshold on the full
-  signature) to one of its buckets' firsts, and joins the cluster of the earliest such (chains followed to the
-  cluster's first row). A row with no exact twin and no similar bucket first starts a cluster: it is unique, kept
-  for dedup, and QC decides whether it enters the dataset.
-Every decision depends only on earlier rows, so merging round r's new rows against the state of rounds 1..r-1 gives
-exactly what merging rounds 1..r from nothing gives (tested).
+- Otherwise (the first row with its key), near duplicates: components of the round's rows linked by similar
+  LSH bucket firsts, attached to the earliest earlier-round cluster one of them is similar to (see
+  `dedup.cluster_batch`). The first row of a component with no earlier cluster starts a cluster: it is unique, kept
+  for dedup, and QC decides whether it enters the dataset; the component's other rows are its near duplicates.
+Every decision depends only on earlier rounds and the round's own rows, so merging round r's new rows against the
+state of rounds 1..r-1 gives exactly what replaying rounds 1..r from nothing gives (tested).
 
 Round r reads only its own shards and the state chunks rounds 1..r-1 published (key hashes with their cluster, the
 kept rows' MinHash signatures and band keys, cluster sizes): its work is linear in its new rows. Outputs, all
@@ -41,7 +40,7 @@ from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes, lsh_params, normalize_array, resolve_roots
+from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes, lsh_params, normalize_array
 from genrun.worker.export import export_dataset, part_metadata
 from genrun.worker.qc import QcPipeline
 from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
@@ -120,7 +119,7 @@ def dedup_params(spec: Any) -> dict[str, Any]:
     return {
         "key": d.key, "normalize": d.normalize, "near": d.near_duplicates, "threshold": d.threshold,
         "num_perm": d.num_perm, "shingle_size": d.shingle_size, "lsh": list(lsh_params(d.threshold, d.num_perm)),
-        "key_hash": "xxh3_64", "minhash_seed": 1,
+        "key_hash": "xxh3_64", "minhash_seed": 1, "near_rule": "components",
     }  # fmt: skip
 
 
@@ -185,7 +184,7 @@ def load_state(storage: Storage, spec: Any, rnd: int) -> State | None:
         ko = np.concatenate([c["keys_owner"] for c in chunks])
         order = np.argsort(kh, kind="stable")  # per-round sorted runs: merged in about linear time
         st.keys_hash, st.keys_owner = kh[order], ko[order]
-        st.seen = SeenIndex.concat(seens, exact=st.keys_hash)  # the exact tier is every key seen
+        st.seen = SeenIndex.concat(seens)
         st.cluster = np.ones(len(st.kept_id), np.int64)
         for c in chunks:  # each chunk: (owner id, rows added to its cluster in that round)
             pos = np.searchsorted(st.kept_id, c["dup_owner"])
@@ -319,27 +318,23 @@ def decide(
         sigs = precomputed[1]
     bands = state.seen.band_keys(sigs)
     if d.near_duplicates:
-        old, new = state.seen.assign(sigs, bands, None if precomputed is None else precomputed[2])
+        old, label, link = state.seen.assign(sigs, bands, None if precomputed is None else precomputed[2])
     else:
-        old = new = np.full(len(cand), -1, np.int64)
-    base = ids[cand].copy()
-    base[old >= 0] = state.seen.root[old[old >= 0]]
-    croot = resolve_roots(new, base)
+        old = link = np.full(len(cand), -1, np.int64)
+        label = np.arange(len(cand))
+    own = ids[cand]
+    croot = np.where(link >= 0, link, own[label])  # an earlier round's cluster, or the component's first row
     root[cand] = croot
     near = np.zeros(n, dtype=bool)
-    near[cand] = (old >= 0) | (new >= 0)
+    near[cand] = croot != own
     rest = root == -1  # exact repeats within the round take their first occurrence's cluster
     root[rest] = root[first_of[rest]]
     kept = np.zeros(n, dtype=bool)
-    kept[cand[(old < 0) & (new < 0)]] = True
+    kept[cand[croot == own]] = True
     fresh_key = np.zeros(n, dtype=bool)
     fresh_key[cand[old < 0]] = True
     fresh = ~seen_before & fresh_key[first_of]  # judged against earlier rounds only
     return Decisions(ids, kept, near, root, h, cand, sigs, bands, fresh)
-
-
-def _merge_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sort(np.concatenate([a, b]), kind="stable")  # two sorted runs: a linear merge
 
 
 def _advance(state: State, dec: Decisions) -> dict[str, dict[str, np.ndarray]]:
@@ -356,15 +351,8 @@ def _advance(state: State, dec: Decisions) -> dict[str, dict[str, np.ndarray]]:
         "dup_count": counts.astype(np.int64),
     }
     seen = state.seen
-    before = len(seen)
-    seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand])
-    chunk_index = SeenIndex(
-        np.sort(new_hashes), seen.sigs[before:], seen.band[before:], seen.threshold, seen.num_perm, seen.seed,
-        seen.shingle_size, seen.ids[before:], seen.root[before:],
-    )  # fmt: skip
-    chunk_index._firsts = dict(seen.added_firsts)  # this round's share of the bucket tables
-    seen_chunk = chunk_index.to_npz(firsts=True)
-    seen.exact = _merge_sorted(seen.exact, chunk_index.exact)
+    added = seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand], np.sort(new_hashes))
+    seen_chunk = added.to_npz(seen.params)
     state.kept_id = np.concatenate([state.kept_id, kept_ids])
     kh = np.concatenate([state.keys_hash, chunk["keys_hash"]])
     ko = np.concatenate([state.keys_owner, chunk["keys_owner"]])
