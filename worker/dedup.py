@@ -279,16 +279,58 @@ def similar(sigs_a: np.ndarray, sigs_b: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The near-duplicate rule: bucket firsts. For each LSH band, the FIRST row (in keep-first order, over all rounds)
-# with a band key is that bucket's first. A row is a near duplicate when it is similar (estimated Jaccard >=
-# threshold on the full signature) to the first of one of its buckets; its twin is the earliest such first, and it
-# belongs to its twin's cluster (chains are followed: the twin may itself be a duplicate). A row with no similar
-# bucket first starts a cluster and is kept. Every row is compared with at most one row per band (no all-pairs in
-# hot buckets), and the rule depends only on earlier rows, so rounds merged one by one give what one merge gives.
+# The near-duplicate rule: connected components within a round, attached to earlier rounds' clusters.
+# For each LSH band, a bucket's FIRST row is the earliest row (keep-first order, over all rounds) with that band key.
+# Candidate edges: each row with the first row of each of its buckets, both among earlier rounds' rows (the index)
+# and among the round's own rows; an edge counts when the two are similar (estimated Jaccard >= threshold on the full
+# signature). The round's rows joined by edges form components. A component with an edge to an earlier round's
+# row joins the earliest such cluster (all its rows are near duplicates of it); otherwise its first row is kept
+# and starts a cluster, the others are its near duplicates. Clusters of earlier rounds never merge (what was
+# published stays), and the first row of every cluster is kept, so a pair is never dropped on both sides.
+# Every row is compared with at most one row per band and side (no all-pairs in hot buckets). A round's result
+# depends only on earlier rounds' rows and its own, so replaying rounds one by one gives what the incremental merge
+# gave. Why components and not keep-first against kept rows: on bench/merge.py's clusters (one-word edits of a
+# base, the edits mutually below the threshold, only linked through the base or through each other) keep-first
+# against kept rows finds 0.57 of the duplicate pairs at 1M rows, components within the round 0.99.
 
 
-def band_firsts(bands: np.ndarray) -> np.ndarray:
-    """(n, bands) int64: for each row and band, the earliest row with the same band key (itself when first)."""
+def _verify(qi: np.ndarray, ti: np.ndarray, q_sigs: np.ndarray, t_sigs: np.ndarray, threshold: float,
+            chunk: int = 131_072) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The pairs (qi, ti) that are similar, each pair verified once (a similar pair shares many bands)."""
+    if len(qi) == 0:
+        return qi, ti
+    m = int(ti.max()) + 1
+    code = np.unique(qi * m + ti)
+    ok = np.empty(len(code), dtype=bool)
+    for i in range(0, len(code), chunk):  # bounded temporaries: (chunk, num_perm) gathers, 64 MiB each
+        c = code[i : i + chunk]
+        ok[i : i + chunk] = similar(q_sigs[c // m], t_sigs[c % m]) >= threshold
+    good = code[ok]
+    return good // m, good % m
+
+
+def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Connected components of edges (u, v) over rows 0..n-1: each row's label is its component's smallest row.
+    Label propagation with pointer jumping: a few passes over the edges."""
+    label = np.arange(n, dtype=np.int64)
+    while len(u):
+        m = np.minimum(label[u], label[v])
+        new = label.copy()
+        np.minimum.at(new, u, m)
+        np.minimum.at(new, v, m)
+        while True:  # labels point at smaller rows of the same component: jump to their labels
+            jumped = new[new]
+            if np.array_equal(jumped, new):
+                break
+            new = jumped
+        if np.array_equal(new, label):
+            break
+        label = new
+    return label
+
+
+def batch_firsts(bands: np.ndarray) -> np.ndarray:
+    """(n, bands) int64: for each row and band, the earliest row of the batch with the same band key."""
     n = len(bands)
     out = np.empty(bands.shape, dtype=np.int64)
     idx = np.arange(n)
@@ -302,72 +344,94 @@ def band_firsts(bands: np.ndarray) -> np.ndarray:
     return out
 
 
-def _verified_min(qi: np.ndarray, ti: np.ndarray, q_sigs: np.ndarray, t_sigs: np.ndarray, threshold: float,
-                  n: int, chunk: int = 131_072) -> np.ndarray:  # fmt: skip
-    """Per query row (0..n-1), the smallest t among its pairs (qi, ti) that verify as similar, or -1."""
-    out = np.full(n, -1, dtype=np.int64)
-    if len(qi) == 0:
-        return out
-    m = int(ti.max()) + 1
-    code = np.sort(qi * m + ti)  # a similar pair shares many bands: verify each pair once, in (query, t) order
-    code = code[np.append(True, code[1:] != code[:-1])]
-    ok = np.empty(len(code), dtype=bool)
-    for i in range(0, len(code), chunk):  # bounded temporaries: (chunk, num_perm) gathers, 64 MiB each
-        c = code[i : i + chunk]
-        ok[i : i + chunk] = similar(q_sigs[c // m], t_sigs[c % m]) >= threshold
-    good = code[ok]
-    if len(good) == 0:
-        return out
-    q = good // m
-    first = np.append(True, q[1:] != q[:-1])  # sorted: the first verified pair of a query has its smallest t
-    out[q[first]] = good[first] % m
-    return out
+def cluster_batch(sigs: np.ndarray, bands: np.ndarray, threshold: float, old: np.ndarray,
+                  firsts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The rule within a batch (rows in keep-first order). `old`: per row, the earliest earlier-round cluster (its
+    root id) that the row itself is similar to, or -1. Returns per row (its component's first row in the batch, the
+    earliest earlier-round cluster any row of its component is similar to or -1). A row is kept when it is its
+    component's first and the component has no earlier cluster."""
+    n = len(sigs)
+    first = batch_firsts(bands) if firsts is None else firsts
+    rows = np.broadcast_to(np.arange(n)[:, None], first.shape)
+    pair = first != rows
+    u, v = _verify(rows[pair], first[pair], sigs, sigs, threshold)
+    label = components(n, u, v)
+    big = np.iinfo(np.int64).max
+    comp = np.full(n, big, dtype=np.int64)
+    np.minimum.at(comp, label, np.where(old >= 0, old, big))
+    link = comp[label]
+    return label, np.where(link == big, -1, link)
 
 
-def resolve_roots(twin_new: np.ndarray, base_root: np.ndarray) -> np.ndarray:
-    """Cluster roots of a batch: a row with a twin in the batch (twin_new >= 0, always an earlier row) takes its
-    twin's root, chains followed to the end by pointer jumping; other rows keep base_root (their own id, or the root
-    of a twin in earlier rounds)."""
-    ptr = np.where(twin_new >= 0, twin_new, np.arange(len(twin_new)))
-    while True:
-        nxt = ptr[ptr]
-        if np.array_equal(nxt, ptr):
-            break
-        ptr = nxt
-    return base_root[ptr]
+@dataclass
+class IndexChunk:
+    """One batch's share of a seen-index (a merge round, or the online check's batches): the key hashes it saw
+    first (sorted), the rows that are the first of some LSH bucket (signature, band keys, global row id, cluster
+    root), and per band the bucket table for the band keys first seen here (sorted keys, row positions here)."""
+
+    exact: np.ndarray  # sorted uint64
+    sigs: np.ndarray  # (m, num_perm) uint32
+    band: np.ndarray  # (m, bands) uint64
+    ids: np.ndarray  # (m,) int64
+    root: np.ndarray  # (m,) int64
+    tables: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.sigs)
+
+    def lookup(self, col: np.ndarray, band: int) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, position here) for the queries whose band key has its bucket first here."""
+        keys, pos = self.tables[band]
+        if len(keys) == 0:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        at = np.searchsorted(keys, col).clip(0, len(keys) - 1)
+        hit = np.flatnonzero(keys[at] == col)
+        return hit, pos[at[hit]]
+
+    def has(self, h: np.ndarray) -> np.ndarray:
+        if len(self.exact) == 0:
+            return np.zeros(len(h), dtype=bool)
+        pos = np.searchsorted(self.exact, h).clip(0, len(self.exact) - 1)
+        return np.asarray(self.exact[pos] == h)
+
+    def to_npz(self, params: np.ndarray) -> dict[str, Any]:
+        out = {"exact": self.exact, "sigs": self.sigs, "band": self.band, "ids": self.ids, "root": self.root,
+               "params": params}  # fmt: skip
+        for band, (k, p) in enumerate(self.tables):
+            out[f"table_key_{band}"], out[f"table_pos_{band}"] = k, p
+        return out
+
+    @classmethod
+    def from_npz(cls, data: Any) -> IndexChunk:
+        sigs = data["sigs"]
+        ids = data["ids"] if "ids" in data and len(data["ids"]) == len(sigs) else np.arange(len(sigs), dtype=np.int64)
+        root = data["root"] if "root" in data and len(data["root"]) == len(sigs) else ids
+        out = cls(data["exact"], sigs, data["band"], ids, root)
+        nb = out.band.shape[1]
+        if all(f"table_key_{b}" in data for b in range(nb)):
+            out.tables = [(data[f"table_key_{b}"], data[f"table_pos_{b}"]) for b in range(nb)]
+        else:  # a file without tables: its rows' keys, first occurrence per key
+            for b in range(nb):
+                k, p = np.unique(out.band[:, b], return_index=True)
+                out.tables.append((k, p.astype(np.int64)))
+        return out
 
 
 @dataclass
 class SeenIndex:
-    """Everything seen so far, for both the generators' online check and the merge: the hashes of all distinct keys
-    (sorted), and the rows that are the first of some LSH bucket (signature, band keys, global row id, cluster
-    root), in keep-first order. Bucket tables (band key -> first row) are derived from the band keys."""
+    """Everything seen so far, for both the generators' online check and the merge, as chunks (a merge round each,
+    or the online check's batches), searched one by one and never joined: a round's merge adds one chunk and writes
+    only that one. A band key's bucket first lives in exactly one chunk (the one that saw the key first)."""
 
-    exact: np.ndarray  # sorted uint64 key hashes
-    sigs: np.ndarray  # (m, num_perm) uint32
-    band: np.ndarray  # (m, bands) uint64
     threshold: float
     num_perm: int
     seed: int
     shingle_size: int
-    ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # global row ids (merge); else 0..m-1
-    root: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    _firsts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
-    _batch: tuple[np.ndarray, np.ndarray, int] | None = field(default=None, repr=False, compare=False)
-    added_firsts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if len(self.ids) != len(self.sigs):  # an index without row ids (older files, the generators' own)
-            self.ids = np.arange(len(self.sigs), dtype=np.int64)
-            self.root = self.ids.copy()
+    chunks: list[IndexChunk] = field(default_factory=list)
 
     @classmethod
     def empty(cls, threshold: float, num_perm: int, seed: int = 1, shingle_size: int = 1) -> SeenIndex:
-        bands, _ = lsh_params(threshold, num_perm)
-        return cls(
-            np.empty(0, np.uint64), np.empty((0, num_perm), np.uint32), np.empty((0, bands), np.uint64),
-            threshold, num_perm, seed, shingle_size,
-        )  # fmt: skip
+        return cls(threshold, num_perm, seed, shingle_size)
 
     @classmethod
     def build(cls, keys: Iterable[str], hasher: MinHasher, threshold: float) -> SeenIndex:
@@ -377,98 +441,100 @@ class SeenIndex:
         return idx
 
     def __len__(self) -> int:
-        return len(self.sigs)
+        return sum(len(c) for c in self.chunks)
+
+    def _cat(self, name: str, empty: np.ndarray) -> np.ndarray:
+        return np.concatenate([getattr(c, name) for c in self.chunks]) if self.chunks else empty
+
+    @property
+    def exact(self) -> np.ndarray:
+        """Every key hash seen (sorted): joins the chunks, for tools and tests."""
+        return np.unique(self._cat("exact", np.empty(0, np.uint64)))
+
+    @property
+    def sigs(self) -> np.ndarray:
+        return self._cat("sigs", np.empty((0, self.num_perm), np.uint32))
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._cat("ids", np.empty(0, np.int64))
+
+    @property
+    def root(self) -> np.ndarray:
+        return self._cat("root", np.empty(0, np.int64))
+
+    @property
+    def params(self) -> np.ndarray:
+        return np.array([self.threshold, self.num_perm, self.seed, self.shingle_size], dtype=np.float64)
+
+    @property
+    def nbands(self) -> int:
+        return lsh_params(self.threshold, self.num_perm)[0]
 
     def band_keys(self, sigs: np.ndarray) -> np.ndarray:
         b, r = lsh_params(self.threshold, self.num_perm)
         return band_keys(sigs, b, r)
 
-    def firsts(self, band: int) -> tuple[np.ndarray, np.ndarray]:
-        """(sorted band keys, the indexed row that is first with each) for one band."""
-        if band not in self._firsts:
-            keys, first = np.unique(self.band[:, band], return_index=True)
-            self._firsts[band] = (keys, first.astype(np.int64))
-        return self._firsts[band]
-
-    def lookup(self, q_bands: np.ndarray, bands: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(query row, indexed row) for each band where the query's key has a first here; and, for all bands, a
-        (n, bands) mask of keys that do."""
-        qs, ts = [], []
-        for band in range(q_bands.shape[1]) if bands is None else bands:
-            keys, first = self.firsts(band)
-            if len(keys) == 0:
-                continue
-            pos = np.searchsorted(keys, q_bands[:, band]).clip(0, len(keys) - 1)
-            hit = np.flatnonzero(keys[pos] == q_bands[:, band])
-            qs.append(hit)
-            ts.append(first[pos[hit]])
-        if not qs:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        return np.concatenate(qs).astype(np.int64), np.concatenate(ts)
+    def indexed(self, bands: np.ndarray) -> np.ndarray:
+        """(n, bands) bool: the band keys whose bucket first is indexed already."""
+        out = np.zeros(bands.shape, dtype=bool)
+        for c in self.chunks:
+            for band in range(bands.shape[1]):
+                out[c.lookup(bands[:, band], band)[0], band] = True
+        return out
 
     def match(self, sigs: np.ndarray, bands: np.ndarray, subset: Iterable[int] | None = None) -> np.ndarray:
-        """Per query row, the earliest indexed bucket first it is similar to (a position in this index), or -1.
-        `subset`: only these bands (a partitioned reducer's share; the minimum over shares is the full answer)."""
-        if len(self) == 0 or len(sigs) == 0:
-            return np.full(len(sigs), -1, dtype=np.int64)
-        qi, ti = self.lookup(bands, subset)
-        return _verified_min(qi, ti, sigs, self.sigs, self.threshold, len(sigs))
+        """Per query row, the earliest cluster (root id) among the indexed bucket firsts of its buckets that it is
+        similar to, or -1. `subset`: only these bands (a partitioned reducer's share; the minimum over shares is
+        the answer)."""
+        big = np.iinfo(np.int64).max
+        out = np.full(len(sigs), big, dtype=np.int64)
+        use = list(range(bands.shape[1]) if subset is None else subset)
+        for c in self.chunks:
+            if not len(c):
+                continue
+            found = [c.lookup(bands[:, band], band) for band in use]
+            qi = np.concatenate([f[0] for f in found]) if found else np.empty(0, np.int64)
+            ti = np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)
+            q, t = _verify(qi, ti, sigs, c.sigs, self.threshold)
+            np.minimum.at(out, q, c.root[t])
+        return np.where(out == big, -1, out)
 
     def assign(
         self, sigs: np.ndarray, bands: np.ndarray, old: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The near-duplicate rule for a batch of new rows (keep-first order, after everything indexed): per row,
-        (twin among indexed rows or -1, twin among the batch's earlier rows or -1); at most one is set. `old`: the
-        matches against this index when computed elsewhere (partitioned reducers)."""
-        n = len(sigs)
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rule for a batch of new rows (keep-first order, after everything indexed): per row, (its own match
+        against the index, its component's first row in the batch, its component's earliest earlier cluster or -1).
+        `old`: the matches when computed elsewhere (partitioned reducers)."""
         old = self.match(sigs, bands) if old is None else old
-        first = self._batch_firsts(bands)
-        rows = np.arange(n)[:, None]
-        cand = (first >= 0) & (first != rows) & (old < 0)[:, None]
-        qi = np.broadcast_to(rows, first.shape)[cand]
-        new = _verified_min(qi, first[cand], sigs, sigs, self.threshold, n)
-        return old, new
+        label, link = cluster_batch(sigs, bands, self.threshold, old)
+        return old, label, link
 
-    def _batch_firsts(self, bands: np.ndarray) -> np.ndarray:
-        """band_firsts of a batch, -1 where the bucket's key is indexed (its first is an earlier round's row)."""
-        if self._batch is not None and self._batch[0] is bands and self._batch[2] == len(self):
-            return self._batch[1]  # the same batch array: `extend` after `assign`
-        first = band_firsts(bands)
-        for band in range(bands.shape[1]):
-            keys, _ = self.firsts(band)
-            if len(keys):
-                pos = np.searchsorted(keys, bands[:, band]).clip(0, len(keys) - 1)
-                first[keys[pos] == bands[:, band], band] = -1
-        self._batch = (bands, first, len(self))
-        return first
-
-    def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray) -> np.ndarray:
-        """Index a batch's rows that are the first of a bucket not indexed yet (batch in keep-first order); returns
-        which rows of the batch were added."""
-        first = self._batch_firsts(bands)  # as `assign` computed it for this batch
-        is_first = first == np.arange(len(bands))[:, None]
+    def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray, exact: np.ndarray,
+               compact: bool = False) -> IndexChunk:  # fmt: skip
+        """Add a batch (rows in keep-first order, after everything indexed) as one chunk: its rows that are the first
+        of a bucket not indexed yet, and the key hashes it saw first (sorted, distinct). `compact`: join small
+        trailing chunks (the online check adds many small batches; chunks stay O(log n))."""
+        n = len(bands)
+        is_first = (batch_firsts(bands) == np.arange(n)[:, None]) & ~self.indexed(bands)
         add = np.flatnonzero(is_first.any(axis=1))
-        # the added rows' share of the bucket tables (positions among the added rows), for the round's chunk; the
-        # full tables are rebuilt on demand (a merge Job ends after its round: no re-sort of everything before)
-        self.added_firsts = {}
+        tables = []
         for band in range(bands.shape[1]):
             new = np.flatnonzero(is_first[add, band])
             o = np.argsort(bands[add[new], band])
-            self.added_firsts[band] = (bands[add[new[o]], band], new[o].astype(np.int64))
-        self._firsts = {}
-        self.sigs = np.concatenate([self.sigs, sigs[add]])
-        self.band = np.concatenate([self.band, bands[add]])
-        self.ids = np.concatenate([self.ids, ids[add]])
-        self.root = np.concatenate([self.root, root[add]])
-        self._batch = None
-        return add
+            tables.append((bands[add[new[o]], band], new[o].astype(np.int64)))
+        chunk = IndexChunk(exact, sigs[add], bands[add], ids[add], root[add], tables)
+        self.chunks.append(chunk)
+        while compact and len(self.chunks) >= 2 and len(self.chunks[-2]) <= 2 * len(self.chunks[-1]):
+            self.chunks[-2:] = [_join(self.chunks[-2], self.chunks[-1])]
+        return chunk
 
     def contains_exact(self, keys: Any, hashes: np.ndarray | None = None) -> np.ndarray:
         h = key_hashes(keys) if hashes is None else hashes
-        if len(self.exact) == 0:
-            return np.zeros(len(h), dtype=bool)
-        pos = np.searchsorted(self.exact, h).clip(0, len(self.exact) - 1)
-        return np.asarray(self.exact[pos] == h)
+        out = np.zeros(len(h), dtype=bool)
+        for c in self.chunks:
+            out |= c.has(h)
+        return out
 
     def contains_near(self, sigs: np.ndarray, near: bool = True) -> np.ndarray:
         """True where a signature is a near duplicate of an indexed row (the merge's rule)."""
@@ -477,9 +543,9 @@ class SeenIndex:
         return self.match(sigs, self.band_keys(sigs)) >= 0
 
     def admit(self, keys: Any, sigs: np.ndarray, near: bool = True) -> np.ndarray:
-        """The online check of a batch in order: 0 = novel (now indexed), 1 = a duplicate of an indexed row, 2 = a
-        duplicate of an earlier row of this batch. The merge's rule on the merge's code; only novel rows are
-        indexed (the skipped ones never reach the merge)."""
+        """The online check of a batch in order: 0 = novel (now indexed), 1 = a duplicate of an indexed row (or of a
+        row of this batch that is one), 2 = a duplicate of an earlier row of this batch. The merge's rule on the
+        merge's code; only novel rows are indexed (the skipped ones never reach the merge)."""
         h = key_hashes(keys)
         bk = self.band_keys(sigs)
         out = np.where(self.contains_exact(keys, h), 1, 0).astype(np.int8)
@@ -489,64 +555,58 @@ class SeenIndex:
         out[(out == 0) & repeat] = 2
         cand = np.flatnonzero(out == 0)
         if near and len(cand):
-            old, new = self.assign(sigs[cand], bk[cand])
-            out[cand[old >= 0]] = 1
-            out[cand[new >= 0]] = 2
+            _, label, link = self.assign(sigs[cand], bk[cand])
+            out[cand[link >= 0]] = 1
+            out[cand[(link < 0) & (label != np.arange(len(cand)))]] = 2
         novel = np.flatnonzero(out == 0)
-        self.exact = np.union1d(self.exact, h[novel])
         ids = np.arange(len(self), len(self) + len(novel), dtype=np.int64)
-        self.extend(sigs[novel], bk[novel], ids, ids)
+        self.extend(sigs[novel], bk[novel], ids, ids, np.unique(h[novel]), compact=True)
         return out
 
-    def to_npz(self, firsts: bool = False) -> dict[str, Any]:
-        out = {
-            "exact": self.exact, "sigs": self.sigs, "band": self.band, "ids": self.ids, "root": self.root,
-            "params": np.array([self.threshold, self.num_perm, self.seed, self.shingle_size], dtype=np.float64),
-        }  # fmt: skip
-        if firsts:  # the bucket tables, so a reader need not sort them again
-            for band in range(self.band.shape[1]):
-                out[f"firsts_key_{band}"], out[f"firsts_pos_{band}"] = self.firsts(band)
-        return out
+    def to_npz(self) -> dict[str, Any]:
+        """The whole index as one chunk's arrays (a file the generators or a tool can load)."""
+        if not self.chunks:
+            b = self.nbands
+            e = np.empty(0, np.int64)
+            tables = [(np.empty(0, np.uint64), e)] * b
+            c = IndexChunk(np.empty(0, np.uint64), self.sigs, np.empty((0, b), np.uint64), e, e, tables)
+        else:
+            c = self.chunks[0]
+            for nxt in self.chunks[1:]:
+                c = _join(c, nxt)
+        return c.to_npz(self.params)
 
     @classmethod
     def from_npz(cls, data: Any) -> SeenIndex:
         threshold, num_perm, seed, shingle = data["params"].tolist()
-        empty = np.empty(0, np.int64)
-        out = cls(data["exact"], data["sigs"], data["band"], float(threshold), int(num_perm), int(seed), int(shingle),
-                  data.get("ids", empty), data.get("root", empty))  # fmt: skip
-        for band in range(out.band.shape[1]):
-            if f"firsts_key_{band}" in data:
-                out._firsts[band] = (data[f"firsts_key_{band}"], data[f"firsts_pos_{band}"])
-        return out
+        return cls(float(threshold), int(num_perm), int(seed), int(shingle), [IndexChunk.from_npz(data)])
 
     @classmethod
-    def concat(cls, parts: Sequence[SeenIndex], exact: np.ndarray | None = None) -> SeenIndex:
-        """One index from per-round chunks (each round's merge publishes only what it added). Each chunk's exact
-        hashes and bucket tables are sorted runs: a stable sort merges them in about linear time."""
+    def concat(cls, parts: Sequence[SeenIndex]) -> SeenIndex:
+        """One index from per-round chunks (each round's merge publishes only what it added); nothing is joined."""
         first = parts[0]
-        if exact is None:
-            exact = np.sort(np.concatenate([p.exact for p in parts]), kind="stable")
-            exact = exact[np.append(True, exact[1:] != exact[:-1])] if len(exact) else exact
-        out = cls(
-            exact, np.concatenate([p.sigs for p in parts]), np.concatenate([p.band for p in parts]),
-            first.threshold, first.num_perm, first.seed, first.shingle_size,
-            np.concatenate([p.ids for p in parts]), np.concatenate([p.root for p in parts]),
-        )  # fmt: skip
-        if all(p._firsts for p in parts if len(p)):
-            offsets = np.cumsum([0] + [len(p) for p in parts])
-            for band in range(out.band.shape[1]):
-                runs = [(p.firsts(band)[0], p.firsts(band)[1] + off) for p, off in zip(parts, offsets, strict=False)]
-                k = np.concatenate([r[0] for r in runs])
-                order = np.argsort(k, kind="stable")
-                out._firsts[band] = (k[order], np.concatenate([r[1] for r in runs])[order])
-        return out
+        return cls(first.threshold, first.num_perm, first.seed, first.shingle_size,
+                   [c for p in parts for c in p.chunks])  # fmt: skip
+
+
+def _join(a: IndexChunk, b: IndexChunk) -> IndexChunk:
+    """Two consecutive chunks as one (their band keys' firsts are disjoint: b's are keys a did not have)."""
+    tables = []
+    for (ka, pa_), (kb, pb) in zip(a.tables, b.tables, strict=True):
+        k = np.concatenate([ka, kb])
+        o = np.argsort(k, kind="stable")
+        tables.append((k[o], np.concatenate([pa_, pb + len(a)])[o]))
+    exact = np.union1d(a.exact, b.exact)
+    return IndexChunk(exact, *(np.concatenate([getattr(a, x), getattr(b, x)]) for x in ("sigs", "band", "ids", "root")),
+                      tables)  # fmt: skip
 
 
 def deduplicate(
     texts: Any, *, threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 1, near: bool = True
 ) -> np.ndarray:
     """For each text (keep-first order), the first row of its cluster (itself when it is kept): the merge's rule
-    (exact normalised key, then bucket firsts) in one batch, for simulations and tools that hold rows in memory."""
+    (exact normalised key, then near-duplicate components) in one batch, for simulations and tools that hold rows
+    in memory."""
     keys = normalize_array(texts)
     h = key_hashes(keys)
     _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
@@ -557,8 +617,8 @@ def deduplicate(
     import pyarrow as pa
 
     sigs = MinHasher(num_perm, 1, shingle_size).signatures(keys.take(pa.array(cand, pa.int64())))
-    index = SeenIndex.empty(threshold, num_perm, 1, shingle_size)
-    _, new = index.assign(sigs, index.band_keys(sigs))
+    label, _ = cluster_batch(sigs, band_keys(sigs, *lsh_params(threshold, num_perm)), threshold,
+                             np.full(len(cand), -1, np.int64))  # fmt: skip
     root = np.arange(len(owner))
-    root[cand] = cand[resolve_roots(new, np.arange(len(cand)))]
+    root[cand] = cand[label]
     return root[owner]

@@ -3,13 +3,12 @@
 The cluster rule (the exact tier here, the near tier in `dedup.SeenIndex.assign`):
 - Rows are taken in (round, seed, index) order and numbered in that order (global row ids, cumulative over rounds).
 - A row whose normalised key equals the key of ANY earlier row is an exact duplicate, in that row's cluster.
-- Otherwise (the first row with its key), for each LSH band the first row ever with the same band key is that
-  bucket's first; the row is a near duplicate when it is similar (estimated Jaccard >= threshold on the full
-  signature) to one of its buckets' firsts, and joins the cluster of the earliest such (chains followed to the
-  cluster's first row). A row with no exact twin and no similar bucket first starts a cluster: it is unique, kept
-  for dedup, and QC decides whether it enters the dataset.
-Every decision depends only on earlier rows, so merging round r's new rows against the state of rounds 1..r-1 gives
-exactly what merging rounds 1..r from nothing gives (tested).
+- Otherwise (the first row with its key), near duplicates: components of the round's rows linked by similar
+  LSH bucket firsts, attached to the earliest earlier-round cluster one of them is similar to (see
+  `dedup.cluster_batch`). The first row of a component with no earlier cluster starts a cluster: it is unique, kept
+  for dedup, and QC decides whether it enters the dataset; the component's other rows are its near duplicates.
+Every decision depends only on earlier rounds and the round's own rows, so merging round r's new rows against the
+state of rounds 1..r-1 gives exactly what replaying rounds 1..r from nothing gives (tested).
 
 Round r reads only its own shards and the state chunks rounds 1..r-1 published (key hashes with their cluster, the
 kept rows' MinHash signatures and band keys, cluster sizes): its work is linear in its new rows. Outputs, all
@@ -41,7 +40,7 @@ from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes, lsh_params, normalize_array, resolve_roots
+from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes, lsh_params, normalize_array
 from genrun.worker.export import export_dataset, part_metadata
 from genrun.worker.qc import QcPipeline
 from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
@@ -50,7 +49,8 @@ log = logging.getLogger("genrun.merge")
 
 STATE_VERSION = 1
 TMP_DIR_PREFIX = "genrun-merge-"
-REASON_EXACT, REASON_NEAR = "exact_duplicate", "near_duplicate"
+REASON_EXACT, REASON_NEAR, REASON_SEMANTIC = "exact_duplicate", "near_duplicate", "semantic_duplicate"
+DUPLICATE_REASONS = (REASON_EXACT, REASON_NEAR, REASON_SEMANTIC)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -116,13 +116,21 @@ class Totals:
         return t
 
 
+def semantic_spec(spec: Any) -> Any:
+    """The spec's semantic tier when it is on, else None (tools pass dedup settings without one)."""
+    sem = getattr(spec.dedup, "semantic", None)
+    return sem if sem is not None and sem.enabled else None
+
+
 def dedup_params(spec: Any) -> dict[str, Any]:
     """What the stored state depends on: a change means the state cannot be extended, only rebuilt."""
     d = spec.dedup
+    sem = semantic_spec(spec)
     return {
+        "semantic": None if sem is None else {"model": sem.model, "threshold": sem.threshold},
         "key": d.key, "normalize": d.normalize, "near": d.near_duplicates, "threshold": d.threshold,
         "num_perm": d.num_perm, "shingle_size": d.shingle_size, "lsh": list(lsh_params(d.threshold, d.num_perm)),
-        "key_hash": "xxh3_64", "minhash_seed": 1,
+        "key_hash": "xxh3_64", "minhash_seed": 1, "near_rule": "components",
     }  # fmt: skip
 
 
@@ -132,8 +140,9 @@ class State:
 
     seen: the LSH bucket firsts (signature, band keys, id, cluster root) and all key hashes, what the generators
     load too; keys_*: every distinct key hash (sorted) with the global id of its cluster's first row; kept_id: the
-    clusters' first rows, cluster: each one's size. A semantic tier adds its embeddings of the kept rows as one more
-    chunk array aligned with kept_id."""
+    clusters' first rows, cluster: each one's size. semantic: the semantic tier's index (the kept rows' embeddings,
+    ids = kept_id), as the generators load it from the seen-index (`semantic.load_seen_semantic`); sem_owner and
+    sem_count: per kept row with semantic duplicates, how many (for the report's clusters)."""
 
     totals: Totals
     seen: SeenIndex
@@ -141,6 +150,9 @@ class State:
     keys_hash: np.ndarray
     keys_owner: np.ndarray
     cluster: np.ndarray
+    semantic: Any = None
+    sem_owner: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    sem_count: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
     @classmethod
     def empty(cls, spec: Any) -> State:
@@ -187,11 +199,26 @@ def load_state(storage: Storage, spec: Any, rnd: int) -> State | None:
         ko = np.concatenate([c["keys_owner"] for c in chunks])
         order = np.argsort(kh, kind="stable")  # per-round sorted runs: merged in about linear time
         st.keys_hash, st.keys_owner = kh[order], ko[order]
-        st.seen = SeenIndex.concat(seens, exact=st.keys_hash)  # the exact tier is every key seen
+        st.seen = SeenIndex.concat(seens)
         st.cluster = np.ones(len(st.kept_id), np.int64)
         for c in chunks:  # each chunk: (owner id, rows added to its cluster in that round)
             pos = np.searchsorted(st.kept_id, c["dup_owner"])
             np.add.at(st.cluster, pos, c["dup_count"])
+        owners = np.concatenate([c.get("sem_owner", np.empty(0, np.int64)) for c in chunks])
+        counts = np.concatenate([c.get("sem_count", np.empty(0, np.int64)) for c in chunks])
+        st.sem_owner, inv = np.unique(owners, return_inverse=True)
+        st.sem_count = np.bincount(inv.reshape(-1), weights=counts, minlength=len(st.sem_owner)).astype(np.int64)
+    if semantic_spec(spec) is not None and totals.round_first_id:
+        from genrun.worker.semantic import load_seen_semantic
+
+        try:
+            st.semantic = load_seen_semantic(storage, rnd)
+        except (OSError, ValueError) as exc:
+            log.warning("semantic index of round %d unreadable (%s): full re-merge", rnd, exc)
+            return None
+        if st.semantic is None or not np.array_equal(st.semantic.ids, st.kept_id):
+            log.warning("semantic index of round %d missing or not the kept rows: full re-merge", rnd)
+            return None
     return st
 
 
@@ -285,6 +312,7 @@ class Decisions:
     sigs: np.ndarray  # their signatures
     bands: np.ndarray
     fresh: np.ndarray  # bool: neither an exact nor a near duplicate of anything before the round
+    semantic: np.ndarray  # bool: dropped by the semantic tier
 
 
 def decide(
@@ -321,33 +349,62 @@ def decide(
         sigs = precomputed[1]
     bands = state.seen.band_keys(sigs)
     if d.near_duplicates:
-        old, new = state.seen.assign(sigs, bands, None if precomputed is None else precomputed[2])
+        old, label, link = state.seen.assign(sigs, bands, None if precomputed is None else precomputed[2])
     else:
-        old = new = np.full(len(cand), -1, np.int64)
-    base = ids[cand].copy()
-    base[old >= 0] = state.seen.root[old[old >= 0]]
-    croot = resolve_roots(new, base)
+        old = link = np.full(len(cand), -1, np.int64)
+        label = np.arange(len(cand))
+    own = ids[cand]
+    croot = np.where(link >= 0, link, own[label])  # an earlier round's cluster, or the component's first row
     root[cand] = croot
     near = np.zeros(n, dtype=bool)
-    near[cand] = (old >= 0) | (new >= 0)
+    near[cand] = croot != own
     rest = root == -1  # exact repeats within the round take their first occurrence's cluster
     root[rest] = root[first_of[rest]]
     kept = np.zeros(n, dtype=bool)
-    kept[cand[(old < 0) & (new < 0)]] = True
+    kept[cand[croot == own]] = True
     fresh_key = np.zeros(n, dtype=bool)
     fresh_key[cand[old < 0]] = True
     fresh = ~seen_before & fresh_key[first_of]  # judged against earlier rounds only
-    return Decisions(ids, kept, near, root, h, cand, sigs, bands, fresh)
+    return Decisions(ids, kept, near, root, h, cand, sigs, bands, fresh, np.zeros(n, dtype=bool))
 
 
-def _merge_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sort(np.concatenate([a, b]), kind="stable")  # two sorted runs: a linear merge
+def semantic_tier(spec: Any, state: State, dec: Decisions, keys: Any, first_id: int) -> Any:
+    """The semantic tier after exact and near (issue: unique means unique): the round's surviving rows, keep-first,
+    against the kept embeddings of earlier rounds and the round's earlier kept rows (`semantic.apply_tier`, the
+    generators' own rule). A dropped row names the kept row it duplicates and never drops another; rows of the round
+    in its cluster (exact repeats, near duplicates) follow it. Updates `dec` and `state.semantic`; returns the
+    dropped rows (id, duplicate_of, cosine, row position) for the report's clusters. `keys`: the survivors' keys."""
+    import pyarrow as pa
+    from genrun.worker.semantic import apply_tier
+
+    sem = semantic_spec(spec)
+    surv = np.flatnonzero(dec.kept)
+    res, state.semantic, _ = apply_tier(
+        [str(k) for k in keys.to_pylist()], dec.ids[surv], state.semantic,
+        model=sem.model, threshold=sem.threshold, batch_size=sem.batch_size,
+    )  # fmt: skip
+    drop = surv[~res.keep]
+    twin = res.dup_of[~res.keep]
+    dec.kept[drop] = False
+    dec.semantic[drop] = True
+    if len(drop):  # rows whose cluster root was dropped take its twin (a kept row) as root
+        did = dec.ids[drop]  # ascending: survivors are in row order
+        pos = np.searchsorted(did, dec.root).clip(0, len(did) - 1)
+        hit = did[pos] == dec.root
+        dec.root[hit] = twin[pos[hit]]
+        dec.fresh &= ~(hit & (dec.root < first_id))  # a duplicate of an earlier round's row is not new
+    return pa.table({"id": pa.array(dec.ids[drop]), "duplicate_of": pa.array(twin),
+                     "cosine": pa.array(res.cosine[~res.keep], pa.float32())}), drop  # fmt: skip
 
 
-def _advance(state: State, dec: Decisions) -> dict[str, dict[str, np.ndarray]]:
+def _advance(state: State, dec: Decisions, sem_drops: Any = None) -> dict[str, dict[str, np.ndarray]]:
     """Fold a round's decisions into the state; returns the round's state and seen-index chunks."""
     kept_ids = dec.ids[dec.kept]
     owners, counts = np.unique(dec.root[~dec.kept], return_counts=True)
+    sem_owner, sem_count = np.unique(
+        np.asarray(sem_drops[0].column("duplicate_of")) if sem_drops is not None else np.empty(0, np.int64),
+        return_counts=True,
+    )
     new_hashes = dec.hashes[dec.cand]
     by_hash = np.argsort(new_hashes)
     chunk = {
@@ -356,17 +413,17 @@ def _advance(state: State, dec: Decisions) -> dict[str, dict[str, np.ndarray]]:
         "keys_owner": dec.root[dec.cand][by_hash],
         "dup_owner": owners.astype(np.int64),
         "dup_count": counts.astype(np.int64),
+        "sem_owner": sem_owner.astype(np.int64),
+        "sem_count": sem_count.astype(np.int64),
     }
+    if len(sem_owner):
+        o = np.concatenate([state.sem_owner, sem_owner])
+        state.sem_owner, inv = np.unique(o, return_inverse=True)
+        w = np.concatenate([state.sem_count, sem_count])
+        state.sem_count = np.bincount(inv.reshape(-1), weights=w, minlength=len(state.sem_owner)).astype(np.int64)
     seen = state.seen
-    before = len(seen)
-    seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand])
-    chunk_index = SeenIndex(
-        np.sort(new_hashes), seen.sigs[before:], seen.band[before:], seen.threshold, seen.num_perm, seen.seed,
-        seen.shingle_size, seen.ids[before:], seen.root[before:],
-    )  # fmt: skip
-    chunk_index._firsts = dict(seen.added_firsts)  # this round's share of the bucket tables
-    seen_chunk = chunk_index.to_npz(firsts=True)
-    seen.exact = _merge_sorted(seen.exact, chunk_index.exact)
+    added = seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand], np.sort(new_hashes))
+    seen_chunk = added.to_npz(seen.params)
     state.kept_id = np.concatenate([state.kept_id, kept_ids])
     kh = np.concatenate([state.keys_hash, chunk["keys_hash"]])
     ko = np.concatenate([state.keys_owner, chunk["keys_owner"]])
@@ -452,13 +509,19 @@ def _merge_one(
 
         pre = precomputed_for(storage, spec, rnd, state, shards)
     keys = round_keys(spec, cols) if pre is None else None  # the maps did the per-row work
-    del cols
     dec = decide(keys, state, spec, first_id, pre)
-    del keys
+    sem_drops = None
+    if semantic_spec(spec) is not None:  # single-process, also after partitioned maps and reducers
+        import pyarrow as pa
+
+        surv = pa.array(np.flatnonzero(dec.kept), pa.int64())
+        skeys = keys.take(surv) if keys is not None else round_keys(spec, [pa.concat_tables(cols).take(surv)])
+        sem_drops = semantic_tier(spec, state, dec, skeys, first_id)
+    del keys, cols
     with tempfile.TemporaryDirectory(prefix=f"{TMP_DIR_PREFIX}{os.getpid()}-") as tmpd:
         tmp = Path(tmpd)
-        round_counts = _write_rows(storage, spec, run, rnd, shards, dec, tmp)
-        step = _advance(state, dec)
+        round_counts = _write_rows(storage, spec, run, rnd, shards, dec, tmp, sem_drops)
+        step = _advance(state, dec, sem_drops)
         tot.round = rnd
         tot.round_first_id[rnd] = first_id
         tot.rows = first_id + len(dec.ids)
@@ -477,13 +540,16 @@ def _merge_one(
         for k, v in round_counts["rejected"].items():
             tot.rejected[k] = tot.rejected.get(k, 0) + v
         np.savez(tmp / "state.npz", **step["chunk"])
-        np.savez(tmp / "seen-index.npz", **step["seen"])
+        # the semantic tier's index rides in the seen-index (what `semantic.load_seen_semantic` reads): all kept rows
+        sem_npz = state.semantic.to_npz() if state.semantic is not None else {}
+        np.savez(tmp / "seen-index.npz", **step["seen"], **sem_npz)
         prefix = rec.merge_prefix(rnd)
-        for name in ("seen-index.npz", "state.npz", "kept.parquet", "alpaca.jsonl", "sharegpt.jsonl"):
+        names = ["seen-index.npz", "state.npz", "kept.parquet", "alpaca.jsonl", "sharegpt.jsonl"]
+        for name in names + (["semantic.parquet"] if sem_drops is not None else []):
             storage.upload(tmp / name, f"{prefix}/{name}")
         storage.upload(tmp / "dataset.parquet", rec.dataset_part_key(rnd))
         storage.upload(tmp / "rejected.parquet", rec.rejected_part_key(rnd))
-        report = replace(_report(storage, state, rnd, len(shards)), per_shard=round_counts["per_shard"])
+        report = replace(_report(storage, spec, state, rnd, len(shards)), per_shard=round_counts["per_shard"])
         if final:
             (tmp / "report.md").write_text(render_markdown(report, run, missing=missing))
             storage.upload(tmp / "report.md", f"{prefix}/report.md")
@@ -496,7 +562,14 @@ def _merge_one(
 
 
 def _write_rows(
-    storage: Storage, spec: Any, run: str, rnd: int, shards: list[_Shard], dec: Decisions, tmp: Path
+    storage: Storage,
+    spec: Any,
+    run: str,
+    rnd: int,
+    shards: list[_Shard],
+    dec: Decisions,
+    tmp: Path,
+    sem_drops: Any = None,
 ) -> dict[str, Any]:
     """Pass 2: each shard again, whole rows: QC on the kept ones, the dataset part, rejected rows, exports."""
     import pyarrow as pa
@@ -517,6 +590,7 @@ def _write_rows(
     kept_w = pq.ParquetWriter(tmp / "kept.parquet", pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
     g = 0
     left_domain = 0
+    sem_texts = []
     with open(tmp / "alpaca.jsonl", "w") as alpaca, open(tmp / "sharegpt.jsonl", "w") as sharegpt:
         for sh in shards:
             table = _read_table(storage, rec.shard_data_key(sh.round, sh.seed))
@@ -532,11 +606,18 @@ def _write_rows(
             if len(check):
                 verdict[check] = qc.check_table(table.take(pa.array(check)))
             reasons[kept] = verdict[kept]
-            reasons[~kept] = np.where(dec.near[g : g + n][~kept], REASON_NEAR, REASON_EXACT)
+            reasons[~kept] = np.where(
+                dec.semantic[g : g + n][~kept],
+                REASON_SEMANTIC,
+                np.where(dec.near[g : g + n][~kept], REASON_NEAR, REASON_EXACT),
+            )
             qc_ok = np.array([v is None for v in verdict], dtype=bool)
             shard_yield.append(
                 rec.ShardYield(sh.seed, n, sh.manifest.tokens, int(fresh.sum()), int((fresh & qc_ok).sum()))
             )
+            if sem_drops is not None:
+                mine = sem_drops[1][(sem_drops[1] >= g) & (sem_drops[1] < g + n)] - g
+                sem_texts.append(table.column("instruction").take(pa.array(mine, pa.int64())).combine_chunks())
             kidx = np.flatnonzero(kept)
             if len(kidx):
                 kept_w.write_table(
@@ -585,6 +666,9 @@ def _write_rows(
     ds.close()
     rj.close()
     kept_w.close()
+    if sem_drops is not None:  # the round's semantic drops with their texts, for the report's clusters
+        texts = pa.concat_arrays(sem_texts) if sem_texts else pa.array([], pa.string())
+        pq.write_table(sem_drops[0].append_column("instruction", texts), tmp / "semantic.parquet")
     return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected),
             "per_shard": tuple(shard_yield), "left_domain": left_domain}  # fmt: skip
 
@@ -603,9 +687,6 @@ def _write_exports(table: Any, alpaca: Any, sharegpt: Any) -> None:
 
 
 def _top_duplicates(storage: Storage, state: State, k: int = 10) -> tuple[tuple[str, int], ...]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     multi = np.flatnonzero(state.cluster > 1)
     if not len(multi):
@@ -613,6 +694,16 @@ def _top_duplicates(storage: Storage, state: State, k: int = 10) -> tuple[tuple[
     order = np.lexsort((state.kept_id[multi], -state.cluster[multi]))[:k]
     top = multi[order]
     ids = state.kept_id[top]
+    text = _kept_texts(storage, state, ids)
+    return tuple((text[int(i)], int(state.cluster[j])) for i, j in zip(ids.tolist(), top.tolist(), strict=True))
+
+
+def _kept_texts(storage: Storage, state: State, ids: np.ndarray) -> dict[int, str]:
+    """Instructions of kept rows by global id, from the kept.parquet of the rounds that hold them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     rounds = sorted(state.totals.round_first_id)
     firsts = np.array([state.totals.round_first_id[r] for r in rounds])
     text: dict[int, str] = {}
@@ -621,12 +712,43 @@ def _top_duplicates(storage: Storage, state: State, k: int = 10) -> tuple[tuple[
             t = pq.read_table(p)
         t = t.filter(pc.is_in(t.column("id"), value_set=pa.array(ids)))
         text.update(zip(t.column("id").to_pylist(), t.column("instruction").to_pylist(), strict=True))
-    return tuple((text[int(i)], int(state.cluster[j])) for i, j in zip(ids.tolist(), top.tolist(), strict=True))
+    return text
 
 
-def _report(storage: Storage, state: State, rnd: int, shards: int) -> rec.RoundReport:
+def _semantic_clusters(storage: Storage, state: State, k: int = 10, sample: int = 5) -> tuple[Any, ...]:
+    """The largest semantic clusters so far: the kept first row, up to `sample` dropped members (earliest first)
+    with their cosine, and the cluster's size (its first and every member the semantic tier dropped)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not len(state.sem_owner):
+        return ()
+    order = np.lexsort((state.sem_owner, -state.sem_count))[:k]
+    ids, sizes = state.sem_owner[order], state.sem_count[order] + 1
+    first = _kept_texts(storage, state, ids)
+    members: dict[int, list[tuple[str, float]]] = {int(i): [] for i in ids.tolist()}
+    for r in sorted(state.totals.round_first_id):  # earliest rounds first: members in id order
+        key = _state_key(r, "semantic.parquet")
+        if not storage.exists(key):
+            continue
+        with local_copy(storage, key) as p:
+            t = pq.read_table(p)
+        t = t.filter(pc.is_in(t.column("duplicate_of"), value_set=pa.array(ids)))
+        for d, text, cos in zip(*(t.column(c).to_pylist() for c in ("duplicate_of", "instruction", "cosine")),
+                                strict=True):  # fmt: skip
+            if len(members[d]) < sample:
+                members[d].append((str(text), round(float(cos), 4)))
+    return tuple(
+        rec.SemanticCluster(first[int(i)], tuple(members[int(i)]), int(n))
+        for i, n in zip(ids.tolist(), sizes.tolist(), strict=True)
+    )
+
+
+def _report(storage: Storage, spec: Any, state: State, rnd: int, shards: int) -> rec.RoundReport:
     tot = state.totals
     this = tot.per_round.get(rnd, Counts())
+    sem_on = semantic_spec(spec) is not None
     return rec.RoundReport(
         round=rnd,
         shards=shards,
@@ -641,7 +763,10 @@ def _report(storage: Storage, state: State, rnd: int, shards: int) -> rec.RoundR
         skipped_online=tot.skipped.get(rnd, 0),
         exact_duplicates=tot.rejected.get(REASON_EXACT, 0),
         near_duplicates=tot.rejected.get(REASON_NEAR, 0),
-        qc_rejected={k: v for k, v in sorted(tot.rejected.items()) if k not in (REASON_EXACT, REASON_NEAR)},
+        semantic_duplicates=tot.rejected.get(REASON_SEMANTIC, 0),
+        dedup_tiers=("exact", "near", "semantic") if sem_on else ("exact", "near"),
+        semantic_clusters=_semantic_clusters(storage, state) if sem_on else (),
+        qc_rejected={k: v for k, v in sorted(tot.rejected.items()) if k not in DUPLICATE_REASONS},
         top_duplicates=_top_duplicates(storage, state),
         per_domain=tuple(rec.DomainYield(d, c.rows, c.unique, c.kept) for d, c in sorted(tot.per_domain.items())),
         per_temperature=tuple(

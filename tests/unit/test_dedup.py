@@ -16,7 +16,6 @@ from genrun.worker.dedup import (
     deduplicate,
     lsh_params,
     normalize,
-    resolve_roots,
     shingles,
     similar,
 )
@@ -59,14 +58,12 @@ def test_signatures_equal_datasketch(texts: list[str], size: int, seed: int) -> 
 
 
 def _clusters(index: SeenIndex, sigs: np.ndarray, first_id: int) -> np.ndarray:
-    """The merge's use of the rule on one batch: roots (global ids), then the batch indexed."""
+    """The merge's use of the rule on one batch (a round): roots (global ids), then the batch indexed."""
     bands = index.band_keys(sigs)
-    old, new = index.assign(sigs, bands)
+    _, label, link = index.assign(sigs, bands)
     ids = np.arange(first_id, first_id + len(sigs))
-    base = ids.copy()
-    base[old >= 0] = index.root[old[old >= 0]]
-    root = resolve_roots(new, base)
-    index.extend(sigs, bands, ids, root)
+    root = np.where(link >= 0, link, ids[label])
+    index.extend(sigs, bands, ids, root, np.empty(0, np.uint64))
     return root
 
 
@@ -86,19 +83,42 @@ def test_near_duplicates_found_and_unrelated_kept() -> None:
     assert _labels(texts, 0.7) == [0, 1, 0, 3, 1]
 
 
-def _reference(sigs: np.ndarray, threshold: float) -> list[int]:
-    """The rule, one row at a time: per band, the first row ever with the key is the bucket's first; a row similar
-    to one of its buckets' firsts joins the cluster of the earliest such, else starts its own."""
+def _reference(sigs: np.ndarray, threshold: float, cuts: list[int]) -> list[int]:
+    """The rule, spelled out with dicts and a union-find, batch (round) by batch: per band, a bucket's first is the
+    earliest row ever with its key; each row is linked to its buckets' firsts when similar; the batch's rows form
+    components; a component similar (through any of its rows) to earlier batches' firsts joins the earliest such
+    cluster, else its first row is its root."""
     b, r = lsh_params(threshold, sigs.shape[1])
     bands = band_keys(sigs, b, r)
     firsts: list[dict[int, int]] = [{} for _ in range(b)]
     root: list[int] = []
-    for j in range(len(sigs)):
-        cands = [firsts[k][int(bands[j, k])] for k in range(b) if int(bands[j, k]) in firsts[k]]
-        twins = [i for i in cands if similar(sigs[i : i + 1], sigs[j : j + 1])[0] >= threshold]
-        root.append(root[min(twins)] if twins else j)
+    for lo, hi in itertools.pairwise(sorted({0, len(sigs), *[min(c, len(sigs)) for c in cuts]})):
+        parent = {j: j for j in range(lo, hi)}
+
+        def find(x: int, parent: dict[int, int] = parent) -> int:
+            while parent[x] != x:
+                x = parent[x]
+            return x
+
+        local: list[dict[int, int]] = [{} for _ in range(b)]
+        old: dict[int, int] = {}
+        for j in range(lo, hi):
+            for k in range(b):
+                key = int(bands[j, k])
+                f = firsts[k].get(key)
+                if f is not None and similar(sigs[f : f + 1], sigs[j : j + 1])[0] >= threshold:
+                    old[j] = min(old.get(j, 1 << 62), root[f])
+                g = local[k].setdefault(key, j)
+                if g != j and similar(sigs[g : g + 1], sigs[j : j + 1])[0] >= threshold:
+                    a, c = find(g), find(j)
+                    parent[max(a, c)] = min(a, c)
+        link: dict[int, int] = {}
+        for j, o in old.items():
+            link[find(j)] = min(link.get(find(j), 1 << 62), o)
+        root += [link.get(find(j), find(j)) for j in range(lo, hi)]
         for k in range(b):
-            firsts[k].setdefault(int(bands[j, k]), j)
+            for key, j in local[k].items():
+                firsts[k].setdefault(key, j)
     return root
 
 
@@ -112,17 +132,38 @@ def _reference(sigs: np.ndarray, threshold: float) -> list[int]:
     cuts=st.lists(st.integers(0, 30), max_size=3),
     threshold=st.sampled_from([0.5, 0.7, 0.8]),
 )
-def test_rule_is_the_sequential_rule_in_any_batching(words: list[list[str]], cuts: list[int], threshold: float) -> None:
-    """Vectorised, the rule equals the one-row-at-a-time rule, and merging in batches (rounds) equals one batch."""
+def test_rule_is_the_spelled_out_rule(words: list[list[str]], cuts: list[int], threshold: float) -> None:
+    """Vectorised, the rule equals the dict-and-union-find rule, in one batch and batch by batch (rounds)."""
     sigs = MinHasher(64, 1, 1).signatures([" ".join(w) for w in words])
-    ref = _reference(sigs, threshold)
-    assert _clusters(SeenIndex.empty(threshold, 64), sigs, 0).tolist() == ref
+    assert _clusters(SeenIndex.empty(threshold, 64), sigs, 0).tolist() == _reference(sigs, threshold, [])
     index = SeenIndex.empty(threshold, 64)
     edges = sorted({min(c, len(sigs)) for c in cuts} | {0, len(sigs)})
     got: list[int] = []
     for lo, hi in itertools.pairwise(edges):
         got += _clusters(index, sigs[lo:hi], lo).tolist()
-    assert got == ref
+    assert got == _reference(sigs, threshold, cuts)
+
+
+@pytest.mark.parametrize(("threshold", "seed"), [(0.5, 1), (0.7, 2), (0.8, 3), (0.8, 4)])
+def test_rule_on_large_clusters(threshold: float, seed: int) -> None:
+    """Hundreds of one-word variants of a few bases (hot buckets; variants similar to their base, not always to each
+    other; bases after some of their variants): the spelled-out rule's clusters, in one round and in two."""
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{i}" for i in range(60)]
+    bases = [list(rng.choice(vocab, rng.integers(5, 12))) for _ in range(6)]
+    texts = []
+    for _ in range(400):
+        w = list(bases[rng.integers(0, len(bases))])
+        for _ in range(rng.integers(0, 3)):
+            w[rng.integers(0, len(w))] = str(rng.choice(vocab))
+        texts.append(" ".join(w))
+    sigs = MinHasher(64, 1, 1).signatures(texts)
+    ref = _reference(sigs, threshold, [])
+    assert len(set(ref)) < len(ref) - 50  # the rule drops many rows here
+    assert _clusters(SeenIndex.empty(threshold, 64), sigs, 0).tolist() == ref
+    index = SeenIndex.empty(threshold, 64)
+    got = _clusters(index, sigs[:150], 0).tolist() + _clusters(index, sigs[150:], 150).tolist()
+    assert got == _reference(sigs, threshold, [150])
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95])

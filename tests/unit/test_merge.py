@@ -76,7 +76,7 @@ def test_round_two_counts_only_what_is_new_and_seen_index_grows(storage: LocalSt
     assert r2.exact_duplicates == 1 and r2.near_duplicates == 1
     assert r2.marginal_yield == pytest.approx(1 / 3)
     seen = load_seen_index(storage, 2)
-    # every distinct key (exact tier), and each row that is the first of an LSH bucket (near tier)
+    # every distinct key (exact tier), and each row that is the first of an LSH bucket (near tier), with its cluster
     assert seen is not None and len(seen.exact) == 3 and len(seen) == 3 and seen.root.tolist() == [0, 0, 3]
 
 
