@@ -20,6 +20,7 @@ wall_s=<t>
 from __future__ import annotations
 
 import argparse
+import atexit
 import queue
 import subprocess
 import sys
@@ -133,6 +134,7 @@ def main() -> None:
             op.proc = subprocess.Popen(cmd, env=op.env, stdout=open(op.log_path, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
         else:
             op.start()
+        atexit.register(op.stop)  # a failed bench leaves no operator behind
         runner = threading.Thread(target=instant_jobs, args=(cluster, root, stop, created, done_at), daemon=True)
         runner.start()
         time.sleep(3)

@@ -44,6 +44,14 @@ def checked(name: str) -> str:
     return name
 
 
+class _ApiClient(client.ApiClient):
+    """The library's client, given our manifests as they are: they are plain JSON already (dicts of str, numbers,
+    lists), and the library's recursive copy of each was the operator's largest cost after Kopf's own at 500 runs."""
+
+    def sanitize_for_serialization(self, obj: Any) -> Any:
+        return obj if isinstance(obj, dict) else super().sanitize_for_serialization(obj)
+
+
 class Kube:
     """The API calls the operator makes. Connects on first use (Kopf's login or a daemon's first call), so building
     an operator needs no event loop and no cluster."""
@@ -61,7 +69,7 @@ class Kube:
             async with self._connecting:
                 if self._api is None:
                     await self._configure()
-                    self._api = client.ApiClient(self.conf)
+                    self._api = _ApiClient(self.conf)
         return self._api
 
     async def _configure(self) -> None:
@@ -89,11 +97,13 @@ class Kube:
             certificate_path=conf.cert_file, private_key_path=conf.key_file,
         )  # fmt: skip
 
-    async def _send(self, request: Awaitable[Any]) -> tuple[int, Any]:
-        """The status and JSON answer of one request made without the library's model classes (not needed here,
-        and the costliest part of a call at scale)."""
+    async def _send(self, request: Awaitable[Any], answer: bool = False) -> tuple[int, Any]:
+        """The status of one request made without the library's model classes (not needed here, and the costliest
+        part of a call at scale), with its JSON answer when asked for or when it is an error."""
         resp = await request
         async with resp:
+            if not answer and resp.status < 300:
+                return int(resp.status), None
             text = await resp.text()
             try:
                 return int(resp.status), json.loads(text) if text else None
@@ -124,7 +134,7 @@ class Kube:
         call = client.CoreV1Api(await self.api()).read_namespaced_secret(
             checked(name), checked(namespace), _preload_content=False
         )
-        status, out = await self._send(call)
+        status, out = await self._send(call, answer=True)
         if status == 404:
             return None
         if status >= 300:

@@ -162,6 +162,20 @@ def test_run_reaches_target_in_rounds_with_metrics_events_and_no_secret_leak(clu
         assert runner.procs == {}
 
 
+def test_a_run_is_driven_by_its_jobs_and_its_spec_not_by_the_timer(cluster: Cluster, s3: SeaweedFS) -> None:
+    """With the periodic step 10 minutes away, a suspended run resumes when its spec changes and goes through its
+    rounds on its Jobs' events alone (the wake-ups; the race that once lost some of them showed only at scale, in
+    bench/operator.py, where runs slept until the timer)."""
+    with JobRunner(cluster, NS, {"GENRUN_ENGINE": "replay"}), OperatorProcess(cluster, NS, GENRUN_TIMER_SECONDS="600"):
+        cluster.create(RUNS.format(ns=NS), manifest("evented", s3, suspend=True))
+        wait_for(
+            lambda: (c := cluster.condition(NS, "evented", "Suspended")) and c["status"] == "True", 60, "Suspended"
+        )
+        cluster.patch(RUNS.format(ns=NS) + "/evented", {"spec": {"suspend": False}})
+        wait_for(lambda: succeeded(cluster, "evented"), 180, "Succeeded without the timer")
+        assert cluster.run(NS, "evented")["status"]["round"] >= 2
+
+
 def test_shard_that_keeps_failing_fails_the_run(cluster: Cluster, s3: SeaweedFS) -> None:
     def fail_seed_101(job: dict[str, Any]) -> int | None:
         return 1 if job["metadata"]["labels"].get("genrun.io/seed") == "101" else None
