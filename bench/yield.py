@@ -83,7 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", type=int, default=300)
     ap.add_argument("--per-shard", type=int, default=30)
-    ap.add_argument("--static", default="0.7,1.1", help="T,RP of the best static arm from bench/yield_sim.py")
+    ap.add_argument("--static", default="0.5,1.1", help="T,RP of the best static arm from bench/yield_sim.py")
     args = ap.parse_args()
     t, rp = (float(x) for x in args.static.split(","))
     with tempfile.TemporaryDirectory() as d:
