@@ -318,15 +318,24 @@ class Sizing:
     why: str
 
 
-def examples_for(spec: GenerationRunSpec, need: int, y: float, sd: float, last_round: bool) -> tuple[int, bool, str]:
+def examples_for(
+    spec: GenerationRunSpec, need: int, y: float, sd: float, last_round: bool, rounds_left: int = 0
+) -> tuple[int, bool, str]:
     """Examples for a round that may reach the target: enough to reach it with spec.policy.stopConfidence at the
     estimated yield y, but no more than keeps the overshoot within spec.policy.maxOvershoot of the target should the
     yield be at the optimistic end of its estimate (y + z*sd). When that cap binds, the round approaches the target
-    and the next one, measured better, finishes (unless this is the last round the budget allows)."""
+    and the next one, measured better, finishes; that needs a round after this one to finish in and one to correct a
+    miss, so with `rounds_left` (this one included; 0: unknown) below 3 the round is sized to finish. The last round
+    the budget allows cannot be corrected: it is sized at the pessimistic end of the estimate (y - z*sd, at least
+    y/2) instead."""
     p = spec.policy
+    if last_round and y > 0:
+        y = max(y / 2, y - NormalDist().inv_cdf(p.stop_confidence) * sd)
     n = examples_needed(need, y, p.stop_confidence)
     why = f"{need} more needed at a yield of {y:.3f}: {n} examples reach it with probability {p.stop_confidence:g}"
-    if last_round or n == UNREACHABLE:
+    if last_round:
+        why += " (the budget's last round: sized at the low end of the yield estimate)"
+    if last_round or n == UNREACHABLE or 0 < rounds_left < 3:
         return n, True, why
     y_hi = min(1.0, y + NormalDist().inv_cdf(p.stop_confidence) * sd)
     cap = math.floor((need + p.max_overshoot * spec.target.unique_examples) / y_hi)
@@ -357,16 +366,18 @@ def size_round(
     room_shards: int,
     last_round: bool,
     measured: int = 0,
+    rounds_left: int = 0,
 ) -> Sizing:
     """A round that can reach the target is sized by `examples_for` (shards and examples per shard); one that cannot
-    is as large as the per-round cap and the budget allow. Unless the budget allows no further round, a round
-    commits at most GROWTH x the `measured` examples generated so far, so that each round is decided on evidence
-    at least 1/GROWTH its size (the pilot's few examples never commit the whole need)."""
+    is as large as the per-round cap and the budget allow. While the budget leaves `rounds_left` >= 4 rounds (this
+    one included), a round commits at most GROWTH x the `measured` examples generated so far, so that each round is
+    decided on evidence at least 1/GROWTH its size (the pilot's few examples never commit the whole need)."""
     e, eps = spec.escalation, spec.shards.examples_per_shard
     cap = min(e.max_shards_per_round, room_shards)
-    n, precise, why = examples_for(spec, need, y, sd, last_round)
+    n, precise, why = examples_for(spec, need, y, sd, last_round, rounds_left)
     grown = GROWTH * measured
-    if measured and not last_round and n > grown and grown < min(cap * eps, room_examples):
+    # Growth needs rounds after this one to approach, finish and correct a miss in: with fewer left, commit now.
+    if measured and rounds_left >= 4 and n > grown and grown < min(cap * eps, room_examples):
         shards = max(min(e.min_shards_per_round, cap), math.ceil(grown / eps))
         per = shard_examples(spec, math.ceil(grown / shards))
         why = f"{why}; this round grows to at most {GROWTH}x the {measured} examples measured so far"

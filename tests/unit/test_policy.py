@@ -362,3 +362,19 @@ def test_the_html_report_has_a_table_of_attribute_cells() -> None:
     page = render_html("sft", reports, 3000, status=plans[-1].status)
     assert "Attribute cells" in page and "task=howto,level=hard" in page
     assert "no attributes in the spec" in render_html("sft", reports, 3000, status={})
+
+
+def test_few_rounds_left_commit_to_finishing_and_the_last_round_sizes_pessimistically() -> None:
+    """Approaching the target (the overshoot cap) and growing from the evidence both spend rounds: with fewer than
+    3 (4) rounds left the round is sized to finish, and the budget's last round, which nothing can correct, at the
+    low end of the yield estimate."""
+    spec = spec_of()
+    need, y, sd = 3000, 0.4, 0.1
+    approach, precise, _ = pol.examples_for(spec, need, y, sd, False, rounds_left=5)
+    finish, precise2, _ = pol.examples_for(spec, need, y, sd, False, rounds_left=2)
+    last, _, _ = pol.examples_for(spec, need, y, sd, True, rounds_left=1)
+    assert not precise and precise2 and approach < finish == pol.examples_needed(need, y, 0.9) < last
+    grown = pol.size_round(spec, need, y, 0.01, 10**6, 100, False, measured=500, rounds_left=4)
+    assert not grown.precise and grown.shards * grown.examples <= pol.GROWTH * 500 + 400
+    committed = pol.size_round(spec, need, y, 0.01, 10**6, 100, False, measured=500, rounds_left=3)
+    assert committed.precise and committed.shards * committed.examples >= pol.examples_needed(need, y, 0.9)
