@@ -8,7 +8,12 @@ is read back rather than re-decided anyway).
 Why Thompson sampling and not UCB: a round is a *batch* of shards decided at once. UCB is deterministic and would
 give every shard of the batch to the same arm; sampling each shard's arm from the posterior spreads the batch in
 proportion to each arm's probability of being best, which is what a batch should do. The share of a round that goes
-to arms other than the current best estimate is capped (`spec.policy.exploration`).
+to arms other than the current best estimate is capped (`spec.policy.exploration`). The same reasoning picks each
+shard's attribute cell (a second Thompson sampler over the same per-shard yields).
+
+Exploration is cheap by construction: the pilot gives each arm a probe of at least `probe_examples` (the fewest
+examples whose all failing QC retires the arm at `spec.policy.retireConfidence`), an arm is retired as soon as the
+exact upper bound of its QC-pass rate is below the floor, and later rounds grow at most GROWTH-fold from the evidence.
 
 Reward of an arm = new unique QC-passed examples per 1k generated tokens. Its yield per example has a Beta posterior
 (kept of examples written) whose evidence decays by `DISCOUNT` per round of age, because the yield of every arm falls
@@ -30,7 +35,7 @@ from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
 
 DISCOUNT = 0.7  # weight of a round's evidence per round of age
 MAX_ARMS = 16  # the CRD's maxItems on spec.policy.arms, and the ladder's length bound
-MIN_SHARD_EXAMPLES = 16  # per shard (unless examplesPerShard is smaller): fewer measures nothing, and a GPU Job's start-up would cost more than its samples
+MIN_SHARD_EXAMPLES = 16  # per shard after the pilot (unless examplesPerShard is smaller): a GPU Job's start-up would cost more than fewer samples
 EXACT_BOUND_MAX = 2000  # unique rows up to which the QC-pass bound is exact (Clopper-Pearson); Wilson above
 PRIOR_WEIGHT = 2.0  # examples' worth of the pooled prior (Beta(1, 1) is worth 2)
 TOKENS_PRIOR_WEIGHT = 10.0  # examples' worth of the pooled tokens per example (see tokens_per_example)
