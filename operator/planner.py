@@ -475,7 +475,7 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
             return finish(_running(c.SUSPENDED_BY_SPEC, "no round started yet", True))
         if spec.policy.strategy == "bandit" and spec.policy.pilot_share > 0:
             picked, per, why = pol.pilot(spec)
-            cells = pol.pilot_cells(spec, len(picked), pol.round_rng(ref, 1))
+            cells = pol.pilot_cells(spec, len(picked), pol.round_rng(spec, 1))
             return new_round(1, len(picked), picked[0], why, [], arms=picked, examples=per, cells=cells)
         return new_round(1, spec.shards.initial, base_sampling(spec), "first round from spec.shards.initial", [])
 
@@ -578,7 +578,7 @@ def _bandit_round(
 ) -> tuple[list[Sampling], int, str, list[pol.Cell]]:
     """The next round under the bandit: (arm per shard, examples per shard, why, attribute cell per shard)."""
     stats = pol.arm_stats(spec, obs.rounds, obs.reports)
-    rng = pol.round_rng(ref, rnd)
+    rng = pol.round_rng(spec, rnd)
     cap = max(1, min(spec.escalation.max_shards_per_round, room_shards))
     last = rnd >= spec.budget.max_rounds
     # The mix a full round would get estimates the yield to size with; the round itself is then drawn at its size.

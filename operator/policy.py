@@ -1,9 +1,9 @@
 """The bandit policy: sampling arms, their measured rewards, how a round's shards are spread over arms, and how big
 a round is.
 
-Pure, like the planner that calls it: no I/O, no clock; its only randomness is a stream seeded by the run's identity
-and the round (`round_rng`), so a restart that re-decides a round draws the same numbers (and a recorded round plan
-is read back rather than re-decided anyway).
+Pure, like the planner that calls it: no I/O, no clock; its only randomness is a stream seeded by the run's seed
+(spec.shards.firstSeed) and the round (`round_rng`), so a restart that re-decides a round draws the same numbers (and
+a recorded round plan is read back rather than re-decided anyway), and the plan is a function of (spec, observed).
 
 Why Thompson sampling and not UCB: a round is a *batch* of shards decided at once. UCB is deterministic and would
 give every shard of the batch to the same arm; sampling each shard's arm from the posterior spreads the batch in
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import TypeVar
 
-from genrun.contract.api import GenerationRunSpec, RunRef
+from genrun.contract.api import GenerationRunSpec
 from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
 
 DISCOUNT = 0.7  # weight of a round's evidence per round of age
@@ -76,8 +76,11 @@ def arms(spec: GenerationRunSpec) -> tuple[Sampling, ...]:
     return tuple(out)
 
 
-def round_rng(ref: RunRef, rnd: int) -> random.Random:
-    digest = hashlib.sha256(f"{ref.namespace}/{ref.name}/{ref.uid}/round-{rnd}".encode()).digest()
+def round_rng(spec: GenerationRunSpec, rnd: int) -> random.Random:
+    """The planner's random stream for round `rnd`: derived from the run's seed (spec.shards.firstSeed, which already
+    decides every shard's samples) and the round, so a restart re-decides a round identically and two runs of one
+    spec (an outage's rerun, a reference run under another name) plan the same rounds."""
+    digest = hashlib.sha256(f"genrun-planner/{spec.shards.first_seed}/round-{rnd}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 

@@ -21,11 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 GENRUN = [sys.executable, "-P", "-m", "genrun.operator.cli"]
 
 
-def small_manifest(tmp: Path, name: str = "local", run_name: str = "", **spec_over: dict) -> Path:
-    """A small run writing to tmp/name; `run_name` names the run (default: name). The planner's draws come from the
-    run's identity, so two outputs of one run must share its name."""
+def small_manifest(tmp: Path, name: str = "local", **spec_over: dict) -> Path:
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    doc["metadata"]["name"] = run_name or name
+    doc["metadata"]["name"] = name
     doc["spec"]["shards"].update(examplesPerShard=25)
     doc["spec"]["target"]["uniqueExamples"] = 60
     doc["spec"]["output"]["path"] = str(tmp / name)
@@ -69,7 +67,7 @@ def test_run_to_target_then_status_report_and_html(tmp_path: Path) -> None:
 
 
 def test_kill9_mid_round_then_rerun_gives_the_uninterrupted_dataset(tmp_path: Path) -> None:
-    ref = run(["run", str(small_manifest(tmp_path, "reference", run_name="killed")), "--engine", "replay"])
+    ref = run(["run", str(small_manifest(tmp_path, "reference")), "--engine", "replay"])
     assert ref.returncode == 0, ref.stderr
 
     manifest = small_manifest(tmp_path, "killed")
