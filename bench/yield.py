@@ -57,6 +57,7 @@ def specs(target: int, per_shard: int, static: tuple[float, float]) -> dict[str,
         "minShardsPerRound": 10,
         "maxShardsPerRound": 10,
     }
+    baseline["policy"] = {"strategy": "ladder"}  # fixed rounds of 10 shards, no pilot: the process as described
     baseline["generation"] = {"mode": "joint"}
     baseline["dedup"] = {"online": False}
     genrun = copy.deepcopy(base)
