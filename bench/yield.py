@@ -57,6 +57,7 @@ def specs(target: int, per_shard: int, static: tuple[float, float]) -> dict[str,
         "minShardsPerRound": 10,
         "maxShardsPerRound": 10,
     }
+    baseline["policy"] = {"strategy": "ladder"}  # fixed rounds of 10 shards, no pilot: the process as described
     baseline["generation"] = {"mode": "joint"}
     baseline["dedup"] = {"online": False}
     genrun = copy.deepcopy(base)
@@ -83,7 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", type=int, default=300)
     ap.add_argument("--per-shard", type=int, default=30)
-    ap.add_argument("--static", default="0.7,1.1", help="T,RP of the best static arm from bench/yield_sim.py")
+    ap.add_argument("--static", default="0.5,1.1", help="T,RP of the best static arm from bench/yield_sim.py")
     args = ap.parse_args()
     t, rp = (float(x) for x in args.static.split(","))
     with tempfile.TemporaryDirectory() as d:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gzip
 import json
 import os
@@ -184,8 +185,10 @@ def run_seed_process(pools: Pools, spec: Any, rng: random.Random) -> tuple[int, 
     return sys.maxsize, w.kept
 
 
-def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef) -> tuple[int, int]:
-    """genrun's planner driving simulated shards and merges until it finishes."""
+def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef, run: int = 0) -> tuple[int, int]:
+    """genrun's planner driving simulated shards and merges until it finishes. Each simulated run has its own
+    spec.shards.firstSeed (the planner draws from it), as separate real runs would."""
+    spec = dataclasses.replace(spec, shards=dataclasses.replace(spec.shards, first_seed=1000 * run))
     w = World(pools, rng)
     joint = spec.generation.mode == "joint"
     _, plans = run_instantly(ref, spec, lambda plan, prev: _round(w, plan, prev, joint, spec))
@@ -271,9 +274,9 @@ def main() -> None:
     statics = {}
     for a in pools.arms:
         spec = sim_spec(args.target, [a])
-        statics[a] = runs(lambda rng, i, spec=spec: run_planner(pools, spec, rng, RunRef(f"static-{i}")))
+        statics[a] = runs(lambda rng, i, spec=spec: run_planner(pools, spec, rng, RunRef(f"static-{i}"), i))
     genrun_spec = sim_spec(args.target, pools.arms)
-    genrun = runs(lambda rng, i: run_planner(pools, genrun_spec, rng, RunRef(f"genrun-{i}")))
+    genrun = runs(lambda rng, i: run_planner(pools, genrun_spec, rng, RunRef(f"genrun-{i}"), i))
 
     def line(name: str, r: list[tuple[int, int]]) -> None:
         over = statistics.median((k - args.target) / args.target for _, k in r)

@@ -483,7 +483,7 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
             return finish(_running(c.SUSPENDED_BY_SPEC, "no round started yet", True))
         if spec.policy.strategy == "bandit" and spec.policy.pilot_share > 0:
             picked, per, why = pol.pilot(spec)
-            cells = pol.pilot_cells(spec, len(picked), pol.round_rng(ref, 1))
+            cells = pol.pilot_cells(spec, len(picked), pol.round_rng(spec, 1))
             return new_round(1, len(picked), picked[0], why, [], arms=picked, examples=per, cells=cells)
         return new_round(1, spec.shards.initial, base_sampling(spec), "first round from spec.shards.initial", [])
 
@@ -586,18 +586,19 @@ def _bandit_round(
 ) -> tuple[list[Sampling], int, str, list[pol.Cell]]:
     """The next round under the bandit: (arm per shard, examples per shard, why, attribute cell per shard)."""
     stats = pol.arm_stats(spec, obs.rounds, obs.reports)
-    rng = pol.round_rng(ref, rnd)
+    rng = pol.round_rng(spec, rnd)
     cap = max(1, min(spec.escalation.max_shards_per_round, room_shards))
     last = rnd >= spec.budget.max_rounds
     # The mix a full round would get estimates the yield to size with; the round itself is then drawn at its size.
     y, sd = pol.mix_yield(stats, pol.allocate(stats, cap, spec.policy.exploration, rng))
     measured = max(obs.reports[max(obs.reports)].generated_total, 1)
-    size = pol.size_round(spec, need, y, sd, room_examples, room_shards, last, measured)
+    rounds_left = spec.budget.max_rounds - rnd + 1
+    size = pol.size_round(spec, need, y, sd, room_examples, room_shards, last, measured, rounds_left)
     picks = pol.allocate(stats, size.shards, spec.policy.exploration, rng)
     per, why = size.examples, size.why
     if size.precise and size.shards < cap:  # sized to the target: size again for the arms actually drawn
         y, sd = pol.mix_yield(stats, picks)
-        n, _, why = pol.examples_for(spec, need, y, sd, last)
+        n, _, why = pol.examples_for(spec, need, y, sd, last, rounds_left)
         per = pol.shard_examples(spec, math.ceil(n / len(picks)))
         why += f" -> {len(picks)} shard(s) x {per}"
     retired = [a.id for a in stats if a.retired]
@@ -610,7 +611,7 @@ def _bandit_round(
         k = pol.cell_factor(cstats, cells)
         if size.precise and size.shards < cap and abs(k - 1) > 0.01:  # the cells drawn change the yield: resize
             y, sd = pol.mix_yield(stats, picks)
-            n, _, _ = pol.examples_for(spec, need, min(1.0, y * k), sd * k, last)
+            n, _, _ = pol.examples_for(spec, need, min(1.0, y * k), sd * k, last, rounds_left)
             per = pol.shard_examples(spec, math.ceil(n / len(picks)))
             why += f"; the cells drawn scale the yield by {k:.2f} -> {len(picks)} shard(s) x {per}"
     return [a.sampling for a in picks], per, why, cells

@@ -1,14 +1,19 @@
 """The bandit policy: sampling arms, their measured rewards, how a round's shards are spread over arms, and how big
 a round is.
 
-Pure, like the planner that calls it: no I/O, no clock; its only randomness is a stream seeded by the run's identity
-and the round (`round_rng`), so a restart that re-decides a round draws the same numbers (and a recorded round plan
-is read back rather than re-decided anyway).
+Pure, like the planner that calls it: no I/O, no clock; its only randomness is a stream seeded by the run's seed
+(spec.shards.firstSeed) and the round (`round_rng`), so a restart that re-decides a round draws the same numbers (and
+a recorded round plan is read back rather than re-decided anyway), and the plan is a function of (spec, observed).
 
 Why Thompson sampling and not UCB: a round is a *batch* of shards decided at once. UCB is deterministic and would
 give every shard of the batch to the same arm; sampling each shard's arm from the posterior spreads the batch in
 proportion to each arm's probability of being best, which is what a batch should do. The share of a round that goes
-to arms other than the current best estimate is capped (`spec.policy.exploration`).
+to arms other than the current best estimate is capped (`spec.policy.exploration`). The same reasoning picks each
+shard's attribute cell (a second Thompson sampler over the same per-shard yields).
+
+Exploration is cheap by construction: the pilot gives each arm a probe of at least `probe_examples` (the fewest
+examples whose all failing QC retires the arm at `spec.policy.retireConfidence`), an arm is retired as soon as the
+exact upper bound of its QC-pass rate is below the floor, and later rounds grow at most GROWTH-fold from the evidence.
 
 Reward of an arm = new unique QC-passed examples per 1k generated tokens. Its yield per example has a Beta posterior
 (kept of examples written) whose evidence decays by `DISCOUNT` per round of age, because the yield of every arm falls
@@ -25,12 +30,12 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import TypeVar
 
-from genrun.contract.api import GenerationRunSpec, RunRef
+from genrun.contract.api import GenerationRunSpec
 from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
 
 DISCOUNT = 0.7  # weight of a round's evidence per round of age
 MAX_ARMS = 16  # the CRD's maxItems on spec.policy.arms, and the ladder's length bound
-MIN_SHARD_EXAMPLES = 16  # per shard (unless examplesPerShard is smaller): fewer measures nothing, and a GPU Job's start-up would cost more than its samples
+MIN_SHARD_EXAMPLES = 16  # per shard after the pilot (unless examplesPerShard is smaller): a GPU Job's start-up would cost more than fewer samples
 EXACT_BOUND_MAX = 2000  # unique rows up to which the QC-pass bound is exact (Clopper-Pearson); Wilson above
 PRIOR_WEIGHT = 2.0  # examples' worth of the pooled prior (Beta(1, 1) is worth 2)
 TOKENS_PRIOR_WEIGHT = 10.0  # examples' worth of the pooled tokens per example (see tokens_per_example)
@@ -71,8 +76,11 @@ def arms(spec: GenerationRunSpec) -> tuple[Sampling, ...]:
     return tuple(out)
 
 
-def round_rng(ref: RunRef, rnd: int) -> random.Random:
-    digest = hashlib.sha256(f"{ref.namespace}/{ref.name}/{ref.uid}/round-{rnd}".encode()).digest()
+def round_rng(spec: GenerationRunSpec, rnd: int) -> random.Random:
+    """The planner's random stream for round `rnd`: derived from the run's seed (spec.shards.firstSeed, which already
+    decides every shard's samples) and the round, so a restart re-decides a round identically and two runs of one
+    spec (an outage's rerun, a reference run under another name) plan the same rounds."""
+    digest = hashlib.sha256(f"genrun-planner/{spec.shards.first_seed}/round-{rnd}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
@@ -318,15 +326,24 @@ class Sizing:
     why: str
 
 
-def examples_for(spec: GenerationRunSpec, need: int, y: float, sd: float, last_round: bool) -> tuple[int, bool, str]:
+def examples_for(
+    spec: GenerationRunSpec, need: int, y: float, sd: float, last_round: bool, rounds_left: int = 0
+) -> tuple[int, bool, str]:
     """Examples for a round that may reach the target: enough to reach it with spec.policy.stopConfidence at the
     estimated yield y, but no more than keeps the overshoot within spec.policy.maxOvershoot of the target should the
     yield be at the optimistic end of its estimate (y + z*sd). When that cap binds, the round approaches the target
-    and the next one, measured better, finishes (unless this is the last round the budget allows)."""
+    and the next one, measured better, finishes; that needs a round after this one to finish in and one to correct a
+    miss, so with `rounds_left` (this one included; 0: unknown) below 3 the round is sized to finish. The last round
+    the budget allows cannot be corrected: it is sized at the pessimistic end of the estimate (y - z*sd, at least
+    y/2) instead."""
     p = spec.policy
+    if last_round and y > 0:
+        y = max(y / 2, y - NormalDist().inv_cdf(p.stop_confidence) * sd)
     n = examples_needed(need, y, p.stop_confidence)
     why = f"{need} more needed at a yield of {y:.3f}: {n} examples reach it with probability {p.stop_confidence:g}"
-    if last_round or n == UNREACHABLE:
+    if last_round:
+        why += " (the budget's last round: sized at the low end of the yield estimate)"
+    if last_round or n == UNREACHABLE or 0 < rounds_left < 3:
         return n, True, why
     y_hi = min(1.0, y + NormalDist().inv_cdf(p.stop_confidence) * sd)
     cap = math.floor((need + p.max_overshoot * spec.target.unique_examples) / y_hi)
@@ -357,16 +374,18 @@ def size_round(
     room_shards: int,
     last_round: bool,
     measured: int = 0,
+    rounds_left: int = 0,
 ) -> Sizing:
     """A round that can reach the target is sized by `examples_for` (shards and examples per shard); one that cannot
-    is as large as the per-round cap and the budget allow. Unless the budget allows no further round, a round
-    commits at most GROWTH x the `measured` examples generated so far, so that each round is decided on evidence
-    at least 1/GROWTH its size (the pilot's few examples never commit the whole need)."""
+    is as large as the per-round cap and the budget allow. While the budget leaves `rounds_left` >= 4 rounds (this
+    one included), a round commits at most GROWTH x the `measured` examples generated so far, so that each round is
+    decided on evidence at least 1/GROWTH its size (the pilot's few examples never commit the whole need)."""
     e, eps = spec.escalation, spec.shards.examples_per_shard
     cap = min(e.max_shards_per_round, room_shards)
-    n, precise, why = examples_for(spec, need, y, sd, last_round)
+    n, precise, why = examples_for(spec, need, y, sd, last_round, rounds_left)
     grown = GROWTH * measured
-    if measured and not last_round and n > grown and grown < min(cap * eps, room_examples):
+    # Growth needs rounds after this one to approach, finish and correct a miss in: with fewer left, commit now.
+    if measured and rounds_left >= 4 and n > grown and grown < min(cap * eps, room_examples):
         shards = max(min(e.min_shards_per_round, cap), math.ceil(grown / eps))
         per = shard_examples(spec, math.ceil(grown / shards))
         why = f"{why}; this round grows to at most {GROWTH}x the {measured} examples measured so far"

@@ -131,8 +131,8 @@ def test_bad_model_path_is_one_line_and_final_exit_code(tmp_path: Path) -> None:
 
 
 def test_genrun_run_reaches_a_two_round_target_on_the_real_model(tmp_path: Path) -> None:
-    """The default policy: a pilot over the four ladder arms (16 examples each) cannot reach 60 kept; the next round
-    is sized to the target."""
+    """The default policy: a pilot over the four ladder arms (2-example probes) cannot reach 60 kept; later rounds
+    grow from the evidence and the last is sized to the target."""
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     doc["spec"]["shards"]["examplesPerShard"] = 16
     doc["spec"]["target"]["uniqueExamples"] = 60

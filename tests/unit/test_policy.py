@@ -11,7 +11,7 @@ import pytest
 from genrun.contract.api import RunRef, parse_spec
 from genrun.operator import conditions as c
 from genrun.operator import policy as pol
-from genrun.operator.planner import CreateShardJob, Observed, decide
+from genrun.operator.planner import CreateShardJob, Observed, RecordRound, decide
 from genrun.operator.simulate import run_instantly
 from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardYield
 from hypothesis import given, settings
@@ -227,11 +227,27 @@ def test_bandit_overshoot_in_a_binomial_world(yields: tuple[float, ...], target:
     assert over[len(over) // 2] <= 0.10 and over[int(0.9 * len(over))] <= 0.20, over
 
 
-def test_round_rng_is_derived_from_the_run_and_round() -> None:
-    a = pol.round_rng(REF, 2).random()
-    assert a == pol.round_rng(REF, 2).random()
-    assert a != pol.round_rng(REF, 3).random()
-    assert a != pol.round_rng(RunRef(name="other", namespace="data", uid="6f1c"), 2).random()
+def test_round_rng_is_derived_from_the_run_seed_and_round() -> None:
+    spec = spec_of()
+    a = pol.round_rng(spec, 2).random()
+    assert a == pol.round_rng(spec, 2).random()
+    assert a != pol.round_rng(spec, 3).random()
+    assert a != pol.round_rng(spec_of(shards={"firstSeed": 7}), 2).random()
+
+
+def test_two_runs_of_one_spec_plan_the_same_rounds_whatever_their_names() -> None:
+    """A reference run under another name (or in another namespace) is comparable shard for shard with a rerun."""
+    spec = spec_of(prompt=CELL_PROMPT, target={"uniqueExamples": 3000})
+    yields = {0.7: 0.3, 0.8: 0.35, 0.9: 0.2, 1.0: 0.05}
+    one, _ = run_world(spec, yields, noise=random.Random(5))
+    other = RunRef(name="reference", namespace="elsewhere", uid="9a9a")
+    plans = [
+        next(a.plan for a in decide(r, spec, Observed()).actions if isinstance(a, RecordRound)) for r in (other, REF)
+    ]
+    assert plans[0] == plans[1]  # Job names differ (they carry the run's name); the plans do not
+    after_pilot = Observed(rounds={1: one.rounds[1]}, reports={1: one.reports[1]})
+    record = next(a for a in decide(other, spec, after_pilot).actions if isinstance(a, RecordRound))
+    assert record.plan == one.rounds[2]
 
 
 def test_sampling_of_mixed_round_is_its_most_used_arm() -> None:
@@ -362,3 +378,19 @@ def test_the_html_report_has_a_table_of_attribute_cells() -> None:
     page = render_html("sft", reports, 3000, status=plans[-1].status)
     assert "Attribute cells" in page and "task=howto,level=hard" in page
     assert "no attributes in the spec" in render_html("sft", reports, 3000, status={})
+
+
+def test_few_rounds_left_commit_to_finishing_and_the_last_round_sizes_pessimistically() -> None:
+    """Approaching the target (the overshoot cap) and growing from the evidence both spend rounds: with fewer than
+    3 (4) rounds left the round is sized to finish, and the budget's last round, which nothing can correct, at the
+    low end of the yield estimate."""
+    spec = spec_of()
+    need, y, sd = 3000, 0.4, 0.1
+    approach, precise, _ = pol.examples_for(spec, need, y, sd, False, rounds_left=5)
+    finish, precise2, _ = pol.examples_for(spec, need, y, sd, False, rounds_left=2)
+    last, _, _ = pol.examples_for(spec, need, y, sd, True, rounds_left=1)
+    assert not precise and precise2 and approach < finish == pol.examples_needed(need, y, 0.9) < last
+    grown = pol.size_round(spec, need, y, 0.01, 10**6, 100, False, measured=500, rounds_left=4)
+    assert not grown.precise and grown.shards * grown.examples <= pol.GROWTH * 500 + 400
+    committed = pol.size_round(spec, need, y, 0.01, 10**6, 100, False, measured=500, rounds_left=3)
+    assert committed.precise and committed.shards * committed.examples >= pol.examples_needed(need, y, 0.9)
