@@ -428,6 +428,7 @@ class SeenIndex:
     seed: int
     shingle_size: int
     chunks: list[IndexChunk] = field(default_factory=list)
+    _firsts: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, threshold: float, num_perm: int, seed: int = 1, shingle_size: int = 1) -> SeenIndex:
@@ -507,8 +508,15 @@ class SeenIndex:
         against the index, its component's first row in the batch, its component's earliest earlier cluster or -1).
         `old`: the matches when computed elsewhere (partitioned reducers)."""
         old = self.match(sigs, bands) if old is None else old
-        label, link = cluster_batch(sigs, bands, self.threshold, old)
+        firsts = self._batch_firsts(bands)
+        label, link = cluster_batch(sigs, bands, self.threshold, old, firsts)
         return old, label, link
+
+    def _batch_firsts(self, bands: np.ndarray) -> np.ndarray:
+        """batch_firsts, kept for the same batch array (`extend` after `assign` sorts the bands once)."""
+        if self._firsts is None or self._firsts[0] is not bands:
+            self._firsts = (bands, batch_firsts(bands))
+        return self._firsts[1]
 
     def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray, exact: np.ndarray,
                compact: bool = False) -> IndexChunk:  # fmt: skip
@@ -516,7 +524,8 @@ class SeenIndex:
         of a bucket not indexed yet, and the key hashes it saw first (sorted, distinct). `compact`: join small
         trailing chunks (the online check adds many small batches; chunks stay O(log n))."""
         n = len(bands)
-        is_first = (batch_firsts(bands) == np.arange(n)[:, None]) & ~self.indexed(bands)
+        is_first = (self._batch_firsts(bands) == np.arange(n)[:, None]) & ~self.indexed(bands)
+        self._firsts = None
         add = np.flatnonzero(is_first.any(axis=1))
         tables = []
         for band in range(bands.shape[1]):
