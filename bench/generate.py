@@ -6,9 +6,19 @@
    skip what was seen) and without it (everything generated, deduplicated afterwards). Novel examples per 1,000
    generated tokens. The prompts use no domain rotation so that repeats are as common as in the problem statement.
 
-    python bench/generate.py [--examples 48]
+3. `--semantic pair`: the cost of the semantic online check (dedup.semantic.enabled: each batch's novel
+   instructions embedded and checked against the kept embeddings, plus the quality columns: instruction and response
+   embedded per written row). The same shards (same seeds, same engine) through `generate_shard` with the tier off
+   and on, alternating which goes first; tokens/s of each, summed over the shards. The embedding model is loaded
+   once before timing (a shard Job pays that once: printed apart). On shared cores the two runs' tokens/s swing
+   with the neighbours' load, so the "on" runs also time the check itself (the semantic online check and the quality
+   columns, wrapped with a timer) as a share of the shard's own time: a ratio within one run.
+
+    python bench/generate.py [--examples 48] [--semantic off|on|pair] [--shards 2]
 
 Last line: RESULT worker_vs_raw_tokens_per_s=<ratio> novel_per_1k_tokens_online=<x> novel_per_1k_tokens_offline=<y>
+(with --semantic pair: RESULT semantic_on_vs_off_tokens_per_s=<ratio> off_tokens_per_s=<x> on_tokens_per_s=<y>
+check_share_of_on_time=<seconds in the check / seconds of the "on" shards>)
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,10 +44,10 @@ from genrun.worker.storage import LocalStorage
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def spec_for(examples: int, online: bool, domains: bool = True) -> tuple[dict, object]:
+def spec_for(examples: int, online: bool, domains: bool = True, semantic: bool = False) -> tuple[dict, object]:
     raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
     raw["shards"]["examplesPerShard"] = examples
-    raw["dedup"] = {"online": online}
+    raw["dedup"] = {"online": online, "semantic": {"enabled": semantic}}
     if not domains:
         raw["prompt"]["domains"] = []
     return raw, parse_spec(raw)
@@ -80,11 +91,65 @@ def raw_generate(engine: VllmEngine, spec: object, shard: rec.ShardPlan) -> floa
     return tokens / (time.perf_counter() - t0)
 
 
+def semantic_cost(engine: VllmEngine, examples: int, shards: int) -> None:
+    """Tokens/s of generate_shard with the semantic online check off and on, on the same shards in one run."""
+    from genrun.worker.semantic import load_embedder
+
+    _, off = spec_for(examples, online=True, semantic=False)
+    _, on = spec_for(examples, online=True, semantic=True)
+    t0 = time.perf_counter()
+    load_embedder(on.dedup.semantic.model, None, on.dedup.semantic.batch_size)  # type: ignore[attr-defined]
+    print(f"embedding model load (once per shard Job): {time.perf_counter() - t0:.2f}s", flush=True)
+    plan = make_round(off, 1, shards + 1, sampling(off), {}, "bench")
+    tok = {"off": 0, "on": 0}
+    sec = {"off": 0.0, "on": 0.0}
+    spent = [0.0]  # seconds inside the semantic check and the quality columns (the "on" runs)
+
+    def timed(fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+        return wrapper
+
+    from genrun.worker import generate as gen
+    from genrun.worker import semantic as sem_mod
+
+    gen._Novelty._semantic = timed(gen._Novelty._semantic)  # type: ignore[method-assign]
+    sem_mod.QualitySignals.columns = timed(sem_mod.QualitySignals.columns)  # type: ignore[method-assign]
+    with tempfile.TemporaryDirectory() as d:
+        generate_shard(LocalStorage(Path(d) / "warm"), on, plan.shards[-1], engine)  # warm-up: engine and model
+        spent[0] = 0.0
+        for k, shard in enumerate(plan.shards[:shards]):
+            order = (("off", off), ("on", on)) if k % 2 == 0 else (("on", on), ("off", off))
+            for label, sp in order:
+                m = generate_shard(LocalStorage(Path(d) / f"{label}{k}"), sp, shard, engine)
+                tok[label] += m.tokens
+                sec[label] += m.seconds
+                print(f"shard {shard.seed} semantic {label}: {m.rows} rows, {m.generated} sampled, {m.tokens} tokens "
+                      f"in {m.seconds:.1f}s = {m.tokens / m.seconds:.1f} tokens/s", flush=True)  # fmt: skip
+    tps = {k: tok[k] / sec[k] for k in tok}
+    print(
+        f"RESULT semantic_on_vs_off_tokens_per_s={tps['on'] / tps['off']:.3f} off_tokens_per_s={tps['off']:.1f} "
+        f"on_tokens_per_s={tps['on']:.1f} check_share_of_on_time={spent[0] / sec['on']:.4f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--examples", type=int, default=48)
+    ap.add_argument("--semantic", choices=("off", "on", "pair"), default="off")
+    ap.add_argument("--shards", type=int, default=2, help="shards per setting with --semantic pair")
     args = ap.parse_args()
-    _raw, spec = spec_for(args.examples, online=True)
+    if args.semantic == "pair":
+        _raw, spec = spec_for(args.examples, online=True)
+        engine = VllmEngine(spec.model.name, seed=0, dtype=spec.model.dtype, max_model_len=spec.model.max_model_len)
+        semantic_cost(engine, args.examples, args.shards)
+        return
+    _raw, spec = spec_for(args.examples, online=True, semantic=args.semantic == "on")
     plan = make_round(spec, 1, 4, sampling(spec), {}, "bench")
     engine = VllmEngine(spec.model.name, seed=0, dtype=spec.model.dtype, max_model_len=spec.model.max_model_len)
     raw_generate(engine, spec, plan.shards[3])  # warm-up: the first batch pays one-time costs

@@ -118,6 +118,8 @@ def write_shards(out: Path, rows: list[str], rnd: int, first_seed: int) -> list[
             "response_logprob": np.full(n, -1.0, np.float32), "critic_score": pa.nulls(n, pa.float32()),
             "candidates": np.ones(n, np.int32),
         }  # fmt: skip
+        for name in rec.NULLABLE_COLUMNS - cols.keys():  # the quality columns: null without the embedding model
+            cols[name] = pa.nulls(n, rec.example_schema().field(name).type)
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / "s.parquet"
             pq.write_table(pa.table(cols, schema=rec.example_schema()), p)

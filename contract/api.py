@@ -57,7 +57,18 @@ DEFAULT_TEMPLATE = (
 )
 TEMPLATE_PLACEHOLDERS = frozenset({"domain", "examples"})
 JUDGE_PLACEHOLDERS = frozenset({"instruction", "response"})
-QcFilterName = Literal["length", "finishReason", "refusal", "echo", "repetition", "bannedPatterns", "logprob", "critic"]
+QcFilterName = Literal[
+    "length",
+    "finishReason",
+    "refusal",
+    "echo",
+    "repetition",
+    "bannedPatterns",
+    "logprob",
+    "critic",
+    "relevance",
+    "domain",
+]
 
 
 @dataclass(frozen=True)
@@ -92,11 +103,32 @@ class FewShotExample:
 
 
 @dataclass(frozen=True)
+class AttributeSpec:
+    """One attribute each prompt is conditioned on (task type, difficulty, audience, persona...): a value per prompt."""
+
+    name: str = _f("name")
+    values: tuple[str, ...] = _f("values")
+
+
+@dataclass(frozen=True)
+class CellQuota:
+    """The cells matching `match` (attribute name -> value) should hold at least `min_share` of the kept rows."""
+
+    match: dict[str, str] = _f("match")
+    min_share: float = _f("minShare")
+
+
+MAX_CELLS = 256  # attribute cells (the product of the value lists) the planner measures one by one
+
+
+@dataclass(frozen=True)
 class PromptSpec:
     template: str = _f("template", DEFAULT_TEMPLATE)
     domains: tuple[str, ...] = _f("domains", ())
     examples: tuple[FewShotExample, ...] = _f("examples", ())
     examples_per_prompt: int = _f("examplesPerPrompt", 2)
+    attributes: tuple[AttributeSpec, ...] = _f("attributes", ())
+    quotas: tuple[CellQuota, ...] = _f("quotas", ())
 
 
 @dataclass(frozen=True)
@@ -149,7 +181,8 @@ class PolicySpec:
     strategy: Literal["bandit", "ladder"] = _f("strategy", "bandit")
     arms: tuple[ArmSpec, ...] = _f("arms", ())
     exploration: float = _f("exploration", 0.25)
-    pilot_share: float = _f("pilotShare", 0.3)
+    pilot_share: float = _f("pilotShare", 0.05)
+    retire_confidence: float = _f("retireConfidence", 0.9)
     stop_confidence: float = _f("stopConfidence", 0.9)
     max_overshoot: float = _f("maxOvershoot", 0.1)
 
@@ -191,6 +224,8 @@ class DedupSpec:
     shingle_size: int = _f("shingleSize", 1)
     partitions: int = _f("partitions", 1)
     semantic: SemanticDedupSpec = _f("semantic", factory=SemanticDedupSpec)
+    # Earlier datasets or runs whose instructions this run treats as already seen (genrun.worker.against).
+    against: tuple[str, ...] = _f("against", ())
 
 
 @dataclass(frozen=True)
@@ -480,6 +515,7 @@ PATTERN_HELP: dict[str, str] = {
         "optional :tag and @sha256:digest)"
     ),
     r"^(https?://[^\s/?#@]+(/[^\s?#]*)?)?$": "must be an http:// or https:// URL without credentials, query or fragment",
+    r"^[a-z][a-zA-Z0-9_]*$": "must be a placeholder name (a lowercase letter, then letters, digits or '_')",
 }
 
 
@@ -592,6 +628,8 @@ _QC_PARAMS: dict[str, dict[str, tuple[type, float | None, float | None]]] = {
     "bannedPatterns": {"patterns": (list, None, None)},
     "logprob": {"minResponseLogprob": (float, -100, 0), "minInstructionLogprob": (float, -100, 0)},
     "critic": {"minScore": (float, 0, 10)},
+    "relevance": {"minRelevance": (float, -1, 1)},
+    "domain": {"maxMargin": (float, 0, 2)},
 }
 _QC_PAIRS = (("minInstructionChars", "maxInstructionChars"), ("minResponseChars", "maxResponseChars"))
 MAX_PATTERNS, MAX_PATTERN_CHARS = 64, 1000
@@ -719,6 +757,45 @@ def _endpoint_errors(endpoint: str) -> list[str]:
     return []
 
 
+AGAINST_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")
+
+
+def against_errors(spec: GenerationRunSpec) -> list[str]:
+    """spec.dedup.against: absolute folders or files, or s3:// URIs, each once, never the run's own output."""
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    own = spec.output.path.rstrip("/")
+    for i, uri in enumerate(spec.dedup.against):
+        at, u = f"spec.dedup.against[{i}]", uri.strip()
+        fix = (
+            "name an earlier run's output folder (its merge/ seen-index), a dataset folder, or a .parquet/.jsonl/.json "
+            "file, as an absolute path or s3://bucket/prefix"
+        )
+        m = _S3_RE.fullmatch(u)
+        if u.startswith("s3://") and m:
+            problem = _bucket_problem(m.group(1))
+            if problem:
+                errors.append(f"{at}: bucket {short(m.group(1))} {problem}; {fix}")
+                continue
+        elif "://" in u:
+            errors.append(f"{at}: {short(u)} is not a folder, file or s3:// URI (only s3:// is supported); {fix}")
+            continue
+        elif not u.startswith("/"):
+            errors.append(f"{at}: {short(u)} is a relative path; {fix}")
+            continue
+        if any(part == ".." for part in u.split("/")):
+            errors.append(f"{at}: must not hold a '..' segment; {fix}")
+            continue
+        key = u.rstrip("/")
+        if key == own:
+            errors.append(f"{at}: is this run's own output.path (every row would be a duplicate of itself); {fix}")
+        elif key in seen:
+            errors.append(f"{at}: {short(u)} is listed twice (also against[{seen[key]}]); list each source once")
+        else:
+            seen[key] = i
+    return errors
+
+
 def _qc_errors(spec: GenerationRunSpec) -> list[str]:
     errors: list[str] = []
     seen_filters: set[str] = set()
@@ -768,6 +845,8 @@ def _qc_errors(spec: GenerationRunSpec) -> list[str]:
                         re.compile(pat)
                     except (re.error, OverflowError, RecursionError) as exc:
                         errors.append(f"{at}: not a valid regular expression ({short(str(exc))[1:-1]})")
+    if "domain" in seen_filters and not spec.prompt.domains:
+        errors.append("spec.qc.filters: the 'domain' filter needs spec.prompt.domains to compare each row with")
     if "critic" in seen_filters and spec.best_of_n.critic != "judge":
         errors.append("spec.qc.filters: the 'critic' filter needs spec.bestOfN.critic: judge to produce scores")
     return errors
@@ -843,6 +922,41 @@ def _toleration_errors(tol: dict[str, Any], where: str) -> list[str]:
     return errors
 
 
+def _attribute_errors(p: PromptSpec) -> list[str]:
+    errors: list[str] = []
+    seen: set[str] = set()
+    cells = 1
+    for i, a in enumerate(p.attributes):
+        where = f"spec.prompt.attributes[{i}]"
+        if a.name in TEMPLATE_PLACEHOLDERS:
+            errors.append(f"{where}.name: {a.name!r} is a built-in placeholder; choose another name")
+        if a.name in seen:
+            errors.append(f"{where}.name: {a.name!r} is listed twice; list each attribute once")
+        seen.add(a.name)
+        if not a.values:
+            errors.append(f"{where}.values: is empty; list at least one value")
+        elif len(set(a.values)) != len(a.values):
+            errors.append(f"{where}.values: has duplicates; list each value once")
+        cells *= max(1, len(a.values))
+    if cells > MAX_CELLS:
+        errors.append(
+            f"spec.prompt.attributes: {cells} cells (the product of the value lists) is more than {MAX_CELLS}; "
+            "use fewer attributes or values"
+        )
+    values = {a.name: set(a.values) for a in p.attributes}
+    for i, q in enumerate(p.quotas):
+        for k, v in q.match.items():
+            if k not in values:
+                errors.append(
+                    f"spec.prompt.quotas[{i}].match.{k}: no such attribute (known: {', '.join(sorted(values))})"
+                )
+            elif v not in values[k]:
+                errors.append(f"spec.prompt.quotas[{i}].match.{k}: {v!r} is not one of that attribute's values")
+    if sum(q.min_share for q in p.quotas) > 1:
+        errors.append("spec.prompt.quotas: the minShare values add up to more than 1; lower them")
+    return errors
+
+
 def _relation_errors(spec: GenerationRunSpec) -> list[str]:
     errors: list[str] = []
     s, e, b = spec.sampling, spec.escalation, spec.budget
@@ -899,7 +1013,9 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
         errors += _relation_errors(spec)
 
     # The template is formatted with str.format: anything but bare placeholders would crash every shard.
-    errors += template_errors(spec.prompt.template, TEMPLATE_PLACEHOLDERS, "spec.prompt.template")
+    names = frozenset(a.name for a in spec.prompt.attributes)
+    errors += template_errors(spec.prompt.template, TEMPLATE_PLACEHOLDERS | names, "spec.prompt.template")
+    errors += _attribute_errors(spec.prompt)
     if "{examples}" not in spec.prompt.template and spec.prompt.examples:
         errors.append("spec.prompt.template: has few-shot examples but no {examples} placeholder; add it")
     if spec.prompt.examples_per_prompt > len(spec.prompt.examples) and spec.prompt.examples:
@@ -926,6 +1042,7 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
         errors.append(f"spec.model.name: must not contain control characters, got {short(spec.model.name)}")
     errors += output_errors(spec.output, spec.worker)
     errors += _qc_errors(spec)
+    errors += against_errors(spec)
     errors += _worker_errors(spec.worker)
     if spec.best_of_n.judge_prompt:
         errors += template_errors(spec.best_of_n.judge_prompt, JUDGE_PLACEHOLDERS, "spec.bestOfN.judgePrompt")

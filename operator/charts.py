@@ -130,6 +130,13 @@ def _clip(text: str, n: int = 280) -> str:
     return text if len(text) <= n else text[: n - 1] + "\u2026"
 
 
+def tiers_sentence(tiers: Sequence[str]) -> str:
+    """What "unique" means for this run: the tiers the target counts through."""
+    if "semantic" in tiers:
+        return "Unique means semantic-unique: the target counts rows kept by the exact, near and semantic tiers."
+    return f"Unique means kept by the {' and '.join(tiers)} tiers."
+
+
 def render_html(
     run: str,
     reports: Sequence[RoundReport],
@@ -150,6 +157,11 @@ def render_html(
         bar_chart("Duplication rate per round", rounds, [
             Series("duplicates / generated", "#dc2626", [1 - r.unique_ratio if r.generated else 0 for r in reports]),
         ], ratio=True, axis_title="share of the round's generated", x_title="round"),
+        bar_chart("Duplicates per tier (cumulative)", rounds, [
+            Series("exact", "#dc2626", [r.exact_duplicates for r in reports]),
+            Series("near (MinHash)", "#f97316", [r.near_duplicates for r in reports]),
+            Series("semantic", "#a855f7", [r.semantic_duplicates for r in reports]),
+        ], axis_title="rows dropped", x_title="round"),
         bar_chart("Marginal yield per round", rounds, [
             Series("new kept / generated", "#7c3aed", [r.marginal_yield for r in reports]),
         ], ratio=True, axis_title="new kept per generated", x_title="round"),
@@ -162,12 +174,18 @@ def render_html(
             Series("kept / generated", "#16a34a", [d.new_qc_passed / d.generated if d.generated else 0 for d in pd]),
         ], ratio=True, axis_title="share of rows", x_title="domain"),
     ]  # fmt: skip
-    dup_total = last.exact_duplicates + last.near_duplicates
-    rejections = [("exact duplicate", last.exact_duplicates), ("near duplicate", last.near_duplicates)]
+    dup_total = last.exact_duplicates + last.near_duplicates + last.semantic_duplicates
+    rejections = [("exact duplicate", last.exact_duplicates), ("near duplicate", last.near_duplicates),
+                  ("semantic duplicate", last.semantic_duplicates)]  # fmt: skip
     rejections += sorted(last.qc_rejected.items(), key=lambda x: (-x[1], x[0]))
     tables = [
         _table("Most duplicated instructions (times generated)", ["times", "instruction"],
                [(c, _clip(t)) for t, c in last.top_duplicates], "no duplicates"),
+        _table("Largest semantic clusters (first instruction kept; the later ones dropped, with their cosine)",
+               ["rows", "kept", "dropped (cosine)"],
+               [(f"{c.size:,}", _clip(c.first), "; ".join(f"{_clip(m, 120)} ({cos:.2f})" for m, cos in c.members))
+                for c in last.semantic_clusters],
+               "semantic tier off" if "semantic" not in last.dedup_tiers else "no semantic duplicates"),
         _table("Rejected rows by reason (all rounds)", ["reason", "rows", "share of generated"],
                [(k, f"{v:,}", f"{v / last.generated_total:.1%}" if last.generated_total else "-")
                 for k, v in rejections if v], "nothing rejected"),
@@ -177,6 +195,12 @@ def render_html(
                  f"{a.get('kept', 0):,}", f"{a.get('rewardPer1kTokens', 0):.2f}", f"{a.get('qcPassRate', 0):.0%}",
                  "yes" if a.get("retired") else "") for a in (status or {}).get("arms", [])],
                "no arm measured yet"),
+        _table("Attribute cells (yield: new unique QC-passed per example; reward per 1k tokens, recent rounds weigh more)",
+               ["cell", "shards", "examples", "kept", "yield", "reward / 1k tokens", "QC-pass", "retired"],
+               [(c.get("cell"), c.get("shards"), f"{c.get('examples', 0):,}", f"{c.get('kept', 0):,}",
+                 f"{c.get('yield', 0):.2f}", f"{c.get('rewardPer1kTokens', 0):.2f}", f"{c.get('qcPassRate', 0):.0%}",
+                 "yes" if c.get("retired") else "") for c in (status or {}).get("cells", [])],
+               "no attributes in the spec"),
         _table(f"Sample rows ({len(samples)} of {last.qc_passed_total:,} kept)",
                ["round", "seed", "domain", "T", "instruction", "response"],
                [(s.get("round"), s.get("seed"), s.get("domain"), f"{s.get('temperature', 0):g}",
@@ -186,7 +210,11 @@ def render_html(
     target_txt = f" (target {target:,})" if target is not None else ""
     head = (f"{last.qc_passed_total:,} kept{target_txt} of {last.generated_total:,} generated after {last.round} "
             f"round(s); {last.unique_total:,} unique; duplication {last.duplication_ratio:.1%} "
-            f"({dup_total:,} rows dropped as duplicates); {last.tokens_total:,} tokens.")  # fmt: skip
+            f"({dup_total:,} rows dropped as duplicates: {last.exact_duplicates:,} exact, {last.near_duplicates:,} "
+            f"near, {last.semantic_duplicates:,} semantic); {last.tokens_total:,} tokens.")  # fmt: skip
+    head += f" {tiers_sentence(last.dedup_tiers)}"
+    if last.left_domain:
+        head += f" {last.left_domain:,} rows left the domain they were asked for (the domain table counts the generated one)."
     st = status or {}
     if st.get("projectedTokensToTarget"):
         head += (f" Projected: {st['projectedTokensToTarget']:,} more tokens, {st.get('projectedRounds', '?')} "

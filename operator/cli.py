@@ -50,20 +50,37 @@ def _cmd_model_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from genrun.operator.local import run_manifest
+    from genrun.operator.local import LocalRunner, state_dir
+    from genrun.operator.show import print_outcome
+    from genrun.operator.validate import ManifestError, SpecError, load_run_manifest
+    from genrun.worker.storage import StorageError, open_storage
 
     if args.jobs < 1:
         raise UserError(f"--jobs: must be at least 1, got {args.jobs}")
     if args.output is not None and (not args.output.strip() or "\0" in args.output):
         raise UserError(f"--output: must name a folder or s3://bucket/prefix, got {args.output!r}")
-
-    return run_manifest(
-        Path(args.manifest),
-        output=args.output,
-        jobs=args.jobs,
-        engine=args.engine,
-        quiet=args.quiet,
-    )
+    try:  # the one validation path, --output included, before anything touches the output folder
+        doc, ref, spec = load_run_manifest(Path(args.manifest), args.output)
+    except (ManifestError, SpecError) as exc:
+        for e in exc.errors if isinstance(exc, SpecError) else [str(exc)]:
+            print(f"{args.manifest}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    storage = open_storage(spec.output.path, spec.output.s3.endpoint if spec.output.s3 else "")
+    try:
+        storage.check()
+    except StorageError as exc:
+        raise UserError(f"spec.output.path: {exc}") from exc
+    where = state_dir(storage, spec.output.path)
+    runner = LocalRunner(ref, doc["spec"], storage, where, jobs=args.jobs, engine=args.engine, quiet=args.quiet)
+    try:
+        plan = runner.run()
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped; nothing finished is lost. Run the same command again to resume ({storage.url}).",
+            file=sys.stderr,
+        )
+        return 130
+    return print_outcome(plan, spec.output.path, storage.url, sys.stderr)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -94,6 +111,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         # One object on the last line, so `genrun report --json OUT | tail -1 | jq` reads it whatever came before.
         raw = json.loads(storage.read_bytes(rec.round_report_key(max(reports))))
+        if storage.exists(rec.STATUS_KEY):  # the planner's per-arm and per-attribute-cell yields, from the status
+            status = json.loads(storage.read_bytes(rec.STATUS_KEY)).get("status", {})
+            raw.update({k: status[k] for k in ("arms", "cells") if k in status})
         print(json.dumps(raw, sort_keys=True, separators=(",", ":")))
     return EXIT_OK
 
@@ -147,9 +167,19 @@ def _version() -> str:
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
-    from genrun.operator.handlers import run_operator
+    import asyncio
+    import logging
 
-    return run_operator()
+    from genrun.operator.handlers import operator_main
+    from genrun.operator.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        raise UserError(f"operator settings: {exc}") from exc
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(operator_main(settings))
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,8 +42,6 @@ HELD = "Held"
 
 NOT_DONE = "NotDone"  # Ready=False while the run is still going or suspended
 
-TERMINAL_FAILURES = (BUDGET_EXHAUSTED, SHARDS_FAILED, MERGE_FAILED, INVALID_SPEC, CHILD_REJECTED)
-
 
 @dataclass(frozen=True)
 class Condition:

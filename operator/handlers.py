@@ -15,20 +15,21 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 import kopf
 from genrun.contract.api import GROUP, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError
-from genrun.contract.errors import Rejected, UserError
+from genrun.contract.errors import Rejected
 from genrun.operator import conditions as c
 from genrun.operator import manifests as mf
-from genrun.operator.kube import Kube, api_path, run_path
-from genrun.operator.loop import RunLoop, publication
+from genrun.operator.kube import Kube
+from genrun.operator.loop import RunLoop, publish_plan, started
 from genrun.operator.metrics import Metrics
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, Event, ObservedJob, budget_used, invalid_plan
-from genrun.operator.settings import Settings, SettingsError
+from genrun.operator.settings import Settings
 from genrun.operator.validate import check_manifest
 from genrun.worker.storage import StorageError
 
@@ -38,31 +39,25 @@ SECRET_TTL_SECONDS = 60.0
 
 
 class KubeRun:
-    """One GenerationRun on the cluster: the backend of its RunLoop (Jobs, status, Events), and the steps that come
-    before the loop (validation, credentials, storage). Lives as long as the run's daemon; holds nothing another
+    """One GenerationRun on the cluster: the backend of its RunLoop (Jobs, status, Events), and what comes before the
+    loop (validation, the Secret's credentials, storage). Lives as long as the run's daemon; holds nothing another
     step could not re-derive."""
 
     def __init__(self, settings: Settings, kube: Kube, metrics: Metrics, body: kopf.Body, index: Any) -> None:
         self.settings, self.kube, self.metrics, self.body, self.index = settings, kube, metrics, body, index
         self.key: RunKey = (body.metadata["namespace"], body.metadata["name"])
         self.status: dict[str, Any] = dict(body.status or {})  # last published
-        self.spec_text = ""
-        self.spec: GenerationRunSpec | None = None  # None while the spec is invalid
-        self.loop: RunLoop | None = None
+        self.spec_text = ""  # the spec last validated
+        self.loop: RunLoop | None = None  # None while the spec is invalid
         self.created: dict[str, ObservedJob] = {}  # created by this daemon, not in the index yet
-        self.storage: Any = None
-        self.storage_key: tuple[str, ...] = ()
-        self.storage_read = 0.0
+        self.storage: tuple[tuple[str, ...], float, Any] = ((), 0.0, None)  # identity, when read, Storage
 
     async def step(self) -> None:
-        meta = self.body.metadata
+        meta, raw_spec = self.body.metadata, dict(self.body.spec or {})
         ref = RunRef(meta["name"], meta["namespace"], meta.get("uid") or "", int(meta.get("generation") or 1))
-        raw_spec = dict(self.body.spec or {})
-        if _rejected(self.status, ref.generation):
-            return  # a child was refused for this generation: terminal until the spec changes
         text = json.dumps(raw_spec, sort_keys=True, default=str)
         if text != self.spec_text:  # validated once per distinct spec: the one validation path
-            self.loop, self.spec = None, None
+            self.loop = None
             doc = {"apiVersion": self.body["apiVersion"], "kind": self.body["kind"], "metadata": dict(meta),
                    "spec": raw_spec}  # fmt: skip
             try:
@@ -71,118 +66,78 @@ class KubeRun:
             except SpecError as exc:
                 errors = exc.errors
             if errors:
-                status, events, changed = publication(self.status, invalid_plan(ref, errors), ref.generation)
-                await self.publish(status, events, changed)
-                self.status = status
+                self.status = await publish_plan(self, self.status, invalid_plan(ref, errors), ref.generation)
             else:
-                self.spec = spec
+                self.loop = RunLoop(ref, raw_spec, spec, await self._storage(spec), self, status=self.status)
             self.spec_text = text
-        if self.spec is None:
-            return
-        storage = await self._storage(self.spec)
-        if self.loop is None:
-            self.loop = RunLoop(ref, raw_spec, self.spec, storage, self, status=self.status)
-        self.loop.storage = storage
-        await self.loop.step()
-        self.status = self.loop.status
+        if self.loop is not None:
+            self.loop.storage = await self._storage(self.loop.spec)
+            await self.loop.step()
+            self.status = self.loop.status
 
     async def _storage(self, spec: GenerationRunSpec) -> Any:
         """The run's storage with the credentials of its Secret, re-read at most once a minute (rotation)."""
         from genrun.worker.storage import open_storage
 
-        if self.storage_key and time.monotonic() - self.storage_read < SECRET_TTL_SECONDS:
-            return self.storage
+        key, read, storage = self.storage
+        if key and time.monotonic() - read < SECRET_TTL_SECONDS:
+            return storage
         s3, keys = spec.output.s3, {}
         if s3 is not None and s3.credentials_secret:
-            secret = await self.kube.get(api_path("v1", self.key[0], "secrets", s3.credentials_secret))
-            if secret is None:
+            data = await self.kube.secret_data(self.key[0], s3.credentials_secret)
+            if data is None:
                 raise kopf.TemporaryError(
                     f"spec.output.s3.credentialsSecret: Secret {s3.credentials_secret!r} not found in {self.key[0]}"
                 )
-            data = secret.get("data") or {}
             keys = {k: base64.b64decode(data[k]).decode() for k in mf.CREDENTIAL_KEYS if k in data}
         endpoint = self.settings.storage_endpoint or (s3.endpoint if s3 else "")
-        key = (spec.output.path, endpoint, json.dumps(keys, sort_keys=True))  # identity only; never logged
-        if key != self.storage_key:
+        new_key = (spec.output.path, endpoint, json.dumps(keys, sort_keys=True))  # identity only; never logged
+        if new_key != key:
+            creds = {
+                "access_key": keys.get("AWS_ACCESS_KEY_ID", ""),
+                "secret_key": keys.get("AWS_SECRET_ACCESS_KEY", ""),
+            }
             region = s3.region if s3 else "us-east-1"
-            self.storage = await asyncio.to_thread(open_storage, key[0], endpoint, region, **_creds(keys))
-            self.storage_key = key
-        self.storage_read = time.monotonic()
-        return self.storage
+            storage = await asyncio.to_thread(
+                open_storage, spec.output.path, endpoint, region, **(creds if keys else {})
+            )
+        self.storage = (new_key, time.monotonic(), storage)
+        return storage
 
     # -- the loop's backend ------------------------------------------------------------------------------------
+    def _indexed(self) -> dict[str, ObservedJob]:
+        return {s["name"]: ObservedJob(**s) for s in self.index.get(self.key, [])}
+
     async def jobs(self) -> Sequence[ObservedJob]:
-        indexed = {s["name"]: ObservedJob(**{k: v for k, v in s.items() if k != "active"}) for s in self._summaries()}
-        for name in self.created.keys() & indexed.keys():
-            del self.created[name]
-        return tuple({**self.created, **indexed}.values())
+        indexed = self._indexed()
+        self.created = {name: job for name, job in self.created.items() if name not in indexed}
+        return (*self.created.values(), *indexed.values())
 
     async def start(self, action: CreateShardJob | CreateMergeJob) -> None:
-        assert self.loop is not None and self.spec is not None  # called by the loop only
-        ref, ns, spec = self.loop.ref, self.key[0], self.spec
+        assert self.loop is not None  # called by the loop only
+        loop, ns = self.loop, self.key[0]
         try:
-            cm = mf.job_configmap(ref, action, self.loop.raw_spec)
+            cm = mf.job_configmap(loop.ref, action, loop.raw_spec)
         except mf.TooLarge as exc:
             raise Rejected(c.INVALID_SPEC, str(exc)) from exc
         if isinstance(action, CreateShardJob):
-            job = mf.shard_job(ref, action, spec, self.settings)
-            seen = ObservedJob(action.name, "shard", action.shard.round, action.shard.seed, action.attempt, "Pending")
+            job = mf.shard_job(loop.ref, action, loop.spec, self.settings)
         else:
-            job = mf.merge_job(ref, action, spec, self.settings)
-            seen = ObservedJob(action.name, "merge", action.round, None, action.attempt, "Pending")
+            job = mf.merge_job(loop.ref, action, loop.spec, self.settings)
         # The job spec first (a 409 after a restart is the same spec), then the Job that mounts it.
-        await self.kube.create(api_path("v1", ns, "configmaps"), cm)
-        await self.kube.create(api_path("batch/v1", ns, "jobs"), job)
-        self.created[action.name] = seen
+        await self.kube.create("ConfigMap", ns, cm)
+        await self.kube.create("Job", ns, job)
+        self.created[action.name] = started(action)
 
     async def publish(self, status: dict[str, Any], events: Sequence[Event], changed: bool) -> None:
         if changed:
-            await self.kube.patch_status(run_path(*self.key), status)
+            await self.kube.patch_run_status(*self.key, status)
         for ev in events:
             kopf.event(self.body, type=ev.type, reason=ev.reason, message=ev.message)
-        spec = self.spec
+        spec = self.loop.spec if self.loop else None
+        shards = Counter(j.phase.lower() for j in self._indexed().values() if j.kind == "shard")
         target, budget = (spec.target.unique_examples, budget_used(spec, status)) if spec else (0, 0.0)
-        self.metrics.runs.update(*self.key, target, status, _shard_states(self._summaries()), budget)
-
-    def _summaries(self) -> list[Any]:
-        return _values(self.index, self.key)
-
-
-def _rejected(status: Mapping[str, Any], generation: int) -> bool:
-    """Whether this generation already failed because the API server refused a child (never retried)."""
-    return any(
-        isinstance(cnd, dict)
-        and cnd.get("type") == c.FAILED
-        and cnd.get("status") == "True"
-        and cnd.get("reason") == c.CHILD_REJECTED
-        and cnd.get("observedGeneration") == generation
-        for cnd in status.get("conditions") or []
-    )
-
-
-def _creds(keys: Mapping[str, str]) -> dict[str, str]:
-    if not keys:
-        return {}
-    return {"access_key": keys.get("AWS_ACCESS_KEY_ID", ""), "secret_key": keys.get("AWS_SECRET_ACCESS_KEY", "")}
-
-
-def _values(index: Any, key: RunKey) -> list[Any]:
-    try:
-        return list(index.get(key, []))
-    except AttributeError:
-        return list(index[key]) if key in index else []
-
-
-def _shard_states(summaries: list[Any]) -> dict[str, int]:
-    out = {"pending": 0, "running": 0, "succeeded": 0, "failed": 0}
-    for s in summaries:
-        if s["kind"] != "shard":
-            continue
-        phase = s["phase"]
-        if phase == "Running" and not s.get("active"):
-            phase = "Pending"
-        out[phase.lower()] += 1
-    return out
+        self.metrics.runs.update(*self.key, target, status, shards, budget)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -192,6 +147,7 @@ def _shard_states(summaries: list[Any]) -> dict[str, int]:
 def register(settings: Settings, registry: kopf.OperatorRegistry, kube: Kube, metrics: Metrics) -> None:
     on = {"registry": registry}
     selector = {"app.kubernetes.io/managed-by": mf.MANAGED_BY}
+    wakers: dict[RunKey, asyncio.Event] = {}
 
     @kopf.on.startup(id="configure", **on)  # type: ignore[arg-type]
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -204,21 +160,23 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, kube: Kube, me
         settings.batching.idle_timeout = 30
 
     @kopf.on.login(id="login", **on)  # type: ignore[arg-type]
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return kube.connection_info()
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        return await kube.connection_info()
 
-    wakers: dict[RunKey, asyncio.Event] = {}
-
-    # An index reaches handlers as a keyword argument named by its id. A Job's change wakes its run's daemon.
+    # Async handlers run in the event loop (a sync one runs in a thread, where setting an asyncio.Event is unsafe).
+    # An index reaches handlers as a keyword argument named by its id.
     @kopf.index("batch", "v1", "jobs", labels=selector, id="jobs", **on)  # type: ignore[arg-type]
-    def jobs(body: kopf.Body, namespace: str, **_: Any) -> Any:
+    async def jobs(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> Any:
         summary = mf.job_summary(dict(body))
-        if not summary:
-            return None
-        key = (namespace, body["metadata"]["labels"][mf.LABEL_RUN])
-        if key in wakers:
-            wakers[key].set()
-        return {key: summary}
+        return {(namespace, labels[mf.LABEL_RUN]): summary} if summary else None
+
+    # Kopf indexes each event before it calls the other handlers: a daemon woken here reads the Job's new phase.
+    @kopf.on.event("batch", "v1", "jobs", labels=selector, id="wake", **on)  # type: ignore[arg-type]
+    @kopf.on.update(GROUP, VERSION, PLURAL, id="spec-changed", field="spec", **on)  # type: ignore[arg-type]
+    async def wake(namespace: str, labels: kopf.Labels, name: str, resource: kopf.Resource, **_: Any) -> None:
+        run = name if resource.plural == PLURAL else labels.get(mf.LABEL_RUN, "")
+        if (namespace, run) in wakers:
+            wakers[(namespace, run)].set()
 
     @kopf.daemon(GROUP, VERSION, PLURAL, id="loop", cancellation_timeout=1.0, **on)  # type: ignore[arg-type]
     async def drive(body: kopf.Body, stopped: kopf.DaemonStopped, jobs: kopf.Index[Any, Any], **_: Any) -> None:
@@ -243,23 +201,18 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, kube: Kube, me
             if wakers.get(run.key) is wake:
                 del wakers[run.key]
 
-    @kopf.on.update(GROUP, VERSION, PLURAL, id="spec-changed", field="spec", **on)  # type: ignore[arg-type]
-    def spec_changed(namespace: str, name: str, **_: Any) -> None:
-        if (namespace, name) in wakers:
-            wakers[(namespace, name)].set()
-
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup", **on)  # type: ignore[arg-type]
     async def deleted(namespace: str, name: str, jobs: kopf.Index[Any, Any], **_: Any) -> None:
         """Children go (owner references do this on a real cluster; this also covers API servers without a
         garbage collector), and the run's metrics stop being exported."""
-        for s in _values(jobs, (namespace, name)):
-            await kube.delete(api_path("batch/v1", namespace, "jobs", s["name"]))
-            await kube.delete(api_path("v1", namespace, "configmaps", s["name"]))  # the Job's job-spec ConfigMap
+        for s in list(jobs.get((namespace, name), [])):  # a copy: each delete changes the index
+            await kube.delete("Job", namespace, s["name"])
+            await kube.delete("ConfigMap", namespace, s["name"])  # the Job's job-spec ConfigMap
         metrics.runs.forget(namespace, name)
 
 
 def build(settings: Settings) -> tuple[kopf.OperatorRegistry, Kube, Metrics]:
-    registry, kube, metrics = kopf.OperatorRegistry(), Kube.from_settings(settings), Metrics()
+    registry, kube, metrics = kopf.OperatorRegistry(), Kube(settings), Metrics()
     register(settings, registry, kube, metrics)
     return registry, kube, metrics
 
@@ -280,13 +233,3 @@ async def operator_main(settings: Settings, stop_flag: Any = None, ready_flag: A
     finally:
         with contextlib.suppress(Exception):
             await kube.close()
-
-
-def run_operator() -> int:
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        raise UserError(f"operator settings: {exc}") from exc
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(operator_main(settings))
-    return 0

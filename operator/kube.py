@@ -1,32 +1,34 @@
-"""The few Kubernetes API calls the operator makes, over aiohttp (Kopf's own HTTP stack), with every path built from
-checked, quoted segments."""
+"""The operator's own Kubernetes API calls, through kubernetes_asyncio (the maintained asyncio client, on Kopf's HTTP
+stack): the library builds and quotes every path, reads in-cluster credentials and refreshes the bound
+ServiceAccount token, and handles kubeconfig auth (client certificates, exec plugins, OIDC). Kopf's watches log in
+from the same configuration. Names are checked before they reach the library too: quoting keeps a '/' inside its
+segment, but a bare '..' segment would still be normalised away by the HTTP stack."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import ssl
-import urllib.parse
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import Any, Literal, cast
 
-import aiohttp
 import kopf
 from genrun.contract.api import GROUP, PLURAL, VERSION
 from genrun.contract.errors import Rejected
 from genrun.operator import conditions as c
 from genrun.operator import manifests as mf
 from genrun.operator.settings import Settings
+from kubernetes_asyncio import client, config
 
-SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # What the API server answers when it will never accept this object as written: fail the run, do not retry. 401/403
 # (the operator's own identity, RBAC or a quota), 404, 408, 409 and 429 are not about the object: retried.
 RETRIABLE_4XX = (401, 403, 404, 408, 409, 429)
+ChildKind = Literal["Job", "ConfigMap"]
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # the in-cluster token and CA (a module value: tests move it)
 
 
 class UnsafeName(ValueError):
-    """A name that is not a Kubernetes object name: never put into an API path."""
+    """A name that is not a Kubernetes object name: never handed to the client."""
 
 
 class ChildRejected(Rejected):
@@ -36,105 +38,120 @@ class ChildRejected(Rejected):
         super().__init__(c.CHILD_REJECTED, f"the API server refused {kind} {name!r} ({status}): {message}")
 
 
-def api_path(group_version: str, namespace: str, plural: str, name: str = "", subresource: str = "") -> str:
-    """An API path from checked, quoted segments: a name with '/' or '..' can never address another object."""
-    root = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
-    path = f"{root}/namespaces/{_segment(namespace)}/{plural}"
-    if name:
-        path += f"/{_segment(name)}"
-    return path + (f"/{subresource}" if subresource else "")
-
-
-def _segment(name: str) -> str:
+def checked(name: str) -> str:
     if not mf.is_object_name(name):
         raise UnsafeName(f"{name[:200]!r} is not a Kubernetes object name")
-    return urllib.parse.quote(name, safe="")
+    return name
 
 
 class Kube:
-    """The few API calls the operator makes, over aiohttp (Kopf's own HTTP stack)."""
+    """The API calls the operator makes. Connects on first use (Kopf's login or a daemon's first call), so building
+    an operator needs no event loop and no cluster."""
 
-    def __init__(self, server: str, *, token: str = "", ca: str | None = None, insecure: bool = False) -> None:
-        self.server = server.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.ssl: ssl.SSLContext | bool = False if insecure else (ssl.create_default_context(cafile=ca) if ca else True)
-        self._session: aiohttp.ClientSession | None = None
-        self.requests = 0  # for the benchmark's requests-per-shard figure
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.conf = client.Configuration()
+        self._api: Any = None
+        self._connecting: asyncio.Lock | None = None
+        self._refresh: asyncio.Task[None] | None = None
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Kube:
-        if settings.server:
-            return cls(settings.server, insecure=settings.insecure)
-        if (SA_DIR / "token").exists():
-            host = f"https://{os.environ['KUBERNETES_SERVICE_HOST']}:{os.environ.get('KUBERNETES_SERVICE_PORT', '443')}"
-            return cls(host, token=(SA_DIR / "token").read_text().strip(), ca=str(SA_DIR / "ca.crt"))
-        from kubernetes import client, config
+    async def api(self) -> Any:
+        if self._api is None:
+            self._connecting = self._connecting or asyncio.Lock()
+            async with self._connecting:
+                if self._api is None:
+                    await self._configure()
+                    self._api = client.ApiClient(self.conf)
+        return self._api
 
-        config.load_kube_config()  # type: ignore[no-untyped-call]
-        cfg = client.Configuration.get_default_copy()
-        token = (cfg.api_key or {}).get("authorization", "").removeprefix("Bearer ").strip()
-        return cls(cfg.host, token=token, ca=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl)
+    async def _configure(self) -> None:
+        s, conf = self.settings, self.conf
+        if s.server:
+            conf.host, conf.verify_ssl = s.server, not s.insecure
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(  # type: ignore[no-untyped-call]  # re-reads the bound token as it rotates
+                client_configuration=conf, token_filename=f"{SA_DIR}/token", cert_filename=f"{SA_DIR}/ca.crt"
+            )
+        else:
+            loader = await config.load_kube_config(os.environ.get("KUBECONFIG"), client_configuration=conf)
+            # The library's refresher for exec-plugin and GCP credentials (returns at once for static ones).
+            self._refresh = asyncio.create_task(config.refresh_token(loader, conf))
 
-    def connection_info(self) -> kopf.ConnectionInfo:
+    async def connection_info(self) -> kopf.ConnectionInfo:
+        """Kopf's credentials, from the client's configuration (Kopf asks again after a 401: a fresh token)."""
+        await self.api()
+        conf = self.conf
+        auth = await conf.get_api_key_with_prefix("BearerToken")  # runs the library's refresh hook
+        scheme, _, token = str(auth or "").partition(" ")
         return kopf.ConnectionInfo(
-            server=self.server,
-            scheme="Bearer" if self.headers else None,
-            token=self.headers.get("Authorization", "").removeprefix("Bearer ") or None,
-            insecure=self.ssl is False,
-        )
+            server=str(conf.host), ca_path=conf.ssl_ca_cert, insecure=not conf.verify_ssl,
+            scheme=scheme or None, token=token or None, username=conf.username or None, password=conf.password or None,
+            certificate_path=conf.cert_file, private_key_path=conf.key_file,
+        )  # fmt: skip
 
-    async def _call(
-        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
-    ) -> tuple[int, Any]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self.headers)
-        self.requests += 1
-        async with self._session.request(
-            method, self.server + path, data=None if body is None else json.dumps(body),
-            headers={"Content-Type": content_type}, ssl=self.ssl,
-        ) as resp:  # fmt: skip
+    async def _send(self, request: Awaitable[Any]) -> tuple[int, Any]:
+        """The status and JSON answer of one request made without the library's model classes (not needed here,
+        and the costliest part of a call at scale)."""
+        resp = await request
+        async with resp:
             text = await resp.text()
             try:
-                return resp.status, json.loads(text) if text else None
+                return int(resp.status), json.loads(text) if text else None
             except ValueError:
-                return resp.status, text
+                return int(resp.status), text
 
-    async def create(self, path: str, body: Mapping[str, Any]) -> bool:
+    async def create(self, kind: ChildKind, namespace: str, body: Mapping[str, Any]) -> bool:
         """True if created, False if it already existed (409); ChildRejected when the API server will never
         accept it (422, 400, 413, ...); a retry (TemporaryError) on anything else."""
-        status, out = await self._call("POST", path, body)
+        api, ns, payload = await self.api(), checked(namespace), cast(Any, dict(body))  # a manifest, as the API takes
+        call: Awaitable[Any]
+        if kind == "Job":
+            call = client.BatchV1Api(api).create_namespaced_job(ns, payload, _preload_content=False)
+        else:
+            call = client.CoreV1Api(api).create_namespaced_config_map(ns, payload, _preload_content=False)
+        status, out = await self._send(call)
         if status == 409:
             return False
         if 400 <= status < 500 and status not in RETRIABLE_4XX:
-            meta = body.get("metadata") or {}
             msg = out.get("message") if isinstance(out, dict) else None
-            raise ChildRejected(
-                str(body.get("kind", "object")), str(meta.get("name", "")), status, str(msg or out)[:1000]
-            )
+            raise ChildRejected(kind, str((body.get("metadata") or {}).get("name", "")), status, str(msg or out)[:1000])
         if status >= 300:
-            raise kopf.TemporaryError(f"POST {path}: {status} {str(out)[:300]}", delay=5)
+            raise kopf.TemporaryError(f"creating {kind} in {ns}: {status} {str(out)[:300]}", delay=5)
         return True
 
-    async def get(self, path: str) -> Any:
-        status, out = await self._call("GET", path)
+    async def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data (base64 values), or None if there is none of that name."""
+        call = client.CoreV1Api(await self.api()).read_namespaced_secret(
+            checked(name), checked(namespace), _preload_content=False
+        )
+        status, out = await self._send(call)
         if status == 404:
             return None
         if status >= 300:
-            raise kopf.TemporaryError(f"GET {path}: {status} {str(out)[:300]}", delay=5)
-        return out
+            raise kopf.TemporaryError(f"reading Secret {name!r} in {namespace}: {status} {str(out)[:300]}", delay=5)
+        return dict(out.get("data") or {})
 
-    async def patch_status(self, path: str, status: Mapping[str, Any]) -> None:
-        code, out = await self._call("PATCH", path + "/status", {"status": status}, "application/merge-patch+json")
+    async def patch_run_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        call = client.CustomObjectsApi(await self.api()).patch_namespaced_custom_object_status(
+            GROUP, VERSION, checked(namespace), PLURAL, checked(name), {"status": dict(status)},
+            _content_type="application/merge-patch+json", _preload_content=False,  # the stubs omit _content_type
+        )  # type: ignore[call-arg]  # fmt: skip
+        code, out = await self._send(call)
         if code >= 300 and code != 404:
-            raise kopf.TemporaryError(f"PATCH {path}/status: {code} {str(out)[:300]}", delay=5)
+            raise kopf.TemporaryError(f"patching {namespace}/{name} status: {code} {str(out)[:300]}", delay=5)
 
-    async def delete(self, path: str) -> None:
-        await self._call("DELETE", path, {"propagationPolicy": "Background"})
+    async def delete(self, kind: ChildKind, namespace: str, name: str) -> None:
+        api, name, ns = await self.api(), checked(name), checked(namespace)
+        opts = client.V1DeleteOptions(propagation_policy="Background")
+        if kind == "Job":
+            await self._send(client.BatchV1Api(api).delete_namespaced_job(name, ns, body=opts, _preload_content=False))
+        else:
+            await self._send(
+                client.CoreV1Api(api).delete_namespaced_config_map(name, ns, body=opts, _preload_content=False)
+            )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
-def run_path(ns: str, name: str) -> str:
-    return api_path(f"{GROUP}/{VERSION}", ns, PLURAL, name)
+        if self._refresh is not None:
+            self._refresh.cancel()
+        if self._api is not None:
+            await self._api.close()

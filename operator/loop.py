@@ -31,7 +31,7 @@ from genrun.operator.planner import (
     invalid_plan,
 )
 from genrun.worker import records as rec
-from genrun.worker.storage import Storage
+from genrun.worker.storage import DamagedMarker, Storage, read_marker
 
 log = logging.getLogger("genrun.operator")
 QUARANTINE = "quarantine/"  # damaged files are recorded here (as merge.py does for shard data), never deleted silently
@@ -72,6 +72,9 @@ class RunLoop:
         self._markers: dict[str, tuple[int, int]] = {}  # read and found whole: a published marker never changes
 
     async def step(self) -> Plan:
+        refused = refusal(self.status, self.ref.generation)
+        if refused is not None:  # terminal until the spec changes: a refused child is never sent again
+            return invalid_plan(self.ref, [refused], c.CHILD_REJECTED)
         jobs = tuple(await self.backend.jobs())
         self.observed = await asyncio.to_thread(self.observe, jobs)
         plan = decide(self.ref, self.spec, self.observed)
@@ -103,8 +106,10 @@ class RunLoop:
             if not key.endswith(".done.json"):
                 continue
             if key not in self._markers:
-                marker, why = read_marker(s, key)
+                marker, why = checked_marker(s, key)
                 if marker is None:  # set aside, so the merge never trips on it; counted in the status
+                    if not why:
+                        continue
                     quarantine_marker(s, key, why)
                     self.warn(f"{s.location(key)}: {why}; set aside under {QUARANTINE}, the shard runs again")
                     continue
@@ -124,6 +129,32 @@ class RunLoop:
             await asyncio.to_thread(self.storage.write_bytes, rec.STATUS_KEY, json.dumps(doc, indent=1).encode())
         await self.backend.publish(status, [*events, *more], changed)
         self.status = status
+
+
+def started(action: CreateShardJob | CreateMergeJob) -> ObservedJob:
+    """The Job an action starts, as the planner observes it until the backend lists it."""
+    if isinstance(action, CreateShardJob):
+        return ObservedJob(action.name, "shard", action.shard.round, action.shard.seed, action.attempt, "Pending")
+    return ObservedJob(action.name, "merge", action.round, None, action.attempt, "Pending")
+
+
+def refusal(status: Mapping[str, Any], generation: int) -> str | None:
+    """The message of this generation's ChildRejected failure, if the API server refused one of its children."""
+    for cnd in status.get("conditions") or []:
+        if (
+            isinstance(cnd, dict)
+            and (cnd.get("type"), cnd.get("status"), cnd.get("reason")) == (c.FAILED, "True", c.CHILD_REJECTED)
+            and cnd.get("observedGeneration") == generation
+        ):
+            return str(cnd.get("message", ""))
+    return None
+
+
+async def publish_plan(backend: Backend, old: Mapping[str, Any], plan: Plan, generation: int) -> dict[str, Any]:
+    """Publish a plan that never reaches the loop (an invalid spec): the status and Events, nothing on storage."""
+    status, events, changed = publication(old, plan, generation)
+    await backend.publish(status, events, changed)
+    return status
 
 
 def status_document(ref: RunRef, raw_spec: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,19 +195,18 @@ def _strip_times(status: Mapping[str, Any]) -> Any:
 # -- the record on storage, shared with the readers (`genrun status`, `genrun report`) ---------------------------
 
 
-def read_marker(storage: Storage, key: str) -> tuple[rec.ShardManifest | None, str]:
-    """A shard's completion marker, or (None, why) when it is truncated, empty, incomplete or not its shard's."""
+def checked_marker(storage: Storage, key: str) -> tuple[rec.ShardManifest | None, str]:
+    """A shard's completion marker through the one parser (storage.read_marker); (None, why) when it is damaged or
+    not its shard's; (None, "") when it is gone (never there: nothing to set aside)."""
     try:
-        name = key.rsplit("/", 2)
-        rnd, seed = int(name[-2].removeprefix("r")), int(name[-1].removeprefix("s").split(".")[0])
-        m = rec.shard_manifest_from(json.loads(storage.read_bytes(key)))
-        if (int(m.round), int(m.seed)) != (rnd, seed) or not isinstance(m.data, str) or not m.data:
-            return None, f"describes round {m.round} seed {m.seed} (data {m.data!r}), not round {rnd} seed {seed}"
-        return m, ""
-    except KeyError:
-        return None, "disappeared while being read"
-    except (ValueError, TypeError, AttributeError, IndexError) as exc:  # JSON, UTF-8, missing or extra fields
-        return None, f"unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+        m = read_marker(storage, key)
+    except DamagedMarker as exc:
+        return None, f"unreadable ({type(exc.__cause__ or exc).__name__}: {str(exc)[:300]})"
+    if m is None:
+        return None, ""
+    if key != rec.shard_manifest_key(m.round, m.seed) or not m.data:
+        return None, f"describes round {m.round} seed {m.seed} (data {m.data!r}), not the shard of its name"
+    return m, ""
 
 
 def quarantine_marker(storage: Storage, key: str, why: str) -> None:
@@ -189,6 +219,14 @@ def quarantined_keys(storage: Storage, reports: Mapping[int, rec.RoundReport]) -
     """Every file set aside as damaged: markers (here) and shard data (by the merge, listed in its reports)."""
     keys = {k.removeprefix(QUARANTINE).removesuffix(".json") for k in storage.list(QUARANTINE)}
     return frozenset(keys.union(*(r.quarantined for r in reports.values())))
+
+
+def recorded_status(storage: Storage) -> dict[str, Any]:
+    """The status last written to status.json ({} for a new run): a resumed run goes on from it."""
+    try:
+        return dict(json.loads(storage.read_bytes(rec.STATUS_KEY))["status"])
+    except (KeyError, ValueError, TypeError):
+        return {}
 
 
 def read_reports(storage: Storage) -> dict[int, rec.RoundReport]:

@@ -315,7 +315,7 @@ def job_summary(body: dict[str, Any]) -> dict[str, Any] | None:
         phase = "Failed"
         retriable = conds["Failed"].get("reason") != "PodFailurePolicy"
         message = f"{conds['Failed'].get('reason', '')}: {conds['Failed'].get('message', '')}".strip(": ")
-    elif not status.get("active") and (body.get("spec", {}) or {}).get("suspend"):
+    elif not status.get("active"):  # no pod yet (suspended, waiting for Kueue, or not scheduled)
         phase = "Pending"
     return {
         "name": meta.get("name"),
@@ -326,5 +326,4 @@ def job_summary(body: dict[str, Any]) -> dict[str, Any] | None:
         "phase": phase,
         "retriable": retriable,
         "message": message,
-        "active": int(status.get("active", 0) or 0),
     }

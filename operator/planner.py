@@ -221,9 +221,11 @@ def make_round(
     *,
     arms: Sequence[Sampling] = (),
     examples: int = 0,
+    cells: Sequence[pol.Cell] = (),
 ) -> RoundPlan:
-    """A round of `count` shards with fresh seeds; each shard runs arms[i] (default: `sampling` for all) and writes
-    `examples` rows (default: spec.shards.examplesPerShard). The round's `sampling` is its most used arm."""
+    """A round of `count` shards with fresh seeds; each shard runs arms[i] (default: `sampling` for all) and
+    cells[i] (default: none, each prompt draws its attribute values) and writes `examples` rows (default:
+    spec.shards.examplesPerShard). The round's `sampling` is its most used arm."""
     used = [s for p in rounds.values() for s in p.shards]
     seed0 = max((s.seed for s in used), default=spec.shards.first_seed - 1) + 1
     ordinal0 = len(used)
@@ -237,6 +239,7 @@ def make_round(
             sampling=per_shard[i],
             domains=shard_domains(spec, ordinal0 + i),
             arm=pol.arm_id(per_shard[i]),
+            cell=tuple(cells[i]) if cells else (),
         )
         for i in range(count)
     )
@@ -311,6 +314,7 @@ def _status(
     latest = max(obs.reports) if obs.reports else 0
     rep = obs.reports.get(latest)
     all_states = [s for ss in states.values() for s in ss]
+    tiers = list(rep.dedup_tiers) if rep else ["exact", "near", *(["semantic"] if spec.dedup.semantic.enabled else [])]
     totals = {
         "generated": rep.generated_total if rep else 0,
         "unique": rep.unique_total if rep else 0,
@@ -322,6 +326,13 @@ def _status(
         "shardsFailed": sum(s.phase == "failed" for s in all_states),
         "shardsRunning": sum(s.phase == "active" for s in all_states),
         "shardsQuarantined": len(obs.quarantined.union(*(r.quarantined for r in obs.reports.values()))),
+        # Rows dropped per dedup tier, and the tiers "unique" (and the target) count through (sem, issue 12).
+        "duplicates": {
+            "exact": rep.exact_duplicates if rep else 0,
+            "near": rep.near_duplicates if rep else 0,
+            "semantic": rep.semantic_duplicates if rep else 0,
+        },
+        "dedupTiers": tiers,
     }
     rounds = []
     for rnd in sorted(obs.rounds)[-100:]:
@@ -360,6 +371,8 @@ def _status(
             status["projectedTokensToTarget"] = tokens
             status["projectedRounds"] = rounds_total
         status["arms"] = pol.arm_status([a for a in stats if a.shards])
+        if spec.prompt.attributes:
+            status["cells"] = pol.cell_status(pol.cell_stats(spec, obs.rounds, obs.reports))
     return status
 
 
@@ -454,8 +467,9 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
         events: list[Event],
         arms: Sequence[Sampling] = (),
         examples: int = 0,
+        cells: Sequence[pol.Cell] = (),
     ) -> Plan:
-        plan = make_round(spec, rnd, count, sampling, obs.rounds, why, arms=arms, examples=examples)
+        plan = make_round(spec, rnd, count, sampling, obs.rounds, why, arms=arms, examples=examples, cells=cells)
         states[rnd] = [_ShardState(s, "create") for s in plan.shards]
         actions: list[Action] = [RecordRound(plan)]
         actions += _shard_creates(spec, ref, states[rnd], active=0)
@@ -469,7 +483,8 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
             return finish(_running(c.SUSPENDED_BY_SPEC, "no round started yet", True))
         if spec.policy.strategy == "bandit" and spec.policy.pilot_share > 0:
             picked, per, why = pol.pilot(spec)
-            return new_round(1, len(picked), picked[0], why, [], arms=picked, examples=per)
+            cells = pol.pilot_cells(spec, len(picked), pol.round_rng(ref, 1))
+            return new_round(1, len(picked), picked[0], why, [], arms=picked, examples=per, cells=cells)
         return new_round(1, spec.shards.initial, base_sampling(spec), "first round from spec.shards.initial", [])
 
     rnd = max(obs.rounds)
@@ -548,10 +563,10 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
         planned = sum(s.examples for s in obs.rounds[rnd].shards)
         per_example = report.generated / planned if planned else 1.0
         room_examples = math.floor((b.max_generated_examples - report.generated_total) / max(per_example, 1e-9))
-        arms, per, why = _bandit_round(
+        arms, per, why, cells = _bandit_round(
             spec, ref, obs, rnd + 1, target - kept, room_examples, b.max_shards - used_shards
         )
-        return new_round(rnd + 1, len(arms), arms[0], why, events, arms=arms, examples=per)
+        return new_round(rnd + 1, len(arms), arms[0], why, events, arms=arms, examples=per, cells=cells)
 
     history = tuple(
         (obs.rounds[r].sampling, obs.reports[r]) for r in sorted(obs.reports) if r in obs.rounds and r < rnd
@@ -568,25 +583,37 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
 
 def _bandit_round(
     spec: GenerationRunSpec, ref: RunRef, obs: Observed, rnd: int, need: int, room_examples: int, room_shards: int
-) -> tuple[list[Sampling], int, str]:
-    """The next round under the bandit: (arm per shard, examples per shard, why)."""
+) -> tuple[list[Sampling], int, str, list[pol.Cell]]:
+    """The next round under the bandit: (arm per shard, examples per shard, why, attribute cell per shard)."""
     stats = pol.arm_stats(spec, obs.rounds, obs.reports)
     rng = pol.round_rng(ref, rnd)
     cap = max(1, min(spec.escalation.max_shards_per_round, room_shards))
     last = rnd >= spec.budget.max_rounds
     # The mix a full round would get estimates the yield to size with; the round itself is then drawn at its size.
     y, sd = pol.mix_yield(stats, pol.allocate(stats, cap, spec.policy.exploration, rng))
-    size = pol.size_round(spec, need, y, sd, room_examples, room_shards, last)
+    measured = max(obs.reports[max(obs.reports)].generated_total, 1)
+    size = pol.size_round(spec, need, y, sd, room_examples, room_shards, last, measured)
     picks = pol.allocate(stats, size.shards, spec.policy.exploration, rng)
     per, why = size.examples, size.why
-    if size.shards < cap:  # sized to the target: size again for the arms actually drawn
+    if size.precise and size.shards < cap:  # sized to the target: size again for the arms actually drawn
         y, sd = pol.mix_yield(stats, picks)
         n, _, why = pol.examples_for(spec, need, y, sd, last)
         per = pol.shard_examples(spec, math.ceil(n / len(picks)))
         why += f" -> {len(picks)} shard(s) x {per}"
     retired = [a.id for a in stats if a.retired]
     why += f"; retired (QC-pass rate below the floor): {', '.join(retired)}" if retired else ""
-    return [a.sampling for a in picks], per, why
+    cells: list[pol.Cell] = []
+    if spec.prompt.attributes:
+        cstats = pol.cell_stats(spec, obs.rounds, obs.reports)
+        cells, quota_why = pol.allocate_cells(spec, cstats, len(picks), per, rng)
+        why += f"; {quota_why}" if quota_why else ""
+        k = pol.cell_factor(cstats, cells)
+        if size.precise and size.shards < cap and abs(k - 1) > 0.01:  # the cells drawn change the yield: resize
+            y, sd = pol.mix_yield(stats, picks)
+            n, _, _ = pol.examples_for(spec, need, min(1.0, y * k), sd * k, last)
+            per = pol.shard_examples(spec, math.ceil(n / len(picks)))
+            why += f"; the cells drawn scale the yield by {k:.2f} -> {len(picks)} shard(s) x {per}"
+    return [a.sampling for a in picks], per, why, cells
 
 
 def _arms_summary(plan: RoundPlan) -> str:

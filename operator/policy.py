@@ -23,6 +23,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import TypeVar
 
 from genrun.contract.api import GenerationRunSpec, RunRef
 from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
@@ -30,7 +31,10 @@ from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
 DISCOUNT = 0.7  # weight of a round's evidence per round of age
 MAX_ARMS = 16  # the CRD's maxItems on spec.policy.arms, and the ladder's length bound
 MIN_SHARD_EXAMPLES = 16  # per shard (unless examplesPerShard is smaller): fewer measures nothing, and a GPU Job's start-up would cost more than its samples
-RETIRE_AFTER_UNIQUE = 10  # an arm is judged on its QC-pass rate only after this many new unique rows
+EXACT_BOUND_MAX = 2000  # unique rows up to which the QC-pass bound is exact (Clopper-Pearson); Wilson above
+PRIOR_WEIGHT = 2.0  # examples' worth of the pooled prior (Beta(1, 1) is worth 2)
+TOKENS_PRIOR_WEIGHT = 10.0  # examples' worth of the pooled tokens per example (see tokens_per_example)
+GROWTH = 4  # a round commits at most this multiple of the examples generated before it (see size_round)
 UNREACHABLE = 2**62  # examples needed at a yield of 0
 
 
@@ -88,6 +92,7 @@ class ArmStats:
     w_tokens: float = 0.0
     w_kept: float = 0.0
     retired: bool = False
+    prior: tuple[float, float] = (1.0, 1.0)  # Beta prior of the yield per example, set by arm_stats (pooled)
 
     @property
     def id(self) -> str:
@@ -108,18 +113,26 @@ class ArmStats:
         return self.w_examples > 0
 
     @property
+    def posterior(self) -> tuple[float, float]:
+        """Beta(prior_a + kept, prior_b + examples - kept) of the yield per example (discounted counts)."""
+        return self.prior[0] + self.w_kept, self.prior[1] + max(0.0, self.w_examples - self.w_kept)
+
+    @property
     def mean_yield(self) -> float:
-        """Posterior mean of kept per example (Beta(1 + kept, 1 + examples - kept))."""
-        return (1 + self.w_kept) / (2 + self.w_examples)
+        a, b = self.posterior
+        return a / (a + b)
 
     @property
     def yield_sd(self) -> float:
-        a, b = 1 + self.w_kept, 1 + max(0.0, self.w_examples - self.w_kept)
+        a, b = self.posterior
         return math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
 
     @property
     def qc_pass_rate(self) -> float:
         return self.kept / self.unique if self.unique else 0.0
+
+
+A = TypeVar("A", bound=ArmStats)
 
 
 def shard_arm(shard: ShardPlan) -> Sampling:
@@ -163,19 +176,64 @@ def arm_stats(
                     part = share * sum(s.examples for s in plan.shards)
                     stats[match[0]].add(w, n, part, share * rep.tokens, t.new_unique, t.new_qc_passed)
     out = list(stats.values())
-    floor = spec.escalation.min_qc_pass_rate
-    for a in out:
-        a.retired = a.unique >= RETIRE_AFTER_UNIQUE and a.qc_pass_rate < floor
+    _judge(spec, out)
     return out
 
 
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed in log space."""
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 1.0 if k >= n else 0.0
+    lg, lp, lq = math.lgamma, math.log(p), math.log1p(-p)
+    return min(1.0, sum(math.exp(lg(n + 1) - lg(i + 1) - lg(n - i + 1) + i * lp + (n - i) * lq) for i in range(k + 1)))
+
+
+def qc_upper_bound(passed: int, n: int, confidence: float) -> float:
+    """One-sided upper confidence bound of a QC-pass rate from `passed` of `n` rows: exact (Clopper-Pearson, the
+    largest p with P(X <= passed | n, p) >= 1 - confidence) up to EXACT_BOUND_MAX rows, Wilson's score bound above."""
+    if n <= 0 or passed >= n:
+        return 1.0
+    if passed == 0:
+        return 1 - float((1 - confidence) ** (1 / n))  # the exact bound's closed form
+    if n > EXACT_BOUND_MAX:
+        z, p = NormalDist().inv_cdf(confidence), passed / n
+        centre = p + z * z / (2 * n)
+        return min(1.0, (centre + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n))
+    lo, hi = passed / n, 1.0
+    for _ in range(40):  # bisection: the CDF falls as p rises
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _binom_cdf(passed, n, mid) > 1 - confidence else (lo, mid)
+    return hi
+
+
+def probe_examples(spec: GenerationRunSpec) -> int:
+    """The fewest examples whose all failing QC retires an arm with spec.policy.retireConfidence: the smallest n with
+    1 - (1 - confidence)^(1/n) < minQcPassRate (the exact bound for 0 passes of n)."""
+    floor, conf = spec.escalation.min_qc_pass_rate, spec.policy.retire_confidence
+    if floor >= 1:
+        return 1
+    if floor <= 0:
+        return spec.shards.examples_per_shard
+    n = max(1, math.floor(math.log(1 - conf) / math.log(1 - floor)))
+    while qc_upper_bound(0, n, conf) >= floor:  # the closed form's float edge, checked against the bound itself
+        n += 1
+    return n
+
+
 def tokens_per_example(stats: Sequence[ArmStats], a: ArmStats) -> float:
-    """Measured for the arm, else pooled over the arms tried, else 1 (rewards then rank by yield alone)."""
-    if a.w_tokens > 0 and a.w_examples > 0:
-        return a.w_tokens / a.w_examples
+    """The arm's measured tokens per example, shrunk towards the pooled figure of the arms tried by
+    TOKENS_PRIOR_WEIGHT examples' worth (response lengths vary a lot per sample: a few examples say little, and an
+    arm must not win on a short first reading); the pooled figure alone for an untried arm; 1 when nothing was tried
+    (rewards then rank by yield alone)."""
     tok = sum(s.w_tokens for s in stats)
     ex = sum(s.w_examples for s in stats if s.w_tokens > 0)
-    return tok / ex if tok > 0 and ex > 0 else 1.0
+    if tok <= 0 or ex <= 0:
+        return 1.0
+    pooled = tok / ex
+    own = a.w_examples if a.w_tokens > 0 else 0.0
+    return (a.w_tokens + TOKENS_PRIOR_WEIGHT * pooled) / (own + TOKENS_PRIOR_WEIGHT)
 
 
 def reward(stats: Sequence[ArmStats], a: ArmStats) -> float:
@@ -204,28 +262,27 @@ def mix_yield(stats: Sequence[ArmStats], picks: Sequence[ArmStats]) -> tuple[flo
     return mean, math.sqrt(var)
 
 
-def active(stats: Sequence[ArmStats]) -> list[ArmStats]:
+def active(stats: Sequence[A]) -> list[A]:
     live = [a for a in stats if not a.retired]
     return live or [max(stats, key=lambda a: reward(stats, a))]
 
 
-def best(stats: Sequence[ArmStats]) -> ArmStats:
+def best(stats: Sequence[A]) -> A:
     return max(active(stats), key=lambda a: reward(stats, a))
 
 
-def allocate(stats: Sequence[ArmStats], n: int, exploration: float, rng: random.Random) -> list[ArmStats]:
+def allocate(stats: Sequence[A], n: int, exploration: float, rng: random.Random) -> list[A]:
     """Thompson sampling: each of the n shards goes to the arm whose posterior draw of reward is highest; at most
-    floor(exploration * n) shards go to arms other than the best posterior mean. Returned in arm order."""
+    exploration * n shards go to arms other than the best posterior mean (rounded at random, up with probability
+    its fraction, so that a round of few shards still explores at that rate on average). Returned in arm order."""
     live = active(stats)
     top = best(stats)
-    picks: list[ArmStats] = []
+    picks: list[A] = []
     for _ in range(n):
-        draws = [
-            1000 * rng.betavariate(1 + a.w_kept, 1 + max(0.0, a.w_examples - a.w_kept)) / tokens_per_example(stats, a)
-            for a in live
-        ]
+        draws = [1000 * rng.betavariate(*a.posterior) / tokens_per_example(stats, a) for a in live]
         picks.append(live[max(range(len(live)), key=draws.__getitem__)])
-    cap = math.floor(exploration * n)
+    raw = exploration * n
+    cap = math.floor(raw) + (rng.random() < raw - math.floor(raw))
     others = [i for i, a in enumerate(picks) if a is not top]
     for i in others[cap:]:
         picks[i] = top
@@ -292,13 +349,28 @@ def shard_examples(spec: GenerationRunSpec, per: int) -> int:
 
 
 def size_round(
-    spec: GenerationRunSpec, need: int, y: float, sd: float, room_examples: int, room_shards: int, last_round: bool
+    spec: GenerationRunSpec,
+    need: int,
+    y: float,
+    sd: float,
+    room_examples: int,
+    room_shards: int,
+    last_round: bool,
+    measured: int = 0,
 ) -> Sizing:
     """A round that can reach the target is sized by `examples_for` (shards and examples per shard); one that cannot
-    is as large as the per-round cap and the budget allow."""
+    is as large as the per-round cap and the budget allow. Unless the budget allows no further round, a round
+    commits at most GROWTH x the `measured` examples generated so far, so that each round is decided on evidence
+    at least 1/GROWTH its size (the pilot's few examples never commit the whole need)."""
     e, eps = spec.escalation, spec.shards.examples_per_shard
     cap = min(e.max_shards_per_round, room_shards)
     n, precise, why = examples_for(spec, need, y, sd, last_round)
+    grown = GROWTH * measured
+    if measured and not last_round and n > grown and grown < min(cap * eps, room_examples):
+        shards = max(min(e.min_shards_per_round, cap), math.ceil(grown / eps))
+        per = shard_examples(spec, math.ceil(grown / shards))
+        why = f"{why}; this round grows to at most {GROWTH}x the {measured} examples measured so far"
+        return Sizing(shards, per, False, f"{why} -> {shards} shard(s) x {per}")
     if n <= min(cap * eps, room_examples):
         shards = max(min(e.min_shards_per_round, cap), math.ceil(n / eps))
         per = shard_examples(spec, math.ceil(n / shards))
@@ -310,20 +382,23 @@ def size_round(
 
 
 def pilot(spec: GenerationRunSpec) -> tuple[list[Sampling], int, str]:
-    """Round 1 under the bandit: at most pilotShare of the target in examples (the least the run can need), spread
-    over the arms, at least MIN_SHARD_EXAMPLES per shard. Returns (arm per shard, examples per shard, why)."""
+    """Round 1 under the bandit: pilotShare of the target in examples (the least the run can need), spread evenly
+    over the arms, each arm's probe at least `probe_examples` (enough to retire an arm that passes no QC) and at
+    most examplesPerShard per shard. Returns (arm per shard, examples per shard, why)."""
     space = arms(spec)
     eps = spec.shards.examples_per_shard
+    probe = min(eps, probe_examples(spec))
     want = max(1, math.ceil(spec.policy.pilot_share * spec.target.unique_examples))
     cap = min(spec.escalation.max_shards_per_round, spec.budget.max_shards)
     n = max(1, min(cap, max(len(space), math.ceil(want / eps))))
-    per = min(eps, max(MIN_SHARD_EXAMPLES, math.ceil(want / n)))
+    per = min(eps, max(probe, math.ceil(want / n)))
     # Fewer shards than arms: spread the shards evenly over the arm list (its ends included).
     idx = [round(i * (len(space) - 1) / (n - 1)) if n > 1 else 0 for i in range(n)] if n < len(space) else None
     picked = [space[i] for i in idx] if idx is not None else [space[i % len(space)] for i in range(n)]
     why = (
         f"pilot: {n} shard(s) x {per} examples over {len({arm_id(s) for s in picked})} arm(s) "
-        f"(spec.policy.pilotShare={spec.policy.pilot_share:g} of the target)"
+        f"(spec.policy.pilotShare={spec.policy.pilot_share:g} of the target; {probe} examples retire an arm that "
+        f"passes no QC with confidence {spec.policy.retire_confidence:g})"
     )
     return sorted(picked, key=space.index), per, why
 
@@ -360,4 +435,151 @@ def arm_status(stats: Sequence[ArmStats]) -> list[dict[str, object]]:
             "retired": a.retired,
         }
         for a in stats[:MAX_ARMS]
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attribute cells: the second factor of an arm. A shard runs one sampling arm and one cell; the two are chosen by
+# two bandits over the same per-shard yields (a factorised model: a cell's yield is measured over every sampling,
+# a sampling's over every cell), so the arm space grows as samplings + cells, not samplings x cells.
+
+Cell = tuple[tuple[str, str], ...]
+
+
+def cells(spec: GenerationRunSpec) -> tuple[Cell, ...]:
+    """Every combination of one value per attribute, in spec order; (()) when the spec has no attributes."""
+    out: list[Cell] = [()]
+    for a in spec.prompt.attributes:
+        out = [(*c, (a.name, v)) for c in out for v in a.values]
+    return tuple(out)
+
+
+def pilot_cells(spec: GenerationRunSpec, n: int, rng: random.Random) -> list[Cell]:
+    """The pilot's n shards cycle through the cells in an order drawn from the run's stream (no cells: none)."""
+    if not spec.prompt.attributes:
+        return []
+    order = list(cells(spec))
+    rng.shuffle(order)
+    return [order[i % len(order)] for i in range(n)]
+
+
+def cell_id(cell: Cell) -> str:
+    return ",".join(f"{k}={v}" for k, v in cell) or "(all)"
+
+
+@dataclass
+class CellStats(ArmStats):
+    cell: Cell = ()
+
+    @property
+    def id(self) -> str:
+        return cell_id(self.cell)
+
+
+def cell_stats(
+    spec: GenerationRunSpec, rounds: Mapping[int, RoundPlan], reports: Mapping[int, RoundReport]
+) -> list[CellStats]:
+    """Each cell's evidence from the per-shard yields (shards planned without a cell count for none), with the
+    same discount, retirement and pooled prior as the sampling arms."""
+    base = base_sampling(spec)
+    stats = {c: CellStats(base, cell=c) for c in cells(spec)}
+    latest = max(reports, default=0)
+    for rnd in sorted(reports):
+        plan, rep = rounds.get(rnd), reports[rnd]
+        if plan is None:
+            continue
+        by_seed = {s.seed: s for s in plan.shards}
+        for y in rep.per_shard:
+            shard = by_seed.get(y.seed)
+            if shard is not None and shard.cell in stats:
+                w = DISCOUNT ** (latest - rnd)
+                stats[shard.cell].add(w, 1, y.rows, y.tokens, y.new_unique, y.new_qc_passed)
+    out = list(stats.values())
+    _judge(spec, out)
+    return out
+
+
+def _judge(spec: GenerationRunSpec, out: Sequence[ArmStats]) -> None:
+    """Retirement on the exact QC-pass bound, and the prior (shared by arms and cells). The prior is empirical-Bayes:
+    the pooled yield of the live arms tried, worth PRIOR_WEIGHT examples. A flat Beta(1, 1) would pull a good arm
+    seen on a few examples towards 0.5 and hand the "best" label (and the exploration cap's protection) to whichever
+    arm happened to get more examples; an untried arm is expected to do as well as the live arms on average."""
+    floor, conf = spec.escalation.min_qc_pass_rate, spec.policy.retire_confidence
+    for a in out:
+        a.retired = a.unique > 0 and qc_upper_bound(a.kept, a.unique, conf) < floor
+    live = [a for a in out if not a.retired and a.w_examples > 0]
+    ex = sum(a.w_examples for a in live)
+    if ex > 0:
+        m = min(0.99, max(0.01, sum(a.w_kept for a in live) / ex))
+        for a in out:
+            a.prior = (PRIOR_WEIGHT * m, PRIOR_WEIGHT * (1 - m))
+
+
+def _matches(cell: Cell, match: Mapping[str, str]) -> bool:
+    d = dict(cell)
+    return all(d.get(k) == v for k, v in match.items())
+
+
+def allocate_cells(
+    spec: GenerationRunSpec, stats: Sequence[CellStats], n: int, per: int, rng: random.Random
+) -> tuple[list[Cell], str]:
+    """A cell for each of n shards of `per` examples: Thompson sampling with the exploration cap, then the quotas:
+    the cells matching a quota get enough shards (each to the matching cell of the best estimated reward) that,
+    at the posterior mean yields, they hold minShare of all kept rows once this round is merged:
+    held + F*yc >= q * (kept + F*yc + (E - F)*yo) for E = n * per examples of which F go to them.
+    Returns (cells, why) in draw order."""
+    if len(stats) == 1:
+        return [stats[0].cell] * n, ""
+    out = [p.cell for p in allocate(stats, n, spec.policy.exploration, rng)]
+    kept = sum(s.kept for s in stats)
+    notes = []
+    for q in spec.prompt.quotas:
+        fill = [s for s in active(stats) if _matches(s.cell, q.match)] or [
+            s for s in stats if _matches(s.cell, q.match)
+        ]
+        if not fill:
+            continue
+        top = max(fill, key=lambda s: reward(stats, s))
+        rest = [s for s in active(stats) if not _matches(s.cell, q.match)] or [top]
+        yc, yo = top.mean_yield, sum(s.mean_yield for s in rest) / len(rest)
+        held, total = sum(s.kept for s in stats if _matches(s.cell, q.match)), n * per
+        f = (q.min_share * (kept + total * yo) - held) / max(1e-9, (1 - q.min_share) * yc + q.min_share * yo) / total
+        want = min(n, math.ceil(max(0.0, f) * n))
+        have = [i for i, c in enumerate(out) if _matches(c, q.match)]
+        others = [i for i, c in enumerate(out) if not _matches(c, q.match)]
+        for i in others[: max(0, want - len(have))]:
+            out[i] = top.cell
+        if want:
+            notes.append(
+                f"quota {cell_id(tuple(q.match.items()))} >= {q.min_share:g} ({held}/{kept} kept): {want} shard(s)"
+            )
+    return out, "; ".join(notes)
+
+
+def cell_factor(stats: Sequence[CellStats], picks: Sequence[Cell]) -> float:
+    """How the cells drawn for a round scale its yield: their mean posterior yield over the live cells' pooled
+    yield (the factorised model: a shard's yield = its sampling arm's yield x this factor)."""
+    by = {s.cell: s for s in stats}
+    pooled = stats[0].prior[0] / sum(stats[0].prior) if stats else 1.0
+    if not picks or pooled <= 0:
+        return 1.0
+    return sum(by[c].mean_yield for c in picks) / len(picks) / pooled
+
+
+def cell_status(stats: Sequence[CellStats]) -> list[dict[str, object]]:
+    return [
+        {
+            "cell": c.id,
+            "attributes": dict(c.cell),
+            "shards": c.shards,
+            "examples": c.examples,
+            "tokens": c.tokens,
+            "kept": c.kept,
+            "yield": round(c.kept / c.examples, 4) if c.examples else 0.0,
+            "rewardPer1kTokens": round(1000 * c.w_kept / c.w_tokens, 4) if c.w_tokens > 0 else 0.0,
+            "qcPassRate": round(c.qc_pass_rate, 4),
+            "retired": c.retired,
+        }
+        for c in stats
+        if c.shards
     ]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from genrun.contract.errors import UserError
+from genrun.contract.errors import EXIT_RUN_FAILED, UserError
 from genrun.operator import conditions as c
 from genrun.operator.loop import read_reports
 from genrun.operator.planner import Observed, Plan
@@ -36,6 +36,10 @@ def print_status(output: str, as_json: bool = False) -> int:
     target = doc["spec"]["target"]["uniqueExamples"]
     print(f"{doc['metadata']['name']}: round {st.get('round', 0)}, kept {t.get('qcPassed', 0)}/{target}, unique "
           f"{t.get('unique', 0)}, generated {t.get('generated', 0)}, duplication {100 * t.get('duplicationRatio', 0):.1f}%")  # fmt: skip
+    dups, tiers = t.get("duplicates") or {}, t.get("dedupTiers") or []
+    if dups or tiers:  # what "unique" means: with semantic, the target counts semantic-unique rows (issue 12)
+        print(f"  duplicates: {dups.get('exact', 0)} exact, {dups.get('near', 0)} near, {dups.get('semantic', 0)} "
+              f"semantic; unique counts through the {', '.join(tiers)} tiers")  # fmt: skip
     if t.get("shardsQuarantined") or t.get("shardsFailed"):
         print(f"  shards: {t.get('shardsQuarantined', 0)} quarantined (damaged, set aside under quarantine/), "
               f"{t.get('shardsFailed', 0)} failed")  # fmt: skip
@@ -63,6 +67,21 @@ def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout
         Path(html).write_text(render_html(doc["metadata"]["name"], [reports[k] for k in sorted(reports)]))
         print(f"charts: {html}", file=file)
     return 0
+
+
+def print_outcome(plan: Plan, output: str, url: str, out: TextIO) -> int:
+    """`genrun run`'s last words: the report and the verdict; its exit code."""
+    out.write("\n")
+    if plan.condition(c.SUSPENDED).status == "True":
+        out.write(f"suspended (spec.suspend is true): {url}\n")
+        return 0
+    print_report(output, file=sys.stdout)
+    ok = plan.condition(c.SUCCEEDED).status == "True"
+    verdict = plan.condition(c.SUCCEEDED if ok else c.FAILED)
+    out.write(f"{'Succeeded' if ok else 'Failed'} ({verdict.reason}): {verdict.message}\n")
+    if plan.status.get("output"):
+        out.write(f"dataset: {plan.status['output']['dataset']}\nreport:  {plan.status['output']['report']}\n")
+    return 0 if ok else EXIT_RUN_FAILED
 
 
 class Progress:

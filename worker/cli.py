@@ -192,6 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as exc:
         print(f"genrun worker: error: storage: {exc}", file=sys.stderr)
         return rec.EXIT_STORAGE
+    except Exception as exc:  # the semantic model and dedup.against sources: user settings, retrying cannot help
+        from genrun.worker.against import AgainstError
+        from genrun.worker.semantic import SemanticError
+
+        if isinstance(exc, AgainstError | SemanticError):
+            print(f"genrun worker: error: {exc}", file=sys.stderr)
+            return rec.EXIT_USAGE if isinstance(exc, AgainstError) else rec.EXIT_MODEL
+        raise
 
 
 if __name__ == "__main__":

@@ -101,12 +101,34 @@ def _records(path: Path) -> Iterator[Any]:
                     yield {"_unparsable": line.rstrip("\n"), "_error": f"line {n}: {exc.msg}"}
 
 
-def read_rows(paths: Sequence[str]) -> list[Row]:
-    rows: list[Row] = []
+def expand(paths: Sequence[str]) -> list[str]:
+    """Folders become their files: a genrun run output its merge/rNNNN/kept.parquet (every instruction the run
+    counted as unique, as spec.dedup.against reads it), any other folder its .jsonl/.json/.parquet files, sorted."""
+    from genrun.worker.against import _KEPT, SUFFIXES
+
+    out: list[str] = []
     for p in paths:
         path = Path(p)
+        if not path.is_dir():
+            out.append(p)
+            continue
+        files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+        kept = [f for f in files if _KEPT.search(f)]
+        found = kept or [f for f in files if f.lower().endswith(SUFFIXES)]
+        if not found:
+            raise DedupUsageError(f"{p}: a folder with no .jsonl, .json or .parquet file and no genrun run output")
+        out += [str(path / f) for f in found]
+    return out
+
+
+def read_rows(paths: Sequence[str]) -> list[Row]:
+    rows: list[Row] = []
+    for p in expand(paths):
+        path = Path(p)
         if not path.is_file():
-            raise DedupUsageError(f"{p}: no such file (inputs are .jsonl, .json or .parquet files)")
+            raise DedupUsageError(
+                f"{p}: no such file or folder (inputs are .jsonl, .json or .parquet files or folders)"
+            )
         if not path.name.lower().endswith((".jsonl", ".json", ".parquet", ".ndjson")):
             raise DedupUsageError(f"{p}: unknown format; name the file .jsonl, .json (a list) or .parquet")
         try:
@@ -293,9 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `genrun dedup` (genrun.operator.cli adds them to its subcommand; this module imports no numpy
     until it runs)."""
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="dataset files to deduplicate, in keep-first order")
-    p.add_argument("--against", nargs="+", default=[], metavar="SEEN", help="datasets that already exist: input "
-                   "rows that duplicate them are dropped, they are never dropped themselves")  # fmt: skip
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="dataset files or folders to deduplicate, in keep-first "
+                   "order")  # fmt: skip
+    p.add_argument("--against", nargs="+", default=[], metavar="SEEN", help="datasets or genrun run outputs that "
+                   "already exist: input rows that duplicate them are dropped, they are never dropped themselves")  # fmt: skip
     p.add_argument("--output", required=True, help="folder for kept.jsonl, dropped.jsonl, invalid.jsonl, report.json")
     p.add_argument("--key", choices=("instruction", "pair"), default="instruction", help="what exact/near compare")
     p.add_argument("--threshold", type=float, default=0.8, help="MinHash Jaccard threshold (default 0.8)")

@@ -15,6 +15,7 @@ import os
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from genrun.worker.engine_types import Completion, Engine, ModelError, Params
 
@@ -62,7 +63,7 @@ class VllmEngine:
         from vllm import LLM
 
         gpu = torch.cuda.is_available()
-        kwargs: dict[str, object] = dict(
+        kwargs: dict[str, Any] = dict(
             model=path,
             dtype=("bfloat16" if dtype == "auto" and not gpu else dtype),
             max_model_len=max_model_len,

@@ -246,7 +246,10 @@ def render_card(
         f"| unique after dedup | {last.unique_total:,} |",
         f"| kept (unique and QC-passed) | {last.qc_passed_total:,} |",
         f"| duplication ratio | {last.duplication_ratio:.1%} |",
-        f"| exact duplicates / near duplicates | {last.exact_duplicates:,} / {last.near_duplicates:,} |",
+        f"| exact / near / semantic duplicates | {last.exact_duplicates:,} / {last.near_duplicates:,} / "
+        f"{last.semantic_duplicates:,} |",
+        f"| dedup tiers the target counts through | {', '.join(last.dedup_tiers)} |",
+        *([f"| rows that left their asked domain | {last.left_domain:,} |"] if last.left_domain else []),
         f"| tokens generated | {last.tokens_total:,} |",
         f"| kept per generated | {last.qc_passed_total / last.generated_total if last.generated_total else 0:.1%} |",
         "",
@@ -292,7 +295,20 @@ def render_card(
         lines.append(f"- {k}: `{json.dumps(v, sort_keys=True)}`")
     lines += [
         f"- online: {'generators skip instructions seen in earlier rounds before writing responses' if spec.dedup.online else 'off'}",
+        f"- unique (the target) counts rows kept by the tiers: {', '.join(last.dedup_tiers)}",
         "",
+    ]
+    if last.semantic_clusters:
+        lines += ["### Largest semantic clusters", "", "| rows | kept (first) | dropped (cosine with the first) |"]
+        lines += ["|---:|---|---|"]
+        lines += [
+            f"| {c.size:,} | {_md_escape(c.first)} | "
+            + "; ".join(f"{_md_escape(m)} ({cos:.2f})" for m, cos in c.members)
+            + " |"
+            for c in last.semantic_clusters
+        ]
+        lines.append("")
+    lines += [
         "## Quality checks",
         "",
         "Filters, in order (the first that objects names the reason):",

@@ -149,6 +149,21 @@ class _Novelty:
         return skipped_old, skipped_mine
 
 
+def _quality_signals(spec: Any) -> Any:
+    """The per-row quality columns' maker when the embedding model is loaded anyway (semantic tier on) or a QC filter
+    reads them (`relevance`, `domain`); else None and the columns stay null."""
+    from genrun.worker.qc import SIGNAL_FILTERS
+
+    sem = getattr(spec.dedup, "semantic", None)
+    on = sem is not None and sem.enabled
+    if not on and not any(f.name in SIGNAL_FILTERS for f in spec.qc.filters):
+        return None
+    from genrun.worker.semantic import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, QualitySignals, load_embedder
+
+    model, batch = (sem.model, sem.batch_size) if sem is not None else (DEFAULT_MODEL, DEFAULT_BATCH_SIZE)
+    return QualitySignals(load_embedder(model, None, batch), spec.prompt.domains)
+
+
 def _load_seen_semantic(spec: Any, storage: Storage, rnd: int) -> Any:
     """The kept embeddings of the rounds before `rnd` (the merge saves them in the seen-index), when semantic is on."""
     sem = getattr(spec.dedup, "semantic", None)
@@ -174,7 +189,15 @@ def generate_shard(
 
     t0 = time.monotonic()
     builder = PromptBuilder.for_shard(spec, shard)
-    novelty = _Novelty(spec, load_seen_index(storage, shard.round - 1), _load_seen_semantic(spec, storage, shard.round))
+    seen, seen_sem = load_seen_index(storage, shard.round - 1), _load_seen_semantic(spec, storage, shard.round)
+    if spec.dedup.against and spec.dedup.online:  # earlier datasets or runs count as seen (spec.dedup.against)
+        from genrun.worker.against import join_seen, join_semantic, load_against
+
+        prior = load_against(spec)
+        if prior is not None:
+            seen, seen_sem = join_seen(prior.seen, seen), join_semantic(prior.semantic, seen_sem)
+    novelty = _Novelty(spec, seen, seen_sem)
+    signals = _quality_signals(spec)
     s, g, bon = shard.sampling, spec.generation, spec.best_of_n
     quota = shard.examples
     max_attempts = math.ceil(quota * g.max_attempts_factor)
@@ -232,6 +255,7 @@ def generate_shard(
             resp = engine.generate(
                 rprompts, [params(bon.n, s.max_tokens, RESPONSE_STOPS, i, 1) for i, _, _, _ in novel]
             ) if novel else []  # fmt: skip
+        batch_start = len(rows)
         for (i, ins, ic, _), cands in zip(novel, resp, strict=True):
             counts.tokens += sum(c.tokens for c in cands) if not joint else 0
             judge = _judge(engine, bon.judge_prompt, ins, shard.seed) if bon.critic == "judge" else None
@@ -265,6 +289,14 @@ def generate_shard(
                     "candidates": len(cands),
                 }
             )
+        if signals is not None and len(rows) > batch_start:  # one encode per batch, not per row
+            new_rows = rows[batch_start:]
+            cols = signals.columns(
+                [r["instruction"] for r in new_rows], [r["response"] for r in new_rows], [r["domain"] for r in new_rows]
+            )
+            for k, values in cols.items():
+                for r, v in zip(new_rows, values, strict=True):
+                    r[k] = v
         now = time.monotonic()
         if now >= next_log:
             el = now - t0

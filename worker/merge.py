@@ -335,6 +335,7 @@ def _merge_one(
             for k, c in table.items():
                 acc.setdefault(k, Counts()).add(c)
         tot.per_round[rnd] = round_counts["round"]
+        tot.left_domain += round_counts["left_domain"]
         for k, v in round_counts["rejected"].items():
             tot.rejected[k] = tot.rejected.get(k, 0) + v
         np.savez(tmp / "state.npz", **step["chunk"])
@@ -387,6 +388,7 @@ def _write_rows(
     rj = pq.ParquetWriter(tmp / "rejected.parquet", rej_schema)
     kept_w = pq.ParquetWriter(tmp / "kept.parquet", pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
     g = 0
+    left_domain = 0
     sem_texts = []
     with open(tmp / "alpaca.jsonl", "w") as alpaca, open(tmp / "sharegpt.jsonl", "w") as sharegpt:
         for sh in shards:
@@ -423,7 +425,11 @@ def _write_rows(
                 )  # fmt: skip
             passed = np.array([x is None for x in reasons])
             # counters: per domain and temperature, vectorised over codes
-            dom = pc.dictionary_encode(pc.fill_null(table.column("domain"), "")).combine_chunks()
+            # The domain actually generated (quality column, when the generator had the embedding model), else the
+            # domain asked for; rows that left their asked domain are counted (sem, issue 12).
+            asked, gen = pc.fill_null(table.column("domain"), ""), table.column("generated_domain")
+            left_domain += int(pc.sum(pc.fill_null(pc.not_equal(gen, asked), False)).as_py() or 0)
+            dom = pc.dictionary_encode(pc.coalesce(gen, asked)).combine_chunks()
             temp = np.round(table.column("temperature").to_numpy().astype(np.float64), 3)
             for label, codes, names, acc in (
                 ("domain", np.asarray(dom.indices), dom.dictionary.to_pylist(), per_domain),
@@ -463,7 +469,7 @@ def _write_rows(
         texts = pa.concat_arrays(sem_texts) if sem_texts else pa.array([], pa.string())
         pq.write_table(sem_drops[0].append_column("instruction", texts), tmp / "semantic.parquet")
     return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected),
-            "per_shard": tuple(shard_yield)}  # fmt: skip
+            "per_shard": tuple(shard_yield), "left_domain": left_domain}  # fmt: skip
 
 
 def _codes(values: np.ndarray) -> tuple[np.ndarray, list[float]]:
@@ -561,6 +567,7 @@ def _report(storage: Storage, spec: Any, state: State, rnd: int, shards: int) ->
         ),
         quarantined=tuple(tot.quarantined),
         quarantined_count=len(tot.quarantined),
+        left_domain=tot.left_domain,
         dataset=storage.location(rec.DATASET_PREFIX),
         report=storage.location(f"{rec.merge_prefix(rnd)}/report.md"),
     )
@@ -601,6 +608,11 @@ def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = No
         "",
         "## Yield per domain (rows written, all rounds)",
         "",
+        *(
+            [f"Domain generated (nearest spec domain); {r.left_domain:,} rows left the domain they were asked for.", ""]
+            if r.left_domain
+            else []
+        ),
         "| domain | rows | unique | kept |",
         "|---|---:|---:|---:|",
     ]

@@ -58,6 +58,7 @@ class Totals:
     generated: dict[int, int] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, int] = field(default_factory=dict)
+    left_domain: int = 0  # rows whose generated_domain is not the domain asked (sem, issue 12)
     # The largest clusters so far as [kept id, size] (size desc, id asc): of all clusters, and of the semantic tier's.
     # A cluster that did not grow in a round keeps its rank, so a round needs only these and the clusters it grew.
     top: list[list[int]] = field(default_factory=list)
@@ -82,6 +83,7 @@ class Totals:
         t.per_domain = {str(k): Counts(**c) for k, c in d["per_domain"]}
         t.per_temperature = {float(k): Counts(**c) for k, c in d["per_temperature"]}
         t.rejected = {str(k): int(v) for k, v in d["rejected"].items()}
+        t.left_domain = int(d.get("left_domain", 0))
         for name in ("generated", "tokens", "skipped"):
             setattr(t, name, {int(k): int(v) for k, v in d[name]})
         t.top = [[int(i), int(n)] for i, n in d.get("top", [])]

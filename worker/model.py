@@ -53,7 +53,7 @@ def prepare_default_model(cache: Path | None = None) -> Path:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.architectures = [type(packed).__name__]
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
         plain.load_state_dict(packed.state_dict())
         plain.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))

@@ -23,6 +23,23 @@ def format_example(instruction: str, response: str) -> str:
     return f"{INSTRUCTION}{instruction.strip()}\n\n{RESPONSE}{response.strip()}\n\n"
 
 
+def attribute_values(
+    attributes: tuple[tuple[str, tuple[str, ...]], ...], cell: tuple[tuple[str, str], ...], seed: int, index: int
+) -> tuple[tuple[str, str], ...]:
+    """The (attribute, value) pairs of prompt `index` of the shard with `seed`: the shard's cell where the planner
+    gave it one, else each value drawn from a hash of (seed, index, attribute), so a rerun of the shard builds the
+    same prompts and prompts of one shard cover the combinations evenly in expectation."""
+    fixed = dict(cell)
+    out = []
+    for name, values in attributes:
+        if name in fixed:
+            out.append((name, fixed[name]))
+            continue
+        h = hashlib.sha256(f"{seed}/{index}/{name}".encode()).digest()
+        out.append((name, values[int.from_bytes(h[:8], "big") % len(values)]))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class PromptBuilder:
     template: str
@@ -30,18 +47,36 @@ class PromptBuilder:
     examples: tuple[Any, ...]  # FewShotExample
     per_prompt: int
     ordinal: int  # the shard's position in the run: rotates few-shot examples across shards
+    attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()  # spec.prompt.attributes as (name, values)
+    cell: tuple[tuple[str, str], ...] = ()  # the shard's cell, if the planner gave it one
+    seed: int = 0
 
     @classmethod
     def for_shard(cls, spec: Any, shard: Any) -> PromptBuilder:
         p = spec.prompt
-        return cls(p.template, tuple(shard.domains), tuple(p.examples), p.examples_per_prompt, shard.ordinal)
+        attrs = tuple((a.name, tuple(a.values)) for a in getattr(p, "attributes", ()))
+        return cls(
+            p.template,
+            tuple(shard.domains),
+            tuple(p.examples),
+            p.examples_per_prompt,
+            shard.ordinal,
+            attrs,
+            tuple(getattr(shard, "cell", ())),
+            shard.seed,
+        )
 
     def domain(self, index: int) -> str:
         return self.domains[index % len(self.domains)] if self.domains else ""
 
+    def values(self, index: int) -> tuple[tuple[str, str], ...]:
+        return attribute_values(self.attributes, self.cell, self.seed, index) if self.attributes else ()
+
     def prefix(self, index: int) -> str:
-        """The prompt up to (not including) the instruction to be generated."""
+        """The prompt up to (not including) the instruction to be generated. Attribute values fill their
+        placeholders; those the template does not name are appended to the domain ("cooking (audience: kids)")."""
         domain = self.domain(index)
+        values = self.values(index)
         shots = ""
         if self.examples and self.per_prompt:
             # Prefer examples of this prompt's domain, then rotate through the rest.
@@ -50,7 +85,10 @@ class PromptBuilder:
             k = (self.ordinal * 7 + index) % len(rest) if rest else 0
             pool = same + rest[k:] + rest[:k]
             shots = "".join(format_example(e.instruction, e.response) for e in pool[: self.per_prompt])
-        return self.template.format(domain=domain or NO_DOMAIN, examples=shots).rstrip() + "\n\n"
+        named = {n: v for n, v in values if "{" + n + "}" in self.template}
+        rest = "; ".join(f"{n}: {v}" for n, v in values if n not in named)
+        shown = (domain or NO_DOMAIN) + (f" ({rest})" if rest else "")
+        return self.template.format(domain=shown, examples=shots, **named).rstrip() + "\n\n"
 
     def instruction_prompt(self, index: int) -> str:
         return self.prefix(index) + INSTRUCTION

@@ -262,6 +262,46 @@ def _critic(p: Mapping[str, Any]) -> Filter:
     return f
 
 
+# Quality signals (genrun.worker.semantic, same model as the semantic tier). Calibrated on 850 recorded SmolLM2-135M
+# instruction/response pairs (worker/replay/smollm2-135m.jsonl.gz and tests/data/smollm2-instructions.jsonl.gz; every
+# pair below 0.15 read by hand, tests/data/semantic-labels.json): matched pairs have a median cosine of 0.35-0.40,
+# the same responses shuffled onto other instructions 0.04-0.05. At 0.15, 145 matched pairs fall below and 141 of them
+# ignore their instruction (false rejects: 4 of 850 rows, 0.5%), while 82-85% of shuffled pairs fall below
+# (tests/unit/test_semantic_real.py).
+DEFAULT_MIN_RELEVANCE = 0.15
+# Domain adherence: off its asked domain when another spec domain is nearer by at least this margin. Of 52 recorded
+# rows read at or above 0.1 (40 at random, 12 more in [0.1, 0.13)) none was on its asked domain (0 false rejects);
+# below it most rows are off too (the embedded model follows its few-shot examples): 0.1 is conservative.
+DEFAULT_MAX_DOMAIN_MARGIN = 0.1
+
+
+def _signal(column: str, bad: Callable[[np.ndarray], np.ndarray], reason: str) -> Filter:
+    """A filter on a quality column the generator writes when the embedding model is loaded; a null (no model, no
+    domains) gives no verdict."""
+
+    def f(table: Any) -> Reasons:
+        out = _none(table.num_rows)
+        if column not in table.column_names:
+            return out
+        v = _np(table.column(column)).astype(np.float64)  # null -> NaN
+        with np.errstate(invalid="ignore"):
+            out[~np.isnan(v) & bad(v)] = reason
+        return out
+
+    return f
+
+
+def _relevance(p: Mapping[str, Any]) -> Filter:
+    lo = float(p.get("minRelevance", DEFAULT_MIN_RELEVANCE))
+    return _signal("relevance", lambda v: v < lo, "irrelevant_response")
+
+
+def _domain(p: Mapping[str, Any]) -> Filter:
+    hi = float(p.get("maxMargin", DEFAULT_MAX_DOMAIN_MARGIN))
+    return _signal("domain_margin", lambda v: v >= hi, "off_domain")
+
+
+# The one registry: the CRD enum, contract.api's QcFilterName and its params table list exactly these (tested).
 BUILDERS: dict[str, Callable[[Mapping[str, Any]], Filter]] = {
     "length": _length,
     "finishReason": _finish,
@@ -271,7 +311,12 @@ BUILDERS: dict[str, Callable[[Mapping[str, Any]], Filter]] = {
     "bannedPatterns": lambda p: _patterns(p, (), "banned_pattern", ("instruction", "response")),
     "logprob": _logprob,
     "critic": _critic,
+    "relevance": _relevance,
+    "domain": _domain,
 }
+
+# Filters that read the quality columns: listing one makes the generator load the embedding model.
+SIGNAL_FILTERS = ("relevance", "domain")
 
 
 @dataclass

@@ -46,6 +46,7 @@ class ShardPlan:
     sampling: Sampling
     domains: tuple[str, ...] = ()
     arm: str = ""  # the policy's arm this shard measures (its sampling); "" in plans made before arms existed
+    cell: tuple[tuple[str, str], ...] = ()  # (attribute, value) for every prompt of the shard; () draws them per prompt
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,9 @@ class RoundReport:
     # Which tiers decide "unique" for this run (new_unique, unique_total and the target count what survives them all).
     dedup_tiers: tuple[str, ...] = ("exact", "near")
     semantic_clusters: tuple[SemanticCluster, ...] = ()  # the largest semantic clusters so far
+    # Rows (all rounds) whose instruction is nearest another spec domain than the one asked (the quality column
+    # generated_domain); per_domain then counts the generated domain. 0 without the embedding model.
+    left_domain: int = 0
     qc_rejected: dict[str, int] = field(default_factory=dict)
     top_duplicates: tuple[tuple[str, int], ...] = ()
     per_domain: tuple[DomainYield, ...] = ()
@@ -194,6 +198,7 @@ def shard_plan_from(d: dict[str, Any]) -> ShardPlan:
         sampling=Sampling(**d["sampling"]),
         domains=tuple(d.get("domains", ())),
         arm=str(d.get("arm", "")),
+        cell=tuple((str(k), str(v)) for k, v in d.get("cell", ())),
     )
 
 
@@ -328,14 +333,21 @@ EXAMPLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("response_logprob", "float32"),
     ("critic_score", "float32"),
     ("candidates", "int32"),
+    # Quality signals (genrun.worker.semantic), null unless the generator loaded the embedding model: the cosine of
+    # instruction and response, the spec domain the instruction is nearest to (what was generated), and how much
+    # nearer that domain is than the asked one (0 when they agree).
+    ("relevance", "float32"),
+    ("generated_domain", "string"),
+    ("domain_margin", "float32"),
 )
+NULLABLE_COLUMNS = frozenset({"critic_score", "relevance", "generated_domain", "domain_margin"})
 
 
 def example_schema() -> Any:
     import pyarrow as pa
 
     return pa.schema(
-        [pa.field(name, getattr(pa, typ)(), nullable=(name == "critic_score")) for name, typ in EXAMPLE_COLUMNS]
+        [pa.field(name, getattr(pa, typ)(), nullable=name in NULLABLE_COLUMNS) for name, typ in EXAMPLE_COLUMNS]
     )
 
 

@@ -349,14 +349,10 @@ def load_seen_semantic(storage: Any, rnd: int) -> SemanticIndex | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Quality signals with the same model. The merge computes the columns for a whole table in batches
-# (`quality_columns`); the QC filters then read them row by row like every other filter (genrun.worker.qc).
+# Quality signals with the same model. The generator writes them as columns of each row (records.EXAMPLE_COLUMNS:
+# relevance, generated_domain, domain_margin); the QC filters `relevance` and `domain` (genrun.worker.qc, where their
+# calibrated defaults live) read them like every other column.
 
-# Calibrated on 450 recorded SmolLM2-135M instruction/response pairs (docs/manifest.md): below 0.15 the responses we
-# read ignore their instruction; 82% of mismatched pairs (a response to another instruction) fall below it.
-DEFAULT_MIN_RELEVANCE = 0.15
-# Domain adherence: a row is off its asked domain when another domain is nearer by at least this margin.
-DEFAULT_DOMAIN_MARGIN = 0.1
 DOMAIN_TEMPLATE = "a question about {domain}"
 
 
@@ -383,41 +379,42 @@ def nearest_domains(
     return [domains[i] for i in np.argmax(sims, axis=1)], sims.astype(np.float32)
 
 
+class QualitySignals:
+    """The per-row quality columns for a shard: the domain vectors are embedded once, each batch's instructions and
+    responses in one encode call each."""
+
+    def __init__(self, embedder: Embedder, domains: Sequence[str]) -> None:
+        self.embedder = embedder
+        self.domains = list(domains)
+        self.pos = {d: i for i, d in enumerate(self.domains)}
+        self.vectors = domain_vectors(embedder, self.domains) if self.domains else None
+
+    def columns(
+        self, instructions: Sequence[str], responses: Sequence[str], asked: Sequence[str]
+    ) -> dict[str, list[Any]]:
+        """`relevance`, `generated_domain` (the spec domain the instruction is nearest to: what was generated) and
+        `domain_margin` (that domain's cosine minus the asked one's: 0 when they agree); the last two are None
+        without spec domains or when the asked domain is not one of them."""
+        n = len(instructions)
+        if n == 0:
+            return {"relevance": [], "generated_domain": [], "domain_margin": []}
+        both = self.embedder.encode([*instructions, *responses])  # one call: fewer, fuller batches
+        a, b = both[:n], both[n:]
+        rel = (a * b).sum(axis=1).astype(np.float32).tolist()
+        if self.vectors is None:
+            return {"relevance": rel, "generated_domain": [None] * n, "domain_margin": [None] * n}
+        sims = a @ self.vectors.T
+        best = np.argmax(sims, axis=1)
+        near = [self.domains[j] for j in best.tolist()]
+        margin = [
+            float(sims[r, best[r]] - sims[r, self.pos[x]]) if x in self.pos else None for r, x in enumerate(asked)
+        ]
+        return {"relevance": rel, "generated_domain": near, "domain_margin": margin}
+
+
 def quality_columns(
     embedder: Embedder, instructions: Sequence[str], responses: Sequence[str], asked: Sequence[str],
     domains: Sequence[str],
 ) -> dict[str, list[Any]]:  # fmt: skip
-    """The per-row signals the QC filters read: `relevance`, `domain_nearest` (the domain the instruction is nearest
-    to: what was generated), `domain_margin` (nearest domain's cosine minus the asked domain's; 0 when they agree)."""
-    near, sims = nearest_domains(embedder, instructions, domains)
-    pos = {d: i for i, d in enumerate(domains)}
-    margin = [float(sims[r].max() - sims[r, pos[a]]) if a in pos else 0.0 for r, a in enumerate(asked)]
-    return {
-        "relevance": relevance(embedder, instructions, responses).tolist(),
-        "domain_nearest": near,
-        "domain_margin": margin,
-    }
-
-
-def relevance_filter(params: Any) -> Any:
-    """QC filter `relevance`: drops a response that ignores its instruction (reason `irrelevant_response`).
-    params: minRelevance (default 0.15)."""
-    lo = float(params.get("minRelevance", DEFAULT_MIN_RELEVANCE))
-
-    def f(row: Any) -> str | None:
-        v = row.get("relevance")
-        return "irrelevant_response" if v is not None and v == v and v < lo else None
-
-    return f
-
-
-def domain_filter(params: Any) -> Any:
-    """QC filter `domain`: drops an instruction that left its asked domain (reason `off_domain`): another domain is
-    nearer by at least maxMargin (default 0.1). The row keeps `domain_nearest` either way for the yield table."""
-    hi = float(params.get("maxMargin", DEFAULT_DOMAIN_MARGIN))
-
-    def f(row: Any) -> str | None:
-        v = row.get("domain_margin")
-        return "off_domain" if v is not None and v == v and v >= hi else None
-
-    return f
+    """The quality columns of a table at once (see QualitySignals.columns)."""
+    return QualitySignals(embedder, domains).columns(instructions, responses, asked)

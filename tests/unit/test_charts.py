@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 
 from genrun.operator.charts import TOP, H, Series, bar_chart, render_html
-from genrun.worker.records import DomainYield, RoundReport, TemperatureYield
+from genrun.worker.records import DomainYield, RoundReport, SemanticCluster, TemperatureYield
 
 
 def report(rnd: int, generated: int, new_unique: int, new_kept: int, totals: tuple[int, int, int]) -> RoundReport:
@@ -34,13 +35,15 @@ def _texts(svg: ET.Element) -> list[str]:
 def test_charts_have_value_axes_and_the_target_line() -> None:
     page = render_html("demo", REPORTS, target=150)
     svgs = _svgs(page)  # every chart is well-formed SVG
-    assert len(svgs) == 5 and "<script" not in page
+    assert len(svgs) == 6 and "<script" not in page
     kept = _texts(svgs[0])
     assert [t for t in kept if re.fullmatch(r"[\d,]+", t)][:6] == ["0", "40", "80", "120", "160", "200"]
     assert "target 150" in kept and "examples" in kept and "round" in kept
     dashed = [e for e in svgs[0].iter("line") if e.get("stroke-dasharray")]
     assert dashed, "no target line"
-    for svg in svgs[1:]:  # ratios on a 0-100% axis
+    for svg in svgs[1:]:  # ratios on a 0-100% axis, but for the per-tier duplicate counts
+        if "Duplicates per tier (cumulative)" in _texts(svg):
+            continue
         ticks = [t for t in _texts(svg) if t.endswith("%") and "." not in t]
         assert ticks[:6] == ["0%", "20%", "40%", "60%", "80%", "100%"]
 
@@ -81,3 +84,25 @@ def test_arms_table_and_projection_come_from_the_status() -> None:
     assert re.search(r"<td>t1-p0\.9-r1\.3</td>.*<td>0\.67</td><td>10%</td><td>yes</td>", page)
     assert "Projected: 12,345 more tokens, 4 round(s) in all." in page
     assert "no arm measured yet" in render_html("demo", REPORTS, target=150)
+
+
+def test_per_tier_counts_semantic_clusters_and_what_unique_means() -> None:
+    """With the semantic tier on: the per-tier chart and rejection rows, the largest clusters with their members, and
+    the sentence saying the target counts semantic-unique rows; without it, the table says the tier is off."""
+    cluster = SemanticCluster(
+        "What is the capital city of France?",
+        (("Which city is the capital of France?", 0.95), ("Name France's <capital>", 0.91)),
+        5,
+    )
+    sem = [replace(r, semantic_duplicates=4 * r.round, dedup_tiers=("exact", "near", "semantic"),
+                   semantic_clusters=(cluster,), left_domain=7) for r in REPORTS]  # fmt: skip
+    page = render_html("demo", sem, target=150)
+    tiers = next(s for s in _svgs(page) if "Duplicates per tier (cumulative)" in _texts(s))
+    assert {"exact", "near (MinHash)", "semantic"} <= set(_texts(tiers))
+    assert re.search(r"<td>semantic duplicate</td><td>8</td>", page)
+    assert "28 rows dropped as duplicates: 17 exact, 3 near, 8 semantic" in page
+    assert "Unique means semantic-unique: the target counts rows kept by the exact, near and semantic tiers." in page
+    assert "Which city is the capital of France? (0.95)" in page and "Name France&#x27;s &lt;capital&gt; (0.91)" in page
+    assert "7 rows left the domain they were asked for" in page
+    off = render_html("demo", REPORTS, target=150)
+    assert "semantic tier off" in off and "Unique means kept by the exact and near tiers." in off

@@ -25,11 +25,13 @@ class Recorder:
         self.started: list[str] = []
         self.published: list[tuple[dict[str, Any], list[Event], bool]] = []
         self.refuse = refuse
+        self.attempts = 0
 
     async def jobs(self) -> Sequence[ObservedJob]:
         return [ObservedJob(n, "shard", 1, int(n.rsplit("s", 1)[1]), 0, "Running") for n in self.started]
 
     async def start(self, action: CreateShardJob | CreateMergeJob) -> None:
+        self.attempts += 1
         if self.refuse:
             raise Rejected(c.CHILD_REJECTED, f"refused {action.name}")
         self.started.append(action.name)
@@ -73,6 +75,18 @@ def test_a_refused_child_fails_the_run_once(tmp_path: Path) -> None:
     status, events, _ = backend.published[-1]
     assert [(e.type, e.reason) for e in events if e.reason == c.CHILD_REJECTED] == [("Warning", c.CHILD_REJECTED)]
     assert json.loads((tmp_path / rec.STATUS_KEY).read_text())["status"]["conditions"] == status["conditions"]
+
+    # Terminal for this generation: later steps (a timer, a restart from the published status) never ask again.
+    tried = backend.attempts
+    again = RunLoop(RunRef("r"), RAW, parse_spec(RAW), LocalStorage(tmp_path), backend, status=status)
+    for step in (loop, again):
+        assert asyncio.run(step.step()).condition(c.FAILED).reason == c.CHILD_REJECTED
+    assert backend.attempts == tried and len(backend.published) == 1
+    # A new generation (the spec was changed) is tried afresh.
+    asyncio.run(
+        RunLoop(RunRef("r", generation=2), RAW, parse_spec(RAW), LocalStorage(tmp_path), backend, status=status).step()
+    )
+    assert backend.attempts > tried
 
 
 def test_a_damaged_marker_is_quarantined_and_counted(tmp_path: Path) -> None:

@@ -99,6 +99,10 @@ def test_job_summary_reads_phase_and_retriability() -> None:
     spec = parse_spec(RAW)
     job = mf.shard_job(REF, decide(REF, spec, Observed()).actions[1], spec, Settings())  # type: ignore[arg-type]
     assert mf.job_summary(job)["phase"] == "Pending"  # suspended, waiting for Kueue
+    job["spec"]["suspend"] = False
+    assert mf.job_summary(job)["phase"] == "Pending"  # no pod yet
+    job["status"] = {"active": 1}
+    assert mf.job_summary(job)["phase"] == "Running"
     job["status"] = {
         "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit 2"}]
     }
@@ -219,25 +223,7 @@ def test_worker_cli_generates_a_shard_from_the_mounted_job_spec(tmp_path: Path) 
 # No path escape, no confused deputy.
 
 
-@pytest.mark.parametrize(
-    "name", ["../../kube-system/secrets/aws-creds", "a/b", "..", ".", "a..b", "A", "x%2Fy", "", "a" * 254, "a b"]
-)
-def test_api_paths_refuse_what_is_not_an_object_name(name: str) -> None:
-    from genrun.operator.kube import UnsafeName, api_path
-
-    if name:  # an empty name is the collection's path
-        with pytest.raises(UnsafeName):
-            api_path("v1", "data", "secrets", name)
-    with pytest.raises(UnsafeName):
-        api_path("v1", name, "secrets", "ok")
-
-
-def test_api_paths_of_valid_names() -> None:
-    from genrun.operator.kube import api_path, run_path
-
-    assert api_path("v1", "data", "secrets", "s3.creds-1") == "/api/v1/namespaces/data/secrets/s3.creds-1"
-    assert api_path("batch/v1", "data", "jobs") == "/apis/batch/v1/namespaces/data/jobs"
-    assert run_path("data", "sft") == "/apis/genrun.io/v1alpha1/namespaces/data/generationruns/sft"
+# The client's side (names checked, paths built by kubernetes_asyncio): tests/unit/test_kube.py.
 
 
 def test_run_errors_name_the_field_and_the_fix() -> None:

@@ -72,3 +72,21 @@ def test_forgotten_runs_leave_no_series_and_labels_stay_bounded() -> None:
     # ("le" is the reconcile-duration histogram's bucket bound)
     assert {label for _, labels in got for label, _ in labels} <= {"namespace", "name", "round", "state",
                                                                    "condition", "arm", "version", "le"}  # fmt: skip
+
+
+def test_duplicates_per_tier_are_one_counter_with_a_tier_label() -> None:
+    """One counter, a label from a fixed set of three (a fourth name in the status is not exported), and a gauge
+    saying the unique count is semantic-unique."""
+    m = Metrics()
+    totals = {**STATUS["totals"], "duplicates": {"exact": 150, "near": 20, "semantic": 10, "bogus": 1},
+              "dedupTiers": ["exact", "near", "semantic"]}  # fmt: skip
+    m.runs.update("data", "sft", 1000, {**STATUS, "totals": totals}, {})
+    got = scrape(m)
+    assert got[key("genrun_duplicates_total", tier="exact")] == 150
+    assert got[key("genrun_duplicates_total", tier="near")] == 20
+    assert got[key("genrun_duplicates_total", tier="semantic")] == 10
+    assert key("genrun_duplicates_total", tier="bogus") not in got
+    assert got[key("genrun_semantic_dedup_enabled")] == 1
+    m.runs.update("data", "sft", 1000, STATUS, {})
+    got = scrape(m)
+    assert got[key("genrun_semantic_dedup_enabled")] == 0 and key("genrun_duplicates_total", tier="exact") not in got

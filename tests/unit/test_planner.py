@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 from genrun.contract.api import RunRef, parse_spec
 from genrun.operator import conditions as c
+from genrun.operator import policy as pol
 from genrun.operator.planner import (
     CreateMergeJob,
     CreateShardJob,
@@ -377,17 +378,26 @@ budget_st = st.fixed_dictionaries(
 )
 
 
+ATTRIBUTES = {"attributes": [{"name": "task", "values": ["explain", "howto", "compare"]}, {"name": "level", "values": [
+    "easy", "hard"]}], "quotas": [{"match": {"level": "hard"}, "minShare": 0.3}]}  # fmt: skip
+prompt_st = st.sampled_from([{}, ATTRIBUTES])
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(yields=yields_st, budget=budget_st, target=st.integers(100, 30000), strategy=strategy_st)
-def test_property_stops_within_budget_and_never_reuses_a_seed(yields, budget, target, strategy) -> None:
+@given(yields=yields_st, budget=budget_st, target=st.integers(100, 30000), strategy=strategy_st, prompt=prompt_st)
+def test_property_stops_within_budget_and_never_reuses_a_seed(yields, budget, target, strategy, prompt) -> None:
     assume(target <= min(budget["maxGeneratedExamples"], budget["maxShards"] * 400))  # else validation refuses it
-    spec = spec_of(budget=budget, target={"uniqueExamples": target}, policy={"strategy": strategy})
+    spec = spec_of(budget=budget, target={"uniqueExamples": target}, policy={"strategy": strategy}, prompt=prompt)
     obs, plans = simulate(spec, yields)
     final = plans[-1]
     assert final.finished
     assert len(obs.rounds) <= budget["maxRounds"]
     seeds = [s.seed for p in obs.rounds.values() for s in p.shards]
     assert len(seeds) == len(set(seeds)) <= budget["maxShards"]
+    generated = sum(s.examples for p in obs.rounds.values() for s in p.shards)  # this world writes every example
+    assert generated <= budget["maxGeneratedExamples"]
+    cells = set(pol.cells(spec))
+    assert all(s.cell in cells or s.cell == () for p in obs.rounds.values() for s in p.shards)
     assert all(s.sampling.temperature <= spec.escalation.max_temperature for p in obs.rounds.values() for s in p.shards)
     if final.condition(c.SUCCEEDED).status == "True":
         assert max(obs.reports.values(), key=lambda r: r.round).qc_passed_total >= target
@@ -396,15 +406,29 @@ def test_property_stops_within_budget_and_never_reuses_a_seed(yields, budget, ta
 
 
 @settings(max_examples=60, deadline=None)
-@given(yields=yields_st, target=st.integers(100, 20000), every=st.integers(1, 4), strategy=strategy_st)
-def test_property_same_input_same_plan_and_replay_plans_nothing_done(yields, target, every, strategy) -> None:
-    spec = spec_of(target={"uniqueExamples": target}, budget={"maxRounds": 5}, policy={"strategy": strategy})
+@given(
+    yields=yields_st, target=st.integers(100, 20000), every=st.integers(1, 4), strategy=strategy_st, prompt=prompt_st
+)
+def test_property_same_input_same_plan_and_replay_plans_nothing_done(yields, target, every, strategy, prompt) -> None:
+    spec = spec_of(
+        target={"uniqueExamples": target}, budget={"maxRounds": 5}, policy={"strategy": strategy}, prompt=prompt
+    )
     obs, plans = simulate(spec, yields, restart_every=every)
     # Replaying the final observed state (an operator restarted at the end) creates nothing.
     again = decide(REF, spec, obs)
     assert again.actions == () and again == plans[-1]
     names = [j.name for j in obs.jobs]
     assert len(names) == len(set(names))
+    # A restart that lost a round's plan before it was recorded re-decides that very round: the planner's only
+    # randomness is the stream of (run identity, round), so arms, cells, seeds and sizes come out the same.
+    for r in sorted(obs.rounds):
+        before = Observed(
+            rounds={k: v for k, v in obs.rounds.items() if k < r},
+            jobs=tuple(j for j in obs.jobs if j.round < r),
+            reports={k: v for k, v in obs.reports.items() if k < r},
+        )
+        record = next(a for a in decide(REF, spec, before).actions if isinstance(a, RecordRound))
+        assert record.plan == obs.rounds[r]
 
 
 @settings(max_examples=40, deadline=None)

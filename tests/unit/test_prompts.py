@@ -78,3 +78,89 @@ def test_prompt_rotation_and_placeholders() -> None:
     assert "about cooking" in p0 and "Boil an egg." in p0 and p0.endswith(INSTRUCTION)
     assert "about math" in p1 and "Add 2 and 2." in p1
     assert b.response_prompt(1, "What is 3+3?").endswith(f"{INSTRUCTION}What is 3+3?\n\n{RESPONSE}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attribute samplers (spec.prompt.attributes)
+
+ATTR_SPEC = {
+    "model": {"name": "m"},
+    "target": {"uniqueExamples": 10},
+    "output": {"path": "/out"},
+    "prompt": {
+        "domains": ["cooking", "travel"],
+        "attributes": [
+            {"name": "task", "values": ["explain", "how-to", "compare"]},
+            {"name": "audience", "values": ["kids", "experts"]},
+        ],
+    },
+}
+
+
+def _shard(seed: int, cell: tuple = ()) -> ShardPlan:
+    return ShardPlan(1, seed, 0, 10, Sampling(0.7, 0.9, 1.1, 0.0, 64), ("cooking", "travel"), cell=cell)
+
+
+def test_attributes_are_drawn_per_prompt_from_the_seed_and_cover_every_value() -> None:
+    spec = parse_spec(ATTR_SPEC)
+    a, again, other = (PromptBuilder.for_shard(spec, _shard(s)) for s in (7, 7, 8))
+    prompts = [a.instruction_prompt(i) for i in range(300)]
+    assert prompts == [again.instruction_prompt(i) for i in range(300)]  # a rerun of the shard: same prompts
+    assert prompts[:20] != [other.instruction_prompt(i) for i in range(20)]  # another seed: other draws
+    counts = Counter(a.values(i) for i in range(300))
+    assert len(counts) == 6 and min(counts.values()) >= 25  # all 6 cells, roughly evenly (50 expected)
+    # The default template names no attribute: the values follow the domain.
+    assert "about cooking (task: " in prompts[0] and "; audience: " in prompts[0]
+
+
+def test_a_shard_cell_fixes_every_prompt_and_fills_named_placeholders() -> None:
+    raw = {**ATTR_SPEC, "prompt": {**ATTR_SPEC["prompt"], "template": "Tasks ({task}) for {audience} on {domain}:"}}
+    spec = parse_spec(raw)
+    b = PromptBuilder.for_shard(spec, _shard(3, (("task", "compare"), ("audience", "kids"))))
+    assert {b.values(i) for i in range(50)} == {(("task", "compare"), ("audience", "kids"))}
+    assert b.instruction_prompt(1).startswith("Tasks (compare) for kids on travel:")
+
+
+def test_shard_cell_survives_the_plan_record() -> None:
+    from genrun.worker.records import plain, shard_plan_from
+
+    s = _shard(3, (("task", "compare"), ("audience", "kids")))
+    assert shard_plan_from(json.loads(json.dumps(plain(s)))) == s
+    assert shard_plan_from({k: v for k, v in plain(s).items() if k != "cell"}).cell == ()  # older plans
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error"),
+    [
+        (
+            {"attributes": [{"name": "domain", "values": ["a"]}]},
+            "spec.prompt.attributes[0].name: 'domain' is a built-in",
+        ),
+        ({"attributes": [{"name": "t", "values": ["a", "a"]}]}, "spec.prompt.attributes[0].values: has duplicates"),
+        ({"attributes": [{"name": "t", "values": []}]}, "spec.prompt.attributes[0].values"),
+        (
+            {
+                "attributes": [
+                    {"name": "t", "values": [str(i) for i in range(20)]},
+                    {"name": "u", "values": [str(i) for i in range(20)]},
+                ]
+            },
+            "400 cells",
+        ),
+        (
+            {"attributes": [{"name": "t", "values": ["a"]}], "quotas": [{"match": {"x": "a"}, "minShare": 0.2}]},
+            "spec.prompt.quotas[0].match.x: no such attribute",
+        ),
+        (
+            {"attributes": [{"name": "t", "values": ["a"]}], "quotas": [{"match": {"t": "b"}, "minShare": 0.2}]},
+            "spec.prompt.quotas[0].match.t: 'b' is not one of",
+        ),
+        ({"template": "{task} {examples}"}, "spec.prompt.template: unknown placeholder(s) {task}"),
+    ],
+)
+def test_bad_attributes_name_the_field_and_the_fix(prompt: dict, error: str) -> None:
+    from genrun.contract.api import SpecError
+
+    with pytest.raises(SpecError) as exc:
+        parse_spec({**ATTR_SPEC, "prompt": prompt})
+    assert any(e.startswith(error) or error in e for e in exc.value.errors), exc.value.errors

@@ -161,3 +161,63 @@ def test_pipeline_first_reason_in_spec_order_and_batch_equals_rows() -> None:
     assert a.check_table(pa.Table.from_pylist(rows)) == want == [a.check(r) for r in rows]
     assert b.check(rows[0]) == "refusal"
     assert QcPipeline.from_spec([]).check(rows[0]) is None
+
+
+def test_the_registry_the_api_and_both_crds_list_the_same_filters() -> None:
+    """One registry (genrun.worker.qc.BUILDERS): the CRD enum (and the chart's copy), the API's Literal type and its
+    params table name exactly its filters."""
+    import typing
+    from pathlib import Path
+
+    import yaml
+    from genrun.contract import api
+    from genrun.worker.qc import BUILDERS
+
+    root = Path(__file__).resolve().parents[2]
+    for crd_path in (root / "crds" / "generationrun.yaml", root / "charts" / "genrun" / "crds" / "generationrun.yaml"):
+        crd = yaml.safe_load(crd_path.read_text())
+        props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        enum = props["qc"]["properties"]["filters"]["items"]["properties"]["name"]["enum"]
+        assert enum == list(BUILDERS), crd_path
+    assert list(typing.get_args(api.QcFilterName)) == list(BUILDERS)
+    assert set(api._QC_PARAMS) == set(BUILDERS)
+
+
+@pytest.mark.parametrize(
+    ("name", "column", "value", "params", "reason"),
+    [
+        ("relevance", "relevance", 0.05, {}, "irrelevant_response"),
+        ("relevance", "relevance", 0.15, {}, None),  # the threshold itself passes
+        ("relevance", "relevance", 0.4, {"minRelevance": 0.5}, "irrelevant_response"),
+        ("relevance", "relevance", None, {}, None),  # no model loaded: no verdict
+        ("domain", "domain_margin", 0.1, {}, "off_domain"),
+        ("domain", "domain_margin", 0.0, {}, None),
+        ("domain", "domain_margin", 0.3, {"maxMargin": 0.5}, None),
+        ("domain", "domain_margin", None, {}, None),
+    ],
+)
+def test_quality_signal_filters(name: str, column: str, value: float | None, params: dict, reason: str | None) -> None:
+    assert check(only(name, **params), **{column: value}) == reason
+
+
+def test_quality_signal_params_are_checked_by_the_api() -> None:
+    from genrun.contract.api import SpecError, parse_spec
+
+    base = {"model": {"name": "m"}, "target": {"uniqueExamples": 10}, "output": {"path": "/data/x"}}
+    with pytest.raises(SpecError, match=r"spec.qc.filters\[0\].params.minRelevance: must be in \[-1, 1\]"):
+        parse_spec(
+            {
+                **base,
+                "prompt": {"domains": ["a"]},
+                "qc": {"filters": [{"name": "relevance", "params": {"minRelevance": 3}}]},
+            }
+        )
+    with pytest.raises(SpecError, match=r"the 'domain' filter needs spec\.prompt\.domains"):
+        parse_spec({**base, "qc": {"filters": [{"name": "domain"}]}})
+    parse_spec(
+        {
+            **base,
+            "prompt": {"domains": ["a", "b"]},
+            "qc": {"filters": [{"name": "domain", "params": {"maxMargin": 0.2}}]},
+        }
+    )

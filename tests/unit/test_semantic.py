@@ -228,6 +228,34 @@ def test_generate_shard_with_semantic_on_writes_no_semantic_duplicates(tmp_path:
     again = semantic_dedup(embed_keys(load_embedder(), dedup_keys([r["instruction"] for r in rows])))
     assert again.keep.all()  # nothing the shard wrote is a semantic duplicate of an earlier row of it
     assert "of them semantic" in caplog.text
+    # The quality columns: written because the model is loaded; the per-domain yield counts the generated domain.
+    domains = set(spec.prompt.domains)
+    assert all(r["generated_domain"] in domains and -1 <= r["relevance"] <= 1 for r in rows)
+    assert all((r["domain_margin"] == 0) == (r["generated_domain"] == r["domain"]) for r in rows)
+    from genrun.worker.merge import merge_round
+
+    report = merge_round(storage, spec, "t", 1, [(1, shard.seed)])
+    left = sum(r["generated_domain"] != r["domain"] for r in rows)
+    assert report.left_domain == left > 0
+    generated = {}
+    for r in rows:
+        generated[r["generated_domain"]] = generated.get(r["generated_domain"], 0) + 1
+    assert {d.domain: d.generated for d in report.per_domain} == generated
+    md = (tmp_path / rec.merge_prefix(1) / "report.md").read_text()
+    assert f"{left:,} rows left the domain they were asked for" in md
+
+
+def test_quality_columns_only_when_the_model_is_loaded_or_a_filter_needs_them() -> None:
+    from genrun.worker.generate import _quality_signals
+
+    assert _quality_signals(_spec(False)) is None
+    raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
+    raw["qc"] = {"filters": [{"name": "length"}, {"name": "relevance"}]}
+    sig = _quality_signals(parse_spec(raw))
+    assert sig is not None and sig.domains == list(parse_spec(raw).prompt.domains)
+    cols = sig.columns(["How do I bake bread at home?"], ["Mix flour, water, yeast and salt, knead, rise, bake."],
+                       ["cooking"])  # fmt: skip
+    assert cols["generated_domain"] == ["cooking"] and cols["domain_margin"] == [0.0] and cols["relevance"][0] > 0.3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -343,3 +371,45 @@ def test_incremental_rounds_equal_one_pass(embedder: Any) -> None:
     assert np.concatenate([r1.dup_of, r2.dup_of]).tolist() == whole.dup_of.tolist()
     assert len(state) == int(whole.keep.sum()) and emb2.shape == (250, embedder.dim)
     assert whole.dropped > 0
+
+
+def test_status_counts_duplicates_per_tier_and_names_the_tiers() -> None:
+    """The status the planner publishes (operator/planner.py `_status`): per-tier duplicates and the tiers that
+    "unique" (and the target) count through: before any report from the spec, then from the round's report."""
+    import dataclasses
+
+    from genrun.contract.api import RunRef
+    from genrun.operator.planner import Observed, decide
+
+    spec = _spec(True)
+    ref = RunRef("sft")
+    st = decide(ref, spec, Observed()).status["totals"]
+    assert st["dedupTiers"] == ["exact", "near", "semantic"] and st["duplicates"] == {
+        "exact": 0,
+        "near": 0,
+        "semantic": 0,
+    }
+    assert decide(ref, _spec(False), Observed()).status["totals"]["dedupTiers"] == ["exact", "near"]
+    rep = rec.RoundReport(round=1, shards=1, generated=100, new_unique=60, new_qc_passed=50, generated_total=100,
+                          unique_total=60, qc_passed_total=50, exact_duplicates=25, near_duplicates=5,
+                          semantic_duplicates=10, dedup_tiers=("exact", "near", "semantic"))  # fmt: skip
+    st = decide(ref, spec, dataclasses.replace(Observed(), reports={1: rep})).status["totals"]
+    assert st["duplicates"] == {"exact": 25, "near": 5, "semantic": 10} and st["dedupTiers"][-1] == "semantic"
+
+
+def test_dataset_card_shows_tiers_clusters_and_left_domain() -> None:
+    from genrun.contract.api import to_manifest
+    from genrun.worker.export import render_card
+
+    raw = to_manifest(_spec(True))
+    cluster = rec.SemanticCluster("What is the capital city of France?", (("Name France's capital", 0.91),), 3)
+    rep = rec.RoundReport(round=1, shards=1, generated=100, new_unique=60, new_qc_passed=50, generated_total=100,
+                          unique_total=60, qc_passed_total=50, exact_duplicates=25, near_duplicates=5,
+                          semantic_duplicates=10, dedup_tiers=("exact", "near", "semantic"),
+                          semantic_clusters=(cluster,), left_domain=12)  # fmt: skip
+    card = render_card(raw, "sft", [rep], {})
+    assert "| exact / near / semantic duplicates | 25 / 5 / 10 |" in card
+    assert "| rows that left their asked domain | 12 |" in card
+    assert "unique (the target) counts rows kept by the tiers: exact, near, semantic" in card
+    assert "| 3 | What is the capital city of France? | Name France's capital (0.91) |" in card
+    assert "`relevance` (float32)" in card and "`generated_domain` (string)" in card

@@ -51,7 +51,7 @@ def _genrun(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
 
 
 def test_bounds_are_read_from_the_crd_and_enforced_at_their_edges() -> None:
-    assert len(api.BOUNDS) == 49  # every number field of the spec has its range in the CRD
+    assert len(api.BOUNDS) == 51  # every number field of the spec has its range in the CRD
     for bound in api.BOUNDS:
         section, key = bound.path.split(".", 1)
         for value, ok in _edge_values(bound):
@@ -59,6 +59,11 @@ def test_bounds_are_read_from_the_crd_and_enforced_at_their_edges() -> None:
             if key.startswith("arms[]."):  # a list of objects: bound the field of its first item
                 doc["spec"][section] = {"arms": [{"temperature": 0.7, key.removeprefix("arms[]."): value}]}
                 where = f"spec.{section}.arms[0].{key.removeprefix('arms[].')}"
+            elif key.startswith("quotas[]."):  # a quota needs an attribute to match
+                leaf = key.removeprefix("quotas[].")
+                quota = {"match": {"t": "a"}, leaf: value}
+                doc["spec"][section] = {"attributes": [{"name": "t", "values": ["a"]}], "quotas": [quota]}
+                where = f"spec.{section}.quotas[0].{leaf}"
             elif key.startswith("endpoint."):  # a nested object: with its required url
                 doc["spec"][section]["endpoint"] = {"url": "http://vllm:8000/v1", key.removeprefix("endpoint."): value}
                 where = f"spec.{bound.path}"
