@@ -428,6 +428,7 @@ class SeenIndex:
     seed: int
     shingle_size: int
     chunks: list[IndexChunk] = field(default_factory=list)
+    _firsts: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, threshold: float, num_perm: int, seed: int = 1, shingle_size: int = 1) -> SeenIndex:
@@ -451,6 +452,20 @@ class SeenIndex:
         """Every key hash seen (sorted): joins the chunks, for tools and tests."""
         return np.unique(self._cat("exact", np.empty(0, np.uint64)))
 
+    @exact.setter
+    def exact(self, value: np.ndarray) -> None:
+        self._single().exact = np.unique(np.asarray(value, dtype=np.uint64))
+
+    def _single(self) -> IndexChunk:
+        """The index as one chunk (for callers that set whole arrays, e.g. an against seed's ids)."""
+        if not self.chunks:
+            e = np.empty(0, np.int64)
+            self.chunks = [IndexChunk(np.empty(0, np.uint64), self.sigs, np.empty((0, self.nbands), np.uint64), e, e,
+                                      [(np.empty(0, np.uint64), e)] * self.nbands)]  # fmt: skip
+        while len(self.chunks) > 1:
+            self.chunks[:2] = [_join(self.chunks[0], self.chunks[1])]
+        return self.chunks[0]
+
     @property
     def sigs(self) -> np.ndarray:
         return self._cat("sigs", np.empty((0, self.num_perm), np.uint32))
@@ -459,9 +474,17 @@ class SeenIndex:
     def ids(self) -> np.ndarray:
         return self._cat("ids", np.empty(0, np.int64))
 
+    @ids.setter
+    def ids(self, value: np.ndarray) -> None:
+        self._single().ids = np.asarray(value, dtype=np.int64)
+
     @property
     def root(self) -> np.ndarray:
         return self._cat("root", np.empty(0, np.int64))
+
+    @root.setter
+    def root(self, value: np.ndarray) -> None:
+        self._single().root = np.asarray(value, dtype=np.int64)
 
     @property
     def params(self) -> np.ndarray:
@@ -487,6 +510,13 @@ class SeenIndex:
         """Per query row, the earliest cluster (root id) among the indexed bucket firsts of its buckets that it is
         similar to, or -1. `subset`: only these bands (a partitioned reducer's share; the minimum over shares is
         the answer)."""
+        root, found = self._match(sigs, bands, subset)
+        return np.where(found, root, -1)
+
+    def _match(
+        self, sigs: np.ndarray, bands: np.ndarray, subset: Iterable[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(earliest root, found) per query: roots may be negative (an against seed's prior rows)."""
         big = np.iinfo(np.int64).max
         out = np.full(len(sigs), big, dtype=np.int64)
         use = list(range(bands.shape[1]) if subset is None else subset)
@@ -498,7 +528,7 @@ class SeenIndex:
             ti = np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)
             q, t = _verify(qi, ti, sigs, c.sigs, self.threshold)
             np.minimum.at(out, q, c.root[t])
-        return np.where(out == big, -1, out)
+        return out, out != big
 
     def assign(
         self, sigs: np.ndarray, bands: np.ndarray, old: np.ndarray | None = None
@@ -507,8 +537,15 @@ class SeenIndex:
         against the index, its component's first row in the batch, its component's earliest earlier cluster or -1).
         `old`: the matches when computed elsewhere (partitioned reducers)."""
         old = self.match(sigs, bands) if old is None else old
-        label, link = cluster_batch(sigs, bands, self.threshold, old)
+        firsts = self._batch_firsts(bands)
+        label, link = cluster_batch(sigs, bands, self.threshold, old, firsts)
         return old, label, link
+
+    def _batch_firsts(self, bands: np.ndarray) -> np.ndarray:
+        """batch_firsts, kept for the same batch array (`extend` after `assign` sorts the bands once)."""
+        if self._firsts is None or self._firsts[0] is not bands:
+            self._firsts = (bands, batch_firsts(bands))
+        return self._firsts[1]
 
     def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray, exact: np.ndarray,
                compact: bool = False) -> IndexChunk:  # fmt: skip
@@ -516,7 +553,8 @@ class SeenIndex:
         of a bucket not indexed yet, and the key hashes it saw first (sorted, distinct). `compact`: join small
         trailing chunks (the online check adds many small batches; chunks stay O(log n))."""
         n = len(bands)
-        is_first = (batch_firsts(bands) == np.arange(n)[:, None]) & ~self.indexed(bands)
+        is_first = (self._batch_firsts(bands) == np.arange(n)[:, None]) & ~self.indexed(bands)
+        self._firsts = None
         add = np.flatnonzero(is_first.any(axis=1))
         tables = []
         for band in range(bands.shape[1]):
@@ -540,7 +578,7 @@ class SeenIndex:
         """True where a signature is a near duplicate of an indexed row (the merge's rule)."""
         if not near or len(self) == 0 or len(sigs) == 0:
             return np.zeros(len(sigs), dtype=bool)
-        return self.match(sigs, self.band_keys(sigs)) >= 0
+        return self._match(sigs, self.band_keys(sigs))[1]
 
     def admit(self, keys: Any, sigs: np.ndarray, near: bool = True) -> np.ndarray:
         """The online check of a batch in order: 0 = novel (now indexed), 1 = a duplicate of an indexed row (or of a

@@ -34,206 +34,38 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes, lsh_params, normalize_array
+from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes
 from genrun.worker.export import export_dataset, part_metadata
+from genrun.worker.merge_state import (
+    Counts,
+    State,
+    grown_sizes,
+    load_npz,
+    load_state,
+    read_table,
+    round_keys,
+    semantic_spec,
+    state_key,
+    top_clusters,
+)
 from genrun.worker.qc import QcPipeline
 from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
 
 log = logging.getLogger("genrun.merge")
 
-STATE_VERSION = 1
 TMP_DIR_PREFIX = "genrun-merge-"
 REASON_EXACT, REASON_NEAR, REASON_SEMANTIC = "exact_duplicate", "near_duplicate", "semantic_duplicate"
 DUPLICATE_REASONS = (REASON_EXACT, REASON_NEAR, REASON_SEMANTIC)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Counters and state
-
-
-@dataclass
-class Counts:
-    """Rows written, of them new unique (first of their cluster), of those QC-passed (kept in the dataset)."""
-
-    rows: int = 0
-    unique: int = 0
-    kept: int = 0
-
-    def add(self, other: Counts) -> None:
-        self.rows += other.rows
-        self.unique += other.unique
-        self.kept += other.kept
-
-
-@dataclass
-class Totals:
-    """The cumulative, small part of the state (state.json): everything the report sums over rounds."""
-
-    version: int = STATE_VERSION
-    params: dict[str, Any] = field(default_factory=dict)
-    round: int = 0
-    rows: int = 0  # global row ids handed out so far
-    round_first_id: dict[int, int] = field(default_factory=dict)  # round -> its first global row id
-    shards: list[tuple[int, int]] = field(default_factory=list)  # merged (round, seed)
-    quarantined: list[str] = field(default_factory=list)
-    per_round: dict[int, Counts] = field(default_factory=dict)
-    per_domain: dict[str, Counts] = field(default_factory=dict)
-    per_temperature: dict[float, Counts] = field(default_factory=dict)
-    rejected: dict[str, int] = field(default_factory=dict)
-    generated: dict[int, int] = field(default_factory=dict)
-    tokens: dict[int, int] = field(default_factory=dict)
-    skipped: dict[int, int] = field(default_factory=dict)
-    left_domain: int = 0  # rows whose generated_domain is not the domain asked (sem, issue 12)
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        for k in ("per_round", "per_domain", "per_temperature"):
-            d[k] = [[key, c] for key, c in d[k].items()]
-        for k in ("round_first_id", "generated", "tokens", "skipped"):
-            d[k] = [[key, v] for key, v in d[k].items()]
-        return json.dumps(d, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Totals:
-        d = json.loads(raw)
-        t = cls(version=d["version"], params=d["params"], round=d["round"], rows=d["rows"])
-        t.round_first_id = {int(k): int(v) for k, v in d["round_first_id"]}
-        t.shards = [(int(r), int(s)) for r, s in d["shards"]]
-        t.quarantined = list(d["quarantined"])
-        t.per_round = {int(k): Counts(**c) for k, c in d["per_round"]}
-        t.per_domain = {str(k): Counts(**c) for k, c in d["per_domain"]}
-        t.per_temperature = {float(k): Counts(**c) for k, c in d["per_temperature"]}
-        t.rejected = {str(k): int(v) for k, v in d["rejected"].items()}
-        t.left_domain = int(d.get("left_domain", 0))
-        for name in ("generated", "tokens", "skipped"):
-            setattr(t, name, {int(k): int(v) for k, v in d[name]})
-        return t
-
-
-def semantic_spec(spec: Any) -> Any:
-    """The spec's semantic tier when it is on, else None (tools pass dedup settings without one)."""
-    sem = getattr(spec.dedup, "semantic", None)
-    return sem if sem is not None and sem.enabled else None
-
-
-def dedup_params(spec: Any) -> dict[str, Any]:
-    """What the stored state depends on: a change means the state cannot be extended, only rebuilt."""
-    d = spec.dedup
-    sem = semantic_spec(spec)
-    return {
-        "semantic": None if sem is None else {"model": sem.model, "threshold": sem.threshold},
-        "key": d.key, "normalize": d.normalize, "near": d.near_duplicates, "threshold": d.threshold,
-        "num_perm": d.num_perm, "shingle_size": d.shingle_size, "lsh": list(lsh_params(d.threshold, d.num_perm)),
-        "key_hash": "xxh3_64", "minhash_seed": 1, "near_rule": "components",
-    }  # fmt: skip
-
-
-@dataclass
-class State:
-    """Everything a round needs from the rounds before it. Arrays are the concatenation of per-round chunks.
-
-    seen: the LSH bucket firsts (signature, band keys, id, cluster root) and all key hashes, what the generators
-    load too; keys_*: every distinct key hash (sorted) with the global id of its cluster's first row; kept_id: the
-    clusters' first rows, cluster: each one's size. semantic: the semantic tier's index (the kept rows' embeddings,
-    ids = kept_id), as the generators load it from the seen-index (`semantic.load_seen_semantic`); sem_owner and
-    sem_count: per kept row with semantic duplicates, how many (for the report's clusters)."""
-
-    totals: Totals
-    seen: SeenIndex
-    kept_id: np.ndarray
-    keys_hash: np.ndarray
-    keys_owner: np.ndarray
-    cluster: np.ndarray
-    semantic: Any = None
-    sem_owner: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    sem_count: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-
-    @classmethod
-    def empty(cls, spec: Any) -> State:
-        d = spec.dedup
-        i64, u64 = np.empty(0, np.int64), np.empty(0, np.uint64)
-        seen = SeenIndex.empty(d.threshold, d.num_perm, 1, d.shingle_size)
-        return cls(Totals(params=dedup_params(spec)), seen, i64, u64, i64.copy(), i64.copy())
-
-
-def _state_key(rnd: int, name: str) -> str:
-    return f"{rec.merge_prefix(rnd)}/{name}"
-
-
-def _load_npz(storage: Storage, key: str) -> dict[str, np.ndarray]:
-    with local_copy(storage, key) as path, np.load(path) as z:
-        return {k: z[k] for k in z.files}
-
-
-def load_state(storage: Storage, spec: Any, rnd: int) -> State | None:
-    """The state after round `rnd` (None when it is missing or was made with other dedup parameters)."""
-    if rnd < 1:
-        return State.empty(spec)
-    try:
-        totals = Totals.from_json(storage.read_bytes(_state_key(rnd, "state.json")))
-    except (KeyError, ValueError, TypeError) as exc:
-        log.info("no usable merge state for round %d (%s): full re-merge", rnd, exc.__class__.__name__)
-        return None
-    if totals.version != STATE_VERSION or totals.params != dedup_params(spec):
-        log.info("dedup parameters changed since round %d: full re-merge", rnd)
-        return None
-    chunks, seens = [], []
-    for r in sorted(totals.round_first_id):
-        try:
-            chunks.append(_load_npz(storage, _state_key(r, "state.npz")))
-            seens.append(SeenIndex.from_npz(_load_npz(storage, rec.seen_index_key(r))))
-        except (KeyError, OSError, ValueError) as exc:
-            log.warning("merge state chunk of round %d unreadable (%s): full re-merge", r, exc)
-            return None
-    st = State.empty(spec)
-    st.totals = totals
-    if chunks:
-        st.kept_id = np.concatenate([c["kept_id"] for c in chunks])
-        kh = np.concatenate([c["keys_hash"] for c in chunks])
-        ko = np.concatenate([c["keys_owner"] for c in chunks])
-        order = np.argsort(kh, kind="stable")  # per-round sorted runs: merged in about linear time
-        st.keys_hash, st.keys_owner = kh[order], ko[order]
-        st.seen = SeenIndex.concat(seens)
-        st.cluster = np.ones(len(st.kept_id), np.int64)
-        for c in chunks:  # each chunk: (owner id, rows added to its cluster in that round)
-            pos = np.searchsorted(st.kept_id, c["dup_owner"])
-            np.add.at(st.cluster, pos, c["dup_count"])
-        owners = np.concatenate([c.get("sem_owner", np.empty(0, np.int64)) for c in chunks])
-        counts = np.concatenate([c.get("sem_count", np.empty(0, np.int64)) for c in chunks])
-        st.sem_owner, inv = np.unique(owners, return_inverse=True)
-        st.sem_count = np.bincount(inv.reshape(-1), weights=counts, minlength=len(st.sem_owner)).astype(np.int64)
-    if semantic_spec(spec) is not None and totals.round_first_id:
-        from genrun.worker.semantic import load_seen_semantic
-
-        try:
-            st.semantic = load_seen_semantic(storage, rnd)
-        except (OSError, ValueError) as exc:
-            log.warning("semantic index of round %d unreadable (%s): full re-merge", rnd, exc)
-            return None
-        if st.semantic is None or not np.array_equal(st.semantic.ids, st.kept_id):
-            log.warning("semantic index of round %d missing or not the kept rows: full re-merge", rnd)
-            return None
-    return st
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # Reading shards
-
-
-def _read_table(storage: Storage, key: str, columns: list[str] | None = None) -> Any:
-    import pyarrow.parquet as pq
-
-    with local_copy(storage, key) as path:
-        table = pq.read_table(path, columns=columns)
-    if columns is None and not table.schema.equals(rec.example_schema(), check_metadata=False):
-        raise ValueError(f"schema differs from the contract: {table.schema}")
-    return table
 
 
 @dataclass
@@ -267,7 +99,7 @@ def _read_round(
             missing.append(dkey)
             continue
         try:
-            table = _read_table(storage, dkey)  # the whole file, schema-checked, before any row counts
+            table = read_table(storage, dkey)  # the whole file, schema-checked, before any row counts
         except Exception as exc:  # a corrupt or foreign file must not abort the merge: quarantine it
             _quarantine(storage, dkey, str(exc), quarantined)
             continue
@@ -275,23 +107,6 @@ def _read_round(
         cols.append(table.select(want))
         shards.append(_Shard(rnd, seed, manifest, table.num_rows))
     return shards, cols, quarantined, missing
-
-
-def round_keys(spec: Any, cols: list[Any]) -> Any:
-    """Normalised dedup keys of all rows of a round (one Arrow array); each distinct raw text is normalised once."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if not cols:
-        return pa.array([], pa.string())
-    table = pa.concat_tables(cols)
-    ins = table.column("instruction").combine_chunks()
-    if spec.dedup.key == "pair":
-        ins = pc.binary_join_element_wise(ins, table.column("response").combine_chunks(), " \u241e ")
-    if not spec.dedup.normalize:
-        return pc.utf8_trim_whitespace(ins)
-    enc = pc.dictionary_encode(pc.fill_null(ins, ""))
-    return normalize_array(enc.dictionary).take(enc.indices)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -333,13 +148,7 @@ def decide(
     _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
     first_of = first[inverse]  # row -> first row (this round) with its key
     # Exact tier against earlier rounds: the key's cluster is already known.
-    kh = state.keys_hash
-    seen_before = np.zeros(n, dtype=bool)
-    root = np.full(n, -1, dtype=np.int64)
-    if len(kh):
-        pos = np.searchsorted(kh, h).clip(0, len(kh) - 1)
-        seen_before = kh[pos] == h
-        root[seen_before] = state.keys_owner[pos[seen_before]]
+    seen_before, root = state.lookup_keys(h)
     cand = np.flatnonzero(~seen_before & (first_of == np.arange(n)))  # in row order
     if precomputed is None:
         import pyarrow as pa
@@ -399,16 +208,17 @@ def semantic_tier(spec: Any, state: State, dec: Decisions, keys: Any, first_id: 
 
 def _advance(state: State, dec: Decisions, sem_drops: Any = None) -> dict[str, dict[str, np.ndarray]]:
     """Fold a round's decisions into the state; returns the round's state and seen-index chunks."""
-    kept_ids = dec.ids[dec.kept]
     owners, counts = np.unique(dec.root[~dec.kept], return_counts=True)
     sem_owner, sem_count = np.unique(
         np.asarray(sem_drops[0].column("duplicate_of")) if sem_drops is not None else np.empty(0, np.int64),
         return_counts=True,
     )
+    tot = state.totals
+    tot.top = top_clusters(tot.top, owners, grown_sizes(state.dups, owners, counts))
+    tot.sem_top = top_clusters(tot.sem_top, sem_owner, grown_sizes(state.sems, sem_owner, sem_count))
     new_hashes = dec.hashes[dec.cand]
     by_hash = np.argsort(new_hashes)
     chunk = {
-        "kept_id": kept_ids,
         "keys_hash": new_hashes[by_hash],
         "keys_owner": dec.root[dec.cand][by_hash],
         "dup_owner": owners.astype(np.int64),
@@ -416,22 +226,11 @@ def _advance(state: State, dec: Decisions, sem_drops: Any = None) -> dict[str, d
         "sem_owner": sem_owner.astype(np.int64),
         "sem_count": sem_count.astype(np.int64),
     }
-    if len(sem_owner):
-        o = np.concatenate([state.sem_owner, sem_owner])
-        state.sem_owner, inv = np.unique(o, return_inverse=True)
-        w = np.concatenate([state.sem_count, sem_count])
-        state.sem_count = np.bincount(inv.reshape(-1), weights=w, minlength=len(state.sem_owner)).astype(np.int64)
-    seen = state.seen
-    added = seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand], np.sort(new_hashes))
-    seen_chunk = added.to_npz(seen.params)
-    state.kept_id = np.concatenate([state.kept_id, kept_ids])
-    kh = np.concatenate([state.keys_hash, chunk["keys_hash"]])
-    ko = np.concatenate([state.keys_owner, chunk["keys_owner"]])
-    order = np.argsort(kh, kind="stable")  # two sorted runs: merged in linear time
-    state.keys_hash, state.keys_owner = kh[order], ko[order]
-    state.cluster = np.concatenate([state.cluster, np.ones(len(kept_ids), np.int64)])
-    np.add.at(state.cluster, np.searchsorted(state.kept_id, owners), counts)
-    return {"chunk": chunk, "seen": seen_chunk}
+    state.keys.append((chunk["keys_hash"], chunk["keys_owner"]))
+    state.dups.append((chunk["dup_owner"], chunk["dup_count"]))
+    state.sems.append((chunk["sem_owner"], chunk["sem_count"]))
+    added = state.seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand], chunk["keys_hash"])
+    return {"chunk": chunk, "seen": added.to_npz(state.seen.params)}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -553,7 +352,7 @@ def _merge_one(
         if final:
             (tmp / "report.md").write_text(render_markdown(report, run, missing=missing))
             storage.upload(tmp / "report.md", f"{prefix}/report.md")
-        storage.write_bytes(_state_key(rnd, "state.json"), tot.to_json().encode())
+        storage.write_bytes(state_key(rnd, "state.json"), tot.to_json().encode())
     if final:
         # The dataset folder (card, messages) before the completion marker, so that a retried merge redoes it.
         export_dataset(storage, spec, run, report, rewritten=rewritten)
@@ -593,7 +392,7 @@ def _write_rows(
     sem_texts = []
     with open(tmp / "alpaca.jsonl", "w") as alpaca, open(tmp / "sharegpt.jsonl", "w") as sharegpt:
         for sh in shards:
-            table = _read_table(storage, rec.shard_data_key(sh.round, sh.seed))
+            table = read_table(storage, rec.shard_data_key(sh.round, sh.seed))
             n = table.num_rows
             kept = dec.kept[g : g + n]
             _, in_shard = np.unique(dec.hashes[g : g + n], return_index=True)
@@ -686,16 +485,10 @@ def _write_exports(table: Any, alpaca: Any, sharegpt: Any) -> None:
         sharegpt.write(f'{{"conversations": [{{"from": "human", "value": {i}}}, {{"from": "gpt", "value": {r}}}]}}\n')
 
 
-def _top_duplicates(storage: Storage, state: State, k: int = 10) -> tuple[tuple[str, int], ...]:
-
-    multi = np.flatnonzero(state.cluster > 1)
-    if not len(multi):
-        return ()
-    order = np.lexsort((state.kept_id[multi], -state.cluster[multi]))[:k]
-    top = multi[order]
-    ids = state.kept_id[top]
-    text = _kept_texts(storage, state, ids)
-    return tuple((text[int(i)], int(state.cluster[j])) for i, j in zip(ids.tolist(), top.tolist(), strict=True))
+def _top_duplicates(storage: Storage, state: State) -> tuple[tuple[str, int], ...]:
+    top = [(i, n) for i, n in state.totals.top if n > 1]
+    text = _kept_texts(storage, state, np.array([i for i, _ in top], dtype=np.int64))
+    return tuple((text[i], n) for i, n in top)
 
 
 def _kept_texts(storage: Storage, state: State, ids: np.ndarray) -> dict[int, str]:
@@ -708,7 +501,7 @@ def _kept_texts(storage: Storage, state: State, ids: np.ndarray) -> dict[int, st
     firsts = np.array([state.totals.round_first_id[r] for r in rounds])
     text: dict[int, str] = {}
     for r in {rounds[int(np.searchsorted(firsts, i, "right")) - 1] for i in ids.tolist()}:
-        with local_copy(storage, _state_key(r, "kept.parquet")) as p:
+        with local_copy(storage, state_key(r, "kept.parquet")) as p:
             t = pq.read_table(p)
         t = t.filter(pc.is_in(t.column("id"), value_set=pa.array(ids)))
         text.update(zip(t.column("id").to_pylist(), t.column("instruction").to_pylist(), strict=True))
@@ -722,14 +515,14 @@ def _semantic_clusters(storage: Storage, state: State, k: int = 10, sample: int 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    if not len(state.sem_owner):
+    if not state.totals.sem_top:
         return ()
-    order = np.lexsort((state.sem_owner, -state.sem_count))[:k]
-    ids, sizes = state.sem_owner[order], state.sem_count[order] + 1
+    ids = np.array([i for i, _ in state.totals.sem_top[:k]], dtype=np.int64)
+    sizes = np.array([n for _, n in state.totals.sem_top[:k]], dtype=np.int64)
     first = _kept_texts(storage, state, ids)
     members: dict[int, list[tuple[str, float]]] = {int(i): [] for i in ids.tolist()}
     for r in sorted(state.totals.round_first_id):  # earliest rounds first: members in id order
-        key = _state_key(r, "semantic.parquet")
+        key = state_key(r, "semantic.parquet")
         if not storage.exists(key):
             continue
         with local_copy(storage, key) as p:
@@ -850,5 +643,5 @@ def load_seen_index(storage: Storage, rnd: int) -> SeenIndex | None:
         key = rec.seen_index_key(r)
         if storage.exists(key):
             with contextlib.suppress(OSError, ValueError):
-                parts.append(SeenIndex.from_npz(_load_npz(storage, key)))
+                parts.append(SeenIndex.from_npz(load_npz(storage, key)))
     return SeenIndex.concat(parts) if parts else None

@@ -1,6 +1,7 @@
 """Dedup of a round beyond one machine: a map step per input partition and a reduce step per band partition, each a
 separate command (`genrun worker dedup-map|dedup-reduce`), so the operator can run them as Kubernetes Indexed Jobs;
-the merge then finalises with the same `merge.decide` as the single-process path.
+the merge then finalises with the same `merge.decide` (the state and shard reading both use live in
+`merge_state`) as the single-process path.
 
 Work split: the maps do the per-row work (normalised keys, key hashes, MinHash signatures of each key's first
 occurrence in the partition); each reducer matches the round's candidate rows (first occurrences of keys never seen
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 from genrun.worker import records as rec
 from genrun.worker.dedup import MinHasher, key_hashes, lsh_params
+from genrun.worker.merge_state import State, load_state, read_table, round_keys
 from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
 
 log = logging.getLogger("genrun.partitioned")
@@ -57,13 +59,11 @@ def dedup_map(storage: Storage, spec: Any, rnd: int, shard_ids: list[tuple[int, 
 
     Each shard is read once, whole and schema-checked; one that cannot be read is left out, as the merge quarantines
     it (the finaliser checks that the maps saw exactly the shards it merges)."""
-    from genrun.worker.merge import _read_table, round_keys
-
     d = spec.dedup
     shards, counts, cols = [], [], []
     for r, s in _published_shards(storage, rnd, shard_ids)[part::parts]:
         try:
-            table = _read_table(storage, rec.shard_data_key(r, s))
+            table = read_table(storage, rec.shard_data_key(r, s))
         except Exception:
             continue
         shards.append((r, s))
@@ -129,11 +129,7 @@ def candidates(storage: Storage, spec: Any, rnd: int, state: Any) -> Candidates:
     h = np.concatenate(hashes)
     part_of, pos_of = np.concatenate(src_part), np.concatenate(src_pos)
     _, first = np.unique(h, return_index=True)
-    kh = state.keys_hash
-    seen = np.zeros(len(first), dtype=bool)
-    if len(kh):
-        p = np.searchsorted(kh, h[first]).clip(0, len(kh) - 1)
-        seen = kh[p] == h[first]
+    seen, _ = state.lookup_keys(h[first])
     cand = np.sort(first[~seen])
     sigs = np.empty((len(cand), num_perm), np.uint32)
     for i, m in enumerate(loaded):
@@ -144,14 +140,12 @@ def candidates(storage: Storage, spec: Any, rnd: int, state: Any) -> Candidates:
 
 def _fingerprint(state: Any) -> np.ndarray:
     """Which state a reducer matched against (rounds merged, kept rows): the finaliser uses only matching outputs."""
-    return np.array([state.totals.round, len(state.kept_id)], dtype=np.int64)
+    return np.array([state.totals.round, state.totals.rows], dtype=np.int64)
 
 
 def dedup_reduce(storage: Storage, spec: Any, rnd: int, parts: int, band_part: int, band_parts: int) -> str:
     """Per candidate row, the earliest bucket first of earlier rounds it is similar to, on the bands b % band_parts ==
     band_part (-1 if none)."""
-    from genrun.worker.merge import State, load_state
-
     state = load_state(storage, spec, rnd - 1) or State.empty(spec)
     c = candidates(storage, spec, rnd, state)
     d = spec.dedup

@@ -248,3 +248,27 @@ def test_damaged_marker_is_reported_by_read_marker(tmp_path: Path) -> None:
         Path(st.location(rec.shard_manifest_key(1, 0))).write_bytes(bad)
         with pytest.raises(DamagedMarker, match=msg):
             read_marker(st, rec.shard_manifest_key(1, 0))
+
+
+def test_state_is_per_round_chunks_and_top_duplicates_stay_exact(tmp_path: Path) -> None:
+    """A round reads earlier rounds' chunks memory-mapped and searches them one by one (no joined, re-sorted copy:
+    its work stays linear in its new rows); the largest clusters, kept incrementally, equal the ones counted from
+    every rejected row."""
+    import numpy as np
+    from genrun.worker.merge_state import load_state
+
+    st = LocalStorage(tmp_path / "out")
+    spec = parse_spec(SPEC)
+    ids = _rounds(st)
+    reports = [merge_round(st, spec, "t", rnd, ids) for rnd in (1, 2, 3)]
+    state = load_state(st, spec, 3)
+    assert state is not None and len(state.keys) == 3 and len(state.seen.chunks) == 3
+    assert isinstance(state.seen.chunks[0].sigs, np.memmap) and isinstance(state.keys[2][0], np.memmap)
+    rejected = pq.read_table(st.location("rejected")).to_pylist()
+    sizes: dict[int, int] = {}
+    for r in rejected:
+        if r["duplicate_of"] is not None:
+            sizes[r["duplicate_of"]] = sizes.get(r["duplicate_of"], 1) + 1
+    want = sorted(sizes.items(), key=lambda x: (-x[1], x[0]))[:10]
+    assert [n for _, n in reports[-1].top_duplicates] == [n for _, n in want]
+    assert [[i, n] for i, n in want] == state.totals.top

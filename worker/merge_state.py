@@ -1,0 +1,269 @@
+"""The merge's state between rounds and the reading of shards: what the merge Job and the partitioned map/reduce
+steps share (one module both import; neither imports the other's internals).
+
+The state after round r is the concatenation of per-round chunks (merge/rNNNN/state.npz, seen-index.npz) and the
+small cumulative totals (merge/rNNNN/state.json); see `State`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from genrun.worker import records as rec
+from genrun.worker.dedup import SeenIndex, lsh_params, normalize_array
+from genrun.worker.storage import Storage, local_copy
+
+log = logging.getLogger("genrun.merge")
+
+STATE_VERSION = 2
+
+# ------------------------------------------------------------------------------------------------------------------
+# Counters and state
+
+
+@dataclass
+class Counts:
+    """Rows written, of them new unique (first of their cluster), of those QC-passed (kept in the dataset)."""
+
+    rows: int = 0
+    unique: int = 0
+    kept: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.rows += other.rows
+        self.unique += other.unique
+        self.kept += other.kept
+
+
+@dataclass
+class Totals:
+    """The cumulative, small part of the state (state.json): everything the report sums over rounds."""
+
+    version: int = STATE_VERSION
+    params: dict[str, Any] = field(default_factory=dict)
+    round: int = 0
+    rows: int = 0  # global row ids handed out so far
+    round_first_id: dict[int, int] = field(default_factory=dict)  # round -> its first global row id
+    shards: list[tuple[int, int]] = field(default_factory=list)  # merged (round, seed)
+    quarantined: list[str] = field(default_factory=list)
+    per_round: dict[int, Counts] = field(default_factory=dict)
+    per_domain: dict[str, Counts] = field(default_factory=dict)
+    per_temperature: dict[float, Counts] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    generated: dict[int, int] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    skipped: dict[int, int] = field(default_factory=dict)
+    left_domain: int = 0  # rows whose generated_domain is not the domain asked (sem, issue 12)
+    # The largest clusters so far as [kept id, size] (size desc, id asc): of all clusters, and of the semantic tier's.
+    # A cluster that did not grow in a round keeps its rank, so a round needs only these and the clusters it grew.
+    top: list[list[int]] = field(default_factory=list)
+    sem_top: list[list[int]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        for k in ("per_round", "per_domain", "per_temperature"):
+            d[k] = [[key, c] for key, c in d[k].items()]
+        for k in ("round_first_id", "generated", "tokens", "skipped"):
+            d[k] = [[key, v] for key, v in d[k].items()]
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Totals:
+        d = json.loads(raw)
+        t = cls(version=d["version"], params=d["params"], round=d["round"], rows=d["rows"])
+        t.round_first_id = {int(k): int(v) for k, v in d["round_first_id"]}
+        t.shards = [(int(r), int(s)) for r, s in d["shards"]]
+        t.quarantined = list(d["quarantined"])
+        t.per_round = {int(k): Counts(**c) for k, c in d["per_round"]}
+        t.per_domain = {str(k): Counts(**c) for k, c in d["per_domain"]}
+        t.per_temperature = {float(k): Counts(**c) for k, c in d["per_temperature"]}
+        t.rejected = {str(k): int(v) for k, v in d["rejected"].items()}
+        t.left_domain = int(d.get("left_domain", 0))
+        for name in ("generated", "tokens", "skipped"):
+            setattr(t, name, {int(k): int(v) for k, v in d[name]})
+        t.top = [[int(i), int(n)] for i, n in d.get("top", [])]
+        t.sem_top = [[int(i), int(n)] for i, n in d.get("sem_top", [])]
+        return t
+
+
+def semantic_spec(spec: Any) -> Any:
+    """The spec's semantic tier when it is on, else None (tools pass dedup settings without one)."""
+    sem = getattr(spec.dedup, "semantic", None)
+    return sem if sem is not None and sem.enabled else None
+
+
+def dedup_params(spec: Any) -> dict[str, Any]:
+    """What the stored state depends on: a change means the state cannot be extended, only rebuilt."""
+    d = spec.dedup
+    sem = semantic_spec(spec)
+    return {
+        "semantic": None if sem is None else {"model": sem.model, "threshold": sem.threshold},
+        "key": d.key, "normalize": d.normalize, "near": d.near_duplicates, "threshold": d.threshold,
+        "num_perm": d.num_perm, "shingle_size": d.shingle_size, "lsh": list(lsh_params(d.threshold, d.num_perm)),
+        "key_hash": "xxh3_64", "minhash_seed": 1, "near_rule": "components",
+    }  # fmt: skip
+
+
+@dataclass
+class State:
+    """Everything a round needs from the rounds before it, as per-round chunks searched one by one (never joined or
+    re-sorted: a round's work stays linear in its new rows). Chunk arrays are memory-mapped from the stored files, so
+    a round reads only the pages its lookups touch.
+
+    seen: the LSH bucket firsts (signature, band keys, id, cluster root) and all key hashes, what the generators
+    load too; keys: per round, the distinct key hashes it saw first (sorted) with the global id of their cluster's
+    first row; dups / sems: per round, the clusters (kept id, sorted) that grew and by how many rows (all tiers /
+    the semantic tier); semantic: the semantic tier's index (the kept rows' embeddings), as the generators load it
+    from the seen-index (`semantic.load_seen_semantic`)."""
+
+    totals: Totals
+    seen: SeenIndex
+    keys: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    dups: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    sems: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    semantic: Any = None
+
+    @classmethod
+    def empty(cls, spec: Any) -> State:
+        d = spec.dedup
+        return cls(Totals(params=dedup_params(spec)), SeenIndex.empty(d.threshold, d.num_perm, 1, d.shingle_size))
+
+    def lookup_keys(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(seen in an earlier round, the cluster's first row id or -1) of each key hash."""
+        seen = np.zeros(len(h), dtype=bool)
+        owner = np.full(len(h), -1, dtype=np.int64)
+        for kh, ko in self.keys:
+            if len(kh):
+                pos = np.searchsorted(kh, h).clip(0, len(kh) - 1)
+                hit = kh[pos] == h
+                seen |= hit
+                owner[hit] = ko[pos[hit]]
+        return seen, owner
+
+
+def grown_sizes(chunks: list[tuple[np.ndarray, np.ndarray]], owners: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each owner's cluster size after this round's `counts`: 1 (its first row) + earlier rounds' + this round's."""
+    size = 1 + counts.astype(np.int64)
+    for o, c in chunks:
+        if len(o) and len(owners):
+            pos = np.searchsorted(o, owners).clip(0, len(o) - 1)
+            hit = o[pos] == owners
+            size[hit] += c[pos[hit]]
+    return size
+
+
+def top_clusters(prev: list[list[int]], owners: np.ndarray, sizes: np.ndarray, k: int = 10) -> list[list[int]]:
+    """The k largest clusters (size desc, id asc) from the previous top and the clusters this round grew."""
+    merged = {i: n for i, n in prev}
+    merged.update(zip(owners.tolist(), sizes.tolist(), strict=True))
+    return [[i, n] for i, n in sorted(merged.items(), key=lambda x: (-x[1], x[0]))[:k]]
+
+
+def state_key(rnd: int, name: str) -> str:
+    return f"{rec.merge_prefix(rnd)}/{name}"
+
+
+def _npz_members(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed .npz (np.savez), memory-mapped: nothing is read until used."""
+    import struct
+    import zipfile
+
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                with zf.open(info) as m:
+                    out[name] = np.lib.format.read_array(m)
+                continue
+            f.seek(info.header_offset + 26)
+            n, e = struct.unpack("<HH", f.read(4))
+            f.seek(info.header_offset + 30 + n + e)
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            if dtype.hasobject or int(np.prod(shape)) == 0 or not shape:
+                with zf.open(info) as m:
+                    out[name] = np.lib.format.read_array(m)
+                continue
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                  order="F" if fortran else "C")  # fmt: skip
+    return out
+
+
+def load_npz(storage: Storage, key: str) -> dict[str, np.ndarray]:
+    with local_copy(storage, key) as path:  # a download's temp file stays readable while mapped
+        return _npz_members(path)
+
+
+def load_state(storage: Storage, spec: Any, rnd: int) -> State | None:
+    """The state after round `rnd` (None when it is missing or was made with other dedup parameters)."""
+    if rnd < 1:
+        return State.empty(spec)
+    try:
+        totals = Totals.from_json(storage.read_bytes(state_key(rnd, "state.json")))
+    except (KeyError, ValueError, TypeError) as exc:
+        log.info("no usable merge state for round %d (%s): full re-merge", rnd, exc.__class__.__name__)
+        return None
+    if totals.version != STATE_VERSION or totals.params != dedup_params(spec):
+        log.info("dedup parameters changed since round %d: full re-merge", rnd)
+        return None
+    st = State.empty(spec)
+    st.totals = totals
+    seens = []
+    for r in sorted(totals.round_first_id):
+        try:
+            c = load_npz(storage, state_key(r, "state.npz"))
+            seens.append(SeenIndex.from_npz(load_npz(storage, rec.seen_index_key(r))))
+            st.keys.append((c["keys_hash"], c["keys_owner"]))
+            st.dups.append((c["dup_owner"], c["dup_count"]))
+            st.sems.append((c["sem_owner"], c["sem_count"]))
+        except (KeyError, OSError, ValueError) as exc:
+            log.warning("merge state chunk of round %d unreadable (%s): full re-merge", r, exc)
+            return None
+    if seens:
+        st.seen = SeenIndex.concat(seens)
+    if semantic_spec(spec) is not None and totals.round_first_id:
+        from genrun.worker.semantic import load_seen_semantic
+
+        try:
+            st.semantic = load_seen_semantic(storage, rnd)
+        except (OSError, ValueError) as exc:
+            log.warning("semantic index of round %d unreadable (%s): full re-merge", rnd, exc)
+            return None
+        if st.semantic is None:
+            log.warning("semantic index of round %d missing: full re-merge", rnd)
+            return None
+    return st
+
+
+def read_table(storage: Storage, key: str, columns: list[str] | None = None) -> Any:
+    import pyarrow.parquet as pq
+
+    with local_copy(storage, key) as path:
+        table = pq.read_table(path, columns=columns)
+    if columns is None and not table.schema.equals(rec.example_schema(), check_metadata=False):
+        raise ValueError(f"schema differs from the contract: {table.schema}")
+    return table
+
+
+def round_keys(spec: Any, cols: list[Any]) -> Any:
+    """Normalised dedup keys of all rows of a round (one Arrow array); each distinct raw text is normalised once."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not cols:
+        return pa.array([], pa.string())
+    table = pa.concat_tables(cols)
+    ins = table.column("instruction").combine_chunks()
+    if spec.dedup.key == "pair":
+        ins = pc.binary_join_element_wise(ins, table.column("response").combine_chunks(), " \u241e ")
+    if not spec.dedup.normalize:
+        return pc.utf8_trim_whitespace(ins)
+    enc = pc.dictionary_encode(pc.fill_null(ins, ""))
+    return normalize_array(enc.dictionary).take(enc.indices)
