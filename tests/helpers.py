@@ -37,3 +37,17 @@ def write_shard(
     m = rec.ShardManifest(rnd, seed, len(rows), generated if generated is not None else len(rows) + skipped, skipped, 0, 0,
                           20 * len(rows), 0.1, rec.shard_data_key(rnd, seed))  # fmt: skip
     storage.write_bytes(rec.shard_manifest_key(rnd, seed), rec.to_json(m).encode())
+
+
+def copy_sources(root: Path, dest: Path) -> None:
+    """The files a package build reads, copied to `dest`: pyproject.toml, README.md and every folder pyproject's
+    package-dir maps (one list: a new package folder needs no test edit)."""
+    import shutil
+    import tomllib
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, dest / name)
+    package_dir = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for folder in sorted(set(package_dir.values())):
+        shutil.copytree(root / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from genrun.operator.settings import Settings
 
+from tests.helpers import copy_sources
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "genrun"
@@ -218,11 +220,14 @@ def test_operator_image_install_step_runs_here_without_the_engine(tmp_path: Path
     run = next(line for line in text.splitlines() if line.startswith("RUN python -m venv"))
     cmd = run.removeprefix("RUN ").replace("/opt/genrun", str(tmp_path / "genrun"))
     src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for d in ("operator", "worker", "crds"):
-        shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_sources(ROOT, src)
+    for dockerfile in ("Dockerfile.operator", "Dockerfile.worker"):  # the images copy every package folder too
+        copied = {
+            line.split()[1].rstrip("/")
+            for line in (ROOT / dockerfile).read_text().splitlines()
+            if line.startswith("COPY ")
+        }
+        assert {p.name for p in src.iterdir() if p.is_dir()} <= copied, dockerfile
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     res = subprocess.run(cmd, shell=True, cwd=src, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]

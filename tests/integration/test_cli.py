@@ -7,7 +7,6 @@ import html
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import copy_sources
 from tests.integration.test_local_run import GENRUN, run, small_manifest
 
 pytestmark = pytest.mark.integration
@@ -116,11 +116,7 @@ def test_wheel_build_prints_no_packaging_warnings(tmp_path: Path) -> None:
     """The setuptools warnings the project caused (license table, replay data folder outside `packages`) are gone;
     the venv's own setuptools builds, so no download. A copy of the sources: the build writes next to them."""
     src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for d in ("operator", "worker", "crds"):
-        shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_sources(ROOT, src)
     res = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
          "-w", str(tmp_path), str(src)],
