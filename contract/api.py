@@ -793,6 +793,12 @@ def against_errors(spec: GenerationRunSpec) -> list[str]:
             errors.append(f"{at}: {short(u)} is listed twice (also against[{seen[key]}]); list each source once")
         else:
             seen[key] = i
+    if spec.dedup.against and spec.dedup.partitions > 1:
+        # The seed enters as the merge's round 0, after the partitioned maps of round 1 have run without it.
+        errors.append(
+            "spec.dedup.against: not supported with spec.dedup.partitions > 1 yet; "
+            "set partitions: 1 or dedup the earlier data with `genrun dedup --against`"
+        )
     return errors
 
 

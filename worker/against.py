@@ -10,25 +10,22 @@ Each source is a folder, a file or an s3:// URI (checked by genrun.contract.api.
 near (MinHash) SeenIndex of them; and, when dedup.semantic is on, a SemanticIndex of their embeddings. The prior rows
 are never dropped; they carry negative ids (-1 - position), so a row that duplicates one names it apart from this
 run's own row ids. The generators add the seed to their online check (genrun.worker.generate); the merge starts
-round 1 from it (`seed_state`).
+round 1 from it (genrun.worker.merge.seed_state).
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from genrun.worker.datasets import KEPT as _KEPT
+from genrun.worker.datasets import SUFFIXES, extract, records
 from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys, key_hashes
 
 log = logging.getLogger("genrun.against")
-
-SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")
-_KEPT = re.compile(r"(?:^|/)merge/r\d{4}/kept\.parquet$")
 
 
 class AgainstError(Exception):
@@ -56,14 +53,12 @@ def _open(uri: str, spec: Any) -> tuple[Any, str]:
 
 
 def _instructions_of(path: Path, name: str) -> list[str]:
-    from genrun.worker.dedup_cli import _records, extract
-
     if name.endswith("kept.parquet"):  # a run's own seen rows: (id, instruction)
         import pyarrow.parquet as pq
 
         return [x for x in pq.read_table(path, columns=["instruction"]).column("instruction").to_pylist() if x]
     out = []
-    for raw in _records(path):
+    for raw in records(path):
         ins, _, _ = extract(raw)
         if ins:
             out.append(ins)
@@ -155,41 +150,3 @@ def join_semantic(a: Any, b: Any) -> Any:
     for p in parts:
         out.add(p.embeddings, p.ids)
     return out
-
-
-def seed_state(storage: Any, spec: Any, state: Any) -> AgainstSeed | None:
-    """Start the merge's round 1 from the against sources: their distinct keys go through the merge's own rules
-    (genrun.worker.merge.decide and _advance) as a round 0 of kept rows with global ids 0..m-1, published as
-    merge/r0000/{state.npz, seen-index.npz, kept.parquet} so `load_state` finds them for every later round and the
-    top-duplicates table can name them. Returns the seed (its `semantic` index is the round-1 `index` of
-    semantic.apply_tier), or None when dedup.against is empty. Call on State.empty(spec) before round 1's rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from genrun.worker import records as rec
-    from genrun.worker.merge import _advance, decide
-
-    seed = load_against(spec)
-    if seed is None or not seed.keys:
-        return seed
-    dec = decide(pa.array(seed.keys, pa.string()), state, spec, 0)
-    step = _advance(state, dec)
-    tot = state.totals
-    tot.round_first_id[0] = 0
-    tot.rows = len(seed.keys)
-    if seed.semantic is not None:  # the merge's ids for the same rows: 0..m-1
-        seed.semantic._ids[: len(seed.semantic)] = np.arange(len(seed.semantic), dtype=np.int64)
-    prefix = rec.merge_prefix(0)
-    with tempfile.TemporaryDirectory(prefix="genrun-against-") as d:
-        tmp = Path(d)
-        np.savez(tmp / "state.npz", **step["chunk"])
-        np.savez(tmp / "seen-index.npz", **step["seen"])
-        kept = np.flatnonzero(dec.kept)
-        pq.write_table(
-            pa.table(
-                {"id": pa.array(dec.ids[kept]), "instruction": pa.array([seed.keys[i] for i in kept], pa.string())}
-            ),
-            tmp / "kept.parquet",
-        )
-        for name in ("state.npz", "seen-index.npz", "kept.parquet"):
-            storage.upload(tmp / name, f"{prefix}/{name}")
-    return seed

@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from genrun.worker import records as rec
@@ -56,6 +56,9 @@ from genrun.worker.merge_state import (
 )
 from genrun.worker.qc import QcPipeline
 from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
+
+if TYPE_CHECKING:
+    from genrun.worker.against import AgainstSeed
 
 log = logging.getLogger("genrun.merge")
 
@@ -273,8 +276,8 @@ def merge_round(storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list
     _clean_leftovers(storage, rnd)
     state = load_state(storage, spec, rnd - 1)
     replayed: range = range(0)
-    if state is None:  # full re-merge: replay rounds 1..rnd-1 from nothing, then this one
-        state = State.empty(spec)
+    if state is None or rnd == 1:  # full re-merge: replay rounds 1..rnd-1 from round 0, then this one
+        state = _round_zero(storage, spec)
         replayed = range(1, rnd)
         for r in replayed:
             _merge_one(storage, spec, run, r, [x for x in shard_ids if x[0] == r], state, final=False)
@@ -286,6 +289,54 @@ def merge_round(storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list
         rnd, time.monotonic() - t0, report.generated, report.unique_total, report.qc_passed_total,
     )  # fmt: skip
     return report
+
+
+def seed_state(storage: Any, spec: Any, state: Any) -> AgainstSeed | None:
+    """Start the merge's round 1 from the against sources: their distinct keys go through the merge's own rules
+    (genrun.worker.merge.decide and _advance) as a round 0 of kept rows with global ids 0..m-1, published as
+    merge/r0000/{state.npz, seen-index.npz, kept.parquet} so `load_state` finds them for every later round and the
+    top-duplicates table can name them. Returns the seed (its `semantic` index is the round-1 `index` of
+    semantic.apply_tier), or None when dedup.against is empty. Call on State.empty(spec) before round 1's rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from genrun.worker.against import load_against
+
+    seed = load_against(spec)
+    if seed is None or not seed.keys:
+        return seed
+    dec = decide(pa.array(seed.keys, pa.string()), state, spec, 0)
+    step = _advance(state, dec)
+    tot = state.totals
+    tot.round_first_id[0] = 0
+    tot.rows = len(seed.keys)
+    if seed.semantic is not None:  # the merge's ids for the same rows: 0..m-1
+        seed.semantic._ids[: len(seed.semantic)] = np.arange(len(seed.semantic), dtype=np.int64)
+    prefix = rec.merge_prefix(0)
+    with tempfile.TemporaryDirectory(prefix="genrun-against-") as d:
+        tmp = Path(d)
+        np.savez(tmp / "state.npz", **step["chunk"])
+        np.savez(tmp / "seen-index.npz", **step["seen"])
+        kept = np.flatnonzero(dec.kept)
+        pq.write_table(
+            pa.table(
+                {"id": pa.array(dec.ids[kept]), "instruction": pa.array([seed.keys[i] for i in kept], pa.string())}
+            ),
+            tmp / "kept.parquet",
+        )
+        for name in ("state.npz", "seen-index.npz", "kept.parquet"):
+            storage.upload(tmp / name, f"{prefix}/{name}")
+    return seed
+
+
+def _round_zero(storage: Storage, spec: Any) -> State:
+    """The state before round 1: empty, or the instructions of spec.dedup.against (earlier runs and datasets) as
+    round 0's kept rows, so every tier treats them as already seen."""
+    state = State.empty(spec)
+    if spec.dedup.against:
+        seed = seed_state(storage, spec, state)
+        if seed is not None and seed.semantic is not None:
+            state.semantic = seed.semantic
+    return state
 
 
 def _merge_one(

@@ -14,8 +14,9 @@ import pytest
 import yaml
 from genrun.contract.api import SpecError, parse_spec
 from genrun.worker import records as rec
-from genrun.worker.against import AgainstError, load_against, seed_state
+from genrun.worker.against import AgainstError, load_against
 from genrun.worker.dedup import dedup_keys
+from genrun.worker.merge import seed_state
 from genrun.worker.storage import LocalStorage
 
 from tests.helpers import example_row, write_shard
@@ -132,19 +133,19 @@ def test_the_generator_skips_what_an_earlier_run_wrote(tmp_path: Path) -> None:
 
 
 def test_the_merge_starts_round_one_from_the_seed_and_later_rounds_keep_it(tmp_path: Path) -> None:
-    """seed_state on State.empty (what the merge does for round 1), then round 1 through the merge's own code, then
-    round 2 through merge_round (which loads the state, the seed's round-0 chunk included)."""
-    from genrun.worker.merge import State, _merge_one, merge_round
+    """The merge Job's round 1 (merge_round) seeds its state from the sources (seed_state on State.empty), then
+    round 2 loads the state, the seed's round-0 chunk included."""
+    from genrun.worker.merge import State, merge_round
 
     run_dir, _run_rows = _earlier_run(tmp_path)
     spec = parse_spec(_raw(tmp_path, [str(run_dir)]))
-    storage = LocalStorage(tmp_path / "out")
     state = State.empty(spec)
-    seed = seed_state(storage, spec, state)
+    seed = seed_state(LocalStorage(tmp_path / "scratch"), spec, state)
     assert seed is not None and state.totals.rows == 3
+    storage = LocalStorage(tmp_path / "out")
     write_shard(storage, 1, 100, [example_row("What is the capital city of France?"),
                                   example_row("How do I grow tomatoes on a balcony?")])  # fmt: skip
-    r1 = _merge_one(storage, spec, "t", 1, [(1, 100)], state, final=True)
+    r1 = merge_round(storage, spec, "t", 1, [(1, 100)])
     assert (r1.new_unique, r1.exact_duplicates) == (1, 1)
     write_shard(storage, 2, 101, [example_row("Explain how a bicycle gear system works."),
                                   example_row("How do I grow tomatoes on a balcony?"),
