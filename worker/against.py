@@ -16,7 +16,6 @@ round 1 from it (`seed_state`).
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,10 @@ from typing import Any
 
 import numpy as np
 from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys, key_hashes
+from genrun.worker.formats import KEPT_FILE as _KEPT
+from genrun.worker.formats import SUFFIXES, FormatError, extract, records
 
 log = logging.getLogger("genrun.against")
-
-SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")
-_KEPT = re.compile(r"(?:^|/)merge/r\d{4}/kept\.parquet$")
 
 
 class AgainstError(Exception):
@@ -56,14 +54,12 @@ def _open(uri: str, spec: Any) -> tuple[Any, str]:
 
 
 def _instructions_of(path: Path, name: str) -> list[str]:
-    from genrun.worker.dedup_cli import _records, extract
-
     if name.endswith("kept.parquet"):  # a run's own seen rows: (id, instruction)
         import pyarrow.parquet as pq
 
         return [x for x in pq.read_table(path, columns=["instruction"]).column("instruction").to_pylist() if x]
     out = []
-    for raw in _records(path):
+    for raw in records(path):
         ins, _, _ = extract(raw)
         if ins:
             out.append(ins)
@@ -97,7 +93,7 @@ def read_source(uri: str, spec: Any, where: str = "spec.dedup.against") -> list[
         return out
     except AgainstError:
         raise
-    except (StorageError, OSError, ValueError, KeyError) as exc:
+    except (StorageError, FormatError, OSError, ValueError, KeyError) as exc:
         raise AgainstError(f"{where}: {uri}: cannot read: {exc}") from exc
     except Exception as exc:  # pyarrow's errors on a damaged file, boto3's on a refused bucket
         raise AgainstError(f"{where}: {uri}: cannot read: {exc.__class__.__name__}: {exc}") from exc
@@ -157,22 +153,22 @@ def join_semantic(a: Any, b: Any) -> Any:
     return out
 
 
-def seed_state(storage: Any, spec: Any, state: Any) -> AgainstSeed | None:
+def seed_state(storage: Any, spec: Any, state: Any, decide: Any, advance: Any) -> AgainstSeed | None:
     """Start the merge's round 1 from the against sources: their distinct keys go through the merge's own rules
     (genrun.worker.merge.decide and _advance) as a round 0 of kept rows with global ids 0..m-1, published as
     merge/r0000/{state.npz, seen-index.npz, kept.parquet} so `load_state` finds them for every later round and the
     top-duplicates table can name them. Returns the seed (its `semantic` index is the round-1 `index` of
-    semantic.apply_tier), or None when dedup.against is empty. Call on State.empty(spec) before round 1's rows."""
+    semantic.apply_tier), or None when dedup.against is empty. Call on State.empty(spec) before round 1's rows, with
+    the merge's `decide` and `_advance` (passed in: this module does not import the merge, which calls it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from genrun.worker import records as rec
-    from genrun.worker.merge import _advance, decide
 
     seed = load_against(spec)
     if seed is None or not seed.keys:
         return seed
     dec = decide(pa.array(seed.keys, pa.string()), state, spec, 0)
-    step = _advance(state, dec)
+    step = advance(state, dec)
     tot = state.totals
     tot.round_first_id[0] = 0
     tot.rows = len(seed.keys)

@@ -26,13 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from genrun.worker.formats import KEPT_FILE, SUFFIXES, FormatError, extract, records
 from genrun.worker.records import EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
     import numpy as np
-
-_USER_TURNS = ("human", "user")
-_ASSISTANT_TURNS = ("gpt", "assistant", "bot", "model", "chatgpt")
 
 
 class DedupUsageError(Exception):
@@ -49,63 +47,9 @@ class Row:
     why: str = ""  # why instruction is None
 
 
-def extract(raw: Any) -> tuple[str | None, str, str]:
-    """(instruction, response, reason when there is no instruction) of one row in any supported layout."""
-    if not isinstance(raw, dict):
-        return None, "", "not_an_object"
-    convo = raw.get("conversations", raw.get("messages"))
-    if isinstance(convo, list):  # ShareGPT / chat messages: the first user turn and the assistant turn after it
-        ins, res = None, ""
-        for turn in convo:
-            if not isinstance(turn, dict):
-                continue
-            who = str(turn.get("from", turn.get("role", ""))).lower()
-            text = turn.get("value", turn.get("content"))
-            if not isinstance(text, str):
-                continue
-            if ins is None and who in _USER_TURNS:
-                ins = text
-            elif ins is not None and who in _ASSISTANT_TURNS:
-                res = text
-                break
-        return (ins, res, "") if ins and ins.strip() else (None, "", "no_user_turn")
-    ins = raw.get("instruction", raw.get("prompt", raw.get("question")))
-    if not isinstance(ins, str) or not ins.strip():
-        return None, "", "no_instruction"
-    extra = raw.get("input")
-    if isinstance(extra, str) and extra.strip():  # Alpaca: the input is part of the request
-        ins = f"{ins}\n\n{extra}"
-    res = raw.get("response", raw.get("output", raw.get("completion", raw.get("answer", ""))))
-    return ins, res if isinstance(res, str) else "", ""
-
-
-def _records(path: Path) -> Iterator[Any]:
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        yield from pq.read_table(path).to_pylist()
-        return
-    if name.endswith(".json"):
-        data = json.loads(path.read_text())
-        if not isinstance(data, list):
-            raise DedupUsageError(f"{path}: a .json input must be a list of rows (Alpaca style); use .jsonl for lines")
-        yield from data
-        return
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield {"_unparsable": line.rstrip("\n"), "_error": f"line {n}: {exc.msg}"}
-
-
 def expand(paths: Sequence[str]) -> list[str]:
     """Folders become their files: a genrun run output its merge/rNNNN/kept.parquet (every instruction the run
     counted as unique, as spec.dedup.against reads it), any other folder its .jsonl/.json/.parquet files, sorted."""
-    from genrun.worker.against import _KEPT, SUFFIXES
-
     out: list[str] = []
     for p in paths:
         path = Path(p)
@@ -113,7 +57,7 @@ def expand(paths: Sequence[str]) -> list[str]:
             out.append(p)
             continue
         files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
-        kept = [f for f in files if _KEPT.search(f)]
+        kept = [f for f in files if KEPT_FILE.search(f)]
         found = kept or [f for f in files if f.lower().endswith(SUFFIXES)]
         if not found:
             raise DedupUsageError(f"{p}: a folder with no .jsonl, .json or .parquet file and no genrun run output")
@@ -132,11 +76,13 @@ def read_rows(paths: Sequence[str]) -> list[Row]:
         if not path.name.lower().endswith((".jsonl", ".json", ".parquet", ".ndjson")):
             raise DedupUsageError(f"{p}: unknown format; name the file .jsonl, .json (a list) or .parquet")
         try:
-            for i, raw in enumerate(_records(path), 1):
+            for i, raw in enumerate(records(path), 1):
                 ins, res, why = extract(raw)
                 if isinstance(raw, dict) and "_unparsable" in raw:
                     ins, why = None, "unparsable_json"
                 rows.append(Row(str(p), i, ins, res, raw, why))
+        except FormatError as exc:
+            raise DedupUsageError(str(exc)) from exc
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DedupUsageError(f"{p}: cannot read: {exc}") from exc
         except Exception as exc:  # pyarrow's errors: a damaged Parquet file

@@ -134,13 +134,13 @@ def test_the_generator_skips_what_an_earlier_run_wrote(tmp_path: Path) -> None:
 def test_the_merge_starts_round_one_from_the_seed_and_later_rounds_keep_it(tmp_path: Path) -> None:
     """seed_state on State.empty (what the merge does for round 1), then round 1 through the merge's own code, then
     round 2 through merge_round (which loads the state, the seed's round-0 chunk included)."""
-    from genrun.worker.merge import State, _merge_one, merge_round
+    from genrun.worker.merge import State, _advance, _merge_one, decide, merge_round
 
     run_dir, _run_rows = _earlier_run(tmp_path)
     spec = parse_spec(_raw(tmp_path, [str(run_dir)]))
     storage = LocalStorage(tmp_path / "out")
     state = State.empty(spec)
-    seed = seed_state(storage, spec, state)
+    seed = seed_state(storage, spec, state, decide, _advance)
     assert seed is not None and state.totals.rows == 3
     write_shard(storage, 1, 100, [example_row("What is the capital city of France?"),
                                   example_row("How do I grow tomatoes on a balcony?")])  # fmt: skip

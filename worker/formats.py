@@ -1,0 +1,76 @@
+"""Reading instruction datasets in the layouts genrun accepts (shared by `genrun dedup` and spec.dedup.against):
+JSONL, a JSON list (Alpaca style) or Parquet; rows in genrun's form (instruction/response), Alpaca
+(instruction/input/output), ShareGPT (conversations with from/value) or chat messages (role/content). Imports nothing
+of genrun's, so both users can import it without a cycle."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class FormatError(Exception):
+    """A file that is not in a readable layout: one line naming it and the fix."""
+
+
+_USER_TURNS = ("human", "user")
+_ASSISTANT_TURNS = ("gpt", "assistant", "bot", "model", "chatgpt")
+
+
+SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")  # the data files a folder is read for
+KEPT_FILE = re.compile(r"(?:^|/)merge/r\d{4}/kept\.parquet$")  # a genrun run output's kept instructions
+
+
+def extract(raw: Any) -> tuple[str | None, str, str]:
+    """(instruction, response, reason when there is no instruction) of one row in any supported layout."""
+    if not isinstance(raw, dict):
+        return None, "", "not_an_object"
+    convo = raw.get("conversations", raw.get("messages"))
+    if isinstance(convo, list):  # ShareGPT / chat messages: the first user turn and the assistant turn after it
+        ins, res = None, ""
+        for turn in convo:
+            if not isinstance(turn, dict):
+                continue
+            who = str(turn.get("from", turn.get("role", ""))).lower()
+            text = turn.get("value", turn.get("content"))
+            if not isinstance(text, str):
+                continue
+            if ins is None and who in _USER_TURNS:
+                ins = text
+            elif ins is not None and who in _ASSISTANT_TURNS:
+                res = text
+                break
+        return (ins, res, "") if ins and ins.strip() else (None, "", "no_user_turn")
+    ins = raw.get("instruction", raw.get("prompt", raw.get("question")))
+    if not isinstance(ins, str) or not ins.strip():
+        return None, "", "no_instruction"
+    extra = raw.get("input")
+    if isinstance(extra, str) and extra.strip():  # Alpaca: the input is part of the request
+        ins = f"{ins}\n\n{extra}"
+    res = raw.get("response", raw.get("output", raw.get("completion", raw.get("answer", ""))))
+    return ins, res if isinstance(res, str) else "", ""
+
+
+def records(path: Path) -> Iterator[Any]:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(path).to_pylist()
+        return
+    if name.endswith(".json"):
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise FormatError(f"{path}: a .json input must be a list of rows (Alpaca style); use .jsonl for lines")
+        yield from data
+        return
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield {"_unparsable": line.rstrip("\n"), "_error": f"line {n}: {exc.msg}"}
