@@ -161,7 +161,8 @@ def _quality_signals(spec: Any) -> Any:
     from genrun.worker.semantic import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, QualitySignals, load_embedder
 
     model, batch = (sem.model, sem.batch_size) if sem is not None else (DEFAULT_MODEL, DEFAULT_BATCH_SIZE)
-    return QualitySignals(load_embedder(model, None, batch), spec.prompt.domains)
+    want_relevance = any(f.name == "relevance" for f in spec.qc.filters)  # responses are the costly texts to embed
+    return QualitySignals(load_embedder(model, None, batch), spec.prompt.domains, relevance=want_relevance)
 
 
 def _load_seen_semantic(spec: Any, storage: Storage, rnd: int) -> Any:
