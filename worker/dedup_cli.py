@@ -124,7 +124,7 @@ def decide(
     keys = dedup_keys(list(key_texts if key_texts is not None else instructions))
     # Exact and near tiers: the merge Job's own rule (one implementation), rows numbered 0..n-1 in keep-first order.
     dedup = SimpleNamespace(key="instruction", normalize=False, near_duplicates=near, threshold=threshold,
-                            num_perm=num_perm, shingle_size=shingle_size)  # fmt: skip
+                            num_perm=num_perm, shingle_size=shingle_size, against=())  # fmt: skip
     spec = SimpleNamespace(dedup=dedup)
     dec = merge_decide(pa.array(keys, pa.string()), State.empty(spec), spec, 0)
     is_in = np.arange(n) >= n_seen
