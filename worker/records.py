@@ -116,7 +116,9 @@ class RoundReport:
     skipped_online: int = 0  # of `generated`, how many the generators skipped (seen in earlier rounds or in the shard)
     exact_duplicates: int = 0
     near_duplicates: int = 0
-    semantic_duplicates: int = 0  # rows dropped by the semantic tier after exact and near (all rounds, as the two above)
+    semantic_duplicates: int = (
+        0  # rows dropped by the semantic tier after exact and near (all rounds, as the two above)
+    )
     # Which tiers decide "unique" for this run (new_unique, unique_total and the target count what survives them all).
     dedup_tiers: tuple[str, ...] = ("exact", "near")
     semantic_clusters: tuple[SemanticCluster, ...] = ()  # the largest semantic clusters so far
