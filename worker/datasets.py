@@ -40,14 +40,14 @@ def extract(raw: Any) -> tuple[str | None, str, str]:
                 res = text
                 break
         return (ins, res, "") if ins and ins.strip() else (None, "", "no_user_turn")
-    ins = raw.get("instruction", raw.get("prompt", raw.get("question")))
-    if not isinstance(ins, str) or not ins.strip():
+    asked = raw.get("instruction", raw.get("prompt", raw.get("question")))
+    if not isinstance(asked, str) or not asked.strip():
         return None, "", "no_instruction"
     extra = raw.get("input")
     if isinstance(extra, str) and extra.strip():  # Alpaca: the input is part of the request
-        ins = f"{ins}\n\n{extra}"
-    res = raw.get("response", raw.get("output", raw.get("completion", raw.get("answer", ""))))
-    return ins, res if isinstance(res, str) else "", ""
+        asked = f"{asked}\n\n{extra}"
+    answer = raw.get("response", raw.get("output", raw.get("completion", raw.get("answer", ""))))
+    return asked, answer if isinstance(answer, str) else "", ""
 
 
 def records(path: Path) -> Iterator[Any]:

@@ -104,7 +104,8 @@ def key_hashes(keys: Any) -> np.ndarray:
     enc = pc.dictionary_encode(pc.fill_null(arr, ""))
     h = xxhash.xxh3_64_intdigest
     vocab = np.fromiter((h(k.encode()) for k in enc.dictionary.to_pylist()), np.uint64, len(enc.dictionary))
-    return vocab[np.asarray(enc.indices)]
+    out: np.ndarray = vocab[np.asarray(enc.indices)]
+    return out
 
 
 def key_hash(key: str) -> int:
@@ -124,7 +125,8 @@ def _fmix32(hv: np.ndarray) -> np.ndarray:
     hv = hv * m1
     hv = hv ^ (hv >> s2)
     hv = hv * m2
-    return hv ^ (hv >> s3)
+    out: np.ndarray = hv ^ (hv >> s3)
+    return out
 
 
 @lru_cache(maxsize=16)
@@ -270,12 +272,14 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
         h = h * np.uint64(0xFF51AFD7ED558CCD)
         h = h ^ (h >> np.uint64(33))
         h = h * np.uint64(0xC4CEB9FE1A85EC53)
-        return h ^ (h >> np.uint64(33))
+        out: np.ndarray = h ^ (h >> np.uint64(33))
+        return out
 
 
 def similar(sigs_a: np.ndarray, sigs_b: np.ndarray) -> np.ndarray:
     """Estimated Jaccard similarity row by row."""
-    return np.count_nonzero(sigs_a == sigs_b, axis=1) / sigs_a.shape[1]
+    out: np.ndarray = np.count_nonzero(sigs_a == sigs_b, axis=1) / sigs_a.shape[1]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -635,8 +639,8 @@ def _join(a: IndexChunk, b: IndexChunk) -> IndexChunk:
         o = np.argsort(k, kind="stable")
         tables.append((k[o], np.concatenate([pa_, pb + len(a)])[o]))
     exact = np.union1d(a.exact, b.exact)
-    return IndexChunk(exact, *(np.concatenate([getattr(a, x), getattr(b, x)]) for x in ("sigs", "band", "ids", "root")),
-                      tables)  # fmt: skip
+    sigs, band, ids, root = (np.concatenate([getattr(a, x), getattr(b, x)]) for x in ("sigs", "band", "ids", "root"))
+    return IndexChunk(exact, sigs, band, ids, root, tables)
 
 
 def deduplicate(

@@ -114,8 +114,8 @@ def decide(
     import numpy as np
     import pyarrow as pa
     from genrun.worker.dedup import MinHasher, dedup_keys, similar
-    from genrun.worker.merge import State
     from genrun.worker.merge import decide as merge_decide
+    from genrun.worker.merge_state import State
 
     n = len(instructions)
     tier = np.full(n, "", dtype=object)

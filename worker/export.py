@@ -105,7 +105,7 @@ def _write_messages(storage: Storage, part: str, rnd: int, meta: dict[bytes, byt
             f.write(json.dumps({"messages": m}, ensure_ascii=False) + "\n")
     storage.upload(out, messages_key(rnd))
     storage.upload(lines, messages_jsonl_key(rnd))
-    return table.num_rows
+    return int(table.num_rows)
 
 
 def _reports(storage: Storage, upto: int) -> list[rec.RoundReport]:

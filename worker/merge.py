@@ -50,6 +50,7 @@ from genrun.worker.merge_state import (
     load_state,
     read_table,
     round_keys,
+    save_npz,
     semantic_spec,
     state_key,
     top_clusters,
@@ -90,7 +91,10 @@ def _read_round(
 ) -> tuple[list[_Shard], list[Any], list[str], list[str]]:
     """Pass 1: each shard's marker and whole file, checked; returns the readable shards, their key-source columns
     (instruction, response when the key is the pair), quarantined keys and missing shards."""
-    shards, cols, quarantined, missing = [], [], [], []
+    shards: list[_Shard] = []
+    cols: list[Any] = []
+    quarantined: list[str] = []
+    missing: list[str] = []
     for rnd, seed in sorted(shard_ids):
         mkey, dkey = rec.shard_manifest_key(rnd, seed), rec.shard_data_key(rnd, seed)
         try:
@@ -314,8 +318,8 @@ def seed_state(storage: Any, spec: Any, state: Any) -> AgainstSeed | None:
     prefix = rec.merge_prefix(0)
     with tempfile.TemporaryDirectory(prefix="genrun-against-") as d:
         tmp = Path(d)
-        np.savez(tmp / "state.npz", **step["chunk"])
-        np.savez(tmp / "seen-index.npz", **step["seen"])
+        save_npz(tmp / "state.npz", **step["chunk"])
+        save_npz(tmp / "seen-index.npz", **step["seen"])
         kept = np.flatnonzero(dec.kept)
         pq.write_table(
             pa.table(
@@ -389,10 +393,10 @@ def _merge_one(
         tot.left_domain += round_counts["left_domain"]
         for k, v in round_counts["rejected"].items():
             tot.rejected[k] = tot.rejected.get(k, 0) + v
-        np.savez(tmp / "state.npz", **step["chunk"])
+        save_npz(tmp / "state.npz", **step["chunk"])
         # the semantic tier's index rides in the seen-index (what `semantic.load_seen_semantic` reads): all kept rows
         sem_npz = state.semantic.to_npz() if state.semantic is not None else {}
-        np.savez(tmp / "seen-index.npz", **step["seen"], **sem_npz)
+        save_npz(tmp / "seen-index.npz", **step["seen"], **sem_npz)
         prefix = rec.merge_prefix(rnd)
         names = ["seen-index.npz", "state.npz", "kept.parquet", "alpaca.jsonl", "sharegpt.jsonl"]
         for name in names + (["semantic.parquet"] if sem_drops is not None else []):

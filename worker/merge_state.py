@@ -180,21 +180,26 @@ def _npz_members(path: Path) -> dict[str, np.ndarray]:
             name = info.filename.removesuffix(".npy")
             if info.compress_type != zipfile.ZIP_STORED:
                 with zf.open(info) as m:
-                    out[name] = np.lib.format.read_array(m)
+                    out[name] = np.lib.format.read_array(m)  # type: ignore[no-untyped-call]
                 continue
             f.seek(info.header_offset + 26)
             n, e = struct.unpack("<HH", f.read(4))
             f.seek(info.header_offset + 30 + n + e)
-            version = np.lib.format.read_magic(f)
+            version = np.lib.format.read_magic(f)  # type: ignore[no-untyped-call]
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
+            shape, fortran, dtype = read(f)  # type: ignore[no-untyped-call]
             if dtype.hasobject or int(np.prod(shape)) == 0 or not shape:
                 with zf.open(info) as m:
-                    out[name] = np.lib.format.read_array(m)
+                    out[name] = np.lib.format.read_array(m)  # type: ignore[no-untyped-call]
                 continue
             out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
                                   order="F" if fortran else "C")  # fmt: skip
     return out
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Arrays as an uncompressed .npz (what load_npz memory-maps)."""
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle flag
 
 
 def load_npz(storage: Storage, key: str) -> dict[str, np.ndarray]:

@@ -86,8 +86,8 @@ class PromptBuilder:
             pool = same + rest[k:] + rest[:k]
             shots = "".join(format_example(e.instruction, e.response) for e in pool[: self.per_prompt])
         named = {n: v for n, v in values if "{" + n + "}" in self.template}
-        rest = "; ".join(f"{n}: {v}" for n, v in values if n not in named)
-        shown = (domain or NO_DOMAIN) + (f" ({rest})" if rest else "")
+        others = "; ".join(f"{n}: {v}" for n, v in values if n not in named)
+        shown = (domain or NO_DOMAIN) + (f" ({others})" if others else "")
         return self.template.format(domain=shown, examples=shots, **named).rstrip() + "\n\n"
 
     def instruction_prompt(self, index: int) -> str:

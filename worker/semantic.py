@@ -361,7 +361,8 @@ def relevance(embedder: Embedder, instructions: Sequence[str], responses: Sequen
     call (fewer, fuller batches)."""
     n = len(instructions)
     both = embedder.encode([*instructions, *responses])
-    return (both[:n] * both[n:]).sum(axis=1).astype(np.float32)
+    out: np.ndarray = (both[:n] * both[n:]).sum(axis=1).astype(np.float32)
+    return out
 
 
 def domain_vectors(embedder: Embedder, domains: Sequence[str]) -> np.ndarray:

@@ -20,6 +20,8 @@ from typing import Any, Protocol
 from genrun.worker.records import DamagedMarker as DamagedMarker  # re-exported: callers catch it from here
 from genrun.worker.records import ShardManifest, parse_marker
 
+Keys = list[str]  # a name outside the classes, whose `list` method shadows the builtin in their annotations
+
 TMP_PREFIX = "_tmp/"
 
 
@@ -39,7 +41,7 @@ class Storage(Protocol):
     def delete(self, key: str) -> None: ...
     def location(self, key: str) -> str: ...
     def check(self) -> None: ...
-    def remove_leftovers(self, prefix: str) -> list[str]: ...
+    def remove_leftovers(self, prefix: str) -> Keys: ...
 
 
 class LocalStorage:
@@ -117,7 +119,7 @@ class LocalStorage:
     def location(self, key: str) -> str:
         return str(self._p(key))
 
-    def remove_leftovers(self, prefix: str) -> list[str]:
+    def remove_leftovers(self, prefix: str) -> Keys:
         """Delete the temporary files a killed writer left under `prefix` (callers own that prefix)."""
         base = self._p(prefix)
         gone = []
@@ -228,7 +230,7 @@ class S3Storage:
     def location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._k(key)}"
 
-    def remove_leftovers(self, prefix: str) -> list[str]:
+    def remove_leftovers(self, prefix: str) -> Keys:
         """Abort the multipart uploads a killed writer left under `prefix` (their parts cost storage until then)."""
         gone = []
         pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self._k(prefix))
