@@ -295,10 +295,12 @@ def _shard_states(spec: GenerationRunSpec, plan: RoundPlan, obs: Observed) -> li
 def budget_used(spec: GenerationRunSpec, status: Mapping[str, Any]) -> float:
     """The largest used share of the budget (rounds, shards, generated examples), for alerts."""
     b = spec.budget
-    rounds = status.get("rounds", [])
-    shards = sum(r.get("shards", 0) for r in rounds)
-    generated = status.get("totals", {}).get("generated", 0)
-    return float(round(max(len(rounds) / b.max_rounds, shards / b.max_shards, generated / b.max_generated_examples), 4))
+    totals = status.get("totals", {})
+    listed = status.get("rounds", [])  # the last 100 only: the planned counts are in totals
+    rounds = totals.get("roundsPlanned", len(listed))
+    shards = totals.get("shardsPlanned", sum(r.get("shards", 0) for r in listed))
+    generated = totals.get("generated", 0)
+    return float(round(max(rounds / b.max_rounds, shards / b.max_shards, generated / b.max_generated_examples), 4))
 
 
 def _seed_range(seeds: tuple[int, ...]) -> str:
@@ -326,6 +328,8 @@ def _status(
         "shardsFailed": sum(s.phase == "failed" for s in all_states),
         "shardsRunning": sum(s.phase == "active" for s in all_states),
         "shardsQuarantined": len(obs.quarantined.union(*(r.quarantined for r in obs.reports.values()))),
+        "roundsPlanned": len(obs.rounds),  # all rounds, where status.rounds lists the last 100
+        "shardsPlanned": sum(len(p.shards) for p in obs.rounds.values()),
         # Rows dropped per dedup tier, and the tiers "unique" (and the target) count through (sem, issue 12).
         "duplicates": {
             "exact": rep.exact_duplicates if rep else 0,

@@ -451,3 +451,17 @@ def test_property_failures_end_the_run_or_are_tolerated(fail, retries, tolerated
     failed_seeds = {s for s in fail if s in attempts}
     if len(failed_seeds) > tolerated:
         assert plans[-1].condition(c.FAILED).reason == c.SHARDS_FAILED
+
+
+def test_budget_used_counts_every_round_where_the_status_lists_the_last_100() -> None:
+    """status.rounds is capped at 100 entries; the budget share reads the planned totals, so a long run is not
+    under-reported (150 of 200 rounds is 0.75, not 0.5)."""
+    from genrun.operator.planner import budget_used
+
+    spec = spec_of(budget={"maxRounds": 200, "maxShards": 100000})
+    first = next(a for a in decide(REF, spec, Observed()).actions if isinstance(a, RecordRound)).plan
+    rounds = {r: dataclasses.replace(first, round=r) for r in range(1, 151)}
+    status = decide(REF, spec, Observed(rounds=rounds)).status
+    assert len(status["rounds"]) == 100 and status["totals"]["roundsPlanned"] == 150
+    assert status["totals"]["shardsPlanned"] == 150 * len(first.shards)
+    assert budget_used(spec, status) == 0.75
