@@ -58,7 +58,7 @@ def test_run_to_target_then_status_report_and_html(tmp_path: Path) -> None:
     r = run(["report", str(out), "--html", str(html)])
     assert r.returncode == 0 and "## Top duplicates" in r.stdout
     page = html.read_text()
-    assert page.count("<svg") == 5 and "Duplication rate per round" in page and "<script" not in page
+    assert page.count("<svg") == 6 and "Duplication rate per round" in page and "<script" not in page
     # A second run of a finished output regenerates nothing.
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
     again = run(["run", str(small_manifest(tmp_path)), "--engine", "replay"])
