@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 from genrun.contract.api import RunRef, parse_spec
@@ -13,7 +14,7 @@ from genrun.operator import conditions as c
 from genrun.operator import policy as pol
 from genrun.operator.planner import CreateShardJob, Observed, RecordRound, decide
 from genrun.operator.simulate import run_instantly
-from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardYield
+from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan, ShardYield
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,18 +50,12 @@ def binom_tail(n: int, y: float, k: int) -> float:
 QC_PASS = 0.9
 
 
-def run_world(
-    spec, yields: dict[float, float], max_steps: int = 200, noise: random.Random | None = None
-) -> tuple[Observed, list]:
-    """Drive decide() to the end. A shard of the arm at temperature t writes its examples; a share yields[t] of
-    them is new and passes QC (per-shard figures, as the merge reports them); Jobs finish at once. With `noise`,
-    each example is kept with probability yields[t] (a binomial world), else exactly floor(examples * yield)."""
-
-    def kept_of(examples: int, y: float) -> int:
-        return sum(noise.random() < y for _ in range(examples)) if noise else math.floor(examples * y)
+def instant_merge(kept_of_shard: Callable[[ShardPlan], int]) -> Callable[[RoundPlan, RoundReport | None], RoundReport]:
+    """A merge for run_instantly: each shard keeps kept_of_shard(shard) rows (new, QC-passed), reported per shard as
+    the real merge does; the totals accumulate over rounds."""
 
     def merge(plan: RoundPlan, prev: RoundReport | None) -> RoundReport:
-        kept = [kept_of(s.examples, yields[s.sampling.temperature]) for s in plan.shards]
+        kept = [kept_of_shard(s) for s in plan.shards]
         per = tuple(
             ShardYield(s.seed, s.examples, s.examples * TOKENS_PER_EXAMPLE, min(s.examples, round(k / QC_PASS)), k)
             for s, k in zip(plan.shards, kept, strict=True)
@@ -78,6 +73,21 @@ def run_world(
             tokens=gen * TOKENS_PER_EXAMPLE,
             per_shard=per,
         )
+
+    return merge
+
+
+def run_world(
+    spec, yields: dict[float, float], max_steps: int = 200, noise: random.Random | None = None
+) -> tuple[Observed, list]:
+    """Drive decide() to the end. A shard of the arm at temperature t writes its examples; a share yields[t] of
+    them is new and passes QC (per-shard figures, as the merge reports them); Jobs finish at once. With `noise`,
+    each example is kept with probability yields[t] (a binomial world), else exactly floor(examples * yield)."""
+
+    def kept_of(examples: int, y: float) -> int:
+        return sum(noise.random() < y for _ in range(examples)) if noise else math.floor(examples * y)
+
+    merge = instant_merge(lambda s: kept_of(s.examples, yields[s.sampling.temperature]))
 
     return run_instantly(REF, spec, merge, max_steps)
 
@@ -294,25 +304,7 @@ CELL_YIELD = {  # hard how-tos collapse (say, the model repeats itself); the res
 def run_cells(spec, cell_yield: dict) -> tuple[Observed, list]:
     """A world whose yield depends on the shard's attribute cell only (every sampling arm alike)."""
 
-    def merge(plan: RoundPlan, prev: RoundReport | None) -> RoundReport:
-        kept = [math.floor(s.examples * cell_yield[s.cell]) for s in plan.shards]
-        per = tuple(
-            ShardYield(s.seed, s.examples, s.examples * TOKENS_PER_EXAMPLE, min(s.examples, round(k / QC_PASS)), k)
-            for s, k in zip(plan.shards, kept, strict=True)
-        )
-        gen, uniq, total = sum(y.rows for y in per), sum(y.new_unique for y in per), sum(kept)
-        return RoundReport(
-            round=plan.round,
-            shards=len(per),
-            generated=gen,
-            new_unique=uniq,
-            new_qc_passed=total,
-            generated_total=gen + (prev.generated_total if prev else 0),
-            unique_total=uniq + (prev.unique_total if prev else 0),
-            qc_passed_total=total + (prev.qc_passed_total if prev else 0),
-            tokens=gen * TOKENS_PER_EXAMPLE,
-            per_shard=per,
-        )
+    merge = instant_merge(lambda s: math.floor(s.examples * cell_yield[s.cell]))
 
     return run_instantly(REF, spec, merge, 200)
 
