@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from genrun.worker.datasets import KEPT as _KEPT
-from genrun.worker.datasets import SUFFIXES, extract, records
+from genrun.worker.datasets import SUFFIXES, extract, records, source_files
 from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys, key_hashes
 
 log = logging.getLogger("genrun.against")
@@ -76,10 +75,7 @@ def read_source(uri: str, spec: Any, where: str = "spec.dedup.against") -> list[
                 raise AgainstError(f"{where}: {uri}: no such file; fix the path or remove the entry")
             keys = [file_key]
         else:
-            listed = storage.list("")
-            keys = [k for k in listed if _KEPT.search(k)]  # a run output: its seen rows, nothing else
-            if not keys:
-                keys = [k for k in listed if k.lower().endswith(SUFFIXES) and "/quarantine/" not in f"/{k}"]
+            keys = source_files(storage.list(""))
             if not keys:
                 raise AgainstError(
                     f"{where}: {uri}: holds no run output (merge/rNNNN/kept.parquet) and no .parquet/.jsonl/.json "

@@ -16,6 +16,13 @@ _USER_TURNS = ("human", "user")
 _ASSISTANT_TURNS = ("gpt", "assistant", "bot", "model", "chatgpt")
 
 
+def source_files(listed: list[str]) -> list[str]:
+    """The files of a folder listing that hold its instructions: a genrun run output's kept rows (every instruction
+    the run counted as unique), else every data file outside quarantine/ (set-aside damaged shards)."""
+    kept = [k for k in listed if KEPT.search(k)]
+    return kept or [k for k in listed if k.lower().endswith(SUFFIXES) and "/quarantine/" not in f"/{k}"]
+
+
 class DatasetError(ValueError):
     """A file that is not in a supported layout: one line naming the file and the fix."""
 

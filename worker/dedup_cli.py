@@ -50,8 +50,7 @@ class Row:
 def expand(paths: Sequence[str]) -> list[str]:
     """Folders become their files: a genrun run output its merge/rNNNN/kept.parquet (every instruction the run
     counted as unique, as spec.dedup.against reads it), any other folder its .jsonl/.json/.parquet files, sorted."""
-    from genrun.worker.datasets import KEPT as _KEPT
-    from genrun.worker.datasets import SUFFIXES
+    from genrun.worker.datasets import source_files
 
     out: list[str] = []
     for p in paths:
@@ -60,8 +59,7 @@ def expand(paths: Sequence[str]) -> list[str]:
             out.append(p)
             continue
         files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
-        kept = [f for f in files if _KEPT.search(f)]
-        found = kept or [f for f in files if f.lower().endswith(SUFFIXES)]
+        found = source_files(files)
         if not found:
             raise DedupUsageError(f"{p}: a folder with no .jsonl, .json or .parquet file and no genrun run output")
         out += [str(path / f) for f in found]

@@ -278,9 +278,9 @@ def merge_round(storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list
         return rec.round_report_from(json.loads(storage.read_bytes(report_key)))
     t0 = time.monotonic()
     _clean_leftovers(storage, rnd)
-    state = load_state(storage, spec, rnd - 1)
+    state = load_state(storage, spec, rnd - 1) if rnd > 1 else None
     replayed: range = range(0)
-    if state is None or rnd == 1:  # full re-merge: replay rounds 1..rnd-1 from round 0, then this one
+    if state is None:  # round 1, or a full re-merge: replay rounds 1..rnd-1 from round 0, then this one
         state = _round_zero(storage, spec)
         replayed = range(1, rnd)
         for r in replayed:
