@@ -189,13 +189,46 @@ def arm_stats(
 
 
 def _binom_cdf(k: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) <= k), summed in log space."""
-    if p <= 0:
+    """P(Binomial(n, p) <= k) = I_{1-p}(n - k, k + 1), the regularized incomplete beta function: a continued fraction
+    of O(sqrt(n)) terms, not a sum of k + 1 terms (that took 68 ms per judged arm at n = 2,000 and stalled the
+    operator's event loop)."""
+    if p <= 0 or k >= n:
         return 1.0
     if p >= 1:
-        return 1.0 if k >= n else 0.0
-    lg, lp, lq = math.lgamma, math.log(p), math.log1p(-p)
-    return min(1.0, sum(math.exp(lg(n + 1) - lg(i + 1) - lg(n - i + 1) + i * lp + (n - i) * lq) for i in range(k + 1)))
+        return 0.0
+    return _betainc(n - k, k + 1, 1 - p)
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta I_x(a, b), by the modified Lentz continued fraction (Numerical Recipes 6.4),
+    taken on the side of x where it converges fast."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return min(1.0, front * _beta_fraction(a, b, x) / a)
+    return max(0.0, 1 - front * _beta_fraction(b, a, 1 - x) / b)
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    tiny, eps = 1e-300, 1e-15
+
+    def nonzero(v: float) -> float:
+        return v if abs(v) > tiny else tiny
+
+    c, d = 1.0, 1 / nonzero(1 - (a + b) * x / (a + 1))
+    h = d
+    for m in range(1, 100_000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # fmt: skip
+            d = 1 / nonzero(1 + num * d)
+            c = nonzero(1 + num / c)
+            h *= d * c
+        if abs(d * c - 1) < eps:
+            break
+    return h
 
 
 def qc_upper_bound(passed: int, n: int, confidence: float) -> float:

@@ -311,3 +311,56 @@ def test_shards_failed_message_states_the_retries_really_made(retries: int, retr
         obs = Observed({1: rnd}, tuple(jobs))
     failed = plan.condition(c.FAILED)
     assert failed.reason == c.SHARDS_FAILED and f"({said}, spec.budget.maxShardRetries={retries})" in failed.message
+
+
+def test_lean_diffbase_builds_kopfs_own_essence_for_runs_and_jobs() -> None:
+    """The operator's cheaper essence (no deep copy of status and system metadata first) equals Kopf's, for a run
+    with a status and Kopf's annotations and for a shard Job, so update handlers see the same diffs."""
+    import kopf
+    from genrun.operator.handlers import LeanDiffBase
+
+    spec = parse_spec(RAW)
+    job = mf.shard_job(REF, decide(REF, spec, Observed()).actions[1], spec, Settings())  # type: ignore[arg-type]
+    job["status"] = {"active": 1}
+    job["metadata"].update(uid="u", resourceVersion="7", managedFields=[{"manager": "kube"}])
+    run = {
+        "apiVersion": "genrun.io/v1alpha1",
+        "kind": "GenerationRun",
+        "metadata": {"name": "sft", "namespace": "data", "uid": "uid-1", "generation": 2, "labels": {"team": "a"},
+                     "annotations": {"genrun.io/last-handled-configuration": "{}", "genrun.io/loop": "{}",
+                                     "note": "kept", "kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                     "finalizers": ["genrun.io/finalizer"]},
+        "spec": RAW,
+        "status": {"totals": {"kept": 5}, "conditions": [{"type": "Ready", "status": "False"}]},
+    }  # fmt: skip
+    kopfs = kopf.AnnotationsDiffBaseStorage(prefix="genrun.io", key="last-handled-configuration")
+    lean = LeanDiffBase(prefix="genrun.io", key="last-handled-configuration")
+    for raw in (run, job):
+        body = kopf.Body(raw)
+        assert lean.build(body=body) == kopfs.build(body=body)
+        assert lean.build(body=body, extra_fields=["status.totals"]) == kopfs.build(
+            body=body, extra_fields=["status.totals"]
+        )
+    essence = lean.build(body=kopf.Body(run))
+    assert essence["spec"] == RAW and "status" not in essence and essence["metadata"]["labels"] == {"team": "a"}
+
+
+def test_kinds_given_an_empty_essence_have_no_handler_that_reads_their_diff() -> None:
+    """STATELESS_KINDS skip Kopf's essence (see LeanDiffBase): valid only while nothing but index and event handlers
+    watch them. An update, delete or daemon handler added for Jobs must fail here, not silently see no diffs."""
+    import kopf
+    from genrun.operator.handlers import STATELESS_KINDS, LeanDiffBase, build
+
+    registry = build(Settings())[0]
+    plurals = {"Job": "jobs"}
+
+    def names(handlers: Any) -> set[str]:
+        return {h.selector.plural or h.selector.any_name for h in handlers if h.selector is not None}
+
+    stateful = names([*registry._changing.get_all_handlers(), *registry._spawning.get_all_handlers()])
+    assert "generationruns" in stateful  # the check sees the handlers it guards against
+    for kind in STATELESS_KINDS:
+        assert plurals[kind] not in stateful and plurals[kind] in names(registry._indexing.get_all_handlers())
+    lean = LeanDiffBase(stateless=STATELESS_KINDS, prefix="genrun.io")
+    assert lean.build(body=kopf.Body({"kind": "Job", "spec": {"x": 1}})) == {}
+    assert lean.build(body=kopf.Body({"kind": "GenerationRun", "spec": {"x": 1}})) == {"spec": {"x": 1}}
