@@ -341,7 +341,13 @@ class RowMaker:
             "response_logprob": _or_nan(c.mean_logprob),
             "critic_score": p.score,
             "candidates": p.options,
+            "attributes": self.attributes(i),
         }
+
+    def attributes(self, index: int) -> str | None:
+        """The attribute values prompt `index` was built with, as the row's JSON object (None without attributes)."""
+        values = self.builder.values(index)
+        return json.dumps(dict(values), ensure_ascii=False) if values else None
 
 
 def _or_nan(x: float | None) -> float:

@@ -3,8 +3,9 @@ order, the same rejects and the same manifest counts (tokens included) as the re
 replay engine (recorded real SmolLM2-135M outputs; its samples follow the per-request seeds), so a change that alters
 what the generator asks for, in which order, or what it keeps shows here.
 
-The golden file was written by the generator before its stages were split out (issue 11, item 6). To rewrite it after
-an intended change of output: GENRUN_REGOLDEN=1 pytest tests/unit/test_generate_golden.py, and say why in the commit.
+The golden file was written by the generator before its stages were split out (issue 11, item 6), and rewritten once
+when rows gained the `attributes` column (every other value unchanged). To rewrite it after an intended change of
+output: GENRUN_REGOLDEN=1 pytest tests/unit/test_generate_golden.py, and say why in the commit.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def test_generate_shard_output_equals_the_golden_file(tmp_path: Path) -> None:
     assert want["semantic"]["rows"][0]["generated_domain"] and want["against"]["manifest"]["skipped_online"] > 0
     assert all(r["domain"] == "" for r in want["plain"]["rows"]) and want["domains"]["rows"][0]["domain"]
     assert {r["reason"] for r in want["malformed"]["rejected"]} == {"instruction_truncated", "empty_response"}
+    assert {r["attributes"] for r in want["attributes_cell"]["rows"]} == {json.dumps(dict(CELL))}
     assert len({r["critic_score"] for r in want["judge"]["rows"]}) > 2
 
 
