@@ -7,8 +7,8 @@ sampled examples x maxAttemptsFactor instructions:
 
 Instructions first (default): sample instructions, parse them, drop those already seen (earlier rounds' seen-index,
 and this shard's own), and only then spend tokens on responses for the novel ones; the critic picks one of the
-Best-of-N responses and the pick becomes a row. Joint mode samples both in one go (respond only unwraps the response)
-and the merge dedups what the online check cannot.
+Best-of-N responses and the pick becomes a row. Joint mode samples both in one go (respond only unwraps the response
+written with the instruction), so a duplicate's response tokens are spent before novelty drops it.
 """
 
 from __future__ import annotations
@@ -121,6 +121,17 @@ class _Counts:
     def reject(self, rejects: Sequence[Reject]) -> None:
         self.malformed += len(rejects)
         self.rejected.extend(rejects)
+
+    def skip(self, novel: Novel) -> None:
+        self.skipped_online += novel.skipped_online
+        self.skipped_in_shard += novel.skipped_in_shard
+
+    def log_progress(self, shard: rec.ShardPlan, rows: int, elapsed: float) -> None:
+        log.info(
+            "shard r%d s%d: %d/%d examples, %d sampled, %.2f examples/s, %.0f tokens/s, skipped %d seen + %d "
+            "in-shard, %d malformed", shard.round, shard.seed, rows, shard.examples, self.generated,
+            rows / elapsed, self.tokens / elapsed, self.skipped_online, self.skipped_in_shard, self.malformed,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -429,8 +440,7 @@ def generate_shard(
         cands, rejects = parse(samples, joint)
         counts.reject(rejects)
         novel = novelty.select(cands, quota - len(rows))
-        counts.skipped_online += novel.skipped_online
-        counts.skipped_in_shard += novel.skipped_in_shard
+        counts.skip(novel)
         responses = asker.respond(novel.kept, spec.best_of_n.n)
         counts.tokens += responses.tokens
         made = [maker.row(critic.pick(c, opts)) for c, opts in zip(novel.kept, responses.options, strict=True)]
@@ -440,12 +450,7 @@ def generate_shard(
         rows += new_rows
         now = time.monotonic()
         if now >= next_log:
-            el = now - t0
-            log.info(
-                "shard r%d s%d: %d/%d examples, %d sampled, %.2f examples/s, %.0f tokens/s, skipped %d seen + %d "
-                "in-shard, %d malformed", shard.round, shard.seed, len(rows), quota, counts.generated,
-                len(rows) / el, counts.tokens / el, counts.skipped_online, counts.skipped_in_shard, counts.malformed,
-            )  # fmt: skip
+            counts.log_progress(shard, len(rows), now - t0)
             next_log = now + progress_every
 
     manifest = _publish(storage, shard, rows, counts, t0)
