@@ -22,10 +22,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from genrun.contract.api import GenerationRunSpec
 from genrun.worker import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys
 from genrun.worker.engine import Completion, Engine, Params, per_request_seed
@@ -41,6 +40,9 @@ from genrun.worker.prompts import (
     prompt_hash,
 )
 from genrun.worker.storage import Storage
+
+if TYPE_CHECKING:
+    from genrun.contract.api import GenerationRunSpec
 
 log = logging.getLogger("genrun.generate")
 _SCORE = re.compile(r"\d+(?:\.\d+)?")
