@@ -1,21 +1,28 @@
 """One seed shard: few-shot prompts with rotated domains, vLLM sampling, online dedup, Best-of-N, an atomic Parquet.
 
-Instructions first (default): sample instructions, drop those already seen (earlier rounds' seen-index, and this
-shard's own), and only then spend tokens on responses for the novel ones. Joint mode samples both in one go and
-dedups afterwards. Either way the shard keeps sampling until it has its quota of novel examples or reaches
-examples x maxAttemptsFactor instruction samples.
+The shard is a pipeline of stages, run batch by batch until the shard has its quota of novel examples or has
+sampled examples x maxAttemptsFactor instructions:
+
+    sample -> parse -> novelty -> respond -> pick -> row
+
+Instructions first (default): sample instructions, parse them, drop those already seen (earlier rounds' seen-index,
+and this shard's own), and only then spend tokens on responses for the novel ones; the critic picks one of the
+Best-of-N responses and the pick becomes a row. Joint mode samples both in one go (respond only unwraps the response
+written with the instruction), so a duplicate's response tokens are spent before novelty drops it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from genrun.worker import records as rec
@@ -34,9 +41,74 @@ from genrun.worker.prompts import (
 )
 from genrun.worker.storage import Storage
 
+if TYPE_CHECKING:
+    from genrun.contract.api import GenerationRunSpec
+
 log = logging.getLogger("genrun.generate")
 _SCORE = re.compile(r"\d+(?:\.\d+)?")
 INSTRUCTION_MAX_TOKENS = 96
+DEFAULT_JUDGE_PROMPT = (
+    "Rate the response to the instruction for helpfulness and accuracy on a scale of 1 to 10.\n\n"
+    "Instruction: {instruction}\nResponse: {response}\n\nScore (1-10):"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What flows between the stages
+
+
+@dataclass(frozen=True)
+class Sample:
+    """sample's output: the completion of instruction prompt `index` (joint mode: instruction and response)."""
+
+    index: int
+    completion: Completion
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """parse's output: a well-formed instruction (and, in joint mode, the response written with it)."""
+
+    index: int
+    instruction: str
+    sample: Completion
+    response: str | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A completion that parse (instruction) or row (picked response) could not use: kept in the rejected file."""
+
+    index: int
+    reason: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Novel:
+    """novelty's output: the candidates to spend responses on, in order, and how many were skipped as seen."""
+
+    kept: list[Candidate]
+    skipped_online: int  # seen in earlier rounds (or the spec's `dedup.against` sources)
+    skipped_in_shard: int  # seen earlier in this shard
+
+
+@dataclass(frozen=True)
+class Responses:
+    """respond's output: the Best-of-N completions of each novel candidate, and the tokens that cost."""
+
+    options: list[list[Completion]]
+    tokens: int  # 0 in joint mode: the sample stage paid for the responses
+
+
+@dataclass(frozen=True)
+class Pick:
+    """pick's output: the critic's choice among a candidate's responses."""
+
+    candidate: Candidate
+    completion: Completion
+    score: float | None  # the judge's score; None under the log-probability critic
+    options: int
 
 
 @dataclass
@@ -46,46 +118,95 @@ class _Counts:
     skipped_in_shard: int = 0
     malformed: int = 0
     tokens: int = 0
-    rejected: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[Reject] = field(default_factory=list)
+
+    def reject(self, rejects: Sequence[Reject]) -> None:
+        self.malformed += len(rejects)
+        self.rejected.extend(rejects)
+
+    def skip(self, novel: Novel) -> None:
+        self.skipped_online += novel.skipped_online
+        self.skipped_in_shard += novel.skipped_in_shard
+
+    def log_progress(self, shard: rec.ShardPlan, rows: int, elapsed: float) -> None:
+        log.info(
+            "shard r%d s%d: %d/%d examples, %d sampled, %.2f examples/s, %.0f tokens/s, skipped %d seen + %d "
+            "in-shard, %d malformed", shard.round, shard.seed, rows, shard.examples, self.generated,
+            rows / elapsed, self.tokens / elapsed, self.skipped_online, self.skipped_in_shard, self.malformed,
+        )  # fmt: skip
 
 
-def _critic_pick(cands: list[Completion], judge: Any = None) -> tuple[int, float | None]:
-    """Best-of-N: the candidate with the best mean token log-probability, or the judge's score when there is one."""
-    if judge is not None:
-        scores = judge(cands)
-        best = int(np.argmax(scores))
-        return best, float(scores[best])
-    scores = [c.mean_logprob if c.mean_logprob is not None else -math.inf for c in cands]
-    best = int(np.argmax(scores))
-    return best, None
+# ----------------------------------------------------------------------------------------------------------
+# The stages
 
 
-def _judge(engine: Engine, prompt_template: str, instruction: str, seed: int) -> Any:
-    """An LLM-judge critic: the same model scores each candidate 1-10 with the spec's rubric prompt."""
-    template = prompt_template or (
-        "Rate the response to the instruction for helpfulness and accuracy on a scale of 1 to 10.\n\n"
-        "Instruction: {instruction}\nResponse: {response}\n\nScore (1-10):"
-    )
+@dataclass(frozen=True)
+class Asker:
+    """The engine requests of one shard: the shard's sampling, and a seed per (prompt index, stage) so that a rerun
+    asks the same and identical prompts still sample different text."""
 
-    def score(cands: list[Completion]) -> list[float]:
-        prompts = [template.format(instruction=instruction, response=c.text) for c in cands]
-        params = [Params(1, 0.0 + 1e-5, 1.0, 1.0, 0.0, 4, ("\n",), seed)] * len(prompts)
-        outs = engine.generate(prompts, params)
-        vals = []
-        for o in outs:
-            m = _SCORE.search(o[0].text)  # the first number: "9/10" is 9, not 91
-            vals.append(min(10.0, float(m.group())) if m else 0.0)
-        return vals
+    engine: Engine
+    builder: PromptBuilder
+    sampling: rec.Sampling
+    shard_seed: int
+    joint: bool
 
-    return score
+    def params(self, n: int, max_tokens: int, stops: tuple[str, ...], index: int, stage: int) -> Params:
+        s = self.sampling
+        seed = per_request_seed(self.shard_seed, index, stage)
+        return Params(n, s.temperature, s.top_p, s.repetition_penalty, s.min_p, max_tokens, stops, seed)
+
+    def sample(self, indices: list[int]) -> list[Sample]:
+        """Stage 1: one completion per instruction prompt (joint: the pair, up to the response's token limit)."""
+        prompts = [self.builder.instruction_prompt(i) for i in indices]
+        if self.joint:
+            params = [self.params(1, self.sampling.max_tokens, JOINT_STOPS, i, 0) for i in indices]
+        else:
+            params = [self.params(1, INSTRUCTION_MAX_TOKENS, INSTRUCTION_STOPS, i, 0) for i in indices]
+        outs = self.engine.generate(prompts, params)
+        return [Sample(i, out[0]) for i, out in zip(indices, outs, strict=True)]
+
+    def respond(self, novel: list[Candidate], n: int) -> Responses:
+        """Stage 4: n responses per novel instruction (joint: the one it was written with, no engine call)."""
+        if self.joint:
+            options = [[Completion(c.response or "", c.sample.tokens, c.sample.logprob, c.sample.finish_reason)]
+                       for c in novel]  # fmt: skip
+            return Responses(options, 0)
+        if not novel:
+            return Responses([], 0)
+        prompts = [self.builder.response_prompt(c.index, c.instruction) for c in novel]
+        params = [self.params(n, self.sampling.max_tokens, RESPONSE_STOPS, c.index, 1) for c in novel]
+        options = self.engine.generate(prompts, params)
+        return Responses(options, sum(c.tokens for cands in options for c in cands))
+
+
+def parse(samples: list[Sample], joint: bool) -> tuple[list[Candidate], list[Reject]]:
+    """Stage 2: the instruction (joint: and response) each completion holds, or why it holds none."""
+    kept: list[Candidate] = []
+    rejects: list[Reject] = []
+    for s in samples:
+        c = s.completion
+        if joint:
+            pair, why = parse_joint(c.text, c.finish_reason)
+            if pair is None:
+                rejects.append(Reject(s.index, why, c.text))
+            else:
+                kept.append(Candidate(s.index, pair[0], c, pair[1]))
+        else:
+            ins, why = parse_instruction(c.text, c.finish_reason)
+            if ins is None:
+                rejects.append(Reject(s.index, why, c.text))
+            else:
+                kept.append(Candidate(s.index, ins, c))
+    return kept, rejects
 
 
 class _Novelty:
-    """Online dedup: earlier rounds' seen-index plus what this shard already accepted. With `dedup.semantic` on, an
+    """Stage 3, online dedup: earlier rounds' seen-index plus what this shard already accepted. With `dedup.semantic` on, an
     instruction that passed exact and MinHash is also checked against the kept embeddings (earlier rounds', then this
     shard's) by the same keep-first rule the merge applies (genrun.worker.semantic)."""
 
-    def __init__(self, spec: Any, seen: SeenIndex | None, seen_semantic: Any = None) -> None:
+    def __init__(self, spec: GenerationRunSpec, seen: SeenIndex | None, seen_semantic: Any = None) -> None:
         d = spec.dedup
         self.key, self.normalize, self.near = d.key, d.normalize, d.near_duplicates
         self.hasher = MinHasher(d.num_perm, 1, d.shingle_size)
@@ -121,6 +242,11 @@ class _Novelty:
             skipped_old, skipped_mine = self._semantic(keys, flags, ids, skipped_old, skipped_mine)
         return flags, skipped_old, skipped_mine
 
+    def select(self, cands: list[Candidate], room: int) -> Novel:
+        """Stage 3: the candidates whose instruction is new (keep-first), at most `room` of them."""
+        flags, old, mine = self.filter([c.instruction for c in cands], [c.index for c in cands])
+        return Novel([c for c, ok in zip(cands, flags, strict=True) if ok][:room], old, mine)
+
     def _semantic(
         self, keys: list[str], flags: list[bool], ids: list[int] | None, skipped_old: int, skipped_mine: int
     ) -> tuple[int, int]:
@@ -149,7 +275,109 @@ class _Novelty:
         return skipped_old, skipped_mine
 
 
-def _quality_signals(spec: Any) -> Any:
+@dataclass(frozen=True)
+class Judge:
+    """An LLM-judge critic: the same model scores each candidate 1-10 with the spec's rubric prompt. One per shard."""
+
+    engine: Engine
+    template: str
+    seed: int
+
+    def scores(self, instruction: str, cands: list[Completion]) -> list[float]:
+        prompts = [self.template.format(instruction=instruction, response=c.text) for c in cands]
+        params = [Params(1, 0.0 + 1e-5, 1.0, 1.0, 0.0, 4, ("\n",), self.seed)] * len(prompts)
+        vals = []
+        for o in self.engine.generate(prompts, params):
+            m = _SCORE.search(o[0].text)  # the first number: "9/10" is 9, not 91
+            vals.append(min(10.0, float(m.group())) if m else 0.0)
+        return vals
+
+
+@dataclass(frozen=True)
+class Critic:
+    """Stage 5, Best-of-N: the candidate with the best mean token log-probability, or the judge's best score."""
+
+    judge: Judge | None = None
+
+    @classmethod
+    def for_shard(cls, spec: GenerationRunSpec, engine: Engine, shard_seed: int) -> Critic:
+        bon = spec.best_of_n
+        if bon.critic != "judge":
+            return cls()
+        return cls(Judge(engine, bon.judge_prompt or DEFAULT_JUDGE_PROMPT, shard_seed))
+
+    def best(self, instruction: str, cands: list[Completion]) -> tuple[int, float | None]:
+        """(position of the best candidate, its judge score or None)."""
+        if self.judge is not None:
+            scores = self.judge.scores(instruction, cands)
+            top = int(np.argmax(scores))
+            return top, float(scores[top])
+        means = [c.mean_logprob if c.mean_logprob is not None else -math.inf for c in cands]
+        return int(np.argmax(means)), None
+
+    def pick(self, cand: Candidate, options: list[Completion]) -> Pick:
+        top, score = self.best(cand.instruction, options)
+        return Pick(cand, options[top], score, len(options))
+
+
+@dataclass(frozen=True)
+class RowMaker:
+    """Stage 6: a pick -> the shard row (the contract's columns, genrun.worker.records.EXAMPLE_COLUMNS), or a reject
+    when the picked response parses to nothing."""
+
+    builder: PromptBuilder
+    shard: rec.ShardPlan
+    model: str
+
+    def row(self, p: Pick) -> dict[str, Any] | Reject:
+        c, i, s = p.completion, p.candidate.index, self.shard.sampling
+        text, why = parse_response(c.text)
+        if text is None:
+            return Reject(i, why, c.text)
+        ic = p.candidate.sample
+        return {
+            "instruction": p.candidate.instruction,
+            "response": text,
+            "domain": self.builder.domain(i),
+            "round": self.shard.round,
+            "seed": self.shard.seed,
+            "index": i,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "repetition_penalty": s.repetition_penalty,
+            "model": self.model,
+            "prompt_hash": prompt_hash(self.builder.instruction_prompt(i)),
+            "instruction_tokens": ic.tokens,
+            "response_tokens": c.tokens,
+            "finish_reason": c.finish_reason,
+            "instruction_logprob": _or_nan(ic.mean_logprob),
+            "response_logprob": _or_nan(c.mean_logprob),
+            "critic_score": p.score,
+            "candidates": p.options,
+            "attributes": self.attributes(i),
+        }
+
+    def attributes(self, index: int) -> str | None:
+        """The attribute values prompt `index` was built with, as the row's JSON object (None without attributes)."""
+        values = self.builder.values(index)
+        return json.dumps(dict(values), ensure_ascii=False) if values else None
+
+
+def _or_nan(x: float | None) -> float:
+    return x if x is not None else float("nan")
+
+
+def add_signals(signals: Any, rows: list[dict[str, Any]]) -> None:
+    """The quality columns of a batch's new rows, in place: one encode per batch, not per row."""
+    if signals is None or not rows:
+        return
+    cols = signals.columns([r["instruction"] for r in rows], [r["response"] for r in rows], [r["domain"] for r in rows])
+    for k, values in cols.items():
+        for r, v in zip(rows, values, strict=True):
+            r[k] = v
+
+
+def _quality_signals(spec: GenerationRunSpec) -> Any:
     """The per-row quality columns' maker when the embedding model is loaded anyway (semantic tier on) or a QC filter
     reads them (`relevance`, `domain`); else None and the columns stay null."""
     from genrun.worker.qc import SIGNAL_FILTERS
@@ -165,7 +393,7 @@ def _quality_signals(spec: Any) -> Any:
     return QualitySignals(load_embedder(model, None, batch), spec.prompt.domains, relevance=want_relevance)
 
 
-def _load_seen_semantic(spec: Any, storage: Storage, rnd: int) -> Any:
+def _load_seen_semantic(spec: GenerationRunSpec, storage: Storage, rnd: int) -> Any:
     """The kept embeddings of the rounds before `rnd` (the merge saves them in the seen-index), when semantic is on."""
     sem = getattr(spec.dedup, "semantic", None)
     if sem is None or not sem.enabled or not spec.dedup.online:
@@ -175,138 +403,87 @@ def _load_seen_semantic(spec: Any, storage: Storage, rnd: int) -> Any:
     return load_seen_semantic(storage, rnd - 1)
 
 
-def generate_shard(
-    storage: Storage, spec: Any, shard: rec.ShardPlan, engine: Engine, *, progress_every: float = 10.0
-) -> rec.ShardManifest:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _batch_size(rows: int, generated: int, quota: int, max_attempts: int, batch_size: int) -> int:
+    """How many instructions to sample next: what is missing, scaled by the loss seen so far (skips, malformed; 15%
+    before any is seen), within the attempt bound: one full batch beats a full one plus a small tail batch that
+    leaves the engine idle."""
+    loss = 1 - rows / generated if generated else 0.15
+    missing = math.ceil((quota - rows) / max(0.2, 1 - loss))
+    return min(batch_size, max_attempts - generated, max(1, missing))
 
+
+def generate_shard(
+    storage: Storage, spec: GenerationRunSpec, shard: rec.ShardPlan, engine: Engine, *, progress_every: float = 10.0
+) -> rec.ShardManifest:
     mkey = rec.shard_manifest_key(shard.round, shard.seed)
     if storage.exists(mkey):  # a finished shard: a retried or resumed Job exits at once
-        import json
-
         log.info("shard r%d s%d already published", shard.round, shard.seed)
         return rec.shard_manifest_from(json.loads(storage.read_bytes(mkey)))
 
     t0 = time.monotonic()
     builder = PromptBuilder.for_shard(spec, shard)
-    seen, seen_sem = load_seen_index(storage, shard.round - 1), _load_seen_semantic(spec, storage, shard.round)
-    if spec.dedup.against and spec.dedup.online:  # earlier datasets or runs count as seen (spec.dedup.against)
+    joint = spec.generation.mode == "joint"
+    asker = Asker(engine, builder, shard.sampling, shard.seed, joint)
+    novelty = _Novelty(spec, *_load_seen(spec, storage, shard.round))
+    critic = Critic.for_shard(spec, engine, shard.seed)
+    maker = RowMaker(builder, shard, getattr(engine, "model", spec.model.name))
+    signals = _quality_signals(spec)
+    quota = shard.examples
+    max_attempts = math.ceil(quota * spec.generation.max_attempts_factor)
+    counts = _Counts()
+    rows: list[dict[str, Any]] = []
+    next_log = t0 + progress_every
+
+    while len(rows) < quota and counts.generated < max_attempts:
+        want = _batch_size(len(rows), counts.generated, quota, max_attempts, spec.generation.batch_size)
+        samples = asker.sample(list(range(counts.generated, counts.generated + want)))
+        counts.generated += want
+        counts.tokens += sum(s.completion.tokens for s in samples)
+        cands, rejects = parse(samples, joint)
+        counts.reject(rejects)
+        novel = novelty.select(cands, quota - len(rows))
+        counts.skip(novel)
+        responses = asker.respond(novel.kept, spec.best_of_n.n)
+        counts.tokens += responses.tokens
+        made = [maker.row(critic.pick(c, opts)) for c, opts in zip(novel.kept, responses.options, strict=True)]
+        counts.reject([r for r in made if isinstance(r, Reject)])
+        new_rows = [r for r in made if not isinstance(r, Reject)]
+        add_signals(signals, new_rows)
+        rows += new_rows
+        now = time.monotonic()
+        if now >= next_log:
+            counts.log_progress(shard, len(rows), now - t0)
+            next_log = now + progress_every
+
+    manifest = _publish(storage, shard, rows, counts, t0)
+    log.info(
+        "shard r%d s%d done: %d rows from %d sampled in %.1fs (%.0f tokens/s); skipped %d seen + %d in-shard "
+        "(%d of them semantic); %d malformed", shard.round, shard.seed, len(rows), counts.generated, manifest.seconds,
+        counts.tokens / max(manifest.seconds, 1e-9), counts.skipped_online, counts.skipped_in_shard,
+        novelty.skipped_semantic, counts.malformed,
+    )  # fmt: skip
+    return manifest
+
+
+def _load_seen(spec: GenerationRunSpec, storage: Storage, rnd: int) -> tuple[SeenIndex | None, Any]:
+    """What counts as seen before this round: the seen-index and kept embeddings of the rounds before `rnd`, joined
+    with the spec's earlier datasets or runs (spec.dedup.against)."""
+    seen, seen_sem = load_seen_index(storage, rnd - 1), _load_seen_semantic(spec, storage, rnd)
+    if spec.dedup.against and spec.dedup.online:
         from genrun.worker.against import join_seen, join_semantic, load_against
 
         prior = load_against(spec)
         if prior is not None:
             seen, seen_sem = join_seen(prior.seen, seen), join_semantic(prior.semantic, seen_sem)
-    novelty = _Novelty(spec, seen, seen_sem)
-    signals = _quality_signals(spec)
-    s, g, bon = shard.sampling, spec.generation, spec.best_of_n
-    quota = shard.examples
-    max_attempts = math.ceil(quota * g.max_attempts_factor)
-    counts = _Counts()
-    rows: list[dict[str, Any]] = []
-    next_log = t0 + progress_every
-    joint = g.mode == "joint"
+    return seen, seen_sem
 
-    def params(n: int, max_tokens: int, stops: tuple[str, ...], index: int, stage: int) -> Params:
-        return Params(
-            n, s.temperature, s.top_p, s.repetition_penalty, s.min_p, max_tokens, stops,
-            per_request_seed(shard.seed, index, stage),
-        )  # fmt: skip
 
-    while len(rows) < quota and counts.generated < max_attempts:
-        # Ask for what is missing, scaled by the loss seen so far (skips, malformed; 15% before any is seen), within
-        # the attempt bound: one full batch beats a full one plus a small tail batch that leaves the engine idle.
-        loss = 1 - len(rows) / counts.generated if counts.generated else 0.15
-        missing = math.ceil((quota - len(rows)) / max(0.2, 1 - loss))
-        want = min(g.batch_size, max_attempts - counts.generated, max(1, missing))
-        idx = list(range(counts.generated, counts.generated + want))
-        prompts = [builder.instruction_prompt(i) for i in idx]
-        if joint:
-            outs = engine.generate(prompts, [params(1, s.max_tokens, JOINT_STOPS, i, 0) for i in idx])
-        else:
-            outs = engine.generate(prompts, [params(1, INSTRUCTION_MAX_TOKENS, INSTRUCTION_STOPS, i, 0) for i in idx])
-        counts.generated += want
-        parsed: list[tuple[int, str, Completion, str | None]] = []  # (index, instruction, completion, response)
-        for i, out in zip(idx, outs, strict=True):
-            c = out[0]
-            counts.tokens += c.tokens
-            if joint:
-                pair, why = parse_joint(c.text, c.finish_reason)
-                if pair is None:
-                    counts.malformed += 1
-                    counts.rejected.append({"index": i, "reason": why, "text": c.text})
-                    continue
-                parsed.append((i, pair[0], c, pair[1]))
-            else:
-                ins, why = parse_instruction(c.text, c.finish_reason)
-                if ins is None:
-                    counts.malformed += 1
-                    counts.rejected.append({"index": i, "reason": why, "text": c.text})
-                    continue
-                parsed.append((i, ins, c, None))
-        flags, old, mine = novelty.filter([p[1] for p in parsed], [p[0] for p in parsed])
-        counts.skipped_online += old
-        counts.skipped_in_shard += mine
-        novel = [p for p, ok in zip(parsed, flags, strict=True) if ok][: quota - len(rows)]
-
-        if joint:
-            resp = [[Completion(p[3] or "", p[2].tokens, p[2].logprob, p[2].finish_reason)] for p in novel]
-        else:
-            rprompts = [builder.response_prompt(i, ins) for i, ins, _, _ in novel]
-            resp = engine.generate(
-                rprompts, [params(bon.n, s.max_tokens, RESPONSE_STOPS, i, 1) for i, _, _, _ in novel]
-            ) if novel else []  # fmt: skip
-        batch_start = len(rows)
-        for (i, ins, ic, _), cands in zip(novel, resp, strict=True):
-            counts.tokens += sum(c.tokens for c in cands) if not joint else 0
-            judge = _judge(engine, bon.judge_prompt, ins, shard.seed) if bon.critic == "judge" else None
-            best, score = _critic_pick(cands, judge)
-            c = cands[best]
-            text, why = parse_response(c.text)
-            if text is None:
-                counts.malformed += 1
-                counts.rejected.append({"index": i, "reason": why, "text": c.text})
-                continue
-            prompt = builder.instruction_prompt(i)
-            rows.append(
-                {
-                    "instruction": ins,
-                    "response": text,
-                    "domain": builder.domain(i),
-                    "round": shard.round,
-                    "seed": shard.seed,
-                    "index": i,
-                    "temperature": s.temperature,
-                    "top_p": s.top_p,
-                    "repetition_penalty": s.repetition_penalty,
-                    "model": getattr(engine, "model", spec.model.name),
-                    "prompt_hash": prompt_hash(prompt),
-                    "instruction_tokens": ic.tokens,
-                    "response_tokens": c.tokens,
-                    "finish_reason": c.finish_reason,
-                    "instruction_logprob": ic.mean_logprob if ic.mean_logprob is not None else float("nan"),
-                    "response_logprob": c.mean_logprob if c.mean_logprob is not None else float("nan"),
-                    "critic_score": score,
-                    "candidates": len(cands),
-                }
-            )
-        if signals is not None and len(rows) > batch_start:  # one encode per batch, not per row
-            new_rows = rows[batch_start:]
-            cols = signals.columns(
-                [r["instruction"] for r in new_rows], [r["response"] for r in new_rows], [r["domain"] for r in new_rows]
-            )
-            for k, values in cols.items():
-                for r, v in zip(new_rows, values, strict=True):
-                    r[k] = v
-        now = time.monotonic()
-        if now >= next_log:
-            el = now - t0
-            log.info(
-                "shard r%d s%d: %d/%d examples, %d sampled, %.2f examples/s, %.0f tokens/s, skipped %d seen + %d "
-                "in-shard, %d malformed", shard.round, shard.seed, len(rows), quota, counts.generated,
-                len(rows) / el, counts.tokens / el, counts.skipped_online, counts.skipped_in_shard, counts.malformed,
-            )  # fmt: skip
-            next_log = now + progress_every
+def _publish(
+    storage: Storage, shard: rec.ShardPlan, rows: list[dict[str, Any]], counts: _Counts, t0: float
+) -> rec.ShardManifest:
+    """The shard's data and rejects, then its completion marker, last: a reader that sees the marker sees all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     dkey, rkey = rec.shard_data_key(shard.round, shard.seed), rec.shard_rejected_key(shard.round, shard.seed)
     with tempfile.TemporaryDirectory(prefix="genrun-shard-") as d:
@@ -314,7 +491,8 @@ def generate_shard(
         pq.write_table(pa.Table.from_pylist(rows, schema=rec.example_schema()), data)
         storage.upload(data, dkey)
         rejected = Path(d) / "rejected.parquet"
-        rej = [{"round": shard.round, "seed": shard.seed, **r} for r in counts.rejected]
+        rej = [{"round": shard.round, "seed": shard.seed, "index": r.index, "reason": r.reason, "text": r.text}
+               for r in counts.rejected]  # fmt: skip
         pq.write_table(pa.Table.from_pylist(rej, schema=rec.rejected_schema()), rejected)
         storage.upload(rejected, rkey)
     manifest = rec.ShardManifest(
@@ -330,11 +508,5 @@ def generate_shard(
         data=storage.location(dkey),
         rejected=storage.location(rkey),
     )
-    storage.write_bytes(mkey, rec.to_json(manifest).encode())  # the completion marker, last
-    log.info(
-        "shard r%d s%d done: %d rows from %d sampled in %.1fs (%.0f tokens/s); skipped %d seen + %d in-shard "
-        "(%d of them semantic); %d malformed", shard.round, shard.seed, len(rows), counts.generated, manifest.seconds,
-        counts.tokens / max(manifest.seconds, 1e-9), counts.skipped_online, counts.skipped_in_shard,
-        novelty.skipped_semantic, counts.malformed,
-    )  # fmt: skip
+    storage.write_bytes(rec.shard_manifest_key(shard.round, shard.seed), rec.to_json(manifest).encode())
     return manifest

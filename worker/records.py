@@ -341,8 +341,11 @@ EXAMPLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("relevance", "float32"),
     ("generated_domain", "string"),
     ("domain_margin", "float32"),
+    # The spec.prompt.attributes values the row's prompt was conditioned on, as a JSON object in the spec's attribute
+    # order ('{"task": "compare", "audience": "kids"}'); null when the spec has no attributes.
+    ("attributes", "string"),
 )
-NULLABLE_COLUMNS = frozenset({"critic_score", "relevance", "generated_domain", "domain_margin"})
+NULLABLE_COLUMNS = frozenset({"critic_score", "relevance", "generated_domain", "domain_margin", "attributes"})
 
 
 def example_schema() -> Any:

@@ -4,7 +4,7 @@ completions (named so); the real engine's n>1 sampling is exercised in tests/e2e
 from __future__ import annotations
 
 from genrun.worker.engine import Completion, Params
-from genrun.worker.generate import _critic_pick, _judge
+from genrun.worker.generate import Candidate, Critic, Judge
 
 
 class ScriptedEngine:
@@ -20,12 +20,13 @@ class ScriptedEngine:
 
 def test_logprob_critic_picks_the_best_mean_token_logprob() -> None:
     cands = [Completion("a", 10, -30.0, "stop"), Completion("b", 4, -4.0, "stop"), Completion("c", 2, None, "stop")]
-    assert _critic_pick(cands) == (1, None)  # -1.0 per token beats -3.0; no logprob ranks last
+    assert Critic().best("Explain tides.", cands) == (1, None)  # -1.0 per token beats -3.0; no logprob ranks last
 
 
 def test_judge_critic_scores_with_the_rubric_and_keeps_the_score() -> None:
     engine = ScriptedEngine([" 3", " 9/10", "seven"])
-    judge = _judge(engine, "Rate {response} for {instruction}. Score:", "Explain tides.", seed=1)
+    critic = Critic(Judge(engine, "Rate {response} for {instruction}. Score:", seed=1))
     cands = [Completion(t, 5, -5.0, "stop") for t in ("meh", "The Moon's gravity pulls the oceans.", "?")]
-    assert _critic_pick(cands, judge) == (1, 9.0)
+    pick = critic.pick(Candidate(4, "Explain tides.", Completion("Explain tides.", 3, -1.0, "stop")), cands)
+    assert (pick.completion, pick.score, pick.options) == (cands[1], 9.0, 3)
     assert engine.prompts[1] == "Rate The Moon's gravity pulls the oceans. for Explain tides.. Score:"
