@@ -109,6 +109,7 @@ class Pick:
     completion: Completion
     score: float | None  # the judge's score; None under the log-probability critic
     options: int
+    judge_tokens: int = 0  # what the judge's scoring cost: counted in the shard's tokens like any other generation
 
 
 @dataclass
@@ -283,14 +284,16 @@ class Judge:
     template: str
     seed: int
 
-    def scores(self, instruction: str, cands: list[Completion]) -> list[float]:
+    def scores(self, instruction: str, cands: list[Completion]) -> tuple[list[float], int]:
+        """Each candidate's score, and the tokens the judge generated for them."""
         prompts = [self.template.format(instruction=instruction, response=c.text) for c in cands]
         params = [Params(1, 0.0 + 1e-5, 1.0, 1.0, 0.0, 4, ("\n",), self.seed)] * len(prompts)
-        vals = []
+        vals, tokens = [], 0
         for o in self.engine.generate(prompts, params):
             m = _SCORE.search(o[0].text)  # the first number: "9/10" is 9, not 91
             vals.append(min(10.0, float(m.group())) if m else 0.0)
-        return vals
+            tokens += o[0].tokens
+        return vals, tokens
 
 
 @dataclass(frozen=True)
@@ -306,18 +309,18 @@ class Critic:
             return cls()
         return cls(Judge(engine, bon.judge_prompt or DEFAULT_JUDGE_PROMPT, shard_seed))
 
-    def best(self, instruction: str, cands: list[Completion]) -> tuple[int, float | None]:
-        """(position of the best candidate, its judge score or None)."""
+    def best(self, instruction: str, cands: list[Completion]) -> tuple[int, float | None, int]:
+        """(position of the best candidate, its judge score or None, the judge's tokens)."""
         if self.judge is not None:
-            scores = self.judge.scores(instruction, cands)
+            scores, tokens = self.judge.scores(instruction, cands)
             top = int(np.argmax(scores))
-            return top, float(scores[top])
+            return top, float(scores[top]), tokens
         means = [c.mean_logprob if c.mean_logprob is not None else -math.inf for c in cands]
-        return int(np.argmax(means)), None
+        return int(np.argmax(means)), None, 0
 
     def pick(self, cand: Candidate, options: list[Completion]) -> Pick:
-        top, score = self.best(cand.instruction, options)
-        return Pick(cand, options[top], score, len(options))
+        top, score, tokens = self.best(cand.instruction, options)
+        return Pick(cand, options[top], score, len(options), tokens)
 
 
 @dataclass(frozen=True)
@@ -445,7 +448,9 @@ def generate_shard(
         counts.skip(novel)
         responses = asker.respond(novel.kept, spec.best_of_n.n)
         counts.tokens += responses.tokens
-        made = [maker.row(critic.pick(c, opts)) for c, opts in zip(novel.kept, responses.options, strict=True)]
+        picks = [critic.pick(c, opts) for c, opts in zip(novel.kept, responses.options, strict=True)]
+        counts.tokens += sum(p.judge_tokens for p in picks)
+        made = [maker.row(p) for p in picks]
         counts.reject([r for r in made if isinstance(r, Reject)])
         new_rows = [r for r in made if not isinstance(r, Reject)]
         add_signals(signals, new_rows)

@@ -20,7 +20,7 @@ class ScriptedEngine:
 
 def test_logprob_critic_picks_the_best_mean_token_logprob() -> None:
     cands = [Completion("a", 10, -30.0, "stop"), Completion("b", 4, -4.0, "stop"), Completion("c", 2, None, "stop")]
-    assert Critic().best("Explain tides.", cands) == (1, None)  # -1.0 per token beats -3.0; no logprob ranks last
+    assert Critic().best("Explain tides.", cands) == (1, None, 0)  # -1.0 per token beats -3.0; no logprob ranks last
 
 
 def test_judge_critic_scores_with_the_rubric_and_keeps_the_score() -> None:
@@ -29,4 +29,5 @@ def test_judge_critic_scores_with_the_rubric_and_keeps_the_score() -> None:
     cands = [Completion(t, 5, -5.0, "stop") for t in ("meh", "The Moon's gravity pulls the oceans.", "?")]
     pick = critic.pick(Candidate(4, "Explain tides.", Completion("Explain tides.", 3, -1.0, "stop")), cands)
     assert (pick.completion, pick.score, pick.options) == (cands[1], 9.0, 3)
+    assert pick.judge_tokens == 3 * 2  # the judge's own generations are paid for: 2 tokens per scripted answer
     assert engine.prompts[1] == "Rate The Moon's gravity pulls the oceans. for Explain tides.. Score:"
