@@ -6,6 +6,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 
+from genrun.contract.status import RunStatus
 from genrun.operator.charts import TOP, H, Series, bar_chart, render_html
 from genrun.worker.records import DomainYield, RoundReport, SemanticCluster, TemperatureYield
 
@@ -78,7 +79,7 @@ def test_arms_table_and_projection_come_from_the_status() -> None:
              "rewardPer1kTokens": 0.6667, "qcPassRate": 0.1, "retired": True},
         ],
     }  # fmt: skip
-    page = render_html("demo", REPORTS, target=150, status=status)
+    page = render_html("demo", REPORTS, target=150, status=RunStatus.from_dict(status))
     assert re.search(r"<td>t0\.7-p0\.9-r1\.1</td><td>3</td><td>120</td><td>7,000</td><td>50</td><td>7\.14</td>"
                      r"<td>81%</td><td></td>", page)  # fmt: skip
     assert re.search(r"<td>t1-p0\.9-r1\.3</td>.*<td>0\.67</td><td>10%</td><td>yes</td>", page)
