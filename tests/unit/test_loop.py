@@ -10,10 +10,10 @@ from pathlib import Path
 
 from genrun.contract.api import RunRef, parse_spec
 from genrun.contract.errors import Rejected
-from genrun.contract.status import RunStatus
+from genrun.contract.status import RunStatus, Totals
 from genrun.operator import conditions as c
-from genrun.operator.loop import RunLoop
-from genrun.operator.planner import CreateMergeJob, CreateShardJob, Event, ObservedJob
+from genrun.operator.loop import RunLoop, publication
+from genrun.operator.planner import CreateMergeJob, CreateShardJob, Event, ObservedJob, invalid_plan
 from genrun.worker import records as rec
 from genrun.worker.storage import LocalStorage
 
@@ -75,6 +75,8 @@ def test_a_refused_child_fails_the_run_once(tmp_path: Path) -> None:
     status, events, _ = backend.published[-1]
     assert [(e.type, e.reason) for e in events if e.reason == c.CHILD_REJECTED] == [("Warning", c.CHILD_REJECTED)]
     assert json.loads((tmp_path / rec.STATUS_KEY).read_text())["status"] == status.to_dict()
+    # The figures are what was observed when it was refused (the round just recorded), not zeros or nothing.
+    assert status.round == 1 and status.totals.rounds_planned == 1 and status.rounds[0].shards > 0
 
     # Terminal for this generation: later steps (a timer, a restart from the published status) never ask again.
     tried = backend.attempts
@@ -87,6 +89,17 @@ def test_a_refused_child_fails_the_run_once(tmp_path: Path) -> None:
         RunLoop(RunRef("r", generation=2), RAW, parse_spec(RAW), LocalStorage(tmp_path), backend, status=status).step()
     )
     assert backend.attempts > tried
+
+
+def test_an_invalid_plan_keeps_the_figures_last_published() -> None:
+    """A plan with no figures (an invalid spec: nothing was observed) changes the conditions, not the totals; the
+    custom resource keeps them (a merge patch) and so do status.json and the metrics."""
+    old = RunStatus(observed_generation=1, round=3, totals=Totals(generated=900, qc_passed=400))
+    status, events, changed = publication(old, invalid_plan(RunRef("r", generation=2), ["spec.x: bad"]), 2)
+    assert changed and status.totals == old.totals and status.round == 3 and status.observed_generation == 2
+    failed = status.condition(c.FAILED)
+    assert failed and (failed.status, failed.reason, failed.observed_generation) == ("True", c.INVALID_SPEC, 2)
+    assert [e.reason for e in events] == [c.INVALID_SPEC]
 
 
 def test_a_damaged_marker_is_quarantined_and_counted(tmp_path: Path) -> None:
