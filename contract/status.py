@@ -254,7 +254,3 @@ class RunStatus(Wire):
 
     def condition(self, type_: str) -> RunCondition | None:
         return next((c for c in self.conditions if c.type == type_), None)
-
-    def verdict(self) -> RunCondition | None:
-        """The Succeeded or Failed condition once the run is over."""
-        return next((c for c in self.conditions if c.type in ("Succeeded", "Failed") and c.status == "True"), None)

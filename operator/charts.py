@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from genrun.contract.status import RunStatus
+from genrun.operator.conditions import FAILED, SUCCEEDED
 from genrun.operator.loop import read_status_document
 from genrun.worker import records as rec
 from genrun.worker.records import RoundReport
@@ -261,8 +262,8 @@ def write_report_html(storage: Storage, reports: Sequence[RoundReport], path: Pa
     target = ((doc.get("spec") or {}).get("target") or {}).get("uniqueExamples")
     raw = doc.get("status")
     status = RunStatus.from_dict(raw) if isinstance(raw, dict) else RunStatus()
-    end = status.verdict()
-    verdict = f"{end.type} ({end.reason}): {end.message}" if end else ""
+    end = [x for x in status.conditions if x.type in (SUCCEEDED, FAILED) and x.status == "True"]
+    verdict = f"{end[0].type} ({end[0].reason}): {end[0].message}" if end else ""
     samples = _samples(storage, reports[-1], SAMPLE_ROWS)
     name = (doc.get("metadata") or {}).get("name", "")
     path.write_text(render_html(name, reports, target, samples, verdict, status))
