@@ -66,7 +66,7 @@ class RunLoop:
         warn: Callable[[str], None] = log.warning,
     ) -> None:
         self.ref, self.raw_spec, self.spec, self.storage, self.backend = ref, dict(raw_spec), spec, storage, backend
-        self.status = status or RunStatus()
+        self.status = RunStatus() if status is None else status
         self.warn = warn
         self.observed = Observed()
         self._plans: dict[int, rec.RoundPlan] = {}
