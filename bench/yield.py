@@ -73,8 +73,8 @@ def run(name: str, spec: dict, where: Path) -> tuple[int, int, int]:
     storage.check()
     t0 = time.perf_counter()
     plan = LocalRunner(RunRef(name), spec, storage, where / name / "_genrun", jobs=1, out=io.StringIO()).run()
-    report = rec.round_report_from(json.loads(storage.read_bytes(rec.round_report_key(plan.status["round"]))))
-    print(f"{name}: {plan.condition('Succeeded').reason} in {plan.status['round']} round(s), {time.perf_counter() - t0:.0f}s; "
+    report = rec.round_report_from(json.loads(storage.read_bytes(rec.round_report_key(plan.status.round))))
+    print(f"{name}: {plan.condition('Succeeded').reason} in {plan.status.round} round(s), {time.perf_counter() - t0:.0f}s; "
           f"{report.generated_total} generated, {report.unique_total} unique, {report.qc_passed_total} kept, "
           f"{report.tokens_total} tokens", flush=True)  # fmt: skip
     return report.generated_total, report.tokens_total, report.qc_passed_total

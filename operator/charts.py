@@ -8,13 +8,15 @@ looks like 17%), counts on an axis from 0 to a round number above the largest va
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from genrun.contract.status import RunStatus
+from genrun.operator.conditions import FAILED, SUCCEEDED
+from genrun.operator.loop import read_status_document
 from genrun.worker import records as rec
 from genrun.worker.records import RoundReport
 from genrun.worker.storage import Storage, local_copy
@@ -143,8 +145,9 @@ def render_html(
     target: int | None = None,
     samples: Sequence[dict[str, Any]] = (),
     verdict: str = "",
-    status: dict[str, Any] | None = None,
+    status: RunStatus | None = None,
 ) -> str:
+    st = status or RunStatus()
     rounds = [str(r.round) for r in reports]
     last = reports[-1]
     pt, pd = last.per_temperature, last.per_domain
@@ -191,15 +194,13 @@ def render_html(
                 for k, v in rejections if v], "nothing rejected"),
         _table("Sampling arms (reward: new unique QC-passed examples per 1k tokens, recent rounds weigh more)",
                ["arm", "shards", "examples", "tokens", "kept", "reward / 1k tokens", "QC-pass", "retired"],
-               [(a.get("arm"), a.get("shards"), f"{a.get('examples', 0):,}", f"{a.get('tokens', 0):,}",
-                 f"{a.get('kept', 0):,}", f"{a.get('rewardPer1kTokens', 0):.2f}", f"{a.get('qcPassRate', 0):.0%}",
-                 "yes" if a.get("retired") else "") for a in (status or {}).get("arms", [])],
+               [(a.arm, a.shards, f"{a.examples:,}", f"{a.tokens:,}", f"{a.kept:,}", f"{a.reward_per_1k_tokens:.2f}",
+                 f"{a.qc_pass_rate:.0%}", "yes" if a.retired else "") for a in st.arms or ()],
                "no arm measured yet"),
         _table("Attribute cells (yield: new unique QC-passed per example; reward per 1k tokens, recent rounds weigh more)",
                ["cell", "shards", "examples", "kept", "yield", "reward / 1k tokens", "QC-pass", "retired"],
-               [(c.get("cell"), c.get("shards"), f"{c.get('examples', 0):,}", f"{c.get('kept', 0):,}",
-                 f"{c.get('yield', 0):.2f}", f"{c.get('rewardPer1kTokens', 0):.2f}", f"{c.get('qcPassRate', 0):.0%}",
-                 "yes" if c.get("retired") else "") for c in (status or {}).get("cells", [])],
+               [(c.cell, c.shards, f"{c.examples:,}", f"{c.kept:,}", f"{c.yield_:.2f}", f"{c.reward_per_1k_tokens:.2f}",
+                 f"{c.qc_pass_rate:.0%}", "yes" if c.retired else "") for c in st.cells or ()],
                "no attributes in the spec"),
         _table(f"Sample rows ({len(samples)} of {last.qc_passed_total:,} kept)",
                ["round", "seed", "domain", "T", "instruction", "response"],
@@ -215,10 +216,9 @@ def render_html(
     head += f" {tiers_sentence(last.dedup_tiers)}"
     if last.left_domain:
         head += f" {last.left_domain:,} rows left the domain they were asked for (the domain table counts the generated one)."
-    st = status or {}
-    if st.get("projectedTokensToTarget"):
-        head += (f" Projected: {st['projectedTokensToTarget']:,} more tokens, {st.get('projectedRounds', '?')} "
-                 "round(s) in all.")  # fmt: skip
+    if st.projected_tokens_to_target:
+        rounds_txt = "?" if st.projected_rounds is None else st.projected_rounds
+        head += f" Projected: {st.projected_tokens_to_target:,} more tokens, {rounds_txt} round(s) in all."
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1260px;margin:2em auto;color:#111827}"
         ".charts{display:flex;flex-wrap:wrap;gap:12px}svg{border:1px solid #e5e7eb;background:#fff}"
@@ -258,11 +258,12 @@ def _samples(storage: Storage, report: RoundReport, n: int) -> list[dict[str, An
 
 
 def write_report_html(storage: Storage, reports: Sequence[RoundReport], path: Path) -> None:
-    doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
-    target = doc.get("spec", {}).get("target", {}).get("uniqueExamples")
-    verdict = ""
-    for cond in doc.get("status", {}).get("conditions", []):
-        if cond.get("type") in ("Succeeded", "Failed") and cond.get("status") == "True":
-            verdict = f"{cond['type']} ({cond.get('reason', '')}): {cond.get('message', '')}"
+    doc = read_status_document(storage)
+    target = ((doc.get("spec") or {}).get("target") or {}).get("uniqueExamples")
+    raw = doc.get("status")
+    status = RunStatus.from_dict(raw) if isinstance(raw, dict) else RunStatus()
+    end = [x for x in status.conditions if x.type in (SUCCEEDED, FAILED) and x.status == "True"]
+    verdict = f"{end[0].type} ({end[0].reason}): {end[0].message}" if end else ""
     samples = _samples(storage, reports[-1], SAMPLE_ROWS)
-    path.write_text(render_html(doc["metadata"]["name"], reports, target, samples, verdict, doc.get("status", {})))
+    name = (doc.get("metadata") or {}).get("name", "")
+    path.write_text(render_html(name, reports, target, samples, verdict, status))

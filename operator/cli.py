@@ -90,7 +90,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from genrun.operator.loop import read_reports
+    from genrun.operator.loop import read_reports, recorded_status
     from genrun.operator.show import open_run, print_report
 
     if not args.json and not args.html:
@@ -111,9 +111,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         # One object on the last line, so `genrun report --json OUT | tail -1 | jq` reads it whatever came before.
         raw = json.loads(storage.read_bytes(rec.round_report_key(max(reports))))
-        if storage.exists(rec.STATUS_KEY):  # the planner's per-arm and per-attribute-cell yields, from the status
-            status = json.loads(storage.read_bytes(rec.STATUS_KEY)).get("status", {})
-            raw.update({k: status[k] for k in ("arms", "cells") if k in status})
+        st = recorded_status(storage)  # the planner's per-arm and per-attribute-cell yields, from the status
+        raw.update({k: [x.to_dict() for x in v] for k, v in (("arms", st.arms), ("cells", st.cells)) if v is not None})
         print(json.dumps(raw, sort_keys=True, separators=(",", ":")))
     return EXIT_OK
 

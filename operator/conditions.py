@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from genrun.contract.status import RunCondition
 
 # Types: adjectives / past tense, per the Kubernetes API conventions.
 SUCCEEDED = "Succeeded"
@@ -44,38 +46,33 @@ NOT_DONE = "NotDone"  # Ready=False while the run is still going or suspended
 
 @dataclass(frozen=True)
 class Condition:
+    """A condition as the planner decides it; published as a RunCondition (with its generation and time)."""
+
     type: str
     status: str  # "True" | "False" | "Unknown"
     reason: str
     message: str = ""
 
-    def to_dict(self, generation: int, transition_time: str) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "status": self.status,
-            "reason": self.reason,
-            "message": self.message[:2048],
-            "observedGeneration": generation,
-            "lastTransitionTime": transition_time,
-        }
+    def recorded(self, generation: int, transition_time: str) -> RunCondition:
+        return RunCondition(self.type, self.status, self.reason, self.message[:2048], generation, transition_time)
 
 
 def merge_conditions(
-    old: list[dict[str, Any]] | None, new: tuple[Condition, ...], generation: int, now: str
-) -> list[dict[str, Any]]:
+    old: Sequence[RunCondition], new: tuple[Condition, ...], generation: int, now: str
+) -> tuple[RunCondition, ...]:
     """Keep lastTransitionTime when a condition's status did not change (the time is the effect layer's clock)."""
-    previous = {c.get("type"): c for c in (old or []) if isinstance(c, dict)}
+    previous = {c.type: c for c in old}
     out = []
     for cond in new:
         before = previous.get(cond.type)
         when = now
-        if before is not None and before.get("status") == cond.status and before.get("lastTransitionTime"):
-            when = str(before["lastTransitionTime"])
-        out.append(cond.to_dict(generation, when))
-    return out
+        if before is not None and before.status == cond.status and before.last_transition_time:
+            when = before.last_transition_time
+        out.append(cond.recorded(generation, when))
+    return tuple(out)
 
 
-def transitions(old: list[dict[str, Any]] | None, new: tuple[Condition, ...]) -> list[Condition]:
+def transitions(old: Sequence[RunCondition], new: tuple[Condition, ...]) -> list[Condition]:
     """Conditions whose status or reason changed: what deserves a Kubernetes Event."""
-    previous = {c.get("type"): (c.get("status"), c.get("reason")) for c in (old or []) if isinstance(c, dict)}
+    previous = {c.type: (c.status, c.reason) for c in old}
     return [c for c in new if previous.get(c.type) != (c.status, c.reason)]

@@ -23,6 +23,7 @@ import aiohttp
 import kopf
 from genrun.contract.api import GROUP, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError
 from genrun.contract.errors import Rejected
+from genrun.contract.status import RunStatus
 from genrun.operator import conditions as c
 from genrun.operator import manifests as mf
 from genrun.operator.kube import Kube
@@ -47,7 +48,7 @@ class KubeRun:
     def __init__(self, settings: Settings, kube: Kube, metrics: Metrics, body: kopf.Body, index: Any) -> None:
         self.settings, self.kube, self.metrics, self.body, self.index = settings, kube, metrics, body, index
         self.key: RunKey = (body.metadata["namespace"], body.metadata["name"])
-        self.status: dict[str, Any] = dict(body.status or {})  # last published
+        self.status = RunStatus.from_dict(body.status or {})  # last published
         self.spec_text = ""  # the spec last validated
         self.loop: RunLoop | None = None  # None while the spec is invalid
         self.created: dict[str, ObservedJob] = {}  # created by this daemon, not in the index yet
@@ -130,9 +131,9 @@ class KubeRun:
         await self.kube.create("Job", ns, job)
         self.created[action.name] = started(action)
 
-    async def publish(self, status: dict[str, Any], events: Sequence[Event], changed: bool) -> None:
+    async def publish(self, status: RunStatus, events: Sequence[Event], changed: bool) -> None:
         if changed:
-            await self.kube.patch_run_status(*self.key, status)
+            await self.kube.patch_run_status(*self.key, status.to_dict())
         for ev in events:
             kopf.event(self.body, type=ev.type, reason=ev.reason, message=ev.message)
         spec = self.loop.spec if self.loop else None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from genrun.contract.api import RunRef, parse_spec
+from genrun.contract.status import RunStatus
 from genrun.operator import conditions as c
 from genrun.operator.loop import RunLoop, recorded_status, started
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, Event, ObservedJob, Plan, job_spec
@@ -97,7 +98,7 @@ class LocalRunner:
         )
         self.procs[action.name] = _Proc(started(action), popen, log)
 
-    async def publish(self, status: dict[str, Any], events: Sequence[Event], changed: bool) -> None:
+    async def publish(self, status: RunStatus, events: Sequence[Event], changed: bool) -> None:
         return None  # status.json is the local run's status (written by the loop); Events have no reader here
 
     def _failed_files(self) -> list[Path]:

@@ -14,10 +14,12 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 from genrun.contract.api import API_VERSION, GenerationRunSpec, RunRef
 from genrun.contract.errors import Rejected
+from genrun.contract.status import RunStatus
 from genrun.operator import conditions as c
 from genrun.operator.planner import (
     CreateMergeJob,
@@ -44,7 +46,7 @@ class Backend(Protocol):
     async def start(self, action: CreateShardJob | CreateMergeJob) -> None:
         """Start a Job (a no-op if it exists); raises Rejected if it can never start as written."""
 
-    async def publish(self, status: dict[str, Any], events: Sequence[Event], changed: bool) -> None:
+    async def publish(self, status: RunStatus, events: Sequence[Event], changed: bool) -> None:
         """Show the status (changed: it differs from the last one, clocks aside) and post the Events."""
 
 
@@ -60,11 +62,11 @@ class RunLoop:
         storage: Storage,
         backend: Backend,
         *,
-        status: Mapping[str, Any] | None = None,
+        status: RunStatus | None = None,
         warn: Callable[[str], None] = log.warning,
     ) -> None:
         self.ref, self.raw_spec, self.spec, self.storage, self.backend = ref, dict(raw_spec), spec, storage, backend
-        self.status: dict[str, Any] = dict(status or {})
+        self.status = RunStatus() if status is None else status
         self.warn = warn
         self.observed = Observed()
         self._plans: dict[int, rec.RoundPlan] = {}
@@ -85,8 +87,8 @@ class RunLoop:
                     await asyncio.to_thread(self.record, a.plan)
                     events += plan.events  # the round really starts now: announced once
             await asyncio.gather(*(self.backend.start(a) for a in plan.actions if not isinstance(a, RecordRound)))
-        except Rejected as exc:
-            plan = invalid_plan(self.ref, [str(exc)], exc.reason)
+        except Rejected as exc:  # the run fails; the status keeps what was observed (the round just recorded)
+            plan = replace(invalid_plan(self.ref, [str(exc)], exc.reason), status=plan.status)
         await self.publish(plan, events)
         return plan
 
@@ -138,58 +140,51 @@ def started(action: CreateShardJob | CreateMergeJob) -> ObservedJob:
     return ObservedJob(action.name, "merge", action.round, None, action.attempt, "Pending")
 
 
-def refusal(status: Mapping[str, Any], generation: int) -> str | None:
+def refusal(status: RunStatus, generation: int) -> str | None:
     """The message of this generation's ChildRejected failure, if the API server refused one of its children."""
-    for cnd in status.get("conditions") or []:
-        if (
-            isinstance(cnd, dict)
-            and (cnd.get("type"), cnd.get("status"), cnd.get("reason")) == (c.FAILED, "True", c.CHILD_REJECTED)
-            and cnd.get("observedGeneration") == generation
-        ):
-            return str(cnd.get("message", ""))
+    cnd = status.condition(c.FAILED)
+    if cnd and (cnd.status, cnd.reason, cnd.observed_generation) == ("True", c.CHILD_REJECTED, generation):
+        return cnd.message
     return None
 
 
-async def publish_plan(backend: Backend, old: Mapping[str, Any], plan: Plan, generation: int) -> dict[str, Any]:
+async def publish_plan(backend: Backend, old: RunStatus, plan: Plan, generation: int) -> RunStatus:
     """Publish a plan that never reaches the loop (an invalid spec): the status and Events, nothing on storage."""
     status, events, changed = publication(old, plan, generation)
     await backend.publish(status, events, changed)
     return status
 
 
-def status_document(ref: RunRef, raw_spec: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+def status_document(ref: RunRef, raw_spec: Mapping[str, Any], status: RunStatus) -> dict[str, Any]:
     """status.json: the custom resource's shape, so one reader serves runs made anywhere."""
     meta = {"name": ref.name, "namespace": ref.namespace}
     return {"apiVersion": API_VERSION, "kind": "GenerationRun", "metadata": meta, "spec": dict(raw_spec),
-            "status": dict(status)}  # fmt: skip
+            "status": status.to_dict()}  # fmt: skip
 
 
-def publication(old: Mapping[str, Any], plan: Plan, generation: int) -> tuple[dict[str, Any], list[Event], bool]:
+def publication(old: RunStatus, plan: Plan, generation: int) -> tuple[RunStatus, list[Event], bool]:
     """The status to show after `old`, the Events its changes deserve, and whether it changed (clocks aside).
-    Terminal and suspended states are announced once, when they begin; so are newly quarantined shards."""
+    Terminal and suspended states are announced once, when they begin; so are newly quarantined shards.
+    A plan without figures (an invalid spec, a refused child) keeps the figures of `old`."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    conds = c.merge_conditions(old.get("conditions"), plan.conditions, generation, now)
-    status = {**plan.status, "conditions": conds}
-    changed = _strip_times(status) != _strip_times({k: old.get(k) for k in status})
+    conds = c.merge_conditions(old.conditions, plan.conditions, generation, now)
+    status = replace(old if plan.status is None else plan.status, observed_generation=generation, conditions=conds)
+    changed = _strip_times(status) != _strip_times(old)
     events = [
         Event("Warning" if t.type == c.FAILED else "Normal", t.reason, t.message)
-        for t in c.transitions(old.get("conditions"), plan.conditions)
+        for t in c.transitions(old.conditions, plan.conditions)
         if t.status == "True" and t.type in (c.SUCCEEDED, c.FAILED, c.SUSPENDED)
     ]
-    before = int(((old.get("totals") or {}).get("shardsQuarantined")) or 0)
-    quarantined = int((status.get("totals") or {}).get("shardsQuarantined", 0) or 0)
-    if quarantined > before:
+    quarantined = status.totals.shards_quarantined
+    if quarantined > old.totals.shards_quarantined:
         msg = (f"{quarantined} shard(s) quarantined as unreadable (set aside under quarantine/ in the output, not "
                "merged); see the round's report.md")  # fmt: skip
         events.append(Event("Warning", c.SHARDS_QUARANTINED, msg))
     return status, events, changed
 
 
-def _strip_times(status: Mapping[str, Any]) -> Any:
-    out = dict(status)
-    if isinstance(out.get("conditions"), list):
-        out["conditions"] = [{k: v for k, v in cnd.items() if k != "lastTransitionTime"} for cnd in out["conditions"]]
-    return out
+def _strip_times(status: RunStatus) -> RunStatus:
+    return replace(status, conditions=tuple(replace(x, last_transition_time="") for x in status.conditions))
 
 
 # -- the record on storage, shared with the readers (`genrun status`, `genrun report`) ---------------------------
@@ -221,12 +216,19 @@ def quarantined_keys(storage: Storage, reports: Mapping[int, rec.RoundReport]) -
     return frozenset(keys.union(*(r.quarantined for r in reports.values())))
 
 
-def recorded_status(storage: Storage) -> dict[str, Any]:
-    """The status last written to status.json ({} for a new run): a resumed run goes on from it."""
+def read_status_document(storage: Storage) -> dict[str, Any]:
+    """status.json as written ({} where there is none, or none readable)."""
     try:
-        return dict(json.loads(storage.read_bytes(rec.STATUS_KEY))["status"])
-    except (KeyError, ValueError, TypeError):
+        doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
+    except (KeyError, ValueError):
         return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def recorded_status(storage: Storage) -> RunStatus:
+    """The status last written to status.json (all defaults for a new run): a resumed run goes on from it."""
+    st = read_status_document(storage).get("status")
+    return RunStatus.from_dict(st) if isinstance(st, Mapping) else RunStatus()
 
 
 def read_reports(storage: Storage) -> dict[int, rec.RoundReport]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
 
+from genrun.contract.status import RunStatus
 from genrun.operator import __version__
 from genrun.operator.conditions import CONDITION_TYPES
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
@@ -20,21 +21,29 @@ SHARD_STATES = ("pending", "running", "succeeded", "failed")
 DEDUP_TIERS = ("exact", "near", "semantic")
 
 
+@dataclass(frozen=True)
+class _Run:
+    target: int
+    status: RunStatus
+    shards: Mapping[str, int]
+    budget: float
+
+
 class RunCollector(Collector):
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._runs: dict[tuple[str, str], dict[str, Any]] = {}
+        self._runs: dict[tuple[str, str], _Run] = {}
 
     def update(
         self,
         namespace: str,
         name: str,
         target: int,
-        status: Mapping[str, Any],
+        status: RunStatus,
         shard_states: Mapping[str, int],
         budget_used: float = 0.0,
     ) -> None:
-        run = {"target": target, "status": dict(status), "shards": dict(shard_states), "budget": budget_used}
+        run = _Run(target, status, dict(shard_states), budget_used)
         with self._lock:
             self._runs[(namespace, name)] = run
 
@@ -109,34 +118,35 @@ class RunCollector(Collector):
             labels=lbl,
         )
         for (ns, name), run in sorted(runs.items()):
-            st, totals = run["status"], run["status"].get("totals", {})
+            st, totals = run.status, run.status.totals
             v = [ns, name]
-            generated.add_metric(v, totals.get("generated", 0))
-            tokens.add_metric(v, totals.get("tokens", 0))
-            unique.add_metric(v, totals.get("unique", 0))
-            kept.add_metric(v, totals.get("qcPassed", 0))
-            target.add_metric(v, run["target"])
-            dup.add_metric(v, totals.get("duplicationRatio", 0.0))
-            rnd.add_metric(v, st.get("round", 0))
-            budget.add_metric(v, run["budget"])
-            for tier, count in sorted((totals.get("duplicates") or {}).items()):
-                if tier in DEDUP_TIERS:  # a fixed set: the label stays low-cardinality
+            generated.add_metric(v, totals.generated)
+            tokens.add_metric(v, totals.tokens)
+            unique.add_metric(v, totals.unique)
+            kept.add_metric(v, totals.qc_passed)
+            target.add_metric(v, run.target)
+            dup.add_metric(v, totals.duplication_ratio)
+            rnd.add_metric(v, st.round)
+            budget.add_metric(v, run.budget)
+            if totals.dedup_tiers:  # a status written before the tiers were counted has no per-tier figures
+                d = totals.duplicates
+                for tier, count in zip(DEDUP_TIERS, (d.exact, d.near, d.semantic), strict=True):
                     dup_tier.add_metric([*v, tier], count)
-            semantic_on.add_metric(v, 1.0 if "semantic" in (totals.get("dedupTiers") or []) else 0.0)
-            if "projectedTokensToTarget" in st:
-                projected_tokens.add_metric(v, st["projectedTokensToTarget"])
-                projected_rounds.add_metric(v, st.get("projectedRounds", 0))
-            for arm in st.get("arms", []):
-                arm_reward.add_metric([*v, arm["arm"]], arm.get("rewardPer1kTokens", 0.0))
-                arm_shards.add_metric([*v, arm["arm"]], arm.get("shards", 0))
-            for row in st.get("rounds", []):
-                if "marginalYield" in row:
-                    yld.add_metric([*v, str(row["round"])], row["marginalYield"])
-                    gen = row.get("generated", 0)
-                    round_dup.add_metric([*v, str(row["round"])], 1 - row.get("newUnique", 0) / gen if gen else 0.0)
+            semantic_on.add_metric(v, 1.0 if "semantic" in totals.dedup_tiers else 0.0)
+            if st.projected_tokens_to_target is not None:
+                projected_tokens.add_metric(v, st.projected_tokens_to_target)
+                projected_rounds.add_metric(v, st.projected_rounds or 0)
+            for arm in st.arms or ():
+                arm_reward.add_metric([*v, arm.arm], arm.reward_per_1k_tokens)
+                arm_shards.add_metric([*v, arm.arm], arm.shards)
+            for row in st.rounds:
+                if row.marginal_yield is not None:  # merged
+                    yld.add_metric([*v, str(row.round)], row.marginal_yield)
+                    gen, new = row.generated or 0, row.new_unique or 0
+                    round_dup.add_metric([*v, str(row.round)], 1 - new / gen if gen else 0.0)
             for state in SHARD_STATES:
-                shards.add_metric([*v, state], run["shards"].get(state, 0))
-            trues = {c["type"] for c in st.get("conditions", []) if c.get("status") == "True"}
+                shards.add_metric([*v, state], run.shards.get(state, 0))
+            trues = {c.type for c in st.conditions if c.status == "True"}
             for ctype in CONDITION_TYPES:
                 cond.add_metric([*v, ctype], 1.0 if ctype in trues else 0.0)
         build = GaugeMetricFamily("genrun_build_info", "genrun operator build.", labels=["version"])

@@ -7,6 +7,7 @@ calling it again after a restart plans nothing that is already done.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from genrun.contract.api import GenerationRunSpec, RunRef, SpecError, parse_spec
+from genrun.contract.status import Duplicates, Output, RoundEntry, RunStatus, TopDuplicate, Totals
 from genrun.operator import conditions as c
 from genrun.operator import policy as pol
 from genrun.operator.policy import base_sampling, round4
@@ -96,7 +98,9 @@ class Event:
 class Plan:
     actions: tuple[Action, ...]
     conditions: tuple[c.Condition, ...]
-    status: dict[str, Any]  # everything in .status except conditions
+    # Everything in .status but the conditions (the loop adds them with their times). None for an invalid spec or a
+    # refused child: nothing was observed, so the figures last published stand.
+    status: RunStatus | None
     events: tuple[Event, ...] = ()
 
     @property
@@ -292,15 +296,15 @@ def _shard_states(spec: GenerationRunSpec, plan: RoundPlan, obs: Observed) -> li
     return out
 
 
-def budget_used(spec: GenerationRunSpec, status: Mapping[str, Any]) -> float:
+def budget_used(spec: GenerationRunSpec, status: RunStatus) -> float:
     """The largest used share of the budget (rounds, shards, generated examples), for alerts."""
     b = spec.budget
-    totals = status.get("totals", {})
-    listed = status.get("rounds", [])  # the last 100 only: the planned counts are in totals
-    rounds = totals.get("roundsPlanned", len(listed))
-    shards = totals.get("shardsPlanned", sum(r.get("shards", 0) for r in listed))
-    generated = totals.get("generated", 0)
-    return float(round(max(rounds / b.max_rounds, shards / b.max_shards, generated / b.max_generated_examples), 4))
+    t = status.totals
+    # All rounds and shards planned (status.rounds lists the last 100 only); a status from before these totals
+    # existed counts its listed rounds.
+    rounds = t.rounds_planned or len(status.rounds)
+    shards = t.shards_planned or sum(r.shards for r in status.rounds)
+    return float(round(max(rounds / b.max_rounds, shards / b.max_shards, t.generated / b.max_generated_examples), 4))
 
 
 def _seed_range(seeds: tuple[int, ...]) -> str:
@@ -310,74 +314,71 @@ def _seed_range(seeds: tuple[int, ...]) -> str:
     return f"{lo}-{hi}" if hi - lo + 1 == len(seeds) else f"{lo}-{hi} ({len(seeds)})"
 
 
-def _status(
-    ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping[int, list[_ShardState]]
-) -> dict[str, Any]:
+def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping[int, list[_ShardState]]) -> RunStatus:
     latest = max(obs.reports) if obs.reports else 0
     rep = obs.reports.get(latest)
     all_states = [s for ss in states.values() for s in ss]
-    tiers = list(rep.dedup_tiers) if rep else ["exact", "near", *(["semantic"] if spec.dedup.semantic.enabled else [])]
-    totals = {
-        "generated": rep.generated_total if rep else 0,
-        "unique": rep.unique_total if rep else 0,
-        "qcPassed": rep.qc_passed_total if rep else 0,
-        "duplicationRatio": round(rep.duplication_ratio, 4) if rep else 0.0,
-        "duplicationPercent": f"{rep.duplication_ratio:.1%}" if rep else "0.0%",  # for kubectl's Dup column
-        "tokens": rep.tokens_total if rep else 0,
-        "shardsSucceeded": sum(s.phase == "done" for s in all_states),
-        "shardsFailed": sum(s.phase == "failed" for s in all_states),
-        "shardsRunning": sum(s.phase == "active" for s in all_states),
-        "shardsQuarantined": len(obs.quarantined.union(*(r.quarantined for r in obs.reports.values()))),
-        "roundsPlanned": len(obs.rounds),  # all rounds, where status.rounds lists the last 100
-        "shardsPlanned": sum(len(p.shards) for p in obs.rounds.values()),
+    tiers = rep.dedup_tiers if rep else ("exact", "near", *(("semantic",) if spec.dedup.semantic.enabled else ()))
+    totals = Totals(
+        generated=rep.generated_total if rep else 0,
+        unique=rep.unique_total if rep else 0,
+        qc_passed=rep.qc_passed_total if rep else 0,
+        duplication_ratio=round(rep.duplication_ratio, 4) if rep else 0.0,
+        duplication_percent=f"{rep.duplication_ratio:.1%}" if rep else "0.0%",
+        tokens=rep.tokens_total if rep else 0,
+        shards_succeeded=sum(s.phase == "done" for s in all_states),
+        shards_failed=sum(s.phase == "failed" for s in all_states),
+        shards_running=sum(s.phase == "active" for s in all_states),
+        shards_quarantined=len(obs.quarantined.union(*(r.quarantined for r in obs.reports.values()))),
+        rounds_planned=len(obs.rounds),
+        shards_planned=sum(len(p.shards) for p in obs.rounds.values()),
         # Rows dropped per dedup tier, and the tiers "unique" (and the target) count through (sem, issue 12).
-        "duplicates": {
-            "exact": rep.exact_duplicates if rep else 0,
-            "near": rep.near_duplicates if rep else 0,
-            "semantic": rep.semantic_duplicates if rep else 0,
-        },
-        "dedupTiers": tiers,
-    }
+        duplicates=Duplicates(
+            exact=rep.exact_duplicates if rep else 0,
+            near=rep.near_duplicates if rep else 0,
+            semantic=rep.semantic_duplicates if rep else 0,
+        ),
+        dedup_tiers=tuple(tiers),
+    )
     rounds = []
-    for rnd in sorted(obs.rounds)[-100:]:
-        p = obs.rounds[rnd]
-        row: dict[str, Any] = {
-            "round": rnd,
-            "shards": len(p.shards),
-            "seeds": _seed_range(p.seeds),
-            "temperature": p.sampling.temperature,
-            "topP": p.sampling.top_p,
-            "repetitionPenalty": p.sampling.repetition_penalty,
-        }
-        r = obs.reports.get(rnd)
-        if r is not None:
-            row.update(
-                generated=r.generated,
-                newUnique=r.new_unique,
-                unique=r.unique_total,
-                qcPassed=r.qc_passed_total,
-                marginalYield=round(r.marginal_yield, 4),
-                qcPassRate=round(r.qc_pass_rate, 4),
+    for rnd in sorted(obs.rounds)[-100:]:  # the CRD's maxItems
+        p, r = obs.rounds[rnd], obs.reports.get(rnd)
+        rounds.append(
+            RoundEntry(
+                round=rnd,
+                shards=len(p.shards),
+                seeds=_seed_range(p.seeds),
+                temperature=p.sampling.temperature,
+                top_p=p.sampling.top_p,
+                repetition_penalty=p.sampling.repetition_penalty,
+                generated=r.generated if r else None,
+                new_unique=r.new_unique if r else None,
+                unique=r.unique_total if r else None,
+                qc_passed=r.qc_passed_total if r else None,
+                marginal_yield=round(r.marginal_yield, 4) if r else None,
+                qc_pass_rate=round(r.qc_pass_rate, 4) if r else None,
             )
-        rounds.append(row)
-    status: dict[str, Any] = {
-        "observedGeneration": ref.generation,
-        "round": max(obs.rounds) if obs.rounds else 0,
-        "totals": totals,
-        "rounds": rounds,
-        "topDuplicates": [{"instruction": t[:256], "count": n} for t, n in (rep.top_duplicates[:10] if rep else ())],
-    }
-    if rep is not None:
-        status["output"] = {"dataset": rep.dataset, "report": rep.report}
-        stats = pol.arm_stats(spec, obs.rounds, obs.reports)
-        tokens, rounds_total = pol.projections(spec, stats, spec.target.unique_examples - rep.qc_passed_total, latest)
-        if tokens is not None and rounds_total is not None:
-            status["projectedTokensToTarget"] = tokens
-            status["projectedRounds"] = rounds_total
-        status["arms"] = pol.arm_status([a for a in stats if a.shards])
-        if spec.prompt.attributes:
-            status["cells"] = pol.cell_status(pol.cell_stats(spec, obs.rounds, obs.reports))
-    return status
+        )
+    status = RunStatus(
+        observed_generation=ref.generation,
+        round=max(obs.rounds) if obs.rounds else 0,
+        totals=totals,
+        rounds=tuple(rounds),
+        top_duplicates=tuple(TopDuplicate(t[:256], n) for t, n in (rep.top_duplicates[:10] if rep else ())),
+    )
+    if rep is None:
+        return status
+    stats = pol.arm_stats(spec, obs.rounds, obs.reports)
+    tokens, rounds_total = pol.projections(spec, stats, spec.target.unique_examples - rep.qc_passed_total, latest)
+    projected = tokens is not None and rounds_total is not None
+    return dataclasses.replace(
+        status,
+        output=Output(rep.dataset, rep.report),
+        projected_tokens_to_target=tokens if projected else None,
+        projected_rounds=rounds_total if projected else None,
+        arms=pol.arm_status([a for a in stats if a.shards]),
+        cells=pol.cell_status(pol.cell_stats(spec, obs.rounds, obs.reports)) if spec.prompt.attributes else None,
+    )
 
 
 def _conds(
@@ -441,7 +442,7 @@ def _succeeded(msg: str) -> tuple[c.Condition, ...]:
 
 def invalid_plan(ref: RunRef, errors: list[str], reason: str = c.INVALID_SPEC) -> Plan:
     msg = "; ".join(errors)
-    return Plan(actions=(), conditions=_failed(reason, msg), status={"observedGeneration": ref.generation})
+    return Plan(actions=(), conditions=_failed(reason, msg), status=None)
 
 
 def plan_for_manifest(ref: RunRef, spec: Mapping[str, Any], observed: Observed) -> Plan:

@@ -31,6 +31,7 @@ from statistics import NormalDist
 from typing import TypeVar
 
 from genrun.contract.api import GenerationRunSpec
+from genrun.contract.status import ArmEntry, CellEntry
 from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
 
 DISCOUNT = 0.7  # weight of a round's evidence per round of age
@@ -470,24 +471,24 @@ def projections(
     return math.ceil(n * tokens_per_example(stats, top)), rounds_done + math.ceil(n / per_round)
 
 
-def arm_status(stats: Sequence[ArmStats]) -> list[dict[str, object]]:
-    return [
-        {
-            "arm": a.id,
-            "temperature": a.sampling.temperature,
-            "topP": a.sampling.top_p,
-            "repetitionPenalty": a.sampling.repetition_penalty,
-            "minP": a.sampling.min_p,
-            "shards": a.shards,
-            "examples": a.examples,
-            "tokens": a.tokens,
-            "kept": a.kept,
-            "rewardPer1kTokens": round(1000 * a.w_kept / a.w_tokens, 4) if a.w_tokens > 0 else 0.0,
-            "qcPassRate": round(a.qc_pass_rate, 4),
-            "retired": a.retired,
-        }
+def arm_status(stats: Sequence[ArmStats]) -> tuple[ArmEntry, ...]:
+    return tuple(
+        ArmEntry(
+            arm=a.id,
+            temperature=a.sampling.temperature,
+            top_p=a.sampling.top_p,
+            repetition_penalty=a.sampling.repetition_penalty,
+            min_p=a.sampling.min_p,
+            shards=a.shards,
+            examples=a.examples,
+            tokens=a.tokens,
+            kept=a.kept,
+            reward_per_1k_tokens=round(1000 * a.w_kept / a.w_tokens, 4) if a.w_tokens > 0 else 0.0,
+            qc_pass_rate=round(a.qc_pass_rate, 4),
+            retired=a.retired,
+        )
         for a in stats[:MAX_ARMS]
-    ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -618,20 +619,20 @@ def cell_factor(stats: Sequence[CellStats], picks: Sequence[Cell]) -> float:
     return sum(by[c].mean_yield for c in picks) / len(picks) / pooled
 
 
-def cell_status(stats: Sequence[CellStats]) -> list[dict[str, object]]:
-    return [
-        {
-            "cell": c.id,
-            "attributes": dict(c.cell),
-            "shards": c.shards,
-            "examples": c.examples,
-            "tokens": c.tokens,
-            "kept": c.kept,
-            "yield": round(c.kept / c.examples, 4) if c.examples else 0.0,
-            "rewardPer1kTokens": round(1000 * c.w_kept / c.w_tokens, 4) if c.w_tokens > 0 else 0.0,
-            "qcPassRate": round(c.qc_pass_rate, 4),
-            "retired": c.retired,
-        }
+def cell_status(stats: Sequence[CellStats]) -> tuple[CellEntry, ...]:
+    return tuple(
+        CellEntry(
+            cell=c.id,
+            attributes=dict(c.cell),
+            shards=c.shards,
+            examples=c.examples,
+            tokens=c.tokens,
+            kept=c.kept,
+            yield_=round(c.kept / c.examples, 4) if c.examples else 0.0,
+            reward_per_1k_tokens=round(1000 * c.w_kept / c.w_tokens, 4) if c.w_tokens > 0 else 0.0,
+            qc_pass_rate=round(c.qc_pass_rate, 4),
+            retired=c.retired,
+        )
         for c in stats
         if c.shards
-    ]
+    )

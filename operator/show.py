@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from genrun.contract.errors import EXIT_RUN_FAILED, UserError
+from genrun.contract.status import RunStatus
 from genrun.operator import conditions as c
-from genrun.operator.loop import read_reports
+from genrun.operator.loop import read_reports, read_status_document, recorded_status
 from genrun.operator.planner import Observed, Plan
 from genrun.worker import records as rec
 from genrun.worker.storage import Storage, StorageError, open_storage
@@ -27,29 +28,35 @@ def open_run(output: str) -> Storage:
 
 def print_status(output: str, as_json: bool = False) -> int:
     storage = open_run(output)
-    doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
-    st = doc["status"]
-    if as_json:
-        print(json.dumps(st, indent=1))
+    doc = read_status_document(storage)
+    if not isinstance(doc.get("status"), dict):
+        raise UserError(f"{storage.location(rec.STATUS_KEY)}: not a status document (unreadable JSON, or no status)")
+    if as_json:  # the document as written (an older run's too), not our reading of it
+        print(json.dumps(doc["status"], indent=1))
         return 0
-    t = st.get("totals", {})
-    target = doc["spec"]["target"]["uniqueExamples"]
-    print(f"{doc['metadata']['name']}: round {st.get('round', 0)}, kept {t.get('qcPassed', 0)}/{target}, unique "
-          f"{t.get('unique', 0)}, generated {t.get('generated', 0)}, duplication {100 * t.get('duplicationRatio', 0):.1f}%")  # fmt: skip
-    dups, tiers = t.get("duplicates") or {}, t.get("dedupTiers") or []
-    if dups or tiers:  # what "unique" means: with semantic, the target counts semantic-unique rows (issue 12)
-        print(f"  duplicates: {dups.get('exact', 0)} exact, {dups.get('near', 0)} near, {dups.get('semantic', 0)} "
-              f"semantic; unique counts through the {', '.join(tiers)} tiers")  # fmt: skip
-    if t.get("shardsQuarantined") or t.get("shardsFailed"):
-        print(f"  shards: {t.get('shardsQuarantined', 0)} quarantined (damaged, set aside under quarantine/), "
-              f"{t.get('shardsFailed', 0)} failed")  # fmt: skip
-    for cond in st.get("conditions", []):
-        print(f"  {cond['type']:<12} {cond['status']:<6} {cond['reason']:<16} {cond.get('message', '')[:120]}")
+    st = recorded_status(storage)
+    t = st.totals
+    target = ((doc.get("spec") or {}).get("target") or {}).get("uniqueExamples", "?")
+    print(f"{(doc.get('metadata') or {}).get('name', '?')}: round {st.round}, kept {t.qc_passed}/{target}, unique {t.unique}, "
+          f"generated {t.generated}, duplication {100 * t.duplication_ratio:.1f}%")  # fmt: skip
+    if t.dedup_tiers:  # what "unique" means: with semantic, the target counts semantic-unique rows (issue 12)
+        d = t.duplicates
+        print(f"  duplicates: {d.exact} exact, {d.near} near, {d.semantic} semantic; unique counts through the "
+              f"{', '.join(t.dedup_tiers)} tiers")  # fmt: skip
+    if t.shards_quarantined or t.shards_failed:
+        print(f"  shards: {t.shards_quarantined} quarantined (damaged, set aside under quarantine/), "
+              f"{t.shards_failed} failed")  # fmt: skip
+    for cond in st.conditions:
+        print(f"  {cond.type:<12} {cond.status:<6} {cond.reason:<16} {cond.message[:120]}")
     print("  round shards seeds        T     rep   generated  new unique  kept  yield")
-    for r in st.get("rounds", []):
-        print(f"  {r['round']:>5} {r['shards']:>6} {r['seeds']:<12} {r['temperature']:<5g} {r['repetitionPenalty']:<5g} "
-              f"{r.get('generated', '-'):>9} {r.get('newUnique', '-'):>11} {r.get('qcPassed', '-'):>5} {r.get('marginalYield', '-')}")  # fmt: skip
+    for r in st.rounds:
+        print(f"  {r.round:>5} {r.shards:>6} {r.seeds:<12} {r.temperature:<5g} {r.repetition_penalty:<5g} "
+              f"{_or_dash(r.generated):>9} {_or_dash(r.new_unique):>11} {_or_dash(r.qc_passed):>5} {_or_dash(r.marginal_yield)}")  # fmt: skip
     return 0
+
+
+def _or_dash(v: float | None) -> str:
+    return "-" if v is None else str(v)
 
 
 def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout) -> int:
@@ -63,7 +70,7 @@ def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout
     if html:
         from genrun.operator.charts import render_html
 
-        doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
+        doc = read_status_document(storage)
         Path(html).write_text(render_html(doc["metadata"]["name"], [reports[k] for k in sorted(reports)]))
         print(f"charts: {html}", file=file)
     return 0
@@ -79,8 +86,8 @@ def print_outcome(plan: Plan, output: str, url: str, out: TextIO) -> int:
     ok = plan.condition(c.SUCCEEDED).status == "True"
     verdict = plan.condition(c.SUCCEEDED if ok else c.FAILED)
     out.write(f"{'Succeeded' if ok else 'Failed'} ({verdict.reason}): {verdict.message}\n")
-    if plan.status.get("output"):
-        out.write(f"dataset: {plan.status['output']['dataset']}\nreport:  {plan.status['output']['report']}\n")
+    if plan.status is not None and plan.status.output is not None:
+        out.write(f"dataset: {plan.status.output.dataset}\nreport:  {plan.status.output.report}\n")
     return 0 if ok else EXIT_RUN_FAILED
 
 
@@ -100,11 +107,11 @@ class Progress:
         from tqdm import tqdm
 
         ps = self.state
-        st = plan.status
-        rnd = st.get("round", 0)
+        st = plan.status or RunStatus()  # a refused child: nothing to show but the reason
+        rnd = st.round
         target = self.target
-        kept = st.get("totals", {}).get("qcPassed", 0)
-        dup = st.get("totals", {}).get("duplicationRatio", 0.0)
+        kept = st.totals.qc_passed
+        dup = st.totals.duplication_ratio
         if ps["kept0"] is None:
             ps["kept0"], ps["seen"] = kept, set(obs.shards_done)  # what existed before this process: not timed
         for r, seed in sorted(obs.shards_done - ps["seen"]):  # shards finished since: their tokens, read once

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import replace
+from pathlib import Path
 
+from genrun.contract.status import RunStatus
 from genrun.operator.charts import TOP, H, Series, bar_chart, render_html
 from genrun.worker.records import DomainYield, RoundReport, SemanticCluster, TemperatureYield
 
@@ -78,7 +81,7 @@ def test_arms_table_and_projection_come_from_the_status() -> None:
              "rewardPer1kTokens": 0.6667, "qcPassRate": 0.1, "retired": True},
         ],
     }  # fmt: skip
-    page = render_html("demo", REPORTS, target=150, status=status)
+    page = render_html("demo", REPORTS, target=150, status=RunStatus.from_dict(status))
     assert re.search(r"<td>t0\.7-p0\.9-r1\.1</td><td>3</td><td>120</td><td>7,000</td><td>50</td><td>7\.14</td>"
                      r"<td>81%</td><td></td>", page)  # fmt: skip
     assert re.search(r"<td>t1-p0\.9-r1\.3</td>.*<td>0\.67</td><td>10%</td><td>yes</td>", page)
@@ -106,3 +109,25 @@ def test_per_tier_counts_semantic_clusters_and_what_unique_means() -> None:
     assert "7 rows left the domain they were asked for" in page
     off = render_html("demo", REPORTS, target=150)
     assert "semantic tier off" in off and "Unique means kept by the exact and near tiers." in off
+
+
+def test_the_page_of_a_run_on_storage_takes_target_verdict_and_arms_from_its_status_json(tmp_path: Path) -> None:
+    """write_report_html reads status.json (as the loop writes it) through the typed status."""
+    from genrun.contract.api import RunRef
+    from genrun.contract.status import ArmEntry
+    from genrun.operator import conditions as c
+    from genrun.operator.charts import write_report_html
+    from genrun.operator.loop import status_document
+    from genrun.worker import records as rec
+    from genrun.worker.storage import LocalStorage
+
+    done = c.merge_conditions(
+        (), (c.Condition(c.SUCCEEDED, "True", c.TARGET_MET, "130 >= 120"),), 1, "2026-11-25T10:00:00Z"
+    )
+    status = RunStatus(round=2, arms=(ArmEntry(arm="t0.7-p0.9-r1.1", shards=4, kept=130),), conditions=done)
+    raw = {"target": {"uniqueExamples": 120}}
+    (tmp_path / rec.STATUS_KEY).write_text(json.dumps(status_document(RunRef("demo"), raw, status)))
+    write_report_html(LocalStorage(tmp_path), REPORTS, tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert "<h1>genrun: demo</h1>" in page and "(target 120)" in page and "Succeeded (TargetMet): 130 &gt;= 120" in page
+    assert re.search(r"<td>t0\.7-p0\.9-r1\.1</td><td>4</td>", page)

@@ -58,7 +58,7 @@ def _run(conds: tuple[c.Condition, ...], ratio: float = 0.17188) -> dict[str, An
         "spec": {"target": {"uniqueExamples": 100}},
         "status": {
             "round": 2,
-            "conditions": c.merge_conditions(None, conds, 1, T0),
+            "conditions": [x.to_dict() for x in c.merge_conditions((), conds, 1, T0)],
             "totals": {"qcPassed": 40, "unique": 50, "duplicationPercent": f"{ratio:.1%}"},
         },
     }

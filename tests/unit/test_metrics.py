@@ -3,11 +3,12 @@ exposition, parsed back with its own parser)."""
 
 from __future__ import annotations
 
+from genrun.contract.status import RunStatus
 from genrun.operator.metrics import Metrics
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-STATUS = {
+RAW = {
     "round": 2,
     "totals": {"generated": 500, "tokens": 30000, "unique": 320, "qcPassed": 280, "duplicationRatio": 0.36},
     "rounds": [
@@ -23,6 +24,9 @@ STATUS = {
         {"arm": "t0.8-p0.9-r1.2", "shards": 5, "rewardPer1kTokens": 12.25},
     ],
 }
+
+
+STATUS = RunStatus.from_dict(RAW)
 
 
 def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -63,7 +67,7 @@ def test_a_run_status_becomes_its_series() -> None:
 def test_forgotten_runs_leave_no_series_and_labels_stay_bounded() -> None:
     m = Metrics()
     m.runs.update("data", "sft", 1000, STATUS, {})
-    m.runs.update("data", "other", 10, {"totals": {}}, {})
+    m.runs.update("data", "other", 10, RunStatus.from_dict({"totals": {}}), {})
     m.runs.forget("data", "sft")
     got = scrape(m)
     assert not [k for k in got if ("name", "sft") in k[1]]
@@ -78,9 +82,9 @@ def test_duplicates_per_tier_are_one_counter_with_a_tier_label() -> None:
     """One counter, a label from a fixed set of three (a fourth name in the status is not exported), and a gauge
     saying the unique count is semantic-unique."""
     m = Metrics()
-    totals = {**STATUS["totals"], "duplicates": {"exact": 150, "near": 20, "semantic": 10, "bogus": 1},
+    totals = {**RAW["totals"], "duplicates": {"exact": 150, "near": 20, "semantic": 10, "bogus": 1},
               "dedupTiers": ["exact", "near", "semantic"]}  # fmt: skip
-    m.runs.update("data", "sft", 1000, {**STATUS, "totals": totals}, {})
+    m.runs.update("data", "sft", 1000, RunStatus.from_dict({**RAW, "totals": totals}), {})
     got = scrape(m)
     assert got[key("genrun_duplicates_total", tier="exact")] == 150
     assert got[key("genrun_duplicates_total", tier="near")] == 20

@@ -98,7 +98,7 @@ def test_first_round_from_spec() -> None:
     # Domains rotate across shards: each shard starts on a different topic.
     assert [j.shard.domains[0] for j in jobs[:4]] == ["math", "code", "history", "math"]
     assert plan.condition(c.PROGRESSING).reason == c.ROUND_STARTED
-    assert plan.status["observedGeneration"] == 3 and plan.status["round"] == 1
+    assert plan.status is not None and plan.status.observed_generation == 3 and plan.status.round == 1
 
 
 def test_problem_numbers_size_round_two_from_marginal_yield() -> None:
@@ -123,9 +123,10 @@ def test_problem_numbers_size_round_two_from_marginal_yield() -> None:
     assert rec.shards[0].seed == 110 and rec.shards[-1].seed == 162
     assert [e.reason for e in plan.events] == [c.ROUND_FINISHED, c.ESCALATED, c.ROUND_STARTED]
     assert "round 1: 3968 generated, 1311 new unique, 1120 new kept" in plan.events[0].message
-    row = plan.status["rounds"][0]
-    assert row["generated"] == 3968 and row["qcPassed"] == 1120 and row["marginalYield"] == round(y, 4)
-    assert plan.status["totals"]["duplicationRatio"] == round(1 - 1311 / 3968, 4)
+    assert plan.status is not None
+    row = plan.status.rounds[0]
+    assert row.generated == 3968 and row.qc_passed == 1120 and row.marginal_yield == round(y, 4)
+    assert plan.status.totals.duplication_ratio == round(1 - 1311 / 3968, 4)
 
 
 def test_qc_below_floor_steps_sampling_back() -> None:
@@ -193,7 +194,7 @@ def test_running_shards_are_not_created_twice_and_merge_waits() -> None:
     again = decide(REF, spec, obs)
     assert again.actions == ()
     assert again.condition(c.PROGRESSING).reason == c.SHARDS_RUNNING
-    assert again.status["totals"]["shardsRunning"] == 10
+    assert again.status is not None and again.status.totals.shards_running == 10
 
 
 def test_storage_markers_count_as_done_when_jobs_are_gone() -> None:
@@ -462,6 +463,7 @@ def test_budget_used_counts_every_round_where_the_status_lists_the_last_100() ->
     first = next(a for a in decide(REF, spec, Observed()).actions if isinstance(a, RecordRound)).plan
     rounds = {r: dataclasses.replace(first, round=r) for r in range(1, 151)}
     status = decide(REF, spec, Observed(rounds=rounds)).status
-    assert len(status["rounds"]) == 100 and status["totals"]["roundsPlanned"] == 150
-    assert status["totals"]["shardsPlanned"] == 150 * len(first.shards)
+    assert status is not None
+    assert len(status.rounds) == 100 and status.totals.rounds_planned == 150
+    assert status.totals.shards_planned == 150 * len(first.shards)
     assert budget_used(spec, status) == 0.75

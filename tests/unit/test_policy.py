@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import pytest
 from genrun.contract.api import RunRef, parse_spec
+from genrun.contract.status import CellEntry
 from genrun.operator import conditions as c
 from genrun.operator import policy as pol
-from genrun.operator.planner import CreateShardJob, Observed, RecordRound, decide
+from genrun.operator.planner import CreateShardJob, Observed, Plan, RecordRound, decide
 from genrun.operator.simulate import run_instantly
 from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan, ShardYield
 from hypothesis import given, settings
@@ -198,18 +199,18 @@ def test_bandit_moves_the_budget_to_the_best_arm_and_stops_precisely() -> None:
     best = sum(s.examples for s in after_pilot if s.sampling.temperature == 0.8)
     assert best >= 0.7 * sum(s.examples for s in after_pilot)
     status = plans[-1].status
-    assert status["projectedTokensToTarget"] == 0 and status["projectedRounds"] == len(obs.rounds)
-    assert {a["temperature"] for a in status["arms"]} == {0.7, 0.8, 0.9, 1.0}
+    assert status is not None and status.projected_tokens_to_target == 0 and status.projected_rounds == len(obs.rounds)
+    assert {a.temperature for a in status.arms or ()} == {0.7, 0.8, 0.9, 1.0}
 
 
 def test_status_projects_tokens_and_rounds_after_the_pilot() -> None:
     spec = spec_of()
     obs, plans = run_world(spec, {0.7: 0.2, 0.8: 0.2, 0.9: 0.2, 1.0: 0.2}, max_steps=200)
-    first = next(p for p in plans if "projectedTokensToTarget" in p.status)
+    first = next(p.status for p in plans if p.status and p.status.projected_tokens_to_target is not None)
     need = 6000 - obs.reports[1].qc_passed_total
     # At a 0.2 yield and 60 tokens an example: ~need/0.2 examples, and a full round holds 64 x 400.
-    assert first.status["projectedTokensToTarget"] == pytest.approx(need / 0.2 * TOKENS_PER_EXAMPLE, rel=0.08)
-    assert first.status["projectedRounds"] == 1 + math.ceil(need / 0.2 / (64 * 400) * 1.02)
+    assert first.projected_tokens_to_target == pytest.approx(need / 0.2 * TOKENS_PER_EXAMPLE, rel=0.08)
+    assert first.projected_rounds == 1 + math.ceil(need / 0.2 / (64 * 400) * 1.02)
 
 
 @pytest.mark.parametrize(
@@ -301,6 +302,11 @@ CELL_YIELD = {  # hard how-tos collapse (say, the model repeats itself); the res
 }
 
 
+def cells_of(plan: Plan) -> tuple[CellEntry, ...]:
+    assert plan.status is not None and plan.status.cells is not None
+    return plan.status.cells
+
+
 def run_cells(spec, cell_yield: dict) -> tuple[Observed, list]:
     """A world whose yield depends on the shard's attribute cell only (every sampling arm alike)."""
 
@@ -318,9 +324,9 @@ def test_cells_whose_yield_collapses_get_fewer_shards_and_the_status_shows_yield
     later = [s for r, p in obs.rounds.items() if r > 2 for s in p.shards]
     collapsed = sum(s.examples for s in later if s.cell == (("task", "howto"), ("level", "hard")))
     assert collapsed <= 0.12 * sum(s.examples for s in later)  # a fair share would be 25%
-    cells = {x["cell"]: x for x in plans[-1].status["cells"]}
-    assert cells["task=howto,level=hard"]["yield"] < 0.1 < cells["task=explain,level=easy"]["yield"]
-    assert sum(x["shards"] for x in cells.values()) == len(shards)
+    cells = {x.cell: x for x in cells_of(plans[-1])}
+    assert cells["task=howto,level=hard"].yield_ < 0.1 < cells["task=explain,level=easy"].yield_
+    assert sum(x.shards for x in cells.values()) == len(shards)
 
 
 def test_a_quota_gives_a_low_yield_cell_its_share_of_the_kept_rows() -> None:
@@ -328,16 +334,16 @@ def test_a_quota_gives_a_low_yield_cell_its_share_of_the_kept_rows() -> None:
     spec = spec_of(prompt=quota, target={"uniqueExamples": 20000}, budget={"maxRounds": 30, "maxShards": 5000})
     obs, plans = run_cells(spec, CELL_YIELD)
     assert plans[-1].condition(c.SUCCEEDED).status == "True"
-    cells = {x["cell"]: x for x in plans[-1].status["cells"]}
-    kept = sum(x["kept"] for x in cells.values())
-    assert cells["task=howto,level=hard"]["kept"] >= 0.045 * kept  # without the quota it starves (test above)
+    cells = {x.cell: x for x in cells_of(plans[-1])}
+    kept = sum(x.kept for x in cells.values())
+    assert cells["task=howto,level=hard"].kept >= 0.045 * kept  # without the quota it starves (test above)
     assert any("quota task=howto,level=hard" in p.reason for p in obs.rounds.values())
 
 
 def test_without_attributes_shards_have_no_cell_and_the_plan_is_unchanged() -> None:
     obs, plans = run_world(spec_of(), {0.7: 0.3, 0.8: 0.4, 0.9: 0.2, 1.0: 0.1})
     assert all(s.cell == () for p in obs.rounds.values() for s in p.shards)
-    assert "cells" not in plans[-1].status
+    assert plans[-1].status is not None and plans[-1].status.cells is None
 
 
 @settings(max_examples=100, deadline=None)
@@ -369,7 +375,7 @@ def test_the_html_report_has_a_table_of_attribute_cells() -> None:
     reports = [obs.reports[r] for r in sorted(obs.reports)]
     page = render_html("sft", reports, 3000, status=plans[-1].status)
     assert "Attribute cells" in page and "task=howto,level=hard" in page
-    assert "no attributes in the spec" in render_html("sft", reports, 3000, status={})
+    assert "no attributes in the spec" in render_html("sft", reports, 3000, status=None)
 
 
 def test_few_rounds_left_commit_to_finishing_and_the_last_round_sizes_pessimistically() -> None:

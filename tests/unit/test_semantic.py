@@ -383,17 +383,17 @@ def test_status_counts_duplicates_per_tier_and_names_the_tiers() -> None:
 
     spec = _spec(True)
     ref = RunRef("sft")
-    st = decide(ref, spec, Observed()).status["totals"]
+    st = decide(ref, spec, Observed()).status.totals.to_dict()
     assert st["dedupTiers"] == ["exact", "near", "semantic"] and st["duplicates"] == {
         "exact": 0,
         "near": 0,
         "semantic": 0,
     }
-    assert decide(ref, _spec(False), Observed()).status["totals"]["dedupTiers"] == ["exact", "near"]
+    assert decide(ref, _spec(False), Observed()).status.totals.to_dict()["dedupTiers"] == ["exact", "near"]
     rep = rec.RoundReport(round=1, shards=1, generated=100, new_unique=60, new_qc_passed=50, generated_total=100,
                           unique_total=60, qc_passed_total=50, exact_duplicates=25, near_duplicates=5,
                           semantic_duplicates=10, dedup_tiers=("exact", "near", "semantic"))  # fmt: skip
-    st = decide(ref, spec, dataclasses.replace(Observed(), reports={1: rep})).status["totals"]
+    st = decide(ref, spec, dataclasses.replace(Observed(), reports={1: rep})).status.totals.to_dict()
     assert st["duplicates"] == {"exact": 25, "near": 5, "semantic": 10} and st["dedupTiers"][-1] == "semantic"
 
 
