@@ -568,6 +568,11 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
         planned = sum(s.examples for s in obs.rounds[rnd].shards)
         per_example = report.generated / planned if planned else 1.0
         room_examples = math.floor((b.max_generated_examples - report.generated_total) / max(per_example, 1e-9))
+        if room_examples < 1:
+            msg = f"{kept}/{target} unique QC-passed examples; no example fits maxGeneratedExamples"
+            return finish(
+                _failed(c.BUDGET_EXHAUSTED, f"{msg}={b.max_generated_examples} ({report.generated_total} generated)")
+            )
         arms, per, why, cells = _bandit_round(
             spec, ref, obs, rnd + 1, target - kept, room_examples, b.max_shards - used_shards
         )
@@ -604,7 +609,7 @@ def _bandit_round(
     if size.precise and size.shards < cap:  # sized to the target: size again for the arms actually drawn
         y, sd = pol.mix_yield(stats, picks)
         n, _, why = pol.examples_for(spec, need, y, sd, last, rounds_left)
-        per = pol.shard_examples(spec, math.ceil(n / len(picks)))
+        per = min(pol.shard_examples(spec, math.ceil(n / len(picks))), max(1, room_examples // len(picks)))
         why += f" -> {len(picks)} shard(s) x {per}"
     retired = [a.id for a in stats if a.retired]
     why += f"; retired (QC-pass rate below the floor): {', '.join(retired)}" if retired else ""
@@ -617,7 +622,7 @@ def _bandit_round(
         if size.precise and size.shards < cap and abs(k - 1) > 0.01:  # the cells drawn change the yield: resize
             y, sd = pol.mix_yield(stats, picks)
             n, _, _ = pol.examples_for(spec, need, min(1.0, y * k), sd * k, last, rounds_left)
-            per = pol.shard_examples(spec, math.ceil(n / len(picks)))
+            per = min(pol.shard_examples(spec, math.ceil(n / len(picks))), max(1, room_examples // len(picks)))
             why += f"; the cells drawn scale the yield by {k:.2f} -> {len(picks)} shard(s) x {per}"
     return [a.sampling for a in picks], per, why, cells
 

@@ -429,6 +429,7 @@ def size_round(
         per = shard_examples(spec, math.ceil(n / shards))
         return Sizing(shards, per, precise, f"{why} -> {shards} shard(s) x {per}")
     per = min(eps, max(1, room_examples // max(1, cap)))
+    cap = min(cap, max(1, room_examples // per))  # fewer examples left than shards: fewer shards, never over budget
     shown = "no yield measured yet" if n == UNREACHABLE else f"~{n} examples"
     why = f"{need} more needed at a yield of {y:.3f} per example ({shown}): a full round of {cap} shard(s)"
     return Sizing(cap, per, False, why)

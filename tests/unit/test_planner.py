@@ -467,3 +467,13 @@ def test_budget_used_counts_every_round_where_the_status_lists_the_last_100() ->
     assert len(status.rounds) == 100 and status.totals.rounds_planned == 150
     assert status.totals.shards_planned == 150 * len(first.shards)
     assert budget_used(spec, status) == 0.75
+
+
+def test_bandit_never_plans_past_max_generated_examples_when_fewer_examples_than_shards_are_left() -> None:
+    """Found by the property above: with 42 examples of budget left and a round cap of 64 shards, a full round was 64
+    shards of 1 example (4,674 of 4,670 planned). Now the round has as many shards as examples fit."""
+    budget = {"maxRounds": 6, "maxShards": 120, "maxGeneratedExamples": 4670}
+    spec = spec_of(budget=budget, target={"uniqueExamples": 3000}, policy={"strategy": "bandit"})
+    obs, plans = simulate(spec, [0.0])
+    assert sum(s.examples for p in obs.rounds.values() for s in p.shards) <= 4670
+    assert plans[-1].condition(c.FAILED).reason == c.BUDGET_EXHAUSTED
