@@ -68,7 +68,7 @@ class KubeRun:
             except SpecError as exc:
                 errors = exc.errors
             if errors:
-                self.status = await publish_plan(self, self.status, invalid_plan(ref, errors), ref.generation)
+                self.status = await publish_plan(self, self.status, invalid_plan(errors), ref.generation)
             else:
                 self.loop = RunLoop(ref, raw_spec, spec, await self._storage(spec), self, status=self.status)
             self.spec_text = text

@@ -76,7 +76,7 @@ class RunLoop:
     async def step(self) -> Plan:
         refused = refusal(self.status, self.ref.generation)
         if refused is not None:  # terminal until the spec changes: a refused child is never sent again
-            return invalid_plan(self.ref, [refused], c.CHILD_REJECTED)
+            return invalid_plan([refused], c.CHILD_REJECTED)
         jobs = tuple(await self.backend.jobs())
         self.observed = await asyncio.to_thread(self.observe, jobs)
         plan = decide(self.ref, self.spec, self.observed)
@@ -88,7 +88,7 @@ class RunLoop:
                     events += plan.events  # the round really starts now: announced once
             await asyncio.gather(*(self.backend.start(a) for a in plan.actions if not isinstance(a, RecordRound)))
         except Rejected as exc:  # the run fails; the status keeps what was observed (the round just recorded)
-            plan = replace(invalid_plan(self.ref, [str(exc)], exc.reason), status=plan.status)
+            plan = replace(invalid_plan([str(exc)], exc.reason), status=plan.status)
         await self.publish(plan, events)
         return plan
 

@@ -440,7 +440,7 @@ def _succeeded(msg: str) -> tuple[c.Condition, ...]:
     )
 
 
-def invalid_plan(ref: RunRef, errors: list[str], reason: str = c.INVALID_SPEC) -> Plan:
+def invalid_plan(errors: list[str], reason: str = c.INVALID_SPEC) -> Plan:
     msg = "; ".join(errors)
     return Plan(actions=(), conditions=_failed(reason, msg), status=None)
 
@@ -450,7 +450,7 @@ def plan_for_manifest(ref: RunRef, spec: Mapping[str, Any], observed: Observed) 
     try:
         parsed = parse_spec(dict(spec))
     except SpecError as exc:
-        return invalid_plan(ref, exc.errors)
+        return invalid_plan(exc.errors)
     return decide(ref, parsed, observed)
 
 

@@ -106,8 +106,7 @@ def test_kstatus_conditions(state: str, ready: str, reconciling: str, stalled: s
 
 
 def test_invalid_spec_is_stalled_and_not_ready() -> None:
-    ref = planner.RunRef("r", "ns", "uid", 3)
-    conds = {x.type: x.status for x in planner.invalid_plan(ref, ["spec.x: bad"]).conditions}
+    conds = {x.type: x.status for x in planner.invalid_plan(["spec.x: bad"]).conditions}
     assert (conds[c.READY], conds[c.STALLED], conds[c.RECONCILING], conds[c.FAILED]) == (
         "False",
         "True",

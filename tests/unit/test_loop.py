@@ -95,7 +95,7 @@ def test_an_invalid_plan_keeps_the_figures_last_published() -> None:
     """A plan with no figures (an invalid spec: nothing was observed) changes the conditions, not the totals; the
     custom resource keeps them (a merge patch) and so do status.json and the metrics."""
     old = RunStatus(observed_generation=1, round=3, totals=Totals(generated=900, qc_passed=400))
-    status, events, changed = publication(old, invalid_plan(RunRef("r", generation=2), ["spec.x: bad"]), 2)
+    status, events, changed = publication(old, invalid_plan(["spec.x: bad"]), 2)
     assert changed and status.totals == old.totals and status.round == 3 and status.observed_generation == 2
     failed = status.condition(c.FAILED)
     assert failed and (failed.status, failed.reason, failed.observed_generation) == ("True", c.INVALID_SPEC, 2)
