@@ -4,7 +4,7 @@ Jobs through the `jobs` index; the Jobs are Kubernetes Jobs and the status is al
 Level-based and restart-safe: child Jobs are read through `@kopf.index`, round plans, reports and shard markers
 from storage, and every child has a deterministic name, so a restarted operator re-derives the same state and a
 create that already happened answers 409 and is skipped. Handlers return None: nothing leaks into
-`status.<handler>`; Kopf's own progress lives in annotations under genrun.io.
+`status.<handler>`; Kopf's own state is set up in kopf_state.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import kopf
@@ -26,6 +26,7 @@ from genrun.contract.errors import Rejected
 from genrun.contract.status import RunStatus
 from genrun.operator import conditions as c
 from genrun.operator import manifests as mf
+from genrun.operator.kopf_state import persistence
 from genrun.operator.kube import Kube
 from genrun.operator.loop import RunLoop, publish_plan, started
 from genrun.operator.metrics import Metrics
@@ -37,7 +38,6 @@ from genrun.worker.storage import StorageError
 log = logging.getLogger("genrun.operator")
 RunKey = tuple[str, str]
 SECRET_TTL_SECONDS = 60.0
-STATELESS_KINDS = frozenset({"Job"})  # watched by the index and an event handler only
 
 
 class KubeRun:
@@ -142,31 +142,6 @@ class KubeRun:
         self.metrics.runs.update(*self.key, target, status, shards, budget)
 
 
-class LeanDiffBase(kopf.AnnotationsDiffBaseStorage):
-    """Kopf's own essence of an object (spec, labels, annotations), built without first deep-copying the parts it
-    throws away. Kopf builds it on every event of every watched object, and these copies (each run's status, each
-    Job's pod template) were the operator's largest CPU cost at 50 runs x 20 shards after the planner. Kinds watched
-    only by index and event handlers (`stateless`: no update, delete or daemon handler reads their diff) get an empty
-    essence; tests/unit/test_manifests.py checks that no such handler is registered for them."""
-
-    KEPT_METADATA = ("name", "namespace", "labels", "annotations", "ownerReferences")  # what Kopf's build reads
-
-    def __init__(self, *, stateless: frozenset[str] = frozenset(), **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.stateless = stateless
-
-    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
-        fields = list(extra_fields or [])
-        if body.get("kind") in self.stateless and not fields:
-            return {}
-        if fields:  # a handler watching a status or metadata field: Kopf's own build restores it
-            return super().build(body=body, extra_fields=fields)
-        meta = body.get("metadata", {})
-        lean = {k: v for k, v in body.items() if k not in ("status", "metadata")}
-        lean["metadata"] = {k: meta[k] for k in self.KEPT_METADATA if k in meta}
-        return super().build(body=kopf.Body(cast(kopf.RawBody, lean)), extra_fields=None)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Registration: one function, so a test can start an operator with its own registry and settings.
 
@@ -178,11 +153,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, kube: Kube, me
 
     @kopf.on.startup(id="configure", **on)  # type: ignore[arg-type]
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.finalizer = f"{GROUP}/finalizer"
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = LeanDiffBase(
-            stateless=STATELESS_KINDS, prefix=GROUP, key="last-handled-configuration"
-        )
+        persistence(settings)
         settings.posting.level = logging.WARNING
         settings.batching.idle_timeout = 30
 

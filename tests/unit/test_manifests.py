@@ -317,7 +317,7 @@ def test_lean_diffbase_builds_kopfs_own_essence_for_runs_and_jobs() -> None:
     """The operator's cheaper essence (no deep copy of status and system metadata first) equals Kopf's, for a run
     with a status and Kopf's annotations and for a shard Job, so update handlers see the same diffs."""
     import kopf
-    from genrun.operator.handlers import LeanDiffBase
+    from genrun.operator.kopf_state import LeanDiffBase
 
     spec = parse_spec(RAW)
     job = mf.shard_job(REF, decide(REF, spec, Observed()).actions[1], spec, Settings())  # type: ignore[arg-type]
@@ -349,7 +349,8 @@ def test_kinds_given_an_empty_essence_have_no_handler_that_reads_their_diff() ->
     """STATELESS_KINDS skip Kopf's essence (see LeanDiffBase): valid only while nothing but index and event handlers
     watch them. An update, delete or daemon handler added for Jobs must fail here, not silently see no diffs."""
     import kopf
-    from genrun.operator.handlers import STATELESS_KINDS, LeanDiffBase, build
+    from genrun.operator.handlers import build
+    from genrun.operator.kopf_state import STATELESS_KINDS, LeanDiffBase
 
     registry = build(Settings())[0]
     plurals = {"Job": "jobs"}
