@@ -256,12 +256,10 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(n, bands) uint64: one hash per band of each signature (random odd multipliers, wrap-around sum)."""
     mult = (np.random.RandomState(12345).randint(1, 1 << 62, rows, dtype=np.uint64) | np.uint64(1)).astype(np.uint64)
     out = np.empty((sigs.shape[0], bands), dtype=np.uint64)
-    cols = np.ascontiguousarray(sigs[:, : bands * rows].T)  # one contiguous row per permutation (uint32)
     with np.errstate(over="ignore"):
-        for band in range(bands):
-            h = np.full(sigs.shape[0], np.uint64(band), dtype=np.uint64)
-            for j in range(rows):  # column by column: a small-axis sum() is far slower
-                h += cols[band * rows + j].astype(np.uint64) * mult[j]
+        for band in range(bands):  # a (n, rows) slice times the multipliers: no transposed copy of the signatures
+            h = sigs[:, band * rows : (band + 1) * rows].astype(np.uint64) @ mult  # uint64 wraps: mod 2^64
+            h += np.uint64(band)
             out[:, band] = _fmix64(h)
     return out
 
