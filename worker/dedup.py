@@ -297,14 +297,14 @@ def similar(sigs_a: np.ndarray, sigs_b: np.ndarray) -> np.ndarray:
 
 
 def _verify(qi: np.ndarray, ti: np.ndarray, q_sigs: np.ndarray, t_sigs: np.ndarray, threshold: float,
-            chunk: int = 131_072) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+            chunk: int = 32_768) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The pairs (qi, ti) that are similar, each pair verified once (a similar pair shares many bands)."""
     if len(qi) == 0:
         return qi, ti
     m = int(ti.max()) + 1
     code = np.unique(qi * m + ti)
     ok = np.empty(len(code), dtype=bool)
-    for i in range(0, len(code), chunk):  # bounded temporaries: (chunk, num_perm) gathers, 64 MiB each
+    for i in range(0, len(code), chunk):  # bounded temporaries: (chunk, num_perm) gathers, 16 MiB each
         c = code[i : i + chunk]
         ok[i : i + chunk] = similar(q_sigs[c // m], t_sigs[c % m]) >= threshold
     good = code[ok]
