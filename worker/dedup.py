@@ -102,8 +102,8 @@ def key_hashes(keys: Any) -> np.ndarray:
     if len(arr) == 0:
         return np.empty(0, np.uint64)
     enc = pc.dictionary_encode(pc.fill_null(arr, ""))
-    h = xxhash.xxh3_64_intdigest
-    vocab = np.fromiter((h(k.encode()) for k in enc.dictionary.to_pylist()), np.uint64, len(enc.dictionary))
+    words = enc.dictionary.cast(pa.binary()).to_pylist()  # the UTF-8 bytes, no per-key encode
+    vocab = np.fromiter(map(xxhash.xxh3_64_intdigest, words), np.uint64, len(words))
     out: np.ndarray = vocab[np.asarray(enc.indices)]
     return out
 

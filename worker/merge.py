@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from genrun.worker import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes
-from genrun.worker.export import export_dataset, part_metadata
+from genrun.worker.export import export_dataset, json_strings, part_metadata
 from genrun.worker.merge_state import (
     Counts,
     State,
@@ -544,11 +544,12 @@ def _codes(values: np.ndarray) -> tuple[np.ndarray, list[float]]:
 
 
 def _write_exports(table: Any, alpaca: Any, sharegpt: Any) -> None:
-    dumps = json.dumps
-    for ins, res in zip(table.column("instruction").to_pylist(), table.column("response").to_pylist(), strict=True):
-        i, r = dumps(ins), dumps(res)
-        alpaca.write(f'{{"instruction": {i}, "input": "", "output": {r}}}\n')
-        sharegpt.write(f'{{"conversations": [{{"from": "human", "value": {i}}}, {{"from": "gpt", "value": {r}}}]}}\n')
+    ins, res = (json_strings(table.column(c)) for c in ("instruction", "response"))
+    alpaca.writelines(f'{{"instruction": {i}, "input": "", "output": {r}}}\n' for i, r in zip(ins, res, strict=True))
+    sharegpt.writelines(
+        f'{{"conversations": [{{"from": "human", "value": {i}}}, {{"from": "gpt", "value": {r}}}]}}\n'
+        for i, r in zip(ins, res, strict=True)
+    )
 
 
 def _top_duplicates(storage: Storage, state: State) -> tuple[tuple[str, int], ...]:
