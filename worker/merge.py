@@ -441,7 +441,7 @@ def _write_rows(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    qc = QcPipeline.from_spec(spec.qc.filters)
+    qcs = _QcRuns(spec.qc.filters, shards, dec)
     rej_schema = (
         rec.example_schema().append(pa.field("reject_reason", pa.string())).append(pa.field("duplicate_of", pa.int64()))
     )
@@ -456,20 +456,15 @@ def _write_rows(
     g = 0
     left_domain = 0
     sem_texts = []
-    with open(tmp / "alpaca.jsonl", "w") as alpaca, open(tmp / "sharegpt.jsonl", "w") as sharegpt:
-        for sh in shards:
+    with qcs, open(tmp / "alpaca.jsonl", "w") as alpaca, open(tmp / "sharegpt.jsonl", "w") as sharegpt:
+        for k, sh in enumerate(shards):
+            fresh, check, got = qcs.result(k)  # QC of the rows that need it (in worker processes when there are any)
             table, sh.table = sh.table, None  # dropped as soon as written
             n = table.num_rows
             kept = dec.kept[g : g + n]
-            _, in_shard = np.unique(dec.hashes[g : g + n], return_index=True)
-            fresh = np.zeros(n, dtype=bool)  # the shard's own yield: new against earlier rounds, once per key
-            fresh[in_shard] = True
-            fresh &= dec.fresh[g : g + n]
             reasons = np.array([None] * n, dtype=object)
-            check = np.flatnonzero(kept | fresh)
             verdict = np.array([None] * n, dtype=object)
-            if len(check):
-                verdict[check] = qc.check_table(table.take(pa.array(check)))
+            verdict[check] = got
             reasons[kept] = verdict[kept]
             reasons[~kept] = np.where(
                 dec.semantic[g : g + n][~kept],
@@ -536,6 +531,97 @@ def _write_rows(
         pq.write_table(sem_drops[0].append_column("instruction", texts), tmp / "semantic.parquet")
     return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected),
             "per_shard": tuple(shard_yield), "left_domain": left_domain}  # fmt: skip
+
+
+MERGE_WORKERS_ENV = "GENRUN_MERGE_WORKERS"
+QC_POOL_MIN_ROWS = 50_000  # a round with fewer rows to check runs QC in the Job's own process: forking costs more
+
+
+def merge_workers() -> int:
+    """Processes for the merge's QC: $GENRUN_MERGE_WORKERS, else the CPUs this process may use. 1: none (QC in the
+    Job's own process)."""
+    raw = os.environ.get(MERGE_WORKERS_ENV, "").strip()
+    if raw:
+        try:
+            return max(1, int(raw))
+        except ValueError:
+            log.warning("%s=%r is not a whole number: using the CPU count (1 turns worker processes off)",
+                        MERGE_WORKERS_ENV, raw)  # fmt: skip
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_POOL_QC: QcPipeline | None = None  # a worker process's pipeline (its filters are fixed for the pool's life)
+
+
+def _pool_init(filters: Any) -> None:
+    global _POOL_QC
+    _POOL_QC = QcPipeline.from_spec(filters)
+
+
+def _pool_check(table: Any) -> list[str | None]:
+    assert _POOL_QC is not None
+    return _POOL_QC.check_table(table)
+
+
+class _QcRuns:
+    """Per shard of the round, the rows QC must judge (kept rows, and the shard's first row of each key new against
+    earlier rounds: its yield) and their verdicts. With several workers and enough rows, the shards' checks run in
+    forked worker processes, a few shards ahead of the writer; QC is a pure function of each row, so the verdicts
+    (and every output) are the same as in process (tested)."""
+
+    def __init__(self, filters: Any, shards: list[_Shard], dec: Decisions) -> None:
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self.shards = shards
+        g = 0
+        for sh in shards:
+            n = sh.rows
+            _, in_shard = np.unique(dec.hashes[g : g + n], return_index=True)
+            fresh = np.zeros(n, dtype=bool)  # the shard's own yield: new against earlier rounds, once per key
+            fresh[in_shard] = True
+            fresh &= dec.fresh[g : g + n]
+            check = np.flatnonzero(dec.kept[g : g + n] | fresh)
+            self.rows.append((fresh, check))
+            g += n
+        self.filters = filters
+        total = sum(len(c) for _, c in self.rows)
+        self.workers = min(merge_workers(), len(shards)) if total >= QC_POOL_MIN_ROWS else 1
+        self.pool: Any = None
+        self.pending: dict[int, Any] = {}
+        if self.workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), _pool_init, (filters,))
+            log.info("QC of %d rows in %d worker processes", total, self.workers)
+            for k in range(min(len(self.rows), 2 * self.workers)):
+                self._submit(k)
+        else:
+            self.qc = QcPipeline.from_spec(filters)
+
+    def _rows(self, k: int) -> Any:
+        import pyarrow as pa
+
+        return self.shards[k].table.take(pa.array(self.rows[k][1], pa.int64()))
+
+    def _submit(self, k: int) -> None:
+        self.pending[k] = self.pool.submit(_pool_check, self._rows(k))
+
+    def result(self, k: int) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """Shard k's (fresh rows, rows checked, their verdicts); call in shard order while its table is held."""
+        fresh, check = self.rows[k]
+        if self.pool is None:
+            return fresh, check, self.qc.check_table(self._rows(k)) if len(check) else []
+        got = self.pending.pop(k).result()
+        if k + 2 * self.workers < len(self.rows):
+            self._submit(k + 2 * self.workers)
+        return fresh, check, got
+
+    def __enter__(self) -> _QcRuns:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _codes(values: np.ndarray) -> tuple[np.ndarray, list[float]]:
