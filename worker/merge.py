@@ -538,8 +538,8 @@ QC_POOL_MIN_ROWS = 50_000  # a round with fewer rows to check runs QC in the Job
 
 
 def merge_workers() -> int:
-    """Processes for the merge's QC: $GENRUN_MERGE_WORKERS, else the CPUs this process may use. 1: none (QC in the
-    Job's own process)."""
+    """Processes for the merge's QC: $GENRUN_MERGE_WORKERS, else the CPUs this process may use (its affinity, capped by
+    its cgroup's CPU quota: a Job pod's CPU limit, not the node's cores). 1: none (QC in the Job's own process)."""
     raw = os.environ.get(MERGE_WORKERS_ENV, "").strip()
     if raw:
         try:
@@ -547,7 +547,26 @@ def merge_workers() -> int:
         except ValueError:
             log.warning("%s=%r is not a whole number: using the CPU count (1 turns worker processes off)",
                         MERGE_WORKERS_ENV, raw)  # fmt: skip
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    return max(1, min(cpus, quota)) if quota else cpus
+
+
+def _cgroup_cpus(root: str = "/sys/fs/cgroup") -> int | None:
+    """CPUs of the cgroup's quota, rounded up (cgroup v2 cpu.max, else v1 cfs quota/period); None when unlimited."""
+    import math
+
+    for name, split in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu.cfs_period_us")):
+        path = Path(root) / name
+        try:
+            text = path.read_text().split()
+            quota, period = (text[0], text[1]) if split is None else (text[0], path.with_name(split).read_text())
+            if quota in ("max", "-1"):
+                return None
+            return max(1, math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
 
 _POOL_QC: QcPipeline | None = None  # a worker process's pipeline (its filters are fixed for the pool's life)
@@ -582,7 +601,6 @@ class _QcRuns:
             check = np.flatnonzero(dec.kept[g : g + n] | fresh)
             self.rows.append((fresh, check))
             g += n
-        self.filters = filters
         total = sum(len(c) for _, c in self.rows)
         self.workers = min(merge_workers(), len(shards)) if total >= QC_POOL_MIN_ROWS else 1
         self.pool: Any = None

@@ -311,6 +311,7 @@ def test_qc_in_worker_processes_writes_the_same_bytes_as_in_process(
 def test_merge_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
+    import genrun.worker.merge as m
     from genrun.worker.merge import MERGE_WORKERS_ENV, merge_workers
 
     monkeypatch.setenv(MERGE_WORKERS_ENV, "3")
@@ -320,4 +321,21 @@ def test_merge_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(MERGE_WORKERS_ENV, "many")  # not a number: the CPU count, with a warning
     assert merge_workers() == len(os.sched_getaffinity(0))
     monkeypatch.delenv(MERGE_WORKERS_ENV)
-    assert merge_workers() == len(os.sched_getaffinity(0))
+    assert merge_workers() == min(len(os.sched_getaffinity(0)), m._cgroup_cpus() or 10**6)
+    monkeypatch.setattr(m, "_cgroup_cpus", lambda: 1)  # a pod limited to one CPU: no worker processes
+    assert merge_workers() == 1
+
+
+def test_cgroup_cpu_quota(tmp_path: Path) -> None:
+    from genrun.worker.merge import _cgroup_cpus
+
+    assert _cgroup_cpus(str(tmp_path)) is None  # no cgroup files: no quota
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpus(str(tmp_path)) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: two processes
+    assert _cgroup_cpus(str(tmp_path)) == 2
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_cpus(str(tmp_path)) == 3
