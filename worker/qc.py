@@ -129,7 +129,7 @@ _TO_SPACE = np.where(_WORD | (_BYTE >= 0x80), _BYTE, 0x20).astype(np.uint8)  # s
 _SPACE = np.isin(_BYTE, [ord(c) for c in "\t\n\f\r "])  # RE2's \s (ASCII only, no \v)
 
 
-def _bytes_of(col: Any) -> tuple[np.ndarray, np.ndarray] | None:
+def string_bytes(col: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """(UTF-8 data, row offsets into it) of a string array, or None when it is not a plain string array."""
     import pyarrow as pa
 
@@ -142,7 +142,7 @@ def _bytes_of(col: Any) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _row_counts(col: Any, byte_class: np.ndarray) -> np.ndarray | None:
     """Per row, how many bytes of the class (an ASCII class: exact counts of those characters)."""
-    got = _bytes_of(col)
+    got = string_bytes(col)
     if got is None:
         return None
     data, off = got
@@ -159,7 +159,7 @@ def _replace_runs(col: Any, pattern: str, replacement: str, ascii_bytes: np.ndar
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    got = _bytes_of(col)
+    got = string_bytes(col)
     if got is None:
         return pc.replace_substring_regex(col, pattern, replacement)
     data, _ = got
