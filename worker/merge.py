@@ -610,8 +610,9 @@ class _QcRuns:
             from concurrent.futures import ProcessPoolExecutor
 
             self.pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), _pool_init, (filters,))
+            self.ahead = self.workers + 1  # shards in flight: each worker busy, one queued (bounded memory)
             log.info("QC of %d rows in %d worker processes", total, self.workers)
-            for k in range(min(len(self.rows), 2 * self.workers)):
+            for k in range(min(len(self.rows), self.ahead)):
                 self._submit(k)
         else:
             self.qc = QcPipeline.from_spec(filters)
@@ -630,8 +631,8 @@ class _QcRuns:
         if self.pool is None:
             return fresh, check, self.qc.check_table(self._rows(k)) if len(check) else []
         got = self.pending.pop(k).result()
-        if k + 2 * self.workers < len(self.rows):
-            self._submit(k + 2 * self.workers)
+        if k + self.ahead < len(self.rows):
+            self._submit(k + self.ahead)
         return fresh, check, got
 
     def __enter__(self) -> _QcRuns:
