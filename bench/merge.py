@@ -11,9 +11,11 @@ pair-counting scores of the merge's clusters (from its dataset and rejected part
 
 Per round: seconds, new rows, seconds per new row, the child's peak RSS. Last line:
 RESULT rows=<N> rounds=<R> merge_rows_per_s=<x> vs_rensa=<ratio> round_cost_ratio=<r> peak_mb=<m> recall=<r>
-precision=<p>. merge_rows_per_s is all rows over the sum of the rounds' seconds (the Job end to end: reading shards,
+precision=<p> merge_workers=<w>. merge_rows_per_s is all rows over the sum of the rounds' seconds (the Job end to end: reading shards,
 dedup, QC, writing every output); vs_rensa divides it by rensa's rows/s on all rows in one pass;
-round_cost_ratio is the last round's seconds per new row over the first round's; peak_mb the largest child peak.
+round_cost_ratio is the last round's seconds per new row over the first round's; peak_mb the largest child peak
+(the merge process's own: its QC worker processes, forked, add their private memory); merge_workers the processes
+the Job used for QC (GENRUN_MERGE_WORKERS, `--workers`; default the CPUs it may use), while rensa runs in one.
 """
 
 from __future__ import annotations
@@ -138,18 +140,22 @@ CHILD = (
     "from genrun.worker.cli import main\n"
     "code = main(sys.argv[1:])\n"
     "hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM:')][0].split()[1]\n"
-    "print('BENCH', code, time.perf_counter() - t0, int(hwm) / 1024)\n"
+    "from genrun.worker.merge import merge_workers\n"
+    "print('BENCH', code, time.perf_counter() - t0, int(hwm) / 1024, merge_workers())\n"
 )
 
 
-def run_merge(job: Path) -> tuple[int, float, float]:
+def run_merge(job: Path, workers: int | None) -> tuple[int, float, float, int]:
+    env = {**os.environ, "GENRUN_LOG_LEVEL": "WARNING"}
+    if workers is not None:
+        env["GENRUN_MERGE_WORKERS"] = str(workers)
     res = subprocess.run([sys.executable, "-P", "-c", CHILD, "merge", "--job", str(job)], capture_output=True,
-                         text=True, env={**os.environ, "GENRUN_LOG_LEVEL": "WARNING"})  # fmt: skip
+                         text=True, env=env)  # fmt: skip
     line = [x for x in res.stdout.splitlines() if x.startswith("BENCH ")]
     if not line:
         sys.exit(f"merge failed: {res.stderr[-2000:]}")
-    _, code, dt, peak = line[-1].split()
-    return int(code), float(dt), float(peak)
+    _, code, dt, peak, used = line[-1].split()
+    return int(code), float(dt), float(peak), int(used)
 
 
 def labels_from_outputs(out: Path, n: int, offsets: dict[int, int]) -> np.ndarray:
@@ -172,6 +178,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-rensa", action="store_true")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="GENRUN_MERGE_WORKERS for the merge Job (default: unset, the CPUs it may use; 1: one process)",
+    )
     args = ap.parse_args()
     from genrun.worker import records as rec
 
@@ -198,7 +210,7 @@ def main() -> None:
                     )
                 )
             )
-            code, dt, peak = run_merge(job)
+            code, dt, peak, workers = run_merge(job, args.workers)
             if code != 0:
                 sys.exit(f"merge of round {r} exited {code}")
             secs.append(dt)
@@ -211,11 +223,13 @@ def main() -> None:
     merge_rps = len(rows) / sum(secs)
     print(f"merge Job: {merge_rps:,.0f} rows/s, recall {recall:.4f}, precision {precision:.4f}", flush=True)
     rensa = float("nan") if args.no_rensa else with_rensa(rows)
-    print(f"rensa ({len(rows)} rows, one pass): {rensa:,.0f} rows/s", flush=True)
+    print(f"rensa ({len(rows)} rows, one pass, one process): {rensa:,.0f} rows/s; the merge Job used "
+          f"{workers} process(es) for QC (GENRUN_MERGE_WORKERS)", flush=True)  # fmt: skip
     ratio = (secs[-1] / news[-1]) / (secs[0] / news[0])
     print(
         f"RESULT rows={len(rows)} rounds={args.rounds} merge_rows_per_s={merge_rps:.0f} vs_rensa={merge_rps / rensa:.2f} "
-        f"round_cost_ratio={ratio:.2f} peak_mb={max(peaks):.0f} recall={recall:.4f} precision={precision:.4f}"
+        f"round_cost_ratio={ratio:.2f} peak_mb={max(peaks):.0f} recall={recall:.4f} precision={precision:.4f} "
+        f"merge_workers={workers}"
     )
 
 

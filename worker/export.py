@@ -87,22 +87,42 @@ def _parts(storage: Storage) -> dict[int, str]:
     return out
 
 
+def json_strings(col: Any, ensure_ascii: bool = True) -> list[str]:
+    """json.dumps(x, ensure_ascii=...) of each value of a string column (null -> null), by the json module's own
+    string encoder, without json.dumps's per-call overhead: the same bytes."""
+    from json.encoder import encode_basestring, encode_basestring_ascii
+
+    enc = encode_basestring_ascii if ensure_ascii else encode_basestring
+    values = col.to_pylist()
+    if col.null_count:
+        return [enc(v) if v is not None else "null" for v in values]
+    return list(map(enc, values))
+
+
 def _write_messages(storage: Storage, part: str, rnd: int, meta: dict[bytes, bytes], tmp: Path) -> int:
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     with local_copy(storage, part) as path:
         table = pq.read_table(path, columns=["instruction", "response"])
-    ins, res = table.column("instruction").to_pylist(), table.column("response").to_pylist()
-    msgs = [
-        [{"role": "user", "content": i}, {"role": "assistant", "content": r}] for i, r in zip(ins, res, strict=True)
-    ]
+    # The messages column built from the two string columns (no per-row Python objects); the JSON lines from the
+    # column's strings: the bytes json.dumps({"messages": [...]}, ensure_ascii=False) gives, one dumps per string.
+    n = table.num_rows
+    ins, res = (table.column(c).combine_chunks() for c in ("instruction", "response"))
+    turn = np.arange(2 * n).reshape(2, n).T.ravel()  # user turn i, then assistant turn i
+    roles = pa.array(["user", "assistant"]).take(pa.array(turn // max(n, 1)))
+    content = pa.concat_arrays([ins, res]).take(pa.array(turn))
+    turns = pa.StructArray.from_arrays([roles, content], fields=list(messages_schema().field(0).type.value_type))
+    msgs = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2), pa.int32()), turns)
     out = tmp / f"messages-{rnd}.parquet"
     pq.write_table(pa.table({"messages": msgs}, schema=messages_schema().with_metadata(meta)), out)
     lines = tmp / f"messages-{rnd}.jsonl"
     with open(lines, "w") as f:
-        for m in msgs:
-            f.write(json.dumps({"messages": m}, ensure_ascii=False) + "\n")
+        f.writelines(
+            f'{{"messages": [{{"role": "user", "content": {i}}}, {{"role": "assistant", "content": {r}}}]}}\n'
+            for i, r in zip(json_strings(ins, ensure_ascii=False), json_strings(res, ensure_ascii=False), strict=True)
+        )
     storage.upload(out, messages_key(rnd))
     storage.upload(lines, messages_jsonl_key(rnd))
     return int(table.num_rows)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from genrun.worker import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes
-from genrun.worker.export import export_dataset, part_metadata
+from genrun.worker.export import export_dataset, json_strings, part_metadata
 from genrun.worker.merge_state import (
     Counts,
     State,
@@ -78,6 +78,7 @@ class _Shard:
     seed: int
     manifest: rec.ShardManifest
     rows: int
+    table: Any = None  # its rows, read once in pass 1, used by pass 2 and dropped there
 
 
 def _quarantine(storage: Storage, key: str, error: str, out: list[str]) -> None:
@@ -89,8 +90,9 @@ def _quarantine(storage: Storage, key: str, error: str, out: list[str]) -> None:
 def _read_round(
     storage: Storage, spec: Any, shard_ids: list[tuple[int, int]]
 ) -> tuple[list[_Shard], list[Any], list[str], list[str]]:
-    """Pass 1: each shard's marker and whole file, checked; returns the readable shards, their key-source columns
-    (instruction, response when the key is the pair), quarantined keys and missing shards."""
+    """Pass 1: each shard's marker and whole file, checked, read once (pass 2 uses the same table); returns the
+    readable shards, their key-source columns (instruction, response when the key is the pair), quarantined keys and
+    missing shards."""
     shards: list[_Shard] = []
     cols: list[Any] = []
     quarantined: list[str] = []
@@ -112,7 +114,7 @@ def _read_round(
             continue
         want = ["instruction", "response"] if spec.dedup.key == "pair" else ["instruction"]
         cols.append(table.select(want))
-        shards.append(_Shard(rnd, seed, manifest, table.num_rows))
+        shards.append(_Shard(rnd, seed, manifest, table.num_rows, table))
     return shards, cols, quarantined, missing
 
 
@@ -270,6 +272,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _use_system_allocator() -> None:
+    """Arrow's allocations through malloc: the Job holds a round's shards while it decides (one read each), and
+    Arrow's default pool (mimalloc) keeps freed decode buffers mapped (about 250 MB more peak RSS at 1M rows)."""
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 def merge_round(storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list[tuple[int, int]]) -> rec.RoundReport:
     """Merge round `rnd`'s new shards (those of `shard_ids` with round == rnd) into the state of rounds before."""
     report_key = rec.round_report_key(rnd)
@@ -277,6 +287,7 @@ def merge_round(storage: Storage, spec: Any, run: str, rnd: int, shard_ids: list
         log.info("round %d already merged: %s", rnd, storage.location(report_key))
         return rec.round_report_from(json.loads(storage.read_bytes(report_key)))
     t0 = time.monotonic()
+    _use_system_allocator()
     _clean_leftovers(storage, rnd)
     state = load_state(storage, spec, rnd - 1) if rnd > 1 else None
     replayed: range = range(0)
@@ -425,12 +436,12 @@ def _write_rows(
     tmp: Path,
     sem_drops: Any = None,
 ) -> dict[str, Any]:
-    """Pass 2: each shard again, whole rows: QC on the kept ones, the dataset part, rejected rows, exports."""
+    """Pass 2: each shard's rows (read in pass 1): QC on the kept ones, the dataset part, rejected rows, exports."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    qc = QcPipeline.from_spec(spec.qc.filters)
+    qcs = _QcRuns(spec.qc.filters, shards, dec)
     rej_schema = (
         rec.example_schema().append(pa.field("reject_reason", pa.string())).append(pa.field("duplicate_of", pa.int64()))
     )
@@ -445,20 +456,15 @@ def _write_rows(
     g = 0
     left_domain = 0
     sem_texts = []
-    with open(tmp / "alpaca.jsonl", "w") as alpaca, open(tmp / "sharegpt.jsonl", "w") as sharegpt:
-        for sh in shards:
-            table = read_table(storage, rec.shard_data_key(sh.round, sh.seed))
+    with qcs, open(tmp / "alpaca.jsonl", "w") as alpaca, open(tmp / "sharegpt.jsonl", "w") as sharegpt:
+        for k, sh in enumerate(shards):
+            fresh, check, got = qcs.result(k)  # QC of the rows that need it (in worker processes when there are any)
+            table, sh.table = sh.table, None  # dropped as soon as written
             n = table.num_rows
             kept = dec.kept[g : g + n]
-            _, in_shard = np.unique(dec.hashes[g : g + n], return_index=True)
-            fresh = np.zeros(n, dtype=bool)  # the shard's own yield: new against earlier rounds, once per key
-            fresh[in_shard] = True
-            fresh &= dec.fresh[g : g + n]
             reasons = np.array([None] * n, dtype=object)
-            check = np.flatnonzero(kept | fresh)
             verdict = np.array([None] * n, dtype=object)
-            if len(check):
-                verdict[check] = qc.check_table(table.take(pa.array(check)))
+            verdict[check] = got
             reasons[kept] = verdict[kept]
             reasons[~kept] = np.where(
                 dec.semantic[g : g + n][~kept],
@@ -527,17 +533,128 @@ def _write_rows(
             "per_shard": tuple(shard_yield), "left_domain": left_domain}  # fmt: skip
 
 
+MERGE_WORKERS_ENV = "GENRUN_MERGE_WORKERS"
+QC_POOL_MIN_ROWS = 50_000  # a round with fewer rows to check runs QC in the Job's own process: forking costs more
+
+
+def merge_workers() -> int:
+    """Processes for the merge's QC: $GENRUN_MERGE_WORKERS, else the CPUs this process may use (its affinity, capped by
+    its cgroup's CPU quota: a Job pod's CPU limit, not the node's cores). 1: none (QC in the Job's own process)."""
+    raw = os.environ.get(MERGE_WORKERS_ENV, "").strip()
+    if raw:
+        try:
+            return max(1, int(raw))
+        except ValueError:
+            log.warning("%s=%r is not a whole number: using the CPU count (1 turns worker processes off)",
+                        MERGE_WORKERS_ENV, raw)  # fmt: skip
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    return max(1, min(cpus, quota)) if quota else cpus
+
+
+def _cgroup_cpus(root: str = "/sys/fs/cgroup") -> int | None:
+    """CPUs of the cgroup's quota, rounded up (cgroup v2 cpu.max, else v1 cfs quota/period); None when unlimited."""
+    import math
+
+    for name, split in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu.cfs_period_us")):
+        path = Path(root) / name
+        try:
+            text = path.read_text().split()
+            quota, period = (text[0], text[1]) if split is None else (text[0], path.with_name(split).read_text())
+            if quota in ("max", "-1"):
+                return None
+            return max(1, math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+_POOL_QC: QcPipeline | None = None  # a worker process's pipeline (its filters are fixed for the pool's life)
+
+
+def _pool_init(filters: Any) -> None:
+    global _POOL_QC
+    _POOL_QC = QcPipeline.from_spec(filters)
+
+
+def _pool_check(table: Any) -> list[str | None]:
+    assert _POOL_QC is not None
+    return _POOL_QC.check_table(table)
+
+
+class _QcRuns:
+    """Per shard of the round, the rows QC must judge (kept rows, and the shard's first row of each key new against
+    earlier rounds: its yield) and their verdicts. With several workers and enough rows, the shards' checks run in
+    forked worker processes, a few shards ahead of the writer; QC is a pure function of each row, so the verdicts
+    (and every output) are the same as in process (tested)."""
+
+    def __init__(self, filters: Any, shards: list[_Shard], dec: Decisions) -> None:
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self.shards = shards
+        g = 0
+        for sh in shards:
+            n = sh.rows
+            _, in_shard = np.unique(dec.hashes[g : g + n], return_index=True)
+            fresh = np.zeros(n, dtype=bool)  # the shard's own yield: new against earlier rounds, once per key
+            fresh[in_shard] = True
+            fresh &= dec.fresh[g : g + n]
+            check = np.flatnonzero(dec.kept[g : g + n] | fresh)
+            self.rows.append((fresh, check))
+            g += n
+        total = sum(len(c) for _, c in self.rows)
+        self.workers = min(merge_workers(), len(shards)) if total >= QC_POOL_MIN_ROWS else 1
+        self.pool: Any = None
+        self.pending: dict[int, Any] = {}
+        if self.workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), _pool_init, (filters,))
+            self.ahead = self.workers + 1  # shards in flight: each worker busy, one queued (bounded memory)
+            log.info("QC of %d rows in %d worker processes", total, self.workers)
+            for k in range(min(len(self.rows), self.ahead)):
+                self._submit(k)
+        else:
+            self.qc = QcPipeline.from_spec(filters)
+
+    def _rows(self, k: int) -> Any:
+        import pyarrow as pa
+
+        return self.shards[k].table.take(pa.array(self.rows[k][1], pa.int64()))
+
+    def _submit(self, k: int) -> None:
+        self.pending[k] = self.pool.submit(_pool_check, self._rows(k))
+
+    def result(self, k: int) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """Shard k's (fresh rows, rows checked, their verdicts); call in shard order while its table is held."""
+        fresh, check = self.rows[k]
+        if self.pool is None:
+            return fresh, check, self.qc.check_table(self._rows(k)) if len(check) else []
+        got = self.pending.pop(k).result()
+        if k + self.ahead < len(self.rows):
+            self._submit(k + self.ahead)
+        return fresh, check, got
+
+    def __enter__(self) -> _QcRuns:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
 def _codes(values: np.ndarray) -> tuple[np.ndarray, list[float]]:
     uniq, inv = np.unique(values, return_inverse=True)
     return inv, [float(x) for x in uniq]
 
 
 def _write_exports(table: Any, alpaca: Any, sharegpt: Any) -> None:
-    dumps = json.dumps
-    for ins, res in zip(table.column("instruction").to_pylist(), table.column("response").to_pylist(), strict=True):
-        i, r = dumps(ins), dumps(res)
-        alpaca.write(f'{{"instruction": {i}, "input": "", "output": {r}}}\n')
-        sharegpt.write(f'{{"conversations": [{{"from": "human", "value": {i}}}, {{"from": "gpt", "value": {r}}}]}}\n')
+    ins, res = (json_strings(table.column(c)) for c in ("instruction", "response"))
+    alpaca.writelines(f'{{"instruction": {i}, "input": "", "output": {r}}}\n' for i, r in zip(ins, res, strict=True))
+    sharegpt.writelines(
+        f'{{"conversations": [{{"from": "human", "value": {i}}}, {{"from": "gpt", "value": {r}}}]}}\n'
+        for i, r in zip(ins, res, strict=True)
+    )
 
 
 def _top_duplicates(storage: Storage, state: State) -> tuple[tuple[str, int], ...]:

@@ -119,12 +119,67 @@ def _arrow_strings(values: Sequence[str]) -> Any:
     return pa.array(list(values), pa.string())
 
 
+# ASCII bytes by class, for the rows that are pure ASCII (most model output): there the Unicode regexes below reduce
+# to byte lookups. A UTF-8 multi-byte sequence never contains an ASCII byte, so byte counts of ASCII classes are exact
+# on any row; rows with other characters still go through the regex (same result, tested against it).
+_BYTE = np.arange(256)
+_ALNUM = np.isin(_BYTE, list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
+_WORD = _ALNUM | np.isin(_BYTE, list(b"_"))
+_TO_SPACE = np.where(_WORD | (_BYTE >= 0x80), _BYTE, 0x20).astype(np.uint8)  # separators -> ' ', others kept
+_SPACE = np.isin(_BYTE, [ord(c) for c in "\t\n\f\r "])  # RE2's \s (ASCII only, no \v)
+
+
+def string_bytes(col: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(UTF-8 data, row offsets into it) of a string array, or None when it is not a plain string array."""
+    import pyarrow as pa
+
+    if not isinstance(col, pa.StringArray) or len(col) == 0:
+        return None
+    _, offs, data = col.buffers()
+    off = np.frombuffer(offs, np.int32, len(col) + 1, col.offset * 4).astype(np.int64)
+    return (np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)), off
+
+
+def _row_counts(col: Any, byte_class: np.ndarray) -> np.ndarray | None:
+    """Per row, how many bytes of the class (an ASCII class: exact counts of those characters)."""
+    got = string_bytes(col)
+    if got is None:
+        return None
+    data, off = got
+    cum = np.zeros(len(data) + 1, np.int64)
+    np.cumsum(byte_class[data], out=cum[1:])
+    out: np.ndarray = cum[off[1:]] - cum[off[:-1]]
+    return out
+
+
+def _replace_runs(col: Any, pattern: str, replacement: str, ascii_bytes: np.ndarray) -> Any:
+    """For splitting into words: pc.replace_substring_regex(col, pattern, replacement), `pattern` a run of a character
+    class whose ASCII members `ascii_bytes` maps to `replacement` (one space) byte by byte. Pure ASCII rows go by the
+    byte map (a run becomes several spaces: splitting drops the empty pieces), the others by the regex."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    got = string_bytes(col)
+    if got is None:
+        return pc.replace_substring_regex(col, pattern, replacement)
+    data, _ = got
+    buffers = col.buffers()
+    mapped = pa.StringArray.from_buffers(
+        len(col), buffers[1], pa.py_buffer(ascii_bytes[data]), buffers[0], col.null_count, col.offset
+    )
+    other = pc.invert(pc.fill_null(pc.string_is_ascii(col), True))
+    if not pc.any(other).as_py():
+        return mapped
+    return pc.replace_with_mask(mapped, other, pc.replace_substring_regex(col.filter(other), pattern, replacement))
+
+
 def _words(col: Any) -> tuple[np.ndarray, np.ndarray, int]:
     """(row of each word, dictionary code of each word) over a string column, words in order, case-folded."""
     import pyarrow.compute as pc
 
-    # one regex pass replacing separator runs, then a literal split (a regex split is several times slower)
-    spaced = pc.utf8_trim(pc.replace_substring_regex(pc.utf8_lower(col), r"[^\p{L}\p{N}_]+", " "), " ")
+    # separators to spaces (one regex pass, or a byte map on ASCII rows), then a literal split (a regex split is
+    # several times slower); empty pieces are dropped
+    spaced = pc.utf8_trim(_replace_runs(pc.utf8_lower(col), r"[^\p{L}\p{N}_]+", " ", _TO_SPACE), " ")
     lists = pc.split_pattern(spaced, " ")
     flat = pc.list_flatten(lists)
     rows = _np(pc.list_parent_indices(lists)).astype(np.int64)
@@ -207,6 +262,22 @@ def repeated_ngram_ratio(text: str, n: int = 3) -> float:
     return float(repeated_ngram_ratios(_arrow_strings([text]), n)[0])
 
 
+def _alnum_counts(col: Any) -> np.ndarray:
+    """Per text, its letters and digits (Unicode): byte counts on ASCII rows, the length after deleting the other
+    characters' runs (one regex) on the rest."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    counts = _row_counts(col, _ALNUM)
+    if counts is None:
+        return _np(pc.utf8_length(pc.replace_substring_regex(col, r"[^\p{L}\p{N}]+", "")))
+    other = np.flatnonzero(~_np(pc.fill_null(pc.string_is_ascii(col), True)))
+    if len(other):
+        sub = col.take(pa.array(other))
+        counts[other] = _np(pc.utf8_length(pc.replace_substring_regex(sub, r"[^\p{L}\p{N}]+", "")))
+    return counts
+
+
 def _repetition(p: Mapping[str, Any]) -> Filter:
     max_rep, n = float(p.get("maxRepeatedNgramRatio", 0.3)), int(p.get("ngram", 3))
     min_alnum = float(p.get("minAlnumRatio", 0.6))
@@ -217,9 +288,14 @@ def _repetition(p: Mapping[str, Any]) -> Filter:
         col = _text(table, "response")
         out = _none(table.num_rows)
         out[repeated_ngram_ratios(col, n) > max_rep] = "repetition"
-        # lengths after deleting runs: far faster than counting one regex match per character
-        chars = _np(pc.utf8_length(pc.replace_substring_regex(col, r"\s+", "")))
-        alnum = _np(pc.utf8_length(pc.replace_substring_regex(col, r"[^\p{L}\p{N}]+", "")))
+        # characters other than RE2's whitespace (ASCII bytes: counted exactly on any row), and letters and digits
+        spaces = _row_counts(col, _SPACE)
+        chars = (
+            _np(pc.utf8_length(col)) - spaces
+            if spaces is not None
+            else _np(pc.utf8_length(pc.replace_substring_regex(col, r"\s+", "")))
+        )
+        alnum = _alnum_counts(col)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[(chars > 0) & (alnum / np.maximum(chars, 1) < min_alnum)] = "garbage"  # checked first: wins
         return out

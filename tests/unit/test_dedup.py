@@ -198,3 +198,33 @@ def test_deduplicate_is_the_merge_rule_in_one_batch() -> None:
              "How can I reverse a string in Python?", "Write a poem about the sea."]  # fmt: skip
     assert deduplicate(texts, threshold=0.7).tolist() == [0, 0, 2, 2, 4]
     assert deduplicate(texts, threshold=0.7, near=False).tolist() == [0, 0, 2, 3, 4]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_normalized_keys_equal_the_regex_rule_on_random_texts(seed: int) -> None:
+    """The ASCII byte path of the separator rule against the regex it replaces (RE2 `[^\\pL\\pN]+` -> one space), on
+    random texts mixing ASCII letters, digits, punctuation, '_' and every ASCII space with non-ASCII letters, digits,
+    marks, spaces, quotes and emoji; whole and sliced arrays."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from genrun.worker.dedup import _separators_to_space, normalize_array
+
+    rng = random.Random(seed)
+    ascii_chars = list("abcXYZ019_ .,;:!?'\"-()\t\n\v\f\r")
+    other = list("éßİΣж²٣Ⅳ\u0301\u00a0\u2003\u2019—東京🙂ﬁ")
+    texts = []
+    for _ in range(500):
+        pool = ascii_chars if rng.random() < 0.7 else ascii_chars + other
+        texts.append("".join(rng.choice(pool) for _ in range(rng.randint(0, 30))))
+    arr = pa.array(texts, pa.string())
+    for a in (arr, arr.slice(41, 400)):
+        want = pc.replace_substring_regex(a, r"[^\pL\pN]+", " ").to_pylist()
+        assert _separators_to_space(a).to_pylist() == want
+    got = normalize_array(arr).to_pylist()
+    ref = pc.utf8_lower(pc.utf8_normalize(arr, "NFKC"))
+    assert len(got) == len(texts)
+    ascii_rows = [i for i, t in enumerate(texts) if t.isascii() and "'" not in t]  # no contraction rules apply
+    want_ascii = pc.utf8_trim_whitespace(pc.replace_substring_regex(ref, r"[^\pL\pN]+", " ")).to_pylist()
+    assert [got[i] for i in ascii_rows] == [want_ascii[i] for i in ascii_rows]

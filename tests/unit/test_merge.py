@@ -272,3 +272,70 @@ def test_state_is_per_round_chunks_and_top_duplicates_stay_exact(tmp_path: Path)
     want = sorted(sizes.items(), key=lambda x: (-x[1], x[0]))[:10]
     assert [n for _, n in reports[-1].top_duplicates] == [n for _, n in want]
     assert [[i, n] for i, n in want] == state.totals.top
+
+
+def test_qc_in_worker_processes_writes_the_same_bytes_as_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GENRUN_MERGE_WORKERS > 1 (forked worker processes judge the shards' rows) changes no output byte: every file of
+    three merged rounds, damaged shards included, equals the single-process run's."""
+    import genrun.worker.merge as m
+
+    spec = parse_spec(SPEC)
+    monkeypatch.setattr(m, "QC_POOL_MIN_ROWS", 0)  # the few rows here would otherwise stay in process
+    pools: list[int] = []
+    orig = m._QcRuns.__init__
+
+    def counting(self: m._QcRuns, *a: object) -> None:
+        orig(self, *a)  # type: ignore[arg-type]
+        pools.append(self.workers)
+
+    monkeypatch.setattr(m._QcRuns, "__init__", counting)
+    out = tmp_path / "out"  # both runs write here (outputs name their folder), the first one moved aside after
+    for workers in ("1", "3"):
+        storage = LocalStorage(out)
+        ids = _rounds(storage, damaged=True)
+        monkeypatch.setenv(m.MERGE_WORKERS_ENV, workers)
+        for rnd in (1, 2, 3):
+            merge_round(storage, spec, "t", rnd, ids)
+        if workers == "1":
+            out.rename(tmp_path / "one")
+    assert pools == [1, 1, 1, 2, 2, 2]  # two readable shards a round (damaged ones set aside): a worker each
+    one = tmp_path / "one"
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    for f in files:
+        assert (one / f).read_bytes() == (out / f).read_bytes(), f
+
+
+def test_merge_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import genrun.worker.merge as m
+    from genrun.worker.merge import MERGE_WORKERS_ENV, merge_workers
+
+    monkeypatch.setenv(MERGE_WORKERS_ENV, "3")
+    assert merge_workers() == 3
+    monkeypatch.setenv(MERGE_WORKERS_ENV, "0")
+    assert merge_workers() == 1
+    monkeypatch.setenv(MERGE_WORKERS_ENV, "many")  # not a number: the CPU count, with a warning
+    assert merge_workers() == len(os.sched_getaffinity(0))
+    monkeypatch.delenv(MERGE_WORKERS_ENV)
+    assert merge_workers() == min(len(os.sched_getaffinity(0)), m._cgroup_cpus() or 10**6)
+    monkeypatch.setattr(m, "_cgroup_cpus", lambda: 1)  # a pod limited to one CPU: no worker processes
+    assert merge_workers() == 1
+
+
+def test_cgroup_cpu_quota(tmp_path: Path) -> None:
+    from genrun.worker.merge import _cgroup_cpus
+
+    assert _cgroup_cpus(str(tmp_path)) is None  # no cgroup files: no quota
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpus(str(tmp_path)) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: two processes
+    assert _cgroup_cpus(str(tmp_path)) == 2
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_cpus(str(tmp_path)) == 3

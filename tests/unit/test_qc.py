@@ -221,3 +221,61 @@ def test_quality_signal_params_are_checked_by_the_api() -> None:
             "qc": {"filters": [{"name": "domain", "params": {"maxMargin": 0.2}}]},
         }
     )
+
+
+# The ASCII byte paths of the word, whitespace and letter/digit counts against the Unicode regexes they replace, on
+# random texts that mix ASCII (letters, digits, '_', punctuation, every ASCII space incl. \v) with non-ASCII letters,
+# digits, marks, spaces, symbols and emoji, as whole, sliced and null-bearing arrays.
+_ALPHABET = list("abcXYZ019_ .,;:!?'\"-()\t\n\v\f\r") + list("éßİΣж²٣Ⅳ\u0301\u00a0\u2003—東京🙂ﬁ")
+
+
+def _random_texts(seed: int, n: int) -> list[str | None]:
+    import random
+
+    rng = random.Random(seed)
+    out: list[str | None] = []
+    for _ in range(n):
+        k = rng.random()
+        pool = _ALPHABET[:30] if k < 0.6 else _ALPHABET  # most rows pure ASCII, as in model output
+        out.append(None if k > 0.97 else "".join(rng.choice(pool) for _ in range(rng.randint(0, 40))))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_byte_paths_equal_the_regexes_on_random_texts(seed: int) -> None:
+    import numpy as np
+    import pyarrow.compute as pc
+    from genrun.worker import qc
+
+    texts = _random_texts(seed, 400)
+    full = pa.array(texts, pa.string())
+    for col in (pc.fill_null(full, ""), pc.fill_null(full, "").slice(37, 300)):
+        ref_spaced = pc.utf8_trim(pc.replace_substring_regex(pc.utf8_lower(col), r"[^\p{L}\p{N}_]+", " "), " ")
+        want = [[w for w in (s or "").split(" ") if w] for s in ref_spaced.to_pylist()]
+        rows, codes, _ = qc._words(col)
+        # codes index the dictionary of the words as the byte path splits them: compare the words themselves
+        spaced = pc.utf8_trim(qc._replace_runs(pc.utf8_lower(col), r"[^\p{L}\p{N}_]+", " ", qc._TO_SPACE), " ")
+        names = pc.dictionary_encode(pc.list_flatten(pc.split_pattern(spaced, " "))).dictionary.to_pylist()
+        got: list[list[str]] = [[] for _ in range(len(col))]
+        for r, c in zip(rows.tolist(), codes.tolist(), strict=True):
+            got[r].append(names[c])
+        assert got == want
+        alnum = np.asarray(pc.utf8_length(pc.replace_substring_regex(col, r"[^\p{L}\p{N}]+", "")))
+        assert qc._alnum_counts(col).tolist() == alnum.tolist()
+        chars = np.asarray(pc.utf8_length(pc.replace_substring_regex(col, r"\s+", "")))
+        spaces = qc._row_counts(col, qc._SPACE)
+        assert spaces is not None
+        assert (np.asarray(pc.utf8_length(col)) - spaces).tolist() == chars.tolist()
+
+
+def test_pipeline_on_random_rows_equals_row_by_row_checks() -> None:
+    """Batch (byte paths over mostly ASCII rows) and one-row tables agree for every default filter."""
+    from genrun.worker.records import example_schema
+
+    p = QcPipeline.from_spec([QcFilter(n, {}) for n in ("length", "refusal", "echo", "repetition")])
+    ins, res = _random_texts(11, 300), _random_texts(12, 300)
+    res = [r if i % 7 else (ins[i] or "") + " " + (ins[i] or "") for i, r in enumerate(res)]  # some echoes
+    rows = [example_row(i or "", response=r or "") for i, r in zip(ins, res, strict=True)]
+    batch = p.check_table(pa.Table.from_pylist(rows, schema=example_schema()))
+    assert batch == [p.check(r) for r in rows]
+    assert len(set(batch)) > 3  # the random rows reach several reasons
