@@ -253,9 +253,26 @@ def read_table(storage: Storage, key: str, columns: list[str] | None = None) -> 
 
     with local_copy(storage, key) as path:
         table = pq.read_table(path, columns=columns)
-    if columns is None and not table.schema.equals(rec.example_schema(), check_metadata=False):
-        raise ValueError(f"schema differs from the contract: {table.schema}")
+    want = rec.example_schema()
+    if columns is None and not table.schema.equals(want, check_metadata=False):
+        table = _upgraded(table, want)
     return table
+
+
+def _upgraded(table: Any, want: Any) -> Any:
+    """A shard written before a nullable column joined the contract (e.g. `attributes`, so a run upgraded between
+    rounds) reads with that column as nulls; any other difference from the contract is damage."""
+    import pyarrow as pa
+
+    late = [f for f in want if f.nullable and f.name not in table.column_names]
+    up = table
+    for f in late:
+        up = up.append_column(f, pa.nulls(up.num_rows, f.type))
+    if late and set(up.column_names) == set(want.names):
+        up = up.select(want.names)
+        if up.schema.equals(want, check_metadata=False):
+            return up
+    raise ValueError(f"schema differs from the contract: {table.schema}")
 
 
 def round_keys(spec: Any, cols: list[Any]) -> Any:
