@@ -107,7 +107,6 @@ def test_corrupt_shard_is_quarantined_not_fatal_and_missing_is_reported(storage:
 def test_a_shard_from_before_the_attributes_column_merges_with_null_attributes(storage: LocalStorage) -> None:
     """A run upgraded between rounds: its round-1 shards lack the nullable `attributes` column the contract gained.
     They merge (the column reads as null); a shard missing a required column is still damage and set aside."""
-    import pyarrow as pa
 
     spec = parse_spec(SPEC)
     write_shard(storage, 1, 0, [example_row("Describe the water cycle in four steps.")])
