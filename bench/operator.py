@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import os
 import queue
 import subprocess
 import sys
@@ -128,7 +129,8 @@ def main() -> None:
             yaml.safe_load((ROOT / "crds" / "generationrun.yaml").read_text()),
         )
         cluster.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        op = OperatorProcess(cluster, NS, GENRUN_TIMER_SECONDS="60", GENRUN_LOG_LEVEL="WARNING")
+        extra = {k: v for k, v in os.environ.items() if k == "GENRUN_START_CONCURRENCY"}
+        op = OperatorProcess(cluster, NS, GENRUN_TIMER_SECONDS="60", GENRUN_LOG_LEVEL="WARNING", **extra)
         if args.profile:  # the same entry point under cProfile (written when the operator stops on SIGTERM)
             cmd = [sys.executable, "-P", "-m", "cProfile", "-o", args.profile, "-m", "genrun.operator.cli", "operator"]
             op.proc = subprocess.Popen(cmd, env=op.env, stdout=open(op.log_path, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
@@ -177,12 +179,19 @@ def main() -> None:
     for t, method, path, _, _ua in operator_requests:
         if method == "PATCH" and path.endswith("/status") and "/generationruns/" in path:
             patches.setdefault(path.split("/generationruns/")[1].split("/")[0], []).append(t)
-    reactions = []
-    for run, t_done in done_at.values():
+    reactions, by_kind = [], {"shard": [], "merge": []}
+    for name, (run, t_done) in done_at.items():
         later = [t for t in patches.get(run, []) if t >= t_done]
         if later:
             reactions.append(min(later) - t_done)
+            by_kind["merge" if name.endswith("-merge") else "shard"].append((t_done - t0, min(later) - t_done))
     r = np.array(reactions)
+    for kind, xs in by_kind.items():  # where the tail is: which Jobs, and when in the batch they finished
+        if xs:
+            worst = sorted(xs, key=lambda x: -x[1])[: max(1, len(xs) // 100)]
+            print(f"{kind} Jobs: reaction p50 {np.percentile([x[1] for x in xs], 50):.3f} s, p99 "
+                  f"{np.percentile([x[1] for x in xs], 99):.3f} s; slowest 1% finished at "
+                  f"{min(w[0] for w in worst):.1f}-{max(w[0] for w in worst):.1f} s into the batch", flush=True)  # fmt: skip
     kinds = Counter(
         f"{m} {p.split('/namespaces/')[-1].split('/')[1] if '/namespaces/' in p else p}"
         for _, m, p, *_ in operator_requests

@@ -45,8 +45,11 @@ class KubeRun:
     loop (validation, the Secret's credentials, storage). Lives as long as the run's daemon; holds nothing another
     step could not re-derive."""
 
-    def __init__(self, settings: Settings, kube: Kube, metrics: Metrics, body: kopf.Body, index: Any) -> None:
+    def __init__(
+        self, settings: Settings, kube: Kube, metrics: Metrics, body: kopf.Body, index: Any, starts: asyncio.Semaphore
+    ) -> None:
         self.settings, self.kube, self.metrics, self.body, self.index = settings, kube, metrics, body, index
+        self.starts = starts  # shared by every run: a run's Jobs start together, and runs take turns (FIFO)
         self.key: RunKey = (body.metadata["namespace"], body.metadata["name"])
         self.status = RunStatus.from_dict(body.status or {})  # last published
         self.spec_text = ""  # the spec last validated
@@ -127,8 +130,9 @@ class KubeRun:
         else:
             job = mf.merge_job(loop.ref, action, loop.spec, self.settings)
         # The job spec first (a 409 after a restart is the same spec), then the Job that mounts it.
-        await self.kube.create("ConfigMap", ns, cm)
-        await self.kube.create("Job", ns, job)
+        async with self.starts:
+            await self.kube.create("ConfigMap", ns, cm)
+            await self.kube.create("Job", ns, job)
         self.created[action.name] = started(action)
 
     async def publish(self, status: RunStatus, events: Sequence[Event], changed: bool) -> None:
@@ -150,6 +154,9 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, kube: Kube, me
     on = {"registry": registry}
     selector = {"app.kubernetes.io/managed-by": mf.MANAGED_BY}
     wakers: dict[RunKey, asyncio.Event] = {}
+    # Without a bound, 50 runs starting 20 Jobs each interleave their 2,000 creates and every run's step (and so its
+    # next status) waits for all of them; bounded, a run's creates finish together and its step ends early.
+    starts = asyncio.Semaphore(settings.start_concurrency)
 
     @kopf.on.startup(id="configure", **on)  # type: ignore[arg-type]
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -180,7 +187,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, kube: Kube, me
     async def drive(body: kopf.Body, stopped: kopf.DaemonStopped, jobs: kopf.Index[Any, Any], **_: Any) -> None:
         """One daemon per GenerationRun drives its loop: a step when a child Job changes, the spec changes, or
         every timer_seconds; an error is logged and the next step tries again (nothing is lost between steps)."""
-        run = KubeRun(settings, kube, metrics, body, jobs)
+        run = KubeRun(settings, kube, metrics, body, jobs, starts)
         wake = wakers[run.key] = asyncio.Event()
         try:
             while not stopped:

@@ -26,6 +26,9 @@ class Settings:
     merge_memory: str = field(default="8Gi", metadata={"doc": "memory request/limit of merge Jobs"})
     shm_size: str = field(default="8Gi", metadata={"doc": "size of /dev/shm for vLLM in shard pods"})
     job_ttl_seconds: int = field(default=604800, metadata={"doc": "ttlSecondsAfterFinished of finished Jobs"})
+    start_concurrency: int = field(
+        default=5, metadata={"doc": "shard and merge Jobs being created at once, across runs (runs take turns)"}
+    )
     timer_seconds: float = field(default=15.0, metadata={"doc": "periodic re-reconcile of every run"})
     metrics_port: int = field(default=8080, metadata={"doc": "Prometheus /metrics port (0 disables)"})
     health_port: int = field(default=8081, metadata={"doc": "liveness /healthz port (0 disables)"})
@@ -80,6 +83,8 @@ class Settings:
                 out.append(f"{PREFIX}{name.upper()}: must be a port number, got {v}")
         if self.timer_seconds < 1:
             out.append(f"{PREFIX}TIMER_SECONDS: must be >= 1, got {self.timer_seconds}")
+        if self.start_concurrency < 1:
+            out.append(f"{PREFIX}START_CONCURRENCY: must be >= 1, got {self.start_concurrency}")
         if self.job_ttl_seconds < 0:
             out.append(f"{PREFIX}JOB_TTL_SECONDS: must be >= 0, got {self.job_ttl_seconds}")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
