@@ -138,15 +138,21 @@ CHILD = (
     "import sys, time\n"
     "t0 = time.perf_counter()\n"
     "from genrun.worker.cli import main\n"
+    "import os, cProfile\n"
+    "prof = cProfile.Profile() if os.environ.get('GENRUN_BENCH_PROFILE') else None\n"
+    "prof and prof.enable()\n"
     "code = main(sys.argv[1:])\n"
+    "prof and (prof.disable(), prof.dump_stats(os.environ['GENRUN_BENCH_PROFILE']))\n"
     "hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM:')][0].split()[1]\n"
     "from genrun.worker.merge import merge_workers\n"
     "print('BENCH', code, time.perf_counter() - t0, int(hwm) / 1024, merge_workers())\n"
 )
 
 
-def run_merge(job: Path, workers: int | None) -> tuple[int, float, float, int]:
+def run_merge(job: Path, workers: int | None, profile: str | None = None) -> tuple[int, float, float, int]:
     env = {**os.environ, "GENRUN_LOG_LEVEL": "WARNING"}
+    if profile:
+        env["GENRUN_BENCH_PROFILE"] = profile
     if workers is not None:
         env["GENRUN_MERGE_WORKERS"] = str(workers)
     res = subprocess.run([sys.executable, "-P", "-c", CHILD, "merge", "--job", str(job)], capture_output=True,
@@ -184,6 +190,7 @@ def main() -> None:
         default=None,
         help="GENRUN_MERGE_WORKERS for the merge Job (default: unset, the CPUs it may use; 1: one process)",
     )
+    ap.add_argument("--profile", help="write a cProfile of the merge Job here (the last round's)")
     args = ap.parse_args()
     from genrun.worker import records as rec
 
@@ -210,7 +217,7 @@ def main() -> None:
                     )
                 )
             )
-            code, dt, peak, workers = run_merge(job, args.workers)
+            code, dt, peak, workers = run_merge(job, args.workers, args.profile)
             if code != 0:
                 sys.exit(f"merge of round {r} exited {code}")
             secs.append(dt)
