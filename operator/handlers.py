@@ -38,6 +38,7 @@ from genrun.worker.storage import StorageError
 log = logging.getLogger("genrun.operator")
 RunKey = tuple[str, str]
 SECRET_TTL_SECONDS = 60.0
+START_TIMEOUT_SECONDS = 60.0  # a Job's two creates; past it, TimeoutError (an OSError): the step is tried again
 
 
 class KubeRun:
@@ -130,7 +131,7 @@ class KubeRun:
         else:
             job = mf.merge_job(loop.ref, action, loop.spec, self.settings)
         # The job spec first (a 409 after a restart is the same spec), then the Job that mounts it.
-        async with self.starts:
+        async with self.starts, asyncio.timeout(START_TIMEOUT_SECONDS):  # a hung request must not hold a slot
             await self.kube.create("ConfigMap", ns, cm)
             await self.kube.create("Job", ns, job)
         self.created[action.name] = started(action)

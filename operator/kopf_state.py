@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import kopf
 from genrun.contract.api import GROUP
+from kopf._cogs.structs.dicts import parse_field  # the notation Kopf parses extra_fields with
 
 STATELESS_KINDS = frozenset({"Job"})  # watched by the `jobs` index and an event handler only
 
@@ -31,12 +32,14 @@ class LeanDiffBase(kopf.AnnotationsDiffBaseStorage):
         fields = list(extra_fields or [])
         if body.get("kind") in self.stateless and not fields:
             return {}
-        if fields:  # a handler watching a status or metadata field: Kopf's own build restores it
+        # Kopf passes the fields its handlers watch (`field="spec"` for the spec-changed handler): the lean body keeps
+        # everything but status and system metadata, so only a handler watching those needs Kopf's own full copy.
+        if any(parse_field(f)[:1] in (("status",), ("metadata",)) for f in fields):
             return super().build(body=body, extra_fields=fields)
         meta = body.get("metadata", {})
         lean = {k: v for k, v in body.items() if k not in ("status", "metadata")}
         lean["metadata"] = {k: meta[k] for k in self.KEPT_METADATA if k in meta}
-        return super().build(body=kopf.Body(cast(kopf.RawBody, lean)), extra_fields=None)
+        return super().build(body=kopf.Body(cast(kopf.RawBody, lean)), extra_fields=fields or None)
 
 
 def persistence(settings: kopf.OperatorSettings) -> None:

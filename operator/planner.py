@@ -624,6 +624,10 @@ def _bandit_round(
             n, _, _ = pol.examples_for(spec, need, min(1.0, y * k), sd * k, last, rounds_left)
             per = min(pol.shard_examples(spec, math.ceil(n / len(picks))), max(1, room_examples // len(picks)))
             why += f"; the cells drawn scale the yield by {k:.2f} -> {len(picks)} shard(s) x {per}"
+    if len(picks) * per > room_examples:  # whatever sized it (growth, rounding, the 16-example floor): never past
+        n = max(1, min(len(picks), room_examples))
+        picks, cells, per = picks[:n], cells[:n], max(1, min(per, room_examples // n))
+        why += f"; cut to the budget's {room_examples} example(s) -> {n} shard(s) x {per}"
     return [a.sampling for a in picks], per, why, cells
 
 

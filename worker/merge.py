@@ -78,7 +78,17 @@ class _Shard:
     seed: int
     manifest: rec.ShardManifest
     rows: int
-    table: Any = None  # its rows, read once in pass 1, used by pass 2 and dropped there
+    table: Any = None  # its rows, read in pass 1 and held for pass 2 while the round's held rows fit HOLD_BYTES
+
+
+HOLD_BYTES = 512 * 2**20  # rows held from pass 1 to pass 2; a larger round's later shards are read again in pass 2
+
+
+def _held(storage: Storage, sh: _Shard) -> Any:
+    """The shard's rows: held since pass 1, or read again (published shards never change)."""
+    if sh.table is None:
+        sh.table = read_table(storage, rec.shard_data_key(sh.round, sh.seed))
+    return sh.table
 
 
 def _quarantine(storage: Storage, key: str, error: str, out: list[str]) -> None:
@@ -97,6 +107,7 @@ def _read_round(
     cols: list[Any] = []
     quarantined: list[str] = []
     missing: list[str] = []
+    held = 0
     for rnd, seed in sorted(shard_ids):
         mkey, dkey = rec.shard_manifest_key(rnd, seed), rec.shard_data_key(rnd, seed)
         try:
@@ -114,7 +125,8 @@ def _read_round(
             continue
         want = ["instruction", "response"] if spec.dedup.key == "pair" else ["instruction"]
         cols.append(table.select(want))
-        shards.append(_Shard(rnd, seed, manifest, table.num_rows, table))
+        held += table.nbytes  # real responses run to kilobytes: past the budget, pass 2 reads the shard again
+        shards.append(_Shard(rnd, seed, manifest, table.num_rows, table if held <= HOLD_BYTES else None))
     return shards, cols, quarantined, missing
 
 
@@ -441,7 +453,6 @@ def _write_rows(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    qcs = _QcRuns(spec.qc.filters, shards, dec)
     rej_schema = (
         rec.example_schema().append(pa.field("reject_reason", pa.string())).append(pa.field("duplicate_of", pa.int64()))
     )
@@ -456,10 +467,14 @@ def _write_rows(
     g = 0
     left_domain = 0
     sem_texts = []
-    with qcs, open(tmp / "alpaca.jsonl", "w") as alpaca, open(tmp / "sharegpt.jsonl", "w") as sharegpt:
+    with (
+        _QcRuns(storage, spec.qc.filters, shards, dec) as qcs,
+        open(tmp / "alpaca.jsonl", "w") as alpaca,
+        open(tmp / "sharegpt.jsonl", "w") as sharegpt,
+    ):
         for k, sh in enumerate(shards):
             fresh, check, got = qcs.result(k)  # QC of the rows that need it (in worker processes when there are any)
-            table, sh.table = sh.table, None  # dropped as soon as written
+            table, sh.table = _held(storage, sh), None  # dropped as soon as written
             n = table.num_rows
             kept = dec.kept[g : g + n]
             reasons = np.array([None] * n, dtype=object)
@@ -588,9 +603,9 @@ class _QcRuns:
     forked worker processes, a few shards ahead of the writer; QC is a pure function of each row, so the verdicts
     (and every output) are the same as in process (tested)."""
 
-    def __init__(self, filters: Any, shards: list[_Shard], dec: Decisions) -> None:
+    def __init__(self, storage: Storage, filters: Any, shards: list[_Shard], dec: Decisions) -> None:
         self.rows: list[tuple[np.ndarray, np.ndarray]] = []
-        self.shards = shards
+        self.storage, self.shards = storage, shards
         g = 0
         for sh in shards:
             n = sh.rows
@@ -620,7 +635,7 @@ class _QcRuns:
     def _rows(self, k: int) -> Any:
         import pyarrow as pa
 
-        return self.shards[k].table.take(pa.array(self.rows[k][1], pa.int64()))
+        return _held(self.storage, self.shards[k]).take(pa.array(self.rows[k][1], pa.int64()))
 
     def _submit(self, k: int) -> None:
         self.pending[k] = self.pool.submit(_pool_check, self._rows(k))

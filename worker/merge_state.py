@@ -260,11 +260,11 @@ def read_table(storage: Storage, key: str, columns: list[str] | None = None) -> 
 
 
 def _upgraded(table: Any, want: Any) -> Any:
-    """A shard written before a nullable column joined the contract (e.g. `attributes`, so a run upgraded between
-    rounds) reads with that column as nulls; any other difference from the contract is damage."""
+    """A shard written before a column of LATER_COLUMNS joined the contract (a run upgraded between rounds) reads with
+    that column as nulls; any other difference from the contract (a missing quality column too) is damage."""
     import pyarrow as pa
 
-    late = [f for f in want if f.nullable and f.name not in table.column_names]
+    late = [f for f in want if f.name in rec.LATER_COLUMNS and f.name not in table.column_names]
     up = table
     for f in late:
         up = up.append_column(f, pa.nulls(up.num_rows, f.type))

@@ -340,9 +340,8 @@ def test_lean_diffbase_builds_kopfs_own_essence_for_runs_and_jobs() -> None:
     for raw in (run, job):
         body = kopf.Body(raw)
         assert lean.build(body=body) == kopfs.build(body=body)
-        assert lean.build(body=body, extra_fields=["status.totals"]) == kopfs.build(
-            body=body, extra_fields=["status.totals"]
-        )
+        for fields in (["status.totals"], [("spec",)], ["spec.target"], [("metadata", "uid")]):  # as Kopf passes them
+            assert lean.build(body=body, extra_fields=fields) == kopfs.build(body=body, extra_fields=fields)
     essence = lean.build(body=kopf.Body(run))
     assert essence["spec"] == RAW and "status" not in essence and essence["metadata"]["labels"] == {"team": "a"}
 
@@ -400,3 +399,40 @@ def test_runs_take_turns_starting_their_jobs() -> None:
     asyncio.run(main())
     assert len(actions) == 4 and len(order) == 16
     assert [ns for ns, _ in order] == ["first"] * 8 + ["second"] * 8
+
+
+def test_a_hung_create_times_out_and_frees_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create that never answers (a half-open connection) must not hold one of the shared start slots forever: it
+    times out (TimeoutError, an OSError: the daemon logs it and steps again) and the next run's Jobs start."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import genrun.operator.handlers as h
+
+    monkeypatch.setattr(h, "START_TIMEOUT_SECONDS", 0.05)
+    spec = parse_spec({**RAW, "shards": {"initial": 1, "firstSeed": 100}, "policy": {"pilotShare": 0}})
+    action = next(a for a in decide(REF, spec, Observed()).actions if not isinstance(a, RecordRound))
+    created: list[str] = []
+
+    class Kube:
+        def __init__(self, hang: bool) -> None:
+            self.hang = hang
+
+        async def create(self, kind: str, ns: str, body: dict[str, Any]) -> None:
+            if self.hang:
+                await asyncio.sleep(3600)
+            created.append(ns)
+
+    async def main() -> None:
+        starts = asyncio.Semaphore(1)
+        runs = []
+        for ns, hang in (("hung", True), ("next", False)):
+            run = h.KubeRun.__new__(h.KubeRun)
+            run.settings, run.kube, run.starts, run.created = Settings(), Kube(hang), starts, {}
+            run.key, run.loop = (ns, "sft"), SimpleNamespace(ref=REF, raw_spec=RAW, spec=spec)
+            runs.append(run)
+        hung, nxt = await asyncio.gather(*(r.start(action) for r in runs), return_exceptions=True)
+        assert isinstance(hung, TimeoutError) and isinstance(hung, OSError) and nxt is None
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert created == ["next", "next"]

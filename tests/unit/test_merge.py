@@ -106,7 +106,7 @@ def test_corrupt_shard_is_quarantined_not_fatal_and_missing_is_reported(storage:
 
 def test_a_shard_from_before_the_attributes_column_merges_with_null_attributes(storage: LocalStorage) -> None:
     """A run upgraded between rounds: its round-1 shards lack the nullable `attributes` column the contract gained.
-    They merge (the column reads as null); a shard missing a required column is still damage and set aside."""
+    They merge (the column reads as null); a shard missing any other column is still damage and set aside."""
 
     spec = parse_spec(SPEC)
     write_shard(storage, 1, 0, [example_row("Describe the water cycle in four steps.")])
@@ -114,7 +114,7 @@ def test_a_shard_from_before_the_attributes_column_merges_with_null_attributes(s
     pq.write_table(pq.read_table(path).drop_columns(["attributes"]), path)
     write_shard(storage, 1, 1, [example_row("How do plants make their food from sunlight?")])
     path = Path(storage.location(rec.shard_data_key(1, 1)))
-    pq.write_table(pq.read_table(path).drop_columns(["attributes", "response"]), path)
+    pq.write_table(pq.read_table(path).drop_columns(["attributes", "relevance"]), path)  # a quality column: damage
     report = merge_round(storage, spec, "t", 1, [(1, 0), (1, 1)])
     assert report.qc_passed_total == 1 and report.quarantined == (rec.shard_data_key(1, 1),)
     kept = pq.read_table(storage.location(rec.dataset_part_key(1)))
@@ -295,8 +295,9 @@ def test_state_is_per_round_chunks_and_top_duplicates_stay_exact(tmp_path: Path)
 def test_qc_in_worker_processes_writes_the_same_bytes_as_in_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """GENRUN_MERGE_WORKERS > 1 (forked worker processes judge the shards' rows) changes no output byte: every file of
-    three merged rounds, damaged shards included, equals the single-process run's."""
+    """GENRUN_MERGE_WORKERS > 1 (forked worker processes judge the shards' rows) and re-reading shards in pass 2 (a
+    round past HOLD_BYTES) change no output byte: every file of three merged rounds, damaged shards included, equals
+    the single-process run's that holds every shard."""
     import genrun.worker.merge as m
 
     spec = parse_spec(SPEC)
@@ -309,21 +310,26 @@ def test_qc_in_worker_processes_writes_the_same_bytes_as_in_process(
         pools.append(self.workers)
 
     monkeypatch.setattr(m._QcRuns, "__init__", counting)
-    out = tmp_path / "out"  # both runs write here (outputs name their folder), the first one moved aside after
-    for workers in ("1", "3"):
+    out = tmp_path / "out"  # every run writes here (outputs name their folder), each moved aside after
+    # (workers, rows held from pass 1 to pass 2): 0 bytes held = every shard read again in pass 2, as a round of
+    # real (kilobyte) responses past HOLD_BYTES does
+    configs = (("1", m.HOLD_BYTES), ("3", m.HOLD_BYTES), ("3", 0), ("1", 0))
+    for i, (workers, hold) in enumerate(configs):
         storage = LocalStorage(out)
         ids = _rounds(storage, damaged=True)
         monkeypatch.setenv(m.MERGE_WORKERS_ENV, workers)
+        monkeypatch.setattr(m, "HOLD_BYTES", hold)
         for rnd in (1, 2, 3):
             merge_round(storage, spec, "t", rnd, ids)
-        if workers == "1":
-            out.rename(tmp_path / "one")
-    assert pools == [1, 1, 1, 2, 2, 2]  # two readable shards a round (damaged ones set aside): a worker each
-    one = tmp_path / "one"
+        out.rename(tmp_path / f"run{i}")
+    assert pools == [1, 1, 1, 2, 2, 2, 2, 2, 2, 1, 1, 1]  # two readable shards a round: a worker each
+    one = tmp_path / "run0"
     files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    for f in files:
-        assert (one / f).read_bytes() == (out / f).read_bytes(), f
+    for i in range(1, len(configs)):
+        other = tmp_path / f"run{i}"
+        assert files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
+        for f in files:
+            assert (one / f).read_bytes() == (other / f).read_bytes(), (configs[i], f)
 
 
 def test_merge_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:

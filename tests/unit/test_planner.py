@@ -477,3 +477,15 @@ def test_bandit_never_plans_past_max_generated_examples_when_fewer_examples_than
     obs, plans = simulate(spec, [0.0])
     assert sum(s.examples for p in obs.rounds.values() for s in p.shards) <= 4670
     assert plans[-1].condition(c.FAILED).reason == c.BUDGET_EXHAUSTED
+
+
+@pytest.mark.parametrize(("prompt", "room", "room_shards"), [({}, 10, 1), ({}, 10, 3), (ATTRIBUTES, 3, 1)])
+def test_a_bandit_round_never_plans_more_examples_than_the_budget_leaves(prompt, room: int, room_shards: int) -> None:
+    """Whatever sized the round (growth, rounding up, the 16-example floor per shard): the last clamp holds it to the
+    examples the budget leaves. Found by search: 1 more example needed, 10 left, 1 shard left was 1 shard x 16."""
+    from genrun.operator.planner import _bandit_round
+
+    spec = spec_of(target={"uniqueExamples": 3000}, escalation={"minShardsPerRound": 8}, prompt=prompt)
+    obs, _ = simulate(spec_of(target={"uniqueExamples": 3000}, budget={"maxRounds": 1}, prompt=prompt), [0.3])
+    arms, per, _, cells = _bandit_round(spec, REF, obs, 2, 1, room, room_shards)
+    assert len(arms) * per <= room and len(cells) in (0, len(arms)) and per >= 1
