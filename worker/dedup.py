@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from genrun.worker.ascii_bytes import ALNUM, BYTE, regex_on_non_ascii, string_bytes
 
 # ---------------------------------------------------------------------------------------------------------
 # Normalisation of the dedup key: one vectorised implementation (Arrow's string kernels, RE2), used for single
@@ -55,9 +56,7 @@ def normalize_array(texts: Any) -> Any:
     return pc.utf8_trim_whitespace(arr)
 
 
-# ASCII bytes outside [\pL\pN] (every byte of a multi-byte UTF-8 sequence is >= 0x80)
-_ASCII_SEPARATOR = ~np.isin(np.arange(256), list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
-_ASCII_SEPARATOR &= np.arange(256) < 0x80
+_ASCII_SEPARATOR = ~ALNUM & (BYTE < 0x80)  # ASCII bytes outside [\pL\pN] (multi-byte UTF-8 bytes are >= 0x80)
 
 
 def _separators_to_space(arr: Any) -> Any:
@@ -66,7 +65,6 @@ def _separators_to_space(arr: Any) -> Any:
     dropped; rows with other characters take the regex (the same result; tested against it on random texts)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    from genrun.worker.qc import string_bytes
 
     pattern = r"[^\pL\pN]+"
     got = string_bytes(arr)
@@ -82,10 +80,7 @@ def _separators_to_space(arr: Any) -> Any:
     new_off = (off - np.searchsorted(gone, off)).astype(np.int32)
     spaced = np.where(sep, 0x20, data).astype(np.uint8)[~drop]
     out = pa.StringArray.from_buffers(len(arr), pa.py_buffer(new_off), pa.py_buffer(spaced))
-    other = pc.invert(pc.string_is_ascii(arr))
-    if not pc.any(other).as_py():
-        return out
-    return pc.replace_with_mask(out, other, pc.replace_substring_regex(arr.filter(other), pattern, " "))
+    return regex_on_non_ascii(arr, out, pattern, " ")
 
 
 def normalize_many(texts: Sequence[str]) -> list[str]:

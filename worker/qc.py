@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from genrun.worker.ascii_bytes import ALNUM, BYTE, non_ascii, regex_on_non_ascii, string_bytes
 
 Row = Mapping[str, Any]
 Reasons = np.ndarray  # object array: str or None per row
@@ -119,25 +120,11 @@ def _arrow_strings(values: Sequence[str]) -> Any:
     return pa.array(list(values), pa.string())
 
 
-# ASCII bytes by class, for the rows that are pure ASCII (most model output): there the Unicode regexes below reduce
-# to byte lookups. A UTF-8 multi-byte sequence never contains an ASCII byte, so byte counts of ASCII classes are exact
-# on any row; rows with other characters still go through the regex (same result, tested against it).
-_BYTE = np.arange(256)
-_ALNUM = np.isin(_BYTE, list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
-_WORD = _ALNUM | np.isin(_BYTE, list(b"_"))
-_TO_SPACE = np.where(_WORD | (_BYTE >= 0x80), _BYTE, 0x20).astype(np.uint8)  # separators -> ' ', others kept
-_SPACE = np.isin(_BYTE, [ord(c) for c in "\t\n\f\r "])  # RE2's \s (ASCII only, no \v)
-
-
-def string_bytes(col: Any) -> tuple[np.ndarray, np.ndarray] | None:
-    """(UTF-8 data, row offsets into it) of a string array, or None when it is not a plain string array."""
-    import pyarrow as pa
-
-    if not isinstance(col, pa.StringArray) or len(col) == 0:
-        return None
-    _, offs, data = col.buffers()
-    off = np.frombuffer(offs, np.int32, len(col) + 1, col.offset * 4).astype(np.int64)
-    return (np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)), off
+# ASCII byte classes for the rows that are pure ASCII (genrun.worker.ascii_bytes): there the Unicode regexes below
+# reduce to byte lookups; byte counts of ASCII classes are exact on any row.
+_WORD = ALNUM | np.isin(BYTE, list(b"_"))
+_TO_SPACE = np.where(_WORD | (BYTE >= 0x80), BYTE, 0x20).astype(np.uint8)  # separators -> ' ', others kept
+_SPACE = np.isin(BYTE, [ord(c) for c in "\t\n\f\r "])  # RE2's \s (ASCII only, no \v)
 
 
 def _row_counts(col: Any, byte_class: np.ndarray) -> np.ndarray | None:
@@ -167,10 +154,7 @@ def _replace_runs(col: Any, pattern: str, replacement: str, ascii_bytes: np.ndar
     mapped = pa.StringArray.from_buffers(
         len(col), buffers[1], pa.py_buffer(ascii_bytes[data]), buffers[0], col.null_count, col.offset
     )
-    other = pc.invert(pc.fill_null(pc.string_is_ascii(col), True))
-    if not pc.any(other).as_py():
-        return mapped
-    return pc.replace_with_mask(mapped, other, pc.replace_substring_regex(col.filter(other), pattern, replacement))
+    return regex_on_non_ascii(col, mapped, pattern, replacement)
 
 
 def _words(col: Any) -> tuple[np.ndarray, np.ndarray, int]:
@@ -268,10 +252,10 @@ def _alnum_counts(col: Any) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    counts = _row_counts(col, _ALNUM)
+    counts = _row_counts(col, ALNUM)
     if counts is None:
         return _np(pc.utf8_length(pc.replace_substring_regex(col, r"[^\p{L}\p{N}]+", "")))
-    other = np.flatnonzero(~_np(pc.fill_null(pc.string_is_ascii(col), True)))
+    other = np.flatnonzero(_np(non_ascii(col)))
     if len(other):
         sub = col.take(pa.array(other))
         counts[other] = _np(pc.utf8_length(pc.replace_substring_regex(sub, r"[^\p{L}\p{N}]+", "")))
