@@ -80,9 +80,7 @@ def _decode(tp: Any, v: Any) -> Any:
         return v if isinstance(v, bool) else _MISSING
     if tp is int:
         return v if isinstance(v, int) and not isinstance(v, bool) else _MISSING
-    if (
-        tp is float
-    ):  # JSON writes 1.0 as 1.0 but a hand-written 1 is a number too; kept as read, so it writes back alike
+    if tp is float:  # a hand-written 1 is a number too: kept as read, so it writes back alike
         return v if isinstance(v, int | float) and not isinstance(v, bool) else _MISSING
     if tp is str:
         return v if isinstance(v, str) else _MISSING
