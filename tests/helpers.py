@@ -39,6 +39,20 @@ def write_shard(
     storage.write_bytes(rec.shard_manifest_key(rnd, seed), rec.to_json(m).encode())
 
 
+def merged_round(storage: Storage, rnd: int) -> tuple[rec.RoundReport, list[Any], list[Any]]:
+    """A merged round's outputs to compare between runs: its report (the output paths blanked), the dataset's rows and
+    the rejected rows."""
+    import dataclasses
+    import json
+
+    import pyarrow.parquet as pq
+
+    report = rec.round_report_from(json.loads(storage.read_bytes(rec.round_report_key(rnd))))
+    data = pq.read_table(storage.location(rec.DATASET_PREFIX)).to_pylist()
+    rejected = pq.read_table(storage.location("rejected")).to_pylist()
+    return dataclasses.replace(report, dataset="", report=""), data, rejected
+
+
 def copy_sources(root: Path, dest: Path) -> None:
     """The files a package build reads, copied to `dest`: pyproject.toml, README.md and every folder pyproject's
     package-dir maps (one list: a new package folder needs no test edit)."""

@@ -12,7 +12,7 @@ from genrun.worker import records as rec
 from genrun.worker.merge import load_seen_index, merge_round
 from genrun.worker.storage import LocalStorage
 
-from tests.helpers import example_row, write_shard
+from tests.helpers import example_row, merged_round, write_shard
 
 SPEC = {"model": {"name": "m"}, "target": {"uniqueExamples": 10}, "output": {"path": "/x"}}
 
@@ -168,15 +168,10 @@ def _rounds(storage: LocalStorage, damaged: bool = False) -> list[tuple[int, int
 
 
 def _outputs(storage: LocalStorage, rnd: int) -> tuple[object, ...]:
-    from dataclasses import replace
-
-    report = rec.round_report_from(json.loads(storage.read_bytes(rec.round_report_key(rnd))))
-    data = pq.read_table(storage.location(rec.DATASET_PREFIX)).to_pylist()
-    rejected = pq.read_table(storage.location("rejected")).to_pylist()
     seen = load_seen_index(storage, rnd)
     assert seen is not None
     md = Path(storage.location(f"{rec.merge_prefix(rnd)}/report.md")).read_text()
-    return (replace(report, dataset="", report=""), data, rejected, seen.exact.tolist(), seen.sigs.tolist(), md)
+    return (*merged_round(storage, rnd), seen.exact.tolist(), seen.sigs.tolist(), md)
 
 
 @pytest.mark.parametrize("damaged", [False, True])

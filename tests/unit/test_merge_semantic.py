@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from genrun.worker.merge import load_seen_index, merge_round
 from genrun.worker.semantic import load_seen_semantic
 from genrun.worker.storage import LocalStorage
 
-from tests.helpers import example_row, write_shard
+from tests.helpers import example_row, merged_round, write_shard
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 BASE = {"model": {"name": "m"}, "target": {"uniqueExamples": 10}, "output": {"path": "/x"}}
@@ -48,12 +47,9 @@ def _write(storage: LocalStorage, texts: list[str]) -> list[tuple[int, int]]:
 
 
 def _outputs(storage: LocalStorage, rnd: int) -> tuple[Any, ...]:
-    report = rec.round_report_from(json.loads(storage.read_bytes(rec.round_report_key(rnd))))
-    data = pq.read_table(storage.location(rec.DATASET_PREFIX)).to_pylist()
-    rejected = pq.read_table(storage.location("rejected")).to_pylist()
     sem = load_seen_semantic(storage, rnd)
     assert sem is not None
-    return replace(report, dataset="", report=""), data, rejected, sem.ids.tolist(), sem.embeddings.tolist()
+    return (*merged_round(storage, rnd), sem.ids.tolist(), sem.embeddings.tolist())
 
 
 def test_semantic_tier_in_the_merge(tmp_path: Path, texts: list[str]) -> None:
