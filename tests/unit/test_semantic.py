@@ -136,13 +136,14 @@ def test_real_model_paraphrases_meet_and_different_questions_do_not(embedder: An
 
 
 def test_embedding_barely_depends_on_the_batch(embedder: Any) -> None:
-    """Padding to a batch's longest text changes float32 sums in the last bits: cosines of the stored (float16)
-    vectors move by < 1e-5 between batches of 7 and of 120, so only a pair within 1e-5 of the threshold could be
-    decided differently online and offline."""
+    """Padding to a batch's longest text changes float32 sums in the last bits: cosines move by < 5e-5 between
+    batches of 7 and of 120, so only a pair within 5e-5 of the threshold could be decided differently online and
+    offline. (The figure depends on the CPU's kernels: 1.79e-5 on the 2-core machine CI runs on in December 2026,
+    under 1e-5 on an earlier one; a batch-dependent bug moves cosines by 1e-2 and more.)"""
     keys = dedup_keys(_replay_instructions(120))
     big = embed_keys(embedder, keys)
     small = np.concatenate([embed_keys(embedder, keys[i : i + 7]) for i in range(0, len(keys), 7)])
-    assert np.abs(big @ big.T - small @ small.T).max() < 1e-5
+    assert np.abs(big @ big.T - small @ small.T).max() < 5e-5
     assert np.linalg.norm(big, axis=1) == pytest.approx(1.0, abs=1e-3)
 
 
