@@ -6,7 +6,9 @@ model's natural duplicates. Each arm's pool is treated as that arm's output dist
 replacement), so duplication grows with the number of draws as it does for the real model. Duplicates are decided by
 the real dedup (the merge's `decide`: normalised exact key, then MinHash LSH, keep-first) over all pooled
 instructions, QC by the real QC pipeline (`worker.qc.QcPipeline`) with the quickstart's filters; token costs are the
-recorded ones (an online-skipped instruction costs its instruction tokens only; a malformed sample its tokens).
+recorded ones (an online-skipped instruction costs its instruction tokens only; a malformed sample its tokens; with
+`generation.qcBeforeResponse`, a novel instruction that the instruction side of QC rejects costs its instruction tokens
+only and counts as a QC-rejected example of its shard, as in the generator).
 
 Policies, each over many seeds:
 - seed: the problem's process: T 0.7, repetition penalty 1.1, joint sampling (every sample pays for its response),
@@ -17,6 +19,7 @@ Policies, each over many seeds:
 
 Last line: RESULT genrun_tokens=<median> best_static_tokens=<median> seed_tokens=<median>
 genrun_over_best_static=<ratio> seed_over_genrun=<ratio> overshoot=<genrun's median overshoot>
+genrun_without_qc_before_response_tokens=<median: the same bandit with generation.qcBeforeResponse off>
 Usage: python -P bench/yield_sim.py [--target 150] [--seeds 25]
 """
 
@@ -67,6 +70,7 @@ class Pools:
     arms: list[Arm]
     cluster: np.ndarray  # pooled row -> the first pooled row it duplicates (itself if none)
     qc_ok: np.ndarray
+    gate_ok: np.ndarray  # passes the instruction side of QC (the generators' check before responses)
     itok: np.ndarray
     rtok: np.ndarray
 
@@ -96,9 +100,14 @@ class Pools:
         cluster = dedup_decide(round_keys(spec, [table]), State.empty(spec), spec, 0).root
         qc = QcPipeline.from_spec(spec.qc.filters)
         qc_ok = np.array([qc.check(r) is None for r in rows])
+        side = pa.table({
+            "instruction": pa.array([r["instruction"] for r in rows], pa.string()),
+            "instruction_logprob": pa.array([r["instruction_logprob"] for r in rows], pa.float32()),
+        })  # fmt: skip
+        gate_ok = np.array([v is None for v in QcPipeline.instruction_side(spec.qc.filters).check_table(side)])
         itok = np.array([r["instruction_tokens"] for r in rows])
         rtok = np.array([r["response_tokens"] for r in rows])
-        return cls(arms, np.asarray(cluster), qc_ok, itok, rtok)
+        return cls(arms, np.asarray(cluster), qc_ok, gate_ok, itok, rtok)
 
     def arm(self, temperature: float, penalty: float) -> Arm:
         return next(a for a in self.arms if (a.temperature, a.repetition_penalty) == (temperature, penalty))
@@ -134,13 +143,17 @@ class World:
     kept: int = 0
     tokens: int = 0
     generated: int = 0
+    early: int = 0  # novel instructions QC rejected before their responses (unique, QC-rejected)
 
-    def shard(self, arm: Arm, examples: int, *, joint: bool, online: bool, attempts_factor: float = 4.0) -> list[int]:
-        """One generator shard: its rows (pooled indices) in order; token costs are added to the world."""
+    def shard(
+        self, arm: Arm, examples: int, *, joint: bool, online: bool, attempts_factor: float = 4.0, gate: bool = False
+    ) -> tuple[list[int], int]:
+        """One generator shard: its rows (pooled indices) in order, and how many novel instructions QC rejected
+        before their responses (`gate`: generation.qcBeforeResponse); token costs are added to the world."""
         rows: list[int] = []
         own: set[int] = set()
-        attempts = 0
-        while len(rows) < examples and attempts < attempts_factor * examples:
+        attempts = early = 0
+        while len(rows) + early < examples and attempts < attempts_factor * examples:
             attempts += 1
             self.generated += 1
             if self.rng.random() < arm.malformed_rate:
@@ -151,10 +164,13 @@ class World:
             self.tokens += int(self.pools.itok[i])
             if not joint and online and (cl in self.seen or cl in own):
                 continue  # skipped before any response token is paid
-            self.tokens += int(self.pools.rtok[i])
             own.add(cl)
+            if gate and not joint and not self.pools.gate_ok[i]:
+                early += 1  # rejected by QC before any response token is paid
+                continue
+            self.tokens += int(self.pools.rtok[i])
             rows.append(i)
-        return rows
+        return rows, early
 
     def merge(self, shards: list[list[int]]) -> list[tuple[int, int]]:
         """Dedup keep-first against everything before and QC; per shard (new unique, new kept) measured against what
@@ -179,7 +195,7 @@ def run_seed_process(pools: Pools, spec: Any, rng: random.Random) -> tuple[int, 
     arm = pools.arm(*SEED_ARM)
     target, eps = spec.target.unique_examples, spec.shards.examples_per_shard
     for _ in range(200):
-        w.merge([w.shard(arm, eps, joint=True, online=False) for _ in range(SEED_SHARDS_PER_ROUND)])
+        w.merge([w.shard(arm, eps, joint=True, online=False)[0] for _ in range(SEED_SHARDS_PER_ROUND)])
         if w.kept >= target:
             return w.tokens, w.kept
     return sys.maxsize, w.kept
@@ -197,21 +213,24 @@ def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef, run: i
 
 
 def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spec: Any) -> RoundReport:
-    t0, g0, k0, u0 = w.tokens, w.generated, w.kept, len(w.seen)
-    shard_rows, shard_tokens = [], []
+    t0, g0, k0, u0 = w.tokens, w.generated, w.kept, len(w.seen) + w.early
+    shard_rows, shard_early, shard_tokens = [], [], []
     for s in plan.shards:
         before = w.tokens
-        shard_rows.append(
-            w.shard(_arm_of(w.pools, s), s.examples, joint=joint, online=spec.dedup.online,
-                    attempts_factor=spec.generation.max_attempts_factor)
-        )  # fmt: skip
+        rows, early = w.shard(_arm_of(w.pools, s), s.examples, joint=joint, online=spec.dedup.online,
+                              attempts_factor=spec.generation.max_attempts_factor,
+                              gate=spec.generation.qc_before_response)  # fmt: skip
+        shard_rows.append(rows)
+        shard_early.append(early)
         shard_tokens.append(w.tokens - before)
     per = w.merge(shard_rows)
+    w.early += sum(shard_early)
     yields = tuple(
-        ShardYield(s.seed, len(rows), tok, u, k)
-        for s, rows, tok, (u, k) in zip(plan.shards, shard_rows, shard_tokens, per, strict=True)
+        ShardYield(s.seed, len(rows) + e, tok, u + e, k)
+        for s, rows, e, tok, (u, k) in zip(plan.shards, shard_rows, shard_early, shard_tokens, per, strict=True)
     )
-    gen, tokens, kept, uniq = w.generated - g0, w.tokens - t0, w.kept - k0, len(w.seen) - u0
+    gen, tokens, kept = w.generated - g0, w.tokens - t0, w.kept - k0
+    uniq = len(w.seen) + w.early - u0
     return RoundReport(
         round=plan.round,
         shards=len(plan.shards),
@@ -219,7 +238,7 @@ def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spe
         new_unique=uniq,
         new_qc_passed=kept,
         generated_total=gen + (prev.generated_total if prev else 0),
-        unique_total=len(w.seen),
+        unique_total=len(w.seen) + w.early,
         qc_passed_total=w.kept,
         tokens=tokens,
         tokens_total=w.tokens,
@@ -277,6 +296,11 @@ def main() -> None:
         statics[a] = runs(lambda rng, i, spec=spec: run_planner(pools, spec, rng, RunRef(f"static-{i}"), i))
     genrun_spec = sim_spec(args.target, pools.arms)
     genrun = runs(lambda rng, i: run_planner(pools, genrun_spec, rng, RunRef(f"genrun-{i}"), i))
+    # the same bandit without the generators' QC before responses: what that check saves
+    ungated_spec = dataclasses.replace(
+        genrun_spec, generation=dataclasses.replace(genrun_spec.generation, qc_before_response=False)
+    )
+    ungated = runs(lambda rng, i: run_planner(pools, ungated_spec, rng, RunRef(f"genrun-{i}"), i))
 
     def line(name: str, r: list[tuple[int, int]]) -> None:
         over = statistics.median((k - args.target) / args.target for _, k in r)
@@ -287,13 +311,15 @@ def main() -> None:
     for a, r in statics.items():
         line(f"static T={a.temperature:g} rp={a.repetition_penalty:g}", r)
     line("genrun (bandit)", genrun)
+    line("genrun, no QC before resp.", ungated)
     best_arm = min(statics, key=lambda a: median_of(statics[a]))
     g, b, s = median_of(genrun), median_of(statics[best_arm]), median_of(seed)
     overshoot = statistics.median((k - args.target) / args.target for _, k in genrun)
     print(f"best static: T={best_arm.temperature:g} rp={best_arm.repetition_penalty:g}; {time.monotonic() - t0:.1f} s")
     print(
         f"RESULT genrun_tokens={g:.0f} best_static_tokens={b:.0f} seed_tokens={s:.0f} "
-        f"genrun_over_best_static={g / b:.3f} seed_over_genrun={s / g:.3f} overshoot={overshoot:.3f}"
+        f"genrun_over_best_static={g / b:.3f} seed_over_genrun={s / g:.3f} overshoot={overshoot:.3f} "
+        f"genrun_without_qc_before_response_tokens={median_of(ungated):.0f}"
     )
 
 

@@ -201,6 +201,7 @@ class GenerationSpec:
     mode: Literal["instructionsFirst", "joint"] = _f("mode", "instructionsFirst")
     max_attempts_factor: float = _f("maxAttemptsFactor", 4.0)
     batch_size: int = _f("batchSize", 64)
+    qc_before_response: bool = _f("qcBeforeResponse", True)
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,12 @@ class Sample:
     index: int
     domain: str
     instruction: str  # the parsed instruction, or the raw text when malformed
-    verdict: str  # kept | exact_duplicate | near_duplicate | malformed | response_malformed | not_needed
+    # kept | exact_duplicate | near_duplicate | malformed | qc_before_response | response_malformed | not_needed
+    verdict: str
     duplicate_of: int | None = None
     similarity: float | None = None  # estimated Jaccard of the dedup keys, for near duplicates
     response: str = ""
-    qc: str = ""  # "pass" or the QC reason, for kept examples
+    qc: str = ""  # "pass" or the QC reason, for kept examples (and qc_before_response: the generator's QC reason)
     instruction_logprob: float | None = None
     response_logprob: float | None = None
 
@@ -138,6 +139,8 @@ def preview(spec: GenerationRunSpec, n: int, engine_kind: str) -> Preview:
             lp = row.get("response_logprob")
             s.response_logprob = lp if isinstance(lp, float) and lp == lp else None
             s.qc = qc.check(row) or "pass"
+        elif response_rejects.get(i) in manifest.qc_rejected_before_response:
+            s.verdict, s.qc = "qc_before_response", str(response_rejects[i])  # no response was paid for
         elif i in response_rejects:
             s.verdict, s.response = "response_malformed", str(response_rejects[i])
         else:
@@ -169,11 +172,13 @@ def render(p: Preview, out: TextIO) -> None:
             print(f"\n{head} {how} duplicate of #{s.duplicate_of}: {_cut(s.instruction, 100)}", file=out)
         elif s.verdict == "response_malformed":
             print(f"\n{head} response malformed ({s.response}): {_cut(s.instruction, 100)}", file=out)
+        elif s.verdict == "qc_before_response":
+            print(f"\n{head} QC rejected it before any response ({s.qc}): {_cut(s.instruction, 100)}", file=out)
         else:
             print(f"\n{head} {s.verdict.replace('_', ' ')}: {_cut(s.instruction, 100)}", file=out)
     reasons: dict[str, int] = {}
     for s in p.samples:
-        if s.verdict == "kept" and s.qc != "pass":
+        if s.verdict in ("kept", "qc_before_response") and s.qc != "pass":
             reasons[s.qc] = reasons.get(s.qc, 0) + 1
     print(
         f"\n{len(p.samples)} sampled: {kept} kept ({p.qc_passed} pass QC"

@@ -24,8 +24,15 @@ def example_row(
 
 
 def write_shard(
-    storage: Storage, rnd: int, seed: int, rows: list[dict[str, Any]], generated: int | None = None, skipped: int = 0
+    storage: Storage,
+    rnd: int,
+    seed: int,
+    rows: list[dict[str, Any]],
+    generated: int | None = None,
+    skipped: int = 0,
+    early: dict[str, int] | None = None,
 ) -> None:
+    """`early`: the manifest's qc_rejected_before_response (instructions the generator's QC rejected, no rows)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -34,8 +41,10 @@ def write_shard(
         p = Path(d) / "s.parquet"
         pq.write_table(pa.Table.from_pylist(rows, schema=rec.example_schema()), p)
         storage.upload(p, rec.shard_data_key(rnd, seed))
-    m = rec.ShardManifest(rnd, seed, len(rows), generated if generated is not None else len(rows) + skipped, skipped, 0, 0,
-                          20 * len(rows), 0.1, rec.shard_data_key(rnd, seed))  # fmt: skip
+    n_early = sum((early or {}).values())
+    m = rec.ShardManifest(rnd, seed, len(rows), generated if generated is not None else len(rows) + skipped + n_early,
+                          skipped, 0, 0, 20 * len(rows), 0.1, rec.shard_data_key(rnd, seed),
+                          qc_rejected_before_response=dict(early or {}))  # fmt: skip
     storage.write_bytes(rec.shard_manifest_key(rnd, seed), rec.to_json(m).encode())
 
 

@@ -3,10 +3,12 @@
 The shard is a pipeline of stages, run batch by batch until the shard has its quota of novel examples or has
 sampled examples x maxAttemptsFactor instructions:
 
-    sample -> parse -> novelty -> respond -> pick -> row
+    sample -> parse -> novelty -> gate -> respond -> pick -> row
 
 Instructions first (default): sample instructions, parse them, drop those already seen (earlier rounds' seen-index,
-and this shard's own), and only then spend tokens on responses for the novel ones; the critic picks one of the
+and this shard's own), run the QC checks that read the instruction alone (`generation.qcBeforeResponse`: a novel
+instruction they reject is one the merge would drop whatever its response, so it counts as a QC-rejected example of
+the shard and costs no response), and only then spend tokens on responses for the rest; the critic picks one of the
 Best-of-N responses and the pick becomes a row. Joint mode samples both in one go (respond only unwraps the response
 written with the instruction), so a duplicate's response tokens are spent before novelty drops it.
 """
@@ -39,6 +41,7 @@ from genrun.worker.prompts import (
     parse_response,
     prompt_hash,
 )
+from genrun.worker.qc import QcPipeline
 from genrun.worker.storage import Storage
 
 if TYPE_CHECKING:
@@ -120,10 +123,20 @@ class _Counts:
     malformed: int = 0
     tokens: int = 0
     rejected: list[Reject] = field(default_factory=list)
+    gated: dict[str, int] = field(default_factory=dict)  # QC reason -> novel instructions rejected before responses
 
     def reject(self, rejects: Sequence[Reject]) -> None:
         self.malformed += len(rejects)
         self.rejected.extend(rejects)
+
+    def gate(self, rejects: Sequence[Reject]) -> None:
+        for r in rejects:
+            self.gated[r.reason] = self.gated.get(r.reason, 0) + 1
+        self.rejected.extend(rejects)
+
+    def examples(self, rows: int) -> int:
+        """The shard's examples so far: rows, and novel instructions QC rejected before their responses."""
+        return rows + sum(self.gated.values())
 
     def skip(self, novel: Novel) -> None:
         self.skipped_online += novel.skipped_online
@@ -274,6 +287,39 @@ class _Novelty:
         for j, k in zip(rows, keep, strict=True):
             flags[j] = bool(k)
         return skipped_old, skipped_mine
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Stage 3b, QC before responses: the spec's QC filters that can judge an instruction alone
+    (`QcPipeline.instruction_side`: its length, banned patterns, mean token log-probability) on each novel
+    instruction. One they reject is an example the merge would drop whatever its response: it becomes a reject with
+    the QC reason, counts towards the shard's examples, and costs its instruction tokens only. Off in joint mode
+    (the response is paid for already) and with `generation.qcBeforeResponse: false`."""
+
+    qc: QcPipeline | None
+
+    @classmethod
+    def for_shard(cls, spec: GenerationRunSpec) -> Gate:
+        g = spec.generation
+        qc = QcPipeline.instruction_side(spec.qc.filters) if g.qc_before_response and g.mode != "joint" else None
+        return cls(qc if qc is not None and qc.filters else None)
+
+    def split(self, novel: list[Candidate]) -> tuple[list[Candidate], list[Reject]]:
+        """(the candidates to respond to, the rejects), both in order."""
+        if self.qc is None or not novel:
+            return novel, []
+        import pyarrow as pa
+
+        # the columns as the row will hold them (float32 log-probability: the merge's QC reads the stored value)
+        table = pa.table({
+            "instruction": pa.array([c.instruction for c in novel], pa.string()),
+            "instruction_logprob": pa.array([_or_nan(c.sample.mean_logprob) for c in novel], pa.float32()),
+        })  # fmt: skip
+        verdicts = self.qc.check_table(table)
+        keep = [c for c, v in zip(novel, verdicts, strict=True) if v is None]
+        rejects = [Reject(c.index, v, c.instruction) for c, v in zip(novel, verdicts, strict=True) if v is not None]
+        return keep, rejects
 
 
 @dataclass(frozen=True)
@@ -428,6 +474,7 @@ def generate_shard(
     joint = spec.generation.mode == "joint"
     asker = Asker(engine, builder, shard.sampling, shard.seed, joint)
     novelty = _Novelty(spec, *_load_seen(spec, storage, shard.round))
+    gate = Gate.for_shard(spec)
     critic = Critic.for_shard(spec, engine, shard.seed)
     maker = RowMaker(builder, shard, getattr(engine, "model", spec.model.name))
     signals = _quality_signals(spec)
@@ -437,18 +484,21 @@ def generate_shard(
     rows: list[dict[str, Any]] = []
     next_log = t0 + progress_every
 
-    while len(rows) < quota and counts.generated < max_attempts:
-        want = _batch_size(len(rows), counts.generated, quota, max_attempts, spec.generation.batch_size)
+    while counts.examples(len(rows)) < quota and counts.generated < max_attempts:
+        done = counts.examples(len(rows))
+        want = _batch_size(done, counts.generated, quota, max_attempts, spec.generation.batch_size)
         samples = asker.sample(list(range(counts.generated, counts.generated + want)))
         counts.generated += want
         counts.tokens += sum(s.completion.tokens for s in samples)
         cands, rejects = parse(samples, joint)
         counts.reject(rejects)
-        novel = novelty.select(cands, quota - len(rows))
+        novel = novelty.select(cands, quota - done)
         counts.skip(novel)
-        responses = asker.respond(novel.kept, spec.best_of_n.n)
+        answer, early = gate.split(novel.kept)
+        counts.gate(early)
+        responses = asker.respond(answer, spec.best_of_n.n)
         counts.tokens += responses.tokens
-        picks = [critic.pick(c, opts) for c, opts in zip(novel.kept, responses.options, strict=True)]
+        picks = [critic.pick(c, opts) for c, opts in zip(answer, responses.options, strict=True)]
         counts.tokens += sum(p.judge_tokens for p in picks)
         made = [maker.row(p) for p in picks]
         counts.reject([r for r in made if isinstance(r, Reject)])
@@ -457,15 +507,16 @@ def generate_shard(
         rows += new_rows
         now = time.monotonic()
         if now >= next_log:
-            counts.log_progress(shard, len(rows), now - t0)
+            counts.log_progress(shard, counts.examples(len(rows)), now - t0)
             next_log = now + progress_every
 
     manifest = _publish(storage, shard, rows, counts, t0)
     log.info(
         "shard r%d s%d done: %d rows from %d sampled in %.1fs (%.0f tokens/s); skipped %d seen + %d in-shard "
-        "(%d of them semantic); %d malformed", shard.round, shard.seed, len(rows), counts.generated, manifest.seconds,
-        counts.tokens / max(manifest.seconds, 1e-9), counts.skipped_online, counts.skipped_in_shard,
-        novelty.skipped_semantic, counts.malformed,
+        "(%d of them semantic); %d malformed; %d rejected by QC before their responses", shard.round, shard.seed,
+        len(rows), counts.generated, manifest.seconds, counts.tokens / max(manifest.seconds, 1e-9),
+        counts.skipped_online, counts.skipped_in_shard, novelty.skipped_semantic, counts.malformed,
+        sum(counts.gated.values()),
     )  # fmt: skip
     return manifest
 
@@ -512,6 +563,7 @@ def _publish(
         seconds=round(time.monotonic() - t0, 3),
         data=storage.location(dkey),
         rejected=storage.location(rkey),
+        qc_rejected_before_response=dict(sorted(counts.gated.items())),
     )
     storage.write_bytes(rec.shard_manifest_key(shard.round, shard.seed), rec.to_json(manifest).encode())
     return manifest

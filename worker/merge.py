@@ -414,6 +414,7 @@ def _merge_one(
                 acc.setdefault(k, Counts()).add(c)
         tot.per_round[rnd] = round_counts["round"]
         tot.left_domain += round_counts["left_domain"]
+        tot.early += round_counts["early"]
         for k, v in round_counts["rejected"].items():
             tot.rejected[k] = tot.rejected.get(k, 0) + v
         save_npz(tmp / "state.npz", **step["chunk"])
@@ -487,8 +488,16 @@ def _write_rows(
                 np.where(dec.near[g : g + n][~kept], REASON_NEAR, REASON_EXACT),
             )
             qc_ok = np.array([v is None for v in verdict], dtype=bool)
+            # the instructions the generator's QC rejected before their responses: new unique examples that failed
+            # QC, judged against the same seen-index (earlier rounds) by the generator's online check
+            early = sh.manifest.qc_rejected_before_response
+            n_early = sum(early.values())
+            rejected.update(early)
+            this.unique += n_early
             shard_yield.append(
-                rec.ShardYield(sh.seed, n, sh.manifest.tokens, int(fresh.sum()), int((fresh & qc_ok).sum()))
+                rec.ShardYield(
+                    sh.seed, n + n_early, sh.manifest.tokens, int(fresh.sum()) + n_early, int((fresh & qc_ok).sum())
+                )
             )
             if sem_drops is not None:
                 mine = sem_drops[1][(sem_drops[1] >= g) & (sem_drops[1] < g + n)] - g
@@ -544,8 +553,9 @@ def _write_rows(
     if sem_drops is not None:  # the round's semantic drops with their texts, for the report's clusters
         texts = pa.concat_arrays(sem_texts) if sem_texts else pa.array([], pa.string())
         pq.write_table(sem_drops[0].append_column("instruction", texts), tmp / "semantic.parquet")
+    early_total = sum(sum(sh.manifest.qc_rejected_before_response.values()) for sh in shards)
     return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected),
-            "per_shard": tuple(shard_yield), "left_domain": left_domain}  # fmt: skip
+            "per_shard": tuple(shard_yield), "left_domain": left_domain, "early": early_total}  # fmt: skip
 
 
 MERGE_WORKERS_ENV = "GENRUN_MERGE_WORKERS"
@@ -755,6 +765,7 @@ def _report(storage: Storage, spec: Any, state: State, rnd: int, shards: int) ->
         quarantined=tuple(tot.quarantined),
         quarantined_count=len(tot.quarantined),
         left_domain=tot.left_domain,
+        qc_rejected_before_response=tot.early,
         dataset=storage.location(rec.DATASET_PREFIX),
         report=storage.location(f"{rec.merge_prefix(rnd)}/report.md"),
     )
@@ -778,6 +789,8 @@ def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = No
         f"| This round: generated / new unique / new kept | {r.generated:,} / {r.new_unique:,} / {r.new_qc_passed:,} | "
         f"marginal yield {r.marginal_yield:.3f} |",
         f"| Skipped by the generators this round (seen before or in the shard) | {r.skipped_online:,} | |",
+        f"| Rejected by QC in the generators before their responses (in unique and QC rejections) | "
+        f"{r.qc_rejected_before_response:,} | |",
         f"| Tokens generated (all rounds) | {r.tokens_total:,} | |",
         "",
         "## Top duplicates",

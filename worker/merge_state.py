@@ -59,6 +59,7 @@ class Totals:
     tokens: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, int] = field(default_factory=dict)
     left_domain: int = 0  # rows whose generated_domain is not the domain asked (sem, issue 12)
+    early: int = 0  # instructions the generators' QC rejected before their responses (in `rejected` by reason too)
     # The largest clusters so far as [kept id, size] (size desc, id asc): of all clusters, and of the semantic tier's.
     # A cluster that did not grow in a round keeps its rank, so a round needs only these and the clusters it grew.
     top: list[list[int]] = field(default_factory=list)
@@ -84,6 +85,7 @@ class Totals:
         t.per_temperature = {float(k): Counts(**c) for k, c in d["per_temperature"]}
         t.rejected = {str(k): int(v) for k, v in d["rejected"].items()}
         t.left_domain = int(d.get("left_domain", 0))
+        t.early = int(d.get("early", 0))
         for name in ("generated", "tokens", "skipped"):
             setattr(t, name, {int(k): int(v) for k, v in d[name]})
         t.top = [[int(i), int(n)] for i, n in d.get("top", [])]

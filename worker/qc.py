@@ -46,7 +46,7 @@ def _text(table: Any, name: str) -> Any:
     return pc.fill_null(col.combine_chunks() if hasattr(col, "combine_chunks") else col, "")
 
 
-def _length(p: Mapping[str, Any]) -> Filter:
+def _length(p: Mapping[str, Any], response: bool = True) -> Filter:
     lo_i, hi_i = int(p.get("minInstructionChars", 10)), int(p.get("maxInstructionChars", 1000))
     lo_r, hi_r = int(p.get("minResponseChars", 2)), int(p.get("maxResponseChars", 8000))
 
@@ -54,16 +54,13 @@ def _length(p: Mapping[str, Any]) -> Filter:
         import pyarrow.compute as pc
 
         i = _np(pc.utf8_length(pc.utf8_trim_whitespace(_text(table, "instruction"))))
-        r = _np(pc.utf8_length(pc.utf8_trim_whitespace(_text(table, "response"))))
         out = _none(len(i))
-        # first matching reason wins: assign in reverse order of precedence
-        for mask, reason in (
-            (r > hi_r, "response_too_long"),
-            (r < lo_r, "response_too_short"),
-            (r == 0, "empty_response"),
-            (i > hi_i, "instruction_too_long"),
-            (i < lo_i, "instruction_too_short"),
-        ):
+        checks: list[tuple[np.ndarray, str]] = []
+        if response:
+            r = _np(pc.utf8_length(pc.utf8_trim_whitespace(_text(table, "response"))))
+            checks += [(r > hi_r, "response_too_long"), (r < lo_r, "response_too_short"), (r == 0, "empty_response")]
+        # first matching reason wins: assign in reverse order of precedence (the instruction's verdicts win)
+        for mask, reason in (*checks, (i > hi_i, "instruction_too_long"), (i < lo_i, "instruction_too_short")):
             out[mask] = reason
         return out
 
@@ -287,14 +284,15 @@ def _repetition(p: Mapping[str, Any]) -> Filter:
     return f
 
 
-def _logprob(p: Mapping[str, Any]) -> Filter:
+def _logprob(p: Mapping[str, Any], response: bool = True) -> Filter:
     min_r = float(p.get("minResponseLogprob", -2.5))
     min_i = float(p.get("minInstructionLogprob", -3.0))
+    sides = (("instruction_logprob", min_i), ("response_logprob", min_r))[: 2 if response else 1]
 
     def f(table: Any) -> Reasons:
         out = _none(table.num_rows)
         # reverse precedence: the response's verdict wins over the instruction's, "nonfinite" over "low"
-        for name, lo in (("instruction_logprob", min_i), ("response_logprob", min_r)):
+        for name, lo in sides:
             if name not in table.column_names:
                 continue
             v = _np(table.column(name)).astype(np.float64)  # nulls become NaN: mask them
@@ -378,6 +376,16 @@ BUILDERS: dict[str, Callable[[Mapping[str, Any]], Filter]] = {
 # Filters that read the quality columns: listing one makes the generator load the embedding model.
 SIGNAL_FILTERS = ("relevance", "domain")
 
+# The instruction's side of the filters whose verdict on it drops the row whatever its response is (with that reason,
+# or with the response's own when the filter ranks that first): instructions-first generators run these on each
+# novel instruction before paying for its responses (genrun.worker.generate). The checks are the filters above,
+# reading only `instruction` and `instruction_logprob`.
+INSTRUCTION_BUILDERS: dict[str, Callable[[Mapping[str, Any]], Filter]] = {
+    "length": lambda p: _length(p, response=False),
+    "bannedPatterns": lambda p: _patterns(p, (), "banned_pattern", ("instruction",)),
+    "logprob": lambda p: _logprob(p, response=False),
+}
+
 
 @dataclass
 class QcPipeline:
@@ -386,6 +394,14 @@ class QcPipeline:
     @classmethod
     def from_spec(cls, filters: Sequence[Any]) -> QcPipeline:
         return cls([(f.name, BUILDERS[f.name](f.params)) for f in filters])
+
+    @classmethod
+    def instruction_side(cls, filters: Sequence[Any]) -> QcPipeline:
+        """The spec's filters that can judge an instruction before it has a response (INSTRUCTION_BUILDERS), in spec
+        order: a row they give a reason is one `from_spec(filters)` drops, whatever its response."""
+        return cls(
+            [(f.name, INSTRUCTION_BUILDERS[f.name](f.params)) for f in filters if f.name in INSTRUCTION_BUILDERS]
+        )
 
     def check_table(self, table: Any) -> list[str | None]:
         """Per row of an Arrow table, the first filter's reason to drop it (filters in spec order), or None."""

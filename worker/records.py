@@ -83,9 +83,9 @@ class ShardYield:
     the round's other shards), so that keep-first order inside a round favours no seed: the bandit's reward."""
 
     seed: int
-    rows: int  # rows the shard wrote
+    rows: int  # rows the shard wrote, plus the instructions its QC rejected before their responses (its examples)
     tokens: int
-    new_unique: int  # rows unique against earlier rounds (exact and near)
+    new_unique: int  # rows unique against earlier rounds (exact and near), plus those QC-rejected instructions
     new_qc_passed: int  # of those, rows that passed QC
 
 
@@ -125,6 +125,9 @@ class RoundReport:
     # Rows (all rounds) whose instruction is nearest another spec domain than the one asked (the quality column
     # generated_domain); per_domain then counts the generated domain. 0 without the embedding model.
     left_domain: int = 0
+    # Novel instructions (all rounds) the generators' QC rejected before paying for their responses
+    # (generation.qcBeforeResponse): counted in the unique totals and, by reason, in qc_rejected.
+    qc_rejected_before_response: int = 0
     qc_rejected: dict[str, int] = field(default_factory=dict)
     top_duplicates: tuple[tuple[str, int], ...] = ()
     per_domain: tuple[DomainYield, ...] = ()
@@ -171,6 +174,9 @@ class ShardManifest:
     data: str
     rejected: str = ""
     contract: int = CONTRACT_VERSION
+    # Novel instructions the generator's QC of the instruction alone rejected before paying for responses
+    # (generation.qcBeforeResponse), by QC reason: examples of the shard, unique and QC-rejected, with no row.
+    qc_rejected_before_response: dict[str, int] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,6 +266,11 @@ def parse_marker(data: bytes, key: str = "marker") -> ShardManifest:
             raise DamagedMarker(f"{key}: field {name!r} has the wrong type ({type(d[name]).__name__})")
         if isinstance(d[name], int) and d[name] < 0:
             raise DamagedMarker(f"{key}: field {name!r} is negative")
+    early = d.get("qc_rejected_before_response", {})  # optional: markers written before it existed lack it
+    if not isinstance(early, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in early.values()
+    ):
+        raise DamagedMarker(f"{key}: field 'qc_rejected_before_response' is not an object of counts")
     return shard_manifest_from(d)
 
 

@@ -3,8 +3,11 @@ order, the same rejects and the same manifest counts (tokens included) as the re
 replay engine (recorded real SmolLM2-135M outputs; its samples follow the per-request seeds), so a change that alters
 what the generator asks for, in which order, or what it keeps shows here.
 
-The golden file was written by the generator before its stages were split out (issue 11, item 6), and rewritten once
-when rows gained the `attributes` column (every other value unchanged). To rewrite it after an intended change of
+The golden file was written by the generator before its stages were split out (issue 11, item 6), rewritten once
+when rows gained the `attributes` column (every other value unchanged), and once when the generator began to run the
+instruction side of QC before responses (`generation.qcBeforeResponse`, on by default): each instructions-first case
+lost the rows whose instruction the merge's QC rejects (low log-probability here), with their response tokens, and
+the `ungated` case (the check off) keeps the earlier output of `domains`. To rewrite it after an intended change of
 output: GENRUN_REGOLDEN=1 pytest tests/unit/test_generate_golden.py, and say why in the commit.
 """
 
@@ -49,6 +52,8 @@ def _spec(case: str, tmp: Path) -> Any:
         p.pop("domains")
     elif case == "joint":
         raw["generation"]["mode"] = "joint"
+    elif case == "ungated":
+        raw["generation"]["qcBeforeResponse"] = False
     elif case == "best_of_3":
         raw["bestOfN"] = {"n": 3}
     elif case == "judge":
@@ -73,6 +78,7 @@ CASES = (
     "attributes",
     "attributes_cell",
     "against",
+    "ungated",
 )
 
 
@@ -176,7 +182,14 @@ def test_generate_shard_output_equals_the_golden_file(tmp_path: Path) -> None:
     assert want["best_of_3"]["rows"][0]["candidates"] == 3 and want["judge"]["rows"][0]["critic_score"] is not None
     assert want["semantic"]["rows"][0]["generated_domain"] and want["against"]["manifest"]["skipped_online"] > 0
     assert all(r["domain"] == "" for r in want["plain"]["rows"]) and want["domains"]["rows"][0]["domain"]
-    assert {r["reason"] for r in want["malformed"]["rejected"]} == {"instruction_truncated", "empty_response"}
+    assert {r["reason"] for r in want["malformed"]["rejected"]} == {
+        "instruction_truncated",
+        "empty_response",
+        "low_logprob",
+    }
+    early = want["domains"]["manifest"]["qc_rejected_before_response"]
+    assert early and not want["ungated"]["manifest"]["qc_rejected_before_response"]
+    assert len(want["domains"]["rows"]) + sum(early.values()) == len(want["ungated"]["rows"])
     assert {r["attributes"] for r in want["attributes_cell"]["rows"]} == {json.dumps(dict(CELL))}
     assert len({r["critic_score"] for r in want["judge"]["rows"]}) > 2
 

@@ -31,7 +31,16 @@ def test_preview_shows_dedup_and_qc_verdicts_and_writes_nothing(manifest: Path, 
     _, _, spec = load_run_manifest(manifest)
     p = preview(spec, 60, "replay")
     kept = [s for s in p.samples if s.verdict == "kept"]
-    assert len(kept) == 60 and all(s.response for s in kept)
+    # generation.qcBeforeResponse (default): novel instructions the instruction side of QC rejects count as examples,
+    # with their QC reason and no response paid for
+    early = [s for s in p.samples if s.verdict == "qc_before_response"]
+    assert len(kept) + len(early) == 60 and all(s.response for s in kept)
+    side = QcPipeline.instruction_side(spec.qc.filters)
+    assert early and not any(s.response for s in early)
+    for s in early:
+        row = {"instruction": s.instruction, "instruction_logprob": s.instruction_logprob}
+        got = side.check(row)
+        assert got is not None and got == s.qc
     # Every duplicate points at an earlier kept-or-first sample with the same key; the shard itself agrees on the count.
     dups = [s for s in p.samples if s.verdict in ("exact_duplicate", "near_duplicate")]
     assert dups and len(dups) == p.shard_skipped
@@ -41,7 +50,7 @@ def test_preview_shows_dedup_and_qc_verdicts_and_writes_nothing(manifest: Path, 
         if s.verdict == "exact_duplicate":
             a, b = dedup_keys([s.instruction, by_index[s.duplicate_of].instruction], key="instruction", normalized=True)
             assert a == b
-    keys = dedup_keys([s.instruction for s in kept], key="instruction", normalized=True)
+    keys = dedup_keys([s.instruction for s in kept + early], key="instruction", normalized=True)
     assert len(set(keys)) == len(keys)
     # QC verdicts are the merge's pipeline on the row: recorded SmolLM2 text fails some (low log-prob, truncation).
     reasons = {s.qc for s in kept}
