@@ -189,7 +189,10 @@ def render_html(
                [(f"{c.size:,}", _clip(c.first), "; ".join(f"{_clip(m, 120)} ({cos:.2f})" for m, cos in c.members))
                 for c in last.semantic_clusters],
                "semantic tier off" if "semantic" not in last.dedup_tiers else "no semantic duplicates"),
-        _table("Rejected rows by reason (all rounds)", ["reason", "rows", "share of generated"],
+        _table("Rejected rows by reason (all rounds" + (
+                   f"; {last.qc_rejected_before_response:,} of the QC rejections made by the generators before any "
+                   "response was paid for)" if last.qc_rejected_before_response else ")"),
+               ["reason", "rows", "share of generated"],
                [(k, f"{v:,}", f"{v / last.generated_total:.1%}" if last.generated_total else "-")
                 for k, v in rejections if v], "nothing rejected"),
         _table("Sampling arms (reward: new unique QC-passed examples per 1k tokens, recent rounds weigh more)",

@@ -35,11 +35,13 @@ def test_simulator_runs_the_three_policies_on_real_samples(tmp_path: Path) -> No
     last = res.stdout.strip().splitlines()[-1]
     m = dict(kv.split("=") for kv in last.removeprefix("RESULT ").split())
     assert set(m) == {"genrun_tokens", "best_static_tokens", "seed_tokens", "genrun_over_best_static",
-                      "seed_over_genrun", "overshoot"}  # fmt: skip
+                      "seed_over_genrun", "overshoot", "genrun_without_qc_before_response_tokens"}  # fmt: skip
     g, b, s = float(m["genrun_tokens"]), float(m["best_static_tokens"]), float(m["seed_tokens"])
     assert abs(float(m["genrun_over_best_static"]) - g / b) < 0.01 and abs(float(m["seed_over_genrun"]) - s / g) < 0.01
     # The T=1.0 pool mostly fails QC, so the best static arm is T=0.7, and the problem's process (10 joint shards of
     # 40 a round for a target of 60) overshoots and pays for every response.
     assert re.search(r"best static: T=0\.7 ", res.stdout)
     assert s > g
+    # on these pools the check before responses saves tokens: the same bandit without it pays for every response
+    assert float(m["genrun_without_qc_before_response_tokens"]) >= g
     assert float(m["overshoot"]) <= 0.25
