@@ -508,7 +508,7 @@ def _write_rows(
                     pa.table({"id": pa.array(dec.ids[g : g + n][kidx]),
                               "instruction": table.column("instruction").take(pa.array(kidx))})
                 )  # fmt: skip
-            passed = np.array([x is None for x in reasons])
+            passed = np.array([x is None for x in reasons], dtype=bool)  # dtype: a shard may hold no rows
             # counters: per domain and temperature, vectorised over codes
             # The domain actually generated (quality column, when the generator had the embedding model), else the
             # domain asked for; rows that left their asked domain are counted (sem, issue 12).

@@ -137,18 +137,21 @@ def test_the_merge_counts_them_as_unique_qc_rejected_examples_of_their_shard(tmp
     write_shard(storage, 1, 100, [example_row("Name three prime numbers."), example_row("How do I boil an egg?")],
                 early={"low_logprob": 3, "instruction_too_short": 1})  # fmt: skip
     write_shard(storage, 1, 101, [example_row("Name three prime numbers!")], skipped=2)
-    report = merge_round(storage, spec, "t", 1, [(1, 100), (1, 101)])
-    assert (report.generated, report.new_unique, report.new_qc_passed) == (9, 6, 2)
-    assert report.qc_rejected == {"instruction_too_short": 1, "low_logprob": 3}
-    assert report.qc_rejected_before_response == 4 and report.qc_pass_rate == pytest.approx(2 / 6)
-    assert report.per_shard == (rec.ShardYield(100, 6, 40, 6, 2), rec.ShardYield(101, 1, 20, 1, 1))
+    write_shard(storage, 1, 103, [], early={"low_logprob": 2})  # a hot arm's probe: every instruction rejected
+    report = merge_round(storage, spec, "t", 1, [(1, 100), (1, 101), (1, 103)])
+    assert (report.generated, report.new_unique, report.new_qc_passed) == (11, 8, 2)
+    assert report.qc_rejected == {"instruction_too_short": 1, "low_logprob": 5}
+    assert report.qc_rejected_before_response == 6 and report.qc_pass_rate == pytest.approx(2 / 8)
+    assert report.per_shard == (
+        rec.ShardYield(100, 6, 40, 6, 2), rec.ShardYield(101, 1, 20, 1, 1), rec.ShardYield(103, 2, 0, 2, 0)
+    )  # fmt: skip
     md = Path(storage.location(f"{rec.merge_prefix(1)}/report.md")).read_text()
-    assert "| Rejected by QC in the generators before their responses (in unique and QC rejections) | 4 | |" in md
+    assert "| Rejected by QC in the generators before their responses (in unique and QC rejections) | 6 | |" in md
     # cumulative over rounds, and kept in the merge state a later round starts from
     write_shard(storage, 2, 102, [example_row("What is the capital city of Peru?")], early={"low_logprob": 2})
-    report2 = merge_round(storage, spec, "t", 2, [(1, 100), (1, 101), (2, 102)])
-    assert report2.qc_rejected_before_response == 6 and report2.qc_rejected["low_logprob"] == 5
-    assert (report2.new_unique, report2.unique_total) == (3, 9)
+    report2 = merge_round(storage, spec, "t", 2, [(1, 100), (1, 101), (1, 103), (2, 102)])
+    assert report2.qc_rejected_before_response == 8 and report2.qc_rejected["low_logprob"] == 7
+    assert (report2.new_unique, report2.unique_total) == (3, 11)
 
 
 def test_a_marker_with_damaged_counts_is_set_aside() -> None:
