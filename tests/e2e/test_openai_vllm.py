@@ -82,8 +82,11 @@ def test_real_server_completions_with_logprobs(server: str) -> None:
         assert c.text.strip() and 0 < c.tokens <= 24 and c.finish_reason in ("stop", "length")
         assert c.logprob is not None and c.logprob < 0 and -15 < (c.mean_logprob or 0) < 0
     assert len({c.text for o in outs for c in o}) > 1  # distinct seeds sample different text
-    again = eng.generate([PROMPT], params[:1])
-    assert [c.text for c in again[0]] == [c.text for c in outs[0]]  # a seed reproduces its sample
+    # A seed reproduces its sample when the request is the same: one prompt asked twice alone. (Asked alone after
+    # being batched with two others, the second of its n=2 samples came out different on the December 2026 CI
+    # machine: the batch's shape moves the logits in the last bits, and a near tie flips a token.)
+    once, again = (eng.generate([PROMPT], params[:1])[0] for _ in range(2))
+    assert [c.text for c in again] == [c.text for c in once]
 
 
 def test_real_server_wrong_model_is_one_line(server: str) -> None:
