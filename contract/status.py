@@ -148,6 +148,8 @@ class Totals(Wire):
     duplication_ratio: float = 0.0
     duplication_percent: str = "0.0%"  # for kubectl's Dup column
     tokens: int = 0
+    # Of `unique`, the instructions QC rejected in the generators before their responses (generation.qcBeforeResponse)
+    qc_rejected_before_response: int = 0
     shards_succeeded: int = 0
     shards_failed: int = 0
     shards_running: int = 0

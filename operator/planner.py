@@ -326,6 +326,7 @@ def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping
         duplication_ratio=round(rep.duplication_ratio, 4) if rep else 0.0,
         duplication_percent=f"{rep.duplication_ratio:.1%}" if rep else "0.0%",
         tokens=rep.tokens_total if rep else 0,
+        qc_rejected_before_response=rep.qc_rejected_before_response if rep else 0,
         shards_succeeded=sum(s.phase == "done" for s in all_states),
         shards_failed=sum(s.phase == "failed" for s in all_states),
         shards_running=sum(s.phase == "active" for s in all_states),

@@ -43,6 +43,9 @@ def print_status(output: str, as_json: bool = False) -> int:
         d = t.duplicates
         print(f"  duplicates: {d.exact} exact, {d.near} near, {d.semantic} semantic; unique counts through the "
               f"{', '.join(t.dedup_tiers)} tiers")  # fmt: skip
+    if t.qc_rejected_before_response:
+        print(f"  {t.qc_rejected_before_response} of the unique rejected by QC before any response was paid for "
+              "(generation.qcBeforeResponse)")  # fmt: skip
     if t.shards_quarantined or t.shards_failed:
         print(f"  shards: {t.shards_quarantined} quarantined (damaged, set aside under quarantine/), "
               f"{t.shards_failed} failed")  # fmt: skip

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from genrun.contract.api import QcFilter, parse_spec
+from genrun.contract.api import QcFilter, RunRef, parse_spec
 from genrun.worker import records as rec
 from genrun.worker.engine import ReplayEngine
 from genrun.worker.generate import Gate, generate_shard
@@ -160,3 +160,16 @@ def test_a_marker_with_damaged_counts_is_set_aside() -> None:
     raw = rec.to_json(good).replace('"low_logprob": 2', '"low_logprob": -2').encode()
     with pytest.raises(rec.DamagedMarker, match="qc_rejected_before_response"):
         rec.parse_marker(raw)
+
+
+def test_the_status_shows_them_among_the_unique() -> None:
+    from genrun.operator.planner import Observed, decide
+
+    raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
+    spec = parse_spec({**raw, "policy": {"strategy": "ladder"}})
+    first = decide(RunRef("q"), spec, Observed())
+    rnd = next(a.plan for a in first.actions if hasattr(a, "plan"))
+    rep = rec.RoundReport(1, len(rnd.shards), 80, 50, 40, 80, 50, 40, qc_rejected_before_response=7)
+    st = decide(RunRef("q"), spec, Observed(rounds={1: rnd}, reports={1: rep})).status
+    assert st.totals.qc_rejected_before_response == 7 and st.totals.unique == 50
+    assert st.to_dict()["totals"]["qcRejectedBeforeResponse"] == 7

@@ -28,6 +28,7 @@ def test_an_older_runs_status_prints_its_rounds_and_conditions(
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "sft: round 2, kept 550/1000, unique 600, generated 800, duplication 25.0%"
     assert not any(line.startswith("  duplicates:") for line in out)  # no per-tier figures in that version
+    assert not any("before any response" in line for line in out)  # nor the generators' QC count
     assert any(line.split()[:3] == ["Progressing", "True", "ShardsRunning"] for line in out)
     rows = [line.split() for line in out if line.split()[:1] in (["1"], ["2"])]
     assert rows == [["1", "4", "100-103", "0.7", "1.1", "400", "330", "300", "0.75"],
@@ -43,3 +44,11 @@ def test_a_damaged_status_json_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / rec.STATUS_KEY).write_text('{"status": ')
     with pytest.raises(UserError, match="not a status document"):
         print_status(str(tmp_path))
+
+
+def test_the_generators_qc_rejections_are_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = json.loads(json.dumps(OLD))
+    status["totals"]["qcRejectedBeforeResponse"] = 12
+    assert print_status(write(tmp_path, status)) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "  12 of the unique rejected by QC before any response was paid for (generation.qcBeforeResponse)" in out
