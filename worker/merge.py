@@ -466,7 +466,7 @@ def _write_rows(
     rj = pq.ParquetWriter(tmp / "rejected.parquet", rej_schema)
     kept_w = pq.ParquetWriter(tmp / "kept.parquet", pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
     g = 0
-    left_domain = 0
+    left_domain = early_total = 0
     sem_texts = []
     with (
         _QcRuns(storage, spec.qc.filters, shards, dec) as qcs,
@@ -492,6 +492,7 @@ def _write_rows(
             # QC, judged against the same seen-index (earlier rounds) by the generator's online check
             early = sh.manifest.qc_rejected_before_response
             n_early = sum(early.values())
+            early_total += n_early
             rejected.update(early)
             this.unique += n_early
             shard_yield.append(
@@ -553,7 +554,6 @@ def _write_rows(
     if sem_drops is not None:  # the round's semantic drops with their texts, for the report's clusters
         texts = pa.concat_arrays(sem_texts) if sem_texts else pa.array([], pa.string())
         pq.write_table(sem_drops[0].append_column("instruction", texts), tmp / "semantic.parquet")
-    early_total = sum(sum(sh.manifest.qc_rejected_before_response.values()) for sh in shards)
     return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected),
             "per_shard": tuple(shard_yield), "left_domain": left_domain, "early": early_total}  # fmt: skip
 
