@@ -107,6 +107,12 @@ class RunCollector(Collector):
             "Rows dropped as duplicates, by dedup tier (exact, near, semantic).",
             labels=[*lbl, "tier"],
         )
+        early = CounterMetricFamily(
+            "genrun_qc_rejected_before_response",
+            "Unique instructions QC rejected in the shard Jobs before any response was generated (counted in "
+            "genrun_unique_examples; spec.generation.qcBeforeResponse).",
+            labels=lbl,
+        )
         semantic_on = GaugeMetricFamily(
             "genrun_semantic_dedup_enabled",
             "1 when the run's unique count (and target) counts semantic-unique rows: the semantic tier is on.",
@@ -123,6 +129,7 @@ class RunCollector(Collector):
             generated.add_metric(v, totals.generated)
             tokens.add_metric(v, totals.tokens)
             unique.add_metric(v, totals.unique)
+            early.add_metric(v, totals.qc_rejected_before_response)
             kept.add_metric(v, totals.qc_passed)
             target.add_metric(v, run.target)
             dup.add_metric(v, totals.duplication_ratio)
@@ -152,7 +159,8 @@ class RunCollector(Collector):
         build = GaugeMetricFamily("genrun_build_info", "genrun operator build.", labels=["version"])
         build.add_metric([__version__], 1.0)
         yield from (generated, tokens, unique, kept, target, dup, rnd, yld, round_dup, shards, cond, budget,
-                    projected_tokens, projected_rounds, arm_reward, arm_shards, dup_tier, semantic_on, build)  # fmt: skip
+                    projected_tokens, projected_rounds, arm_reward, arm_shards, dup_tier, early, semantic_on,
+                    build)  # fmt: skip
 
 
 class Metrics:

@@ -94,3 +94,13 @@ def test_duplicates_per_tier_are_one_counter_with_a_tier_label() -> None:
     m.runs.update("data", "sft", 1000, STATUS, {})
     got = scrape(m)
     assert got[key("genrun_semantic_dedup_enabled")] == 0 and key("genrun_duplicates_total", tier="exact") not in got
+
+
+def test_qc_rejections_before_responses_are_a_counter() -> None:
+    m = Metrics()
+    m.runs.update("data", "sft", 1000, RunStatus.from_dict({**RAW, "totals": {**RAW["totals"],
+                                                                             "qcRejectedBeforeResponse": 42}}), {})  # fmt: skip
+    got = scrape(m)
+    assert got[key("genrun_qc_rejected_before_response_total")] == 42
+    m.runs.update("data", "sft", 1000, STATUS, {})  # a status from before the field: 0
+    assert scrape(m)[key("genrun_qc_rejected_before_response_total")] == 0
