@@ -100,11 +100,9 @@ class Pools:
         cluster = dedup_decide(round_keys(spec, [table]), State.empty(spec), spec, 0).root
         qc = QcPipeline.from_spec(spec.qc.filters)
         qc_ok = np.array([qc.check(r) is None for r in rows])
-        side = pa.table({
-            "instruction": pa.array([r["instruction"] for r in rows], pa.string()),
-            "instruction_logprob": pa.array([r["instruction_logprob"] for r in rows], pa.float32()),
-        })  # fmt: skip
-        gate_ok = np.array([v is None for v in QcPipeline.instruction_side(spec.qc.filters).check_table(side)])
+        side = QcPipeline.instruction_side(spec.qc.filters)
+        verdicts = side.check_instructions([r["instruction"] for r in rows], [r["instruction_logprob"] for r in rows])
+        gate_ok = np.array([v is None for v in verdicts])
         itok = np.array([r["instruction_tokens"] for r in rows])
         rtok = np.array([r["response_tokens"] for r in rows])
         return cls(arms, np.asarray(cluster), qc_ok, gate_ok, itok, rtok)

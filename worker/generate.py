@@ -309,14 +309,9 @@ class Gate:
         """(the candidates to respond to, the rejects), both in order."""
         if self.qc is None or not novel:
             return novel, []
-        import pyarrow as pa
-
-        # the columns as the row will hold them (float32 log-probability: the merge's QC reads the stored value)
-        table = pa.table({
-            "instruction": pa.array([c.instruction for c in novel], pa.string()),
-            "instruction_logprob": pa.array([_or_nan(c.sample.mean_logprob) for c in novel], pa.float32()),
-        })  # fmt: skip
-        verdicts = self.qc.check_table(table)
+        verdicts = self.qc.check_instructions(
+            [c.instruction for c in novel], [_or_nan(c.sample.mean_logprob) for c in novel]
+        )
         keep = [c for c, v in zip(novel, verdicts, strict=True) if v is None]
         rejects = [Reject(c.index, v, c.instruction) for c, v in zip(novel, verdicts, strict=True) if v is not None]
         return keep, rejects

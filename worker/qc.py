@@ -403,6 +403,16 @@ class QcPipeline:
             [(f.name, INSTRUCTION_BUILDERS[f.name](f.params)) for f in filters if f.name in INSTRUCTION_BUILDERS]
         )
 
+    def check_instructions(self, instructions: Sequence[str], logprobs: Sequence[float]) -> list[str | None]:
+        """An `instruction_side` pipeline's verdicts on instructions without responses: the columns as a row holds
+        them (the mean log-probability as float32: the merge's QC reads the stored value; NaN when unknown)."""
+        import pyarrow as pa
+
+        return self.check_table(pa.table({
+            "instruction": pa.array(list(instructions), pa.string()),
+            "instruction_logprob": pa.array(list(logprobs), pa.float32()),
+        }))  # fmt: skip
+
     def check_table(self, table: Any) -> list[str | None]:
         """Per row of an Arrow table, the first filter's reason to drop it (filters in spec order), or None."""
         import pyarrow as pa
