@@ -143,6 +143,11 @@ class World:
     generated: int = 0
     early: int = 0  # novel instructions QC rejected before their responses (unique, QC-rejected)
 
+    @property
+    def unique(self) -> int:
+        """Unique examples so far, as the merge counts them: the clusters seen and the instructions rejected early."""
+        return len(self.seen) + self.early
+
     def shard(
         self, arm: Arm, examples: int, *, joint: bool, online: bool, attempts_factor: float = 4.0, gate: bool = False
     ) -> tuple[list[int], int]:
@@ -211,7 +216,7 @@ def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef, run: i
 
 
 def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spec: Any) -> RoundReport:
-    t0, g0, k0, u0 = w.tokens, w.generated, w.kept, len(w.seen) + w.early
+    t0, g0, k0, u0 = w.tokens, w.generated, w.kept, w.unique
     shard_rows, shard_early, shard_tokens = [], [], []
     for s in plan.shards:
         before = w.tokens
@@ -227,8 +232,7 @@ def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spe
         ShardYield(s.seed, len(rows) + e, tok, u + e, k)
         for s, rows, e, tok, (u, k) in zip(plan.shards, shard_rows, shard_early, shard_tokens, per, strict=True)
     )
-    gen, tokens, kept = w.generated - g0, w.tokens - t0, w.kept - k0
-    uniq = len(w.seen) + w.early - u0
+    gen, tokens, kept, uniq = w.generated - g0, w.tokens - t0, w.kept - k0, w.unique - u0
     return RoundReport(
         round=plan.round,
         shards=len(plan.shards),
@@ -236,7 +240,7 @@ def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spe
         new_unique=uniq,
         new_qc_passed=kept,
         generated_total=gen + (prev.generated_total if prev else 0),
-        unique_total=len(w.seen) + w.early,
+        unique_total=w.unique,
         qc_passed_total=w.kept,
         tokens=tokens,
         tokens_total=w.tokens,

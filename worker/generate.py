@@ -479,8 +479,7 @@ def generate_shard(
     rows: list[dict[str, Any]] = []
     next_log = t0 + progress_every
 
-    while counts.examples(len(rows)) < quota and counts.generated < max_attempts:
-        done = counts.examples(len(rows))
+    while (done := counts.examples(len(rows))) < quota and counts.generated < max_attempts:
         want = _batch_size(done, counts.generated, quota, max_attempts, spec.generation.batch_size)
         samples = asker.sample(list(range(counts.generated, counts.generated + want)))
         counts.generated += want
