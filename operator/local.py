@@ -17,10 +17,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 from genrun.contract.api import RunRef, parse_spec
@@ -110,9 +112,10 @@ class LocalRunner:
         for name, p, code in ended:
             p.log.close()
             del self.procs[name]
-            if self.stopping or code in (-signal.SIGINT, 128 + signal.SIGINT):
-                # Interrupted (by us, or by the Ctrl-C that reached the whole process group before it reached our
-                # loop): not a failed attempt; the shard simply runs again.
+            if self.stopping:
+                # Interrupted, by us or by the Ctrl-C that reached the whole process group: whatever the exit code (a
+                # worker still starting dies with 1 from a KeyboardInterrupt inside `import site`), not a failed
+                # attempt; the shard simply runs again.
                 continue
             why = f"exit code {code}: {_tail(self.state / 'logs' / f'{name}.log')}" if code else ""
             job = dataclasses.replace(p.job, phase="Failed" if code else "Succeeded", message=why,
@@ -126,6 +129,29 @@ class LocalRunner:
     def run(self) -> Plan:
         return asyncio.run(self._run())
 
+    @contextlib.contextmanager
+    def _stopping_on_interrupt(self) -> Iterator[None]:
+        """Mark the runner as stopping the moment SIGINT arrives, then hand the signal on (to asyncio's handler, which
+        cancels the loop's task at its next await). Python runs handlers at the next bytecode, so the flag is set
+        before this thread can reap a worker that the same Ctrl-C ended."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers belong to the main thread; a runner elsewhere is stopped by its caller
+            return
+        before = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum: int, frame: FrameType | None) -> None:
+            self.stopping = True
+            if callable(before):
+                before(signum, frame)
+            elif before == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, before)
+
     async def _run(self) -> Plan:
         def warn(message: str) -> None:
             if not self.quiet:
@@ -135,15 +161,16 @@ class LocalRunner:
         loop = RunLoop(self.ref, self.raw_spec, self.spec, self.storage, self, status=status, warn=warn)
         progress = Progress(self.out, self.storage, self.spec.target.unique_examples, self.quiet)
         try:
-            while True:
-                plan = await loop.step()
-                progress(plan, loop.observed)
-                suspended = not plan.actions and plan.condition(c.SUSPENDED).status == "True"
-                if (plan.finished or suspended) and not self.procs:
-                    return plan
-                deadline = time.monotonic() + POLL_SECONDS
-                while not self.reap() and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
+            with self._stopping_on_interrupt():
+                while True:
+                    plan = await loop.step()
+                    progress(plan, loop.observed)
+                    suspended = not plan.actions and plan.condition(c.SUSPENDED).status == "True"
+                    if (plan.finished or suspended) and not self.procs:
+                        return plan
+                    deadline = time.monotonic() + POLL_SECONDS
+                    while not self.reap() and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
         except BaseException:
             self.stop()
             raise

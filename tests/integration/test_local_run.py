@@ -99,6 +99,38 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
     assert not list((out / "_genrun" / "jobs").glob("*.failed.json"))  # an interrupt is not a failed attempt
 
 
+def test_a_worker_the_same_ctrl_c_ended_is_never_a_failed_attempt(tmp_path: Path) -> None:
+    """The race behind a flaky Ctrl-C: a worker still importing `site` dies of the SIGINT with exit code 1 ("Fatal
+    Python error: init_import_site"), and the runner may reap it before asyncio's handler cancels the loop. The
+    runner marks itself stopping in the signal handler, so that reap records nothing. Real child process, real
+    SIGINT to this (main-thread) test process."""
+    import io
+
+    from genrun.contract.api import RunRef
+    from genrun.operator.local import LocalRunner, _Proc
+    from genrun.operator.planner import ObservedJob
+    from genrun.worker.storage import LocalStorage
+
+    spec = yaml.safe_load(small_manifest(tmp_path).read_text())["spec"]
+    runner = LocalRunner(RunRef("r"), spec, LocalStorage(tmp_path / "out"), tmp_path / "state", out=io.StringIO())
+    (tmp_path / "state" / "jobs").mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", "import os, signal, sys, time; "
+                              "signal.signal(signal.SIGINT, lambda *_: os._exit(1)); print(flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE)  # fmt: skip
+    assert child.stdout is not None and child.stdout.readline()  # its handler is in place
+    log = (tmp_path / "w.log").open("w")
+    runner.procs["r-r1-s100"] = _Proc(ObservedJob("r-r1-s100", "shard", 1, 100, 1, "Running"), child, log)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), runner._stopping_on_interrupt():
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=30) == 1
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C reaching the runner
+        time.sleep(5)  # never reached: the handler raises at the next bytecode
+    assert runner.reap() and not runner.finished and not list((tmp_path / "state" / "jobs").glob("*.failed.json"))
+    assert signal.getsignal(signal.SIGINT) is before
+    child.stdout.close()
+
+
 # Each `genrun run` process costs over a second; tests/unit/test_validate.py runs every invalid example through the
 # same path in-process. Here, a spread sample of them end to end, as a user's shell would.
 INVALID_SAMPLE = sorted((ROOT / "examples" / "invalid").glob("*.yaml"))[::12]
