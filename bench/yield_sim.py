@@ -20,6 +20,8 @@ Policies, each over many seeds:
 Last line: RESULT genrun_tokens=<median> best_static_tokens=<median> seed_tokens=<median>
 genrun_over_best_static=<ratio> seed_over_genrun=<ratio> overshoot=<genrun's median overshoot>
 genrun_without_qc_before_response_tokens=<median: the same bandit with generation.qcBeforeResponse off>
+floor_tokens=<target x the cheapest arm's tokens per kept example with duplicates free> seed_over_floor=<ratio: about
+the most seed_over_genrun these pools allow at this target>
 Usage: python -P bench/yield_sim.py [--target 150] [--seeds 25]
 """
 
@@ -106,6 +108,17 @@ class Pools:
         itok = np.array([r["instruction_tokens"] for r in rows])
         rtok = np.array([r["response_tokens"] for r in rows])
         return cls(arms, np.asarray(cluster), qc_ok, gate_ok, itok, rtok)
+
+    def cost_per_kept(self, arm: Arm) -> float:
+        """The arm's tokens per kept example if duplicates were free: a sample costs its instruction, its response when
+        the instruction side of QC passes it (or its tokens when malformed), and is kept when QC passes it. Over the
+        arm's whole pool, i.e. assuming the instructions a run has not seen yet cost and pass as the average one;
+        duplicates only add to it. inf for an arm whose samples never pass QC."""
+        r = arm.rows
+        ok = float(self.qc_ok[r].mean()) * (1 - arm.malformed_rate) if len(r) else 0.0
+        paid = (self.itok[r] + np.where(self.gate_ok[r], self.rtok[r], 0)).mean() if len(r) else 0.0
+        cost = float(paid) * (1 - arm.malformed_rate) + arm.malformed_rate * arm.malformed_tokens
+        return cost / ok if ok > 0 else float("inf")
 
     def arm(self, temperature: float, penalty: float) -> Arm:
         return next(a for a in self.arms if (a.temperature, a.repetition_penalty) == (temperature, penalty))
@@ -315,13 +328,21 @@ def main() -> None:
     line("genrun (bandit)", genrun)
     line("genrun, no QC before resp.", ungated)
     best_arm = min(statics, key=lambda a: median_of(statics[a]))
+    # What no policy over these arms can beat by much: target x the cheapest arm's tokens per kept example with
+    # duplicates free. seed / floor is about the largest seed_over_genrun these pools allow at this target.
+    cheapest = min(pools.arms, key=pools.cost_per_kept)
+    floor = args.target * pools.cost_per_kept(cheapest)
+    print(f"floor: {floor:,.0f} tokens = {args.target} x {pools.cost_per_kept(cheapest):.1f} tokens per kept example "
+          f"(T={cheapest.temperature:g} rp={cheapest.repetition_penalty:g}, duplicates free); the problem's process "
+          f"spends {median_of(seed) / floor:.2f}x that")  # fmt: skip
     g, b, s = median_of(genrun), median_of(statics[best_arm]), median_of(seed)
     overshoot = statistics.median((k - args.target) / args.target for _, k in genrun)
     print(f"best static: T={best_arm.temperature:g} rp={best_arm.repetition_penalty:g}; {time.monotonic() - t0:.1f} s")
     print(
         f"RESULT genrun_tokens={g:.0f} best_static_tokens={b:.0f} seed_tokens={s:.0f} "
         f"genrun_over_best_static={g / b:.3f} seed_over_genrun={s / g:.3f} overshoot={overshoot:.3f} "
-        f"genrun_without_qc_before_response_tokens={median_of(ungated):.0f}"
+        f"genrun_without_qc_before_response_tokens={median_of(ungated):.0f} floor_tokens={floor:.0f} "
+        f"seed_over_floor={s / floor:.3f}"
     )
 
 

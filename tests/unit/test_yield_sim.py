@@ -35,7 +35,8 @@ def test_simulator_runs_the_three_policies_on_real_samples(tmp_path: Path) -> No
     last = res.stdout.strip().splitlines()[-1]
     m = dict(kv.split("=") for kv in last.removeprefix("RESULT ").split())
     assert set(m) == {"genrun_tokens", "best_static_tokens", "seed_tokens", "genrun_over_best_static",
-                      "seed_over_genrun", "overshoot", "genrun_without_qc_before_response_tokens"}  # fmt: skip
+                      "seed_over_genrun", "overshoot", "genrun_without_qc_before_response_tokens", "floor_tokens",
+                      "seed_over_floor"}  # fmt: skip
     g, b, s = float(m["genrun_tokens"]), float(m["best_static_tokens"]), float(m["seed_tokens"])
     assert abs(float(m["genrun_over_best_static"]) - g / b) < 0.01 and abs(float(m["seed_over_genrun"]) - s / g) < 0.01
     # The T=1.0 pool mostly fails QC, so the best static arm is T=0.7, and the problem's process (10 joint shards of
@@ -45,3 +46,25 @@ def test_simulator_runs_the_three_policies_on_real_samples(tmp_path: Path) -> No
     # on these pools the check before responses saves tokens: the same bandit without it pays for every response
     assert float(m["genrun_without_qc_before_response_tokens"]) >= g
     assert float(m["overshoot"]) <= 0.25
+    # the floor: duplicates free, so every policy here pays more; the RESULT's ratio is the one it printed
+    floor = float(m["floor_tokens"])
+    assert 0 < floor < min(g, b) and abs(float(m["seed_over_floor"]) - s / floor) < 0.01
+    assert f"floor: {floor:,.0f} tokens" in res.stdout
+
+
+def test_cost_per_kept_counts_what_each_sample_pays() -> None:
+    """Hand-checked: 4 rows, one malformed sample in 5; the instruction side of QC gates one row (its response is
+    never paid), QC keeps two."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from yield_sim import Arm, Pools
+
+    rows = np.arange(4)
+    pools = Pools([], cluster=rows, qc_ok=np.array([1, 1, 0, 0], bool), gate_ok=np.array([1, 1, 1, 0], bool),
+                  itok=np.array([10, 10, 10, 10]), rtok=np.array([30, 50, 40, 99]))  # fmt: skip
+    arm = Arm(0.7, 0.9, 1.1, rows, malformed_rate=0.2, malformed_tokens=100.0)
+    paid = (40 + 60 + 50 + 10) / 4 * 0.8 + 0.2 * 100  # per sample drawn
+    assert abs(pools.cost_per_kept(arm) - paid / (0.5 * 0.8)) < 1e-9
+    never = Arm(1.0, 0.9, 1.3, rows[2:], malformed_rate=0.0, malformed_tokens=0.0)
+    assert pools.cost_per_kept(never) == float("inf")
