@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,7 +98,7 @@ def json_strings(col: Any, ensure_ascii: bool = True) -> list[str]:
     return list(map(enc, values))
 
 
-def _write_messages(storage: Storage, part: str, rnd: int, meta: dict[bytes, bytes], tmp: Path) -> int:
+def _write_messages(storage: Storage, part: str, rnd: int, meta: dict[bytes, bytes]) -> int:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -115,16 +114,13 @@ def _write_messages(storage: Storage, part: str, rnd: int, meta: dict[bytes, byt
     content = pa.concat_arrays([ins, res]).take(pa.array(turn))
     turns = pa.StructArray.from_arrays([roles, content], fields=list(messages_schema().field(0).type.value_type))
     msgs = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2), pa.int32()), turns)
-    out = tmp / f"messages-{rnd}.parquet"
-    pq.write_table(pa.table({"messages": msgs}, schema=messages_schema().with_metadata(meta)), out)
-    lines = tmp / f"messages-{rnd}.jsonl"
-    with open(lines, "w") as f:
+    with storage.staged(messages_key(rnd)) as out:
+        pq.write_table(pa.table({"messages": msgs}, schema=messages_schema().with_metadata(meta)), out)
+    with storage.staged(messages_jsonl_key(rnd)) as lines, open(lines, "w") as f:
         f.writelines(
             f'{{"messages": [{{"role": "user", "content": {i}}}, {{"role": "assistant", "content": {r}}}]}}\n'
             for i, r in zip(json_strings(ins, ensure_ascii=False), json_strings(res, ensure_ascii=False), strict=True)
         )
-    storage.upload(out, messages_key(rnd))
-    storage.upload(lines, messages_jsonl_key(rnd))
     return int(table.num_rows)
 
 
@@ -163,14 +159,13 @@ def export_dataset(
     todo = sorted({r for r in parts if r not in have} | ({report.round, *rewritten} & set(parts)))
     reports = {x.round: x for x in _reports(storage, report.round - 1)}
     reports[report.round] = report
-    with tempfile.TemporaryDirectory(prefix="genrun-export-") as tmpd:
-        for r in todo:
-            meta = part_metadata(raw_spec, run)
-            if r in reports:
-                meta[METADATA_KEY] = json.dumps(
-                    {**json.loads(meta[METADATA_KEY]), "report": rec.plain(reports[r])}, sort_keys=True
-                ).encode()
-            _write_messages(storage, parts[r], r, meta, Path(tmpd))
+    for r in todo:
+        meta = part_metadata(raw_spec, run)
+        if r in reports:
+            meta[METADATA_KEY] = json.dumps(
+                {**json.loads(meta[METADATA_KEY]), "report": rec.plain(reports[r])}, sort_keys=True
+            ).encode()
+        _write_messages(storage, parts[r], r, meta)
     for r in sorted(have - set(parts)):  # a part a re-merge no longer writes: its export goes too
         storage.delete(messages_key(r))
         storage.delete(messages_jsonl_key(r))

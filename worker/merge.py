@@ -56,14 +56,13 @@ from genrun.worker.merge_state import (
     top_clusters,
 )
 from genrun.worker.qc import QcPipeline
-from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
+from genrun.worker.storage import STAGED_DIR_PREFIX, DamagedMarker, Storage, local_copy, read_marker
 
 if TYPE_CHECKING:
     from genrun.worker.against import AgainstSeed
 
 log = logging.getLogger("genrun.merge")
 
-TMP_DIR_PREFIX = "genrun-merge-"
 REASON_EXACT, REASON_NEAR, REASON_SEMANTIC = "exact_duplicate", "near_duplicate", "semantic_duplicate"
 DUPLICATE_REASONS = (REASON_EXACT, REASON_NEAR, REASON_SEMANTIC)
 
@@ -259,14 +258,15 @@ def _advance(state: State, dec: Decisions, sem_drops: Any = None) -> dict[str, d
 
 
 def _clean_leftovers(storage: Storage, rnd: int) -> None:
-    """What a killed merge left: temporary files under the merge's own prefixes, and its local temp folders."""
+    """What a killed merge left: temporary files under the merge's own prefixes, and the local folders of its S3
+    writes (`Storage.staged`)."""
     for prefix in (rec.DATASET_PREFIX, "rejected/", "merge/", "quarantine/"):
         for key in storage.remove_leftovers(prefix):
             log.info("removed a killed merge's leftover %s", key)
     tmp = Path(tempfile.gettempdir())
-    for d in tmp.glob(f"{TMP_DIR_PREFIX}*"):
+    for d in tmp.glob(f"{STAGED_DIR_PREFIX}*"):
         try:
-            pid = int(d.name.removeprefix(TMP_DIR_PREFIX).split("-")[0])
+            pid = int(d.name.removeprefix(STAGED_DIR_PREFIX).split("-")[0])
         except ValueError:
             continue
         if pid != os.getpid() and not _alive(pid):
@@ -339,19 +339,14 @@ def seed_state(storage: Any, spec: Any, state: Any) -> AgainstSeed | None:
     if seed.semantic is not None:  # the merge's ids for the same rows: 0..m-1
         seed.semantic._ids[: len(seed.semantic)] = np.arange(len(seed.semantic), dtype=np.int64)
     prefix = rec.merge_prefix(0)
-    with tempfile.TemporaryDirectory(prefix="genrun-against-") as d:
-        tmp = Path(d)
-        save_npz(tmp / "state.npz", **step["chunk"])
-        save_npz(tmp / "seen-index.npz", **step["seen"])
-        kept = np.flatnonzero(dec.kept)
-        pq.write_table(
-            pa.table(
-                {"id": pa.array(dec.ids[kept]), "instruction": pa.array([seed.keys[i] for i in kept], pa.string())}
-            ),
-            tmp / "kept.parquet",
-        )
-        for name in ("state.npz", "seen-index.npz", "kept.parquet"):
-            storage.upload(tmp / name, f"{prefix}/{name}")
+    with storage.staged(f"{prefix}/state.npz") as path:
+        save_npz(path, **step["chunk"])
+    with storage.staged(f"{prefix}/seen-index.npz") as path:
+        save_npz(path, **step["seen"])
+    kept = np.flatnonzero(dec.kept)
+    texts = pa.array([seed.keys[i] for i in kept], pa.string())
+    with storage.staged(f"{prefix}/kept.parquet") as path:
+        pq.write_table(pa.table({"id": pa.array(dec.ids[kept]), "instruction": texts}), path)
     return seed
 
 
@@ -395,9 +390,15 @@ def _merge_one(
         skeys = keys.take(surv) if keys is not None else round_keys(spec, [pa.concat_tables(cols).take(surv)])
         sem_drops = semantic_tier(spec, state, dec, skeys, first_id)
     del keys, cols
-    with tempfile.TemporaryDirectory(prefix=f"{TMP_DIR_PREFIX}{os.getpid()}-") as tmpd:
-        tmp = Path(tmpd)
-        round_counts = _write_rows(storage, spec, run, rnd, shards, dec, tmp, sem_drops)
+    prefix = rec.merge_prefix(rnd)
+    names = ["seen-index.npz", "state.npz", "kept.parquet", "alpaca.jsonl", "sharegpt.jsonl"]
+    keys_of = {name: f"{prefix}/{name}" for name in names + (["semantic.parquet"] if sem_drops is not None else [])}
+    keys_of |= {"dataset.parquet": rec.dataset_part_key(rnd), "rejected.parquet": rec.rejected_part_key(rnd)}
+    # Each output written once, straight to where storage publishes it (atomically, when the block ends without an
+    # error; S3: uploaded then); the report, which names them, after; its round report last of all.
+    with contextlib.ExitStack() as stack:
+        out = {name: stack.enter_context(storage.staged(key)) for name, key in keys_of.items()}
+        round_counts = _write_rows(storage, spec, run, rnd, shards, dec, out, sem_drops)
         step = _advance(state, dec, sem_drops)
         tot.round = rnd
         tot.round_first_id[rnd] = first_id
@@ -417,21 +418,14 @@ def _merge_one(
         tot.early += round_counts["early"]
         for k, v in round_counts["rejected"].items():
             tot.rejected[k] = tot.rejected.get(k, 0) + v
-        save_npz(tmp / "state.npz", **step["chunk"])
+        save_npz(out["state.npz"], **step["chunk"])
         # the semantic tier's index rides in the seen-index (what `semantic.load_seen_semantic` reads): all kept rows
         sem_npz = state.semantic.to_npz() if state.semantic is not None else {}
-        save_npz(tmp / "seen-index.npz", **step["seen"], **sem_npz)
-        prefix = rec.merge_prefix(rnd)
-        names = ["seen-index.npz", "state.npz", "kept.parquet", "alpaca.jsonl", "sharegpt.jsonl"]
-        for name in names + (["semantic.parquet"] if sem_drops is not None else []):
-            storage.upload(tmp / name, f"{prefix}/{name}")
-        storage.upload(tmp / "dataset.parquet", rec.dataset_part_key(rnd))
-        storage.upload(tmp / "rejected.parquet", rec.rejected_part_key(rnd))
-        report = replace(_report(storage, spec, state, rnd, len(shards)), per_shard=round_counts["per_shard"])
-        if final:
-            (tmp / "report.md").write_text(render_markdown(report, run, missing=missing))
-            storage.upload(tmp / "report.md", f"{prefix}/report.md")
-        storage.write_bytes(state_key(rnd, "state.json"), tot.to_json().encode())
+        save_npz(out["seen-index.npz"], **step["seen"], **sem_npz)
+    report = replace(_report(storage, spec, state, rnd, len(shards)), per_shard=round_counts["per_shard"])
+    if final:
+        storage.write_bytes(f"{prefix}/report.md", render_markdown(report, run, missing=missing).encode())
+    storage.write_bytes(state_key(rnd, "state.json"), tot.to_json().encode())
     if final:
         # The dataset folder (card, messages) before the completion marker, so that a retried merge redoes it.
         export_dataset(storage, spec, run, report, rewritten=rewritten)
@@ -446,10 +440,11 @@ def _write_rows(
     rnd: int,
     shards: list[_Shard],
     dec: Decisions,
-    tmp: Path,
+    out: dict[str, Path],
     sem_drops: Any = None,
 ) -> dict[str, Any]:
-    """Pass 2: each shard's rows (read in pass 1): QC on the kept ones, the dataset part, rejected rows, exports."""
+    """Pass 2: each shard's rows (read in pass 1): QC on the kept ones, the dataset part, rejected rows, exports;
+    written to the paths `out` gives by file name."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -462,16 +457,16 @@ def _write_rows(
     this = Counts()
     rejected: Counter[str] = Counter()
     shard_yield: list[rec.ShardYield] = []
-    ds = pq.ParquetWriter(tmp / "dataset.parquet", rec.example_schema().with_metadata(part_metadata(spec, run)))
-    rj = pq.ParquetWriter(tmp / "rejected.parquet", rej_schema)
-    kept_w = pq.ParquetWriter(tmp / "kept.parquet", pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
+    ds = pq.ParquetWriter(out["dataset.parquet"], rec.example_schema().with_metadata(part_metadata(spec, run)))
+    rj = pq.ParquetWriter(out["rejected.parquet"], rej_schema)
+    kept_w = pq.ParquetWriter(out["kept.parquet"], pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
     g = 0
     left_domain = early_total = 0
     sem_texts = []
     with (
         _QcRuns(storage, spec.qc.filters, shards, dec) as qcs,
-        open(tmp / "alpaca.jsonl", "w") as alpaca,
-        open(tmp / "sharegpt.jsonl", "w") as sharegpt,
+        open(out["alpaca.jsonl"], "w") as alpaca,
+        open(out["sharegpt.jsonl"], "w") as sharegpt,
     ):
         for k, sh in enumerate(shards):
             fresh, check, got = qcs.result(k)  # QC of the rows that need it (in worker processes when there are any)
@@ -553,7 +548,7 @@ def _write_rows(
     kept_w.close()
     if sem_drops is not None:  # the round's semantic drops with their texts, for the report's clusters
         texts = pa.concat_arrays(sem_texts) if sem_texts else pa.array([], pa.string())
-        pq.write_table(sem_drops[0].append_column("instruction", texts), tmp / "semantic.parquet")
+        pq.write_table(sem_drops[0].append_column("instruction", texts), out["semantic.parquet"])
     return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected),
             "per_shard": tuple(shard_yield), "left_domain": left_domain, "early": early_total}  # fmt: skip
 

@@ -200,8 +200,10 @@ def _npz_members(path: Path) -> dict[str, np.ndarray]:
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Arrays as an uncompressed .npz (what load_npz memory-maps)."""
-    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle flag
+    """Arrays as an uncompressed .npz (what load_npz memory-maps). Through a file object: given a name, numpy would
+    append ".npz" to one that lacks it (a staged temporary name)."""
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle flag
 
 
 def load_npz(storage: Storage, key: str) -> dict[str, np.ndarray]:

@@ -23,6 +23,10 @@ from genrun.worker.records import ShardManifest, parse_marker
 Keys = list[str]  # a name outside the classes, whose `list` method shadows the builtin in their annotations
 
 TMP_PREFIX = "_tmp/"
+STAGED_DIR_PREFIX = (
+    "genrun-staged-"  # local folders of S3 writes in progress: + the writer's pid (leftovers of the dead
+)
+# are removed by the merge)
 
 
 class StorageError(Exception):
@@ -36,6 +40,7 @@ class Storage(Protocol):
     def read_bytes(self, key: str) -> bytes: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def upload(self, local: Path, key: str) -> None: ...
+    def staged(self, key: str) -> contextlib.AbstractContextManager[Path]: ...
     def download(self, key: str, local: Path) -> None: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
@@ -69,22 +74,32 @@ class LocalStorage:
         except FileNotFoundError as exc:
             raise KeyError(key) from exc
 
-    def _publish(self, key: str, fill: Any) -> None:
-        """Write through `fill(file)` to a temporary name beside the destination, fsync, then rename over it."""
+    @contextlib.contextmanager
+    def staged(self, key: str) -> Iterator[Path]:
+        """A path to write `key`'s content to: a temporary name beside the destination, fsynced and renamed over it
+        when the block ends without an error, removed when it fails. One write, no copy."""
         dest = self._p(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                fill(f)
-                f.flush()
-                os.fsync(f.fileno())
+            yield Path(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are read by other users and Jobs
             os.replace(tmp, dest)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+    def _publish(self, key: str, fill: Any) -> None:
+        """Write through `fill(file)` to a temporary name beside the destination, fsync, then rename over it."""
+        with self.staged(key) as tmp, open(tmp, "wb") as f:
+            fill(f)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._publish(key, lambda f: f.write(data))
@@ -206,6 +221,14 @@ class S3Storage:
     def upload(self, local: Path, key: str) -> None:
         with open(local, "rb") as f:  # parts of 64 MiB above 64 MiB: an object appears only when complete
             self.client.upload_fileobj(f, self.bucket, self._k(key), Config=self.transfer)
+
+    @contextlib.contextmanager
+    def staged(self, key: str) -> Iterator[Path]:
+        """A local path to write `key`'s content to, uploaded when the block ends without an error."""
+        with tempfile.TemporaryDirectory(prefix=f"{STAGED_DIR_PREFIX}{os.getpid()}-") as d:
+            path = Path(d) / Path(key).name
+            yield path
+            self.upload(path, key)
 
     def download(self, key: str, local: Path) -> None:
         from botocore.exceptions import ClientError

@@ -46,6 +46,24 @@ def test_round_trip_atomic_and_listing(s3: SeaweedFS, tmp_path: Path, monkeypatc
         st.read_bytes("x/nope")
 
 
+def test_staged_uploads_when_the_block_ends_and_not_when_it_fails(
+    s3: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`staged`: a local file written once, uploaded on success; on an error nothing reaches the bucket and the
+    earlier object stays; the local folder is gone either way."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    st = open_storage("s3://store/runs/staged", s3.endpoint)
+    with st.staged("m/seen-index.npz") as path:
+        path.write_bytes(b"first")
+        folder = path.parent
+    assert st.read_bytes("m/seen-index.npz") == b"first" and not folder.exists()
+    with pytest.raises(RuntimeError), st.staged("m/seen-index.npz") as path:
+        path.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert st.read_bytes("m/seen-index.npz") == b"first" and not path.parent.exists()
+
+
 def test_missing_bucket_is_one_line_with_storage_exit_code(s3: SeaweedFS, tmp_path: Path) -> None:
     with pytest.raises(StorageError, match=re.escape("s3://no-such-bucket/p at http://127.0.0.1")):
         open_storage("s3://no-such-bucket/p", s3.endpoint).check()

@@ -90,6 +90,46 @@ def test_idempotent_and_atomic_rerun(storage: LocalStorage) -> None:
     assert not [p for p in Path(storage.root).rglob("*.tmp")]
 
 
+def test_local_staged_publishes_once_atomically_and_a_failure_keeps_the_old_file(storage: LocalStorage) -> None:
+    """`staged` on a folder: written beside the destination under a temporary name (readers never see it), renamed
+    over it, world-readable; an error removes the temporary file and leaves the published one as it was."""
+    with storage.staged("m/a.bin") as path:
+        assert path.parent == Path(storage.location("m")) and path.name.startswith(".a.bin.")
+        path.write_bytes(b"one")
+        assert not storage.exists("m/a.bin") and storage.list("m/") == []
+    assert storage.read_bytes("m/a.bin") == b"one"
+    assert Path(storage.location("m/a.bin")).stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError), storage.staged("m/a.bin") as path:
+        path.write_bytes(b"tw")
+        raise RuntimeError("killed mid-write")
+    assert storage.read_bytes("m/a.bin") == b"one" and not path.exists()
+
+
+def test_a_merge_failing_while_it_writes_publishes_nothing_of_the_round(
+    storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error in pass 2 (here: the seen-index cannot be saved) leaves no part of the round published and no
+    temporary file; the rerun writes what a clean merge writes."""
+    import genrun.worker.merge as m
+
+    spec = parse_spec(SPEC)
+    write_shard(storage, 1, 0, [example_row("How do plants make their food from sunlight?")])
+    orig = m.save_npz
+
+    def failing(path: Path, **arrays: object) -> None:
+        if "sigs" in arrays:
+            raise OSError(28, "No space left on device")
+        orig(path, **arrays)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(m, "save_npz", failing)
+    with pytest.raises(OSError):
+        merge_round(storage, spec, "t", 1, [(1, 0)])
+    assert [p for p in Path(storage.root).rglob("*") if p.is_file() and "shards" not in p.parts] == []
+    monkeypatch.setattr(m, "save_npz", orig)
+    report = merge_round(storage, spec, "t", 1, [(1, 0)])
+    assert report.qc_passed_total == 1 and storage.exists(rec.seen_index_key(1))
+
+
 def test_corrupt_shard_is_quarantined_not_fatal_and_missing_is_reported(storage: LocalStorage) -> None:
     spec = parse_spec(SPEC)
     write_shard(storage, 1, 0, [example_row("How do plants make their food from sunlight?")])
@@ -227,9 +267,9 @@ def test_killed_merge_reruns_to_the_same_outputs_and_cleans_up(tmp_path: Path) -
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = Path(tempfile.gettempdir()) / f"genrun-merge-{dead.pid}-xyz"
+    stale = Path(tempfile.gettempdir()) / f"genrun-staged-{dead.pid}-xyz"
     stale.mkdir(exist_ok=True)
-    mine = Path(tempfile.gettempdir()) / f"genrun-merge-{os.getpid()}-keep"
+    mine = Path(tempfile.gettempdir()) / f"genrun-staged-{os.getpid()}-keep"
     mine.mkdir(exist_ok=True)
     merge_round(st, spec, "t", 2, ids)
     assert _outputs(st, 2) == _outputs(ref, 2)
