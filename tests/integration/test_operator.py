@@ -105,6 +105,18 @@ def dataset_rows(s3: SeaweedFS, run: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def events_with(cluster: Cluster, *reasons: str, timeout: float = 30) -> list[dict[str, Any]]:
+    """The namespace's Events once those reasons are among them: Kopf posts Events from a queue of its own, so they
+    may reach the API server after the status patch a test waited for (seen failing CI)."""
+
+    def ready() -> list[dict[str, Any]] | None:
+        events: list[dict[str, Any]] = cluster.items(f"/api/v1/namespaces/{NS}/events")
+        return events if set(reasons) <= {e.get("reason") for e in events} else None
+
+    got: list[dict[str, Any]] = wait_for(ready, timeout, f"Events {', '.join(reasons)}")
+    return got
+
+
 def test_run_reaches_target_in_rounds_with_metrics_events_and_no_secret_leak(cluster: Cluster, s3: SeaweedFS) -> None:
     with JobRunner(cluster, NS, {"GENRUN_ENGINE": "replay"}) as runner, OperatorProcess(cluster, NS) as op:
         cluster.create(RUNS.format(ns=NS), manifest("two-rounds", s3))
@@ -146,9 +158,7 @@ def test_run_reaches_target_in_rounds_with_metrics_events_and_no_secret_leak(clu
         assert 'genrun_unique_yield_ratio{name="two-rounds",namespace="data",round="1"}' in text
         assert "genrun_build_info" in text and "genrun_reconcile_duration_seconds_bucket" in text
 
-        events = cluster.items(f"/api/v1/namespaces/{NS}/events")
-        reasons = {e.get("reason") for e in events}
-        assert {"RoundStarted", "RoundFinished", "TargetMet"} <= reasons
+        events = events_with(cluster, "RoundStarted", "RoundFinished", "TargetMet")
 
         # No Secret value in status, events, the operator's log, metrics, or Job manifests.
         everything = str(run) + str(events) + op.log() + text + str(jobs)
@@ -359,7 +369,7 @@ def test_a_child_the_api_server_refuses_fails_the_run_once_not_forever(cluster: 
         cond = wait_for(lambda: _failed(cluster, "refused"), 60, "Failed")
         assert cond["reason"] == "ChildRejected"
         assert "(422)" in cond["message"] and message in cond["message"]
-        events = cluster.items(f"/api/v1/namespaces/{NS}/events")
+        events = events_with(cluster, "ChildRejected")
         assert [e for e in events if e.get("reason") == "ChildRejected" and e.get("type") == "Warning"]
 
         def job_posts() -> int:
@@ -391,6 +401,6 @@ def test_damaged_shard_marker_is_quarantined_counted_and_announced(cluster: Clus
             Bucket="genrun-test", Key=f"damaged/quarantine/{key.removeprefix('damaged/')}.json"
         )
         assert "unreadable" in json.loads(record["Body"].read())["error"]
-        events = [e for e in cluster.items(f"/api/v1/namespaces/{NS}/events") if e.get("reason") == "ShardsQuarantined"]
+        events = [e for e in events_with(cluster, "ShardsQuarantined") if e.get("reason") == "ShardsQuarantined"]
         assert events and events[0]["type"] == "Warning" and "1 shard(s) quarantined" in events[0]["message"]
         assert "Traceback" not in op.log()
