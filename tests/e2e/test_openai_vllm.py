@@ -82,11 +82,11 @@ def test_real_server_completions_with_logprobs(server: str) -> None:
         assert c.text.strip() and 0 < c.tokens <= 24 and c.finish_reason in ("stop", "length")
         assert c.logprob is not None and c.logprob < 0 and -15 < (c.mean_logprob or 0) < 0
     assert len({c.text for o in outs for c in o}) > 1  # distinct seeds sample different text
-    # A seed reproduces its sample when the request is the same: one prompt asked twice alone. (Asked alone after
-    # being batched with two others, the second of its n=2 samples came out different on the December 2026 CI
-    # machine: the batch's shape moves the logits in the last bits, and a near tie flips a token.)
-    once, again = (eng.generate([PROMPT], params[:1])[0] for _ in range(2))
-    assert [c.text for c in again] == [c.text for c in once]
+    # Not asserted: that a seed reproduces its text on this server. vLLM's online server promises that only with
+    # batch invariance (VLLM_BATCH_INVARIANT=1, GPUs only; docs.vllm.ai usage/reproducibility); here the same request
+    # asked twice alone gave a different second sample (CI, December 2026: the prefix cache or the batch shape moves
+    # the logits in the last bits and a near tie flips a token). That each request carries its own seed is tested
+    # against a recording server in tests/unit/test_openai_engine.py.
 
 
 def test_real_server_wrong_model_is_one_line(server: str) -> None:
