@@ -30,8 +30,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -56,7 +54,7 @@ from genrun.worker.merge_state import (
     top_clusters,
 )
 from genrun.worker.qc import QcPipeline
-from genrun.worker.storage import STAGED_DIR_PREFIX, DamagedMarker, Storage, local_copy, read_marker
+from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker, remove_staged_leftovers
 
 if TYPE_CHECKING:
     from genrun.worker.against import AgainstSeed
@@ -263,25 +261,8 @@ def _clean_leftovers(storage: Storage, rnd: int) -> None:
     for prefix in (rec.DATASET_PREFIX, "rejected/", "merge/", "quarantine/"):
         for key in storage.remove_leftovers(prefix):
             log.info("removed a killed merge's leftover %s", key)
-    tmp = Path(tempfile.gettempdir())
-    for d in tmp.glob(f"{STAGED_DIR_PREFIX}*"):
-        try:
-            pid = int(d.name.removeprefix(STAGED_DIR_PREFIX).split("-")[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _alive(pid):
-            shutil.rmtree(d, ignore_errors=True)
-            log.info("removed a killed merge's temp folder %s", d)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    for d in remove_staged_leftovers():
+        log.info("removed a killed merge's temp folder %s", d)
 
 
 def _use_system_allocator() -> None:

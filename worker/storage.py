@@ -23,10 +23,8 @@ from genrun.worker.records import ShardManifest, parse_marker
 Keys = list[str]  # a name outside the classes, whose `list` method shadows the builtin in their annotations
 
 TMP_PREFIX = "_tmp/"
-STAGED_DIR_PREFIX = (
-    "genrun-staged-"  # local folders of S3 writes in progress: + the writer's pid (leftovers of the dead
-)
-# are removed by the merge)
+# Local folders of S3 writes in progress (`S3Storage.staged`): this prefix, then the writer's pid.
+STAGED_DIR_PREFIX = "genrun-staged-"
 
 
 class StorageError(Exception):
@@ -262,6 +260,30 @@ class S3Storage:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
                 gone.append(up["Key"])
         return gone
+
+
+def remove_staged_leftovers() -> list[Path]:
+    """Delete the local folders of staged writes whose process is gone (a killed writer's); returns them."""
+    gone = []
+    for d in Path(tempfile.gettempdir()).glob(f"{STAGED_DIR_PREFIX}*"):
+        try:
+            pid = int(d.name.removeprefix(STAGED_DIR_PREFIX).split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def open_storage(
