@@ -19,11 +19,9 @@ import json
 import logging
 import math
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -536,15 +534,12 @@ def _publish(
     import pyarrow.parquet as pq
 
     dkey, rkey = rec.shard_data_key(shard.round, shard.seed), rec.shard_rejected_key(shard.round, shard.seed)
-    with tempfile.TemporaryDirectory(prefix="genrun-shard-") as d:
-        data = Path(d) / "data.parquet"
+    with storage.staged(dkey) as data:
         pq.write_table(pa.Table.from_pylist(rows, schema=rec.example_schema()), data)
-        storage.upload(data, dkey)
-        rejected = Path(d) / "rejected.parquet"
-        rej = [{"round": shard.round, "seed": shard.seed, "index": r.index, "reason": r.reason, "text": r.text}
-               for r in counts.rejected]  # fmt: skip
+    rej = [{"round": shard.round, "seed": shard.seed, "index": r.index, "reason": r.reason, "text": r.text}
+           for r in counts.rejected]  # fmt: skip
+    with storage.staged(rkey) as rejected:
         pq.write_table(pa.Table.from_pylist(rej, schema=rec.rejected_schema()), rejected)
-        storage.upload(rejected, rkey)
     manifest = rec.ShardManifest(
         round=shard.round,
         seed=shard.seed,
