@@ -331,8 +331,9 @@ def main() -> None:
     # What no policy over these arms can beat by much: target x the cheapest arm's tokens per kept example with
     # duplicates free. seed / floor is about the largest seed_over_genrun these pools allow at this target.
     cheapest = min(pools.arms, key=pools.cost_per_kept)
-    floor = args.target * pools.cost_per_kept(cheapest)
-    print(f"floor: {floor:,.0f} tokens = {args.target} x {pools.cost_per_kept(cheapest):.1f} tokens per kept example "
+    per_kept = pools.cost_per_kept(cheapest)
+    floor = args.target * per_kept
+    print(f"floor: {floor:,.0f} tokens = {args.target} x {per_kept:.1f} tokens per kept example "
           f"(T={cheapest.temperature:g} rp={cheapest.repetition_penalty:g}, duplicates free); the problem's process "
           f"spends {median_of(seed) / floor:.2f}x that")  # fmt: skip
     g, b, s = median_of(genrun), median_of(statics[best_arm]), median_of(seed)
