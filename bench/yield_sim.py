@@ -21,7 +21,8 @@ Last line: RESULT genrun_tokens=<median> best_static_tokens=<median> seed_tokens
 genrun_over_best_static=<ratio> seed_over_genrun=<ratio> overshoot=<genrun's median overshoot>
 genrun_without_qc_before_response_tokens=<median: the same bandit with generation.qcBeforeResponse off>
 floor_tokens=<target x the cheapest arm's tokens per kept example with duplicates free> seed_over_floor=<ratio: about
-the most seed_over_genrun these pools allow at this target>
+the most seed_over_genrun these pools allow at this target>. A median over runs most of which never reached the
+target (the pools or the budget ran out) prints as inf, and a ratio with it as nan.
 Usage: python -P bench/yield_sim.py [--target 150] [--seeds 25]
 """
 
@@ -32,10 +33,10 @@ import copy
 import dataclasses
 import gzip
 import json
+import math
 import os
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,7 +206,16 @@ class World:
         return per
 
 
-def run_seed_process(pools: Pools, spec: Any, rng: random.Random) -> tuple[int, int]:
+# Tokens of a run that never reached the target (the pools ran dry or the budget ended): infinite, so that a median
+# over seeds is unreached when most runs are, and no ratio is printed from it.
+UNREACHED = math.inf
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
+
+
+def run_seed_process(pools: Pools, spec: Any, rng: random.Random) -> tuple[float, int]:
     """The problem's process: +10 joint shards a round at T 0.7 / rp 1.1 until the target is met."""
     w = World(pools, rng)
     arm = pools.arm(*SEED_ARM)
@@ -214,10 +224,10 @@ def run_seed_process(pools: Pools, spec: Any, rng: random.Random) -> tuple[int, 
         w.merge([w.shard(arm, eps, joint=True, online=False)[0] for _ in range(SEED_SHARDS_PER_ROUND)])
         if w.kept >= target:
             return w.tokens, w.kept
-    return sys.maxsize, w.kept
+    return UNREACHED, w.kept
 
 
-def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef, run: int = 0) -> tuple[int, int]:
+def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef, run: int = 0) -> tuple[float, int]:
     """genrun's planner driving simulated shards and merges until it finishes. Each simulated run has its own
     spec.shards.firstSeed (the planner draws from it), as separate real runs would."""
     spec = dataclasses.replace(spec, shards=dataclasses.replace(spec.shards, first_seed=1000 * run))
@@ -225,7 +235,7 @@ def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef, run: i
     joint = spec.generation.mode == "joint"
     _, plans = run_instantly(ref, spec, lambda plan, prev: _round(w, plan, prev, joint, spec))
     ok = plans[-1].condition("Succeeded").status == "True"
-    return (w.tokens if ok else sys.maxsize), w.kept
+    return (w.tokens if ok else UNREACHED), w.kept
 
 
 def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spec: Any) -> RoundReport:
@@ -283,7 +293,7 @@ def sim_spec(target: int, arms: list[Arm] | None) -> Any:
     return parse_spec(raw)
 
 
-def median_of(runs: list[tuple[int, int]]) -> float:
+def median_of(runs: list[tuple[float, int]]) -> float:
     return float(statistics.median(t for t, _ in runs))
 
 
@@ -301,7 +311,7 @@ def main() -> None:
         print(f"pool T={a.temperature:g} rp={a.repetition_penalty:g}: {n} rows, {uniq} unique, "
               f"QC-pass {pools.qc_ok[a.rows].mean():.2f}, malformed {a.malformed_rate:.2f}")  # fmt: skip
 
-    def runs(fn: Callable[[random.Random, int], tuple[int, int]]) -> list[tuple[int, int]]:
+    def runs(fn: Callable[[random.Random, int], tuple[float, int]]) -> list[tuple[float, int]]:
         return [fn(random.Random(1000 + i), i) for i in range(args.seeds)]
 
     seed = runs(lambda rng, i: run_seed_process(pools, base, rng))
@@ -317,9 +327,9 @@ def main() -> None:
     )
     ungated = runs(lambda rng, i: run_planner(pools, ungated_spec, rng, RunRef(f"genrun-{i}"), i))
 
-    def line(name: str, r: list[tuple[int, int]]) -> None:
+    def line(name: str, r: list[tuple[float, int]]) -> None:
         over = statistics.median((k - args.target) / args.target for _, k in r)
-        done = sum(t < sys.maxsize for t, _ in r)
+        done = sum(math.isfinite(t) for t, _ in r)
         print(f"{name:<24} median tokens {median_of(r):>10,.0f}  median overshoot {over:6.1%}  reached {done}/{len(r)}")
 
     line("seed (problem's process)", seed)
@@ -327,7 +337,7 @@ def main() -> None:
         line(f"static T={a.temperature:g} rp={a.repetition_penalty:g}", r)
     line("genrun (bandit)", genrun)
     line("genrun, no QC before resp.", ungated)
-    best_arm = min(statics, key=lambda a: median_of(statics[a]))
+    best_arm = min(statics, key=lambda a: median_of(statics[a]))  # an unreached median is inf: never the best
     # What no policy over these arms can beat by much: target x the cheapest arm's tokens per kept example with
     # duplicates free. seed / floor is about the largest seed_over_genrun these pools allow at this target.
     cheapest = min(pools.arms, key=pools.cost_per_kept)
@@ -335,15 +345,16 @@ def main() -> None:
     floor = args.target * per_kept
     print(f"floor: {floor:,.0f} tokens = {args.target} x {per_kept:.1f} tokens per kept example "
           f"(T={cheapest.temperature:g} rp={cheapest.repetition_penalty:g}, duplicates free); the problem's process "
-          f"spends {median_of(seed) / floor:.2f}x that")  # fmt: skip
+          f"spends {ratio(median_of(seed), floor):.2f}x that")  # fmt: skip
     g, b, s = median_of(genrun), median_of(statics[best_arm]), median_of(seed)
     overshoot = statistics.median((k - args.target) / args.target for _, k in genrun)
-    print(f"best static: T={best_arm.temperature:g} rp={best_arm.repetition_penalty:g}; {time.monotonic() - t0:.1f} s")
+    shown = f"T={best_arm.temperature:g} rp={best_arm.repetition_penalty:g}" if math.isfinite(b) else "none reached"
+    print(f"best static: {shown}; {time.monotonic() - t0:.1f} s")
     print(
         f"RESULT genrun_tokens={g:.0f} best_static_tokens={b:.0f} seed_tokens={s:.0f} "
-        f"genrun_over_best_static={g / b:.3f} seed_over_genrun={s / g:.3f} overshoot={overshoot:.3f} "
+        f"genrun_over_best_static={ratio(g, b):.3f} seed_over_genrun={ratio(s, g):.3f} overshoot={overshoot:.3f} "
         f"genrun_without_qc_before_response_tokens={median_of(ungated):.0f} floor_tokens={floor:.0f} "
-        f"seed_over_floor={s / floor:.3f}"
+        f"seed_over_floor={ratio(s, floor):.3f}"
     )
 
 

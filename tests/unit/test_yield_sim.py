@@ -68,3 +68,18 @@ def test_cost_per_kept_counts_what_each_sample_pays() -> None:
     assert abs(pools.cost_per_kept(arm) - paid / (0.5 * 0.8)) < 1e-9
     never = Arm(1.0, 0.9, 1.3, rows[2:], malformed_rate=0.0, malformed_tokens=0.0)
     assert pools.cost_per_kept(never) == float("inf")
+
+
+def test_a_median_most_runs_never_reached_is_unreached_and_gives_no_ratio() -> None:
+    """Runs that never reach the target count as infinite tokens (they printed 2^63 as a token count and a ratio of
+    1e14 before): the median is inf when most runs are unreached, and a ratio with it is nan, never a number."""
+    import math
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from yield_sim import UNREACHED, median_of, ratio
+
+    assert median_of([(UNREACHED, 10), (UNREACHED, 20), (900.0, 150)]) == math.inf
+    assert median_of([(UNREACHED, 10), (800.0, 150), (900.0, 150)]) == 900.0
+    assert math.isnan(ratio(UNREACHED, 900.0)) and math.isnan(ratio(900.0, UNREACHED))
+    assert ratio(900.0, 300.0) == 3.0
+    assert f"{UNREACHED:.0f}" == "inf"
