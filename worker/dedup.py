@@ -393,6 +393,30 @@ def cluster_batch(sigs: np.ndarray, bands: np.ndarray, threshold: float, old: np
     return label, np.where(link == big, -1, link)
 
 
+@dataclass(frozen=True)
+class SortedQueries:
+    """Query keys sorted once, to look up in several sorted tables (one per chunk of an index, one per earlier
+    round). numpy's binary search over sorted queries starts each search where the last one ended, in cache: 5-8x
+    faster than over the same queries in random order (300k queries in 290k keys: 6.7 ms against 52 ms), and the
+    sort costs about one search. The rows a lookup returns are in key order, not query order."""
+
+    keys: np.ndarray
+    rows: np.ndarray  # each sorted key's query row
+
+    @classmethod
+    def of(cls, queries: np.ndarray) -> SortedQueries:
+        order = np.argsort(queries)
+        return cls(queries[order], order)
+
+    def find(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query rows, their positions in `table`) of the queries `table` (sorted) holds."""
+        if len(table) == 0 or len(self.keys) == 0:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        at = np.searchsorted(table, self.keys).clip(0, len(table) - 1)
+        hit = np.flatnonzero(table[at] == self.keys)
+        return self.rows[hit], at[hit]
+
+
 @dataclass
 class IndexChunk:
     """One batch's share of a seen-index (a merge round, or the online check's batches): the key hashes it saw
@@ -409,20 +433,11 @@ class IndexChunk:
     def __len__(self) -> int:
         return len(self.sigs)
 
-    def lookup(self, col: np.ndarray, band: int) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, col: SortedQueries, band: int) -> tuple[np.ndarray, np.ndarray]:
         """(query row, position here) for the queries whose band key has its bucket first here."""
         keys, pos = self.tables[band]
-        if len(keys) == 0:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        at = np.searchsorted(keys, col).clip(0, len(keys) - 1)
-        hit = np.flatnonzero(keys[at] == col)
-        return hit, pos[at[hit]]
-
-    def has(self, h: np.ndarray) -> np.ndarray:
-        if len(self.exact) == 0:
-            return np.zeros(len(h), dtype=bool)
-        pos = np.searchsorted(self.exact, h).clip(0, len(self.exact) - 1)
-        return np.asarray(self.exact[pos] == h)
+        rows, at = col.find(keys)
+        return rows, pos[at]
 
     def to_npz(self, params: np.ndarray) -> dict[str, Any]:
         out = {"exact": self.exact, "sigs": self.sigs, "band": self.band, "ids": self.ids, "root": self.root,
@@ -531,9 +546,12 @@ class SeenIndex:
     def indexed(self, bands: np.ndarray) -> np.ndarray:
         """(n, bands) bool: the band keys whose bucket first is indexed already."""
         out = np.zeros(bands.shape, dtype=bool)
-        for c in self.chunks:
-            for band in range(bands.shape[1]):
-                out[c.lookup(bands[:, band], band)[0], band] = True
+        if not any(len(c) for c in self.chunks):
+            return out
+        for band in range(bands.shape[1]):
+            col = SortedQueries.of(bands[:, band])  # one band's queries at a time: bounded memory
+            for c in self.chunks:
+                out[c.lookup(col, band)[0], band] = True
         return out
 
     def match(self, sigs: np.ndarray, bands: np.ndarray, subset: Iterable[int] | None = None) -> np.ndarray:
@@ -550,12 +568,15 @@ class SeenIndex:
         big = np.iinfo(np.int64).max
         out = np.full(len(sigs), big, dtype=np.int64)
         use = list(range(bands.shape[1]) if subset is None else subset)
-        for c in self.chunks:
-            if not len(c):
-                continue
-            found = [c.lookup(bands[:, band], band) for band in use]
-            qi = np.concatenate([f[0] for f in found]) if found else np.empty(0, np.int64)
-            ti = np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)
+        chunks = [c for c in self.chunks if len(c)]
+        found: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in chunks]
+        for band in use:
+            col = SortedQueries.of(bands[:, band])  # sorted once for every chunk
+            for k, c in enumerate(chunks):
+                found[k].append(c.lookup(col, band))
+        for c, f in zip(chunks, found, strict=True):
+            qi = np.concatenate([x[0] for x in f]) if f else np.empty(0, np.int64)
+            ti = np.concatenate([x[1] for x in f]) if f else np.empty(0, np.int64)
             q, t = _verify(qi, ti, sigs, c.sigs, self.threshold)
             np.minimum.at(out, q, c.root[t])
         return out, out != big
@@ -600,8 +621,10 @@ class SeenIndex:
     def contains_exact(self, keys: Any, hashes: np.ndarray | None = None) -> np.ndarray:
         h = key_hashes(keys) if hashes is None else hashes
         out = np.zeros(len(h), dtype=bool)
-        for c in self.chunks:
-            out |= c.has(h)
+        if any(len(c.exact) for c in self.chunks):
+            q = SortedQueries.of(h)
+            for c in self.chunks:
+                out[q.find(c.exact)[0]] = True
         return out
 
     def contains_near(self, sigs: np.ndarray, near: bool = True) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import SeenIndex, lsh_params, normalize_array
+from genrun.worker.dedup import SeenIndex, SortedQueries, lsh_params, normalize_array
 from genrun.worker.storage import Storage, local_copy
 
 log = logging.getLogger("genrun.merge")
@@ -140,12 +140,12 @@ class State:
         """(seen in an earlier round, the cluster's first row id or -1) of each key hash."""
         seen = np.zeros(len(h), dtype=bool)
         owner = np.full(len(h), -1, dtype=np.int64)
-        for kh, ko in self.keys:
-            if len(kh):
-                pos = np.searchsorted(kh, h).clip(0, len(kh) - 1)
-                hit = kh[pos] == h
-                seen |= hit
-                owner[hit] = ko[pos[hit]]
+        if any(len(kh) for kh, _ in self.keys):
+            q = SortedQueries.of(h)  # sorted once for every round's keys
+            for kh, ko in self.keys:
+                rows, at = q.find(kh)
+                seen[rows] = True
+                owner[rows] = ko[at]
         return seen, owner
 
 

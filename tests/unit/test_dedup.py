@@ -11,6 +11,7 @@ from datasketch.lsh import _optimal_param
 from genrun.worker.dedup import (
     MinHasher,
     SeenIndex,
+    SortedQueries,
     band_keys,
     dedup_key,
     deduplicate,
@@ -142,6 +143,26 @@ def test_rule_is_the_spelled_out_rule(words: list[list[str]], cuts: list[int], t
     for lo, hi in itertools.pairwise(edges):
         got += _clusters(index, sigs[lo:hi], lo).tolist()
     assert got == _reference(sigs, threshold, cuts)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    table=st.sets(st.integers(0, 2**64 - 1), max_size=40),
+    queries=st.lists(st.integers(0, 2**64 - 1), max_size=40),
+    extra=st.lists(st.integers(0, 39), max_size=20),
+)
+def test_sorted_queries_find_what_a_dict_finds(table: set[int], queries: list[int], extra: list[int]) -> None:
+    """Lookups in a sorted table of distinct keys (the index's band tables, each round's key hashes) through queries
+    sorted once: every query row the table holds, with its position, repeats and misses included, whatever the
+    queries' order; the rows come back in key order, which no caller relies on (sets of pairs)."""
+    keys = sorted(table)
+    qs = queries + [keys[i % len(keys)] for i in extra] if keys else queries  # some queries surely found
+    t = np.array(keys, dtype=np.uint64)
+    rows, at = SortedQueries.of(np.array(qs, dtype=np.uint64)).find(t)
+    where = {k: i for i, k in enumerate(keys)}
+    assert sorted(zip(rows.tolist(), at.tolist(), strict=True)) == [
+        (r, where[q]) for r, q in enumerate(qs) if q in where
+    ]
 
 
 @pytest.mark.parametrize(("threshold", "seed"), [(0.5, 1), (0.7, 2), (0.8, 3), (0.8, 4)])
