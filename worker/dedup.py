@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from genrun.worker.ascii_bytes import ALNUM, BYTE, regex_on_non_ascii, string_bytes
@@ -157,6 +158,46 @@ def _fmix32(hv: np.ndarray) -> np.ndarray:
     return out
 
 
+T = TypeVar("T")
+
+
+def each(fn: Callable[[T], None], items: Sequence[T], threads: int = 1) -> None:
+    """fn on every item, in up to `threads` threads: numpy releases the GIL inside ufunc loops, sorts and matmul, so
+    items that write disjoint parts of an output run side by side (the merge Job's CPUs, not only QC's processes).
+    The threads end before this returns, so a later fork (QC's worker processes) copies none of them; a task's error
+    is raised here."""
+    if threads <= 1 or len(items) < 2:
+        for x in items:
+            fn(x)
+        return
+    with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="genrun-dedup") as pool:
+        for _ in pool.map(fn, items):
+            pass
+    _release_freed()
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc
+    return trim
+
+
+def _release_freed() -> None:
+    """Give the memory the threads freed back to the system. glibc's malloc gives each thread an arena of its own and
+    keeps what a thread freed for that thread: without this, the ended threads' temporaries stayed mapped through the
+    rest of the Job (up to ~60 MB of its peak at 1M rows). malloc_trim, as Dask's workers call it; nothing where malloc
+    is not glibc's."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 @lru_cache(maxsize=16)
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The (a, b) of datasketch's affine32 scheme for this seed: same RandomState draws, same order."""
@@ -223,11 +264,12 @@ class MinHasher:
             hashes += [self._hash(s) for s in sh]
         return np.asarray(rows_l, dtype=np.int64), np.asarray(hashes, dtype=np.uint32), n
 
-    def signatures(self, keys: Any, chunk_tokens: int = 250_000) -> np.ndarray:
+    def signatures(self, keys: Any, threads: int = 1) -> np.ndarray:
         """(len(keys), num_perm) uint32; an empty key gets datasketch's empty signature (all 0xFFFFFFFF).
 
         Rows are grouped by shingle count, and each block of rows takes the running minimum over its shingle
-        positions: no ragged reduceat (10x slower) and no (rows, shingles, num_perm) temporary (memory-bound)."""
+        positions: no ragged reduceat (10x slower) and no (rows, shingles, num_perm) temporary (memory-bound).
+        Blocks write disjoint rows: `threads` run them side by side (`each`)."""
         rows, hv, n = self._tokens(keys)
         out = np.full((n, self.num_perm), EMPTY, dtype=np.uint32)
         if len(hv) == 0:
@@ -236,20 +278,25 @@ class MinHasher:
         counts = np.bincount(rows, minlength=n)
         starts = np.zeros(n, dtype=np.int64)
         np.cumsum(counts[:-1], out=starts[1:])
+        step = 2048  # rows per block: a (rows, num_perm) block stays in cache while positions stream past
+        blocks = []
         for c in np.unique(counts[counts > 0]):
             group = np.flatnonzero(counts == c)
-            step = 2048  # rows per block: a (rows, num_perm) block stays in cache while positions stream past
-            for i in range(0, len(group), step):
-                g = group[i : i + step]
-                tok = hv[starts[g][:, None] + np.arange(c)[None, :]]  # (m, c)
-                acc = np.multiply.outer(tok[:, 0], self.a)  # uint32 wrap-around is the modulo 2^32
-                acc += self.b
-                tmp = np.empty_like(acc)
-                for j in range(1, int(c)):
-                    np.multiply.outer(tok[:, j], self.a, out=tmp)
-                    tmp += self.b
-                    np.minimum(acc, tmp, out=acc)
-                out[g] = acc
+            blocks += [(int(c), group[i : i + step]) for i in range(0, len(group), step)]
+
+        def block(job: tuple[int, np.ndarray]) -> None:
+            c, g = job
+            tok = hv[starts[g][:, None] + np.arange(c)[None, :]]  # (m, c)
+            acc = np.multiply.outer(tok[:, 0], self.a)  # uint32 wrap-around is the modulo 2^32
+            acc += self.b
+            tmp = np.empty_like(acc)
+            for j in range(1, c):
+                np.multiply.outer(tok[:, j], self.a, out=tmp)
+                tmp += self.b
+                np.minimum(acc, tmp, out=acc)
+            out[g] = acc
+
+        each(block, blocks, threads)
         return out
 
 
@@ -280,15 +327,19 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1, fn_weigh
     return opt
 
 
-def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """(n, bands) uint64: one hash per band of each signature (random odd multipliers, wrap-around sum)."""
+def band_keys(sigs: np.ndarray, bands: int, rows: int, threads: int = 1) -> np.ndarray:
+    """(n, bands) uint64: one hash per band of each signature (random odd multipliers, wrap-around sum); the bands
+    in up to `threads` threads."""
     mult = (np.random.RandomState(12345).randint(1, 1 << 62, rows, dtype=np.uint64) | np.uint64(1)).astype(np.uint64)
     out = np.empty((sigs.shape[0], bands), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for band in range(bands):  # a (n, rows) slice times the multipliers: no transposed copy of the signatures
+
+    def one(band: int) -> None:  # a (n, rows) slice times the multipliers: no transposed copy of the signatures
+        with np.errstate(over="ignore"):
             h = sigs[:, band * rows : (band + 1) * rows].astype(np.uint64) @ mult  # uint64 wraps: mod 2^64
             h += np.uint64(band)
             out[:, band] = _fmix64(h)
+
+    each(one, range(bands), threads)
     return out
 
 
@@ -359,18 +410,22 @@ def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return label
 
 
-def batch_firsts(bands: np.ndarray) -> np.ndarray:
-    """(n, bands) int64: for each row and band, the earliest row of the batch with the same band key."""
+def batch_firsts(bands: np.ndarray, threads: int = 1) -> np.ndarray:
+    """(n, bands) int64: for each row and band, the earliest row of the batch with the same band key; the bands in
+    up to `threads` threads."""
     n = len(bands)
     out = np.empty(bands.shape, dtype=np.int64)
     idx = np.arange(n)
-    for band in range(bands.shape[1]):
+
+    def one(band: int) -> None:
         col = bands[:, band]
         order = np.argsort(col, kind="stable")  # stable: within a bucket, earlier rows first
         sk = col[order]
         start = np.ones(n, dtype=bool)
         start[1:] = sk[1:] != sk[:-1]
         out[order, band] = order[np.maximum.accumulate(np.where(start, idx, 0))]
+
+    each(one, range(bands.shape[1]), threads)
     return out
 
 
@@ -462,6 +517,15 @@ class IndexChunk:
         return out
 
 
+def _front(a: np.ndarray, rows: np.ndarray, step: int = 8192) -> np.ndarray:
+    """a[rows] for ascending rows, moved to a's first len(rows) rows in place (a view of them): block by block, each
+    block's source rows (rows[j] >= j) lie at or after it, so nothing is overwritten before it is read."""
+    for i in range(0, len(rows), step):
+        block = rows[i : i + step]
+        a[i : i + len(block)] = a[block]  # the right side is a copy of one block
+    return a[: len(rows)]
+
+
 @dataclass
 class SeenIndex:
     """Everything seen so far, for both the generators' online check and the merge, as chunks (a merge round each,
@@ -539,9 +603,9 @@ class SeenIndex:
     def nbands(self) -> int:
         return lsh_params(self.threshold, self.num_perm)[0]
 
-    def band_keys(self, sigs: np.ndarray) -> np.ndarray:
+    def band_keys(self, sigs: np.ndarray, threads: int = 1) -> np.ndarray:
         b, r = lsh_params(self.threshold, self.num_perm)
-        return band_keys(sigs, b, r)
+        return band_keys(sigs, b, r, threads)
 
     def indexed(self, bands: np.ndarray) -> np.ndarray:
         """(n, bands) bool: the band keys whose bucket first is indexed already."""
@@ -582,27 +646,29 @@ class SeenIndex:
         return out, out != big
 
     def assign(
-        self, sigs: np.ndarray, bands: np.ndarray, old: np.ndarray | None = None
+        self, sigs: np.ndarray, bands: np.ndarray, old: np.ndarray | None = None, threads: int = 1
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The rule for a batch of new rows (keep-first order, after everything indexed): per row, (its own match
         against the index, its component's first row in the batch, its component's earliest earlier cluster or -1).
         `old`: the matches when computed elsewhere (partitioned reducers)."""
         old = self.match(sigs, bands) if old is None else old
-        firsts = self._batch_firsts(bands)
+        firsts = self._batch_firsts(bands, threads)
         label, link = cluster_batch(sigs, bands, self.threshold, old, firsts)
         return old, label, link
 
-    def _batch_firsts(self, bands: np.ndarray) -> np.ndarray:
+    def _batch_firsts(self, bands: np.ndarray, threads: int = 1) -> np.ndarray:
         """batch_firsts, kept for the same batch array (`extend` after `assign` sorts the bands once)."""
         if self._firsts is None or self._firsts[0] is not bands:
-            self._firsts = (bands, batch_firsts(bands))
+            self._firsts = (bands, batch_firsts(bands, threads))
         return self._firsts[1]
 
     def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray, exact: np.ndarray,
-               compact: bool = False) -> IndexChunk:  # fmt: skip
+               compact: bool = False, consume: bool = False) -> IndexChunk:  # fmt: skip
         """Add a batch (rows in keep-first order, after everything indexed) as one chunk: its rows that are the first
         of a bucket not indexed yet, and the key hashes it saw first (sorted, distinct). `compact`: join small
-        trailing chunks (the online check adds many small batches; chunks stay O(log n))."""
+        trailing chunks (the online check adds many small batches; chunks stay O(log n)). `consume`: the caller
+        gives up `sigs` and `bands`; the chunk keeps their rows moved to the front, in place (the merge's largest
+        arrays, not copied at its peak)."""
         n = len(bands)
         is_first = (self._batch_firsts(bands) == np.arange(n)[:, None]) & ~self.indexed(bands)
         self._firsts = None
@@ -612,7 +678,11 @@ class SeenIndex:
             new = np.flatnonzero(is_first[add, band])
             o = np.argsort(bands[add[new], band])
             tables.append((bands[add[new[o]], band], new[o].astype(np.int64)))
-        chunk = IndexChunk(exact, sigs[add], bands[add], ids[add], root[add], tables)
+        if consume:
+            sigs, bands = _front(sigs, add), _front(bands, add)
+        else:
+            sigs, bands = sigs[add], bands[add]
+        chunk = IndexChunk(exact, sigs, bands, ids[add], root[add], tables)
         self.chunks.append(chunk)
         while compact and len(self.chunks) >= 2 and len(self.chunks[-2]) <= 2 * len(self.chunks[-1]):
             self.chunks[-2:] = [_join(self.chunks[-2], self.chunks[-1])]

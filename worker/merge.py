@@ -168,15 +168,16 @@ def decide(
     # Exact tier against earlier rounds: the key's cluster is already known.
     seen_before, root = state.lookup_keys(h)
     cand = np.flatnonzero(~seen_before & (first_of == np.arange(n)))  # in row order
+    threads = merge_workers()  # the Job's CPUs: the signature blocks and bands run side by side
     if precomputed is None:
         import pyarrow as pa
 
-        sigs = MinHasher(d.num_perm, 1, d.shingle_size).signatures(keys.take(pa.array(cand, pa.int64())))
+        sigs = MinHasher(d.num_perm, 1, d.shingle_size).signatures(keys.take(pa.array(cand, pa.int64())), threads)
     else:
         sigs = precomputed[1]
-    bands = state.seen.band_keys(sigs)
+    bands = state.seen.band_keys(sigs, threads)
     if d.near_duplicates:
-        old, label, link = state.seen.assign(sigs, bands, None if precomputed is None else precomputed[2])
+        old, label, link = state.seen.assign(sigs, bands, None if precomputed is None else precomputed[2], threads)
     else:
         old = link = np.full(len(cand), -1, np.int64)
         label = np.arange(len(cand))
@@ -225,7 +226,8 @@ def semantic_tier(spec: Any, state: State, dec: Decisions, keys: Any, first_id: 
 
 
 def _advance(state: State, dec: Decisions, sem_drops: Any = None) -> dict[str, dict[str, np.ndarray]]:
-    """Fold a round's decisions into the state; returns the round's state and seen-index chunks."""
+    """Fold a round's decisions into the state; returns the round's state and seen-index chunks. The index takes over
+    dec.sigs and dec.bands (their rows moved in place): nothing reads them after."""
     owners, counts = np.unique(dec.root[~dec.kept], return_counts=True)
     sem_owner, sem_count = np.unique(
         np.asarray(sem_drops[0].column("duplicate_of")) if sem_drops is not None else np.empty(0, np.int64),
@@ -247,7 +249,8 @@ def _advance(state: State, dec: Decisions, sem_drops: Any = None) -> dict[str, d
     state.keys.append((chunk["keys_hash"], chunk["keys_owner"]))
     state.dups.append((chunk["dup_owner"], chunk["dup_count"]))
     state.sems.append((chunk["sem_owner"], chunk["sem_count"]))
-    added = state.seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand], chunk["keys_hash"])
+    added = state.seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand], chunk["keys_hash"],
+                              consume=True)  # fmt: skip
     return {"chunk": chunk, "seen": added.to_npz(state.seen.params)}
 
 
@@ -539,8 +542,9 @@ QC_POOL_MIN_ROWS = 50_000  # a round with fewer rows to check runs QC in the Job
 
 
 def merge_workers() -> int:
-    """Processes for the merge's QC: $GENRUN_MERGE_WORKERS, else the CPUs this process may use (its affinity, capped by
-    its cgroup's CPU quota: a Job pod's CPU limit, not the node's cores). 1: none (QC in the Job's own process)."""
+    """Processes for the merge's QC, and threads for its dedup's numpy work: $GENRUN_MERGE_WORKERS, else the CPUs this
+    process may use (its affinity, capped by its cgroup's CPU quota: a Job pod's CPU limit, not the node's cores).
+    1: none (QC in the Job's own process, dedup in its one thread)."""
     raw = os.environ.get(MERGE_WORKERS_ENV, "").strip()
     if raw:
         try:

@@ -165,6 +165,20 @@ def test_sorted_queries_find_what_a_dict_finds(table: set[int], queries: list[in
     ]
 
 
+@settings(max_examples=100, deadline=None)
+@given(keep=st.lists(st.booleans(), max_size=60), step=st.integers(1, 9))
+def test_rows_moved_to_the_front_in_place_equal_a_copy(keep: list[bool], step: int) -> None:
+    """The merge's index takes over the round's signatures by moving the kept rows to the front in place, block by
+    block (blocks smaller than the gaps, and larger): the same rows as a fancy-indexed copy, in the same buffer."""
+    from genrun.worker.dedup import _front
+
+    a = np.arange(len(keep) * 3, dtype=np.uint32).reshape(len(keep), 3)
+    rows = np.flatnonzero(np.array(keep, dtype=bool))
+    want = a[rows].copy()
+    got = _front(a, rows, step)
+    assert np.array_equal(got, want) and (got.size == 0 or np.shares_memory(got, a))
+
+
 @pytest.mark.parametrize(("threshold", "seed"), [(0.5, 1), (0.7, 2), (0.8, 3), (0.8, 4)])
 def test_rule_on_large_clusters(threshold: float, seed: int) -> None:
     """Hundreds of one-word variants of a few bases (hot buckets; variants similar to their base, not always to each
