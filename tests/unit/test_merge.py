@@ -105,27 +105,29 @@ def test_local_staged_publishes_once_atomically_and_a_failure_keeps_the_old_file
     assert storage.read_bytes("m/a.bin") == b"one" and not path.exists()
 
 
+@pytest.mark.parametrize("where", ["save_npz", "_write_exports"])
 def test_a_merge_failing_while_it_writes_publishes_nothing_of_the_round(
-    storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+    storage: LocalStorage, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    """An error in pass 2 (here: the seen-index cannot be saved) leaves no part of the round published and no
-    temporary file; the rerun writes what a clean merge writes."""
+    """An error in pass 2 leaves no part of the round published and no temporary file, whichever of the two writers
+    fails: the thread that saves the seen-index (save_npz) or the one that writes the rows (their exports); the
+    rerun writes what a clean merge writes."""
     import genrun.worker.merge as m
 
     spec = parse_spec(SPEC)
     write_shard(storage, 1, 0, [example_row("How do plants make their food from sunlight?")])
-    orig = m.save_npz
+    orig = getattr(m, where)
 
-    def failing(path: Path, **arrays: object) -> None:
-        if "sigs" in arrays:
+    def failing(*args: object, **arrays: object) -> None:
+        if where != "save_npz" or "sigs" in arrays:
             raise OSError(28, "No space left on device")
-        orig(path, **arrays)  # type: ignore[arg-type]
+        orig(*args, **arrays)
 
-    monkeypatch.setattr(m, "save_npz", failing)
+    monkeypatch.setattr(m, where, failing)
     with pytest.raises(OSError):
         merge_round(storage, spec, "t", 1, [(1, 0)])
     assert [p for p in Path(storage.root).rglob("*") if p.is_file() and "shards" not in p.parts] == []
-    monkeypatch.setattr(m, "save_npz", orig)
+    monkeypatch.setattr(m, where, orig)
     report = merge_round(storage, spec, "t", 1, [(1, 0)])
     assert report.qc_passed_total == 1 and storage.exists(rec.seen_index_key(1))
 
