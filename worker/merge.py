@@ -471,16 +471,15 @@ def _write_rows(
             table, sh.table = _held(storage, sh), None  # dropped as soon as written
             n = table.num_rows
             kept = dec.kept[g : g + n]
-            reasons = np.array([None] * n, dtype=object)
-            verdict = np.array([None] * n, dtype=object)
-            verdict[check] = got
-            reasons[kept] = verdict[kept]
-            reasons[~kept] = np.where(
-                dec.semantic[g : g + n][~kept],
-                REASON_SEMANTIC,
-                np.where(dec.near[g : g + n][~kept], REASON_NEAR, REASON_EXACT),
-            )
-            qc_ok = np.array([v is None for v in verdict], dtype=bool)
+            # Each row's reason as a code into `why` (-1: none, it passed): a duplicate's tier, else QC's verdict,
+            # for the rows it checked. Vectorised: no per-row Python objects over the round's million rows.
+            why, vcodes = _verdict_codes(got)
+            reason = np.full(n, -1, np.int64)
+            reason[check] = vcodes
+            qc_ok = reason < 0
+            tier = np.where(dec.semantic[g : g + n], 2, np.where(dec.near[g : g + n], 1, 0))
+            reason[~kept] = len(why) + tier[~kept]
+            why += list(DUPLICATE_REASONS)  # REASON_EXACT, REASON_NEAR, REASON_SEMANTIC: tiers 0, 1, 2
             # the instructions the generator's QC rejected before their responses: new unique examples that failed
             # QC, judged against the same seen-index (earlier rounds) by the generator's online check
             early = sh.manifest.qc_rejected_before_response
@@ -502,7 +501,7 @@ def _write_rows(
                     pa.table({"id": pa.array(dec.ids[g : g + n][kidx]),
                               "instruction": table.column("instruction").take(pa.array(kidx))})
                 )  # fmt: skip
-            passed = np.array([x is None for x in reasons], dtype=bool)  # dtype: a shard may hold no rows
+            passed = reason < 0
             # counters: per domain and temperature, vectorised over codes
             # The domain actually generated (quality column, when the generator had the embedding model), else the
             # domain asked for; rows that left their asked domain are counted (sem, issue 12).
@@ -532,11 +531,12 @@ def _write_rows(
             ridx = np.flatnonzero(~passed)
             if len(ridx):
                 bad = table.take(pa.array(ridx))
-                rr = reasons[ridx].tolist()
-                rejected.update(rr)
+                rcodes = reason[ridx]
+                rejected.update({why[c]: int(m) for c, m in enumerate(np.bincount(rcodes)) if m})
+                rr = pa.DictionaryArray.from_arrays(pa.array(rcodes, pa.int32()), pa.array(why, pa.string()))
                 dup_of = np.where(kept[ridx], -1, dec.root[g : g + n][ridx])
                 rj.write_table(
-                    bad.append_column("reject_reason", pa.array(rr, pa.string())).append_column(
+                    bad.append_column("reject_reason", rr.cast(pa.string())).append_column(
                         "duplicate_of", pa.array(dup_of, pa.int64(), mask=dup_of < 0)
                     )
                 )
@@ -549,6 +549,13 @@ def _write_rows(
         pq.write_table(sem_drops[0].append_column("instruction", texts), out["semantic.parquet"])
     return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected),
             "per_shard": tuple(shard_yield), "left_domain": left_domain, "early": early_total}  # fmt: skip
+
+
+def _verdict_codes(verdicts: list[str | None]) -> tuple[list[str], np.ndarray]:
+    """QC's verdicts as (the distinct reasons, each verdict's code into them; -1 for None, a pass)."""
+    names = sorted({v for v in verdicts if v is not None})
+    code = {v: i for i, v in enumerate(names)}
+    return names, np.fromiter((-1 if v is None else code[v] for v in verdicts), np.int64, len(verdicts))
 
 
 MERGE_WORKERS_ENV = "GENRUN_MERGE_WORKERS"
