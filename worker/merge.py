@@ -365,7 +365,7 @@ def _merge_one(
         from genrun.worker.partitioned import precomputed_for
 
         pre = precomputed_for(storage, spec, rnd, state, shards)
-    keys = round_keys(spec, cols) if pre is None else None  # the maps did the per-row work
+    keys = round_keys(spec, cols, merge_workers()) if pre is None else None  # the maps did the per-row work
     dec = decide(keys, state, spec, first_id, pre)
     sem_drops = None
     if semantic_spec(spec) is not None:  # single-process, also after partitioned maps and reducers

@@ -279,8 +279,9 @@ def _upgraded(table: Any, want: Any) -> Any:
     raise ValueError(f"schema differs from the contract: {table.schema}")
 
 
-def round_keys(spec: Any, cols: list[Any]) -> Any:
-    """Normalised dedup keys of all rows of a round (one Arrow array); each distinct raw text is normalised once."""
+def round_keys(spec: Any, cols: list[Any], threads: int = 1) -> Any:
+    """Normalised dedup keys of all rows of a round (one Arrow array); each distinct raw text is normalised once, in
+    up to `threads` threads."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -293,4 +294,4 @@ def round_keys(spec: Any, cols: list[Any]) -> Any:
     if not spec.dedup.normalize:
         return pc.utf8_trim_whitespace(ins)
     enc = pc.dictionary_encode(pc.fill_null(ins, ""))
-    return normalize_array(enc.dictionary).take(enc.indices)
+    return normalize_array(enc.dictionary, threads).take(enc.indices)

@@ -263,3 +263,34 @@ def test_normalized_keys_equal_the_regex_rule_on_random_texts(seed: int) -> None
     ascii_rows = [i for i, t in enumerate(texts) if t.isascii() and "'" not in t]  # no contraction rules apply
     want_ascii = pc.utf8_trim_whitespace(pc.replace_substring_regex(ref, r"[^\pL\pN]+", " ")).to_pylist()
     assert [got[i] for i in ascii_rows] == [want_ascii[i] for i in ascii_rows]
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_normalizing_in_threads_gives_the_keys_of_one_thread(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge normalises a round's distinct texts in slices, one per thread: the same keys, in the same order, as
+    in one thread (slices of 7 texts here, the last one shorter; contractions, Unicode and empty texts included)."""
+    import random
+
+    import genrun.worker.dedup as d
+
+    rng = random.Random(threads)
+    words = [
+        "What's",
+        "the",
+        "Capital",
+        "of",
+        "France?",
+        "\uff26\uff52\uff41\uff4e\uff43\uff45",  # fullwidth: NFKC makes it "France"
+        "don't",
+        "café",
+        "—",
+        "",
+        "  ",
+        "東京",
+        "it\u2019s",
+    ]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 8))) for _ in range(100)]
+    one = d.normalize_array(texts).to_pylist()
+    monkeypatch.setattr(d, "NORMALIZE_SLICE", 7)
+    assert d.normalize_array(texts, threads).to_pylist() == one
+    assert one[texts.index(next(t for t in texts if "What's" in t))] != ""  # real keys, not all empty
