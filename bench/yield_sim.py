@@ -21,8 +21,8 @@ Last line: RESULT genrun_tokens=<median> best_static_tokens=<median> seed_tokens
 genrun_over_best_static=<ratio> seed_over_genrun=<ratio> overshoot=<genrun's median overshoot>
 genrun_without_qc_before_response_tokens=<median: the same bandit with generation.qcBeforeResponse off>
 floor_tokens=<target x the cheapest arm's tokens per kept example with duplicates free> seed_over_floor=<ratio: about
-the most seed_over_genrun these pools allow at this target>. A median over runs most of which never reached the
-target (the pools or the budget ran out) prints as inf, and a ratio with it as nan.
+the most seed_over_genrun these pools allow at this target>. A median over runs at least half of which never reached
+the target (the pools or the budget ran out) prints as inf, and a ratio with it as nan.
 Usage: python -P bench/yield_sim.py [--target 150] [--seeds 25]
 """
 

@@ -199,10 +199,9 @@ def each(fn: Callable[[T], None], items: Sequence[T], threads: int = 1) -> None:
 @lru_cache(maxsize=1)
 def _malloc_trim() -> Callable[[int], int] | None:
     import ctypes
-    import ctypes.util
 
     try:
-        trim: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim  # the process's own symbols: libc's
     except (OSError, AttributeError):
         return None  # not glibc
     return trim
@@ -538,8 +537,12 @@ class IndexChunk:
 
 
 def _front(a: np.ndarray, rows: np.ndarray, step: int = 8192) -> np.ndarray:
-    """a[rows] for ascending rows, moved to a's first len(rows) rows in place (a view of them): block by block, each
-    block's source rows (rows[j] >= j) lie at or after it, so nothing is overwritten before it is read."""
+    """a[rows] for strictly ascending rows (np.flatnonzero's), moved to a's first len(rows) rows in place (a view of
+    them): block by block, each block's source rows (rows[j] >= j) lie at or after it, so nothing is overwritten
+    before it is read. The view keeps all of a alive: when rows are under half of it, a copy (at most half) instead."""
+    if 2 * len(rows) < len(a):
+        copied: np.ndarray = a[rows]
+        return copied
     for i in range(0, len(rows), step):
         block = rows[i : i + step]
         a[i : i + len(block)] = a[block]  # the right side is a copy of one block

@@ -143,7 +143,7 @@ class Decisions:
     root: np.ndarray  # global id of the cluster's first row (itself when kept)
     hashes: np.ndarray
     cand: np.ndarray  # rows that are the first with a key never seen before
-    sigs: np.ndarray  # their signatures
+    sigs: np.ndarray  # their signatures (`_advance` hands sigs and bands to the index: not to be read after it)
     bands: np.ndarray
     fresh: np.ndarray  # bool: neither an exact nor a near duplicate of anything before the round
     semantic: np.ndarray  # bool: dropped by the semantic tier
