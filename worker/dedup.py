@@ -561,6 +561,7 @@ class SeenIndex:
     shingle_size: int
     chunks: list[IndexChunk] = field(default_factory=list)
     _firsts: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    _indexed: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, threshold: float, num_perm: int, seed: int = 1, shingle_size: int = 1) -> SeenIndex:
@@ -631,7 +632,10 @@ class SeenIndex:
         return band_keys(sigs, b, r, threads)
 
     def indexed(self, bands: np.ndarray) -> np.ndarray:
-        """(n, bands) bool: the band keys whose bucket first is indexed already."""
+        """(n, bands) bool: the band keys whose bucket first is indexed already (what `match` found for the same batch
+        array, when it searched every band: `extend` after `assign` searches the chunks once)."""
+        if self._indexed is not None and self._indexed[0] is bands:
+            return self._indexed[1]
         out = np.zeros(bands.shape, dtype=bool)
         if not any(len(c) for c in self.chunks):
             return out
@@ -657,10 +661,14 @@ class SeenIndex:
         use = list(range(bands.shape[1]) if subset is None else subset)
         chunks = [c for c in self.chunks if len(c)]
         found: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in chunks]
+        hit = np.zeros(bands.shape, dtype=bool)  # what `indexed` would find
         for band in use:
             col = SortedQueries.of(bands[:, band])  # sorted once for every chunk
             for k, c in enumerate(chunks):
                 found[k].append(c.lookup(col, band))
+                hit[found[k][-1][0], band] = True
+        if subset is None:
+            self._indexed = (bands, hit)
         for c, f in zip(chunks, found, strict=True):
             qi = np.concatenate([x[0] for x in f]) if f else np.empty(0, np.int64)
             ti = np.concatenate([x[1] for x in f]) if f else np.empty(0, np.int64)
@@ -694,7 +702,7 @@ class SeenIndex:
         arrays, not copied at its peak)."""
         n = len(bands)
         is_first = (self._batch_firsts(bands) == np.arange(n)[:, None]) & ~self.indexed(bands)
-        self._firsts = None
+        self._firsts = self._indexed = None  # the index changes below
         add = np.flatnonzero(is_first.any(axis=1))
         tables = []
         for band in range(bands.shape[1]):

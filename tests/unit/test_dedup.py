@@ -200,6 +200,29 @@ def test_signatures_band_keys_and_bucket_firsts_in_threads_equal_one_thread() ->
     assert np.array_equal(f1, f4) and (f1 < np.arange(len(f1))[:, None]).any()  # some rows share a bucket
 
 
+def test_a_bucket_first_is_indexed_in_one_chunk_and_match_finds_what_indexed_does() -> None:
+    """Rounds of overlapping rows: `extend` reuses what `assign` (its `match`) found for the same batch instead of
+    searching the chunks again. That equals a fresh search, and no band key's bucket first is indexed in two chunks
+    (a stale or empty reuse would index it again)."""
+    rng = np.random.default_rng(3)
+    vocab = [f"w{i}" for i in range(40)]
+    texts = [" ".join(rng.choice(vocab, 8)) for _ in range(300)]
+    sigs = MinHasher(64, 1, 1).signatures(texts + texts[:150])  # the last batch repeats the first rows' buckets
+    index = SeenIndex.empty(0.5, 64)
+    for lo, hi in ((0, 150), (150, 300), (300, 450)):
+        s, bands = sigs[lo:hi], index.band_keys(sigs[lo:hi])
+        index.assign(s, bands)
+        reused = index.indexed(bands).copy()
+        index._indexed = None
+        assert np.array_equal(reused, index.indexed(bands)) and (lo == 0 or reused.any())
+        index.assign(s, bands)  # as the merge: assign, then extend with the same arrays
+        ids = np.arange(lo, hi)
+        index.extend(s, bands, ids, ids, np.empty(0, np.uint64))
+    for band in range(index.nbands):
+        keys = np.concatenate([c.tables[band][0] for c in index.chunks])
+        assert len(keys) == len(np.unique(keys))
+
+
 @pytest.mark.parametrize(("threshold", "seed"), [(0.5, 1), (0.7, 2), (0.8, 3), (0.8, 4)])
 def test_rule_on_large_clusters(threshold: float, seed: int) -> None:
     """Hundreds of one-word variants of a few bases (hot buckets; variants similar to their base, not always to each
