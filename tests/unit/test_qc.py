@@ -307,3 +307,56 @@ def test_repeated_ngram_ratios_of_a_batch_equal_a_direct_count_per_text() -> Non
     got = repeated_ngram_ratios(pa.array(texts, pa.string()))
     assert np.allclose(got, [direct(ws) for ws in words])
     assert (got > 0).sum() > 500  # the vocabulary makes repeats common: the check is not vacuous
+
+
+def test_echo_of_a_batch_equals_a_direct_check_per_row() -> None:
+    """The batch echo filter (each side's words coded once per table, the instruction's words looked up in the
+    responses' dictionary) against the rule applied to each row directly: responses made of their instruction's
+    words, reordered, partly or with others, mixed case, punctuation and non-ASCII words, empty sides; and the
+    repetition filter in the same pipeline (it reuses the responses' words) equal to it alone."""
+    import random
+    import re
+
+    from genrun.worker.records import example_schema
+
+    rng = random.Random(3)
+    vocab = ["the", "The", "cat", "CAT", "café", "naïve", "日本", "sat", "on", "mat", "x_1", "42", "dog", "ran"]
+    seps = [" ", "  ", ", ", ". ", "!\n", " - "]
+
+    def text(ws: list[str]) -> str:
+        return "".join(w + rng.choice(seps) for w in ws)
+
+    rows, want = [], []
+    for _ in range(3000):
+        iw = [rng.choice(vocab) for _ in range(rng.choice([0, 1, 2, 4, 6, 10]))]
+        k = rng.random()
+        if k < 0.3:
+            rw = rng.sample(iw, len(iw))  # the same words, reordered
+        elif k < 0.6:
+            rw = [w if rng.random() < 0.8 else rng.choice(vocab) for w in iw] * rng.choice([1, 2, 3])
+        else:
+            rw = [rng.choice(vocab) for _ in range(rng.choice([0, 3, 8, 20]))]
+        ins, res = text(iw), text(rw)
+        if rng.random() < 0.05:
+            res = ins + " " + res[:5]  # the instruction verbatim inside a short response
+        rows.append(example_row(ins, response=res))
+        want.append((ins.strip().lower(), res.strip().lower()))
+    table = pa.Table.from_pylist(rows, schema=example_schema())
+    got = only("echo").check_table(table)
+
+    def words(s: str) -> list[str]:
+        return re.findall(r"[^\W]+", s)  # the vocabulary's words are runs of \w
+
+    def direct(il: str, rl: str) -> str | None:
+        if il and len(rl) < 2 * len(il) + 20 and il in rl:
+            return "echo"
+        iw, rw = words(il), words(rl)
+        if not rw or len(rw) > 2 * len(set(iw)):
+            return None
+        return "echo" if sum(w in set(iw) for w in rw) / len(rw) >= 0.8 else None
+
+    assert got == [direct(il, rl) for il, rl in want]
+    assert 300 < got.count("echo") < 2700  # both verdicts are common: the check is not vacuous
+    both = QcPipeline.from_spec([QcFilter("echo", {}), QcFilter("repetition", {})])
+    alone = only("repetition").check_table(table)
+    assert both.check_table(table) == [e or r for e, r in zip(got, alone, strict=True)]
