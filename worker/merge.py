@@ -467,13 +467,12 @@ def _write_rows(
         open(out["sharegpt.jsonl"], "w") as sharegpt,
     ):
         for k, sh in enumerate(shards):
-            fresh, check, got = qcs.result(k)  # QC of the rows that need it (in worker processes when there are any)
+            fresh, check, (why, vcodes) = qcs.result(k)  # QC of the rows that need it (in worker processes if any)
             table, sh.table = _held(storage, sh), None  # dropped as soon as written
             n = table.num_rows
             kept = dec.kept[g : g + n]
             # Each row's reason as a code into `why` (-1: none, it passed): a duplicate's tier, else QC's verdict,
             # for the rows it checked. Vectorised: no per-row Python objects over the round's million rows.
-            why, vcodes = _verdict_codes(got)
             reason = np.full(n, -1, np.int64)
             reason[check] = vcodes
             qc_ok = reason < 0
@@ -595,17 +594,27 @@ def _cgroup_cpus(root: str = "/sys/fs/cgroup") -> int | None:
     return None
 
 
-_POOL_QC: QcPipeline | None = None  # a worker process's pipeline (its filters are fixed for the pool's life)
+# a worker process's pipeline, and per shard the table held at the fork (or None) and the rows to check
+_POOL: tuple[QcPipeline, list[Any], list[np.ndarray]] | None = None
 
 
-def _pool_init(filters: Any) -> None:
-    global _POOL_QC
-    _POOL_QC = QcPipeline.from_spec(filters)
+def _pool_init(filters: Any, held: list[Any], check: list[np.ndarray]) -> None:
+    """In each forked worker: the pipeline, and every shard's table held at the fork with the rows to check. A fork
+    does not pickle the initializer's arguments: the workers read the parent's tables through copy-on-write pages."""
+    global _POOL
+    _POOL = (QcPipeline.from_spec(filters), held, check)
 
 
-def _pool_check(table: Any) -> list[str | None]:
-    assert _POOL_QC is not None
-    return _POOL_QC.check_table(table)
+def _pool_check(k: int, rows: Any) -> tuple[list[str], np.ndarray]:
+    """Shard k's verdicts as codes (`_verdict_codes`): on its rows to check, taken from the table inherited at the
+    fork, or `rows` when the shard was not held then."""
+    import pyarrow as pa
+
+    assert _POOL is not None
+    qc, held, check = _POOL
+    if rows is None:
+        rows = held[k].take(pa.array(check[k], pa.int64()))
+    return _verdict_codes(qc.check_table(rows))
 
 
 class _QcRuns:
@@ -635,7 +644,11 @@ class _QcRuns:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self.pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), _pool_init, (filters,))
+            # The workers inherit the shards held now (the fork happens at the first submit, below) and are sent only
+            # a shard's number: pickling the rows to check to them cost ~0.5 CPU-s at 1M rows.
+            self.held = [sh.table is not None for sh in shards]
+            args = (filters, [sh.table for sh in shards], [c for _, c in self.rows])
+            self.pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), _pool_init, args)
             self.ahead = self.workers + 1  # shards in flight: each worker busy, one queued (bounded memory)
             log.info("QC of %d rows in %d worker processes", total, self.workers)
             for k in range(min(len(self.rows), self.ahead)):
@@ -649,13 +662,15 @@ class _QcRuns:
         return _held(self.storage, self.shards[k]).take(pa.array(self.rows[k][1], pa.int64()))
 
     def _submit(self, k: int) -> None:
-        self.pending[k] = self.pool.submit(_pool_check, self._rows(k))
+        # a shard not held at the fork is read again here, and its rows to check pickled to the worker
+        self.pending[k] = self.pool.submit(_pool_check, k, None if self.held[k] else self._rows(k))
 
-    def result(self, k: int) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-        """Shard k's (fresh rows, rows checked, their verdicts); call in shard order while its table is held."""
+    def result(self, k: int) -> tuple[np.ndarray, np.ndarray, tuple[list[str], np.ndarray]]:
+        """Shard k's (fresh rows, rows checked, their verdicts as codes); call in shard order while its table is
+        held."""
         fresh, check = self.rows[k]
         if self.pool is None:
-            return fresh, check, self.qc.check_table(self._rows(k)) if len(check) else []
+            return fresh, check, _verdict_codes(self.qc.check_table(self._rows(k)) if len(check) else [])
         got = self.pending.pop(k).result()
         if k + self.ahead < len(self.rows):
             self._submit(k + self.ahead)
