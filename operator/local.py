@@ -89,14 +89,16 @@ class LocalRunner:
             (self.state / folder).mkdir(parents=True, exist_ok=True)
         job_file.write_text(rec.to_json(job_spec(action, self.ref, self.raw_spec)))
         cmd = [sys.executable, "-P", "-m", "genrun.operator.cli", "worker"]
+        env = None  # the runner's own
         if isinstance(action, CreateShardJob):
             cmd += ["generate", "--job", str(job_file), "--engine", self.engine]
         else:
             cmd += ["merge", "--job", str(job_file)]
+            env = {**os.environ, **rec.MERGE_ENV}  # as a merge Job's pod has it
         log = open(self.state / "logs" / f"{action.name}.log", "a")  # noqa: SIM115 (closed when the process ends)
         # Started in the loop's thread: a worker dies with the thread that started it.
         popen = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env
         )
         self.procs[action.name] = _Proc(started(action), popen, log)
 

@@ -256,6 +256,8 @@ def merge_job(ref: RunRef, action: CreateMergeJob, spec: GenerationRunSpec, sett
     resources = {"requests": dict(limits), "limits": limits}
     args = ["worker", "merge", "--job", f"{JOB_DIR}/{JOB_FILE}"]
     manifest = _job(ref, action.name, lbls, spec, settings, args, resources, None)
+    env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
+    env += [{"name": k, "value": v} for k, v in rec.MERGE_ENV.items()]
     parts = spec.dedup.partitions
     if parts > 1:
         # Partitioned dedup: index i maps input partition i, then reduces band partition i; index 0 finalises.

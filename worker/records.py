@@ -22,6 +22,12 @@ EXIT_STORAGE = 4  # storage unreachable or refusing: retriable (the store may co
 EXIT_MODEL = 5  # the model cannot be found or loaded: retrying cannot help
 NON_RETRIABLE_EXIT_CODES = (EXIT_USAGE, EXIT_MODEL)
 
+# The merge process's malloc (glibc; other libcs ignore it), set where a merge starts (its Job's env, the local
+# runner's process, bench/merge.py): mappings advised for transparent huge pages, and blocks under 32 MiB served from
+# malloc's heaps, reused, rather than each mapped afresh. The merge allocates and frees large numpy and Arrow buffers
+# all along: at 1M rows, 431k -> ~240k page faults and ~7% less wall time, the same peak (bench/merge.py).
+MERGE_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432"}
+
 
 @dataclass(frozen=True)
 class Sampling:

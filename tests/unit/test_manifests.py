@@ -87,6 +87,19 @@ def test_merge_job_is_indexed_when_partitioned() -> None:
     assert "completionMode" not in single["spec"]
 
 
+def test_merge_pods_get_the_merge_allocator_settings_and_shard_pods_do_not() -> None:
+    """rec.MERGE_ENV (glibc malloc tunables) reaches the merge container only; the local runner and bench/merge.py
+    read the same constant."""
+    from genrun.operator.planner import CreateMergeJob, CreateShardJob
+
+    merge = mf.merge_job(REF, CreateMergeJob("sft-r1-merge", 0, 1, ()), parse_spec(RAW), Settings())
+    env = {e["name"]: e.get("value") for e in merge["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert rec.MERGE_ENV and all(env[k] == v for k, v in rec.MERGE_ENV.items())
+    shard = next(a for a in decide(REF, parse_spec(RAW), Observed()).actions if isinstance(a, CreateShardJob))
+    job = mf.shard_job(REF, shard, parse_spec(RAW), Settings())
+    assert not rec.MERGE_ENV.keys() & {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
 def test_round_plan_round_trips_through_its_storage_record() -> None:
     """Round plans are recorded on storage (rounds/rNNNN/plan.json), read back by every later step."""
     spec = parse_spec(RAW)
