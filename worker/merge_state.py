@@ -200,10 +200,25 @@ def _npz_members(path: Path) -> dict[str, np.ndarray]:
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Arrays as an uncompressed .npz (what load_npz memory-maps). Through a file object: given a name, numpy would
-    append ".npz" to one that lacks it (a staged temporary name)."""
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle flag
+    """Arrays as an uncompressed .npz, the file np.savez writes (what load_npz memory-maps), at `path` as given (numpy
+    would append ".npz" to a staged temporary name). Each array's bytes go to the file as they lie in memory: np.savez
+    copies them into 16 MiB bytes objects first (the state's 221 MB at 1M rows: ~56k page faults of fresh copies)."""
+    import zipfile
+
+    fmt = np.lib.format
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            a = np.asarray(value)
+            a = a if a.flags.c_contiguous else a.copy(order="C")
+            if a.dtype.hasobject:
+                raise TypeError(f"save_npz: {name} holds Python objects")
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                head = fmt.header_data_from_array_1_0(a)  # type: ignore[no-untyped-call]
+                try:  # the version np.savez picks: 1.0 unless the header is too long for it
+                    fmt.write_array_header_1_0(member, head)  # type: ignore[no-untyped-call]
+                except ValueError:
+                    fmt.write_array_header_2_0(member, head)  # type: ignore[no-untyped-call]
+                member.write(a.reshape(-1).view(np.uint8).data)
 
 
 def load_npz(storage: Storage, key: str) -> dict[str, np.ndarray]:

@@ -400,3 +400,30 @@ def test_cgroup_cpu_quota(tmp_path: Path) -> None:
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")  # cgroup v1
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert _cgroup_cpus(str(tmp_path)) == 3
+
+
+def test_save_npz_writes_the_members_np_savez_writes(tmp_path: Path) -> None:
+    """save_npz streams each array's memory into the zip member; the members equal np.savez's byte for byte (so
+    np.load and load_npz's memory maps read them), for the state's dtypes, a 0-d, an empty and a non-contiguous
+    array."""
+    import zipfile
+
+    import numpy as np
+    from genrun.worker.merge_state import _npz_members, save_npz
+
+    rng = np.random.default_rng(0)
+    arrays: dict[str, np.ndarray] = {
+        "sigs": rng.integers(0, 2**32, (300, 128), dtype=np.uint64).astype(np.uint32),
+        "ids": np.arange(50, dtype=np.int64), "bands": rng.integers(0, 2**63, (30, 14), dtype=np.uint64),
+        "params": np.array([0.8, 128, 1, 1], np.float64), "empty": np.zeros((0, 128), np.uint32),
+        "scalar": np.ones((), np.float64), "strided": np.arange(24).reshape(4, 6)[:, 1::2], "flags": np.array([True]),
+    }  # fmt: skip
+    ours, theirs = tmp_path / "ours.tmp", tmp_path / "theirs.npz"
+    save_npz(ours, **arrays)
+    with open(theirs, "wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+    with zipfile.ZipFile(ours) as a, zipfile.ZipFile(theirs) as b:
+        assert a.namelist() == b.namelist() == [f"{k}.npy" for k in arrays]
+        assert all(a.read(n) == b.read(n) for n in a.namelist())
+    back = _npz_members(ours)
+    assert all(np.array_equal(back[k], v) and back[k].dtype == v.dtype for k, v in arrays.items())
