@@ -290,11 +290,14 @@ class MinHasher:
         positions: no ragged reduceat (10x slower) and no (rows, shingles, num_perm) temporary (memory-bound).
         Blocks write disjoint rows: `threads` run them side by side (`each`)."""
         rows, hv, n = self._tokens(keys)
-        out = np.full((n, self.num_perm), EMPTY, dtype=np.uint32)
+        # every row is written once, by its block or as empty: no fill pass over the whole output first (its pages
+        # are touched, and faulted in, by the blocks' threads)
+        out = np.empty((n, self.num_perm), dtype=np.uint32)
+        counts = np.bincount(rows, minlength=n)
+        out[counts == 0] = EMPTY
         if len(hv) == 0:
             return out
         hv = _fmix32(hv)
-        counts = np.bincount(rows, minlength=n)
         starts = np.zeros(n, dtype=np.int64)
         np.cumsum(counts[:-1], out=starts[1:])
         step = 2048  # rows per block: a (rows, num_perm) block stays in cache while positions stream past
