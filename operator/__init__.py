@@ -1,3 +1,5 @@
 """genrun operator: the API, the planner, manifests, Kopf handlers, metrics and the local runner."""
 
-__version__ = "0.1.0"
+from genrun.contract import __version__
+
+__all__ = ["__version__"]

@@ -37,12 +37,9 @@ METADATA_KEY = b"genrun"  # Parquet key-value metadata: {"version", "run", "spec
 
 
 def genrun_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from genrun.contract import __version__
 
-    try:
-        return version("genrun")
-    except PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 def _manifest(spec: Any) -> dict[str, Any]:

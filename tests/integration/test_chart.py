@@ -46,6 +46,18 @@ def render(values: Path | None, *extra: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+def test_one_version_everywhere() -> None:
+    """genrun.contract.__version__ is the version: the installed package's (pyproject reads it), the chart's and its
+    appVersion, the operator's default worker image tag."""
+    from importlib.metadata import version
+
+    from genrun.contract import __version__
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert version("genrun") == chart["version"] == chart["appVersion"] == __version__
+    assert Settings().worker_image.endswith(f":{__version__}")
+
+
 def test_chart_crd_is_the_crd() -> None:
     assert (CHART / "crds" / "generationrun.yaml").read_bytes() == (ROOT / "crds" / "generationrun.yaml").read_bytes()
 
