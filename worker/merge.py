@@ -462,9 +462,11 @@ def _write_rows(
     g = 0
     left_domain = early_total = 0
     sem_texts = []
+    writing = None
     with (
         open(out["alpaca.jsonl"], "w") as alpaca,
         open(out["sharegpt.jsonl"], "w") as sharegpt,
+        ThreadPoolExecutor(1, thread_name_prefix="genrun-rejected") as writer,
     ):
         for k, sh in enumerate(shards):
             fresh, check, (why, vcodes) = qcs.result(k)  # QC of the rows that need it (in worker processes if any)
@@ -529,17 +531,17 @@ def _write_rows(
                 _write_exports(good, alpaca, sharegpt)
             ridx = np.flatnonzero(~passed)
             if len(ridx):
-                bad = table.take(pa.array(ridx))
                 rcodes = reason[ridx]
                 rejected.update({why[c]: int(m) for c, m in enumerate(np.bincount(rcodes)) if m})
-                rr = pa.DictionaryArray.from_arrays(pa.array(rcodes, pa.int32()), pa.array(why, pa.string()))
                 dup_of = np.where(kept[ridx], -1, dec.root[g : g + n][ridx])
-                rj.write_table(
-                    bad.append_column("reject_reason", rr.cast(pa.string())).append_column(
-                        "duplicate_of", pa.array(dup_of, pa.int64(), mask=dup_of < 0)
-                    )
-                )
+                # Most of a round's rows: taken and encoded by the writer thread (Arrow releases the GIL) while this
+                # one goes on to the next shard; one shard in flight.
+                if writing is not None:
+                    writing.result()
+                writing = writer.submit(_write_rejected, rj, table, ridx, rcodes, why, dup_of)
             g += n
+        if writing is not None:
+            writing.result()
     ds.close()
     rj.close()
     kept_w.close()
@@ -548,6 +550,17 @@ def _write_rows(
         pq.write_table(sem_drops[0].append_column("instruction", texts), out["semantic.parquet"])
     return {"domain": per_domain, "temperature": per_temp, "round": this, "rejected": dict(rejected),
             "per_shard": tuple(shard_yield), "left_domain": left_domain, "early": early_total}  # fmt: skip
+
+
+def _write_rejected(
+    rj: Any, table: Any, ridx: np.ndarray, rcodes: np.ndarray, why: list[str], dup_of: np.ndarray
+) -> None:
+    """A shard's rejected rows with their reason (a code into `why`) and the row they duplicate (-1: none)."""
+    import pyarrow as pa
+
+    rr = pa.DictionaryArray.from_arrays(pa.array(rcodes, pa.int32()), pa.array(why, pa.string()))
+    bad = table.take(pa.array(ridx)).append_column("reject_reason", rr.cast(pa.string()))
+    rj.write_table(bad.append_column("duplicate_of", pa.array(dup_of, pa.int64(), mask=dup_of < 0)))
 
 
 def _verdict_codes(verdicts: list[str | None]) -> tuple[list[str], np.ndarray]:

@@ -105,17 +105,18 @@ def test_local_staged_publishes_once_atomically_and_a_failure_keeps_the_old_file
     assert storage.read_bytes("m/a.bin") == b"one" and not path.exists()
 
 
-@pytest.mark.parametrize("where", ["save_npz", "_write_exports"])
+@pytest.mark.parametrize("where", ["save_npz", "_write_exports", "_write_rejected"])
 def test_a_merge_failing_while_it_writes_publishes_nothing_of_the_round(
     storage: LocalStorage, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    """An error in pass 2 leaves no part of the round published and no temporary file, whichever of the two writers
-    fails: the thread that saves the seen-index (save_npz) or the one that writes the rows (their exports); the
-    rerun writes what a clean merge writes."""
+    """An error in pass 2 leaves no part of the round published and no temporary file, whichever of the three writers
+    fails: the thread that saves the seen-index (save_npz), the one that writes the rejected rows, or the one that
+    writes the kept rows (their exports); the rerun writes what a clean merge writes."""
     import genrun.worker.merge as m
 
     spec = parse_spec(SPEC)
-    write_shard(storage, 1, 0, [example_row("How do plants make their food from sunlight?")])
+    row = example_row("How do plants make their food from sunlight?")
+    write_shard(storage, 1, 0, [row, row])  # one kept, one rejected
     orig = getattr(m, where)
 
     def failing(*args: object, **arrays: object) -> None:
