@@ -6,7 +6,7 @@ Rows: base instructions drawn with Zipf frequencies; each row is the base, the b
 one-word edit (substituted, inserted or deleted). Truth: rows from one base are duplicates. Recall and precision are
 pair-counting scores of the merge's clusters (from its dataset and rejected parts: `duplicate_of`) against it.
 
-    python bench/merge.py --rows 1000000 --rounds 1
+    python bench/merge.py --rows 1000000 --rounds 1 --repeat 3
     python bench/merge.py --rows 1000000 --rounds 5
 
 Per round: seconds, new rows, seconds per new row, the child's peak RSS. Last line:
@@ -16,12 +16,17 @@ dedup, QC, writing every output); vs_rensa divides it by rensa's rows/s on all r
 round_cost_ratio is the last round's seconds per new row over the first round's; peak_mb the largest child peak
 (the merge process's own: its QC worker processes, forked, add their private memory); merge_workers the processes
 the Job used for QC (GENRUN_MERGE_WORKERS, `--workers`; default the CPUs it may use), while rensa runs in one.
+The merge runs with the allocator settings a merge Job's pod gets (records.MERGE_ENV). `--repeat K` runs the rounds
+(on a fresh copy of the same shards) and rensa K times, alternating: merge_rows_per_s and round_cost_ratio are then
+the medians, vs_rensa the median of each repetition's ratio (a merge and the rensa run right after it share the
+machine's state of the moment).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -193,6 +198,13 @@ def main() -> None:
         help="GENRUN_MERGE_WORKERS for the merge Job (default: unset, the CPUs it may use; 1: one process)",
     )
     ap.add_argument("--profile", help="write a cProfile of the merge Job here (the last round's)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the merge's rounds (on a fresh copy of the same shards) and rensa this many times, alternating; "
+        "the RESULT figures are the medians (on a shared machine one run can be 20%% off)",
+    )
     args = ap.parse_args()
     from genrun.worker import records as rec
 
@@ -200,45 +212,57 @@ def main() -> None:
     per = -(-args.rows // args.rounds)
     print(f"synthetic rows: {len(rows)} in {args.rounds} round(s), distinct bases: {len(np.unique(truth))}", flush=True)
     spec = {"model": {"name": "bench"}, "target": {"uniqueExamples": 10}}
-    secs, news, peaks = [], [], []
+    runs: list[tuple[float, float, float]] = []  # per repetition: merge rows/s, rensa rows/s, round cost ratio
+    peaks: list[float] = []
     with tempfile.TemporaryDirectory(prefix="genrun-bench-") as d:
-        out = Path(d) / "out"
-        ids: list[tuple[int, int]] = []
+        pristine = Path(d) / "shards"  # every round's shards, written once; each repetition merges a fresh copy
+        ids_of: list[list[tuple[int, int]]] = []
         offsets: dict[int, int] = {}
         for r in range(1, args.rounds + 1):
-            chunk = rows[(r - 1) * per : r * per]
-            new = write_shards(out, chunk, r, len(ids))
+            new = write_shards(pristine, rows[(r - 1) * per : r * per], r, sum(map(len, ids_of)))
             for k, (_, seed) in enumerate(new):
                 offsets[seed] = (r - 1) * per + k * SHARD_ROWS
-            ids += new
-            job = Path(d) / f"job-{r}.json"
-            job.write_text(
-                rec.to_json(
-                    rec.JobSpec(
-                        "merge", "bench", "default", {**spec, "output": {"path": str(out)}}, r, shards=tuple(ids)
+            ids_of.append(new)
+        for rep in range(args.repeat):
+            out = Path(d) / f"out{rep}"
+            shutil.copytree(pristine, out)
+            secs, news = [], []
+            ids: list[tuple[int, int]] = []
+            for r in range(1, args.rounds + 1):
+                ids += ids_of[r - 1]
+                job = Path(d) / f"job-{rep}-{r}.json"
+                job.write_text(
+                    rec.to_json(
+                        rec.JobSpec(
+                            "merge", "bench", "default", {**spec, "output": {"path": str(out)}}, r, shards=tuple(ids)
+                        )
                     )
                 )
-            )
-            code, dt, peak, workers = run_merge(job, args.workers, args.profile)
-            if code != 0:
-                sys.exit(f"merge of round {r} exited {code}")
-            secs.append(dt)
-            news.append(len(chunk))
-            peaks.append(peak)
-            print(f"round {r}: {dt:.2f} s for {len(chunk)} new rows ({1e6 * dt / len(chunk):.2f} us/row), "
-                  f"peak {peak:,.0f} MB", flush=True)  # fmt: skip
-        labels = labels_from_outputs(out, len(rows), offsets)
-    recall, precision = pair_scores(labels, truth)
-    merge_rps = len(rows) / sum(secs)
-    print(f"merge Job: {merge_rps:,.0f} rows/s, recall {recall:.4f}, precision {precision:.4f}", flush=True)
-    rensa = float("nan") if args.no_rensa else with_rensa(rows)
-    print(f"rensa ({len(rows)} rows, one pass, one process): {rensa:,.0f} rows/s; the merge Job used "
-          f"{workers} process(es) for QC (GENRUN_MERGE_WORKERS)", flush=True)  # fmt: skip
-    ratio = (secs[-1] / news[-1]) / (secs[0] / news[0])
+                code, dt, peak, workers = run_merge(job, args.workers, args.profile)
+                if code != 0:
+                    sys.exit(f"merge of round {r} exited {code}")
+                secs.append(dt)
+                news.append(len(rows[(r - 1) * per : r * per]))
+                peaks.append(peak)
+                print(f"[{rep + 1}/{args.repeat}] round {r}: {dt:.2f} s for {news[-1]} new rows "
+                      f"({1e6 * dt / news[-1]:.2f} us/row), peak {peak:,.0f} MB", flush=True)  # fmt: skip
+            if rep == 0:  # the clusters are the same in every repetition (tested: the merge is deterministic)
+                recall, precision = pair_scores(labels_from_outputs(out, len(rows), offsets), truth)
+            shutil.rmtree(out)
+            merge_rps = len(rows) / sum(secs)
+            rensa = float("nan") if args.no_rensa else with_rensa(rows)
+            ratio = (secs[-1] / news[-1]) / (secs[0] / news[0])
+            runs.append((merge_rps, rensa, ratio))
+            print(f"[{rep + 1}/{args.repeat}] merge Job {merge_rps:,.0f} rows/s, rensa ({len(rows)} rows, one pass, one "
+                  f"process) {rensa:,.0f} rows/s: {merge_rps / rensa:.2f}x; round cost ratio {ratio:.2f}", flush=True)  # fmt: skip
+    med = [float(np.median(x)) for x in zip(*runs, strict=True)]
+    vs = float(np.median([m / r for m, r, _ in runs]))
+    print(f"merge Job: recall {recall:.4f}, precision {precision:.4f}; it used {workers} process(es) for QC "
+          f"(GENRUN_MERGE_WORKERS), rensa 1", flush=True)  # fmt: skip
     print(
-        f"RESULT rows={len(rows)} rounds={args.rounds} merge_rows_per_s={merge_rps:.0f} vs_rensa={merge_rps / rensa:.2f} "
-        f"round_cost_ratio={ratio:.2f} peak_mb={max(peaks):.0f} recall={recall:.4f} precision={precision:.4f} "
-        f"merge_workers={workers}"
+        f"RESULT rows={len(rows)} rounds={args.rounds} merge_rows_per_s={med[0]:.0f} vs_rensa={vs:.2f} "
+        f"round_cost_ratio={med[2]:.2f} peak_mb={max(peaks):.0f} recall={recall:.4f} precision={precision:.4f} "
+        f"merge_workers={workers} repeat={args.repeat}"
     )
 
 
