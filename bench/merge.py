@@ -226,6 +226,7 @@ def main() -> None:
         for rep in range(args.repeat):
             out = Path(d) / f"out{rep}"
             shutil.copytree(pristine, out)
+            os.sync()  # the copy's writeback is not the merge's work: flushed before it starts
             secs, news = [], []
             ids: list[tuple[int, int]] = []
             for r in range(1, args.rounds + 1):
