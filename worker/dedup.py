@@ -398,18 +398,19 @@ def similar(sigs_a: np.ndarray, sigs_b: np.ndarray) -> np.ndarray:
 
 
 def _verify(qi: np.ndarray, ti: np.ndarray, q_sigs: np.ndarray, t_sigs: np.ndarray, threshold: float,
-            chunk: int = 32_768) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """The pairs (qi, ti) that are similar, each pair verified once (a similar pair shares many bands)."""
+            chunk: int = 32_768, distinct: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The pairs (qi, ti) that are similar, each pair verified once (a similar pair shares many bands), in (qi, ti)
+    order. `distinct`: the pairs come distinct and in that order already."""
     if len(qi) == 0:
         return qi, ti
-    m = int(ti.max()) + 1
-    code = np.unique(qi * m + ti)
-    ok = np.empty(len(code), dtype=bool)
-    for i in range(0, len(code), chunk):  # bounded temporaries: (chunk, num_perm) gathers, 16 MiB each
-        c = code[i : i + chunk]
-        ok[i : i + chunk] = similar(q_sigs[c // m], t_sigs[c % m]) >= threshold
-    good = code[ok]
-    return good // m, good % m
+    if not distinct:
+        m = int(ti.max()) + 1
+        code = np.unique(qi * m + ti)
+        qi, ti = code // m, code % m
+    ok = np.empty(len(qi), dtype=bool)
+    for i in range(0, len(qi), chunk):  # bounded temporaries: (chunk, num_perm) gathers, 16 MiB each
+        ok[i : i + chunk] = similar(q_sigs[qi[i : i + chunk]], t_sigs[ti[i : i + chunk]]) >= threshold
+    return qi[ok], ti[ok]
 
 
 def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -459,9 +460,13 @@ def cluster_batch(sigs: np.ndarray, bands: np.ndarray, threshold: float, old: np
     component's first and the component has no earlier cluster."""
     n = len(sigs)
     first = batch_firsts(bands) if firsts is None else firsts
+    # Each row's distinct bucket firsts other than itself, sorted within the row: the pairs come distinct and in
+    # order without a sort of all of them (a row's similar first shares most of its bands).
+    first = np.sort(first, axis=1)
     rows = np.broadcast_to(np.arange(n)[:, None], first.shape)
     pair = first != rows
-    u, v = _verify(rows[pair], first[pair], sigs, sigs, threshold)
+    pair[:, 1:] &= first[:, 1:] != first[:, :-1]
+    u, v = _verify(rows[pair], first[pair], sigs, sigs, threshold, distinct=True)
     label = components(n, u, v)
     big = np.iinfo(np.int64).max
     comp = np.full(n, big, dtype=np.int64)
