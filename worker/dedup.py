@@ -254,7 +254,7 @@ class MinHasher:
     def _hash_many(self, tokens: list[str]) -> np.ndarray:
         return np.fromiter((self._hash(t) for t in tokens), dtype=np.uint32, count=len(tokens))
 
-    def _tokens(self, keys: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    def _tokens(self, keys: Any, threads: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
         """(row index, 32-bit shingle hash) of every shingle, rows in order; repeated shingles are harmless (min)."""
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -264,17 +264,23 @@ class MinHasher:
             arr = arr.combine_chunks()
         n = len(arr)
         if self.shingle_size == 1:
-            words = pc.split_pattern(arr, " ")
-            flat = pc.list_flatten(words)
-            rows = np.asarray(pc.list_parent_indices(words))
-            keep = np.asarray(pc.not_equal(flat, ""))
-            enc = (
-                pc.dictionary_encode(flat.filter(pa.array(keep))).combine_chunks()
-                if isinstance(flat, pa.ChunkedArray)
-                else pc.dictionary_encode(flat.filter(pa.array(keep)))
-            )
-            vocab_hash = self._hash_many(enc.dictionary.to_pylist())  # each distinct word hashed once
-            return rows[keep].astype(np.int64), vocab_hash[np.asarray(enc.indices)], n
+            # Slices of the keys split into words in up to `threads` threads (Arrow's kernels release the GIL); each
+            # slice's distinct words hashed once (the cache makes a word another slice hashed cheap).
+            parts = max(1, min(threads, n // NORMALIZE_SLICE))
+            size = -(-n // parts) if n else 0
+            got: list[Any] = [None] * parts
+
+            def one(i: int) -> None:
+                words = pc.split_pattern(arr.slice(i * size, size), " ")
+                flat = pc.list_flatten(words)
+                keep = np.asarray(pc.not_equal(flat, ""))
+                rows = np.asarray(pc.list_parent_indices(words))[keep].astype(np.int64) + i * size
+                got[i] = (rows, pc.dictionary_encode(flat.filter(pa.array(keep))))
+
+            each(one, range(parts), parts)
+            rows_of = [r for r, _ in got]
+            hashes = [self._hash_many(enc.dictionary.to_pylist())[np.asarray(enc.indices)] for _, enc in got]
+            return np.concatenate(rows_of), np.concatenate(hashes).astype(np.uint32, copy=False), n
         rows_l: list[int] = []
         hashes: list[int] = []
         for i, k in enumerate(arr.to_pylist()):
@@ -289,7 +295,7 @@ class MinHasher:
         Rows are grouped by shingle count, and each block of rows takes the running minimum over its shingle
         positions: no ragged reduceat (10x slower) and no (rows, shingles, num_perm) temporary (memory-bound).
         Blocks write disjoint rows: `threads` run them side by side (`each`)."""
-        rows, hv, n = self._tokens(keys)
+        rows, hv, n = self._tokens(keys, threads)
         # every row is written once, by its block or as empty: no fill pass over the whole output first (its pages
         # are touched, and faulted in, by the blocks' threads)
         out = np.empty((n, self.num_perm), dtype=np.uint32)

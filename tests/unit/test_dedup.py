@@ -181,11 +181,14 @@ def test_rows_moved_to_the_front_in_place_equal_a_copy(keep: list[bool], step: i
     assert got.size == 0 or np.shares_memory(got, a) == (2 * len(rows) >= len(a))
 
 
-def test_signatures_band_keys_and_bucket_firsts_in_threads_equal_one_thread() -> None:
-    """The merge runs the signature blocks (one per shingle count and 2,048 rows), the band keys and the bucket firsts
-    (one per band) in the Job's threads: the same arrays as in one thread, over rows of many shingle counts, empty
-    keys and repeated buckets."""
+def test_signatures_band_keys_and_bucket_firsts_in_threads_equal_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge runs the word split (slices of the keys), the signature blocks (one per shingle count and 2,048
+    rows), the band keys and the bucket firsts (one per band) in the Job's threads: the same arrays as in one thread,
+    over rows of many shingle counts, empty keys and repeated buckets."""
+    from genrun.worker import dedup
     from genrun.worker.dedup import batch_firsts
+
+    monkeypatch.setattr(dedup, "NORMALIZE_SLICE", 1000)  # several slices of these 6,500 keys
 
     rng = np.random.default_rng(5)
     vocab = [f"w{i}" for i in range(300)]
