@@ -150,7 +150,11 @@ def key_hashes(keys: Any) -> np.ndarray:
         arr = arr.combine_chunks()
     if len(arr) == 0:
         return np.empty(0, np.uint64)
-    enc = pc.dictionary_encode(pc.fill_null(arr, ""))
+    # a dictionary array (the merge's round keys) is hashed through its dictionary as it is (equal values in it get
+    # equal ids)
+    enc = (
+        arr if pa.types.is_dictionary(arr.type) and not arr.null_count else pc.dictionary_encode(pc.fill_null(arr, ""))
+    )
     words = enc.dictionary.cast(pa.binary()).to_pylist()  # the UTF-8 bytes, no per-key encode
     vocab = np.fromiter(map(xxhash.xxh3_64_intdigest, words), np.uint64, len(words))
     out: np.ndarray = vocab[np.asarray(enc.indices)]
@@ -262,6 +266,8 @@ class MinHasher:
         arr = keys if isinstance(keys, pa.Array | pa.ChunkedArray) else pa.array(list(keys), pa.string())
         if isinstance(arr, pa.ChunkedArray):
             arr = arr.combine_chunks()
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
         n = len(arr)
         if self.shingle_size == 1:
             # Slices of the keys split into words in up to `threads` threads (Arrow's kernels release the GIL); each
@@ -279,8 +285,8 @@ class MinHasher:
 
             each(one, range(parts), parts)
             rows_of = [r for r, _ in got]
-            hashes = [self._hash_many(enc.dictionary.to_pylist())[np.asarray(enc.indices)] for _, enc in got]
-            return np.concatenate(rows_of), np.concatenate(hashes).astype(np.uint32, copy=False), n
+            hashed = [self._hash_many(enc.dictionary.to_pylist())[np.asarray(enc.indices)] for _, enc in got]
+            return np.concatenate(rows_of), np.concatenate(hashed).astype(np.uint32, copy=False), n
         rows_l: list[int] = []
         hashes: list[int] = []
         for i, k in enumerate(arr.to_pylist()):

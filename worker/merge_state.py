@@ -296,7 +296,9 @@ def _upgraded(table: Any, want: Any) -> Any:
 
 def round_keys(spec: Any, cols: list[Any], threads: int = 1) -> Any:
     """Normalised dedup keys of all rows of a round (one Arrow array); each distinct raw text is normalised once, in
-    up to `threads` threads."""
+    up to `threads` threads. Normalised, they come as a dictionary array (the distinct raw texts normalised, and each
+    row's index into them): the round's million rows are not copied out, key_hashes hashes each distinct text once and
+    the signatures decode only the rows they need."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -309,4 +311,4 @@ def round_keys(spec: Any, cols: list[Any], threads: int = 1) -> Any:
     if not spec.dedup.normalize:
         return pc.utf8_trim_whitespace(ins)
     enc = pc.dictionary_encode(pc.fill_null(ins, ""))
-    return normalize_array(enc.dictionary, threads).take(enc.indices)
+    return pa.DictionaryArray.from_arrays(enc.indices, normalize_array(enc.dictionary, threads))

@@ -342,3 +342,23 @@ def test_normalizing_in_threads_gives_the_keys_of_one_thread(threads: int, monke
     monkeypatch.setattr(d, "NORMALIZE_SLICE", 7)
     assert d.normalize_array(texts, threads).to_pylist() == one
     assert one[texts.index(next(t for t in texts if "What's" in t))] != ""  # real keys, not all empty
+
+
+def test_dictionary_keys_hash_and_sign_as_their_strings() -> None:
+    """The merge's round keys are a dictionary array (distinct raw texts normalised, with repeats among them after
+    normalisation): key hashes and signatures equal those of the same keys as plain strings, taken rows included."""
+    import pyarrow as pa
+    from genrun.contract.api import parse_spec
+    from genrun.worker.dedup import key_hashes
+    from genrun.worker.merge_state import round_keys
+
+    raw = ["What is X?", "what is x", "What's Y?", "what is y", "", "Z z z", "What is X?", "what is x!"]
+    spec = parse_spec({"model": {"name": "m"}, "target": {"uniqueExamples": 5}, "output": {"path": "/tmp/x"}})
+    keys = round_keys(spec, [pa.table({"instruction": pa.array(raw, pa.string())})])
+    assert pa.types.is_dictionary(keys.type) and len(set(keys.dictionary.to_pylist())) < len(keys.dictionary)
+    plain = keys.dictionary_decode()
+    assert plain.to_pylist() == [normalize(t) for t in raw]
+    assert np.array_equal(key_hashes(keys), key_hashes(plain))
+    rows = pa.array([5, 0, 2, 1], pa.int64())
+    h = MinHasher(64, 1, 1)
+    assert np.array_equal(h.signatures(keys.take(rows)), h.signatures(plain.take(rows)))
