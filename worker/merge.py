@@ -626,7 +626,8 @@ def _pool_check(k: int, rows: Any) -> tuple[list[str], np.ndarray]:
     assert _POOL is not None
     qc, held, check = _POOL
     if rows is None:
-        rows = held[k].take(pa.array(check[k], pa.int64()))
+        table = held[k]
+        rows = table.select(qc.columns(table.column_names)).take(pa.array(check[k], pa.int64()))
     return _verdict_codes(qc.check_table(rows))
 
 
@@ -653,6 +654,7 @@ class _QcRuns:
         self.workers = min(merge_workers(), len(shards)) if total >= QC_POOL_MIN_ROWS else 1
         self.pool: Any = None
         self.pending: dict[int, Any] = {}
+        self.qc = QcPipeline.from_spec(filters)
         if self.workers > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -664,15 +666,18 @@ class _QcRuns:
             self.pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), _pool_init, args)
             self.ahead = self.workers + 1  # shards in flight: each worker busy, one queued (bounded memory)
             log.info("QC of %d rows in %d worker processes", total, self.workers)
-            for k in range(min(len(self.rows), self.ahead)):
+            # every held shard at once (the workers have its rows: nothing is sent), then a few shards ahead of the
+            # writer whose rows are sent (the held shards come first: pass 1 holds them while they fit)
+            self.submitted = min(len(self.rows), sum(self.held) + self.ahead)
+            for k in range(self.submitted):
                 self._submit(k)
-        else:
-            self.qc = QcPipeline.from_spec(filters)
 
     def _rows(self, k: int) -> Any:
+        """Shard k's rows to check, with the columns QC reads."""
         import pyarrow as pa
 
-        return _held(self.storage, self.shards[k]).take(pa.array(self.rows[k][1], pa.int64()))
+        table = _held(self.storage, self.shards[k])
+        return table.select(self.qc.columns(table.column_names)).take(pa.array(self.rows[k][1], pa.int64()))
 
     def _submit(self, k: int) -> None:
         # a shard not held at the fork is read again here, and its rows to check pickled to the worker
@@ -685,8 +690,9 @@ class _QcRuns:
         if self.pool is None:
             return fresh, check, _verdict_codes(self.qc.check_table(self._rows(k)) if len(check) else [])
         got = self.pending.pop(k).result()
-        if k + self.ahead < len(self.rows):
-            self._submit(k + self.ahead)
+        if self.submitted < len(self.rows):
+            self._submit(self.submitted)
+            self.submitted += 1
         return fresh, check, got
 
     def __enter__(self) -> _QcRuns:

@@ -411,6 +411,21 @@ BUILDERS: dict[str, Callable[[Mapping[str, Any]], Filter]] = {
     "domain": _domain,
 }
 
+# The columns each filter reads (a row's other columns never change its verdict): the merge's QC workers take only
+# these of the rows they judge. Tested: each filter on its columns alone judges as on the whole row.
+FILTER_COLUMNS: dict[str, tuple[str, ...]] = {
+    "length": ("instruction", "response"),
+    "finishReason": ("finish_reason",),
+    "refusal": ("response",),
+    "echo": ("instruction", "response"),
+    "repetition": ("response",),
+    "bannedPatterns": ("instruction", "response"),
+    "logprob": ("instruction_logprob", "response_logprob"),
+    "critic": ("critic_score",),
+    "relevance": ("relevance",),
+    "domain": ("domain_margin",),
+}
+
 # Filters that read the quality columns: listing one makes the generator load the embedding model.
 SIGNAL_FILTERS = ("relevance", "domain")
 
@@ -440,6 +455,11 @@ class QcPipeline:
         return cls(
             [(f.name, INSTRUCTION_BUILDERS[f.name](f.params)) for f in filters if f.name in INSTRUCTION_BUILDERS]
         )
+
+    def columns(self, available: Sequence[str]) -> list[str]:
+        """The columns of `available` that this pipeline's filters read (FILTER_COLUMNS), in `available`'s order."""
+        want = {c for name, _ in self.filters for c in FILTER_COLUMNS[name]}
+        return [c for c in available if c in want]
 
     def check_instructions(self, instructions: Sequence[str], logprobs: Sequence[float]) -> list[str | None]:
         """An `instruction_side` pipeline's verdicts on instructions without responses: the columns as a row holds

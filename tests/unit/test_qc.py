@@ -360,3 +360,34 @@ def test_echo_of_a_batch_equals_a_direct_check_per_row() -> None:
     both = QcPipeline.from_spec([QcFilter("echo", {}), QcFilter("repetition", {})])
     alone = only("repetition").check_table(table)
     assert both.check_table(table) == [e or r for e, r in zip(got, alone, strict=True)]
+
+
+def test_each_filter_judges_on_its_declared_columns_alone_as_on_whole_rows() -> None:
+    """FILTER_COLUMNS names every column a filter reads: the merge's QC workers take only those. Each filter, on
+    random rows that reach its verdicts, judges the table of its columns as the whole table; the registry and the
+    declaration list the same filters."""
+    import random
+
+    from genrun.worker.qc import BUILDERS, FILTER_COLUMNS
+    from genrun.worker.records import example_schema
+
+    assert FILTER_COLUMNS.keys() == BUILDERS.keys()
+    rng = random.Random(5)
+    ins, res = _random_texts(21, 400), _random_texts(22, 400)
+    rows = [
+        example_row(
+            i or "", response=(r or "") + rng.choice(["", " I am sorry", " foo"]),
+            finish_reason=rng.choice(["stop", "length"]), instruction_logprob=rng.choice([-1.0, -5.0, float("nan")]),
+            response_logprob=rng.choice([-1.0, -4.0]), critic_score=rng.choice([None, 2.0, 9.0]),
+            relevance=rng.choice([None, 0.05, 0.5]), domain_margin=rng.choice([None, 0.0, 0.3]),
+        )
+        for i, r in zip(ins, res, strict=True)
+    ]  # fmt: skip
+    table = pa.Table.from_pylist(rows, schema=example_schema())
+    params = {"bannedPatterns": {"patterns": ["foo"]}}
+    for name in BUILDERS:
+        p = QcPipeline.from_spec([QcFilter(name, params.get(name, {}))])  # type: ignore[arg-type]
+        cols = p.columns(table.column_names)
+        assert set(cols) == set(FILTER_COLUMNS[name])
+        got = p.check_table(table.select(cols))
+        assert got == p.check_table(table) and any(got), name  # the rows reach the filter's verdicts
