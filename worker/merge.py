@@ -470,7 +470,8 @@ def _write_rows(
     ):
         for k, sh in enumerate(shards):
             fresh, check, (why, vcodes) = qcs.result(k)  # QC of the rows that need it (in worker processes if any)
-            table, sh.table = _held(storage, sh), None  # dropped as soon as written
+            # dropped as soon as written (a shard QC's workers inherited stays theirs until the pool ends)
+            table, sh.table = _held(storage, sh), None
             n = table.num_rows
             kept = dec.kept[g : g + n]
             # Each row's reason as a code into `why` (-1: none, it passed): a duplicate's tier, else QC's verdict,
@@ -650,11 +651,12 @@ class _QcRuns:
             check = np.flatnonzero(dec.kept[g : g + n] | fresh)
             self.rows.append((fresh, check))
             g += n
+        self.qc = QcPipeline.from_spec(filters)
         total = sum(len(c) for _, c in self.rows)
-        self.workers = min(merge_workers(), len(shards)) if total >= QC_POOL_MIN_ROWS else 1
+        judge = self.qc.filters and total >= QC_POOL_MIN_ROWS  # no filters: every row passes, no workers
+        self.workers = min(merge_workers(), len(shards)) if judge else 1
         self.pool: Any = None
         self.pending: dict[int, Any] = {}
-        self.qc = QcPipeline.from_spec(filters)
         if self.workers > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -688,7 +690,8 @@ class _QcRuns:
         held."""
         fresh, check = self.rows[k]
         if self.pool is None:
-            return fresh, check, _verdict_codes(self.qc.check_table(self._rows(k)) if len(check) else [])
+            judged = len(check) and self.qc.filters  # `_rows` of no filter would be a table of no columns (no rows)
+            return fresh, check, _verdict_codes(self.qc.check_table(self._rows(k)) if judged else [None] * len(check))
         got = self.pending.pop(k).result()
         if self.submitted < len(self.rows):
             self._submit(self.submitted)

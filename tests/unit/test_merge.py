@@ -428,3 +428,32 @@ def test_save_npz_writes_the_members_np_savez_writes(tmp_path: Path) -> None:
         assert all(a.read(n) == b.read(n) for n in a.namelist())
     back = _npz_members(ours)
     assert all(np.array_equal(back[k], v) and back[k].dtype == v.dtype for k, v in arrays.items())
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_no_qc_filters_keep_every_unique_row(
+    storage: LocalStorage, monkeypatch: pytest.MonkeyPatch, workers: str
+) -> None:
+    """`qc.filters: []` (valid: no QC) keeps every unique example, whether QC would run in process or in workers:
+    a row that every default filter rejects (too short, truncated) is kept too."""
+    import genrun.worker.merge as m
+
+    monkeypatch.setattr(m, "QC_POOL_MIN_ROWS", 0)
+    monkeypatch.setenv(m.MERGE_WORKERS_ENV, workers)
+    rows = [example_row("How do plants make their food from sunlight?"), example_row("Why?", finish_reason="length")]
+    write_shard(storage, 1, 0, rows + rows[:1])
+    write_shard(storage, 1, 1, [example_row("Describe the water cycle in four steps.")])
+    report = merge_round(storage, parse_spec({**SPEC, "qc": {"filters": []}}), "t", 1, [(1, 0), (1, 1)])
+    assert report.unique_total == report.qc_passed_total == 3
+    kept = pq.read_table(storage.location(rec.dataset_part_key(1))).column("instruction").to_pylist()
+    assert sorted(kept) == sorted(["How do plants make their food from sunlight?", "Why?",
+                                   "Describe the water cycle in four steps."])  # fmt: skip
+
+
+def test_merge_env_keeps_the_environments_own_tunables_last() -> None:
+    """The merge's glibc tunables are added to an environment's own, which come after them (glibc takes the last of a
+    name): a user's setting wins."""
+    env = rec.merge_env({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert env["PATH"] == "/bin"
+    assert env["GLIBC_TUNABLES"] == f"{rec.MERGE_ENV['GLIBC_TUNABLES']}:glibc.malloc.hugetlb=0"
+    assert rec.merge_env({}) == rec.MERGE_ENV
