@@ -155,9 +155,9 @@ CHILD = (
 
 
 def run_merge(job: Path, workers: int | None, profile: str | None = None) -> tuple[int, float, float, int]:
-    from genrun.worker.records import MERGE_ENV
+    from genrun.worker.records import merge_env
 
-    env = {**os.environ, "GENRUN_LOG_LEVEL": "WARNING", **MERGE_ENV}  # the process a merge Job's pod runs
+    env = merge_env({**os.environ, "GENRUN_LOG_LEVEL": "WARNING"})  # the process a merge Job's pod runs
     if profile:
         env["GENRUN_BENCH_PROFILE"] = profile
     if workers is not None:

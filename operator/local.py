@@ -94,7 +94,7 @@ class LocalRunner:
             cmd += ["generate", "--job", str(job_file), "--engine", self.engine]
         else:
             cmd += ["merge", "--job", str(job_file)]
-            env = {**os.environ, **rec.MERGE_ENV}  # as a merge Job's pod has it
+            env = rec.merge_env(dict(os.environ))  # as a merge Job's pod has it
         log = open(self.state / "logs" / f"{action.name}.log", "a")  # noqa: SIM115 (closed when the process ends)
         # Started in the loop's thread: a worker dies with the thread that started it.
         popen = subprocess.Popen(

@@ -29,6 +29,15 @@ NON_RETRIABLE_EXIT_CODES = (EXIT_USAGE, EXIT_MODEL)
 MERGE_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432"}
 
 
+def merge_env(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` with MERGE_ENV's settings added: tunables the environment already sets come after ours (glibc takes
+    the last of a name), so they win."""
+    out = dict(environ)
+    for k, v in MERGE_ENV.items():
+        out[k] = f"{v}:{environ[k]}" if environ.get(k) else v
+    return out
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float
