@@ -160,7 +160,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from genrun.operator import __version__
+    from genrun.contract import __version__
 
     return f"genrun {__version__}"
 

@@ -10,8 +10,8 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from genrun.contract import __version__
 from genrun.contract.status import RunStatus
-from genrun.operator import __version__
 from genrun.operator.conditions import CONDITION_TYPES
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric

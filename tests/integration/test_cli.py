@@ -51,7 +51,7 @@ def test_progress_shows_elapsed_eta_and_tokens_per_second(finished_run: tuple[Pa
 
 
 def test_version_names_the_package_version() -> None:
-    from genrun.operator import __version__
+    from genrun.contract import __version__
 
     res = run(["--version"])
     assert res.returncode == 0 and res.stdout.strip() == f"genrun {__version__}"
