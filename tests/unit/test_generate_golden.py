@@ -38,7 +38,8 @@ ATTRIBUTES = [
     {"name": "task", "values": ["explain", "how-to", "compare"]},
     {"name": "audience", "values": ["kids", "experts"]},
 ]
-# The quality columns come from an embedding model: compared to 4 decimals, so that another CPU's float sums agree.
+# The quality columns come from an embedding model: kept to 4 decimals and compared within one unit of the last place,
+# so that another CPU's float sums agree.
 ROUNDED = ("relevance", "domain_margin")
 TEXTS = ("instruction", "response", "text")
 
@@ -145,6 +146,19 @@ def _plain(v: Any, key: str = "") -> Any:
     return v
 
 
+def _same_row(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal rows; the embedding model's scores (ROUNDED, to 4 places) within one unit of the last place: another CPU's
+    float kernels move them by ~1e-5, which can round either way (0.1915 on one machine, 0.1914 on another)."""
+    if a.keys() != b.keys():
+        return False
+    return all(
+        abs(a[k] - b[k]) <= 1.5e-4
+        if k in ROUNDED and isinstance(a[k], float) and isinstance(b[k], float)
+        else a[k] == b[k]
+        for k in a
+    )
+
+
 def run_cases(tmp: Path) -> dict[str, Any]:
     """Every case's rows, rejects and manifest counts (not its seconds or locations), as plain JSON values."""
     out: dict[str, Any] = {}
@@ -176,7 +190,7 @@ def test_generate_shard_output_equals_the_golden_file(tmp_path: Path) -> None:
         assert g["manifest"] == w["manifest"], case
         assert len(g["rows"]) == len(w["rows"]), case
         for i, (a, b) in enumerate(zip(g["rows"], w["rows"], strict=True)):
-            assert a == b, f"{case}: row {i} differs"
+            assert _same_row(a, b), f"{case}: row {i} differs: {a} != {b}"
         assert g["rejected"] == w["rejected"], case
     # The cases exercise what they name (else the golden file would pin less than it claims).
     assert want["best_of_3"]["rows"][0]["candidates"] == 3 and want["judge"]["rows"][0]["critic_score"] is not None
