@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from genrun.worker import records as rec
-from genrun.worker.storage import Storage, local_copy
+from genrun.worker.storage import Storage, local_copy, read_parquet
 
 DATASET_DIR = "dataset"
 PARTS_PREFIX = rec.DATASET_PREFIX
@@ -100,8 +100,7 @@ def _write_messages(storage: Storage, part: str, rnd: int, meta: dict[bytes, byt
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with local_copy(storage, part) as path:
-        table = pq.read_table(path, columns=["instruction", "response"])
+    table = read_parquet(storage, part, ["instruction", "response"])
     # The messages column built from the two string columns (no per-row Python objects); the JSON lines from the
     # column's strings: the bytes json.dumps({"messages": [...]}, ensure_ascii=False) gives, one dumps per string.
     n = table.num_rows

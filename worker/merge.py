@@ -32,6 +32,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,7 +56,7 @@ from genrun.worker.merge_state import (
     top_clusters,
 )
 from genrun.worker.qc import QcPipeline
-from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker, remove_staged_leftovers
+from genrun.worker.storage import DamagedMarker, Storage, read_marker, read_parquet, remove_staged_leftovers
 
 if TYPE_CHECKING:
     from genrun.worker.against import AgainstSeed
@@ -155,11 +156,14 @@ def decide(
     spec: Any,
     first_id: int,
     precomputed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    on_fresh: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> Decisions:
     """Apply the cluster rule to new rows (keys in keep-first order) after everything in `state`.
 
     `precomputed`: (key hashes, signatures of the first occurrences of new keys, their matches against earlier
-    rounds' bucket firsts) when the partitioned maps and reducers made them."""
+    rounds' bucket firsts) when the partitioned maps and reducers made them. `on_fresh(hashes, fresh)`: called once,
+    as soon as the rows new against earlier rounds are known (before the round's own clustering; with nothing
+    indexed yet, before the signatures), so that QC of the rows it must judge starts while the rest is decided."""
     d = spec.dedup
     n = len(keys) if precomputed is None else len(precomputed[0])
     ids = np.arange(first_id, first_id + n, dtype=np.int64)
@@ -169,6 +173,24 @@ def decide(
     # Exact tier against earlier rounds: the key's cluster is already known.
     seen_before, root = state.lookup_keys(h)
     cand = np.flatnonzero(~seen_before & (first_of == np.arange(n)))  # in row order
+
+    def new_rows(old: np.ndarray) -> np.ndarray:
+        """Rows neither an exact nor a near duplicate of anything before the round (`old`: each candidate's match
+        against earlier rounds, -1: none)."""
+        fresh_key = np.zeros(n, dtype=bool)
+        fresh_key[cand[old < 0]] = True
+        out: np.ndarray = ~seen_before & fresh_key[first_of]
+        return out
+
+    # the candidates' matches against earlier rounds: none to find when nothing is indexed (round 1) or near
+    # duplicates are off; the partitioned reducers found them
+    old = None
+    if not d.near_duplicates or (precomputed is None and len(state.seen) == 0):
+        old = np.full(len(cand), -1, np.int64)
+    elif precomputed is not None:
+        old = precomputed[2]
+    if old is not None and on_fresh is not None:
+        on_fresh(h, new_rows(old))
     threads = merge_workers()  # the Job's CPUs: the signature blocks and bands run side by side
     if precomputed is None:
         import pyarrow as pa
@@ -178,10 +200,15 @@ def decide(
         sigs = precomputed[1]
     bands = state.seen.band_keys(sigs, threads)
     if d.near_duplicates:
-        old, label, link = state.seen.assign(sigs, bands, None if precomputed is None else precomputed[2], threads)
+        if old is None:
+            old = state.seen.match(sigs, bands)
+            if on_fresh is not None:
+                on_fresh(h, new_rows(old))
+        old, label, link = state.seen.assign(sigs, bands, old, threads)
     else:
-        old = link = np.full(len(cand), -1, np.int64)
+        assert old is not None
         label = np.arange(len(cand))
+        link = old
     own = ids[cand]
     croot = np.where(link >= 0, link, own[label])  # an earlier round's cluster, or the component's first row
     root[cand] = croot
@@ -191,10 +218,7 @@ def decide(
     root[rest] = root[first_of[rest]]
     kept = np.zeros(n, dtype=bool)
     kept[cand[croot == own]] = True
-    fresh_key = np.zeros(n, dtype=bool)
-    fresh_key[cand[old < 0]] = True
-    fresh = ~seen_before & fresh_key[first_of]  # judged against earlier rounds only
-    return Decisions(ids, kept, near, root, h, cand, sigs, bands, fresh, np.zeros(n, dtype=bool))
+    return Decisions(ids, kept, near, root, h, cand, sigs, bands, new_rows(old), np.zeros(n, dtype=bool))
 
 
 def semantic_tier(spec: Any, state: State, dec: Decisions, keys: Any, first_id: int) -> Any:
@@ -366,27 +390,27 @@ def _merge_one(
 
         pre = precomputed_for(storage, spec, rnd, state, shards)
     keys = round_keys(spec, cols, merge_workers()) if pre is None else None  # the maps did the per-row work
-    dec = decide(keys, state, spec, first_id, pre)
-    sem_drops = None
-    if semantic_spec(spec) is not None:  # single-process, also after partitioned maps and reducers
-        import pyarrow as pa
-
-        surv = pa.array(np.flatnonzero(dec.kept), pa.int64())
-        skeys = keys.take(surv) if keys is not None else round_keys(spec, [pa.concat_tables(cols).take(surv)])
-        sem_drops = semantic_tier(spec, state, dec, skeys, first_id)
-    del keys, cols
-    prefix = rec.merge_prefix(rnd)
-    names = ["seen-index.npz", "state.npz", "kept.parquet", "alpaca.jsonl", "sharegpt.jsonl"]
-    keys_of = {name: f"{prefix}/{name}" for name in names + (["semantic.parquet"] if sem_drops is not None else [])}
-    keys_of |= {"dataset.parquet": rec.dataset_part_key(rnd), "rejected.parquet": rec.rejected_part_key(rnd)}
-    # Each output written once, straight to where storage publishes it (atomically, when the block ends without an
-    # error; S3: uploaded then); the report, which names them, after; its round report last of all.
     with contextlib.ExitStack() as stack:
+        qcs = stack.enter_context(_QcRuns(storage, spec.qc.filters, shards))
+        # QC's worker processes fork inside decide (`on_fresh`), between its steps, where no other thread of this
+        # process runs: a fork copies no other thread, and a lock that one held would stay held in the child.
+        dec = decide(keys, state, spec, first_id, pre, on_fresh=qcs.start)
+        sem_drops = None
+        if semantic_spec(spec) is not None:  # single-process, also after partitioned maps and reducers
+            import pyarrow as pa
+
+            surv = pa.array(np.flatnonzero(dec.kept), pa.int64())
+            skeys = keys.take(surv) if keys is not None else round_keys(spec, [pa.concat_tables(cols).take(surv)])
+            sem_drops = semantic_tier(spec, state, dec, skeys, first_id)
+        del keys, cols
+        prefix = rec.merge_prefix(rnd)
+        names = ["seen-index.npz", "state.npz", "kept.parquet", "alpaca.jsonl", "sharegpt.jsonl"]
+        keys_of = {name: f"{prefix}/{name}" for name in names + (["semantic.parquet"] if sem_drops is not None else [])}
+        keys_of |= {"dataset.parquet": rec.dataset_part_key(rnd), "rejected.parquet": rec.rejected_part_key(rnd)}
+        # Each output written once, straight to where storage publishes it (atomically, when the block ends without an
+        # error; S3: uploaded then); the report, which names them, after; its round report last of all.
         out = {name: stack.enter_context(storage.staged(key)) for name, key in keys_of.items()}
         step = _advance(state, dec, sem_drops)  # reads dec; the rows below read it too, and never the state
-        # QC's worker processes fork before the thread below starts: a fork copies no other thread, and a lock that
-        # one held would stay held in the child.
-        qcs = stack.enter_context(_QcRuns(storage, spec.qc.filters, shards, dec))
         # The state and seen-index files (221 MB at 1M rows) are written by a thread while this one writes the rows:
         # file writes and their CRCs release the GIL, and numpy writes an array in 16 MiB pieces. 1M rows: ~0.4 s
         # less, ~30 MB more peak. An error in either publishes nothing (the staged outputs see it as the block ends).
@@ -469,11 +493,12 @@ def _write_rows(
         ThreadPoolExecutor(1, thread_name_prefix="genrun-rejected") as writer,
     ):
         for k, sh in enumerate(shards):
-            fresh, check, (why, vcodes) = qcs.result(k)  # QC of the rows that need it (in worker processes if any)
+            first, check, (why, vcodes) = qcs.result(k)  # QC of the rows that need it (in worker processes if any)
             # dropped as soon as written (a shard QC's workers inherited stays theirs until the pool ends)
             table, sh.table = _held(storage, sh), None
             n = table.num_rows
             kept = dec.kept[g : g + n]
+            fresh = first & dec.fresh[g : g + n]  # the shard's yield: new against earlier rounds, once per key
             # Each row's reason as a code into `why` (-1: none, it passed): a duplicate's tier, else QC's verdict,
             # for the rows it checked. Vectorised: no per-row Python objects over the round's million rows.
             reason = np.full(n, -1, np.int64)
@@ -572,6 +597,7 @@ def _verdict_codes(verdicts: list[str | None]) -> tuple[list[str], np.ndarray]:
 
 
 MERGE_WORKERS_ENV = "GENRUN_MERGE_WORKERS"
+QC_NICE = 10  # the QC workers' niceness, added to the Job's (lower priority: the Job's process runs first)
 QC_POOL_MIN_ROWS = 50_000  # a round with fewer rows to check runs QC in the Job's own process: forking costs more
 
 
@@ -616,6 +642,9 @@ def _pool_init(filters: Any, held: list[Any], check: list[np.ndarray]) -> None:
     """In each forked worker: the pipeline, and every shard's table held at the fork with the rows to check. A fork
     does not pickle the initializer's arguments: the workers read the parent's tables through copy-on-write pages."""
     global _POOL
+    # Below the Job's own process: the workers fork while it still decides the round (its critical path), and take
+    # the CPU it leaves (1M rows on 2 CPUs: 4.3 s instead of 4.7-5.2 s at the same priority).
+    os.nice(QC_NICE)
     _POOL = (QcPipeline.from_spec(filters), held, check)
 
 
@@ -633,38 +662,42 @@ def _pool_check(k: int, rows: Any) -> tuple[list[str], np.ndarray]:
 
 
 class _QcRuns:
-    """Per shard of the round, the rows QC must judge (kept rows, and the shard's first row of each key new against
-    earlier rounds: its yield) and their verdicts. With several workers and enough rows, the shards' checks run in
-    forked worker processes, a few shards ahead of the writer; QC is a pure function of each row, so the verdicts
-    (and every output) are the same as in process (tested)."""
+    """Per shard of the round, the rows QC must judge and their verdicts: the shard's first row of each key new
+    against earlier rounds (its yield; the round's kept rows are among them, and rows a later tier drops only cost a
+    verdict). `start` is `decide`'s `on_fresh`: with several workers and enough rows, forked worker processes judge
+    the shards while the Job's process decides the rest of the round and writes, a few shards ahead of the writer.
+    QC is a pure function of each row, so the verdicts (and every output) are the same as in process (tested)."""
 
-    def __init__(self, storage: Storage, filters: Any, shards: list[_Shard], dec: Decisions) -> None:
-        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
-        self.storage, self.shards = storage, shards
-        g = 0
-        for sh in shards:
-            n = sh.rows
-            _, in_shard = np.unique(dec.hashes[g : g + n], return_index=True)
-            fresh = np.zeros(n, dtype=bool)  # the shard's own yield: new against earlier rounds, once per key
-            fresh[in_shard] = True
-            fresh &= dec.fresh[g : g + n]
-            check = np.flatnonzero(dec.kept[g : g + n] | fresh)
-            self.rows.append((fresh, check))
-            g += n
+    def __init__(self, storage: Storage, filters: Any, shards: list[_Shard]) -> None:
+        self.storage, self.shards, self.filters = storage, shards, filters
         self.qc = QcPipeline.from_spec(filters)
-        total = sum(len(c) for _, c in self.rows)
-        judge = self.qc.filters and total >= QC_POOL_MIN_ROWS  # no filters: every row passes, no workers
-        self.workers = min(merge_workers(), len(shards)) if judge else 1
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []  # per shard: (first row of its key, rows to check)
+        self.workers = 1
         self.pool: Any = None
         self.pending: dict[int, Any] = {}
+
+    def start(self, hashes: np.ndarray, fresh: np.ndarray) -> None:
+        """The rows to check from the round's key hashes and its rows new against earlier rounds; with workers, the
+        fork and the first shards' checks."""
+        g = 0
+        for sh in self.shards:
+            n = sh.rows
+            _, in_shard = np.unique(hashes[g : g + n], return_index=True)
+            first = np.zeros(n, dtype=bool)
+            first[in_shard] = True
+            self.rows.append((first, np.flatnonzero(first & fresh[g : g + n])))
+            g += n
+        total = sum(len(c) for _, c in self.rows)
+        judge = self.qc.filters and total >= QC_POOL_MIN_ROWS  # no filters: every row passes, no workers
+        self.workers = min(merge_workers(), len(self.shards)) if judge else 1
         if self.workers > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             # The workers inherit the shards held now (the fork happens at the first submit, below) and are sent only
             # a shard's number: pickling the rows to check to them cost ~0.5 CPU-s at 1M rows.
-            self.held = [sh.table is not None for sh in shards]
-            args = (filters, [sh.table for sh in shards], [c for _, c in self.rows])
+            self.held = [sh.table is not None for sh in self.shards]
+            args = (self.filters, [sh.table for sh in self.shards], [c for _, c in self.rows])
             self.pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), _pool_init, args)
             self.ahead = self.workers + 1  # shards in flight: each worker busy, one queued (bounded memory)
             log.info("QC of %d rows in %d worker processes", total, self.workers)
@@ -686,17 +719,17 @@ class _QcRuns:
         self.pending[k] = self.pool.submit(_pool_check, k, None if self.held[k] else self._rows(k))
 
     def result(self, k: int) -> tuple[np.ndarray, np.ndarray, tuple[list[str], np.ndarray]]:
-        """Shard k's (fresh rows, rows checked, their verdicts as codes); call in shard order while its table is
-        held."""
-        fresh, check = self.rows[k]
+        """Shard k's (first row of each key, rows checked, their verdicts as codes); call in shard order, after
+        `start`, while its table is held."""
+        first, check = self.rows[k]
         if self.pool is None:
             judged = len(check) and self.qc.filters  # `_rows` of no filter would be a table of no columns (no rows)
-            return fresh, check, _verdict_codes(self.qc.check_table(self._rows(k)) if judged else [None] * len(check))
+            return first, check, _verdict_codes(self.qc.check_table(self._rows(k)) if judged else [None] * len(check))
         got = self.pending.pop(k).result()
         if self.submitted < len(self.rows):
             self._submit(self.submitted)
             self.submitted += 1
-        return fresh, check, got
+        return first, check, got
 
     def __enter__(self) -> _QcRuns:
         return self
@@ -730,14 +763,12 @@ def _kept_texts(storage: Storage, state: State, ids: np.ndarray) -> dict[int, st
     """Instructions of kept rows by global id, from the kept.parquet of the rounds that hold them."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     rounds = sorted(state.totals.round_first_id)
     firsts = np.array([state.totals.round_first_id[r] for r in rounds])
     text: dict[int, str] = {}
     for r in {rounds[int(np.searchsorted(firsts, i, "right")) - 1] for i in ids.tolist()}:
-        with local_copy(storage, state_key(r, "kept.parquet")) as p:
-            t = pq.read_table(p)
+        t = read_parquet(storage, state_key(r, "kept.parquet"))
         t = t.filter(pc.is_in(t.column("id"), value_set=pa.array(ids)))
         text.update(zip(t.column("id").to_pylist(), t.column("instruction").to_pylist(), strict=True))
     return text
@@ -748,7 +779,6 @@ def _semantic_clusters(storage: Storage, state: State, k: int = 10, sample: int 
     with their cosine, and the cluster's size (its first and every member the semantic tier dropped)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     if not state.totals.sem_top:
         return ()
@@ -760,8 +790,7 @@ def _semantic_clusters(storage: Storage, state: State, k: int = 10, sample: int 
         key = state_key(r, "semantic.parquet")
         if not storage.exists(key):
             continue
-        with local_copy(storage, key) as p:
-            t = pq.read_table(p)
+        t = read_parquet(storage, key)
         t = t.filter(pc.is_in(t.column("duplicate_of"), value_set=pa.array(ids)))
         for d, text, cos in zip(*(t.column(c).to_pylist() for c in ("duplicate_of", "instruction", "cosine")),
                                 strict=True):  # fmt: skip

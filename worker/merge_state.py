@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from genrun.worker import records as rec
 from genrun.worker.dedup import SeenIndex, SortedQueries, lsh_params, normalize_array
-from genrun.worker.storage import Storage, local_copy
+from genrun.worker.storage import Storage, local_copy, read_parquet
 
 log = logging.getLogger("genrun.merge")
 
@@ -268,10 +268,7 @@ def load_state(storage: Storage, spec: Any, rnd: int) -> State | None:
 
 
 def read_table(storage: Storage, key: str, columns: list[str] | None = None) -> Any:
-    import pyarrow.parquet as pq
-
-    with local_copy(storage, key) as path:
-        table = pq.read_table(path, columns=columns)
+    table = read_parquet(storage, key, columns)
     want = rec.example_schema()
     if columns is None and not table.schema.equals(want, check_metadata=False):
         table = _upgraded(table, want)

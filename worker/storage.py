@@ -306,6 +306,15 @@ def local_copy(storage: Storage, key: str) -> Iterator[Path]:
         yield p
 
 
+def read_parquet(storage: Storage, key: str, columns: list[str] | None = None) -> Any:
+    """One Parquet object's table (the columns named, else all). Through `pq.ParquetFile`, not `pq.read_table`: that
+    goes through pyarrow.dataset, whose import brings pandas, 0.3 s of a merge Job's ~5 s at 1M rows."""
+    import pyarrow.parquet as pq
+
+    with local_copy(storage, key) as path, pq.ParquetFile(path) as f:
+        return f.read(columns=columns)
+
+
 def read_marker(storage: Storage, key: str) -> ShardManifest | None:
     """The shard completion marker at `key`: None when there is none yet; `DamagedMarker` (a ValueError naming the
     key and the fault) when it is empty, truncated or incomplete. The one parser of markers: the merge, the local

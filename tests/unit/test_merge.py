@@ -341,13 +341,13 @@ def test_qc_in_worker_processes_writes_the_same_bytes_as_in_process(
     spec = parse_spec(SPEC)
     monkeypatch.setattr(m, "QC_POOL_MIN_ROWS", 0)  # the few rows here would otherwise stay in process
     pools: list[int] = []
-    orig = m._QcRuns.__init__
+    orig = m._QcRuns.start
 
     def counting(self: m._QcRuns, *a: object) -> None:
         orig(self, *a)  # type: ignore[arg-type]
         pools.append(self.workers)
 
-    monkeypatch.setattr(m._QcRuns, "__init__", counting)
+    monkeypatch.setattr(m._QcRuns, "start", counting)
     out = tmp_path / "out"  # every run writes here (outputs name their folder), each moved aside after
     # (workers, rows held from pass 1 to pass 2): 0 bytes held = every shard read again in pass 2, as a round of
     # real (kilobyte) responses past HOLD_BYTES does
@@ -368,6 +368,65 @@ def test_qc_in_worker_processes_writes_the_same_bytes_as_in_process(
         assert files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
         for f in files:
             assert (one / f).read_bytes() == (other / f).read_bytes(), (configs[i], f)
+
+
+def test_qc_starts_once_the_rows_it_judges_are_known(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QC's rows are known before the round's own clustering: with nothing indexed (round 1) before the signatures,
+    else right after the match against earlier rounds. They are each shard's first row of every key new against
+    earlier rounds, which holds every kept row: the rows the writer reads a verdict of (kept, and the shards' yield)."""
+    import genrun.worker.merge as m
+    import numpy as np
+    from genrun.worker.dedup import MinHasher, SeenIndex
+
+    storage = LocalStorage(tmp_path / "out")
+    ids = _rounds(storage)
+    events: list[str] = []
+
+    def spy(cls: type, name: str) -> None:
+        orig = getattr(cls, name)
+
+        def wrapped(*a: object, **k: object) -> object:
+            events.append(name)
+            return orig(*a, **k)
+
+        monkeypatch.setattr(cls, name, wrapped)
+
+    for cls, name in ((m._QcRuns, "start"), (MinHasher, "signatures"), (SeenIndex, "match"), (SeenIndex, "assign")):
+        spy(cls, name)
+    write_rows = m._write_rows
+
+    def checking(storage: object, spec: object, run: str, rnd: int, shards: list[m._Shard], dec: m.Decisions,
+                 out: object, qcs: m._QcRuns, *rest: object) -> object:  # fmt: skip
+        g = 0
+        for (first, check), sh in zip(qcs.rows, shards, strict=True):
+            kept, fresh = dec.kept[g : g + sh.rows], first & dec.fresh[g : g + sh.rows]
+            assert np.array_equal(check, np.flatnonzero(kept | fresh))
+            g += sh.rows
+        return write_rows(storage, spec, run, rnd, shards, dec, out, qcs, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(m, "_write_rows", checking)
+    spec = parse_spec(SPEC)
+    order = []
+    for rnd in (1, 2):
+        events.clear()
+        merge_round(storage, spec, "t", rnd, ids)
+        order.append(events[:])
+    assert order[0] == ["start", "signatures", "assign"]
+    assert order[1] == ["signatures", "match", "start", "assign"]
+
+
+def test_qc_workers_run_below_the_jobs_priority() -> None:
+    """The forked QC workers lower their priority by QC_NICE: they share the CPUs with the Job's process while it
+    still decides the round, which comes first."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import genrun.worker.merge as m
+
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(1, ctx, m._pool_init, ([], [], [])) as pool:
+        assert pool.submit(os.nice, 0).result() == min(19, os.nice(0) + m.QC_NICE)
 
 
 def test_merge_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
