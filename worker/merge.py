@@ -480,9 +480,13 @@ def _write_rows(
     this = Counts()
     rejected: Counter[str] = Counter()
     shard_yield: list[rec.ShardYield] = []
-    ds = pq.ParquetWriter(out["dataset.parquet"], rec.example_schema().with_metadata(part_metadata(spec, run)))
-    rj = pq.ParquetWriter(out["rejected.parquet"], rej_schema)
-    kept_w = pq.ParquetWriter(out["kept.parquet"], pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
+
+    def part(name: str, schema: Any) -> Any:
+        return pq.ParquetWriter(out[name], schema, use_dictionary=rec.dictionary_columns(schema))
+
+    ds = part("dataset.parquet", rec.example_schema().with_metadata(part_metadata(spec, run)))
+    rj = part("rejected.parquet", rej_schema)
+    kept_w = part("kept.parquet", pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
     g = 0
     left_domain = early_total = 0
     sem_texts = []

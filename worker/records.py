@@ -375,6 +375,20 @@ NULLABLE_COLUMNS = frozenset({"critic_score", "relevance", "generated_domain", "
 LATER_COLUMNS = frozenset({"attributes"})  # joined the contract after shards were written: older shards read as null
 
 
+# Columns whose values are (nearly) all distinct: texts that a round holds once, positions, scores. The merge's Parquet
+# writers dictionary-encode only the others; on these the encoder would build a dictionary and fall back to plain
+# values (the rejected part at 1M rows: 0.38 s instead of 0.43 s to encode, 61 MB instead of 65 MB).
+DISTINCT_VALUED_COLUMNS = frozenset(
+    {"response", "index", "instruction_logprob", "response_logprob", "critic_score", "relevance", "domain_margin",
+     "duplicate_of", "id"}
+)  # fmt: skip
+
+
+def dictionary_columns(schema: Any) -> list[str]:
+    """The columns of an Arrow schema to write dictionary-encoded (`use_dictionary=` of pyarrow's Parquet writers)."""
+    return [name for name in schema.names if name not in DISTINCT_VALUED_COLUMNS]
+
+
 def example_schema() -> Any:
     import pyarrow as pa
 

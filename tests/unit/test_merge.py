@@ -429,6 +429,21 @@ def test_qc_workers_run_below_the_jobs_priority() -> None:
         assert pool.submit(os.nice, 0).result() == min(19, os.nice(0) + m.QC_NICE)
 
 
+def test_parts_dictionary_encode_only_the_columns_of_repeated_values(storage: LocalStorage) -> None:
+    """The merge's Parquet parts dictionary-encode the columns that repeat (domain, model, reason, ...) and write the
+    distinct-valued ones (responses, positions, scores: records.DISTINCT_VALUED_COLUMNS) plain."""
+    rows = [example_row(f"Question number {i} about the water cycle?", response=f"Answer {i}.") for i in range(5)]
+    write_shard(storage, 1, 0, rows + rows[:2])
+    merge_round(storage, parse_spec(SPEC), "t", 1, [(1, 0)])
+    for key in (rec.dataset_part_key(1), rec.rejected_part_key(1), f"{rec.merge_prefix(1)}/kept.parquet"):
+        meta = pq.ParquetFile(storage.location(key)).metadata
+        group = meta.row_group(0)
+        for i in range(meta.num_columns):
+            col = group.column(i)
+            dictionary = any("DICTIONARY" in e for e in col.encodings)
+            assert dictionary == (col.path_in_schema not in rec.DISTINCT_VALUED_COLUMNS), (key, col.path_in_schema)
+
+
 def test_merge_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
