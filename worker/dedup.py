@@ -714,7 +714,7 @@ class SeenIndex:
         return self._firsts[1]
 
     def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray, exact: np.ndarray,
-               compact: bool = False, consume: bool = False) -> IndexChunk:  # fmt: skip
+               compact: bool = False, consume: bool = False, threads: int = 1) -> IndexChunk:  # fmt: skip
         """Add a batch (rows in keep-first order, after everything indexed) as one chunk: its rows that are the first
         of a bucket not indexed yet, and the key hashes it saw first (sorted, distinct). `compact`: join small
         trailing chunks (the online check adds many small batches; chunks stay O(log n)). `consume`: the caller
@@ -724,11 +724,14 @@ class SeenIndex:
         is_first = (self._batch_firsts(bands) == np.arange(n)[:, None]) & ~self.indexed(bands)
         self._firsts = self._indexed = None  # the index changes below
         add = np.flatnonzero(is_first.any(axis=1))
-        tables = []
-        for band in range(bands.shape[1]):
+        tables: list[Any] = [None] * bands.shape[1]
+
+        def table(band: int) -> None:  # each band's new bucket firsts, sorted by key
             new = np.flatnonzero(is_first[add, band])
             o = np.argsort(bands[add[new], band])
-            tables.append((bands[add[new[o]], band], new[o].astype(np.int64)))
+            tables[band] = (bands[add[new[o]], band], new[o].astype(np.int64))
+
+        each(table, range(bands.shape[1]), threads)
         if consume:
             sigs, bands = _front(sigs, add), _front(bands, add)
         else:

@@ -275,7 +275,7 @@ def _advance(state: State, dec: Decisions, sem_drops: Any = None) -> dict[str, d
     state.dups.append((chunk["dup_owner"], chunk["dup_count"]))
     state.sems.append((chunk["sem_owner"], chunk["sem_count"]))
     added = state.seen.extend(dec.sigs, dec.bands, dec.ids[dec.cand], dec.root[dec.cand], chunk["keys_hash"],
-                              consume=True)  # fmt: skip
+                              consume=True, threads=merge_workers())  # fmt: skip
     return {"chunk": chunk, "seen": added.to_npz(state.seen.params)}
 
 
