@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from genrun.worker.datasets import SUFFIXES, extract, records, source_files
 from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys, key_hashes
+from genrun.worker.storage import read_parquet_file
 
 log = logging.getLogger("genrun.against")
 
@@ -53,9 +54,7 @@ def _open(uri: str, spec: Any) -> tuple[Any, str]:
 
 def _instructions_of(path: Path, name: str) -> list[str]:
     if name.endswith("kept.parquet"):  # a run's own seen rows: (id, instruction)
-        import pyarrow.parquet as pq
-
-        return [x for x in pq.read_table(path, columns=["instruction"]).column("instruction").to_pylist() if x]
+        return [x for x in read_parquet_file(path, ["instruction"]).column("instruction").to_pylist() if x]
     out = []
     for raw in records(path):
         ins, _, _ = extract(raw)

@@ -162,8 +162,9 @@ def decide(
 
     `precomputed`: (key hashes, signatures of the first occurrences of new keys, their matches against earlier
     rounds' bucket firsts) when the partitioned maps and reducers made them. `on_fresh(hashes, fresh)`: called once,
-    as soon as the rows new against earlier rounds are known (before the round's own clustering; with nothing
-    indexed yet, before the signatures), so that QC of the rows it must judge starts while the rest is decided."""
+    as soon as the rows new against earlier rounds are known, so that QC of the rows it must judge starts while the
+    rest is decided: before the signatures when there is nothing to match against (nothing indexed yet, near
+    duplicates off, or the matches precomputed), else right after the match, before the round's own clustering."""
     d = spec.dedup
     n = len(keys) if precomputed is None else len(precomputed[0])
     ids = np.arange(first_id, first_id + n, dtype=np.int64)
@@ -392,8 +393,9 @@ def _merge_one(
     keys = round_keys(spec, cols, merge_workers()) if pre is None else None  # the maps did the per-row work
     with contextlib.ExitStack() as stack:
         qcs = stack.enter_context(_QcRuns(storage, spec.qc.filters, shards))
-        # QC's worker processes fork inside decide (`on_fresh`), between its steps, where no other thread of this
-        # process runs: a fork copies no other thread, and a lock that one held would stay held in the child.
+        # QC's worker processes fork inside decide (`on_fresh`), between its steps, where no thread of ours runs
+        # (`each` joins its threads; Arrow's own pools have fork handlers): a fork copies no other thread, and a lock
+        # that one held would stay held in the child.
         dec = decide(keys, state, spec, first_id, pre, on_fresh=qcs.start)
         sem_drops = None
         if semantic_spec(spec) is not None:  # single-process, also after partitioned maps and reducers
@@ -417,6 +419,7 @@ def _merge_one(
         saving = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="genrun-save"))
         saved = saving.submit(_save_index, state, step, out)
         round_counts = _write_rows(storage, spec, run, rnd, shards, dec, out, qcs, sem_drops)
+        qcs.close()  # every verdict is in: the workers go before the state is saved and the outputs published
         saved.result()
         tot.round = rnd
         tot.round_first_id[rnd] = first_id
@@ -466,8 +469,8 @@ def _write_rows(
     qcs: _QcRuns,
     sem_drops: Any = None,
 ) -> dict[str, Any]:
-    """Pass 2: each shard's rows (read in pass 1): QC on the kept ones, the dataset part, rejected rows, exports;
-    written to the paths `out` gives by file name."""
+    """Pass 2: each shard's rows (read in pass 1, or again past HOLD_BYTES) with QC's verdicts (`qcs`): the dataset
+    part, rejected rows, exports; written to the paths `out` gives by file name."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -481,12 +484,13 @@ def _write_rows(
     rejected: Counter[str] = Counter()
     shard_yield: list[rec.ShardYield] = []
 
-    def part(name: str, schema: Any) -> Any:
-        return pq.ParquetWriter(out[name], schema, use_dictionary=rec.dictionary_columns(schema))
+    def part(name: str, schema: Any, distinct: tuple[str, ...] = ()) -> Any:
+        return pq.ParquetWriter(out[name], schema, use_dictionary=rec.dictionary_columns(schema, distinct))
 
-    ds = part("dataset.parquet", rec.example_schema().with_metadata(part_metadata(spec, run)))
+    # kept rows have distinct instructions; rejected rows repeat them (exact duplicates)
+    ds = part("dataset.parquet", rec.example_schema().with_metadata(part_metadata(spec, run)), ("instruction",))
     rj = part("rejected.parquet", rej_schema)
-    kept_w = part("kept.parquet", pa.schema([("id", pa.int64()), ("instruction", pa.string())]))
+    kept_w = part("kept.parquet", pa.schema([("id", pa.int64()), ("instruction", pa.string())]), ("instruction",))
     g = 0
     left_domain = early_total = 0
     sem_texts = []
@@ -503,6 +507,8 @@ def _write_rows(
             n = table.num_rows
             kept = dec.kept[g : g + n]
             fresh = first & dec.fresh[g : g + n]  # the shard's yield: new against earlier rounds, once per key
+            if np.count_nonzero(kept[check]) != np.count_nonzero(kept):  # a kept row without a verdict would pass
+                raise RuntimeError(f"shard {sh.seed}: a kept row was not judged by QC")
             # Each row's reason as a code into `why` (-1: none, it passed): a duplicate's tier, else QC's verdict,
             # for the rows it checked. Vectorised: no per-row Python objects over the round's million rows.
             reason = np.full(n, -1, np.int64)
@@ -667,22 +673,28 @@ def _pool_check(k: int, rows: Any) -> tuple[list[str], np.ndarray]:
 
 class _QcRuns:
     """Per shard of the round, the rows QC must judge and their verdicts: the shard's first row of each key new
-    against earlier rounds (its yield; the round's kept rows are among them, and rows a later tier drops only cost a
-    verdict). `start` is `decide`'s `on_fresh`: with several workers and enough rows, forked worker processes judge
-    the shards while the Job's process decides the rest of the round and writes, a few shards ahead of the writer.
-    QC is a pure function of each row, so the verdicts (and every output) are the same as in process (tested)."""
+    against earlier rounds (its yield; every row the round keeps is one of them, and a row a later tier drops only
+    costs a verdict). `start` is `decide`'s `on_fresh`: with several workers and enough rows, the worker processes
+    fork there and judge the held shards while the Job's process decides the rest of the round and writes; shards
+    read again in pass 2 (past HOLD_BYTES) go to the workers a few ahead of the writer. QC is a pure function of
+    each row, so the verdicts (and every output) are the same as in process (tested)."""
 
     def __init__(self, storage: Storage, filters: Any, shards: list[_Shard]) -> None:
         self.storage, self.shards, self.filters = storage, shards, filters
         self.qc = QcPipeline.from_spec(filters)
-        self.rows: list[tuple[np.ndarray, np.ndarray]] = []  # per shard: (first row of its key, rows to check)
+        self.rows: list[tuple[np.ndarray, np.ndarray]] | None = None  # per shard: (first row of its key, to check)
         self.workers = 1
         self.pool: Any = None
         self.pending: dict[int, Any] = {}
 
     def start(self, hashes: np.ndarray, fresh: np.ndarray) -> None:
         """The rows to check from the round's key hashes and its rows new against earlier rounds; with workers, the
-        fork and the first shards' checks."""
+        fork and the held shards' checks."""
+        import gc
+
+        if self.rows is not None:
+            raise RuntimeError("QC of the round started twice")
+        self.rows = []
         g = 0
         for sh in self.shards:
             n = sh.rows
@@ -702,45 +714,58 @@ class _QcRuns:
             # a shard's number: pickling the rows to check to them cost ~0.5 CPU-s at 1M rows.
             self.held = [sh.table is not None for sh in self.shards]
             args = (self.filters, [sh.table for sh in self.shards], [c for _, c in self.rows])
+            # The process goes on deciding while the workers live: objects that exist now stay out of the garbage
+            # collector's passes, whose writes would copy their pages from the workers' (1M rows: ~45 MB less in all)
+            gc.freeze()
             self.pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), _pool_init, args)
             self.ahead = self.workers + 1  # shards in flight: each worker busy, one queued (bounded memory)
             log.info("QC of %d rows in %d worker processes", total, self.workers)
-            # every held shard at once (the workers have its rows: nothing is sent), then a few shards ahead of the
-            # writer whose rows are sent (the held shards come first: pass 1 holds them while they fit)
-            self.submitted = min(len(self.rows), sum(self.held) + self.ahead)
-            for k in range(self.submitted):
-                self._submit(k)
+            # every held shard at once (the workers have its rows: nothing is sent; pass 1 holds the first shards
+            # while they fit); the others from `result`, a few ahead of the writer
+            self.submitted = 0
+            while self.submitted < len(self.held) and self.held[self.submitted]:
+                self._submit(self.submitted)
 
     def _rows(self, k: int) -> Any:
         """Shard k's rows to check, with the columns QC reads."""
         import pyarrow as pa
 
+        assert self.rows is not None
         table = _held(self.storage, self.shards[k])
         return table.select(self.qc.columns(table.column_names)).take(pa.array(self.rows[k][1], pa.int64()))
 
     def _submit(self, k: int) -> None:
         # a shard not held at the fork is read again here, and its rows to check pickled to the worker
         self.pending[k] = self.pool.submit(_pool_check, k, None if self.held[k] else self._rows(k))
+        self.submitted = k + 1
 
     def result(self, k: int) -> tuple[np.ndarray, np.ndarray, tuple[list[str], np.ndarray]]:
         """Shard k's (first row of each key, rows checked, their verdicts as codes); call in shard order, after
         `start`, while its table is held."""
+        if self.rows is None:
+            raise RuntimeError("QC of the round was never started (decide did not call on_fresh)")
         first, check = self.rows[k]
         if self.pool is None:
             judged = len(check) and self.qc.filters  # `_rows` of no filter would be a table of no columns (no rows)
             return first, check, _verdict_codes(self.qc.check_table(self._rows(k)) if judged else [None] * len(check))
-        got = self.pending.pop(k).result()
-        if self.submitted < len(self.rows):
+        while self.submitted < min(len(self.rows), k + 1 + self.ahead):
             self._submit(self.submitted)
-            self.submitted += 1
-        return first, check, got
+        return first, check, self.pending.pop(k).result()
+
+    def close(self) -> None:
+        """End the workers (once every verdict is in: what they hold of the Job's pages is freed with them)."""
+        import gc
+
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+            gc.unfreeze()
 
     def __enter__(self) -> _QcRuns:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+        self.close()
 
 
 def _codes(values: np.ndarray) -> tuple[np.ndarray, list[float]]:

@@ -384,9 +384,10 @@ DISTINCT_VALUED_COLUMNS = frozenset(
 )  # fmt: skip
 
 
-def dictionary_columns(schema: Any) -> list[str]:
-    """The columns of an Arrow schema to write dictionary-encoded (`use_dictionary=` of pyarrow's Parquet writers)."""
-    return [name for name in schema.names if name not in DISTINCT_VALUED_COLUMNS]
+def dictionary_columns(schema: Any, distinct: tuple[str, ...] = ()) -> list[str]:
+    """The columns of an Arrow schema to write dictionary-encoded (`use_dictionary=` of pyarrow's Parquet writers);
+    `distinct`: more columns that are distinct in this file (the instructions of kept rows)."""
+    return [name for name in schema.names if name not in DISTINCT_VALUED_COLUMNS and name not in distinct]
 
 
 def example_schema() -> Any:

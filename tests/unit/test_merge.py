@@ -370,24 +370,47 @@ def test_qc_in_worker_processes_writes_the_same_bytes_as_in_process(
             assert (one / f).read_bytes() == (other / f).read_bytes(), (configs[i], f)
 
 
-def test_qc_starts_once_the_rows_it_judges_are_known(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """QC's rows are known before the round's own clustering: with nothing indexed (round 1) before the signatures,
-    else right after the match against earlier rounds. They are each shard's first row of every key new against
-    earlier rounds, which holds every kept row: the rows the writer reads a verdict of (kept, and the shards' yield)."""
+@pytest.mark.parametrize("case", ["default", "near_off", "against", "workers"])
+def test_qc_starts_once_the_rows_it_judges_are_known(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """QC's rows are known before the round's own clustering: before the signatures when there is nothing to match
+    against (round 1, near duplicates off), else right after the match against earlier rounds (round 2, or round 1
+    against an earlier dataset). They are each shard's first row of every key new against earlier rounds: exactly
+    the kept rows and the shards' yield (no semantic tier here), the rows the writer reads a verdict of. `workers`:
+    the QC worker processes fork there, with no thread of the merge's running."""
+    import threading
+
     import genrun.worker.merge as m
     import numpy as np
     from genrun.worker.dedup import MinHasher, SeenIndex
 
     storage = LocalStorage(tmp_path / "out")
     ids = _rounds(storage)
+    raw: dict[str, object] = dict(SPEC)
+    if case == "near_off":
+        raw["dedup"] = {"nearDuplicates": False}
+    if case == "against":
+        prior = tmp_path / "prior.jsonl"
+        prior.write_text(json.dumps({"instruction": "Explain the history of music and code?"}) + "\n")
+        raw["dedup"] = {"against": [str(prior)]}
+    if case == "workers":
+        monkeypatch.setattr(m, "QC_POOL_MIN_ROWS", 0)
+        monkeypatch.setenv(m.MERGE_WORKERS_ENV, "2")
     events: list[str] = []
+    threads_before: set[threading.Thread] = set()
 
     def spy(cls: type, name: str) -> None:
         orig = getattr(cls, name)
 
         def wrapped(*a: object, **k: object) -> object:
             events.append(name)
-            return orig(*a, **k)
+            if name == "start":
+                assert set(threading.enumerate()) <= threads_before  # nothing of the merge's runs at the fork
+            out = orig(*a, **k)
+            if name == "start" and case == "workers":
+                assert a[0].pool is not None  # type: ignore[attr-defined]
+            return out
 
         monkeypatch.setattr(cls, name, wrapped)
 
@@ -398,6 +421,7 @@ def test_qc_starts_once_the_rows_it_judges_are_known(tmp_path: Path, monkeypatch
     def checking(storage: object, spec: object, run: str, rnd: int, shards: list[m._Shard], dec: m.Decisions,
                  out: object, qcs: m._QcRuns, *rest: object) -> object:  # fmt: skip
         g = 0
+        assert qcs.rows is not None
         for (first, check), sh in zip(qcs.rows, shards, strict=True):
             kept, fresh = dec.kept[g : g + sh.rows], first & dec.fresh[g : g + sh.rows]
             assert np.array_equal(check, np.flatnonzero(kept | fresh))
@@ -405,14 +429,21 @@ def test_qc_starts_once_the_rows_it_judges_are_known(tmp_path: Path, monkeypatch
         return write_rows(storage, spec, run, rnd, shards, dec, out, qcs, *rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(m, "_write_rows", checking)
-    spec = parse_spec(SPEC)
+    spec = parse_spec(raw)
     order = []
     for rnd in (1, 2):
         events.clear()
+        threads_before.clear()
+        threads_before.update(threading.enumerate())
         merge_round(storage, spec, "t", rnd, ids)
         order.append(events[:])
-    assert order[0] == ["start", "signatures", "assign"]
-    assert order[1] == ["signatures", "match", "start", "assign"]
+    early, after_match = ["start", "signatures", "assign"], ["signatures", "match", "start", "assign"]
+    want = {"default": [early, after_match], "near_off": [["start", "signatures"]] * 2,
+            "against": [after_match, after_match], "workers": [early, after_match]}  # fmt: skip
+    if case == "against":  # round 1 first indexes the earlier dataset (its own signatures and clustering)
+        assert order[0].count("start") == 1
+        order[0] = order[0][-len(after_match) :]
+    assert order == want[case]
 
 
 def test_qc_workers_run_below_the_jobs_priority() -> None:
@@ -431,17 +462,21 @@ def test_qc_workers_run_below_the_jobs_priority() -> None:
 
 def test_parts_dictionary_encode_only_the_columns_of_repeated_values(storage: LocalStorage) -> None:
     """The merge's Parquet parts dictionary-encode the columns that repeat (domain, model, reason, ...) and write the
-    distinct-valued ones (responses, positions, scores: records.DISTINCT_VALUED_COLUMNS) plain."""
+    distinct-valued ones (responses, positions, scores: records.DISTINCT_VALUED_COLUMNS) plain; the instructions are
+    dictionary-encoded where they repeat (the rejected part), plain in the parts of kept rows."""
     rows = [example_row(f"Question number {i} about the water cycle?", response=f"Answer {i}.") for i in range(5)]
     write_shard(storage, 1, 0, rows + rows[:2])
     merge_round(storage, parse_spec(SPEC), "t", 1, [(1, 0)])
-    for key in (rec.dataset_part_key(1), rec.rejected_part_key(1), f"{rec.merge_prefix(1)}/kept.parquet"):
+    parts = {rec.dataset_part_key(1): {"instruction"}, rec.rejected_part_key(1): set(),
+             f"{rec.merge_prefix(1)}/kept.parquet": {"instruction"}}  # fmt: skip
+    for key, distinct in parts.items():
         meta = pq.ParquetFile(storage.location(key)).metadata
         group = meta.row_group(0)
         for i in range(meta.num_columns):
             col = group.column(i)
             dictionary = any("DICTIONARY" in e for e in col.encodings)
-            assert dictionary == (col.path_in_schema not in rec.DISTINCT_VALUED_COLUMNS), (key, col.path_in_schema)
+            plain = col.path_in_schema in rec.DISTINCT_VALUED_COLUMNS | distinct
+            assert dictionary == (not plain), (key, col.path_in_schema)
 
 
 def test_merge_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
