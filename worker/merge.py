@@ -177,10 +177,12 @@ def decide(
 
     def new_rows(old: np.ndarray) -> np.ndarray:
         """Rows neither an exact nor a near duplicate of anything before the round (`old`: each candidate's match
-        against earlier rounds, -1: none)."""
+        against earlier rounds, -1: none), handed to `on_fresh` as soon as they are known."""
         fresh_key = np.zeros(n, dtype=bool)
         fresh_key[cand[old < 0]] = True
         out: np.ndarray = ~seen_before & fresh_key[first_of]
+        if on_fresh is not None:
+            on_fresh(h, out)
         return out
 
     # the candidates' matches against earlier rounds: none to find when nothing is indexed (round 1) or near
@@ -190,8 +192,7 @@ def decide(
         old = np.full(len(cand), -1, np.int64)
     elif precomputed is not None:
         old = precomputed[2]
-    if old is not None and on_fresh is not None:
-        on_fresh(h, new_rows(old))
+    fresh = None if old is None else new_rows(old)
     threads = merge_workers()  # the Job's CPUs: the signature blocks and bands run side by side
     if precomputed is None:
         import pyarrow as pa
@@ -203,8 +204,7 @@ def decide(
     if d.near_duplicates:
         if old is None:
             old = state.seen.match(sigs, bands)
-            if on_fresh is not None:
-                on_fresh(h, new_rows(old))
+            fresh = new_rows(old)
         old, label, link = state.seen.assign(sigs, bands, old, threads)
     else:
         assert old is not None
@@ -219,7 +219,8 @@ def decide(
     root[rest] = root[first_of[rest]]
     kept = np.zeros(n, dtype=bool)
     kept[cand[croot == own]] = True
-    return Decisions(ids, kept, near, root, h, cand, sigs, bands, new_rows(old), np.zeros(n, dtype=bool))
+    assert fresh is not None  # every path above computed it once
+    return Decisions(ids, kept, near, root, h, cand, sigs, bands, fresh, np.zeros(n, dtype=bool))
 
 
 def semantic_tier(spec: Any, state: State, dec: Decisions, keys: Any, first_id: int) -> Any:
