@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, key_hashes
+from genrun.worker.dedup import MinHasher, SeenIndex, kept_sigs, key_hashes
 from genrun.worker.export import export_dataset, json_strings, part_metadata
 from genrun.worker.merge_state import (
     Counts,
@@ -144,7 +144,7 @@ class Decisions:
     root: np.ndarray  # global id of the cluster's first row (itself when kept)
     hashes: np.ndarray
     cand: np.ndarray  # rows that are the first with a key never seen before
-    sigs: np.ndarray  # their signatures (`_advance` hands sigs and bands to the index: not to be read after it)
+    sigs: np.ndarray  # their signatures as kept (`kept_sigs`; `_advance` hands them and bands over: not read after)
     bands: np.ndarray
     fresh: np.ndarray  # bool: neither an exact nor a near duplicate of anything before the round
     semantic: np.ndarray  # bool: dropped by the semantic tier
@@ -201,6 +201,7 @@ def decide(
     else:
         sigs = precomputed[1]
     bands = state.seen.band_keys(sigs, threads)
+    sigs = kept_sigs(sigs)  # the low bits from here on (what similarity reads and the index keeps): half the memory
     if d.near_duplicates:
         if old is None:
             old = state.seen.match(sigs, bands)
@@ -414,7 +415,7 @@ def _merge_one(
         # error; S3: uploaded then); the report, which names them, after; its round report last of all.
         out = {name: stack.enter_context(storage.staged(key)) for name, key in keys_of.items()}
         step = _advance(state, dec, sem_drops)  # reads dec; the rows below read it too, and never the state
-        # The state and seen-index files (221 MB at 1M rows) are written by a thread while this one writes the rows:
+        # The state and seen-index files (161 MB at 1M rows) are written by a thread while this one writes the rows:
         # file writes and their CRCs release the GIL, and numpy writes an array in 16 MiB pieces. 1M rows: ~0.4 s
         # less, ~30 MB more peak. An error in either publishes nothing (the staged outputs see it as the block ends).
         saving = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="genrun-save"))

@@ -275,6 +275,34 @@ def test_seen_index_exact_and_near() -> None:
     assert again.contains_near(hasher.signatures(queries)).tolist() == [True, True, True]
 
 
+def test_the_index_keeps_and_compares_the_low_16_bits_of_each_signature_value() -> None:
+    """b-bit MinHash: the seen-index keeps each MinHash value's low 16 bits (half the bytes of full values) and
+    similarity compares those bits. An index file written with full uint32 values (before) loads to the same index
+    and answers every query as the new file does."""
+    rng = np.random.default_rng(7)
+    vocab = [f"w{i}" for i in range(50)]
+    texts = [" ".join(rng.choice(vocab, 10)) for _ in range(200)]
+    texts += [t.rsplit(" ", 1)[0] + " w0" for t in texts[:100]]  # one-word edits: near duplicates
+    sigs = MinHasher(128, 1, 1).signatures(texts)
+    index = SeenIndex.empty(0.7, 128)
+    bands = index.band_keys(sigs[:200])
+    ids = np.arange(200)
+    index.extend(sigs[:200], bands, ids, ids, np.empty(0, np.uint64))
+    npz = index.to_npz()
+    assert npz["sigs"].dtype == np.uint16 and npz["sigs"].shape == (len(npz["ids"]), 128)
+    assert np.array_equal(npz["sigs"], sigs[npz["ids"]] & 0xFFFF)
+    old = dict(npz, sigs=sigs[npz["ids"]])  # the file before: full values
+    loaded, old_loaded = SeenIndex.from_npz(npz), SeenIndex.from_npz(old)
+    assert old_loaded.sigs.dtype == np.uint16 and np.array_equal(old_loaded.sigs, loaded.sigs)
+    queries = sigs[200:]
+    found = loaded.match(queries, loaded.band_keys(queries))
+    assert np.array_equal(found, old_loaded.match(queries, old_loaded.band_keys(queries)))
+    assert (found >= 0).sum() > 50  # most edits are found
+    # a chance agreement of the low bits counts as agreement; any difference there does not
+    a = np.array([[0x10001, 0x20002, 5, 6]], np.uint32)
+    assert similar(a, np.array([[0x30001, 0x40002, 5, 7]], np.uint32)).tolist() == [0.75]
+
+
 def test_deduplicate_is_the_merge_rule_in_one_batch() -> None:
     texts = ["What's the capital of France?", "what is the capital of france", "How do I reverse a string in Python?",
              "How can I reverse a string in Python?", "Write a poem about the sea."]  # fmt: skip

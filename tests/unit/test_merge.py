@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from genrun.contract.api import parse_spec
@@ -78,6 +79,9 @@ def test_round_two_counts_only_what_is_new_and_seen_index_grows(storage: LocalSt
     seen = load_seen_index(storage, 2)
     # every distinct key (exact tier), and each row that is the first of an LSH bucket (near tier), with its cluster
     assert seen is not None and len(seen.exact) == 3 and len(seen) == 3 and seen.root.tolist() == [0, 0, 3]
+    # each round's chunk keeps its signatures' low 16 bits (dedup.SIG_DTYPE), as the file holds them
+    with np.load(storage.location(f"{rec.merge_prefix(2)}/seen-index.npz")) as z:
+        assert z["sigs"].dtype == np.uint16 and z["sigs"].shape == (len(z["ids"]), spec.dedup.num_perm)
 
 
 def test_idempotent_and_atomic_rerun(storage: LocalStorage) -> None:
