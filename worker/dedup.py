@@ -527,12 +527,12 @@ class SortedQueries:
 @dataclass
 class IndexChunk:
     """One batch's share of a seen-index (a merge round, or the online check's batches): the key hashes it saw
-    first (sorted), the rows that are the first of some LSH bucket (signature, band keys, global row id, cluster
-    root), and per band the bucket table for the band keys first seen here (sorted keys, row positions here)."""
+    first (sorted), the rows that are the first of some LSH bucket (signature, global row id, cluster root), and per
+    band the bucket table for the band keys first seen here (sorted keys, row positions here). A row's other band
+    keys are not kept: every lookup goes through the tables."""
 
     exact: np.ndarray  # sorted uint64
     sigs: np.ndarray  # (m, num_perm) SIG_DTYPE (`kept_sigs`)
-    band: np.ndarray  # (m, bands) uint64
     ids: np.ndarray  # (m,) int64
     root: np.ndarray  # (m,) int64
     tables: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False, compare=False)
@@ -547,26 +547,24 @@ class IndexChunk:
         return rows, pos[at]
 
     def to_npz(self, params: np.ndarray) -> dict[str, Any]:
-        out = {"exact": self.exact, "sigs": self.sigs, "band": self.band, "ids": self.ids, "root": self.root,
-               "params": params}  # fmt: skip
+        out = {"exact": self.exact, "sigs": self.sigs, "ids": self.ids, "root": self.root, "params": params}
         for band, (k, p) in enumerate(self.tables):
             out[f"table_key_{band}"], out[f"table_pos_{band}"] = k, p
         return out
 
     @classmethod
-    def from_npz(cls, data: Any) -> IndexChunk:
+    def from_npz(cls, data: Any, nbands: int) -> IndexChunk:
         sigs = kept_sigs(data["sigs"])  # a file of full (uint32) values, written before SIG_DTYPE: their low bits
         ids = data["ids"] if "ids" in data and len(data["ids"]) == len(sigs) else np.arange(len(sigs), dtype=np.int64)
         root = data["root"] if "root" in data and len(data["root"]) == len(sigs) else ids
-        out = cls(data["exact"], sigs, data["band"], ids, root)
-        nb = out.band.shape[1]
-        if all(f"table_key_{b}" in data for b in range(nb)):
-            out.tables = [(data[f"table_key_{b}"], data[f"table_pos_{b}"]) for b in range(nb)]
-        else:  # a file without tables: its rows' keys, first occurrence per key
-            for b in range(nb):
-                k, p = np.unique(out.band[:, b], return_index=True)
-                out.tables.append((k, p.astype(np.int64)))
-        return out
+        if all(f"table_key_{b}" in data for b in range(nbands)):
+            tables = [(data[f"table_key_{b}"], data[f"table_pos_{b}"]) for b in range(nbands)]
+        else:  # a file without tables (its rows' band keys instead): their keys, first occurrence per key
+            tables = []
+            for b in range(nbands):
+                k, p = np.unique(data["band"][:, b], return_index=True)
+                tables.append((k, p.astype(np.int64)))
+        return cls(data["exact"], sigs, ids, root, tables)
 
 
 def _front(a: np.ndarray, rows: np.ndarray, step: int = 8192) -> np.ndarray:
@@ -626,8 +624,9 @@ class SeenIndex:
         """The index as one chunk (for callers that set whole arrays, e.g. an against seed's ids)."""
         if not self.chunks:
             e = np.empty(0, np.int64)
-            self.chunks = [IndexChunk(np.empty(0, np.uint64), self.sigs, np.empty((0, self.nbands), np.uint64), e, e,
-                                      [(np.empty(0, np.uint64), e)] * self.nbands)]  # fmt: skip
+            self.chunks = [
+                IndexChunk(np.empty(0, np.uint64), self.sigs, e, e, [(np.empty(0, np.uint64), e)] * self.nbands)
+            ]
         while len(self.chunks) > 1:
             self.chunks[:2] = [_join(self.chunks[0], self.chunks[1])]
         return self.chunks[0]
@@ -731,8 +730,8 @@ class SeenIndex:
         """Add a batch (rows in keep-first order, after everything indexed) as one chunk: its rows that are the first
         of a bucket not indexed yet, and the key hashes it saw first (sorted, distinct). `compact`: join small
         trailing chunks (the online check adds many small batches; chunks stay O(log n)). `consume`: the caller
-        gives up `sigs` and `bands`; the chunk keeps their rows moved to the front, in place (the merge's largest
-        arrays, not copied at its peak)."""
+        gives up `sigs`; the chunk keeps its rows moved to the front, in place (the merge's largest array, not copied
+        at its peak)."""
         n = len(bands)
         is_first = (self._batch_firsts(bands) == np.arange(n)[:, None]) & ~self.indexed(bands)
         self._firsts = self._indexed = None  # the index changes below
@@ -745,11 +744,8 @@ class SeenIndex:
             tables[band] = (bands[add[new[o]], band], new[o].astype(np.int64))
 
         each(table, range(bands.shape[1]), threads)
-        if consume:
-            sigs, bands = _front(sigs, add), _front(bands, add)
-        else:
-            sigs, bands = sigs[add], bands[add]
-        chunk = IndexChunk(exact, kept_sigs(sigs), bands, ids[add], root[add], tables)
+        sigs = _front(sigs, add) if consume else sigs[add]
+        chunk = IndexChunk(exact, kept_sigs(sigs), ids[add], root[add], tables)
         self.chunks.append(chunk)
         while compact and len(self.chunks) >= 2 and len(self.chunks[-2]) <= 2 * len(self.chunks[-1]):
             self.chunks[-2:] = [_join(self.chunks[-2], self.chunks[-1])]
@@ -797,7 +793,7 @@ class SeenIndex:
             b = self.nbands
             e = np.empty(0, np.int64)
             tables = [(np.empty(0, np.uint64), e)] * b
-            c = IndexChunk(np.empty(0, np.uint64), self.sigs, np.empty((0, b), np.uint64), e, e, tables)
+            c = IndexChunk(np.empty(0, np.uint64), self.sigs, e, e, tables)
         else:
             c = self.chunks[0]
             for nxt in self.chunks[1:]:
@@ -807,7 +803,8 @@ class SeenIndex:
     @classmethod
     def from_npz(cls, data: Any) -> SeenIndex:
         threshold, num_perm, seed, shingle = data["params"].tolist()
-        return cls(float(threshold), int(num_perm), int(seed), int(shingle), [IndexChunk.from_npz(data)])
+        nbands = lsh_params(float(threshold), int(num_perm))[0]
+        return cls(float(threshold), int(num_perm), int(seed), int(shingle), [IndexChunk.from_npz(data, nbands)])
 
     @classmethod
     def concat(cls, parts: Sequence[SeenIndex]) -> SeenIndex:
@@ -825,8 +822,8 @@ def _join(a: IndexChunk, b: IndexChunk) -> IndexChunk:
         o = np.argsort(k, kind="stable")
         tables.append((k[o], np.concatenate([pa_, pb + len(a)])[o]))
     exact = np.union1d(a.exact, b.exact)
-    sigs, band, ids, root = (np.concatenate([getattr(a, x), getattr(b, x)]) for x in ("sigs", "band", "ids", "root"))
-    return IndexChunk(exact, sigs, band, ids, root, tables)
+    sigs, ids, root = (np.concatenate([getattr(a, x), getattr(b, x)]) for x in ("sigs", "ids", "root"))
+    return IndexChunk(exact, sigs, ids, root, tables)
 
 
 def deduplicate(

@@ -144,7 +144,7 @@ class Decisions:
     root: np.ndarray  # global id of the cluster's first row (itself when kept)
     hashes: np.ndarray
     cand: np.ndarray  # rows that are the first with a key never seen before
-    sigs: np.ndarray  # their signatures as kept (`kept_sigs`; `_advance` hands them and bands over: not read after)
+    sigs: np.ndarray  # their signatures as kept (`kept_sigs`; `_advance` hands them to the index: not read after)
     bands: np.ndarray
     fresh: np.ndarray  # bool: neither an exact nor a near duplicate of anything before the round
     semantic: np.ndarray  # bool: dropped by the semantic tier
@@ -255,7 +255,7 @@ def semantic_tier(spec: Any, state: State, dec: Decisions, keys: Any, first_id: 
 
 def _advance(state: State, dec: Decisions, sem_drops: Any = None) -> dict[str, dict[str, np.ndarray]]:
     """Fold a round's decisions into the state; returns the round's state and seen-index chunks. The index takes over
-    dec.sigs and dec.bands (their rows moved in place): nothing reads them after."""
+    dec.sigs (its rows moved in place): nothing reads it after."""
     owners, counts = np.unique(dec.root[~dec.kept], return_counts=True)
     sem_owner, sem_count = np.unique(
         np.asarray(sem_drops[0].column("duplicate_of")) if sem_drops is not None else np.empty(0, np.int64),
