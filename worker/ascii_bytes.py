@@ -31,12 +31,14 @@ def non_ascii(col: Any) -> Any:
     return pc.invert(pc.fill_null(pc.string_is_ascii(col), True))
 
 
-def regex_on_non_ascii(col: Any, fast: Any, pattern: str, replacement: str) -> Any:
+def regex_on_non_ascii(col: Any, fast: Any, pattern: str, replacement: str, lower: bool = False) -> Any:
     """`fast` (the byte-map result for every row) with its non-ASCII rows replaced by
-    pc.replace_substring_regex(row, pattern, replacement)."""
+    pc.replace_substring_regex(row, pattern, replacement); `lower`: of the row in lower case (pc.utf8_lower)."""
     import pyarrow.compute as pc
 
     other = non_ascii(col)
     if not pc.any(other).as_py():
         return fast
-    return pc.replace_with_mask(fast, other, pc.replace_substring_regex(col.filter(other), pattern, replacement))
+    sub = col.filter(other)
+    sub = pc.utf8_lower(sub) if lower else sub
+    return pc.replace_with_mask(fast, other, pc.replace_substring_regex(sub, pattern, replacement))

@@ -122,6 +122,8 @@ def _arrow_strings(values: Sequence[str]) -> Any:
 # reduce to byte lookups; byte counts of ASCII classes are exact on any row.
 _WORD = ALNUM | np.isin(BYTE, list(b"_"))
 _TO_SPACE = np.where(_WORD | (BYTE >= 0x80), BYTE, 0x20).astype(np.uint8)  # separators -> ' ', others kept
+_LOWER_TO_SPACE = _TO_SPACE[np.where((BYTE >= 0x41) & (BYTE <= 0x5A), BYTE + 0x20, BYTE)]  # A-Z -> a-z first
+WORD_SEPARATORS = r"[^\p{L}\p{N}_]+"  # what splits words (`_words`); _TO_SPACE is its ASCII share
 _SPACE = np.isin(BYTE, [ord(c) for c in "\t\n\f\r "])  # RE2's \s (ASCII only, no \v)
 
 
@@ -141,22 +143,22 @@ def _row_counts(col: Any, byte_class: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def _replace_runs(col: Any, pattern: str, replacement: str, ascii_bytes: np.ndarray) -> Any:
-    """For splitting into words: pc.replace_substring_regex(col, pattern, replacement), `pattern` a run of a character
-    class whose ASCII members `ascii_bytes` maps to `replacement` (one space) byte by byte. Pure ASCII rows go by the
-    byte map (a run becomes several spaces: splitting drops the empty pieces), the others by the regex."""
+def _lower_spaced(col: Any) -> Any:
+    """For splitting into words: pc.replace_substring_regex(pc.utf8_lower(col), WORD_SEPARATORS, " "). Pure ASCII rows
+    go by one byte map (A-Z to lower case, separators to spaces: a run becomes several spaces, splitting drops the
+    empty pieces), the others by utf8_lower and the regex."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     got = string_bytes(col)
     if got is None:
-        return pc.replace_substring_regex(col, pattern, replacement)
+        return pc.replace_substring_regex(pc.utf8_lower(col), WORD_SEPARATORS, " ")
     data, _ = got
     buffers = col.buffers()
     mapped = pa.StringArray.from_buffers(
-        len(col), buffers[1], pa.py_buffer(ascii_bytes[data]), buffers[0], col.null_count, col.offset
+        len(col), buffers[1], pa.py_buffer(_LOWER_TO_SPACE[data]), buffers[0], col.null_count, col.offset
     )
-    return regex_on_non_ascii(col, mapped, pattern, replacement)
+    return regex_on_non_ascii(col, mapped, WORD_SEPARATORS, " ", lower=True)
 
 
 def _words(col: Any) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -164,9 +166,9 @@ def _words(col: Any) -> tuple[np.ndarray, np.ndarray, Any]:
     order, case-folded."""
     import pyarrow.compute as pc
 
-    # separators to spaces (one regex pass, or a byte map on ASCII rows), then a literal split (a regex split is
-    # several times slower); empty pieces are dropped
-    spaced = pc.utf8_trim(_replace_runs(pc.utf8_lower(col), r"[^\p{L}\p{N}_]+", " ", _TO_SPACE), " ")
+    # lower case and separators to spaces (a byte map on ASCII rows, else utf8_lower and one regex pass), then a
+    # literal split (a regex split is several times slower); empty pieces are dropped
+    spaced = pc.utf8_trim(_lower_spaced(col), " ")
     lists = pc.split_pattern(spaced, " ")
     flat = pc.list_flatten(lists)
     rows = _np(pc.list_parent_indices(lists)).astype(np.int64)
@@ -209,13 +211,15 @@ def _echo(p: Mapping[str, Any]) -> Filter:
 
         n = table.num_rows
         out = _none(n)
-        ins = pc.utf8_lower(pc.utf8_trim_whitespace(_text(table, "instruction")))
-        res = pc.utf8_lower(pc.utf8_trim_whitespace(_text(table, "response")))
-        li, lr = _np(pc.utf8_length(ins)), _np(pc.utf8_length(res))
+        ins = pc.utf8_trim_whitespace(_text(table, "instruction"))
+        res = pc.utf8_trim_whitespace(_text(table, "response"))
+        li, lr = _np(pc.utf8_length(ins)), _np(pc.utf8_length(res))  # as in lower case: utf8_lower maps 1 to 1
         # 1. the response contains the instruction and is little longer: only short responses need the substring test
+        # (in lower case: lowered here, on those rows only)
         short = np.flatnonzero((li > 0) & (lr < 2 * li + 20))
         if len(short):
-            pairs = zip(ins.take(pa.array(short)).to_pylist(), res.take(pa.array(short)).to_pylist(), strict=True)
+            at = pa.array(short)
+            pairs = zip(pc.utf8_lower(ins.take(at)).to_pylist(), pc.utf8_lower(res.take(at)).to_pylist(), strict=True)
             out[short[[a in b for a, b in pairs]]] = "echo"
         # 2. the response is mostly the instruction's words: (row, word) codes of both sides, the instruction's words
         # coded in the responses' dictionary (-1: in no response)
