@@ -306,6 +306,15 @@ def test_repeated_ngram_ratios_of_a_batch_equal_a_direct_count_per_text() -> Non
     assert (got > 0).sum() > 500  # the vocabulary makes repeats common: the check is not vacuous
 
 
+def test_arrow_lower_case_maps_every_code_point_to_one() -> None:
+    """Echo measures lengths before lower-casing (it lowers only the rows its substring test reads): right only while
+    pc.utf8_lower maps each code point to exactly one, which this checks for every code point."""
+    import pyarrow.compute as pc
+
+    points = pa.array([chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000], pa.string())
+    assert pc.all(pc.equal(pc.utf8_length(pc.utf8_lower(points)), 1)).as_py()
+
+
 def test_echo_of_a_batch_equals_a_direct_check_per_row() -> None:
     """The batch echo filter (each side's words coded once per table, the instruction's words looked up in the
     responses' dictionary) against the rule applied to each row directly: responses made of their instruction's
