@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, kept_sigs, key_hashes
+from genrun.worker.dedup import MinHasher, SeenIndex, kept_sigs, key_hashes, lsh_params
 from genrun.worker.export import export_dataset, json_strings, part_metadata
 from genrun.worker.merge_state import (
     Counts,
@@ -194,14 +194,16 @@ def decide(
         old = precomputed[2]
     fresh = None if old is None else new_rows(old)
     threads = merge_workers()  # the Job's CPUs: the signature blocks and bands run side by side
+    # the signatures' kept bits (what similarity reads and the index keeps) and their band keys
     if precomputed is None:
         import pyarrow as pa
 
-        sigs = MinHasher(d.num_perm, 1, d.shingle_size).signatures(keys.take(pa.array(cand, pa.int64())), threads)
+        hasher = MinHasher(d.num_perm, 1, d.shingle_size)
+        lsh = lsh_params(state.seen.threshold, state.seen.num_perm)
+        sigs, bands = hasher.kept_and_bands(keys.take(pa.array(cand, pa.int64())), *lsh, threads)
     else:
-        sigs = precomputed[1]
-    bands = state.seen.band_keys(sigs, threads)
-    sigs = kept_sigs(sigs)  # the low bits from here on (what similarity reads and the index keeps): half the memory
+        bands = state.seen.band_keys(precomputed[1], threads)
+        sigs = kept_sigs(precomputed[1])
     if d.near_duplicates:
         if old is None:
             old = state.seen.match(sigs, bands)

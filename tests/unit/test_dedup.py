@@ -184,7 +184,7 @@ def test_rows_moved_to_the_front_in_place_equal_a_copy(keep: list[bool], step: i
 def test_signatures_band_keys_and_bucket_firsts_in_threads_equal_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     """The merge runs the word split (slices of the keys), the signature blocks (one per shingle count and 2,048
     rows), the band keys and the bucket firsts (one per band) in the Job's threads: the same arrays as in one thread,
-    over rows of many shingle counts, empty keys and repeated buckets."""
+    over rows of many shingle counts, empty keys and repeated buckets; and `kept_and_bands` the same as both apart."""
     from genrun.worker import dedup
     from genrun.worker.dedup import batch_firsts
 
@@ -201,6 +201,10 @@ def test_signatures_band_keys_and_bucket_firsts_in_threads_equal_one_thread(monk
     assert np.array_equal(b1, b4)
     f1, f4 = batch_firsts(b1), batch_firsts(b1, threads=4)
     assert np.array_equal(f1, f4) and (f1 < np.arange(len(f1))[:, None]).any()  # some rows share a bucket
+    # the merge's fused path (band keys made block by block, only the kept bits stored) gives the same arrays
+    for threads in (1, 4):
+        kept, bands = MinHasher(128, 1, 1).kept_and_bands(texts, 14, 9, threads)
+        assert kept.dtype == np.uint16 and np.array_equal(kept, one & 0xFFFF) and np.array_equal(bands, b1)
 
 
 def test_a_bucket_first_is_indexed_in_one_chunk_and_match_finds_what_indexed_does() -> None:

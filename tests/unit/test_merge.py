@@ -418,7 +418,7 @@ def test_qc_starts_once_the_rows_it_judges_are_known(
 
         monkeypatch.setattr(cls, name, wrapped)
 
-    for cls, name in ((m._QcRuns, "start"), (MinHasher, "signatures"), (SeenIndex, "match"), (SeenIndex, "assign")):
+    for cls, name in ((m._QcRuns, "start"), (MinHasher, "kept_and_bands"), (SeenIndex, "match"), (SeenIndex, "assign")):
         spy(cls, name)
     write_rows = m._write_rows
 
@@ -441,8 +441,8 @@ def test_qc_starts_once_the_rows_it_judges_are_known(
         threads_before.update(threading.enumerate())
         merge_round(storage, spec, "t", rnd, ids)
         order.append(events[:])
-    early, after_match = ["start", "signatures", "assign"], ["signatures", "match", "start", "assign"]
-    want = {"default": [early, after_match], "near_off": [["start", "signatures"]] * 2,
+    early, after_match = ["start", "kept_and_bands", "assign"], ["kept_and_bands", "match", "start", "assign"]
+    want = {"default": [early, after_match], "near_off": [["start", "kept_and_bands"]] * 2,
             "against": [after_match, after_match], "workers": [early, after_match]}  # fmt: skip
     if case == "against":  # round 1 first indexes the earlier dataset (its own signatures and clustering)
         assert order[0].count("start") == 1
