@@ -490,9 +490,9 @@ def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return label
 
 
-def batch_firsts(bands: np.ndarray, threads: int = 1) -> np.ndarray:
+def batch_firsts(bands: np.ndarray, threads: int = 1, heads: list[Any] | None = None) -> np.ndarray:
     """(n, bands) int64: for each row and band, the earliest row of the batch with the same band key; the bands in
-    up to `threads` threads."""
+    up to `threads` threads. `heads`: a list of one None per band, each set to the bucket firsts in key order."""
     n = len(bands)
     out = np.empty(bands.shape, dtype=np.int64)
     idx = np.arange(n)
@@ -504,6 +504,8 @@ def batch_firsts(bands: np.ndarray, threads: int = 1) -> np.ndarray:
         start = np.ones(n, dtype=bool)
         start[1:] = sk[1:] != sk[:-1]
         out[order, band] = order[np.maximum.accumulate(np.where(start, idx, 0))]
+        if heads is not None:
+            heads[band] = order[start]
 
     each(one, range(bands.shape[1]), threads)
     return out
@@ -623,7 +625,7 @@ class SeenIndex:
     seed: int
     shingle_size: int
     chunks: list[IndexChunk] = field(default_factory=list)
-    _firsts: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    _firsts: tuple[np.ndarray, np.ndarray, list[Any]] | None = field(default=None, repr=False, compare=False)
     _indexed: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -747,15 +749,17 @@ class SeenIndex:
         against the index, its component's first row in the batch, its component's earliest earlier cluster or -1).
         `old`: the matches when computed elsewhere (partitioned reducers)."""
         old = self.match(sigs, bands) if old is None else old
-        firsts = self._batch_firsts(bands, threads)
+        firsts, _ = self._batch_firsts(bands, threads)
         label, link = cluster_batch(sigs, bands, self.threshold, old, firsts)
         return old, label, link
 
-    def _batch_firsts(self, bands: np.ndarray, threads: int = 1) -> np.ndarray:
-        """batch_firsts, kept for the same batch array (`extend` after `assign` sorts the bands once)."""
+    def _batch_firsts(self, bands: np.ndarray, threads: int = 1) -> tuple[np.ndarray, list[Any]]:
+        """batch_firsts with its bucket firsts in key order (`heads`), kept for the same batch array (`extend` after
+        `assign` sorts the bands once)."""
         if self._firsts is None or self._firsts[0] is not bands:
-            self._firsts = (bands, batch_firsts(bands, threads))
-        return self._firsts[1]
+            heads: list[Any] = [None] * bands.shape[1]
+            self._firsts = (bands, batch_firsts(bands, threads, heads), heads)
+        return self._firsts[1], self._firsts[2]
 
     def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray, exact: np.ndarray,
                compact: bool = False, consume: bool = False, threads: int = 1) -> IndexChunk:  # fmt: skip
@@ -765,15 +769,18 @@ class SeenIndex:
         gives up `sigs`; the chunk keeps its rows moved to the front, in place (the merge's largest array, not copied
         at its peak)."""
         n = len(bands)
-        is_first = (self._batch_firsts(bands) == np.arange(n)[:, None]) & ~self.indexed(bands)
+        firsts, heads = self._batch_firsts(bands)
+        indexed = self.indexed(bands)
+        is_first = (firsts == np.arange(n)[:, None]) & ~indexed
         self._firsts = self._indexed = None  # the index changes below
         add = np.flatnonzero(is_first.any(axis=1))
+        at = np.empty(n, dtype=np.int64)  # a row's position in the chunk
+        at[add] = np.arange(len(add))
         tables: list[Any] = [None] * bands.shape[1]
 
-        def table(band: int) -> None:  # each band's new bucket firsts, sorted by key
-            new = np.flatnonzero(is_first[add, band])
-            o = np.argsort(bands[add[new], band])
-            tables[band] = (bands[add[new[o]], band], new[o].astype(np.int64))
+        def table(band: int) -> None:  # each band's new bucket firsts, by key: the batch's in key order, less indexed
+            h = heads[band][~indexed[heads[band], band]]
+            tables[band] = (bands[h, band], at[h])
 
         each(table, range(bands.shape[1]), threads)
         sigs = _front(sigs, add) if consume else sigs[add]
