@@ -76,7 +76,7 @@ def preview(spec: GenerationRunSpec, n: int, engine_kind: str) -> Preview:
     from genrun.operator.planner import make_round
     from genrun.operator.policy import base_sampling
     from genrun.worker import records as rec
-    from genrun.worker.dedup import MinHasher, dedup_keys
+    from genrun.worker.dedup import MinHasher, dedup_keys, similar
     from genrun.worker.engine import make_engine
     from genrun.worker.generate import generate_shard
     from genrun.worker.prompts import INSTRUCTION_STOPS, JOINT_STOPS, PromptBuilder, parse_instruction, parse_joint
@@ -126,7 +126,7 @@ def preview(spec: GenerationRunSpec, n: int, engine_kind: str) -> Preview:
                 if keys[kj] == keys[k]:
                     s.verdict, s.duplicate_of = "exact_duplicate", j
                     break
-                sim = float((sigs[kj] == sigs[k]).mean()) if sigs is not None else 0.0
+                sim = float(similar(sigs[kj : kj + 1], sigs[k : k + 1])[0]) if sigs is not None else 0.0
                 if d.near_duplicates and sim >= d.threshold:
                     s.verdict, s.duplicate_of, s.similarity = "near_duplicate", j, round(sim, 3)
                     break
