@@ -690,12 +690,16 @@ class SeenIndex:
         return np.array([self.threshold, self.num_perm, self.seed, self.shingle_size], dtype=np.float64)
 
     @property
+    def lsh(self) -> tuple[int, int]:
+        """(bands, rows per band) of this index's buckets."""
+        return lsh_params(self.threshold, self.num_perm)
+
+    @property
     def nbands(self) -> int:
-        return lsh_params(self.threshold, self.num_perm)[0]
+        return self.lsh[0]
 
     def band_keys(self, sigs: np.ndarray, threads: int = 1) -> np.ndarray:
-        b, r = lsh_params(self.threshold, self.num_perm)
-        return band_keys(sigs, b, r, threads)
+        return band_keys(sigs, *self.lsh, threads)
 
     def indexed(self, bands: np.ndarray) -> np.ndarray:
         """(n, bands) bool: the band keys whose bucket first is indexed already (what `match` found for the same batch
@@ -842,8 +846,9 @@ class SeenIndex:
     @classmethod
     def from_npz(cls, data: Any) -> SeenIndex:
         threshold, num_perm, seed, shingle = data["params"].tolist()
-        nbands = lsh_params(float(threshold), int(num_perm))[0]
-        return cls(float(threshold), int(num_perm), int(seed), int(shingle), [IndexChunk.from_npz(data, nbands)])
+        out = cls(float(threshold), int(num_perm), int(seed), int(shingle))
+        out.chunks = [IndexChunk.from_npz(data, out.nbands)]
+        return out
 
     @classmethod
     def concat(cls, parts: Sequence[SeenIndex]) -> SeenIndex:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from genrun.worker import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, kept_sigs, key_hashes, lsh_params
+from genrun.worker.dedup import MinHasher, SeenIndex, kept_sigs, key_hashes
 from genrun.worker.export import export_dataset, json_strings, part_metadata
 from genrun.worker.merge_state import (
     Counts,
@@ -199,8 +199,7 @@ def decide(
         import pyarrow as pa
 
         hasher = MinHasher(d.num_perm, 1, d.shingle_size)
-        lsh = lsh_params(state.seen.threshold, state.seen.num_perm)
-        sigs, bands = hasher.kept_and_bands(keys.take(pa.array(cand, pa.int64())), *lsh, threads)
+        sigs, bands = hasher.kept_and_bands(keys.take(pa.array(cand, pa.int64())), *state.seen.lsh, threads)
     else:
         bands = state.seen.band_keys(precomputed[1], threads)
         sigs = kept_sigs(precomputed[1])
