@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import yaml
+from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
 from genrun.operator.planner import make_round
-from genrun.worker import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys
 from genrun.worker.engine import VllmEngine, per_request_seed
 from genrun.worker.generate import INSTRUCTION_MAX_TOKENS, generate_shard

@@ -16,7 +16,7 @@ dedup, QC, writing every output); vs_rensa divides it by rensa's rows/s on all r
 round_cost_ratio is the last round's seconds per new row over the first round's; peak_mb the largest child peak
 (the merge process's own: its QC worker processes, forked, add their private memory); merge_workers the processes
 the Job used for QC (GENRUN_MERGE_WORKERS, `--workers`; default the CPUs it may use), while rensa runs in one.
-The merge runs with the allocator settings a merge Job's pod gets (records.MERGE_ENV). `--repeat K` runs the rounds
+The merge runs with the allocator settings a merge Job's pod gets (runtime.MERGE_ENV). `--repeat K` runs the rounds
 (on a fresh copy of the same shards) and rensa K times, alternating: merge_rows_per_s and round_cost_ratio are then
 the medians, vs_rensa the median of each repetition's ratio (a merge and the rensa run right after it share the
 machine's state of the moment).
@@ -103,7 +103,7 @@ def write_shards(out: Path, rows: list[str], rnd: int, first_seed: int) -> list[
     """Shards of SHARD_ROWS rows in the contract (schema, keys, markers), as generators publish them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from genrun.worker import records as rec
+    from genrun.contract import records as rec
     from genrun.worker.storage import LocalStorage
 
     storage = LocalStorage(out)
@@ -155,7 +155,7 @@ CHILD = (
 
 
 def run_merge(job: Path, workers: int | None, profile: str | None = None) -> tuple[int, float, float, int]:
-    from genrun.worker.records import merge_env
+    from genrun.worker.runtime import merge_env
 
     env = merge_env({**os.environ, "GENRUN_LOG_LEVEL": "WARNING"})  # the process a merge Job's pod runs
     if profile:
@@ -206,7 +206,7 @@ def main() -> None:
         "the RESULT figures are the medians (on a shared machine one run can be 20%% off)",
     )
     args = ap.parse_args()
-    from genrun.worker import records as rec
+    from genrun.contract import records as rec
 
     rows, truth = synth(args.rows)
     per = -(-args.rows // args.rounds)

@@ -39,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from genrun.worker import records as rec  # noqa: E402
+from genrun.contract import records as rec  # noqa: E402
 from genrun.worker.storage import LocalStorage  # noqa: E402
 
 from tests.integration.harness import JOBS, RUNS, Cluster, OperatorProcess, _Emulator, wait_for  # noqa: E402

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import yaml
+from genrun.contract import records as rec
 from genrun.contract.api import RunRef
 from genrun.operator.local import LocalRunner
-from genrun.worker import records as rec
 from genrun.worker.storage import LocalStorage
 
 ROOT = Path(__file__).resolve().parents[1]

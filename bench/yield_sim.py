@@ -46,11 +46,11 @@ from typing import Any
 import numpy as np
 import yaml
 from genrun.contract.api import RunRef, parse_spec
+from genrun.contract.records import RoundPlan, RoundReport, ShardPlan, ShardYield
 from genrun.operator.simulate import run_instantly
 from genrun.worker.merge import State, round_keys
 from genrun.worker.merge import decide as dedup_decide
 from genrun.worker.qc import QcPipeline
-from genrun.worker.records import RoundPlan, RoundReport, ShardPlan, ShardYield
 
 ROOT = Path(__file__).resolve().parents[1]
 POOLS = Path(os.environ.get("GENRUN_ARM_POOLS", ROOT / "bench" / "data" / "arm-pools.jsonl.gz"))

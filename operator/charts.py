@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from genrun.contract import records as rec
+from genrun.contract.records import RoundReport
 from genrun.contract.status import RunStatus
 from genrun.operator.conditions import FAILED, SUCCEEDED
 from genrun.operator.loop import read_status_document
-from genrun.worker import records as rec
-from genrun.worker.records import RoundReport
 from genrun.worker.storage import Storage, local_copy
 
 W, H = 600, 300  # one chart

@@ -10,9 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from genrun.contract.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, UserError
-from genrun.worker import records as rec
-from genrun.worker.records import EXIT_OK, EXIT_STORAGE, EXIT_USAGE
+from genrun.contract import records as rec
+from genrun.contract.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, EXIT_STORAGE, EXIT_USAGE, UserError
 
 __all__ = ["EXIT_RUN_FAILED", "UserError", "main"]
 
@@ -156,7 +155,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from genrun.worker.cli import main as worker_main
 
-    return worker_main(args.worker_args)
+    return worker_main(args.worker_args, own_process=args.own_process)
 
 
 def _version() -> str:
@@ -276,10 +275,11 @@ def _storage_message(exc: Exception) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    own_process = argv is None  # started as a command (not called in-process): it may re-execute itself
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:
         # The worker's own parser owns everything after `worker`, --help included (the worker image's default command).
-        args = argparse.Namespace(fn=_cmd_worker, worker_args=argv[1:])
+        args = argparse.Namespace(fn=_cmd_worker, worker_args=argv[1:], own_process=own_process)
     else:
         args = build_parser().parse_args(argv)
     try:

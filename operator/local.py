@@ -25,13 +25,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from genrun.contract import errors
+from genrun.contract import records as rec
 from genrun.contract.api import RunRef, parse_spec
 from genrun.contract.status import RunStatus
 from genrun.operator import conditions as c
 from genrun.operator.loop import RunLoop, recorded_status, started
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, Event, ObservedJob, Plan, job_spec
 from genrun.operator.show import Progress
-from genrun.worker import records as rec
 from genrun.worker.storage import Storage
 
 STATE = "_genrun"  # runner bookkeeping under the output: job specs, logs, failed attempts
@@ -89,16 +90,14 @@ class LocalRunner:
             (self.state / folder).mkdir(parents=True, exist_ok=True)
         job_file.write_text(rec.to_json(job_spec(action, self.ref, self.raw_spec)))
         cmd = [sys.executable, "-P", "-m", "genrun.operator.cli", "worker"]
-        env = None  # the runner's own
         if isinstance(action, CreateShardJob):
             cmd += ["generate", "--job", str(job_file), "--engine", self.engine]
         else:
             cmd += ["merge", "--job", str(job_file)]
-            env = rec.merge_env(dict(os.environ))  # as a merge Job's pod has it
         log = open(self.state / "logs" / f"{action.name}.log", "a")  # noqa: SIM115 (closed when the process ends)
         # Started in the loop's thread: a worker dies with the thread that started it.
         popen = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
         )
         self.procs[action.name] = _Proc(started(action), popen, log)
 
@@ -121,7 +120,7 @@ class LocalRunner:
                 continue
             why = f"exit code {code}: {_tail(self.state / 'logs' / f'{name}.log')}" if code else ""
             job = dataclasses.replace(p.job, phase="Failed" if code else "Succeeded", message=why,
-                                      retriable=code not in rec.NON_RETRIABLE_EXIT_CODES)  # fmt: skip
+                                      retriable=code not in errors.NON_RETRIABLE_EXIT_CODES)  # fmt: skip
             self.finished[name] = job
             if code:
                 (self.state / "jobs" / f"{name}.failed.json").write_text(json.dumps(dataclasses.asdict(job)))

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
+from genrun.contract import records as rec
 from genrun.contract.api import API_VERSION, GenerationRunSpec, RunRef
 from genrun.contract.errors import Rejected
 from genrun.contract.status import RunStatus
@@ -32,7 +33,6 @@ from genrun.operator.planner import (
     decide,
     invalid_plan,
 )
-from genrun.worker import records as rec
 from genrun.worker.storage import DamagedMarker, Storage, read_marker
 
 log = logging.getLogger("genrun.operator")

@@ -13,10 +13,11 @@ import json
 import re
 from typing import Any
 
+from genrun.contract import errors
+from genrun.contract import records as rec
 from genrun.contract.api import API_KEY_ENV, API_VERSION, KIND, GenerationRunSpec, RunRef
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, job_spec
 from genrun.operator.settings import Settings
-from genrun.worker import records as rec
 
 LABEL_RUN = "genrun.io/run"
 LABEL_KIND = "genrun.io/kind"
@@ -224,7 +225,7 @@ def _job(
                         "onExitCodes": {
                             "containerName": CONTAINER,
                             "operator": "In",
-                            "values": list(rec.NON_RETRIABLE_EXIT_CODES),
+                            "values": list(errors.NON_RETRIABLE_EXIT_CODES),
                         },
                     },
                 ]
@@ -256,8 +257,6 @@ def merge_job(ref: RunRef, action: CreateMergeJob, spec: GenerationRunSpec, sett
     resources = {"requests": dict(limits), "limits": limits}
     args = ["worker", "merge", "--job", f"{JOB_DIR}/{JOB_FILE}"]
     manifest = _job(ref, action.name, lbls, spec, settings, args, resources, None)
-    env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
-    env += [{"name": k, "value": v} for k, v in rec.MERGE_ENV.items()]
     parts = spec.dedup.partitions
     if parts > 1:
         # Partitioned dedup: index i maps input partition i, then reduces band partition i; index 0 finalises.

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from genrun.contract.api import GenerationRunSpec, RunRef, SpecError, parse_spec
+from genrun.contract.records import JobSpec, RoundPlan, RoundReport, Sampling, ShardPlan
 from genrun.contract.status import Duplicates, Output, RoundEntry, RunStatus, TopDuplicate, Totals
 from genrun.operator import conditions as c
 from genrun.operator import policy as pol
 from genrun.operator.policy import base_sampling, round4
-from genrun.worker.records import JobSpec, RoundPlan, RoundReport, Sampling, ShardPlan
 
 JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
 ACTIVE_PHASES = ("Pending", "Running")

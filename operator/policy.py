@@ -31,8 +31,8 @@ from statistics import NormalDist
 from typing import TypeVar
 
 from genrun.contract.api import GenerationRunSpec
+from genrun.contract.records import RoundPlan, RoundReport, Sampling, ShardPlan
 from genrun.contract.status import ArmEntry, CellEntry
-from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan
 
 DISCOUNT = 0.7  # weight of a round's evidence per round of age
 MAX_ARMS = 16  # the CRD's maxItems on spec.policy.arms, and the ladder's length bound

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from genrun.contract import errors
 from genrun.contract.api import GenerationRunSpec
 
 CUT = 160  # characters of text shown per field in the table
@@ -73,9 +74,9 @@ class _Recorder:
 
 def preview(spec: GenerationRunSpec, n: int, engine_kind: str) -> Preview:
     import pyarrow.parquet as pq
+    from genrun.contract import records as rec
     from genrun.operator.planner import make_round
     from genrun.operator.policy import base_sampling
-    from genrun.worker import records as rec
     from genrun.worker.dedup import MinHasher, dedup_keys, similar
     from genrun.worker.engine import make_engine
     from genrun.worker.generate import generate_shard
@@ -192,7 +193,6 @@ def render(p: Preview, out: TextIO) -> None:
 def run_preview(path: Path, n: int, engine: str, as_json: bool, out: TextIO | None = None) -> int:
     from genrun.contract.errors import UserError
     from genrun.operator.validate import ManifestError, SpecError, load_run_manifest
-    from genrun.worker import records as rec
     from genrun.worker.engine import ModelError
     from genrun.worker.openai_engine import EndpointError
 
@@ -203,7 +203,7 @@ def run_preview(path: Path, n: int, engine: str, as_json: bool, out: TextIO | No
     except (ManifestError, SpecError) as exc:
         for e in exc.errors if isinstance(exc, SpecError) else [str(exc)]:
             print(f"{path}: {e}", file=sys.stderr)
-        return rec.EXIT_USAGE
+        return errors.EXIT_USAGE
     try:
         result = preview(spec, n, engine)
     except (ModelError, EndpointError) as exc:
@@ -213,4 +213,4 @@ def run_preview(path: Path, n: int, engine: str, as_json: bool, out: TextIO | No
         print(json.dumps(asdict(result)), file=out)
     else:
         render(result, out)
-    return rec.EXIT_OK
+    return errors.EXIT_OK

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from genrun.contract import records as rec
 from genrun.contract.errors import EXIT_RUN_FAILED, UserError
 from genrun.contract.status import RunStatus
 from genrun.operator import conditions as c
 from genrun.operator.loop import read_reports, read_status_document, recorded_status
 from genrun.operator.planner import Observed, Plan
-from genrun.worker import records as rec
 from genrun.worker.storage import Storage, StorageError, open_storage
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from genrun.contract.api import GenerationRunSpec, RunRef
+from genrun.contract.records import RoundPlan, RoundReport
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, Observed, ObservedJob, Plan, RecordRound, decide
-from genrun.worker.records import RoundPlan, RoundReport
 
 # (the round's plan, the previous round's report) -> this round's report
 MergeFn = Callable[[RoundPlan, RoundReport | None], RoundReport]

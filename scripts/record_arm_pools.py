@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
+from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
 from genrun.operator.planner import make_round
-from genrun.worker import records as rec
 from genrun.worker.engine import make_engine
 from genrun.worker.generate import generate_shard
 from genrun.worker.storage import LocalStorage

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import yaml
+from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
 from genrun.operator.planner import make_round
-from genrun.worker import records as rec
 from genrun.worker.engine import Params, VllmEngine, per_request_seed
 from genrun.worker.prompts import INSTRUCTION_STOPS, RESPONSE_STOPS, PromptBuilder, parse_instruction, parse_response
 

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import yaml
+from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
 from genrun.operator.planner import make_round
-from genrun.worker import records as rec
 from genrun.worker.engine import Params, VllmEngine, per_request_seed
 from genrun.worker.prompts import INSTRUCTION_STOPS, JOINT_STOPS, RESPONSE_STOPS, PromptBuilder, parse_instruction
 

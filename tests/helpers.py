@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from genrun.worker import records as rec
+from genrun.contract import records as rec
 from genrun.worker.storage import Storage
 
 

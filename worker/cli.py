@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from genrun.worker import records as rec
+from genrun.contract import errors
+from genrun.contract import records as rec
 
 log = logging.getLogger("genrun.worker")
 
@@ -35,13 +36,13 @@ def _load_job(args: argparse.Namespace) -> tuple[rec.JobSpec, Any]:
         job = rec.job_spec_from(json.loads(raw))
         spec = parse_spec(job.spec)
     except OSError as exc:
-        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: cannot read ({exc.strerror or exc})") from exc
+        raise _Fail(errors.EXIT_USAGE, f"--job {args.job}: cannot read ({exc.strerror or exc})") from exc
     except (ValueError, KeyError, TypeError, EOFError) as exc:
-        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: not a valid job spec: {exc}") from exc
+        raise _Fail(errors.EXIT_USAGE, f"--job {args.job}: not a valid job spec: {exc}") from exc
     except SpecError as exc:
-        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: {exc}") from exc
+        raise _Fail(errors.EXIT_USAGE, f"--job {args.job}: {exc}") from exc
     if args.kind != job.kind:
-        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: is a {job.kind} job, not a {args.kind} job")
+        raise _Fail(errors.EXIT_USAGE, f"--job {args.job}: is a {job.kind} job, not a {args.kind} job")
     return job, spec
 
 
@@ -60,7 +61,7 @@ def _storage(spec: Any, override: str | None) -> Any:
     try:
         storage.check()
     except StorageError as exc:
-        raise _Fail(rec.EXIT_STORAGE, str(exc)) from exc
+        raise _Fail(errors.EXIT_STORAGE, str(exc)) from exc
     return storage
 
 
@@ -70,24 +71,28 @@ def _generate(args: argparse.Namespace) -> int:
 
     job, spec = _load_job(args)
     if job.shard is None:
-        raise _Fail(rec.EXIT_USAGE, f"--job {args.job}: a shard job needs 'shard'")
+        raise _Fail(errors.EXIT_USAGE, f"--job {args.job}: a shard job needs 'shard'")
     storage = _storage(spec, args.output)
     if storage.exists(rec.shard_manifest_key(job.shard.round, job.shard.seed)):
         log.info("shard r%d s%d is already published; nothing to do", job.shard.round, job.shard.seed)
-        return rec.EXIT_OK
+        return errors.EXIT_OK
     from genrun.worker.openai_engine import EndpointError
 
     try:
         engine = make_engine(args.engine, spec, job.shard.seed)
         generate_shard(storage, spec, job.shard, engine)
     except ModelError as exc:  # also spec.model.endpoint refusing for good (bad key, no such model)
-        raise _Fail(rec.EXIT_MODEL, str(exc)) from exc
+        raise _Fail(errors.EXIT_MODEL, str(exc)) from exc
     except EndpointError as exc:  # the server stayed unavailable through the retries: the Job's retry takes over
-        raise _Fail(rec.EXIT_FAILED, f"spec.model.endpoint: {exc}") from exc
-    return rec.EXIT_OK
+        raise _Fail(errors.EXIT_FAILED, f"spec.model.endpoint: {exc}") from exc
+    return errors.EXIT_OK
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from genrun.worker.runtime import ensure_merge_env
+
+    if args.own_process:
+        ensure_merge_env()  # before anything large is allocated: glibc reads its tunables at process start
     from genrun.worker.merge import merge_round
 
     job, spec = _load_job(args)
@@ -96,10 +101,10 @@ def _merge(args: argparse.Namespace) -> int:
     if parts > 1 and not storage.exists(rec.round_report_key(job.round)):
         _partitioned(storage, spec, job, args.index, parts)
         if args.index not in (None, 0):
-            return rec.EXIT_OK  # index 0 finalises
+            return errors.EXIT_OK  # index 0 finalises
     report = merge_round(storage, spec, job.run, job.round, list(job.shards))
     print(json.dumps({"round": report.round, "unique": report.unique_total, "qcPassed": report.qc_passed_total}))
-    return rec.EXIT_OK
+    return errors.EXIT_OK
 
 
 def _partitioned(storage: Any, spec: Any, job: rec.JobSpec, index: int | None, parts: int) -> None:
@@ -132,7 +137,7 @@ def _dedup_map(args: argparse.Namespace) -> int:
     job, spec = _load_job(args)
     storage = _storage(spec, args.output)
     print(dedup_map(storage, spec, job.round, list(job.shards), _index(args), spec.dedup.partitions))
-    return rec.EXIT_OK
+    return errors.EXIT_OK
 
 
 def _dedup_reduce(args: argparse.Namespace) -> int:
@@ -142,12 +147,12 @@ def _dedup_reduce(args: argparse.Namespace) -> int:
     storage = _storage(spec, args.output)
     p = spec.dedup.partitions
     print(dedup_reduce(storage, spec, job.round, p, _index(args), p))
-    return rec.EXIT_OK
+    return errors.EXIT_OK
 
 
 def _index(args: argparse.Namespace) -> int:
     if args.index is None:
-        raise _Fail(rec.EXIT_USAGE, "--index is required (or JOB_COMPLETION_INDEX, as an Indexed Job sets it)")
+        raise _Fail(errors.EXIT_USAGE, "--index is required (or JOB_COMPLETION_INDEX, as an Indexed Job sets it)")
     return int(args.index)
 
 
@@ -174,13 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, own_process: bool | None = None) -> int:
+    """`own_process`: this call is the process's command (the default when `argv` is None), so the merge may
+    re-execute it with its allocator settings; a caller in-process (tests, `genrun dedup`) keeps its own."""
     logging.basicConfig(
         level=os.environ.get("GENRUN_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):  # their INFO lines are not the worker's story
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    args.own_process = argv is None if own_process is None else own_process
     from genrun.worker.storage import StorageError
 
     try:
@@ -191,14 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except StorageError as exc:
         print(f"genrun worker: error: storage: {exc}", file=sys.stderr)
-        return rec.EXIT_STORAGE
+        return errors.EXIT_STORAGE
     except Exception as exc:  # the semantic model and dedup.against sources: user settings, retrying cannot help
         from genrun.worker.against import AgainstError
         from genrun.worker.semantic import SemanticError
 
         if isinstance(exc, AgainstError | SemanticError):
             print(f"genrun worker: error: {exc}", file=sys.stderr)
-            return rec.EXIT_USAGE if isinstance(exc, AgainstError) else rec.EXIT_MODEL
+            return errors.EXIT_USAGE if isinstance(exc, AgainstError) else errors.EXIT_MODEL
         raise
 
 

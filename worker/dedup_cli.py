@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from genrun.contract.errors import EXIT_OK, EXIT_USAGE
 from genrun.worker.datasets import DatasetError, extract, records
-from genrun.worker.records import EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
     import numpy as np

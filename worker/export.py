@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from genrun.worker import records as rec
+from genrun.contract import records as rec
 from genrun.worker.storage import Storage, local_copy, read_parquet
 
 DATASET_DIR = "dataset"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from genrun.worker import records as rec
+from genrun.contract import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys
 from genrun.worker.engine import Completion, Engine, Params, per_request_seed
 from genrun.worker.merge import load_seen_index
@@ -364,7 +364,7 @@ class Critic:
 
 @dataclass(frozen=True)
 class RowMaker:
-    """Stage 6: a pick -> the shard row (the contract's columns, genrun.worker.records.EXAMPLE_COLUMNS), or a reject
+    """Stage 6: a pick -> the shard row (the contract's columns, genrun.contract.records.EXAMPLE_COLUMNS), or a reject
     when the picked response parses to nothing."""
 
     builder: PromptBuilder

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from genrun.worker import records as rec
+from genrun.contract import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, kept_sigs, key_hashes
 from genrun.worker.export import export_dataset, json_strings, part_metadata
 from genrun.worker.merge_state import (

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from genrun.worker import records as rec
+from genrun.contract import records as rec
 from genrun.worker.dedup import SeenIndex, SortedQueries, lsh_params, normalize_array
 from genrun.worker.storage import Storage, local_copy, read_parquet
 

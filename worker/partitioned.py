@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from genrun.worker import records as rec
+from genrun.contract import records as rec
 from genrun.worker.dedup import MinHasher, key_hashes, lsh_params
 from genrun.worker.merge_state import State, load_state, read_table, round_keys
 from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker

@@ -334,7 +334,7 @@ def clusters(result: SemanticResult, ids: np.ndarray, top: int = 10) -> list[tup
 def load_seen_semantic(storage: Any, rnd: int) -> SemanticIndex | None:
     """The semantic part of the seen-index published by round `rnd`'s merge (the `semantic_*` arrays that
     `SemanticIndex.to_npz` adds to seen-index.npz), or None: round 0, no file, or a merge without the tier."""
-    from genrun.worker import records as rec
+    from genrun.contract import records as rec
     from genrun.worker.storage import local_copy
 
     if rnd < 1:

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from genrun.worker.records import DamagedMarker as DamagedMarker  # re-exported: callers catch it from here
-from genrun.worker.records import ShardManifest, parse_marker
+from genrun.contract.records import DamagedMarker as DamagedMarker  # re-exported: callers catch it from here
+from genrun.contract.records import ShardManifest, parse_marker
 
 Keys = list[str]  # a name outside the classes, whose `list` method shadows the builtin in their annotations
 

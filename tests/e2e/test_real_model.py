@@ -15,9 +15,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from genrun.contract import errors
+from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
 from genrun.operator.planner import make_round
-from genrun.worker import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, normalize
 
 from tests.integration.harness import wait_for
@@ -126,7 +127,7 @@ def test_bad_model_path_is_one_line_and_final_exit_code(tmp_path: Path) -> None:
     job["spec"]["model"]["name"] = "/nonexistent/model"
     (tmp_path / "job.json").write_text(json.dumps(job))
     res = generate(tmp_path / "job.json", timeout=300)
-    assert res.returncode == rec.EXIT_MODEL
+    assert res.returncode == errors.EXIT_MODEL
     assert "spec.model.name: the model path /nonexistent/model does not exist" in res.stderr
     assert "Traceback" not in res.stderr
     assert not list((tmp_path / "x").rglob("*.parquet"))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import kmock
-from genrun.worker.records import NON_RETRIABLE_EXIT_CODES
+from genrun.contract.errors import NON_RETRIABLE_EXIT_CODES
 
 RUNS = "/apis/genrun.io/v1alpha1/namespaces/{ns}/generationruns"
 

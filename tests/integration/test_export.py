@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
-from genrun.worker import records as rec
 from genrun.worker.export import CARD_KEY, export_dataset, messages_jsonl_key, messages_key, part_metadata
 from genrun.worker.storage import LocalStorage
 

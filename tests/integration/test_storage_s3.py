@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from genrun.worker import records as rec
+from genrun.contract import errors
+from genrun.contract import records as rec
 from genrun.worker.storage import StorageError, open_storage
 
 from tests.integration.harness import SeaweedFS
@@ -74,7 +75,7 @@ def test_missing_bucket_is_one_line_with_storage_exit_code(s3: SeaweedFS, tmp_pa
     job.write_text(rec.to_json(rec.JobSpec("shard", "r", "default", spec, 1, shard)))
     res = subprocess.run([sys.executable, "-P", "-m", "genrun.operator.cli", "worker", "generate", "--job", str(job), "--engine", "replay"],
                          capture_output=True, text=True, timeout=120, env={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "PATH": "/usr/bin"})  # fmt: skip
-    assert res.returncode == rec.EXIT_STORAGE, res.stderr
+    assert res.returncode == errors.EXIT_STORAGE, res.stderr
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "bucket not reachable" in lines[0] and "Traceback" not in res.stderr
 
@@ -83,7 +84,7 @@ def test_bad_job_spec_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "job.json").write_text('{"kind": "shard", "spec": {}}')
     res = subprocess.run([sys.executable, "-P", "-m", "genrun.operator.cli", "worker", "generate", "--job", str(tmp_path / "job.json")],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert res.returncode == rec.EXIT_USAGE
+    assert res.returncode == errors.EXIT_USAGE
     assert "not a valid job spec" in res.stderr and "Traceback" not in res.stderr
 
 

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from genrun.contract import records as rec
 from genrun.contract.api import SpecError, parse_spec
-from genrun.worker import records as rec
 from genrun.worker.against import AgainstError, load_against
 from genrun.worker.dedup import dedup_keys
 from genrun.worker.merge import seed_state

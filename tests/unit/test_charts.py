@@ -8,9 +8,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 
+from genrun.contract.records import DomainYield, RoundReport, SemanticCluster, TemperatureYield
 from genrun.contract.status import RunStatus
 from genrun.operator.charts import TOP, H, Series, bar_chart, render_html
-from genrun.worker.records import DomainYield, RoundReport, SemanticCluster, TemperatureYield
 
 
 def report(rnd: int, generated: int, new_unique: int, new_kept: int, totals: tuple[int, int, int]) -> RoundReport:
@@ -113,12 +113,12 @@ def test_per_tier_counts_semantic_clusters_and_what_unique_means() -> None:
 
 def test_the_page_of_a_run_on_storage_takes_target_verdict_and_arms_from_its_status_json(tmp_path: Path) -> None:
     """write_report_html reads status.json (as the loop writes it) through the typed status."""
+    from genrun.contract import records as rec
     from genrun.contract.api import RunRef
     from genrun.contract.status import ArmEntry
     from genrun.operator import conditions as c
     from genrun.operator.charts import write_report_html
     from genrun.operator.loop import status_document
-    from genrun.worker import records as rec
     from genrun.worker.storage import LocalStorage
 
     done = c.merge_conditions(

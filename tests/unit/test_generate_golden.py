@@ -24,8 +24,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
-from genrun.worker import records as rec
 from genrun.worker.engine import Completion, Params, ReplayEngine
 from genrun.worker.generate import generate_shard
 from genrun.worker.prompts import INSTRUCTION, RESPONSE

@@ -8,13 +8,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from genrun.contract import records as rec
 from genrun.contract.api import RunRef, parse_spec
 from genrun.contract.errors import Rejected
 from genrun.contract.status import RunStatus, Totals
 from genrun.operator import conditions as c
 from genrun.operator.loop import RunLoop, publication
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, Event, ObservedJob, invalid_plan
-from genrun.worker import records as rec
 from genrun.worker.storage import LocalStorage
 
 RAW = {"model": {"name": "m"}, "target": {"uniqueExamples": 100}, "shards": {"initial": 3}, "output": {"path": "x"}}

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from genrun.contract import errors
+from genrun.contract import records as rec
 from genrun.contract.api import RunRef, parse_spec
 from genrun.operator import manifests as mf
 from genrun.operator.planner import Observed, RecordRound, decide
 from genrun.operator.settings import Settings
-from genrun.worker import records as rec
 
 REF = RunRef("sft", "data", "uid-1", 2)
 RAW = {
@@ -87,17 +88,13 @@ def test_merge_job_is_indexed_when_partitioned() -> None:
     assert "completionMode" not in single["spec"]
 
 
-def test_merge_pods_get_the_merge_allocator_settings_and_shard_pods_do_not() -> None:
-    """rec.MERGE_ENV (glibc malloc tunables) reaches the merge container only; the local runner and bench/merge.py
-    read the same constant."""
-    from genrun.operator.planner import CreateMergeJob, CreateShardJob
+def test_merge_jobs_carry_no_process_tuning() -> None:
+    """The operator builds no allocator settings into a Job: the merge process sets its own (worker/runtime.py)."""
+    from genrun.operator.planner import CreateMergeJob
 
     merge = mf.merge_job(REF, CreateMergeJob("sft-r1-merge", 0, 1, ()), parse_spec(RAW), Settings())
-    env = {e["name"]: e.get("value") for e in merge["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert rec.MERGE_ENV and all(env[k] == v for k, v in rec.MERGE_ENV.items())
-    shard = next(a for a in decide(REF, parse_spec(RAW), Observed()).actions if isinstance(a, CreateShardJob))
-    job = mf.shard_job(REF, shard, parse_spec(RAW), Settings())
-    assert not rec.MERGE_ENV.keys() & {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {e["name"] for e in merge["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "GLIBC_TUNABLES" not in env
 
 
 def test_round_plan_round_trips_through_its_storage_record() -> None:
@@ -231,7 +228,7 @@ def test_worker_cli_generates_a_shard_from_the_mounted_job_spec(tmp_path: Path) 
     assert cli.main([*args[1:-1], str(path), "--engine", "replay"]) == 0
     assert (tmp_path / "out" / rec.shard_manifest_key(1, shard.shard.seed)).exists()
     path.write_bytes(b"\x1f\x8b truncated")  # a damaged file: a clear usage error, never a traceback
-    assert cli.main([*args[1:-1], str(path), "--engine", "replay"]) == rec.EXIT_USAGE
+    assert cli.main([*args[1:-1], str(path), "--engine", "replay"]) == errors.EXIT_USAGE
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
-from genrun.worker import records as rec
 from genrun.worker.merge import load_seen_index, merge_round
 from genrun.worker.storage import LocalStorage
 
@@ -566,7 +566,28 @@ def test_no_qc_filters_keep_every_unique_row(
 def test_merge_env_keeps_the_environments_own_tunables_last() -> None:
     """The merge's glibc tunables are added to an environment's own, which come after them (glibc takes the last of a
     name): a user's setting wins."""
-    env = rec.merge_env({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    from genrun.worker.runtime import MERGE_ENV, has_merge_env, merge_env
+
+    env = merge_env({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert env["PATH"] == "/bin"
-    assert env["GLIBC_TUNABLES"] == f"{rec.MERGE_ENV['GLIBC_TUNABLES']}:glibc.malloc.hugetlb=0"
-    assert rec.merge_env({}) == rec.MERGE_ENV
+    assert env["GLIBC_TUNABLES"] == f"{MERGE_ENV['GLIBC_TUNABLES']}:glibc.malloc.hugetlb=0"
+    assert merge_env({}) == MERGE_ENV
+    assert has_merge_env(env) and has_merge_env(MERGE_ENV) and not has_merge_env({"PATH": "/bin"})
+
+
+def test_a_merge_process_reexecutes_itself_with_its_allocator_settings(tmp_path: Path) -> None:
+    """`ensure_merge_env` restarts the process with the tunables in its environment (glibc reads them only at start),
+    once: the restarted process finds them and goes on; a user's own tunables stay last."""
+    import os
+    import subprocess
+    import sys
+
+    from genrun.worker.runtime import MERGE_ENV
+
+    script = tmp_path / "merge_like.py"
+    script.write_text("import os, sys\nfrom genrun.worker.runtime import ensure_merge_env\n"
+                      "print('start', flush=True)\nensure_merge_env([sys.argv[0]])\nprint(os.environ['GLIBC_TUNABLES'])\n")  # fmt: skip
+    user = "glibc.malloc.hugetlb=0"
+    env = {**os.environ, "GLIBC_TUNABLES": user}
+    out = subprocess.run([sys.executable, "-P", str(script)], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split("\n")[:-1] == ["start", "start", f"{MERGE_ENV['GLIBC_TUNABLES']}:{user}"]

@@ -12,8 +12,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
-from genrun.worker import records as rec
 from genrun.worker.cli import main as worker_main
 from genrun.worker.generate import _Novelty
 from genrun.worker.merge import load_seen_index, merge_round

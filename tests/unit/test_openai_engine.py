@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from genrun.contract import api
+from genrun.contract import api, errors
+from genrun.contract import records as rec
 from genrun.operator.manifests import _env
 from genrun.operator.planner import make_round
 from genrun.operator.policy import base_sampling
-from genrun.worker import records as rec
 from genrun.worker.cli import main as worker_main
 from genrun.worker.engine import ModelError, Params, make_engine
 from genrun.worker.openai_engine import EndpointError, OpenAIEngine
@@ -245,16 +245,16 @@ def test_worker_generate_through_the_endpoint(
     """A shard Job (`genrun worker generate`) with spec.model.endpoint: rows from the server; a bad key is one line
     and the non-retriable model exit code; an unreachable server is one line and a retriable exit."""
     state, url = server
-    assert worker_main(["generate", "--job", str(_job(tmp_path, {"url": url}))]) == rec.EXIT_OK
+    assert worker_main(["generate", "--job", str(_job(tmp_path, {"url": url}))]) == errors.EXIT_OK
     assert state.requests and (tmp_path / "out" / rec.shard_manifest_key(1, 0)).exists()
     state.key = "right"
     monkeypatch.setenv("OPENAI_API_KEY", "wrong")
     (tmp_path / "out").rename(tmp_path / "out1")
-    assert worker_main(["generate", "--job", str(_job(tmp_path, {"url": url}))]) == rec.EXIT_MODEL
+    assert worker_main(["generate", "--job", str(_job(tmp_path, {"url": url}))]) == errors.EXIT_MODEL
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "HTTP 401" in err[0]
     monkeypatch.setattr("genrun.worker.openai_engine.time.sleep", lambda s: None)
     job = _job(tmp_path, {"url": "http://127.0.0.1:9/v1"})
-    assert worker_main(["generate", "--job", str(job)]) == rec.EXIT_FAILED
+    assert worker_main(["generate", "--job", str(job)]) == errors.EXIT_FAILED
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gave up after" in err[0]

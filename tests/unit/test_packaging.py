@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = (
     "import sys, genrun.operator, genrun.operator.planner, genrun.operator.validate, genrun.worker, "
-    "genrun.worker.records, genrun.crds, genrun.contract.api; "
+    "genrun.contract.records, genrun.crds, genrun.contract.api; "
     "from genrun.operator.validate import load_crd; assert load_crd()['spec']['group'] == 'genrun.io'; "
     "heavy = sorted(m for m in ('vllm', 'torch', 'pyarrow', 'kopf') if m in sys.modules); "
     "print('loaded:', heavy, genrun.operator.__file__)"

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 from genrun.contract.api import RunRef, parse_spec
+from genrun.contract.records import RoundReport
 from genrun.operator import conditions as c
 from genrun.operator import policy as pol
 from genrun.operator.planner import (
@@ -22,7 +23,6 @@ from genrun.operator.planner import (
     decide,
     plan_for_manifest,
 )
-from genrun.worker.records import RoundReport
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 

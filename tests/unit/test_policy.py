@@ -10,12 +10,12 @@ from collections.abc import Callable
 
 import pytest
 from genrun.contract.api import RunRef, parse_spec
+from genrun.contract.records import RoundPlan, RoundReport, Sampling, ShardPlan, ShardYield
 from genrun.contract.status import CellEntry
 from genrun.operator import conditions as c
 from genrun.operator import policy as pol
 from genrun.operator.planner import CreateShardJob, Observed, Plan, RecordRound, decide
 from genrun.operator.simulate import run_instantly
-from genrun.worker.records import RoundPlan, RoundReport, Sampling, ShardPlan, ShardYield
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from genrun.contract.api import parse_spec
+from genrun.contract.records import Sampling, ShardPlan
 from genrun.worker.prompts import INSTRUCTION, RESPONSE, PromptBuilder, parse_instruction, parse_joint, parse_response
-from genrun.worker.records import Sampling, ShardPlan
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2-raw-completions.jsonl"
 RECORDED = [json.loads(x) for x in DATA.read_text().splitlines()] if DATA.exists() else []
@@ -122,7 +122,7 @@ def test_a_shard_cell_fixes_every_prompt_and_fills_named_placeholders() -> None:
 
 
 def test_shard_cell_survives_the_plan_record() -> None:
-    from genrun.worker.records import plain, shard_plan_from
+    from genrun.contract.records import plain, shard_plan_from
 
     s = _shard(3, (("task", "compare"), ("audience", "kids")))
     assert shard_plan_from(json.loads(json.dumps(plain(s)))) == s

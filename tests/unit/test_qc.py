@@ -267,7 +267,7 @@ def test_byte_paths_equal_the_regexes_on_random_texts(seed: int) -> None:
 
 def test_pipeline_on_random_rows_equals_row_by_row_checks() -> None:
     """Batch (byte paths over mostly ASCII rows) and one-row tables agree for every default filter."""
-    from genrun.worker.records import example_schema
+    from genrun.contract.records import example_schema
 
     p = QcPipeline.from_spec([QcFilter(n, {}) for n in ("length", "refusal", "echo", "repetition")])
     ins, res = _random_texts(11, 300), _random_texts(12, 300)
@@ -323,7 +323,7 @@ def test_echo_of_a_batch_equals_a_direct_check_per_row() -> None:
     import random
     import re
 
-    from genrun.worker.records import example_schema
+    from genrun.contract.records import example_schema
 
     rng = random.Random(3)
     vocab = ["the", "The", "cat", "CAT", "café", "naïve", "日本", "sat", "on", "mat", "x_1", "42", "dog", "ran"]
@@ -374,8 +374,8 @@ def test_each_filter_judges_on_its_declared_columns_alone_as_on_whole_rows() -> 
     declaration list the same filters."""
     import random
 
+    from genrun.contract.records import example_schema
     from genrun.worker.qc import BUILDERS, FILTER_COLUMNS
-    from genrun.worker.records import example_schema
 
     assert FILTER_COLUMNS.keys() == BUILDERS.keys()
     rng = random.Random(5)

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from genrun.contract import records as rec
 from genrun.contract.api import QcFilter, RunRef, parse_spec
-from genrun.worker import records as rec
 from genrun.worker.engine import ReplayEngine
 from genrun.worker.generate import Gate, generate_shard
 from genrun.worker.merge import merge_round

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
 from genrun.operator.cli import main as genrun_main
-from genrun.worker import records as rec
 from genrun.worker.dedup import SeenIndex, dedup_keys
 from genrun.worker.generate import _Novelty
 from genrun.worker.semantic import (

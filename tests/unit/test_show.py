@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from genrun.contract import records as rec
 from genrun.contract.errors import UserError
 from genrun.operator.show import print_status
-from genrun.worker import records as rec
 
 from tests.unit.test_status import OLD
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 from genrun.contract import api
+from genrun.contract.records import RoundReport
 from genrun.operator.planner import (
     CreateMergeJob,
     CreateShardJob,
@@ -23,7 +24,6 @@ from genrun.operator.planner import (
     plan_for_manifest,
 )
 from genrun.operator.validate import check_manifest
-from genrun.worker.records import RoundReport
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -1,8 +1,8 @@
-"""The contract between the worker and the operator: shard specs, shard manifests, round reports, storage keys.
+"""The records the operator and the worker exchange: job specs, round plans, shard markers, round reports and their
+storage keys, with one JSON codec (`to_json`/`plain` and the `*_from` readers).
 
-The operator reads what the worker writes, so both import these definitions from here. This module must stay
-import-light (standard library only): the operator image has no pyarrow, vllm or torch. The Parquet schema is built
-lazily by `example_schema()`.
+Both sides import these definitions from here. This module must stay import-light (standard library only): the
+operator image has no pyarrow, vllm or torch. The Parquet schema is built lazily by `example_schema()`.
 """
 
 from __future__ import annotations
@@ -13,29 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONTRACT_VERSION = 1
-
-# Exit codes of the worker commands: the operator's podFailurePolicy and the planner's retry bound read them.
-EXIT_OK = 0
-EXIT_FAILED = 1  # retriable: a crash, an OOM kill, a storage hiccup
-EXIT_USAGE = 2  # bad job spec or arguments: retrying cannot help
-EXIT_STORAGE = 4  # storage unreachable or refusing: retriable (the store may come back)
-EXIT_MODEL = 5  # the model cannot be found or loaded: retrying cannot help
-NON_RETRIABLE_EXIT_CODES = (EXIT_USAGE, EXIT_MODEL)
-
-# The merge process's malloc (glibc; other libcs ignore it), set where a merge starts (its Job's env, the local
-# runner's process, bench/merge.py): mappings advised for transparent huge pages, and blocks under 32 MiB served from
-# malloc's heaps, reused, rather than each mapped afresh. The merge allocates and frees large numpy and Arrow buffers
-# all along: at 1M rows, 431k -> ~240k page faults and ~7% less wall time, the same peak (bench/merge.py).
-MERGE_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432"}
-
-
-def merge_env(environ: dict[str, str]) -> dict[str, str]:
-    """`environ` with MERGE_ENV's settings added: tunables the environment already sets come after ours (glibc takes
-    the last of a name), so they win."""
-    out = dict(environ)
-    for k, v in MERGE_ENV.items():
-        out[k] = f"{v}:{environ[k]}" if environ.get(k) else v
-    return out
 
 
 @dataclass(frozen=True)
