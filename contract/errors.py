@@ -11,6 +11,7 @@ EXIT_USAGE = 2  # bad input or arguments: retrying cannot help
 EXIT_RUN_FAILED = 3  # `genrun run`: the run ended Failed (budget, shards)
 EXIT_STORAGE = 4  # storage unreachable or refusing: retriable (the store may come back)
 EXIT_MODEL = 5  # the model cannot be found or loaded: retrying cannot help
+EXIT_RESTART = 75  # an engine host stopped because its next job needs another engine: start a new host (EX_TEMPFAIL)
 EXIT_INTERRUPTED = 130
 NON_RETRIABLE_EXIT_CODES = (EXIT_USAGE, EXIT_MODEL)
 

@@ -171,6 +171,33 @@ class ShardManifest:
     qc_rejected_before_response: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EngineSession:
+    """One start of an engine, written by whatever hosts it (a shard Job that loads its own, the local engine host, the
+    operator for a run-owned engine Deployment) when it starts, when it is ready and as it works: the record of the
+    device time a run spends, start-up included. Times are Unix seconds."""
+
+    name: str
+    started: float  # the engine's process started (its device time begins)
+    ready: float = 0.0  # the engine took requests from here on (0: not yet, or it never did)
+    last: float = 0.0  # the last time it was seen holding its devices (its end, once `stopped`)
+    devices: int = 1  # accelerators it holds: GPUs, or 1 for the machine on a CPU run
+    accelerator: str = "cpu"  # "gpu" or "cpu"
+    shards: int = 0  # seed shards it finished
+    tokens: int = 0  # tokens it generated for them
+    busy_seconds: float = 0.0  # seconds it spent generating them
+    stopped: bool = False
+
+    @property
+    def startup_seconds(self) -> float:
+        """Process start to ready; to its last sign of life when it never got ready."""
+        return max(0.0, (self.ready or max(self.last, self.started)) - self.started)
+
+    @property
+    def held_seconds(self) -> float:
+        return max(0.0, max(self.last, self.ready) - self.started)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Serialisation: plain JSON, tuples as lists, nested dataclasses rebuilt by type.
 
@@ -269,6 +296,18 @@ def parse_marker(data: bytes, key: str = "marker") -> ShardManifest:
 # ----------------------------------------------------------------------------------------------------------
 # Storage layout under the run's output prefix. Every name is derived from (round, seed): nothing is random, so a
 # retry finds what an earlier attempt finished.
+
+
+def engine_session_key(name: str) -> str:
+    return f"{ENGINES_PREFIX}{name}.json"
+
+
+ENGINES_PREFIX = "engines/"
+
+
+def engine_session_from(d: dict[str, Any]) -> EngineSession:
+    names = {f.name for f in dataclasses.fields(EngineSession)}
+    return EngineSession(**{k: v for k, v in d.items() if k in names})
 
 
 def round_plan_key(rnd: int) -> str:

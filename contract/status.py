@@ -158,6 +158,13 @@ class Totals(Wire):
     shards_planned: int = 0
     duplicates: Duplicates = field(default_factory=Duplicates)
     dedup_tiers: tuple[str, ...] = ()  # the tiers "unique" (and the target) count through
+    # Device time (contract.records.EngineSession): accelerator-seconds held by the run's engines, start-up included
+    # (on a CPU run the machine counts as one device, so these are its wall seconds), and the start-up part of it.
+    engine_starts: int = 0
+    engine_seconds: float = 0.0
+    startup_seconds: float = 0.0
+    startup_share: float = 0.0
+    gpu_hours: float = 0.0  # engine_seconds / 3600, for kubectl's GPU-h column
 
 
 @dataclass(frozen=True, slots=True)

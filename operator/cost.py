@@ -10,7 +10,10 @@ very different GPU time depending on how many times the engine is started for th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from genrun.contract.records import EngineSession
 
 
 @dataclass(frozen=True)
@@ -72,3 +75,34 @@ def min_job_examples(profile: CostProfile, tokens_per_example: float, overhead_s
         return 1
     per = tokens_per_example / profile.tokens_per_second  # seconds per example
     return max(1, math.ceil(profile.startup_seconds * (1 - overhead_share) / (overhead_share * per)))
+
+
+@dataclass(frozen=True)
+class Usage:
+    """The device time a run's engines held so far (what the status's totals show)."""
+
+    starts: int = 0
+    device_seconds: float = 0.0
+    startup_device_seconds: float = 0.0
+
+    @property
+    def startup_share(self) -> float:
+        return self.startup_device_seconds / self.device_seconds if self.device_seconds > 0 else 0.0
+
+
+def usage(sessions: Sequence[EngineSession]) -> Usage:
+    return Usage(
+        starts=len(sessions),
+        device_seconds=sum(s.devices * s.held_seconds for s in sessions),
+        startup_device_seconds=sum(s.devices * s.startup_seconds for s in sessions),
+    )
+
+
+def profile_for(base: CostProfile, sessions: Sequence[EngineSession]) -> CostProfile:
+    """`base` (a prior) updated with the run's engines: their start-ups (those that got ready) and their throughput."""
+    return measured(
+        base,
+        [s.startup_seconds for s in sessions if s.ready],
+        float(sum(s.tokens for s in sessions)),
+        sum(s.busy_seconds for s in sessions),
+    )

@@ -1,5 +1,7 @@
-"""The embedded default: a whole GenerationRun on one machine. The planner's Jobs become local worker processes,
-storage is a local folder (or s3://), and the status is written next to the output in the custom resource's shape.
+"""The embedded default: a whole GenerationRun on one machine. The planner's shard Jobs are served by one engine host
+process (`genrun worker serve`: the engine is started once for the whole run, not once per shard), its merge Jobs are
+local worker processes, storage is a local folder (or s3://), and the status is written next to the output in the
+custom resource's shape.
 
 Observation is derived from what exists: round plans, shard markers and round reports on storage, plus the
 processes this runner started and the failed attempts it recorded. So Ctrl-C or kill -9 and a rerun resumes, and a
@@ -14,6 +16,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +55,15 @@ class _Proc:
     log: TextIO
 
 
+@dataclass
+class _Host:
+    """The engine host and the shard jobs queued to it, by name."""
+
+    popen: subprocess.Popen[bytes]
+    log: TextIO
+    jobs: dict[str, ObservedJob]
+
+
 class LocalRunner:
     def __init__(
         self,
@@ -70,36 +82,52 @@ class LocalRunner:
         self.ref, self.raw_spec, self.storage, self.state = ref, raw_spec, storage, state_dir
         self.spec = parse_spec(raw_spec)
         self.max_jobs, self.engine, self.out, self.quiet = max(1, jobs), engine, out, quiet
-        self.procs: dict[str, _Proc] = {}
+        self.procs: dict[str, _Proc] = {}  # merge processes
+        self.host: _Host | None = None
         self.finished: dict[str, ObservedJob] = {}
         self.stopping = False
+        self.queue = self.state / "queue"
+        # Job files a run killed before left behind are stale: the planner asks again for what is not done.
+        shutil.rmtree(self.queue, ignore_errors=True)
 
     # -- the backend: Jobs are local processes --------------------------------------------------------------
     async def jobs(self) -> Sequence[ObservedJob]:
         # Failed attempts are kept on disk: a rerun counts them against spec.budget.maxShardRetries.
         failed = [ObservedJob(**{"phase": "Failed", **json.loads(p.read_text())}) for p in self._failed_files()]
         running = [dataclasses.replace(p.job, phase="Running") for p in self.procs.values()]
+        running += self.host.jobs.values() if self.host else ()
         return tuple({j.name: j for j in (*failed, *self.finished.values(), *running)}.values())
 
     async def start(self, action: CreateShardJob | CreateMergeJob) -> None:
-        # Jobs over the concurrency bound are not started: the planner asks for them again next time.
+        for folder in ("jobs", "logs", "queue"):
+            (self.state / folder).mkdir(parents=True, exist_ok=True)
+        spec = rec.to_json(job_spec(action, self.ref, self.raw_spec))
+        if isinstance(action, CreateShardJob):
+            self._queue_shard(action, spec)
+            return
+        # Merges over the concurrency bound are not started: the planner asks for them again next time.
         if action.name in self.procs or len(self.procs) >= self.max_jobs:
             return
         job_file = self.state / "jobs" / f"{action.name}.json"
-        for folder in ("jobs", "logs"):
-            (self.state / folder).mkdir(parents=True, exist_ok=True)
-        job_file.write_text(rec.to_json(job_spec(action, self.ref, self.raw_spec)))
-        cmd = [sys.executable, "-P", "-m", "genrun.operator.cli", "worker"]
-        if isinstance(action, CreateShardJob):
-            cmd += ["generate", "--job", str(job_file), "--engine", self.engine]
-        else:
-            cmd += ["merge", "--job", str(job_file)]
+        job_file.write_text(spec)
+        cmd = [*WORKER, "merge", "--job", str(job_file)]
         log = open(self.state / "logs" / f"{action.name}.log", "a")  # noqa: SIM115 (closed when the process ends)
-        # Started in the loop's thread: a worker dies with the thread that started it.
-        popen = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
-        )
-        self.procs[action.name] = _Proc(started(action), popen, log)
+        self.procs[action.name] = _Proc(started(action), _spawn(cmd, log), log)
+
+    def _queue_shard(self, action: CreateShardJob, spec: str) -> None:
+        """Queue the shard to the engine host, starting the host when there is none."""
+        if self.host is not None and action.name in self.host.jobs:
+            return
+        job_file = self.queue / f"{action.name}.json"
+        tmp = job_file.with_suffix(".tmp")
+        tmp.write_text(spec)
+        tmp.replace(job_file)  # whole, or not there: the host never reads half a job
+        if self.host is None:
+            cmd = [*WORKER, "serve", "--queue", str(self.queue), "--engine", self.engine]
+            cmd += ["--logs", str(self.state / "logs")]
+            log = open(self.state / "logs" / "engine-host.log", "a")  # noqa: SIM115 (closed when the host ends)
+            self.host = _Host(_spawn(cmd, log), log, {})
+        self.host.jobs[action.name] = started(action)
 
     async def publish(self, status: RunStatus, events: Sequence[Event], changed: bool) -> None:
         return None  # status.json is the local run's status (written by the loop); Events have no reader here
@@ -108,23 +136,55 @@ class LocalRunner:
         return sorted((self.state / "jobs").glob("*.failed.json"))
 
     def reap(self) -> bool:
-        """Collect the workers that ended; True if any did."""
+        """Collect the workers and shard jobs that ended; True if any did."""
         ended = [(name, p, code) for name, p in self.procs.items() if (code := p.popen.poll()) is not None]
         for name, p, code in ended:
             p.log.close()
             del self.procs[name]
-            if self.stopping:
-                # Interrupted, by us or by the Ctrl-C that reached the whole process group: whatever the exit code (a
-                # worker still starting dies with 1 from a KeyboardInterrupt inside `import site`), not a failed
-                # attempt; the shard simply runs again.
-                continue
-            why = f"exit code {code}: {_tail(self.state / 'logs' / f'{name}.log')}" if code else ""
-            job = dataclasses.replace(p.job, phase="Failed" if code else "Succeeded", message=why,
-                                      retriable=code not in errors.NON_RETRIABLE_EXIT_CODES)  # fmt: skip
-            self.finished[name] = job
-            if code:
-                (self.state / "jobs" / f"{name}.failed.json").write_text(json.dumps(dataclasses.asdict(job)))
-        return bool(ended)
+            self._finish(p.job, code)
+        return self._reap_host() or bool(ended)
+
+    def _reap_host(self) -> bool:
+        host = self.host
+        if host is None:
+            return False
+        done = []
+        for name, job in list(host.jobs.items()):
+            answer = self.queue / f"{name}.exit"
+            if answer.exists():
+                for suffix in (".json", ".started"):
+                    (self.queue / f"{name}{suffix}").unlink(missing_ok=True)
+                done.append((job, int(answer.read_text() or errors.EXIT_FAILED)))
+                answer.unlink()
+                del host.jobs[name]
+        ended = host.popen.poll()
+        if ended is not None:
+            # The host ended: the shard it was generating is a failed attempt (unless a restart was asked for or the
+            # run is stopping); the shards only waiting lose nothing and are queued again to the next host.
+            host.log.close()
+            self.host = None
+            for name, job in host.jobs.items():
+                if (self.queue / f"{name}.started").exists() and ended != errors.EXIT_RESTART:
+                    done.append((job, ended or errors.EXIT_FAILED))
+                for suffix in (".json", ".started", ".exit"):
+                    (self.queue / f"{name}{suffix}").unlink(missing_ok=True)
+        for job, c_ in done:
+            self._finish(job, c_)
+        return bool(done) or ended is not None
+
+    def _finish(self, job: ObservedJob, code: int) -> None:
+        if self.stopping:
+            # Interrupted, by us or by the Ctrl-C that reached the whole process group: whatever the exit code (a
+            # worker still starting dies with 1 from a KeyboardInterrupt inside `import site`), not a failed
+            # attempt; the shard simply runs again.
+            return
+        name = job.name
+        why = f"exit code {code}: {_tail(self.state / 'logs' / f'{name}.log')}" if code else ""
+        job = dataclasses.replace(job, phase="Failed" if code else "Succeeded", message=why,
+                                  retriable=code not in errors.NON_RETRIABLE_EXIT_CODES)  # fmt: skip
+        self.finished[name] = job
+        if code:
+            (self.state / "jobs" / f"{name}.failed.json").write_text(json.dumps(dataclasses.asdict(job)))
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> Plan:
@@ -167,7 +227,10 @@ class LocalRunner:
                     plan = await loop.step()
                     progress(plan, loop.observed)
                     suspended = not plan.actions and plan.condition(c.SUSPENDED).status == "True"
-                    if (plan.finished or suspended) and not self.procs:
+                    if (plan.finished or suspended) and not self.procs and not (self.host and self.host.jobs):
+                        if self.host is not None:
+                            self.stop_host()  # the engine's devices are released as soon as no shard needs them
+                            plan = await loop.step()  # the status then counts the engine's whole session
                         return plan
                     deadline = time.monotonic() + POLL_SECONDS
                     while not self.reap() and time.monotonic() < deadline:
@@ -178,16 +241,40 @@ class LocalRunner:
 
     def stop(self) -> None:
         self.stopping = True
-        for p in self.procs.values():
+        popens = [p.popen for p in self.procs.values()] + ([self.host.popen] if self.host else [])
+        for popen in popens:
             with contextlib.suppress(ProcessLookupError):
-                p.popen.terminate()
+                popen.terminate()
         end = time.monotonic() + 10
-        while self.procs and time.monotonic() < end:
+        while (self.procs or self.host) and time.monotonic() < end:
             self.reap()
             time.sleep(0.1)
-        for p in self.procs.values():
+        for popen in popens:
             with contextlib.suppress(ProcessLookupError):
-                p.popen.kill()
+                popen.kill()
+
+    def stop_host(self) -> None:
+        """Stop the idle engine host (it records its session as stopped on SIGTERM)."""
+        host, self.host = self.host, None
+        if host is None:
+            return
+        host.popen.terminate()
+        try:
+            host.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            host.popen.kill()
+            host.popen.wait()
+        host.log.close()
+
+
+WORKER = [sys.executable, "-P", "-m", "genrun.operator.cli", "worker"]
+
+
+def _spawn(cmd: list[str], log: TextIO) -> subprocess.Popen[bytes]:
+    # Started in the loop's thread: a worker dies with the thread that started it.
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+    )
 
 
 def _tail(path: Path, lines: int = 1) -> str:

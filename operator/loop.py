@@ -72,6 +72,7 @@ class RunLoop:
         self._plans: dict[int, rec.RoundPlan] = {}
         self._reports: dict[int, rec.RoundReport] = {}
         self._markers: dict[str, tuple[int, int]] = {}  # read and found whole: a published marker never changes
+        self._engines: dict[str, rec.EngineSession] = {}  # a stopped engine's record never changes again
 
     async def step(self) -> Plan:
         refused = refusal(self.status, self.ref.generation)
@@ -118,7 +119,9 @@ class RunLoop:
                 self._markers[key] = (marker.round, marker.seed)
             done.add(self._markers[key])
         quarantined = quarantined_keys(s, self._reports)
-        return Observed(dict(self._plans), jobs, frozenset(done), dict(self._reports), quarantined)
+        self._engines = read_engine_sessions(s, self._engines)
+        engines = tuple(self._engines.values())
+        return Observed(dict(self._plans), jobs, frozenset(done), dict(self._reports), quarantined, engines)
 
     def record(self, plan: rec.RoundPlan) -> None:
         self.storage.write_bytes(rec.round_plan_key(plan.round), rec.to_json(plan).encode())
@@ -214,6 +217,28 @@ def quarantined_keys(storage: Storage, reports: Mapping[int, rec.RoundReport]) -
     """Every file set aside as damaged: markers (here) and shard data (by the merge, listed in its reports)."""
     keys = {k.removeprefix(QUARANTINE).removesuffix(".json") for k in storage.list(QUARANTINE)}
     return frozenset(keys.union(*(r.quarantined for r in reports.values())))
+
+
+def read_engine_sessions(
+    storage: Storage, known: Mapping[str, rec.EngineSession] | None = None
+) -> dict[str, rec.EngineSession]:
+    """Every engine session record of the run by key, re-reading only those not known to have stopped. An unreadable
+    record (a host killed mid-write cannot leave one: writes are atomic) is left out of the figures, not fatal."""
+    known = known or {}
+    out: dict[str, rec.EngineSession] = {}
+    for key in storage.list(rec.ENGINES_PREFIX):
+        if not key.endswith(".json"):
+            continue
+        old = known.get(key)
+        if old is not None and old.stopped:
+            out[key] = old
+            continue
+        try:
+            out[key] = rec.engine_session_from(json.loads(storage.read_bytes(key)))
+        except (KeyError, ValueError, TypeError):
+            if old is not None:
+                out[key] = old
+    return out
 
 
 def read_status_document(storage: Storage) -> dict[str, Any]:

@@ -123,6 +123,20 @@ class RunCollector(Collector):
             "Largest used share of the run's budget: rounds, shards or generated examples (0-1).",
             labels=lbl,
         )
+        engine_s = CounterMetricFamily(
+            "genrun_engine_device_seconds",
+            "Accelerator-seconds held by the run's engines, start-up included (GPU-seconds; a CPU run counts the "
+            "machine as one device).",
+            labels=lbl,
+        )
+        startup_s = CounterMetricFamily(
+            "genrun_engine_startup_device_seconds",
+            "The part of genrun_engine_device_seconds spent starting engines (process start to ready).",
+            labels=lbl,
+        )
+        starts = CounterMetricFamily(
+            "genrun_engine_starts", "Engine starts of the run (each loads the model).", labels=lbl
+        )
         for (ns, name), run in sorted(runs.items()):
             st, totals = run.status, run.status.totals
             v = [ns, name]
@@ -134,6 +148,9 @@ class RunCollector(Collector):
             target.add_metric(v, run.target)
             dup.add_metric(v, totals.duplication_ratio)
             rnd.add_metric(v, st.round)
+            engine_s.add_metric(v, totals.engine_seconds)
+            startup_s.add_metric(v, totals.startup_seconds)
+            starts.add_metric(v, totals.engine_starts)
             budget.add_metric(v, run.budget)
             if totals.dedup_tiers:  # a status written before the tiers were counted has no per-tier figures
                 d = totals.duplicates
@@ -160,7 +177,7 @@ class RunCollector(Collector):
         build.add_metric([__version__], 1.0)
         yield from (generated, tokens, unique, kept, target, dup, rnd, yld, round_dup, shards, cond, budget,
                     projected_tokens, projected_rounds, arm_reward, arm_shards, dup_tier, early, semantic_on,
-                    build)  # fmt: skip
+                    engine_s, startup_s, starts, build)  # fmt: skip
 
 
 class Metrics:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from genrun.contract.api import GenerationRunSpec, RunRef, SpecError, parse_spec
-from genrun.contract.records import JobSpec, RoundPlan, RoundReport, Sampling, ShardPlan
+from genrun.contract.records import EngineSession, JobSpec, RoundPlan, RoundReport, Sampling, ShardPlan
 from genrun.contract.status import Duplicates, Output, RoundEntry, RunStatus, TopDuplicate, Totals
 from genrun.operator import conditions as c
+from genrun.operator import cost
 from genrun.operator import policy as pol
 from genrun.operator.policy import base_sampling, round4
 
@@ -49,6 +50,7 @@ class Observed:
     shards_done: frozenset[tuple[int, int]] = frozenset()  # (round, seed) with a completion marker on storage
     reports: Mapping[int, RoundReport] = field(default_factory=dict)
     quarantined: frozenset[str] = frozenset()  # storage keys set aside as damaged (markers, shard data)
+    engines: tuple[EngineSession, ...] = ()  # every engine start of the run so far (its device time)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -340,6 +342,7 @@ def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping
             semantic=rep.semantic_duplicates if rep else 0,
         ),
         dedup_tiers=tuple(tiers),
+        **_engine_totals(obs.engines),
     )
     rounds = []
     for rnd in sorted(obs.rounds)[-100:]:  # the CRD's maxItems
@@ -380,6 +383,17 @@ def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping
         arms=pol.arm_status([a for a in stats if a.shards]),
         cells=pol.cell_status(pol.cell_stats(spec, obs.rounds, obs.reports)) if spec.prompt.attributes else None,
     )
+
+
+def _engine_totals(sessions: tuple[EngineSession, ...]) -> dict[str, Any]:
+    u = cost.usage(sessions)
+    return {
+        "engine_starts": u.starts,
+        "engine_seconds": round(u.device_seconds, 1),
+        "startup_seconds": round(u.startup_device_seconds, 1),
+        "startup_share": round(u.startup_share, 4),
+        "gpu_hours": round(u.device_seconds / 3600, 4),
+    }
 
 
 def _conds(
@@ -647,7 +661,7 @@ def _retries(attempt: int, bound: int) -> str:
 
 
 def _with_round(obs: Observed, plan: RoundPlan) -> Observed:
-    return Observed({**obs.rounds, plan.round: plan}, obs.jobs, obs.shards_done, obs.reports, obs.quarantined)
+    return dataclasses.replace(obs, rounds={**obs.rounds, plan.round: plan})
 
 
 def _shard_creates(spec: GenerationRunSpec, ref: RunRef, states: list[_ShardState], active: int) -> list[Action]:

@@ -77,15 +77,34 @@ def _generate(args: argparse.Namespace) -> int:
         log.info("shard r%d s%d is already published; nothing to do", job.shard.round, job.shard.seed)
         return errors.EXIT_OK
     from genrun.worker.openai_engine import EndpointError
+    from genrun.worker.sessions import SessionRecorder, devices, session_name
 
+    # This process loads its own engine for one shard (a shard Job without a shared engine): its device time, start-up
+    # included, is an engine session of its own. An endpoint engine's device time is its server's, not this pod's.
+    own_engine = args.engine == "vllm" and spec.model.endpoint is None
+    name = session_name(f"{job.run}-r{job.shard.round}-s{job.shard.seed}")
+    recorder = SessionRecorder(storage, name) if own_engine else None
     try:
         engine = make_engine(args.engine, spec, job.shard.seed)
-        generate_shard(storage, spec, job.shard, engine)
+        if recorder is not None:
+            recorder.ready(*devices(spec.model.tensor_parallel_size))
+        manifest = generate_shard(storage, spec, job.shard, engine)
+        if recorder is not None:
+            recorder.shard_done(manifest)
     except ModelError as exc:  # also spec.model.endpoint refusing for good (bad key, no such model)
         raise _Fail(errors.EXIT_MODEL, str(exc)) from exc
     except EndpointError as exc:  # the server stayed unavailable through the retries: the Job's retry takes over
         raise _Fail(errors.EXIT_FAILED, f"spec.model.endpoint: {exc}") from exc
+    finally:
+        if recorder is not None:
+            recorder.stop()
     return errors.EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from genrun.worker.serve import serve
+
+    return serve(Path(args.queue), args.engine, Path(args.logs) if args.logs else None, args.output)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -164,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=("vllm", "replay"), default=os.environ.get("GENRUN_ENGINE", "vllm"))
     g.add_argument("--output", help="override spec.output.path")
     g.set_defaults(fn=_generate, kind="shard")
+    h = sub.add_parser("serve", help="host one engine for the shard jobs of a queue folder (the local runner's)")
+    h.add_argument("--queue", required=True, help="folder of shard job files; each is answered with <name>.exit")
+    h.add_argument("--engine", choices=("vllm", "replay"), default=os.environ.get("GENRUN_ENGINE", "vllm"))
+    h.add_argument("--logs", help="folder for one log file per job")
+    h.add_argument("--output", help="override spec.output.path")
+    h.set_defaults(fn=_serve, kind="serve")
     index_default = os.environ.get("JOB_COMPLETION_INDEX")
     for name, fn, help_ in (
         ("merge", _merge, "merge, dedup and QC everything generated up to a round"),
