@@ -17,6 +17,7 @@ from typing import Any
 from genrun.contract import records as rec
 from genrun.contract.records import RoundReport
 from genrun.contract.status import RunStatus
+from genrun.operator import cost
 from genrun.operator.conditions import FAILED, SUCCEEDED
 from genrun.operator.loop import read_status_document
 from genrun.worker.storage import Storage, local_copy
@@ -219,6 +220,9 @@ def render_html(
     head += f" {tiers_sentence(last.dedup_tiers)}"
     if last.left_domain:
         head += f" {last.left_domain:,} rows left the domain they were asked for (the domain table counts the generated one)."
+    if st.totals.engine_starts:
+        t = st.totals
+        head += f" Device time: {cost.describe(t.engine_starts, t.engine_seconds, t.startup_seconds, 'device')}."
     if st.projected_tokens_to_target:
         rounds_txt = "?" if st.projected_rounds is None else st.projected_rounds
         head += f" Projected: {st.projected_tokens_to_target:,} more tokens, {rounds_txt} round(s) in all."

@@ -106,3 +106,14 @@ def profile_for(base: CostProfile, sessions: Sequence[EngineSession]) -> CostPro
         float(sum(s.tokens for s in sessions)),
         sum(s.busy_seconds for s in sessions),
     )
+
+
+def describe(starts: int, device_seconds: float, startup_device_seconds: float, accelerator: str = "GPU") -> str:
+    """The device time as people read it in `genrun status` and the HTML report."""
+    if not starts:
+        return "no engine started yet"
+    share = startup_device_seconds / device_seconds if device_seconds > 0 else 0.0
+    return (
+        f"{device_seconds:,.0f} {accelerator}-seconds ({device_seconds / 3600:.3f} {accelerator}-hours) held by "
+        f"{starts} engine start(s), {share:.0%} of it start-up ({startup_device_seconds:,.0f} s)"
+    )

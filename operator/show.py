@@ -14,6 +14,7 @@ from genrun.contract import records as rec
 from genrun.contract.errors import EXIT_RUN_FAILED, UserError
 from genrun.contract.status import RunStatus
 from genrun.operator import conditions as c
+from genrun.operator import cost
 from genrun.operator.loop import read_reports, read_status_document, recorded_status
 from genrun.operator.planner import Observed, Plan
 from genrun.worker.storage import Storage, StorageError, open_storage
@@ -43,6 +44,8 @@ def print_status(output: str, as_json: bool = False) -> int:
         d = t.duplicates
         print(f"  duplicates: {d.exact} exact, {d.near} near, {d.semantic} semantic; unique counts through the "
               f"{', '.join(t.dedup_tiers)} tiers")  # fmt: skip
+    print(f"  device time: {cost.describe(t.engine_starts, t.engine_seconds, t.startup_seconds, 'device')}; "
+          f"{t.tokens:,} tokens")  # fmt: skip
     if t.qc_rejected_before_response:
         print(f"  {t.qc_rejected_before_response} of the unique rejected by QC before any response was paid for "
               "(generation.qcBeforeResponse)")  # fmt: skip

@@ -148,6 +148,10 @@ def test_genrun_run_reaches_a_two_round_target_on_the_real_model(tmp_path: Path)
     st = json.loads((tmp_path / "out" / "status.json").read_text())["status"]
     assert st["round"] >= 2 and st["totals"]["qcPassed"] >= 60
     assert len({a["arm"] for a in st["arms"]}) == 4 and st["projectedTokensToTarget"] == 0
+    # Every shard of every round on one engine, started once; its device time counts the start-up and the rounds.
+    t = st["totals"]
+    assert t["engineStarts"] == 1 and 0 < t["startupSeconds"] < t["engineSeconds"]
+    assert len(list((tmp_path / "out" / "engines").glob("*.json"))) == 1
     data = pq.read_table(st["output"]["dataset"]).to_pylist()
     assert len(data) == st["totals"]["qcPassed"]
     assert len({normalize(r["instruction"]) for r in data}) == len(data)
