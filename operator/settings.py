@@ -121,7 +121,7 @@ class Settings:
                     "a lone * allows any image)"
                 )
         for host in self.allowed_endpoint_hosts:
-            if host != ANY and not _HOST_PATTERN.fullmatch(host.lower()):
+            if host != ANY and not _HOST_ENTRY.fullmatch(host.lower()):
                 out.append(
                     f"{PREFIX}ALLOWED_ENDPOINT_HOSTS: {host!r} is not a host name, an IP or *.suffix (no scheme, "
                     "port or path; a lone * allows any host)"
@@ -158,16 +158,19 @@ class Settings:
         if not url:
             return True
         try:
-            host = (urllib.parse.urlsplit(url).hostname or "").rstrip(".")
+            parts = urllib.parse.urlsplit(url)
+            host = (parts.hostname or "").rstrip(".")
         except ValueError:
             return False
-        if not host:
+        # Only a plain host[:port]: no user info, backslash or escapes that another URL parser could read as a
+        # different host than this one does.
+        if not host or "@" in parts.netloc or "\\" in parts.netloc or not _HOST_PATTERN.fullmatch(host):
             return False
         for entry in self.allowed_endpoint_hosts:
             pattern = entry.lower().strip("[]").rstrip(".")
             if pattern == ANY or host == pattern:
                 return True
-            if pattern.startswith("*.") and host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+            if pattern.startswith("*.") and host.endswith(pattern[1:]):  # a name under it, not the suffix itself
                 return True
         return False
 
@@ -176,10 +179,10 @@ class Settings:
         return {PREFIX + f.name.upper(): str(f.metadata["doc"]) for f in dataclasses.fields(cls)}
 
 
-# A host name (labels of letters, digits and '-'), optionally under a leading "*.", or an IPv4/IPv6 address.
-_HOST_PATTERN = re.compile(
-    r"(\*\.)?[a-z0-9_]([-a-z0-9_]*[a-z0-9_])?(\.[a-z0-9_]([-a-z0-9_]*[a-z0-9_])?)*\.?|\[?[0-9a-f:.]+\]?"
-)
+# A host name (labels of letters, digits and '-'), or an IPv4/IPv6 address; an allow-list entry may add a leading "*.".
+_HOST = r"[a-z0-9_]([-a-z0-9_]*[a-z0-9_])?(\.[a-z0-9_]([-a-z0-9_]*[a-z0-9_])?)*\.?|\[?[0-9a-f:.]+\]?"
+_HOST_PATTERN = re.compile(_HOST)
+_HOST_ENTRY = re.compile(rf"(\*\.)?({_HOST})")
 
 
 def full_image_reference(image: str) -> str:

@@ -120,6 +120,12 @@ def test_image_prefixes(prefixes: tuple[str, ...], image: str, allowed: bool) ->
         (("[::1]",), "http://[::1]:9000", True),
         ((), "http://minio.storage.svc:9000", False),
         (("*",), "http://collector.attacker.example:9000", True),
+        # User info, backslashes and escapes: hosts other URL parsers read differently are refused outright.
+        (DEFAULT_ENDPOINT_HOSTS, "http://evil.example\\@minio.storage.svc:9000", False),
+        (DEFAULT_ENDPOINT_HOSTS, "http://x@minio.storage.svc:9000", False),
+        (DEFAULT_ENDPOINT_HOSTS, "http://minio.storage.svc%2eevil.example:9000", False),
+        (("*",), "http://x@minio.storage.svc:9000", False),
+        (DEFAULT_ENDPOINT_HOSTS, "http://*.svc:9000", False),  # a wildcard is a pattern, never a host
     ],
 )
 def test_endpoint_hosts(hosts: tuple[str, ...], url: str, allowed: bool) -> None:
