@@ -27,6 +27,7 @@ BUDGET_EXHAUSTED = "BudgetExhausted"
 SHARDS_FAILED = "ShardsFailed"
 MERGE_FAILED = "MergeFailed"
 INVALID_SPEC = "InvalidSpec"
+NOT_ALLOWED = "NotAllowed"  # an image or endpoint outside the operator's allow-lists (settings.py)
 CHILD_REJECTED = "ChildRejected"  # the API server refused a Job or ConfigMap for good (422, ...)
 SHARDS_QUARANTINED = "ShardsQuarantined"  # Warning Event: unreadable shards set aside
 ROUND_STARTED = "RoundStarted"

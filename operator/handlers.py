@@ -68,11 +68,14 @@ class KubeRun:
                    "spec": raw_spec}  # fmt: skip
             try:
                 spec = check_manifest(doc)[1]
-                errors = mf.run_errors(spec, self.settings)  # before any request that uses its names or endpoints
+                # Before any request that uses its names or endpoints: no Secret is read for a refused run.
+                errors, reason = mf.run_errors(spec, self.settings), c.INVALID_SPEC
+                if not errors:
+                    errors, reason = mf.not_allowed(spec, self.settings), c.NOT_ALLOWED
             except SpecError as exc:
-                errors = exc.errors
+                errors, reason = exc.errors, c.INVALID_SPEC
             if errors:
-                self.status = await publish_plan(self, self.status, invalid_plan(errors), ref.generation)
+                self.status = await publish_plan(self, self.status, invalid_plan(errors, reason), ref.generation)
             else:
                 self.loop = RunLoop(ref, raw_spec, spec, await self._storage(spec), self, status=self.status)
             self.spec_text = text
@@ -89,6 +92,13 @@ class KubeRun:
         if key and time.monotonic() - read < SECRET_TTL_SECONDS:
             return storage
         s3, keys = spec.output.s3, {}
+        endpoint = self.settings.storage_endpoint or (s3.endpoint if s3 else "")
+        if not self.settings.endpoint_allowed(endpoint):
+            # step() refuses such a run first (Failed/NotAllowed); this guard keeps the Secret unread regardless.
+            raise PermissionError(
+                f"spec.output.s3.endpoint: {endpoint[:200]!r} is not covered by GENRUN_ALLOWED_ENDPOINT_HOSTS; "
+                "its S3 credentials are not read"
+            )
         if s3 is not None and s3.credentials_secret:
             data = await self.kube.secret_data(self.key[0], s3.credentials_secret)
             if data is None:
@@ -96,7 +106,6 @@ class KubeRun:
                     f"spec.output.s3.credentialsSecret: Secret {s3.credentials_secret!r} not found in {self.key[0]}"
                 )
             keys = {k: base64.b64decode(data[k]).decode() for k in mf.CREDENTIAL_KEYS if k in data}
-        endpoint = self.settings.storage_endpoint or (s3.endpoint if s3 else "")
         new_key = (spec.output.path, endpoint, json.dumps(keys, sort_keys=True))  # identity only; never logged
         if new_key != key:
             creds = {

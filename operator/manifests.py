@@ -62,6 +62,34 @@ def run_errors(spec: GenerationRunSpec, settings: Settings) -> list[str]:
     return errors
 
 
+def not_allowed(spec: GenerationRunSpec, settings: Settings) -> list[str]:
+    """What the run names outside this operator's allow-lists (GENRUN_ALLOWED_IMAGE_PREFIXES and
+    GENRUN_ALLOWED_ENDPOINT_HOSTS): its pods would run that image with the run's Secrets, or send a Secret's value
+    (and the operator its S3 credentials) to that host. Refused as Failed/NotAllowed before any Secret is read."""
+    errors = []
+    image = spec.worker.image
+    if not settings.image_allowed(image):
+        errors.append(
+            f"spec.worker.image: {image[:200]!r} is not under an allowed image prefix "
+            f"({', '.join(settings.image_prefixes())}); use such an image, or leave the field empty for the "
+            "operator's default, or ask the operator's administrator to add its prefix to the chart value "
+            "operator.allowedImagePrefixes (GENRUN_ALLOWED_IMAGE_PREFIXES)"
+        )
+    s3, ep = spec.output.s3, spec.model.endpoint
+    for field, url in (
+        ("spec.output.s3.endpoint", s3.endpoint if s3 else ""),
+        ("spec.model.endpoint.url", ep.url if ep else ""),
+    ):
+        if not settings.endpoint_allowed(url):
+            errors.append(
+                f"{field}: the host of {url[:200]!r} is not an allowed endpoint host "
+                f"({', '.join(settings.allowed_endpoint_hosts) or 'none'}); name an in-cluster Service as "
+                "name.namespace.svc, or ask the operator's administrator to add the host to the chart value "
+                "operator.allowedEndpointHosts (GENRUN_ALLOWED_ENDPOINT_HOSTS)"
+            )
+    return errors
+
+
 def labels(ref: RunRef, kind: str, **extra: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "genrun",
@@ -89,7 +117,7 @@ def _meta(ref: RunRef, name: str, lbls: dict[str, str]) -> dict[str, Any]:
     return {"name": name, "namespace": ref.namespace, "labels": lbls, "ownerReferences": [owner_reference(ref)]}
 
 
-def _env(spec: GenerationRunSpec) -> list[dict[str, Any]]:
+def _env(spec: GenerationRunSpec, llm_key: bool) -> list[dict[str, Any]]:
     cache = f"{HOME}/.cache"
     # The root filesystem is read-only: every cache vLLM, Hugging Face, torch and Triton write goes to emptyDirs.
     # With a model PVC, Hugging Face reads the cache pre-filled there (read-only); else it downloads into the pod.
@@ -121,8 +149,9 @@ def _env(spec: GenerationRunSpec) -> list[dict[str, Any]]:
             for k in CREDENTIAL_KEYS
         ]
     ep = spec.model.endpoint
-    if ep is not None and ep.api_key_secret:
-        # The inference server's key, by reference like the S3 credentials (merge Jobs get it too; they ignore it).
+    if llm_key and ep is not None and ep.api_key_secret:
+        # The inference server's key, by reference like the S3 credentials; only shard Jobs generate, so only they
+        # get it (each Job gets the Secrets it uses).
         env.append(
             {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ep.api_key_secret, "key": API_KEY_ENV}}}
         )
@@ -164,6 +193,7 @@ def _job(
     args: list[str],
     resources: dict[str, Any],
     shm: str | None,
+    llm_key: bool,
 ) -> dict[str, Any]:
     w = spec.worker
     vols, mounts = _volumes(spec, name, shm)
@@ -187,7 +217,7 @@ def _job(
                 "image": w.image or settings.worker_image,
                 "command": ["genrun"],
                 "args": args,
-                "env": _env(spec),
+                "env": _env(spec, llm_key),
                 "resources": resources,
                 "volumeMounts": mounts,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -248,7 +278,8 @@ def shard_job(ref: RunRef, action: CreateShardJob, spec: GenerationRunSpec, sett
         limits["nvidia.com/gpu"] = str(w.gpus)
     resources = {"requests": dict(limits), "limits": limits}
     args = ["worker", "generate", "--job", f"{JOB_DIR}/{JOB_FILE}"]
-    return _job(ref, action.name, lbls, spec, settings, args, resources, settings.shm_size if w.gpus else None)
+    shm = settings.shm_size if w.gpus else None
+    return _job(ref, action.name, lbls, spec, settings, args, resources, shm, llm_key=True)
 
 
 def merge_job(ref: RunRef, action: CreateMergeJob, spec: GenerationRunSpec, settings: Settings) -> dict[str, Any]:
@@ -256,7 +287,7 @@ def merge_job(ref: RunRef, action: CreateMergeJob, spec: GenerationRunSpec, sett
     limits = {"cpu": settings.merge_cpu, "memory": settings.merge_memory}
     resources = {"requests": dict(limits), "limits": limits}
     args = ["worker", "merge", "--job", f"{JOB_DIR}/{JOB_FILE}"]
-    manifest = _job(ref, action.name, lbls, spec, settings, args, resources, None)
+    manifest = _job(ref, action.name, lbls, spec, settings, args, resources, None, llm_key=False)
     parts = spec.dedup.partitions
     if parts > 1:
         # Partitioned dedup: index i maps input partition i, then reduces band partition i; index 0 finalises.

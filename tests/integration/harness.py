@@ -431,7 +431,9 @@ class OperatorProcess:
             **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GENRUN_"))},
             "GENRUN_SERVER": cluster.url, "GENRUN_INSECURE": "true", "GENRUN_NAMESPACE": namespace,
             "GENRUN_METRICS_PORT": str(self.metrics_port), "GENRUN_HEALTH_PORT": "0", "GENRUN_TIMER_SECONDS": "2",
-            "GENRUN_WORKER_IMAGE": "genrun-worker:test", **env,
+            "GENRUN_WORKER_IMAGE": "genrun-worker:test",
+            "GENRUN_ALLOWED_ENDPOINT_HOSTS": "127.0.0.1",  # the SeaweedFS of these tests; in-cluster .svc by default
+            **env,
         }  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.mkdtemp(prefix="genrun-op-")) / "operator.log"

@@ -309,6 +309,31 @@ def test_extra_env_volumes_and_mounts_reach_the_operator(tmp_path: Path) -> None
     assert res.returncode != 0 and "mountPath" in res.stderr
 
 
+def operator_settings(*extra: str) -> Settings:
+    """The Settings the operator starts with under the rendered Deployment's environment."""
+    dep = next(d for d in render(None, *extra) if d["kind"] == "Deployment")
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    return Settings.from_env(env)
+
+
+def test_the_allow_lists_reach_the_operator_with_safe_defaults() -> None:
+    """The chart's defaults are the operator's: in-cluster endpoint hosts, and images from workerImage's repository
+    only (a custom workerImage moves the default with it); listed values arrive as the lists they are."""
+    default = operator_settings()
+    assert default.allowed_endpoint_hosts == Settings().allowed_endpoint_hosts == ("*.svc", "*.svc.cluster.local")
+    assert default.image_prefixes() == ("ghcr.io/genrun/genrun-worker",)
+    custom = operator_settings("-f", str(CHART / "ci" / "namespaced-values.yaml"))
+    assert custom.image_allowed("registry.example.com/genrun-worker:cuda12-0.2.0")
+    assert not custom.image_allowed("ghcr.io/genrun/genrun-worker:0.1.0")
+    listed = operator_settings("--set-json", 'operator.allowedImagePrefixes=["ghcr.io/genrun/","python"]',
+                               "--set-json", 'operator.allowedEndpointHosts=["minio.storage.svc","*.example.com"]')  # fmt: skip
+    assert listed.allowed_image_prefixes == ("ghcr.io/genrun/", "python")
+    assert listed.allowed_endpoint_hosts == ("minio.storage.svc", "*.example.com")
+    res = subprocess.run([tool("helm"), "template", "g", str(CHART), "--set-json",
+                          'operator.allowedEndpointHosts=["http://minio:9000"]'], capture_output=True, text=True)  # fmt: skip
+    assert res.returncode != 0 and "allowedEndpointHosts" in res.stderr
+
+
 def rendered_notes(tmp_path: Path, *extra: str) -> str:
     """`helm template` does not print NOTES.txt; a copy of the chart renders it into a ConfigMap through its template
     name, with the real values and helpers."""
