@@ -1,5 +1,5 @@
 """genrun against the floor: `genrun run` on the quickstart to its target, then one engine started once that generates
-as many tokens as the run spent, in the same process run of this script (machines are noisy).
+as many tokens as the run spent, both in one invocation of this script (machines are noisy).
 
 1. genrun: `python -P -m genrun.operator.cli run MANIFEST --output DIR` as a user runs it, in its own process; its
    wall time from spawn to exit. Its tokens come from the run's status (`status.json`: status.totals.tokens, what

@@ -537,8 +537,8 @@ def main() -> None:
               f"{share:.1%} of its device-seconds")  # fmt: skip
         best = min(static_s, key=lambda a: static_s[a])
         gpu_s[ch.name] = (gg, static_s[best], sg, share)
-        print(f"  seed / genrun {ratio(sg, gg):.2f}x, genrun / best static (T={best.temperature:g} "
-              f"rp={best.repetition_penalty:g}) {ratio(gg, static_s[best]):.3f}x")  # fmt: skip
+        named = f"T={best.temperature:g} rp={best.repetition_penalty:g}" if math.isfinite(static_s[best]) else "none"
+        print(f"  seed / genrun {ratio(sg, gg):.2f}x, genrun / best static ({named}) {ratio(gg, static_s[best]):.3f}x")
     gg, bg, sg, share = gpu_s[args.profile]
     print(f"{time.monotonic() - t0:.1f} s")
     print(
