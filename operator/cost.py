@@ -26,12 +26,13 @@ class CostProfile:
     def generation_seconds(self, tokens: float) -> float:
         return tokens / self.tokens_per_second if self.tokens_per_second > 0 else math.inf
 
-    def device_seconds(self, tokens: float, starts: int) -> float:
-        """Device-seconds of `starts` engine starts that generate `tokens` between them."""
-        return self.devices * (starts * self.startup_seconds + self.generation_seconds(tokens))
+    def device_seconds(self, tokens: float, starts: int, idle_seconds: float = 0.0) -> float:
+        """Device-seconds of `starts` engine starts that generate `tokens` between them, each start also holding its
+        devices `idle_seconds` without generating (a run-owned engine waiting while a round merges)."""
+        return self.devices * (starts * (self.startup_seconds + idle_seconds) + self.generation_seconds(tokens))
 
-    def startup_share(self, tokens: float, starts: int) -> float:
-        total = self.device_seconds(tokens, starts)
+    def startup_share(self, tokens: float, starts: int, idle_seconds: float = 0.0) -> float:
+        total = self.device_seconds(tokens, starts, idle_seconds)
         return self.devices * starts * self.startup_seconds / total if total > 0 else 0.0
 
 
@@ -66,6 +67,24 @@ def measured(base: CostProfile, startups: list[float], tokens: float, busy_secon
     startup = sorted(startups)[len(startups) // 2] if startups else base.startup_seconds
     tps = tokens / busy_seconds if tokens > 0 and busy_seconds > 0 else base.tokens_per_second
     return CostProfile(startup, tps, base.devices, "measured by this run's engines" if startups else base.source)
+
+
+def replica_tokens(profile: CostProfile, overhead_share: float = 0.1) -> float:
+    """The fewest tokens one engine replica must generate over its life so that its start-up is at most
+    `overhead_share` of its device time (idle time left out: it only lowers the share)."""
+    if not 0 < overhead_share < 1:
+        return 0.0
+    return profile.startup_seconds * profile.tokens_per_second * (1 - overhead_share) / overhead_share
+
+
+def replicas_for(profile: CostProfile, tokens: float, widest_round: int, overhead_share: float = 0.1) -> int:
+    """Replicas of a run-owned engine for a run expected to generate `tokens`: as many as can each be kept busy for
+    `replica_tokens` (so start-up stays within `overhead_share`), never more than the shard Jobs of the widest round
+    (more could not all be fed at once), at least one. On device-seconds one replica is never dearer; a replica more
+    only buys wall time, and this buys it where its start-up stays within the share."""
+    per = replica_tokens(profile, overhead_share)
+    fit = math.floor(tokens / per) if per > 0 else widest_round
+    return max(1, min(widest_round, fit))
 
 
 def min_job_examples(profile: CostProfile, tokens_per_example: float, overhead_share: float = 0.1) -> int:

@@ -36,7 +36,8 @@ def test_simulator_runs_the_three_policies_on_real_samples(tmp_path: Path) -> No
     m = dict(kv.split("=") for kv in last.removeprefix("RESULT ").split())
     assert set(m) == {"genrun_tokens", "best_static_tokens", "seed_tokens", "genrun_over_best_static",
                       "seed_over_genrun", "overshoot", "genrun_without_qc_before_response_tokens", "floor_tokens",
-                      "seed_over_floor"}  # fmt: skip
+                      "seed_over_floor", "genrun_gpu_s", "best_static_gpu_s", "seed_gpu_s", "seed_over_genrun_gpu",
+                      "genrun_over_best_static_gpu", "startup_share"}  # fmt: skip
     g, b, s = float(m["genrun_tokens"]), float(m["best_static_tokens"]), float(m["seed_tokens"])
     assert abs(float(m["genrun_over_best_static"]) - g / b) < 0.01 and abs(float(m["seed_over_genrun"]) - s / g) < 0.01
     # The T=1.0 pool mostly fails QC, so the best static arm is T=0.7, and the problem's process (10 joint shards of
@@ -50,6 +51,16 @@ def test_simulator_runs_the_three_policies_on_real_samples(tmp_path: Path) -> No
     floor = float(m["floor_tokens"])
     assert 0 < floor < min(g, b) and abs(float(m["seed_over_floor"]) - s / floor) < 0.01
     assert f"floor: {floor:,.0f} tokens" in res.stdout
+    # Device-seconds under the default (gpu) profile: the RESULT's figures are the gpu section's, and the problem's
+    # process, which starts an engine in each of its 10 shard Jobs, costs more than genrun's one engine start.
+    gpu = res.stdout.split("device-seconds, gpu profile")[1]
+    gg, bg, sg = float(m["genrun_gpu_s"]), float(m["best_static_gpu_s"]), float(m["seed_gpu_s"])
+    assert re.search(rf"genrun \(bandit\) +{gg:,.0f} device-s +run-owned engine, 1 replica", gpu)
+    assert re.search(rf"seed \(problem process\) +{sg:,.0f} device-s", gpu)
+    assert sg > gg > 0 and abs(float(m["seed_over_genrun_gpu"]) - sg / gg) < 0.01
+    assert abs(float(m["genrun_over_best_static_gpu"]) - gg / bg) < 0.01
+    assert 0 < float(m["startup_share"]) < 1
+    assert "supply: " in res.stdout and "the problem's arm (T=0.7 rp=1.1) alone" in res.stdout
 
 
 def test_cost_per_kept_counts_what_each_sample_pays() -> None:
@@ -83,3 +94,86 @@ def test_a_median_most_runs_never_reached_is_unreached_and_gives_no_ratio() -> N
     assert math.isnan(ratio(UNREACHED, 900.0)) and math.isnan(ratio(900.0, UNREACHED))
     assert ratio(900.0, 300.0) == 3.0
     assert f"{UNREACHED:.0f}" == "inf"
+
+
+def _sim():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(ROOT / "bench"))
+    import yield_sim
+
+    return yield_sim
+
+
+def test_the_problems_process_pays_a_start_up_per_shard_job_and_genrun_one_per_replica() -> None:
+    """Hand-checked device-seconds. A profile of 100 s start-up, 50 tokens/s, 2 devices; a simulated token stands for
+    2; each round holds a run-owned engine 30 s more. Two rounds of 10 shard Jobs, 1,000 and 1,200 tokens."""
+    from genrun.operator.cost import CostProfile
+
+    ys = _sim()
+    charge = ys.Charge("test", CostProfile(100.0, 50.0, 2), round_gap_seconds=30.0, token_scale=2.0)
+    run = ys.Run(2200.0, 10, ((10, 1000), (10, 1200)))
+    # the process: 20 starts, 4,400 tokens, no device held while the round is deduplicated
+    assert ys.process_device_seconds(run, charge) == 2 * (20 * 100 + 4400 / 50)
+    # genrun's engine: 4,400 tokens are far fewer than one replica needs (100 s x 50/s x 9 = 45,000 for start-up
+    # within 10%), so one replica, started once, held through two merges
+    assert ys.engine_replicas(run, charge) == 1
+    assert ys.engine_device_seconds(run, charge) == 2 * (100 + 2 * 30 + 4400 / 50)
+    assert abs(ys.engine_startup_share(run, charge) - 200 / (2 * (100 + 60 + 88))) < 1e-12
+    # a run that missed the target costs inf and has no share
+    missed = ys.Run(ys.UNREACHED, 3, run.rounds)
+    assert ys.process_device_seconds(missed, charge) == ys.engine_device_seconds(missed, charge) == float("inf")
+    assert ys.engine_startup_share(missed, charge) != ys.engine_startup_share(missed, charge)  # nan
+
+
+def test_replicas_grow_with_the_run_up_to_its_widest_round_and_one_on_a_cpu_machine() -> None:
+    from genrun.operator.cost import CostProfile, replica_tokens, replicas_for
+
+    ys = _sim()
+    p = CostProfile(100.0, 50.0, 2)
+    assert replica_tokens(p, 0.1) == 100 * 50 * 9
+    assert replica_tokens(p, 0.5) == 100 * 50
+    assert [replicas_for(p, t, 4) for t in (0, 44_999, 45_000, 135_000, 10**9)] == [1, 1, 1, 3, 4]
+    # 200,000 tokens of the profile's model in a run whose widest round has 3 shard Jobs: 3 replicas (4 fit)...
+    run = ys.Run(100_000.0, 10, ((1, 20_000), (3, 80_000)))
+    gpu = ys.Charge("gpu", p, 30.0, token_scale=2.0)
+    assert ys.engine_replicas(run, gpu) == 3
+    assert ys.engine_device_seconds(run, gpu) == 2 * (3 * (100 + 2 * 30) + 200_000 / 50)
+    # ...and one on a CPU machine, whatever the run
+    cpu = ys.Charge("cpu", p, 30.0, token_scale=2.0, max_replicas=1)
+    assert ys.engine_replicas(run, cpu) == 1
+
+
+def test_the_gpu_profile_charges_a_simulated_shard_of_the_process_as_one_of_the_problems() -> None:
+    from genrun.operator.cost import CPU_PRIOR, GPU_PRIOR
+
+    ys = _sim()
+    seed = [ys.Run(5000.0, 1, ((10, 2000), (10, 3000))), ys.Run(ys.UNREACHED, 1, ((10, 3000),))]
+    ch = ys.charges(seed)
+    assert ch["cpu"].profile == CPU_PRIOR and ch["cpu"].token_scale == 1.0 and ch["cpu"].max_replicas == 1
+    assert ch["gpu"].profile == GPU_PRIOR
+    # 30 Jobs, 8,000 tokens (the missed run's Jobs count too: they ran): 266.7 tokens a Job
+    assert abs(ch["gpu"].token_scale - ys.PROBLEM_SHARD_TOKENS / (8000 / 30)) < 1e-9
+    job = ys.Run(1.0, 1, ((1, 8000 / 30),))
+    assert abs(ys.process_device_seconds(job, ch["gpu"]) - GPU_PRIOR.device_seconds(ys.PROBLEM_SHARD_TOKENS, 1)) < 1e-6
+
+
+def test_supply_counts_distinct_clusters_and_those_with_a_qc_passing_row() -> None:
+    import numpy as np
+
+    ys = _sim()
+    # rows 0-1 one cluster (row 1 passes QC), row 2 its own (fails), rows 3-4 one cluster (both pass)
+    pools = ys.Pools([], cluster=np.array([0, 0, 2, 3, 3]), qc_ok=np.array([0, 1, 0, 1, 1], bool),
+                     gate_ok=np.ones(5, bool), itok=np.ones(5), rtok=np.ones(5))  # fmt: skip
+    assert ys.supply(pools) == (3, 2)
+    arm = ys.Arm(0.7, 0.9, 1.1, np.array([0, 2]), 0.0, 0.0)
+    assert ys.supply(pools, arm) == (2, 0)  # row 0 fails QC; its cluster's passing row is another arm's
+
+
+def test_problem_shard_size_keeps_the_problems_target_over_shard_size() -> None:
+    import yaml
+
+    ys = _sim()
+    raw = yaml.safe_load((ROOT / "examples" / "stage1-qwen32b.yaml").read_text())["spec"]
+    target, eps = raw["target"]["uniqueExamples"], raw["shards"]["examplesPerShard"]
+    assert ys.problem_shard_size(target) == eps
+    assert ys.problem_shard_size(target // 10) == round(eps / 10)
+    assert ys.problem_shard_size(1) == 1

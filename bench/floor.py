@@ -1,0 +1,204 @@
+"""genrun against the floor: `genrun run` on the quickstart to its target, then one engine started once that generates
+as many tokens as the run spent, both in one invocation of this script (machines are noisy).
+
+1. genrun: `python -P -m genrun.operator.cli run MANIFEST --output DIR` as a user runs it, in its own process; its
+   wall time from spawn to exit. Its tokens come from the run's status (`status.json`: status.totals.tokens, what
+   `genrun status --json` shows). Its engine starts and their start-up seconds come from the status's
+   `engineStarts` / `startupSeconds` / `startupShare` when the run records them; else from the engine session records
+   under the output (`engines/*.json`); else, for runs where every shard process loads its own engine, from the
+   shard processes' logs (`_genrun/logs/<run>-r<round>-s<seed>.log` with a "shard ... done" line: one engine start
+   each), their start-up estimated as the time from the runner writing the shard's job file to the shard's marker,
+   less the marker's generation `seconds`, and its share of genrun's wall time.
+2. The floor: a fresh process (spawned here, timed from spawn) builds the engine as the worker builds it
+   (`worker.engine.make_engine` with the manifest's model and the shard seed `shards.firstSeed`), so start-up is
+   process start (imports included) to engine ready; it then generates with the manifest's base sampling
+   (spec.sampling, joint prompts as the worker writes them, up to `maxTokens` each) in batches of
+   `generation.batchSize` prompts (64 by default) until it has generated at least the run's tokens. Its generation
+   seconds are those batches' seconds pro-rated to exactly the run's tokens (tokens / the throughput measured), so
+   floor_s = start-up + the run's tokens / the floor engine's throughput.
+
+Last line: RESULT genrun_s=<wall> floor_s=<start-up + generation> ratio=<genrun/floor> engine_starts=<n>
+startup_share=<genrun's start-up seconds over its engines' device-seconds (or wall)>
+
+    python -P bench/floor.py [--manifest examples/quickstart.yaml] [--engine vllm|replay] [--target N] [--output DIR]
+
+`--engine replay` runs both on the replay engine (recorded samples, no model): for checking the script, not a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = "_genrun"  # operator/local.py's runner bookkeeping under the output
+
+
+@dataclass(frozen=True)
+class EngineUse:
+    starts: int
+    startup_seconds: float  # device-seconds of start-up, all starts
+    share: float  # of the engines' device-seconds (of genrun's wall time where the run did not record them)
+    source: str
+
+
+def engine_use(out: Path, wall: float) -> EngineUse:
+    """How many engines genrun started and what starting them cost, from the run's output folder."""
+    totals = json.loads((out / "status.json").read_text()).get("status", {}).get("totals", {})
+    if totals.get("engineStarts"):
+        return EngineUse(
+            int(totals["engineStarts"]),
+            float(totals.get("startupSeconds", 0.0)),
+            float(totals.get("startupShare", 0.0)),
+            "status.totals",
+        )
+    sessions = [json.loads(p.read_text()) for p in sorted((out / "engines").glob("*.json"))]
+    if sessions:
+        startup = held = 0.0
+        for s in sessions:
+            devices, started = int(s.get("devices", 1)), float(s["started"])
+            ready, last = float(s.get("ready") or 0.0), float(s.get("last") or 0.0)
+            startup += devices * max(0.0, (ready or max(last, started)) - started)
+            held += devices * max(0.0, max(last, ready) - started)
+        return EngineUse(len(sessions), startup, startup / held if held > 0 else 0.0, "engines/*.json")
+    return _from_logs(out, wall)
+
+
+def _from_logs(out: Path, wall: float) -> EngineUse:
+    """Every shard process that generated built its own engine (the runner of one process per shard)."""
+    starts, startup = 0, 0.0
+    for log in sorted((out / STATE / "logs").glob("*-r*-s*.log")):
+        if " done: " not in log.read_text(errors="replace"):
+            continue  # a shard already published exits before loading an engine
+        starts += 1
+        name = log.stem  # <run>-r<round>-s<seed>
+        rnd, seed = (int(x) for x in name.rsplit("-r", 1)[1].split("-s"))
+        marker = out / "shards" / f"r{rnd:04d}" / f"s{seed:010d}.done.json"
+        job = out / STATE / "jobs" / f"{name}.json"
+        if marker.exists() and job.exists():
+            seconds = float(json.loads(marker.read_text())["seconds"])
+            startup += max(0.0, marker.stat().st_mtime - job.stat().st_mtime - seconds)
+    return EngineUse(starts, startup, startup / wall if wall > 0 else 0.0, f"{STATE}/logs (one engine per shard)")
+
+
+def floor_seconds(startup: float, generation: float, generated: int, wanted: int) -> float:
+    """Start-up plus `wanted` tokens at the throughput measured (`generated` tokens in `generation` seconds)."""
+    return startup + (generation * wanted / generated if generated > 0 else 0.0)
+
+
+def result_line(genrun_s: float, floor_s: float, use: EngineUse) -> str:
+    ratio = genrun_s / floor_s if floor_s > 0 else float("nan")
+    return (
+        f"RESULT genrun_s={genrun_s:.1f} floor_s={floor_s:.1f} ratio={ratio:.3f} engine_starts={use.starts} "
+        f"startup_share={use.share:.4f}"
+    )
+
+
+def manifest_with_target(src: Path, target: int, dst: Path) -> Path:
+    doc = yaml.safe_load(src.read_text())
+    if target:
+        doc["spec"]["target"] = {**doc["spec"].get("target", {}), "uniqueExamples": target}
+    dst.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dst
+
+
+def run_genrun(manifest: Path, out: Path, engine: str) -> float:
+    cmd = [sys.executable, "-P", "-m", "genrun.operator.cli", "run", str(manifest), "--output", str(out)]
+    cmd += ["--engine", engine, "-q"]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+        sys.exit(f"floor: genrun run ended with exit code {res.returncode}: {' | '.join(tail)}")
+    return wall
+
+
+def run_floor(manifest: Path, engine: str, tokens: int) -> dict[str, float]:
+    """The floor's engine in a fresh process; start-up timed from its spawn."""
+    cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--child", "--manifest", str(manifest)]
+    cmd += ["--engine", engine, "--tokens", str(tokens)]
+    spawned = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"floor: the floor's engine process ended with exit code {res.returncode}: {res.stderr[-500:]}")
+    got: dict[str, float] = json.loads(res.stdout.strip().splitlines()[-1])
+    got["startup"] = got.pop("ready") - spawned
+    return got
+
+
+def child(manifest: Path, engine_kind: str, tokens: int) -> None:
+    """Build the engine as the worker does, then generate at least `tokens` tokens in full batches."""
+    from genrun.contract.records import ShardPlan
+    from genrun.operator.policy import base_sampling
+    from genrun.operator.validate import load_run_manifest
+    from genrun.worker.engine import make_engine
+    from genrun.worker.generate import Asker
+    from genrun.worker.prompts import PromptBuilder
+
+    _, _, spec = load_run_manifest(manifest)
+    seed = spec.shards.first_seed
+    engine = make_engine(engine_kind, spec, seed)
+    ready = time.time()
+    batch = spec.generation.batch_size or 64
+    shard = ShardPlan(1, seed, 0, batch, base_sampling(spec), tuple(spec.prompt.domains))
+    asker = Asker(engine, PromptBuilder.for_shard(spec, shard), shard.sampling, seed, True)  # joint: up to maxTokens
+    generated = index = 0
+    t0 = time.perf_counter()
+    while generated < tokens:
+        samples = asker.sample(list(range(index, index + batch)))
+        index += batch
+        generated += sum(s.completion.tokens for s in samples)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"ready": ready, "generation": seconds, "generated": generated, "batch": batch}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--manifest", default=str(ROOT / "examples" / "quickstart.yaml"))
+    ap.add_argument("--engine", choices=("vllm", "replay"), default="vllm")
+    ap.add_argument(
+        "--target", type=int, default=0, help="override spec.target.uniqueExamples (default: the manifest's)"
+    )
+    ap.add_argument("--output", help="genrun's output folder (default: a new temporary folder); must not exist yet")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(Path(args.manifest), args.engine, args.tokens)
+    if args.target < 0:
+        ap.error(f"--target: must be a positive number of examples, got {args.target}")
+    if args.output and Path(args.output).exists():
+        ap.error(f"--output: {args.output} exists; give a new folder (genrun would resume the run there)")
+    work = Path(tempfile.mkdtemp(prefix="genrun-floor-"))
+    out = Path(args.output) if args.output else work / "output"
+    manifest = manifest_with_target(Path(args.manifest), args.target, work / "manifest.yaml")
+
+    wall = run_genrun(manifest, out, args.engine)
+    status: dict[str, Any] = json.loads((out / "status.json").read_text())["status"]
+    tokens = int(status["totals"]["tokens"])
+    use = engine_use(out, wall)
+    print(f"genrun: {wall:.1f} s to {status['totals']['qcPassed']} kept in {status.get('round', 0)} round(s), "
+          f"{tokens:,} tokens; {use.starts} engine start(s), start-up {use.startup_seconds:.1f} s "
+          f"({use.share:.1%}; from {use.source}); output {out}")  # fmt: skip
+
+    got = run_floor(manifest, args.engine, tokens)
+    floor = floor_seconds(got["startup"], got["generation"], int(got["generated"]), tokens)
+    rate = got["generated"] / got["generation"] if got["generation"] > 0 else float("inf")
+    print(f"floor: start-up {got['startup']:.1f} s (spawn to engine ready), then {int(got['generated']):,} tokens in "
+          f"batches of {int(got['batch'])} in {got['generation']:.1f} s ({rate:,.1f} tokens/s): {tokens:,} tokens "
+          f"need {floor - got['startup']:.1f} s")  # fmt: skip
+    print(result_line(wall, floor, use))
+
+
+if __name__ == "__main__":
+    main()
