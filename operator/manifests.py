@@ -507,7 +507,7 @@ def engine_state(ref: RunRef, deployment: dict[str, Any], pods: list[dict[str, A
         if any((meta.get("labels") or {}).get(k) != v for k, v in want.items()) or meta.get("deletionTimestamp"):
             continue
         pst = p.get("status") or {}
-        cs = next((c for c in pst.get("containerStatuses") or [] if c.get("name") == ENGINE), {})
+        cs: dict[str, Any] = next((c for c in pst.get("containerStatuses") or [] if c.get("name") == ENGINE), {})
         started = ((cs.get("state") or {}).get("running") or {}).get("startedAt")
         ready = next(
             (c.get("lastTransitionTime") for c in pst.get("conditions") or []
