@@ -252,10 +252,17 @@ def shard_job(ref: RunRef, action: CreateShardJob, spec: GenerationRunSpec, sett
     if uses_run_engine(spec):
         limits = {"cpu": settings.shard_client_cpu, "memory": settings.shard_client_memory}
         job = _job(ref, action.name, lbls, spec, settings, args, {"requests": dict(limits), "limits": limits}, None)
-        pod = job["spec"]["template"]["spec"]
-        pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "models"]
-        for c in pod["containers"]:
-            c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "models"]
+        sem = spec.dedup.semantic
+        if not (sem.enabled and not sem.model.startswith("embedded:")):
+            # The model volume serves the engine; the shard keeps it only for an embedding model of the semantic
+            # tier (the generators' online check), which Hugging Face may read from there.
+            pod = job["spec"]["template"]["spec"]
+            pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "models"]
+            for c in pod["containers"]:
+                c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "models"]
+                for e in c["env"]:
+                    if e["name"] == "HF_HOME":
+                        e["value"] = f"{HOME}/.cache/huggingface"
         return job
     limits = {"cpu": w.cpu, "memory": w.memory}
     if w.gpus:

@@ -209,6 +209,21 @@ def test_a_shard_job_of_the_shared_engine_holds_no_gpu_and_calls_the_service() -
     assert RAW["model"].get("endpoint") is None  # the run's own spec is not changed
 
 
+def test_a_shard_job_of_the_shared_engine_keeps_the_model_volume_only_for_a_semantic_model_on_it() -> None:
+    def models_of(raw: dict[str, Any]) -> tuple[bool, str]:
+        spec = parse_spec(raw)
+        c = mf.shard_job(REF, first_shard(spec), spec, Settings())["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        return any(m["mountPath"] == "/models" for m in c["volumeMounts"]), env["HF_HOME"]
+
+    assert models_of(RAW) == (False, mf.HOME + "/.cache/huggingface")  # no Hugging Face cache on a missing mount
+    raw = copy.deepcopy(RAW)
+    raw["dedup"] = {"semantic": {"enabled": True}}  # the packaged embedder: no volume either
+    assert models_of(raw) == (False, mf.HOME + "/.cache/huggingface")
+    raw["dedup"]["semantic"]["model"] = "BAAI/bge-small-en-v1.5"  # from the Hub cache on the volume
+    assert models_of(raw) == (True, "/models/.hf-cache")
+
+
 def test_a_per_shard_engine_job_keeps_its_gpus_and_gets_the_compile_cache() -> None:
     spec = spec_with(engine="perShard")
     assert not mf.uses_run_engine(spec)
