@@ -173,7 +173,8 @@ class Kube:
     async def engine_state(self, ref: RunRef) -> mf.EngineState | None:
         """The run's engine as observed (replicas asked for, ready, each pod's start and ready times), or None when
         it has no engine Deployment."""
-        api, ns, name = await self.api(), checked(ref.namespace), checked(mf.engine_name(ref.name))
+        # The run's name goes into the label selector too: checked like any name (no ',', '=', '/' or spaces).
+        api, ns, name = await self.api(), checked(ref.namespace), checked(mf.engine_name(checked(ref.name)))
         status, dep = await self._send(
             client.AppsV1Api(api).read_namespaced_deployment(name, ns, _preload_content=False), answer=True
         )

@@ -359,7 +359,7 @@ def engine_selector(ref: RunRef) -> dict[str, str]:
 
 def engine_args(spec: GenerationRunSpec) -> list[str]:
     """`vllm serve` arguments: the spec's engine arguments, served under spec.model.name (the name the shard Jobs
-    ask for). tensorParallelSize GPUs hold one copy of the model; a replica with more GPUs than that runs as many
+    ask for), with prefix caching. tensorParallelSize GPUs hold one copy of the model; a replica with more GPUs than that runs as many
     copies as fit (data parallel), so every GPU it holds serves."""
     m, gpus = spec.model, spec.worker.gpus
     args = [
@@ -368,6 +368,8 @@ def engine_args(spec: GenerationRunSpec) -> list[str]:
         "--gpu-memory-utilization", str(m.gpu_memory_utilization),
         "--tensor-parallel-size", str(m.tensor_parallel_size), "--load-format", m.load_format,
         "--seed", str(spec.shards.first_seed),
+        # Every prompt of a run starts with the same template and few-shot examples: their KV cache is computed once.
+        "--enable-prefix-caching",
     ]  # fmt: skip
     if gpus >= 2 * m.tensor_parallel_size:
         args += ["--data-parallel-size", str(gpus // m.tensor_parallel_size)]

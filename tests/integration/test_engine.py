@@ -134,16 +134,25 @@ def test_an_engine_the_api_server_refuses_fails_for_good_and_a_busy_one_retries(
 
 
 def test_engine_names_never_reach_the_server_unchecked(cluster: Cluster) -> None:
+    seen: list[str] = []
+    cluster.emulator.reject = lambda method, path, body: seen.append(f"{method} {path}")
+
     async def go() -> None:
         kube = k.Kube(Settings(server=cluster.url))
         try:
-            for call in (kube.scale(NS, "../x", 1), kube.scale("a/b", "x", 1), kube.delete("Service", NS, "..")):
+            calls = (
+                kube.scale(NS, "../x", 1), kube.scale("a/b", "x", 1), kube.delete("Service", NS, ".."),
+                kube.engine_state(RunRef("../../kube-system/x", NS)), kube.engine_state(RunRef("sft", "a/b")),
+                kube.apply("Service", "a/b", {"metadata": {"name": "x"}}),
+            )  # fmt: skip
+            for call in calls:
                 with pytest.raises(k.UnsafeName):
                     await call
         finally:
             await kube.close()
 
     run(go())
+    assert seen == []  # refused before any request left the process
 
 
 def test_the_engine_and_its_client_jobs_are_valid_kubernetes_objects(tmp_path: Path) -> None:

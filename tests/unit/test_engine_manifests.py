@@ -37,9 +37,15 @@ def spec_with(**worker: Any) -> Any:
 
 
 def args_of(container: dict[str, Any]) -> dict[str, str]:
-    """`--flag value` pairs of a command line (the model is the one positional argument)."""
-    args = container["args"]
-    return {args[i]: args[i + 1] for i in range(1, len(args) - 1, 2)}
+    """`--flag value` pairs of a command line (the model is the one positional argument; a flag without a value
+    maps to "")."""
+    args, out, i = container["args"], {}, 1
+    while i < len(args):
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[args[i]], i = args[i + 1], i + 2
+        else:
+            out[args[i]], i = "", i + 1
+    return out
 
 
 def first_shard(spec: Any) -> Any:
@@ -117,6 +123,7 @@ def test_engine_deployment_holds_the_gpus_placement_and_model_the_shard_jobs_had
         "0.9",
     )
     assert a["--port"] == str(mf.ENGINE_PORT) == str(c["ports"][0]["containerPort"])
+    assert a["--enable-prefix-caching"] == ""  # the template and few-shot examples open every prompt
     # Probes: /health once loaded, the Service's endpoints once the model is listed; a slow load is not a failure.
     start = c["startupProbe"]
     assert start["httpGet"]["path"] == "/health" and start["periodSeconds"] * start["failureThreshold"] >= 1800
