@@ -83,6 +83,11 @@ class EndpointSpec:
 
 
 API_KEY_ENV = "OPENAI_API_KEY"  # the Secret's key and the worker's environment variable
+# vLLM's --load-format values a run may choose (the CRD's enum): the ones that read a real checkpoint without extra
+# configuration; dummy (random weights), tensorizer (needs its own URI) and the quantising loaders are left out.
+LoadFormat = Literal[
+    "auto", "safetensors", "pt", "runai_streamer", "runai_streamer_sharded", "fastsafetensors", "sharded_state"
+]
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class ModelSpec:
     tensor_parallel_size: int = _f("tensorParallelSize", 1)
     max_model_len: int = _f("maxModelLen", 2048)
     gpu_memory_utilization: float = _f("gpuMemoryUtilization", 0.9)
+    load_format: LoadFormat = _f("loadFormat", "auto")
     endpoint: EndpointSpec | None = _f("endpoint", None)
 
 
@@ -283,6 +289,9 @@ class WorkerSpec:
     output_volume_claim: str = _f("outputVolumeClaim", "")
     active_deadline_seconds: int = _f("activeDeadlineSeconds", 86400)
     parallelism: int = _f("parallelism", 0)
+    # shared: one run-owned vLLM server (a Deployment) that the shard Jobs call; perShard: vLLM inside each shard Job.
+    engine: Literal["shared", "perShard"] = _f("engine", "shared")
+    cache_volume_claim: str = _f("cacheVolumeClaim", "")  # vLLM's compiled artefacts, kept between engine starts
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Mapping
 from typing import Any, Literal, cast
 
 import kopf
-from genrun.contract.api import GROUP, PLURAL, VERSION
+from genrun.contract.api import GROUP, PLURAL, VERSION, RunRef
 from genrun.contract.errors import Rejected
 from genrun.operator import conditions as c
 from genrun.operator import manifests as mf
@@ -24,6 +24,7 @@ from kubernetes_asyncio import client, config
 # (the operator's own identity, RBAC or a quota), 404, 408, 409 and 429 are not about the object: retried.
 RETRIABLE_4XX = (401, 403, 404, 408, 409, 429)
 ChildKind = Literal["Job", "ConfigMap"]
+EngineKind = Literal["Deployment", "Service"]  # a run's engine (manifests.engine_deployment, engine_service)
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # the in-cluster token and CA (a module value: tests move it)
 
 
@@ -110,24 +111,85 @@ class Kube:
             except ValueError:
                 return int(resp.status), text
 
-    async def create(self, kind: ChildKind, namespace: str, body: Mapping[str, Any]) -> bool:
+    async def create(self, kind: ChildKind | EngineKind, namespace: str, body: Mapping[str, Any]) -> bool:
         """True if created, False if it already existed (409); ChildRejected when the API server will never
         accept it (422, 400, 413, ...); a retry (TemporaryError) on anything else."""
         api, ns, payload = await self.api(), checked(namespace), cast(Any, dict(body))  # a manifest, as the API takes
         call: Awaitable[Any]
         if kind == "Job":
             call = client.BatchV1Api(api).create_namespaced_job(ns, payload, _preload_content=False)
+        elif kind == "Deployment":
+            call = client.AppsV1Api(api).create_namespaced_deployment(ns, payload, _preload_content=False)
+        elif kind == "Service":
+            call = client.CoreV1Api(api).create_namespaced_service(ns, payload, _preload_content=False)
         else:
             call = client.CoreV1Api(api).create_namespaced_config_map(ns, payload, _preload_content=False)
         status, out = await self._send(call)
         if status == 409:
             return False
+        self._raise_for(status, out, f"creating {kind}", kind, ns, str((body.get("metadata") or {}).get("name", "")))
+        return True
+
+    @staticmethod
+    def _raise_for(status: int, out: Any, doing: str, kind: str, ns: str, name: str) -> None:
         if 400 <= status < 500 and status not in RETRIABLE_4XX:
             msg = out.get("message") if isinstance(out, dict) else None
-            raise ChildRejected(kind, str((body.get("metadata") or {}).get("name", "")), status, str(msg or out)[:1000])
+            raise ChildRejected(kind, name, status, str(msg or out)[:1000])
         if status >= 300:
-            raise kopf.TemporaryError(f"creating {kind} in {ns}: {status} {str(out)[:300]}", delay=5)
-        return True
+            raise kopf.TemporaryError(f"{doing} in {ns}: {status} {str(out)[:300]}", delay=5)
+
+    async def _patch(self, kind: EngineKind, namespace: str, name: str, patch: Mapping[str, Any]) -> int:
+        """A JSON merge patch (RFC 7386) of one engine object: the status (404 when it does not exist)."""
+        api, ns, name = await self.api(), checked(namespace), checked(name)
+        call: Awaitable[Any]
+        if kind == "Deployment":
+            call = client.AppsV1Api(api).patch_namespaced_deployment(
+                name, ns, dict(patch), _content_type="application/merge-patch+json", _preload_content=False
+            )  # type: ignore[call-arg]  # the stubs omit _content_type
+        else:
+            call = client.CoreV1Api(api).patch_namespaced_service(
+                name, ns, dict(patch), _content_type="application/merge-patch+json", _preload_content=False
+            )  # type: ignore[call-arg]
+        status, out = await self._send(call)
+        if status != 404:
+            self._raise_for(status, out, f"patching {kind} {name!r}", kind, ns, name)
+        return status
+
+    async def apply(self, kind: EngineKind, namespace: str, body: Mapping[str, Any]) -> bool:
+        """Create the object, or bring an existing one to `body` (merge patch: the fields body sets, lists whole):
+        True if created, False if patched. A patch lost to a concurrent delete is retried (TemporaryError)."""
+        if await self.create(kind, namespace, body):
+            return True
+        name = str((body.get("metadata") or {}).get("name", ""))
+        if await self._patch(kind, namespace, name, body) == 404:
+            raise kopf.TemporaryError(f"{kind} {name!r} in {namespace} vanished while being updated", delay=1)
+        return False
+
+    async def scale(self, namespace: str, name: str, replicas: int) -> bool:
+        """Set a Deployment's replicas (0 lets its GPUs go; the Deployment and Service stay): False if there is no
+        such Deployment."""
+        return await self._patch("Deployment", namespace, name, {"spec": {"replicas": int(replicas)}}) != 404
+
+    async def engine_state(self, ref: RunRef) -> mf.EngineState | None:
+        """The run's engine as observed (replicas asked for, ready, each pod's start and ready times), or None when
+        it has no engine Deployment."""
+        # The run's name goes into the label selector too: checked like any name (no ',', '=', '/' or spaces).
+        api, ns, name = await self.api(), checked(ref.namespace), checked(mf.engine_name(checked(ref.name)))
+        status, dep = await self._send(
+            client.AppsV1Api(api).read_namespaced_deployment(name, ns, _preload_content=False), answer=True
+        )
+        if status == 404:
+            return None
+        if status >= 300 or not isinstance(dep, dict):
+            raise kopf.TemporaryError(f"reading Deployment {name!r} in {ns}: {status} {str(dep)[:300]}", delay=5)
+        selector = ",".join(f"{k}={v}" for k, v in mf.engine_selector(ref).items())
+        status, pods = await self._send(
+            client.CoreV1Api(api).list_namespaced_pod(ns, label_selector=selector, _preload_content=False),
+            answer=True,
+        )
+        if status >= 300 or not isinstance(pods, dict):
+            raise kopf.TemporaryError(f"listing the engine pods in {ns}: {status} {str(pods)[:300]}", delay=5)
+        return mf.engine_state(ref, dep, list(pods.get("items") or []))
 
     async def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """A Secret's data (base64 values), or None if there is none of that name."""
@@ -150,11 +212,19 @@ class Kube:
         if code >= 300 and code != 404:
             raise kopf.TemporaryError(f"patching {namespace}/{name} status: {code} {str(out)[:300]}", delay=5)
 
-    async def delete(self, kind: ChildKind, namespace: str, name: str) -> None:
+    async def delete(self, kind: ChildKind | EngineKind, namespace: str, name: str) -> None:
         api, name, ns = await self.api(), checked(name), checked(namespace)
         opts = client.V1DeleteOptions(propagation_policy="Background")
         if kind == "Job":
             await self._send(client.BatchV1Api(api).delete_namespaced_job(name, ns, body=opts, _preload_content=False))
+        elif kind == "Deployment":
+            await self._send(
+                client.AppsV1Api(api).delete_namespaced_deployment(name, ns, body=opts, _preload_content=False)
+            )
+        elif kind == "Service":
+            await self._send(
+                client.CoreV1Api(api).delete_namespaced_service(name, ns, body=opts, _preload_content=False)
+            )
         else:
             await self._send(
                 client.CoreV1Api(api).delete_namespaced_config_map(name, ns, body=opts, _preload_content=False)

@@ -31,6 +31,14 @@ class Settings:
     worker_service_account: str = field(default="", metadata={"doc": "ServiceAccount of shard and merge pods"})
     merge_cpu: str = field(default="2", metadata={"doc": "CPU request/limit of merge Jobs"})
     merge_memory: str = field(default="8Gi", metadata={"doc": "memory request/limit of merge Jobs"})
+    shard_client_cpu: str = field(
+        default="2",
+        metadata={"doc": "CPU request/limit of shard Jobs that call the run's engine (spec.worker.engine: shared)"},
+    )
+    shard_client_memory: str = field(
+        default="4Gi",
+        metadata={"doc": "memory request/limit of shard Jobs that call the run's engine (spec.worker.engine: shared)"},
+    )
     shm_size: str = field(default="8Gi", metadata={"doc": "size of /dev/shm for vLLM in shard pods"})
     job_ttl_seconds: int = field(default=604800, metadata={"doc": "ttlSecondsAfterFinished of finished Jobs"})
     start_concurrency: int = field(

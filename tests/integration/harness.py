@@ -162,6 +162,12 @@ class Cluster:
             res["v1/secrets"] = info(kind="Secret", namespaced=True, verbs=all_verbs)
             res["v1/configmaps"] = info(kind="ConfigMap", namespaced=True, verbs=all_verbs)
             res["batch/v1/jobs"] = info(kind="Job", namespaced=True, verbs=all_verbs, subresources={"status"})
+            # A run's engine (spec.worker.engine: shared): its Deployment, Service and the Deployment's pods.
+            res["apps/v1/deployments"] = info(
+                kind="Deployment", namespaced=True, verbs=all_verbs, subresources={"status", "scale"}
+            )
+            res["v1/services"] = info(kind="Service", namespaced=True, verbs=all_verbs)
+            res["v1/pods"] = info(kind="Pod", namespaced=True, verbs=all_verbs, subresources={"status"})
             res["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(
                 kind="CustomResourceDefinition", namespaced=False, verbs=all_verbs
             )

@@ -24,7 +24,8 @@ RAW = {
     "output": {"path": "s3://sft-data/run", "s3": {"endpoint": "http://minio:9000", "credentialsSecret": "s3"}},
     "shards": {"initial": 2, "firstSeed": 100},
     "worker": {"gpus": 2, "queueName": "gpu-batch", "nodeSelector": {"gpu": "a100"}, "priorityClassName": "batch",
-               "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}], "modelVolumeClaim": "models"},
+               "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}], "modelVolumeClaim": "models",
+               "engine": "perShard"},
 }  # fmt: skip
 
 
