@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import kopf
+from genrun.contract import records as rec
 from genrun.contract.api import GROUP, PLURAL, VERSION, GenerationRunSpec, RunRef, SpecError
 from genrun.contract.errors import Rejected
 from genrun.contract.status import RunStatus
@@ -30,7 +32,7 @@ from genrun.operator.kopf_state import persistence
 from genrun.operator.kube import Kube
 from genrun.operator.loop import RunLoop, publish_plan, started
 from genrun.operator.metrics import Metrics
-from genrun.operator.planner import CreateMergeJob, CreateShardJob, Event, ObservedJob, budget_used, invalid_plan
+from genrun.operator.planner import CreateMergeJob, CreateShardJob, Event, ObservedJob, Plan, budget_used, invalid_plan
 from genrun.operator.settings import Settings
 from genrun.operator.validate import check_manifest
 from genrun.worker.storage import StorageError
@@ -38,6 +40,8 @@ from genrun.worker.storage import StorageError
 log = logging.getLogger("genrun.operator")
 RunKey = tuple[str, str]
 SECRET_TTL_SECONDS = 60.0
+ENGINE_REPLICAS = 1  # one run-owned engine: it batches every shard Job's requests (docs/sizing.md)
+SESSION_SECONDS = 30.0  # an engine pod's record is rewritten at least this often: what a lost operator leaves uncounted
 START_TIMEOUT_SECONDS = 60.0  # a Job's two creates; past it, TimeoutError (an OSError): the step is tried again
 
 
@@ -57,6 +61,9 @@ class KubeRun:
         self.loop: RunLoop | None = None  # None while the spec is invalid
         self.created: dict[str, ObservedJob] = {}  # created by this daemon, not in the index yet
         self.storage: tuple[tuple[str, ...], float, Any] = ((), 0.0, None)  # identity, when read, Storage
+        self.engine: mf.EngineState | None = None  # the run's engine as read in this step (spec.worker.engine: shared)
+        self.engine_read = False
+        self.sessions: dict[str, tuple[rec.EngineSession, float]] = {}  # engine pod -> its record, when written
 
     async def step(self) -> None:
         meta, raw_spec = self.body.metadata, dict(self.body.spec or {})
@@ -81,8 +88,11 @@ class KubeRun:
             self.spec_text = text
         if self.loop is not None:
             self.loop.storage = await self._storage(self.loop.spec)
-            await self.loop.step()
+            self.engine_read = False
+            plan = await self.loop.step()
             self.status = self.loop.status
+            if mf.uses_run_engine(self.loop.spec):
+                await self._engine_after(plan)
 
     async def _storage(self, spec: GenerationRunSpec) -> Any:
         """The run's storage with the credentials of its Secret, re-read at most once a minute (rotation)."""
@@ -131,8 +141,14 @@ class KubeRun:
     async def start(self, action: CreateShardJob | CreateMergeJob) -> None:
         assert self.loop is not None  # called by the loop only
         loop, ns = self.loop, self.key[0]
+        raw = loop.raw_spec
+        if isinstance(action, CreateShardJob) and mf.uses_run_engine(loop.spec):
+            engine = await self._engine(ENGINE_REPLICAS)
+            if engine is None or engine.ready_replicas < 1:
+                return  # not created: the planner asks again at the next step, once the engine answers
+            raw = mf.with_run_engine(loop.ref, loop.spec, raw)
         try:
-            cm = mf.job_configmap(loop.ref, action, loop.raw_spec)
+            cm = mf.job_configmap(loop.ref, action, raw)
         except mf.TooLarge as exc:
             raise Rejected(c.INVALID_SPEC, str(exc)) from exc
         if isinstance(action, CreateShardJob):
@@ -144,6 +160,58 @@ class KubeRun:
             await self.kube.create("ConfigMap", ns, cm)
             await self.kube.create("Job", ns, job)
         self.created[action.name] = started(action)
+
+    async def _engine(self, replicas: int) -> mf.EngineState | None:
+        """The run's engine, created at `replicas` (with its Service) when it has none or scaled when it has fewer:
+        read once a step."""
+        assert self.loop is not None
+        ref, spec, ns = self.loop.ref, self.loop.spec, self.key[0]
+        if not self.engine_read:
+            self.engine, self.engine_read = await self.kube.engine_state(ref), True
+        if self.engine is None and replicas > 0:
+            await self.kube.apply("Service", ns, mf.engine_service(ref, spec))
+            await self.kube.apply("Deployment", ns, mf.engine_deployment(ref, spec, self.settings, replicas))
+            self.engine = mf.EngineState(replicas, 0, ())
+        elif self.engine is not None and self.engine.replicas != replicas and (replicas > 0 or self.engine.replicas):
+            await self.kube.scale(ns, mf.engine_name(ref.name), replicas)
+            self.engine = dataclasses.replace(self.engine, replicas=replicas)
+        return self.engine
+
+    async def _engine_after(self, plan: Plan) -> None:
+        """Let the engine's GPUs go once no shard needs them (the run finished, failed or is suspended; a resumed run
+        scales it up again at its next shard), and record its pods' device time."""
+        assert self.loop is not None
+        if plan.finished or plan.condition(c.SUSPENDED).status == "True":
+            engine = await self._engine(0)
+        elif not self.engine_read:
+            engine = await self._engine(self.engine.replicas if self.engine else 0)
+        else:
+            engine = self.engine
+        await asyncio.to_thread(self._record_sessions, engine)
+
+    def _record_sessions(self, engine: mf.EngineState | None) -> None:
+        """Each engine pod is one engine start: its device time runs from its container's start, its start-up to its
+        Ready time. Written when it changes and at least every SESSION_SECONDS while it runs; a pod that is gone is
+        written stopped, as last seen."""
+        assert self.loop is not None
+        w, now, storage = self.loop.spec.worker, time.time(), self.loop.storage
+        seen = set()
+        for pod in engine.pods if engine else ():
+            started = mf.unix_time(pod.started_at)
+            if started is None:
+                continue
+            seen.add(pod.name)
+            ready = mf.unix_time(pod.ready_at) or 0.0
+            old, written = self.sessions.get(pod.name, (None, 0.0))
+            session = rec.EngineSession(pod.name, started, ready, now, max(1, w.gpus), "gpu" if w.gpus else "cpu")
+            if old is None or old.ready != ready or now - written >= SESSION_SECONDS:
+                storage.write_bytes(rec.engine_session_key(pod.name), rec.to_json(session).encode())
+                self.sessions[pod.name] = (session, now)
+        for name, (old, _) in list(self.sessions.items()):
+            if name not in seen:
+                stopped = dataclasses.replace(old, stopped=True)
+                storage.write_bytes(rec.engine_session_key(name), rec.to_json(stopped).encode())
+                del self.sessions[name]
 
     async def publish(self, status: RunStatus, events: Sequence[Event], changed: bool) -> None:
         if changed:

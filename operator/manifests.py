@@ -435,7 +435,7 @@ def engine_deployment(ref: RunRef, spec: GenerationRunSpec, settings: Settings, 
         "image": w.image or settings.worker_image,
         "command": ["vllm", "serve"],
         "args": engine_args(spec),
-        "env": [e for e in _env(spec) if e["name"] in _ENGINE_ENV],
+        "env": [e for e in _env(spec, llm_key=False) if e["name"] in _ENGINE_ENV],
         "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": mounts,
@@ -527,6 +527,12 @@ class EngineState:
     replicas: int  # what the Deployment asks for
     ready_replicas: int
     pods: tuple[EnginePod, ...]
+
+
+def unix_time(value: str | None) -> float | None:
+    """An API server's RFC 3339 time as Unix seconds (None when absent or unreadable)."""
+    t = _time(value)
+    return t.timestamp() if t is not None else None
 
 
 def _time(value: Any) -> datetime.datetime | None:

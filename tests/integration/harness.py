@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -300,7 +301,33 @@ class JobRunner:
                 print(f"job runner: {exc!r}", file=sys.stderr)
             time.sleep(0.1)
 
+    def _engines(self) -> None:
+        """Emulated Deployment controller and kubelet for the runs' engines (kmock has neither): each engine
+        Deployment gets `replicas` pods that start at once and are Ready a moment later, and readyReplicas to match.
+        No vLLM server runs: the shard Jobs here use the replay engine, which never calls the endpoint."""
+        deps = self.cluster.items(f"/apis/apps/v1/namespaces/{self.ns}/deployments")
+        pods_path = f"/api/v1/namespaces/{self.ns}/pods"
+        for dep in deps:
+            name, want = dep["metadata"]["name"], int(dep["spec"].get("replicas") or 0)
+            labels = dep["spec"]["template"]["metadata"]["labels"]
+            pods = [p for p in self.cluster.items(pods_path) if p["metadata"]["name"].startswith(f"{name}-")]
+            now = time.time()
+            for i in range(len(pods), want):
+                started = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                ready = datetime.datetime.fromtimestamp(now + 1, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                self.cluster.create(pods_path, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+                    "name": f"{name}-{int(now)}-{i}", "namespace": self.ns, "labels": labels},
+                    "status": {"containerStatuses": [{"name": "engine", "restartCount": 0,
+                                                      "state": {"running": {"startedAt": started}}}],
+                               "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": ready}]}})  # fmt: skip
+            for p in pods[want:]:
+                self.cluster.delete(f"{pods_path}/{p['metadata']['name']}")
+            if int((dep.get("status") or {}).get("readyReplicas") or 0) != want:
+                self.cluster.patch(f"/apis/apps/v1/namespaces/{self.ns}/deployments/{name}/status",
+                                   {"status": {"replicas": want, "readyReplicas": want}})  # fmt: skip
+
     def _tick(self) -> None:
+        self._engines()
         jobs = {j["metadata"]["name"]: j for j in self.cluster.items(JOBS.format(ns=self.ns))}
         for name, job in jobs.items():
             if name in self.procs or name in self.started or job.get("spec", {}).get("suspend"):
