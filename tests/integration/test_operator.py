@@ -140,6 +140,18 @@ def test_run_reaches_target_in_rounds_with_metrics_events_and_no_secret_leak(clu
         assert job["metadata"]["ownerReferences"][0]["name"] == "two-rounds"
         assert len(dataset_rows(s3, run)) == st["totals"]["qcPassed"]
 
+        # The run's engine (shared, the default): one Deployment started for all rounds, its Service named in each
+        # shard's job spec, scaled to zero once the run finished; its pod's device time is in the status.
+        deps = cluster.items(f"/apis/apps/v1/namespaces/{NS}/deployments")
+        assert [d["metadata"]["name"] for d in deps] == ["two-rounds-engine"]
+        assert deps[0]["metadata"]["ownerReferences"][0]["name"] == "two-rounds"
+        wait_for(lambda: cluster.items(f"/apis/apps/v1/namespaces/{NS}/deployments")[0]["spec"]["replicas"] == 0,
+                 30, "the engine scaled to zero")  # fmt: skip
+        cm = cluster.get(f"/api/v1/namespaces/{NS}/configmaps/two-rounds-r1-s100")
+        assert "two-rounds-engine.data.svc:8000" in json.dumps(cm)
+        assert "nvidia.com/gpu" not in json.dumps(job["spec"]["template"]["spec"]["containers"][0]["resources"])
+        assert st["totals"]["engineStarts"] == 1 and st["totals"]["engineSeconds"] > 0
+
         # Metrics over HTTP agree with the status (which comes from the merge report).
         def metric(text: str, name: str) -> float:
             m = re.search(rf'^{name}\{{name="two-rounds",namespace="{NS}"\}} (\S+)$', text, re.M)
