@@ -47,9 +47,9 @@ __all__ = [
 MAX_FILE_BYTES = 2 * 1024 * 1024  # etcd stores at most 1.5 MiB per object: a larger manifest can never be created
 MAX_DEPTH = 64  # the CRD nests 6 levels; params and tolerations a few more
 MAX_EXPANDED = 4 * 1024 * 1024  # nodes + scalar characters after aliases are expanded (a plain 2 MiB file is < 2.5M)
-MAX_NODES = 20_000  # lists, maps and scalars: the CRD's item limits allow a few thousand (512 domains, ...)
+MAX_NODES = 10_000  # lists, maps and scalars: the CRD's item limits allow about 3,000 (512 domains, 64 examples, ...)
 MAX_LINES = 200_000  # blank lines and comments make no node: this bounds the scanning time they cost
-MAX_PARSE_SECONDS = 2.0  # wall-clock budget for composing one file, whatever its shape
+MAX_PARSE_SECONDS = 3.0  # wall-clock budget for composing one file, whatever its shape
 MAX_ERRORS = 20  # errors shown per document; the rest are counted
 
 
