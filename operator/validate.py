@@ -90,7 +90,7 @@ def _yaml11(value: str) -> Any:
     """What a YAML 1.1 reader makes of a plain scalar (the 1.1 spec's y/n booleans included)."""
     if value.lower() in _YAML11_BOOLS:
         return _YAML11_BOOLS[value.lower()]
-    tag = _Y11.resolve(yaml.ScalarNode, value, (True, False))
+    tag = _Y11.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
     if tag in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value", "tag:yaml.org,2002:str"):
         return value
     try:
@@ -315,12 +315,9 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_FIRST = {"bool": "tTfF", "int": "-+0123456789", "float": "-+0123456789.", "null": ["~", "n", "N", ""], "merge": "<"}
 for _tag, _pattern in _CORE.items():
-    _first = "-+0123456789." if _tag.endswith(("int", "float")) else None
-    _BoundedLoader.add_implicit_resolver(_tag, re.compile(f"^(?:{_pattern.pattern})$"), _first)  # type: ignore[no-untyped-call]
-_BoundedLoader.add_implicit_resolver(  # type: ignore[no-untyped-call]
-    "tag:yaml.org,2002:null", re.compile("^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]
-)
+    _BoundedLoader.add_implicit_resolver(_tag, re.compile(f"^(?:{_pattern.pattern})$"), _FIRST[_tag.rsplit(":", 1)[1]])
 _CORE_CONSTRUCT: dict[str, Any] = {
     "tag:yaml.org,2002:bool": yaml.SafeLoader.construct_yaml_bool,
     "tag:yaml.org,2002:int": _construct_core_int,
@@ -329,7 +326,7 @@ _CORE_CONSTRUCT: dict[str, Any] = {
     "tag:yaml.org,2002:merge": lambda loader, node: "<<",
 }
 for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
-    _BoundedLoader.add_constructor(_tag, _CORE_CONSTRUCT[_tag])  # type: ignore[type-var]
+    _BoundedLoader.add_constructor(_tag, _CORE_CONSTRUCT[_tag])
 # Dates (a 1.1 type) stay strings, as kubectl sends them; an explicit !!timestamp tag reads as its text too.
 _BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)  # type: ignore[type-var]
 
@@ -365,10 +362,10 @@ def load_documents(text: str) -> list[Document]:
         loader = _BoundedLoader(text)
         try:
             docs = []
-            while loader.check_node():  # type: ignore[no-untyped-call]
-                node = loader.get_node()  # type: ignore[no-untyped-call]
+            while loader.check_node():
+                node = loader.get_node()
                 readings, loader.readings = loader.readings, []
-                data = loader.construct_document(node)  # type: ignore[no-untyped-call]
+                data = loader.construct_document(node)
                 if data is not None:
                     docs.append(Document(data, readings))
         finally:
