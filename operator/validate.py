@@ -5,8 +5,10 @@ anything is created. In the API server's order: the CRD's structural schema (a J
 the CEL rules (`x-kubernetes-validations`, evaluated with a CEL implementation); then genrun's semantic checks and
 what the API server would refuse for the children the run will create (names and label values).
 
-`load_file` reads YAML with bounds that hold before anything walks the tree: size, nesting depth, expanded alias
-size (a "billion laughs" file is refused while it is being composed), duplicate keys and non-string keys.
+`load_file` reads YAML by the 1.2 core schema (libyaml scans, Python composes) with bounds that hold before anything
+walks the tree: size, lines, values, time, nesting depth, expanded alias size (a "billion laughs" file is refused
+while it is being composed); duplicate keys, non-string keys and plain values that YAML 1.1 (kubectl's go-yaml v2)
+reads otherwise are refused at their field.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from genrun.contract.api import (
     parse_manifest,
     short,
 )
+from yaml.constructor import SafeConstructor
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
 
 __all__ = [
     "ManifestError",
@@ -157,15 +164,17 @@ def _path(parts: list[str]) -> str:
     return "".join(p if p.startswith("[") else "." + p for p in parts).lstrip(".") or "(document)"
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 core resolvers, the bounds above and kubectl's strictness (no duplicate
-    keys). Problems inside the tree are recorded as Readings naming their field, so that a file with a bad key or
-    value still gets every other field checked."""
+class _Bounds(yaml.composer.Composer):
+    """PyYAML's composer with the bounds above and kubectl's strictness (no duplicate keys), for a safe loader with
+    YAML 1.2 core resolvers. Problems inside the tree are recorded as Readings naming their field, so that a file
+    with a bad key or value still gets every other field checked."""
 
-    yaml_implicit_resolvers: dict[Any, Any] = {}  # replaced below: the 1.2 core schema, not PyYAML's 1.1
+    readings: list[Reading]
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
+    def _start(self) -> None:
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)  # type: ignore[arg-type]
+        yaml.resolver.Resolver.__init__(self)  # type: ignore[arg-type]
         self._depth = 0
         self._expanded = 0
         self._nodes = 0
@@ -173,7 +182,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self._sizes: dict[int, int] = {}
         self._open_anchors: list[str] = []
         self._where: list[str] = []
-        self.readings: list[Reading] = []
+        self.readings = []
 
     def _size(self, node: yaml.Node) -> int:
         """Expanded size of a finished node, memoised so that nested aliases cost one visit each."""
@@ -210,7 +219,7 @@ class _BoundedLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(None, None, f"took more than {MAX_PARSE_SECONDS:g} s to read", mark)
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        event: Any = self.peek_event()  # type: ignore[attr-defined]  # the parser's, beside this class
         mark: Any = event.start_mark
         if isinstance(event, yaml.AliasEvent):
             if event.anchor in self._open_anchors:
@@ -312,12 +321,39 @@ class _BoundedLoader(yaml.SafeLoader):
             for k, v in node.value
             if k.tag in ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:str") and isinstance(k, yaml.ScalarNode)
         ]
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Any, Any] = SafeConstructor.construct_mapping(self, node, deep=deep)  # type: ignore[arg-type]
+        return mapping
 
+
+class _PyLoader(_Bounds, Reader, Scanner, Parser, SafeConstructor, Resolver):
+    """Pure Python: exact messages and locations, and the one that reads a "\\ud800" escape (to refuse it by field)."""
+
+    yaml_implicit_resolvers: dict[Any, Any] = {}  # filled below: the 1.2 core schema, not PyYAML's 1.1
+
+    def __init__(self, stream: str) -> None:
+        Reader.__init__(self, stream)
+        Scanner.__init__(self)
+        Parser.__init__(self)
+        self._start()
+
+
+_LOADERS: list[type[Any]] = [_PyLoader]
+if yaml.__with_libyaml__:
+    from yaml._yaml import CParser
+
+    class _CLoader(_Bounds, CParser, SafeConstructor, Resolver):
+        """libyaml scans and parses (a 2 MiB comment or scalar in milliseconds, not seconds); composing stays in
+        Python, under the bounds."""
+
+        yaml_implicit_resolvers: dict[Any, Any] = {}
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            self._start()
+
+    _LOADERS.insert(0, _CLoader)
 
 _FIRST = {"bool": "tTfF", "int": "-+0123456789", "float": "-+0123456789.", "null": ["~", "n", "N", ""], "merge": "<"}
-for _tag, _pattern in _CORE.items():
-    _BoundedLoader.add_implicit_resolver(_tag, re.compile(f"^(?:{_pattern.pattern})$"), _FIRST[_tag.rsplit(":", 1)[1]])
 _CORE_CONSTRUCT: dict[str, Any] = {
     "tag:yaml.org,2002:bool": yaml.SafeLoader.construct_yaml_bool,
     "tag:yaml.org,2002:int": _construct_core_int,
@@ -325,10 +361,14 @@ _CORE_CONSTRUCT: dict[str, Any] = {
     "tag:yaml.org,2002:null": yaml.SafeLoader.construct_yaml_null,
     "tag:yaml.org,2002:merge": lambda loader, node: "<<",
 }
-for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
-    _BoundedLoader.add_constructor(_tag, _CORE_CONSTRUCT[_tag])
-# Dates (a 1.1 type) stay strings, as kubectl sends them; an explicit !!timestamp tag reads as its text too.
-_BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)  # type: ignore[type-var]
+for _loader in _LOADERS:
+    for _tag, _pattern in _CORE.items():
+        _loader.add_implicit_resolver(_tag, re.compile(f"^(?:{_pattern.pattern})$"), _FIRST[_tag.rsplit(":", 1)[1]])
+    for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+        _loader.add_constructor(_tag, _CORE_CONSTRUCT[_tag])
+    # Dates (a 1.1 type) stay strings, as kubectl sends them; an explicit !!timestamp tag reads as its text too.
+    _loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+_FALLBACK_BYTES = 256 * 1024  # libyaml refused the text: a file this small is read again in Python for its message
 
 
 class Document:
@@ -359,17 +399,14 @@ def load_documents(text: str) -> list[Document]:
     if lines > MAX_LINES:
         raise ManifestError(f"not valid YAML: {lines:,} lines, more than the {MAX_LINES:,} a GenerationRun can need")
     try:
-        loader = _BoundedLoader(text)
         try:
-            docs = []
-            while loader.check_node():
-                node = loader.get_node()
-                readings, loader.readings = loader.readings, []
-                data = loader.construct_document(node)
-                if data is not None:
-                    docs.append(Document(data, readings))
-        finally:
-            loader.dispose()
+            return _compose(_LOADERS[0], text)
+        except (yaml.scanner.ScannerError, yaml.parser.ParserError, yaml.reader.ReaderError):
+            # libyaml's syntax errors: Python's parser says the same with PyYAML's words, or reads what libyaml
+            # cannot (a "\\ud800" escape, refused at its field after)
+            if _LOADERS[0] is _PyLoader or len(text) > _FALLBACK_BYTES:
+                raise
+            return _compose(_PyLoader, text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -380,7 +417,21 @@ def load_documents(text: str) -> list[Document]:
         raise ManifestError(printable(f"not valid YAML: {text[:300]}")) from None
     except RecursionError:  # belt and braces: MAX_DEPTH holds long before Python's limit
         raise ManifestError(f"not valid YAML: nested deeper than {MAX_DEPTH} levels") from None
-    return docs
+
+
+def _compose(kind: type[Any], text: str) -> list[Document]:
+    loader = kind(text)
+    try:
+        docs = []
+        while loader.check_node():
+            node = loader.get_node()
+            readings, loader.readings = loader.readings, []
+            data = loader.construct_document(node)
+            if data is not None:
+                docs.append(Document(data, readings))
+        return docs
+    finally:
+        loader.dispose()
 
 
 def load_text(text: str) -> list[Any]:
