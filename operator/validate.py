@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from genrun.contract.api import (
@@ -164,6 +164,14 @@ def _path(parts: list[str]) -> str:
     return "".join(p if p.startswith("[") else "." + p for p in parts).lstrip(".") or "(document)"
 
 
+class _BoundError(yaml.composer.ComposerError):
+    """A bound broken inside the document: the field (the last one entered) is named."""
+
+    def __init__(self, field: str, problem: str, mark: Any) -> None:
+        super().__init__(None, None, problem, mark)
+        self.field = field
+
+
 class _Bounds(yaml.composer.Composer):
     """PyYAML's composer with the bounds above and kubectl's strictness (no duplicate keys), for a safe loader with
     YAML 1.2 core resolvers. Problems inside the tree are recorded as Readings naming their field, so that a file
@@ -198,41 +206,40 @@ class _Bounds(yaml.composer.Composer):
         self._sizes[id(node)] = size
         return size
 
+    def _refuse(self, problem: str, mark: Any) -> NoReturn:
+        shown = 8  # fields named in full; a path 64 levels deep is cut
+        field = _path(self._where[:shown]) + ("..." if len(self._where) > shown else "")
+        raise _BoundError(field, problem, mark)
+
     def _grow(self, amount: int, mark: Any) -> None:
         self._expanded += amount
         if self._expanded > MAX_EXPANDED:
-            raise yaml.composer.ComposerError(
-                None, None, f"expands to more than {MAX_EXPANDED:,} nodes and characters (YAML aliases?)", mark
-            )
+            self._refuse(f"expands to more than {MAX_EXPANDED:,} nodes and characters (YAML aliases?)", mark)
 
     def _count(self, mark: Any) -> None:
         self._nodes += 1
         if self._nodes > MAX_NODES:
-            raise yaml.composer.ComposerError(
-                None,
-                None,
+            self._refuse(
                 f"holds more than {MAX_NODES:,} values (lists, maps, scalars); a GenerationRun holds a few thousand "
                 "at most",
                 mark,
             )
         if self._nodes % 1024 == 0 and time.monotonic() > self._deadline:
-            raise yaml.composer.ComposerError(None, None, f"took more than {MAX_PARSE_SECONDS:g} s to read", mark)
+            self._refuse(f"took more than {MAX_PARSE_SECONDS:g} s to read", mark)
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         event: Any = self.peek_event()  # type: ignore[attr-defined]  # the parser's, beside this class
         mark: Any = event.start_mark
         if isinstance(event, yaml.AliasEvent):
             if event.anchor in self._open_anchors:
-                raise yaml.composer.ComposerError(
-                    None, None, f"alias *{event.anchor} refers to a node that contains it", mark
-                )
+                self._refuse(f"alias *{event.anchor} refers to a node that contains it", mark)
             target = self.anchors.get(event.anchor)
             if target is not None:
                 self._grow(self._size(target), mark)
             return super().compose_node(parent, index)
         self._depth += 1
         if self._depth > MAX_DEPTH:
-            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+            self._refuse(f"nested deeper than {MAX_DEPTH} levels", mark)
         self._count(mark)
         if isinstance(event, yaml.ScalarEvent):
             self._grow(1 + len(event.value), event.start_mark)
@@ -407,6 +414,10 @@ def load_documents(text: str) -> list[Document]:
             if _LOADERS[0] is _PyLoader or len(text) > _FALLBACK_BYTES:
                 raise
             return _compose(_PyLoader, text)
+    except _BoundError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ManifestError(printable(f"{exc.field}: {exc.problem}{where}"[:400])) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
