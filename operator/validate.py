@@ -592,7 +592,8 @@ def cel_errors(new: Any, old: Any = None) -> list[str]:
         try:
             ok = cel.evaluate(rule["rule"], ctx)
         except Exception as exc:  # the CEL library raises plain errors for missing fields
-            out.append(f"{where}: rule {rule['rule']!r} could not be evaluated ({exc})")
+            field = where + rule.get("fieldPath", "") if where != "(root)" else where
+            out.append(f"{field}: rule {rule['rule']!r} could not be evaluated ({str(exc)[:200]})")
             continue
         if ok is not True:
             out.append(_field_first(rule.get("message"), where, rule))

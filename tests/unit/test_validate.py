@@ -526,3 +526,13 @@ def test_the_largest_manifest_the_crd_allows_is_within_the_node_budget() -> None
     doc["spec"]["prompt"] = prompt
     doc["spec"]["worker"] = {"tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule"}] * 32}
     assert load_text(yaml.safe_dump(doc)) == [doc]
+
+
+def test_a_cel_rule_that_cannot_run_names_the_field_it_guards() -> None:
+    """Not just the object holding the rule ("spec"): the rule's fieldPath, as the API server reports it."""
+    errors = cel_errors({"spec": {"budget": {"maxShards": 3}, "shards": {}}})
+    failed = [e for e in errors if "could not be evaluated" in e]
+    assert failed and all(e.split(":")[0] not in ("spec", "(root)") for e in failed), failed
+    assert any(
+        e.startswith("spec.budget.maxShards: rule 'self.budget.maxShards >= self.shards.initial'") for e in failed
+    )
