@@ -700,8 +700,8 @@ def _bucket_problem(bucket: str) -> str | None:
 def output_errors(out: OutputSpec, worker: WorkerSpec) -> list[str]:
     errors: list[str] = []
     path = out.path
-    if any(unicodedata.category(ch) == "Cc" for ch in path):
-        return [f"spec.output.path: must not contain control characters, got {short(path)}"]
+    if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in path):
+        return []  # hidden_char_errors says which character
     if out.is_s3:
         m = _S3_RE.fullmatch(path)
         bucket, key = (m.group(1), m.group(2) or "") if m else ("", "")
@@ -1020,6 +1020,40 @@ def _relation_errors(spec: GenerationRunSpec) -> list[str]:
     return errors
 
 
+# Prose the model reads, and regular expressions: a soft hyphen or an emoji's zero-width joiner can be meant there.
+PROSE_FIELDS = ("spec.prompt.template", "spec.prompt.examples[].instruction", "spec.prompt.examples[].response",
+                "spec.bestOfN.judgePrompt", "spec.qc.filters[].params")  # fmt: skip
+
+
+def hidden_char_errors(value: Any, path: str = "spec") -> list[str]:
+    """Control and format characters (Unicode Cc and Cf: bidi overrides, zero-width spaces, ...) in every text that
+    names something (domains, model, paths, attribute values, selectors, ...): such a name shows one thing and is
+    another. The one place this is checked; prose fields are left to their own rules."""
+    generic = re.sub(r"\[\d+\]", "[]", path)
+    if generic in PROSE_FIELDS:
+        return []
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            out += hidden_char_errors(k, path) if isinstance(k, str) else []
+            out += hidden_char_errors(v, f"{path}.{k}")
+        return out
+    if isinstance(value, list | tuple):
+        return [e for i, v in enumerate(value) for e in hidden_char_errors(v, f"{path}[{i}]")]
+    if not isinstance(value, str):
+        return []
+    for ch in value:
+        category = unicodedata.category(ch)
+        if category == "Cc":
+            return [f"{path}: must not contain control characters, got {short(value)}"]
+        if category == "Cf":
+            return [
+                f"{path}: contains U+{ord(ch):04X} (a format character, which hides or reorders text): remove it, "
+                f"got {short(value)}"
+            ]
+    return []
+
+
 def semantic_errors(spec: GenerationRunSpec) -> list[str]:
     """Every problem the CRD cannot state well, as `spec.<field>: <problem and fix>`."""
     errors: list[str] = []
@@ -1042,9 +1076,7 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
     seen: dict[str, int] = {}
     for i, d in enumerate(spec.prompt.domains):
         k = domain_key(d)
-        if any(unicodedata.category(ch) == "Cc" for ch in d):
-            errors.append(f"spec.prompt.domains[{i}]: must not contain control characters, got {short(d)}")
-        elif not k:
+        if not k:
             errors.append(f"spec.prompt.domains[{i}]: is blank (only spaces or invisible characters); remove it")
         elif k in seen:
             errors.append(
@@ -1054,8 +1086,6 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
         else:
             seen[k] = i
 
-    if any(unicodedata.category(ch) == "Cc" for ch in spec.model.name):
-        errors.append(f"spec.model.name: must not contain control characters, got {short(spec.model.name)}")
     errors += output_errors(spec.output, spec.worker)
     errors += _qc_errors(spec)
     errors += against_errors(spec)
@@ -1064,6 +1094,11 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
         errors += template_errors(spec.best_of_n.judge_prompt, JUDGE_PLACEHOLDERS, "spec.bestOfN.judgePrompt")
     # The CRD's own constraints last: where a specific check above already named a field, its message (which says
     # why and how to fix it) is the one kept.
+    # A field with a hidden character gets that error alone; a field a specific check above already named keeps its
+    # message (which says why and how to fix it) over the CRD's own constraints, which come last.
+    hidden = hidden_char_errors(to_manifest(spec))
+    flagged = {error_field(x) for x in hidden}
+    errors = hidden + [x for x in errors if error_field(x) not in flagged]
     named = {error_field(x) for x in errors}
     return errors + [x for x in generic if error_field(x) not in named]
 

@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from genrun.contract import records as rec
-from genrun.contract.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, EXIT_STORAGE, EXIT_USAGE, UserError
+from genrun.contract.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    EXIT_STORAGE,
+    EXIT_USAGE,
+    UserError,
+)
 
 __all__ = ["EXIT_RUN_FAILED", "UserError", "main"]
 
@@ -274,6 +282,56 @@ def _storage_message(exc: Exception) -> str | None:
     return f"S3: {exc}"
 
 
+_NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "NetworkError",
+                   "RemoteProtocolError", "ProxyError", "SSLError", "ConnectionError", "Timeout", "MaxRetryError",
+                   "NewConnectionError", "NameResolutionError"}  # fmt: skip
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen and len(seen) < 16:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _host(exc: BaseException) -> str:
+    """The host an HTTP client's error was about, when it says (httpx and requests keep the request)."""
+    try:
+        url = getattr(getattr(exc, "request", None), "url", None)
+    except RuntimeError:  # httpx: "The .request property has not been set."
+        return ""
+    host = getattr(url, "host", None) or (str(url).split("/")[2] if str(url).count("/") >= 2 else "")
+    return str(host or "")
+
+
+def _environment_message(exc: BaseException) -> tuple[str, int] | None:
+    """One line and an exit code for what the machine's surroundings refused (the network, a path, a permission):
+    EXIT_FAILED where trying again later can help, EXIT_USAGE where the user must change something. None for
+    anything else (a bug keeps its traceback)."""
+    import errno
+    import socket
+
+    chain = _chain(exc)
+    for e in chain:
+        network = isinstance(e, ConnectionError | TimeoutError | socket.gaierror) or (
+            type(e).__name__ in _NETWORK_ERRORS and not isinstance(e, OSError | ValueError)
+        )
+        if network:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            host = next((h for h in map(_host, chain) if h), "")
+            where = f"cannot reach {host}" if host else "network unreachable"
+            return f"{where}: {first} ({type(e).__name__}); check the connection and proxy settings", EXIT_FAILED
+    for e in chain:
+        if isinstance(e, OSError) and e.filename is not None:
+            where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            fix = "free some space" if full else "choose a path you can write"
+            return f"{where}: {e.strerror or type(e).__name__}; {fix}", EXIT_FAILED if full else EXIT_USAGE
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     own_process = argv is None  # started as a command (not called in-process): it may re-execute itself
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -298,10 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except Exception as exc:
         message = _storage_message(exc)
-        if message is None:
+        if message is not None:
+            print(f"genrun: error: {message}", file=sys.stderr)
+            return EXIT_STORAGE
+        # The worker's exit codes steer the Jobs' retries: its own handler decides them.
+        found = _environment_message(exc) if args.fn not in (_cmd_worker, _cmd_operator) else None
+        if found is None:
             raise
-        print(f"genrun: error: {message}", file=sys.stderr)
-        return EXIT_STORAGE
+        print(f"genrun: error: {found[0]}", file=sys.stderr)
+        return found[1]
     return code
 
 

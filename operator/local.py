@@ -188,7 +188,15 @@ class LocalRunner:
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> Plan:
-        return asyncio.run(self._run())
+        if threading.current_thread() is not threading.main_thread():
+            return asyncio.run(self._run())
+        # Ctrl-C stops the run even when this process started with SIGINT ignored (a background job: `genrun run &`);
+        # asyncio.run hands SIGINT to the loop only when it finds Python's default handler.
+        before = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return asyncio.run(self._run())
+        finally:
+            signal.signal(signal.SIGINT, before)
 
     @contextlib.contextmanager
     def _stopping_on_interrupt(self) -> Iterator[None]:

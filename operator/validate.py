@@ -5,18 +5,22 @@ anything is created. In the API server's order: the CRD's structural schema (a J
 the CEL rules (`x-kubernetes-validations`, evaluated with a CEL implementation); then genrun's semantic checks and
 what the API server would refuse for the children the run will create (names and label values).
 
-`load_file` reads YAML with bounds that hold before anything walks the tree: size, nesting depth, expanded alias
-size (a "billion laughs" file is refused while it is being composed), duplicate keys and non-string keys.
+`load_file` reads YAML by the 1.2 core schema (libyaml scans, Python composes) with bounds that hold before anything
+walks the tree: size, values, time, nesting depth, expanded alias size (a "billion laughs" file is refused
+while it is being composed); duplicate keys, non-string keys and plain values that YAML 1.1 (kubectl's go-yaml v2)
+reads otherwise are refused at their field.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import math
 import re
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from genrun.contract.api import (
@@ -29,6 +33,11 @@ from genrun.contract.api import (
     parse_manifest,
     short,
 )
+from yaml.constructor import SafeConstructor
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
 
 __all__ = [
     "ManifestError",
@@ -45,21 +54,142 @@ __all__ = [
 MAX_FILE_BYTES = 2 * 1024 * 1024  # etcd stores at most 1.5 MiB per object: a larger manifest can never be created
 MAX_DEPTH = 64  # the CRD nests 6 levels; params and tolerations a few more
 MAX_EXPANDED = 4 * 1024 * 1024  # nodes + scalar characters after aliases are expanded (a plain 2 MiB file is < 2.5M)
+MAX_NODES = 10_000  # lists, maps and scalars: the CRD's item limits allow about 3,000 (512 domains, 64 examples, ...)
+MAX_PARSE_SECONDS = 3.0  # wall-clock budget for composing one file, whatever its shape
+MAX_ERRORS = 20  # errors shown per document; the rest are counted
 
 
 class ManifestError(Exception):
     """A file that is not a readable manifest: one line, for the user."""
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with the bounds above and kubectl's strictness (no duplicate keys)."""
+# YAML 1.2 core schema (what the YAML 1.2 spec says a plain scalar is): no yes/no/on/off booleans, no sexagesimal
+# or underscored numbers, no leading-zero octals (0o17 is octal), no timestamps.
+_CORE = {
+    "tag:yaml.org,2002:bool": re.compile(r"true|True|TRUE|false|False|FALSE"),
+    "tag:yaml.org,2002:int": re.compile(r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+"),
+    "tag:yaml.org,2002:float": re.compile(
+        r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
+    ),
+    "tag:yaml.org,2002:null": re.compile(r"~|null|Null|NULL|"),
+    "tag:yaml.org,2002:merge": re.compile(r"<<"),  # not core, but kubectl's parser merges maps, so it stays
+}
+# Plain scalars whose YAML 1.2 reading differs from kubectl's: kubectl and Helm read files with go-yaml v2
+# (sigs.k8s.io/yaml), which keeps YAML 1.1's y/n/yes/no/on/off booleans, leading-zero octals, binary and
+# underscored numbers. Such a value is refused: validate would otherwise accept what the cluster reads otherwise.
+_SPLIT = re.compile(
+    r"y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF"
+    r"|[-+]?0[0-9_]*[0-9][0-9_]*|[-+]?[0-9][0-9_]*_[0-9_]*(\.[0-9_]*)?|[-+]?0b[01_]+"
+)
+_YAML11_BOOLS = {"y": True, "yes": True, "on": True, "n": False, "no": False, "off": False}
+_Y11 = yaml.SafeLoader("")  # PyYAML is YAML 1.1: it says what a 1.1 reader makes of a plain scalar
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
+
+def _core_tag(value: str) -> str:
+    for tag, pattern in _CORE.items():
+        if pattern.fullmatch(value):
+            return tag
+    return "tag:yaml.org,2002:str"
+
+
+def _yaml11(value: str) -> Any:
+    """What a YAML 1.1 reader makes of a plain scalar (the 1.1 spec's y/n booleans included)."""
+    if value.lower() in _YAML11_BOOLS:
+        return _YAML11_BOOLS[value.lower()]
+    tag = _Y11.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
+    if tag in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value", "tag:yaml.org,2002:str"):
+        return value
+    try:
+        return _Y11.yaml_constructors[tag](_Y11, yaml.ScalarNode(tag, value))
+    except (ValueError, yaml.YAMLError):
+        return value
+
+
+def _yaml(value: Any) -> str:
+    """A value as the user would write it in YAML (for a message)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return short(value) if isinstance(value, str) else repr(value)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    return "null" if value is None else "a string"
+
+
+def _construct_core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    value = str(node.value)
+    if value.startswith("0o"):
+        return int(value[2:], 8)
+    if value.startswith("0x"):
+        return int(value[2:], 16)
+    return int(value, 10)  # 017 is seventeen in YAML 1.2 (leading-zero forms are refused before this anyway)
+
+
+def _construct_core_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    value = str(node.value).lower()
+    if value.endswith(".inf"):
+        return -math.inf if value.startswith("-") else math.inf
+    if value == ".nan":
+        return math.nan
+    return float(value)
+
+
+class Reading:
+    """What the loader found at a field: a refusal (`error`), or a plain scalar YAML 1.1 would read otherwise."""
+
+    def __init__(self, path: str, error: str = "", literal: str = "", value12: Any = None, value11: Any = None) -> None:
+        self.path, self.error, self.literal, self.value12, self.value11 = path, error, literal, value12, value11
+
+    def explain(self, message: str) -> str:
+        """A field's error with what YAML 1.1 would have read there."""
+        v12, v11 = self.value12, self.value11
+        if isinstance(v12, str) and not isinstance(v11, str):
+            return (
+                f"{self.path}: {_yaml(v12)} is a string (YAML 1.2, as kubectl reads it; YAML 1.1 would have read "
+                f"{_yaml(v11)}): write {_yaml(v11)}"
+            )
+        return f"{message} (YAML 1.2 reads {self.literal} as {_yaml(v12)}; YAML 1.1 would have read {_yaml(v11)})"
+
+
+def _path(parts: list[str]) -> str:
+    return "".join(p if p.startswith("[") else "." + p for p in parts).lstrip(".") or "(document)"
+
+
+class _BoundError(yaml.composer.ComposerError):
+    """A bound broken inside the document: the field (the last one entered) is named."""
+
+    def __init__(self, field: str, problem: str, mark: Any) -> None:
+        super().__init__(None, None, problem, mark)
+        self.field = field
+
+
+class _Bounds(yaml.composer.Composer):
+    """PyYAML's composer with the bounds above and kubectl's strictness (no duplicate keys), for a safe loader with
+    YAML 1.2 core resolvers. Problems inside the tree are recorded as Readings naming their field, so that a file
+    with a bad key or value still gets every other field checked."""
+
+    readings: list[Reading]
+
+    def _start(self) -> None:
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)  # type: ignore[arg-type]
+        yaml.resolver.Resolver.__init__(self)  # type: ignore[arg-type]
         self._depth = 0
         self._expanded = 0
+        self._nodes = 0
+        self._deadline = time.monotonic() + MAX_PARSE_SECONDS
         self._sizes: dict[int, int] = {}
         self._open_anchors: list[str] = []
+        self._where: list[str] = []
+        self.readings = []
 
     def _size(self, node: yaml.Node) -> int:
         """Expanded size of a finished node, memoised so that nested aliases cost one visit each."""
@@ -75,28 +205,41 @@ class _BoundedLoader(yaml.SafeLoader):
         self._sizes[id(node)] = size
         return size
 
+    def _refuse(self, problem: str, mark: Any) -> NoReturn:
+        shown = 8  # fields named in full; a path 64 levels deep is cut
+        field = _path(self._where[:shown]) + ("..." if len(self._where) > shown else "")
+        raise _BoundError(field, problem, mark)
+
     def _grow(self, amount: int, mark: Any) -> None:
         self._expanded += amount
         if self._expanded > MAX_EXPANDED:
-            raise yaml.composer.ComposerError(
-                None, None, f"expands to more than {MAX_EXPANDED:,} nodes and characters (YAML aliases?)", mark
+            self._refuse(f"expands to more than {MAX_EXPANDED:,} nodes and characters (YAML aliases?)", mark)
+
+    def _count(self, mark: Any) -> None:
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            self._refuse(
+                f"holds more than {MAX_NODES:,} values (lists, maps, scalars); a GenerationRun holds a few thousand "
+                "at most",
+                mark,
             )
+        if self._nodes % 1024 == 0 and time.monotonic() > self._deadline:
+            self._refuse(f"took more than {MAX_PARSE_SECONDS:g} s to read", mark)
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        event: Any = self.peek_event()  # type: ignore[attr-defined]  # the parser's, beside this class
         mark: Any = event.start_mark
         if isinstance(event, yaml.AliasEvent):
             if event.anchor in self._open_anchors:
-                raise yaml.composer.ComposerError(
-                    None, None, f"alias *{event.anchor} refers to a node that contains it", mark
-                )
+                self._refuse(f"alias *{event.anchor} refers to a node that contains it", mark)
             target = self.anchors.get(event.anchor)
             if target is not None:
                 self._grow(self._size(target), mark)
             return super().compose_node(parent, index)
         self._depth += 1
         if self._depth > MAX_DEPTH:
-            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+            self._refuse(f"nested deeper than {MAX_DEPTH} levels", mark)
+        self._count(mark)
         if isinstance(event, yaml.ScalarEvent):
             self._grow(1 + len(event.value), event.start_mark)
         else:
@@ -104,52 +247,173 @@ class _BoundedLoader(yaml.SafeLoader):
         anchor = getattr(event, "anchor", None)
         if anchor:
             self._open_anchors.append(anchor)
+        key = isinstance(parent, yaml.MappingNode) and index is None
+        named = isinstance(index, yaml.ScalarNode) or isinstance(parent, yaml.SequenceNode)
+        if named:
+            self._where.append(str(index.value) if isinstance(index, yaml.ScalarNode) else f"[{index}]")
         try:
-            return super().compose_node(parent, index)
+            node = super().compose_node(parent, index)
+            if isinstance(event, yaml.ScalarEvent) and event.implicit[0]:
+                self._check_plain(event.value, key, mark)
+            if isinstance(node, yaml.MappingNode):
+                self._check_keys(node)
         finally:
             self._depth -= 1
             if anchor:
                 self._open_anchors.pop()
+            if named:
+                self._where.pop()
+        return node
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def _check_plain(self, value: str, key: bool, mark: Any) -> None:
+        """Record a plain scalar that YAML 1.2, YAML 1.1 and kubectl's parser do not all read alike."""
+        where = _path([*self._where, value] if key else self._where)
+        line = f" (line {mark.line + 1})"
+        v11 = _yaml11(value)
+        tag = _core_tag(value)
+        if key and tag != "tag:yaml.org,2002:str":
+            return  # a key that is not a string at all: _check_keys refuses it
+        if _SPLIT.fullmatch(value):
+            v12 = value if tag == "tag:yaml.org,2002:str" else _CORE_CONSTRUCT[tag](self, yaml.ScalarNode(tag, value))
+            if key or isinstance(v11, str):
+                fix = "quote it"
+            elif isinstance(v11, bool):
+                fix = f"write {_yaml(v11)} for a boolean or quote it for text"
+            else:
+                fix = "write the number without leading zeros or '_', or quote it for text"
+            self.readings.append(
+                Reading(
+                    where,
+                    f"{where}: unquoted {value} is {_yaml(v12)} in YAML 1.2 but {_yaml(v11)} in YAML 1.1, whose forms "
+                    f"kubectl's parser (go-yaml v2) still reads: {fix}{line}",
+                )
+            )
+            return
+        if key:
+            return
+        v12 = value if tag == "tag:yaml.org,2002:str" else _CORE_CONSTRUCT[tag](self, yaml.ScalarNode(tag, value))
+        if type(v11) is not type(v12) or (v11 != v12 and v11 == v11):
+            self.readings.append(Reading(where, "", value, v12, v11))
+
+    def _check_keys(self, node: yaml.MappingNode) -> None:
         seen: set[str] = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
+            line = f" (line {key_node.start_mark.line + 1})"
             if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag == "tag:yaml.org,2002:str"):
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"key {short(key_node.value) if isinstance(key_node, yaml.ScalarNode) else '(a list or map)'} "
-                    "is not a string (YAML 1.1 reads unquoted on/off/yes/no, numbers and null as other types); "
-                    "quote it",
-                    key_node.start_mark,
+                shown = short(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "(a list or map)"
+                self.readings.append(
+                    Reading(
+                        _path(self._where),
+                        f"{_path(self._where)}: key {shown} is not a string (numbers and null are not field names); "
+                        f"quote it{line}",
+                    )
                 )
-            if key_node.value in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"duplicate key {short(key_node.value)} (kubectl refuses it); keep one",
-                    key_node.start_mark,
+            elif key_node.value in seen:
+                where = _path([*self._where, key_node.value])
+                self.readings.append(
+                    Reading(
+                        where, f"{where}: duplicate key {short(key_node.value)} (kubectl refuses it); keep one{line}"
+                    )
                 )
-            seen.add(key_node.value)
-        return super().construct_mapping(node, deep=deep)
+            else:
+                seen.add(key_node.value)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # Keys that are not strings were recorded by _check_keys; leaving them out keeps the rest checkable.
+        node.value = [
+            (k, v)
+            for k, v in node.value
+            if k.tag in ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:str") and isinstance(k, yaml.ScalarNode)
+        ]
+        mapping: dict[Any, Any] = SafeConstructor.construct_mapping(self, node, deep=deep)  # type: ignore[arg-type]
+        return mapping
 
 
-# Unquoted dates stay strings, as kubectl sends them (the schema then says which field wanted what).
-_BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)  # type: ignore[type-var]
+class _PyLoader(_Bounds, Reader, Scanner, Parser, SafeConstructor, Resolver):
+    """Pure Python: exact messages and locations, and the one that reads a "\\ud800" escape (to refuse it by field)."""
+
+    yaml_implicit_resolvers: dict[Any, Any] = {}  # filled below: the 1.2 core schema, not PyYAML's 1.1
+
+    def __init__(self, stream: str) -> None:
+        Reader.__init__(self, stream)
+        Scanner.__init__(self)
+        Parser.__init__(self)
+        self._start()
 
 
-def load_text(text: str) -> list[Any]:
+_LOADERS: list[type[Any]] = [_PyLoader]
+if yaml.__with_libyaml__:
+    from yaml._yaml import CParser
+
+    class _CLoader(_Bounds, CParser, SafeConstructor, Resolver):
+        """libyaml scans and parses (a 2 MiB comment or scalar in milliseconds, not seconds); composing stays in
+        Python, under the bounds."""
+
+        yaml_implicit_resolvers: dict[Any, Any] = {}
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            self._start()
+
+    _LOADERS.insert(0, _CLoader)
+
+_FIRST = {"bool": "tTfF", "int": "-+0123456789", "float": "-+0123456789.", "null": ["~", "n", "N", ""], "merge": "<"}
+_CORE_CONSTRUCT: dict[str, Any] = {
+    "tag:yaml.org,2002:bool": yaml.SafeLoader.construct_yaml_bool,
+    "tag:yaml.org,2002:int": _construct_core_int,
+    "tag:yaml.org,2002:float": _construct_core_float,
+    "tag:yaml.org,2002:null": yaml.SafeLoader.construct_yaml_null,
+    "tag:yaml.org,2002:merge": lambda loader, node: "<<",
+}
+for _loader in _LOADERS:
+    for _tag, _pattern in _CORE.items():
+        _loader.add_implicit_resolver(_tag, re.compile(f"^(?:{_pattern.pattern})$"), _FIRST[_tag.rsplit(":", 1)[1]])
+    for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+        _loader.add_constructor(_tag, _CORE_CONSTRUCT[_tag])
+    # Dates (a 1.1 type) stay strings, as kubectl sends them; an explicit !!timestamp tag reads as its text too.
+    _loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+_FALLBACK_BYTES = 256 * 1024  # libyaml refused the text: a file this small is read again in Python for its message
+
+
+class Document:
+    """One YAML document: its data and what the loader found inside it, by field."""
+
+    def __init__(self, data: Any, readings: list[Reading]) -> None:
+        self.data, self.readings = data, readings
+
+    def errors(self, found: list[str]) -> list[str]:
+        """The document's errors: the loader's refusals, then the validator's `found`, each field once, with what
+        YAML 1.1 would have read where it matters."""
+        refused = [r.error for r in self.readings if r.error]
+        named = {error_field(e) for e in refused}
+        notes = {r.path: r for r in self.readings if not r.error}
+        out = list(refused)
+        for e in found:
+            field = error_field(e)
+            if field in named:
+                continue
+            note = notes.pop(field, None)
+            out.append(printable(note.explain(e)) if note else e)
+        return out
+
+
+def load_documents(text: str) -> list[Document]:
     """Every non-empty document of a YAML text, within the bounds; ManifestError (one line) otherwise."""
     try:
-        loader = _BoundedLoader(text)
         try:
-            docs = []
-            while loader.check_data():  # type: ignore[no-untyped-call]
-                docs.append(loader.get_data())
-        finally:
-            loader.dispose()
+            return _compose(_LOADERS[0], text)
+        except (yaml.scanner.ScannerError, yaml.parser.ParserError, yaml.reader.ReaderError):
+            # libyaml's syntax errors: Python's parser says the same with PyYAML's words, or reads what libyaml
+            # cannot (a "\\ud800" escape, refused at its field after)
+            if _LOADERS[0] is _PyLoader or len(text) > _FALLBACK_BYTES:
+                raise
+            return _compose(_PyLoader, text)
+    except _BoundError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ManifestError(printable(f"{exc.field}: {exc.problem}{where}"[:400])) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -160,11 +424,35 @@ def load_text(text: str) -> list[Any]:
         raise ManifestError(printable(f"not valid YAML: {text[:300]}")) from None
     except RecursionError:  # belt and braces: MAX_DEPTH holds long before Python's limit
         raise ManifestError(f"not valid YAML: nested deeper than {MAX_DEPTH} levels") from None
-    return [d for d in docs if d is not None]
 
 
-def load_file(path: Path) -> list[Any]:
-    """Read a manifest file's documents; ManifestError with one line for anything that is not a manifest."""
+def _compose(kind: type[Any], text: str) -> list[Document]:
+    loader = kind(text)
+    try:
+        docs = []
+        while loader.check_node():
+            node = loader.get_node()
+            readings, loader.readings = loader.readings, []
+            data = loader.construct_document(node)
+            if data is not None:
+                docs.append(Document(data, readings))
+        return docs
+    finally:
+        loader.dispose()
+
+
+def load_text(text: str) -> list[Any]:
+    """Every non-empty document of a YAML text (YAML 1.2 core schema), within the bounds; ManifestError (one line)
+    for a text that is not YAML or breaks a bound, or holds a key or value the loader refuses."""
+    docs = load_documents(text)
+    for doc in docs:
+        refused = [r.error for r in doc.readings if r.error]
+        if refused:
+            raise ManifestError(printable(refused[0]))
+    return [d.data for d in docs]
+
+
+def _read(path: Path) -> list[Document]:
     try:
         with path.open("rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
@@ -178,10 +466,20 @@ def load_file(path: Path) -> list[Any]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ManifestError(f"not UTF-8 text (byte {exc.start}); is it a binary file?") from None
-    docs = load_text(text)
+    docs = load_documents(text)
     if not docs:
         raise ManifestError("no YAML document in the file")
     return docs
+
+
+def load_file(path: Path) -> list[Any]:
+    """Read a manifest file's documents; ManifestError with one line for anything that is not a manifest."""
+    docs = _read(path)
+    for doc in docs:
+        refused = [r.error for r in doc.readings if r.error]
+        if refused:
+            raise ManifestError(printable(refused[0]))
+    return [d.data for d in docs]
 
 
 def apply_defaults(obj: Any, schema: dict[str, Any]) -> Any:
@@ -294,7 +592,8 @@ def cel_errors(new: Any, old: Any = None) -> list[str]:
         try:
             ok = cel.evaluate(rule["rule"], ctx)
         except Exception as exc:  # the CEL library raises plain errors for missing fields
-            out.append(f"{where}: rule {rule['rule']!r} could not be evaluated ({exc})")
+            field = where + rule.get("fieldPath", "") if where != "(root)" else where
+            out.append(f"{field}: rule {rule['rule']!r} could not be evaluated ({str(exc)[:200]})")
             continue
         if ok is not True:
             out.append(_field_first(rule.get("message"), where, rule))
@@ -355,6 +654,39 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode_errors(obj: Any, path: str, out: list[str]) -> Any:
+    """Lone surrogates (a "\\ud800" escape in YAML or JSON) are not text: the API server cannot store them and CEL
+    cannot evaluate them. One error at the field, and the value with U+FFFD in their place for the other checks."""
+    if isinstance(obj, str):
+        m = _SURROGATE.search(obj)
+        if m is None:
+            return obj
+        out.append(
+            f"{path or '(document)'}: contains a lone surrogate U+{ord(m.group()):04X} (not valid Unicode; JSON and "
+            "the API server cannot carry it): remove it"
+        )
+        return _SURROGATE.sub("\ufffd", obj)
+    if isinstance(obj, dict):
+        clean = {}
+        for k, v in obj.items():
+            key = _unicode_errors(k, path, out) if isinstance(k, str) else k
+            clean[key] = _unicode_errors(v, f"{path}.{key}" if path else str(key), out)
+        return clean
+    if isinstance(obj, list):
+        return [_unicode_errors(v, f"{path}[{i}]", out) for i, v in enumerate(obj)]
+    return obj
+
+
+def bounded(errors: list[str], limit: int = MAX_ERRORS) -> list[str]:
+    """At most `limit` errors, then one line counting the rest: a flood of errors helps nobody."""
+    if len(errors) <= limit:
+        return errors
+    return [*errors[:limit], f"... and {len(errors) - limit} more"]
+
+
 def manifest_errors(doc: Any, old: Any = None) -> list[str]:
     """All errors of one manifest, each naming its field; empty when the API server would accept it, its children
     would be accepted too, and genrun would run it.
@@ -365,11 +697,16 @@ def manifest_errors(doc: Any, old: Any = None) -> list[str]:
     return _check(doc, old)[0]
 
 
-def _check(doc: Any, old: Any) -> tuple[list[str], tuple[RunRef, GenerationRunSpec] | None]:
+def _check(
+    doc: Any, old: Any, readings: Document | None = None
+) -> tuple[list[str], tuple[RunRef, GenerationRunSpec] | None]:
     doc = _plain(doc)
     old = _plain(old) if old is not None else None
     if not isinstance(doc, dict):
         return ["(document): must be a YAML mapping (a GenerationRun manifest)"], None
+    unicode: list[str] = []
+    doc = _unicode_errors(doc, "", unicode)
+    old = _unicode_errors(old, "", []) if old is not None else None
     parsed = None
     try:
         parsed = parse_manifest(doc)
@@ -385,7 +722,14 @@ def _check(doc: Any, old: Any) -> tuple[list[str], tuple[RunRef, GenerationRunSp
             rules = [r for r in rules if "could not be evaluated" not in r]
     named = {error_field(e) for e in semantic}
     errors = semantic + [e for e in structural + rules if error_field(e) not in named]
-    return [printable(e) for e in errors], parsed
+    if unicode:  # a value with a lone surrogate: that error alone speaks for its field
+        bad = {error_field(e) for e in unicode}
+        errors = unicode + [e for e in errors if error_field(e) not in bad]
+    if readings is not None:
+        errors = readings.errors(errors)
+    if errors:
+        parsed = None
+    return bounded([printable(e) for e in errors]), parsed
 
 
 def printable(message: str) -> str:
@@ -399,7 +743,8 @@ def check_manifest(doc: Any, old: Any = None) -> tuple[RunRef, GenerationRunSpec
     """THE validity decision for a GenerationRun object (a file's document or the operator's body).
 
     Returns the run and its parsed spec (defaults applied), or raises SpecError whose `errors` each name a field and
-    the fix. Nothing else raises, whatever the input (a property test feeds it mutated manifests).
+    the fix (at most MAX_ERRORS of them, then a count). Nothing else raises, whatever the input (a property test
+    feeds it mutated manifests).
     """
     errors, parsed = _check(doc, old)
     if errors or parsed is None:
@@ -413,13 +758,13 @@ validate_document = manifest_errors  # the name tests and callers used before
 def validate_file(path: Path) -> list[str]:
     """Errors of every document in a YAML file, prefixed with the document's position when there are several."""
     try:
-        docs = load_file(path)
+        docs = _read(path)
     except ManifestError as exc:
         return [str(exc)]
     out = []
     for i, doc in enumerate(docs):
         prefix = f"document {i + 1}: " if len(docs) > 1 else ""
-        out += [prefix + e for e in manifest_errors(doc)]
+        out += [prefix + e for e in _check(doc.data, None, doc)[0]]
     return out
 
 
@@ -428,22 +773,23 @@ def load_run_manifest(path: Path, output: str | None = None) -> tuple[dict[str, 
 
     Raises ManifestError (the file) or SpecError (the fields) before anything touches the output.
     """
-    docs = load_file(path)
+    docs = _read(path)
     if len(docs) != 1:
         # Say what is wrong in each document too, as `genrun validate` would, before refusing the count.
-        errors = [f"document {i + 1}: {e}" for i, d in enumerate(docs) for e in manifest_errors(d)]
+        errors = [f"document {i + 1}: {e}" for i, d in enumerate(docs) for e in _check(d.data, None, d)[0]]
         raise SpecError([*errors, f"(file): holds {len(docs)} YAML documents; genrun run takes one GenerationRun"])
-    doc = docs[0]
+    doc = docs[0].data
     if output is not None and isinstance(doc, dict) and isinstance(doc.get("spec"), dict):
         spec = doc["spec"]
         if isinstance(spec.get("output"), dict):
             spec["output"]["path"] = output
         else:
             spec["output"] = {"path": output}
-    try:
-        ref, spec_ = check_manifest(doc)
-    except SpecError as exc:
+        docs[0].readings = [r for r in docs[0].readings if r.path != "spec.output.path"]
+    errors, parsed = _check(doc, None, docs[0])
+    if errors or parsed is None:
         if output is not None:
-            exc.errors = [e + " (set by --output)" if e.startswith("spec.output.path:") else e for e in exc.errors]
-        raise
+            errors = [e + " (set by --output)" if e.startswith("spec.output.path:") else e for e in errors]
+        raise SpecError(errors)
+    ref, spec_ = parsed
     return doc, ref, spec_

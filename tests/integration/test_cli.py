@@ -142,3 +142,43 @@ def test_report_html_shows_target_duplicates_reasons_and_rows_of_the_dataset(fin
     assert "target 60" in page and "Most duplicated instructions" in page and "Rejected rows by reason" in page
     assert f"Sample rows (5 of {status['status']['totals']['qcPassed']} kept)" in page
     assert html.escape(first["instruction"][:200]) in page
+
+
+def test_push_without_network_is_one_line_and_exit_1(finished: Path, tmp_path: Path) -> None:
+    """The Hub endpoint refuses connections (nothing listens on port 9): a failure worth retrying later, exit 1."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path), "HF_TOKEN": "hf_unused"}
+    res = run(["push", str(finished), "--repo", "me/data"], env=env)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+    assert res.stderr.startswith("genrun: error: cannot reach 127.0.0.1: ") and "Connection refused" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["validate", "{missing}"], "cannot read: No such file or directory"),
+        (["run", "{missing}", "--engine", "replay"], "cannot read: No such file or directory"),
+        (["preview", "{missing}", "--engine", "replay"], "cannot read: No such file or directory"),
+        (["status", "{missing}"], "no genrun run here"),
+        (["report", "{missing}", "--json"], "no genrun run here"),
+        (["push", "{missing}", "--repo", "me/data"], "no genrun run here"),
+        (["dedup", "{missing}", "--output", "{tmp}/d"], "no such file or folder"),
+        (["report", "{finished}", "--html", "{file}/r.html"], "{file}/r.html: Not a directory; choose a path"),
+        (["report", "{finished}", "--html", "/sys/r.html"], "/sys/r.html: Permission denied; choose a path"),
+        (["run", "{manifest}", "--output", "{file}/out", "--engine", "replay"], "{file}/out: Not a directory"),
+        (["model", "prepare", "--cache", "{file}/cache"], "{file}/cache: Not a directory; choose a path"),
+    ],
+)
+def test_bad_paths_and_unwritable_outputs_are_one_line_and_exit_2(
+    finished: Path, tmp_path: Path, args: list[str], needle: str
+) -> None:
+    """Every command, given a path that does not exist or cannot be written (a file where a folder is needed, /sys):
+    one line on stderr saying which path and why, exit 2 (the user must change something), never a traceback."""
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "m.yaml").write_text((ROOT / "examples" / "quickstart.yaml").read_text())
+    names = {"missing": str(tmp_path / "missing"), "tmp": str(tmp_path), "file": str(tmp_path / "file"),
+             "finished": str(finished), "manifest": str(tmp_path / "m.yaml")}  # fmt: skip
+    res = run([a.format(**names) for a in args])
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and needle.format(**names) in res.stderr, res.stderr
+    assert len([x for x in res.stderr.splitlines() if "error" in x or "cannot" in x]) == 1, res.stderr

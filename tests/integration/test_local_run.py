@@ -86,10 +86,15 @@ def test_kill9_mid_round_then_rerun_gives_the_uninterrupted_dataset(tmp_path: Pa
     assert dataset(out) == dataset(tmp_path / "reference")
 
 
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["foreground", "background-job"])
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path, inherited: signal.Handlers) -> None:
+    """Whatever SIGINT disposition genrun inherits: a terminal's foreground job has the default; a background job of a
+    non-interactive shell (`genrun run ... &`, and this suite under `bash scripts/test.sh &`) starts with it ignored,
+    and the runner installs the handling it relies on."""
     manifest = small_manifest(tmp_path, "interrupted", shards={"examplesPerShard": 200})
     proc = subprocess.Popen([*GENRUN, "run", str(manifest), "--engine", "replay"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))  # fmt: skip
     out = tmp_path / "interrupted"
     wait_for(lambda: (out / "rounds" / "r0001" / "plan.json").exists(), 60, "round 1")
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends to the foreground group on Ctrl-C
@@ -104,6 +109,16 @@ def test_a_worker_the_same_ctrl_c_ended_is_never_a_failed_attempt(tmp_path: Path
     Python error: init_import_site"), and the runner may reap it before asyncio's handler cancels the loop. The
     runner marks itself stopping in the signal handler, so that reap records nothing. Real child process, real
     SIGINT to this (main-thread) test process."""
+    # This test's own Ctrl-C is the point: set Python's handler, whatever the suite inherited (a background job starts
+    # with SIGINT ignored), and give the original back at the end.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _a_worker_the_same_ctrl_c_ended(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _a_worker_the_same_ctrl_c_ended(tmp_path: Path) -> None:
     import io
 
     from genrun.contract.api import RunRef

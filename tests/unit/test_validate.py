@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -24,6 +25,7 @@ from genrun.operator.validate import (
     crd_schema,
     load_text,
     manifest_errors,
+    validate_file,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,11 +190,12 @@ def test_aliases_within_the_bound_still_load_like_kubectl() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("a: 1\na: 2\n", "line 2, column 1: duplicate key 'a'"),
-        ("on: 1\n", "key 'on' is not a string"),
-        ("x:\n  1: a\n", "key '1' is not a string"),
-        ("[" * 50_000 + "]" * 50_000, "nested deeper than 64 levels"),
-        ("a: &a\n  b: *a\n", "refers to a node that contains it"),
+        ("a: 1\na: 2\n", "a: duplicate key 'a' (kubectl refuses it); keep one (line 2)"),
+        ("on: 1\n", "on: unquoted on is 'on' in YAML 1.2 but true in YAML 1.1"),
+        ("x:\n  1: a\n", "x: key '1' is not a string"),
+        ("a: [" + ",".join(["1"] * 15_000) + "]", "a: holds more than 10,000 values"),
+        ("[" * 50_000 + "]" * 50_000, "[0][0][0][0][0][0][0][0]...: nested deeper than 64 levels"),
+        ("a: &a\n  b: *a\n", "a: alias *a refers to a node that contains it"),
         ("a: [1\n", "not valid YAML: line 2"),
     ],
 )
@@ -328,3 +331,208 @@ def test_messages_are_one_printable_line_whatever_the_keys_and_values() -> None:
     with pytest.raises(ManifestError) as exc:
         load_text("a: 1\n'\x1b[2J': 2\n'\x1b[2J': 3\n")
     assert str(exc.value).isprintable()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# YAML as the cluster reads it: the 1.2 core schema, and no value that YAML 1.1 (kubectl's go-yaml) reads otherwise
+
+
+def _manifest(extra: str) -> str:
+    return (
+        "apiVersion: genrun.io/v1alpha1\nkind: GenerationRun\nmetadata: {name: r1}\n"
+        f"spec:\n  model: {{name: m}}\n  output: {{path: /out}}\n{extra}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("plain", "value"),
+    [
+        ("0o17", 15),  # 1.2 octal
+        ("0x1F", 31),
+        ("+12", 12),
+        ("1e3", 1000.0),  # a float in 1.2 (PyYAML's 1.1 reads a string)
+        (".inf", math.inf),
+        ("True", True),
+        ("FALSE", False),
+        ("~", None),
+        ("Null", None),
+        ("1:40", "1:40"),  # no sexagesimal in 1.2
+        ("2024-01-01", "2024-01-01"),  # no timestamps in 1.2
+        ("0o8", "0o8"),
+        ("=", "="),
+    ],
+)
+def test_plain_scalars_read_by_the_yaml_1_2_core_schema(plain: str, value: object) -> None:
+    assert load_text(f"v: {plain}\n") == [{"v": value}]
+
+
+def test_a_sexagesimal_count_is_refused_as_a_string_saying_what_yaml_1_1_read(tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text(_manifest("  target: {uniqueExamples: 1:40}"))
+    assert validate_file(f) == [
+        "spec.target.uniqueExamples: '1:40' is a string (YAML 1.2, as kubectl reads it; YAML 1.1 would have read "
+        "100): write 100"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "readings", "fixed"),
+    [
+        ("target: {uniqueExamples: 017}", "spec.target.uniqueExamples", "17 in YAML 1.2 but 15 in YAML 1.1", "17"),
+        ("target: {uniqueExamples: 1_000}", "spec.target.uniqueExamples", "'1_000' in YAML 1.2 but 1000", "1000"),
+        ("target: {uniqueExamples: 0b1010}", "spec.target.uniqueExamples", "'0b1010' in YAML 1.2 but 10", "10"),
+        ("prompt: {domains: [a, yes]}", "spec.prompt.domains[1]", "'yes' in YAML 1.2 but true", "'yes'"),
+        ("prompt: {domains: [n]}", "spec.prompt.domains[0]", "'n' in YAML 1.2 but false", "'n'"),
+        ("worker: {nodeSelector: {gpu: On}}", "spec.worker.nodeSelector.gpu", "'On' in YAML 1.2 but true", "'On'"),
+        ("worker: {nodeSelector: {off: a}}", "spec.worker.nodeSelector.off", "'off' in YAML 1.2 but false", "'off'"),
+    ],
+)
+def test_values_yaml_versions_read_differently_are_refused_at_their_field(
+    tmp_path: Path, extra: str, field: str, readings: str, fixed: str
+) -> None:
+    """kubectl reads files with go-yaml v2, which keeps YAML 1.1's yes/no/on/off, 017 octals and 1_000: a plain
+    value whose 1.2 and 1.1 readings differ would validate as one thing and be applied as another."""
+    f = tmp_path / "m.yaml"
+    target = "" if extra.startswith("target") else "  target: {uniqueExamples: 9}\n"
+    f.write_text(_manifest(target + "  " + extra))
+    errors = validate_file(f)
+    assert len(errors) == 1 and errors[0].startswith(f"{field}: unquoted "), errors
+    assert readings in errors[0] and "(line " in errors[0]
+    written = errors[0].split("unquoted ")[1].split(" ")[0]
+    f.write_text(_manifest(target + "  " + re.sub(rf"(?<![\w'])({written})(?![\w'])", fixed, extra, count=1)))
+    assert validate_file(f) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A bounded validator
+
+
+def test_errors_are_bounded_with_a_count_of_the_rest(tmp_path: Path) -> None:
+    unknown = "".join(f"  field{i}: 1\n" for i in range(4000))
+    (tmp_path / "unknown.yaml").write_text(_manifest("  target: {uniqueExamples: 9}\n" + unknown))
+    domains = ", ".join(["cooking"] * 600)
+    (tmp_path / "dups.yaml").write_text(
+        _manifest(f"  target: {{uniqueExamples: 9}}\n  prompt: {{domains: [{domains}]}}")
+    )
+    for name, first in [("unknown.yaml", "spec.field0: unknown field"), ("dups.yaml", "spec.prompt.domains")]:
+        errors = validate_file(tmp_path / name)
+        assert len(errors) == 21 and errors[0].startswith(first), errors[:2]
+        assert errors[-1].startswith("... and ") and errors[-1].endswith(" more")
+    assert validate_file(tmp_path / "unknown.yaml")[-1] == "... and 3980 more"
+
+
+def test_a_huge_flow_list_is_refused_fast_and_small(tmp_path: Path) -> None:
+    """1.8 MB, 900,000 items: refused by the node budget, not read whole (it took a minute and 636 MB)."""
+    import resource
+    import time
+
+    f = tmp_path / "list.yaml"
+    f.write_text(
+        _manifest("  target: {uniqueExamples: 9}\n  prompt:\n    domains: [" + ",".join(["a"] * 900_000) + "]")
+    )
+    assert f.stat().st_size > 1_800_000
+    start = time.monotonic()
+    res = _genrun("validate", str(f))
+    took = time.monotonic() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith(
+        f"{f}: spec.prompt.domains: holds more than 10,000 values (lists, maps, scalars); a GenerationRun holds a few "
+        "thousand at most (line 9, column "
+    )
+    assert len(res.stderr.splitlines()) == 1
+    assert took < 5 and peak_kib < 1024 * 1024, (took, peak_kib)
+
+
+def test_a_valid_manifest_padded_to_the_size_limit_is_read_fast(tmp_path: Path) -> None:
+    """Comments, blank lines and one long scalar make few values but many characters: libyaml scans them, so the
+    time does not grow with Python's per-character scanning (seconds for 2 MB)."""
+    import time
+
+    f = tmp_path / "padded.yaml"
+    padding = "#" + "x" * 900_000 + "\n" + "\n" * 500_000 + "# " + "y" * 400_000 + "\n"
+    f.write_text(
+        padding + _manifest("  target: {uniqueExamples: 9}\n  prompt:\n    template: '" + "z" * 8000 + " {domain}'")
+    )
+    assert 1_800_000 < f.stat().st_size < 2 * 1024 * 1024
+    start = time.monotonic()
+    assert validate_file(f) == []
+    assert time.monotonic() - start < 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hidden characters and invalid Unicode, each named at its field
+
+
+@pytest.mark.parametrize(
+    ("section", "patch", "field"),
+    [
+        ("prompt", {"domains": ["a", "b", "c\u202ed"]}, "spec.prompt.domains[2]"),
+        ("prompt", {"domains": ["co\u200bok"]}, "spec.prompt.domains[0]"),
+        ("model", {"name": "Qwen/\u202eQwen"}, "spec.model.name"),
+        ("output", {"path": "/data/\u202eout"}, "spec.output.path"),
+        (
+            "prompt",
+            {"attributes": [{"name": "tone", "values": ["calm", "wry\u2066"]}]},
+            "spec.prompt.attributes[0].values[1]",
+        ),
+        ("worker", {"nodeSelector": {"pool": "gpu\ufeff"}}, "spec.worker.nodeSelector.pool"),
+        ("worker", {"image": "registry.example/genrun\u200d:1"}, "spec.worker.image"),
+        ("dedup", {"against": ["/data/old\u200e.parquet"]}, "spec.dedup.against[0]"),
+    ],
+)
+def test_format_characters_are_refused_in_every_name_with_their_code_point(
+    section: str, patch: dict, field: str
+) -> None:
+    doc = copy.deepcopy(MINIMAL)
+    doc["spec"].setdefault(section, {}).update(patch)
+    errors = manifest_errors(doc)
+    assert len(errors) == 1 and errors[0].startswith(f"{field}: contains U+"), errors
+    assert "(a format character, which hides or reorders text): remove it" in errors[0]
+
+
+def test_prose_may_hold_format_characters() -> None:
+    """An emoji's zero-width joiner or a soft hyphen in the template is the user's text, not a name."""
+    doc = copy.deepcopy(MINIMAL)
+    doc["spec"]["prompt"] = {"template": "Write one instruction about {domain} \U0001f469\u200d\U0001f373, soft\xadly."}
+    assert manifest_errors(doc) == []
+
+
+def test_a_lone_surrogate_is_one_error_at_its_field(tmp_path: Path) -> None:
+    """It used to give 8 "CEL rule could not be evaluated" errors naming no field."""
+    f = tmp_path / "m.yaml"
+    f.write_text(_manifest('  target: {uniqueExamples: 9}\n  prompt: {domains: [cooking, "gar\\ud800den"]}'))
+    assert validate_file(f) == [
+        "spec.prompt.domains[1]: contains a lone surrogate U+D800 (not valid Unicode; JSON and the API server cannot "
+        "carry it): remove it"
+    ]
+    res = _genrun("validate", str(f))
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_the_largest_manifest_the_crd_allows_is_within_the_node_budget() -> None:
+    """Every list at its CRD maxItems: the node budget refuses only what can never be a GenerationRun."""
+    schema = crd_schema()["properties"]["spec"]["properties"]
+    limit = {k: schema["prompt"]["properties"][k]["maxItems"] for k in ("domains", "examples", "attributes")}
+    values = schema["prompt"]["properties"]["attributes"]["items"]["properties"]["values"]["maxItems"]
+    prompt = {
+        "domains": [f"domain {i}" for i in range(limit["domains"])],
+        "examples": [{"instruction": "i", "response": "r", "domain": "d"}] * limit["examples"],
+        "attributes": [
+            {"name": f"a{i}", "values": [f"v{j}" for j in range(values)]} for i in range(limit["attributes"])
+        ],
+    }
+    doc = copy.deepcopy(MINIMAL)
+    doc["spec"]["prompt"] = prompt
+    doc["spec"]["worker"] = {"tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule"}] * 32}
+    assert load_text(yaml.safe_dump(doc)) == [doc]
+
+
+def test_a_cel_rule_that_cannot_run_names_the_field_it_guards() -> None:
+    """Not just the object holding the rule ("spec"): the rule's fieldPath, as the API server reports it."""
+    errors = cel_errors({"spec": {"budget": {"maxShards": 3}, "shards": {}}})
+    failed = [e for e in errors if "could not be evaluated" in e]
+    assert failed and all(e.split(":")[0] not in ("spec", "(root)") for e in failed), failed
+    assert any(
+        e.startswith("spec.budget.maxShards: rule 'self.budget.maxShards >= self.shards.initial'") for e in failed
+    )
