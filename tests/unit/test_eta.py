@@ -3,6 +3,8 @@ measured per-round overheads; unknown until the pilot has been merged and a shar
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from genrun.contract.records import RoundPlan, Sampling, ShardManifest, ShardPlan
 from genrun.contract.status import RunStatus
@@ -67,4 +69,4 @@ def test_the_eta_falls_as_a_round_progresses_whatever_few_rows_the_pilot_kept() 
     for k in range(8):
         etas.append(eta_seconds(st, cur, False, done, 2, [30.0]))
         done[(2, 10 + k)] = marker(2, 10 + k, 2000, 20, rows=100)
-    assert all(a is not None and b is not None and b < a for a, b in zip(etas, etas[1:], strict=False))
+    assert all(a is not None and b is not None and b < a for a, b in itertools.pairwise(etas))
