@@ -4,6 +4,7 @@ storage (status.json, round plans, round reports), the same for a run made on a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -14,7 +15,7 @@ from typing import Any, TextIO
 from genrun.contract import records as rec
 from genrun.contract.errors import EXIT_RUN_FAILED, UserError
 from genrun.contract.records import RoundPlan
-from genrun.contract.status import RoundEntry, RunStatus
+from genrun.contract.status import RoundEntry, RunStatus, wire_name
 from genrun.operator import conditions as c
 from genrun.operator.loop import read_reports, read_status_document, recorded_status
 from genrun.operator.planner import Observed, Plan
@@ -70,6 +71,27 @@ def round_arms(r: RoundEntry) -> str:
 
 def _or_dash(v: float | None) -> str:
     return "-" if v is None else str(v)
+
+
+def camel(obj: Any) -> Any:
+    """A record as JSON in the CRD's casing: every dataclass field named as the status names its own (`qc_passed` ->
+    `qcPassed`); the keys of a dict field are data (QC reasons, attribute names) and stay as they are."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {wire_name(f): camel(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [camel(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): camel(v) for k, v in obj.items()}
+    return obj
+
+
+def report_document(storage: Storage, latest: rec.RoundReport) -> dict[str, Any]:
+    """`genrun report --json`: the latest round report, with the planner's per-arm and per-attribute-cell figures
+    from the status, in the same camelCase as `genrun status --json` (one casing for every JSON the CLI writes)."""
+    doc: dict[str, Any] = camel(latest)
+    st = recorded_status(storage)
+    doc.update({k: [x.to_dict() for x in v] for k, v in (("arms", st.arms), ("cells", st.cells)) if v is not None})
+    return doc
 
 
 def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout) -> int:
