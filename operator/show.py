@@ -59,6 +59,11 @@ def print_status(output: str, as_json: bool = False) -> int:
     for r in st.rounds:
         print(f"  {r.round:>5} {r.shards:>6} {r.seeds:<12} {_or_dash(r.generated):>9} {_or_dash(r.new_unique):>11} "
               f"{_or_dash(r.new_qc_passed):>9} {_or_dash(r.qc_passed):>12}  {_or_dash(r.marginal_yield):<7} {round_arms(r)}")  # fmt: skip
+    if st.arms:  # each arm's share of the run's figures; the reward is the bandit's (recent rounds weigh more)
+        print("  arm                        shards  generated  tokens    kept  reward/1k  QC-pass  retired")
+        for a in st.arms:
+            print(f"  {a.arm:<26} {a.shards:>6} {a.examples:>10} {a.tokens:>7} {a.kept:>7}  {a.reward_per_1k_tokens:>9.2f}"
+                  f"  {a.qc_pass_rate:>7.0%}  {'yes' if a.retired else ''}")  # fmt: skip
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,29 @@ from tests.integration.test_local_run import run, small_manifest
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The run's output folder and its progress lines (stderr, not a terminal: one line per change)."""
     tmp = tmp_path_factory.mktemp("figures")
     res = run(["run", str(small_manifest(tmp, "figures", output={"license": "cc-by-4.0"})), "--engine", "replay",
                "--jobs", "2"])  # fmt: skip
     assert res.returncode == 0, res.stderr
-    return tmp / "figures"
+    return tmp / "figures", res.stderr
+
+
+@pytest.fixture(scope="module")
+def finished(ran: tuple[Path, str]) -> Path:
+    return ran[0]
+
+
+def test_the_eta_is_unknown_until_the_pilot_is_merged_then_a_time(ran: tuple[Path, str]) -> None:
+    lines = [x for x in ran[1].splitlines() if x.startswith("round ")]
+    etas = [re.search(r"\| (\d\d:\d\d)<(\S+) \|", x) for x in lines]
+    assert all(etas) and lines[0].startswith("round 1 ")
+    pilot = [m.group(2) for x, m in zip(lines, etas, strict=True) if x.startswith("round 1 ") and m]
+    later = [m.group(2) for x, m in zip(lines, etas, strict=True) if not x.startswith("round 1 ") and m]
+    assert set(pilot) == {"unknown"}  # the pilot round: nothing projected yet
+    assert later and all(re.fullmatch(r"(\d+:)?\d\d:\d\d", t) for t in later)
+    assert later[-1] == "00:00"  # the target met: nothing left
 
 
 def status_of(out: Path) -> dict:
@@ -38,11 +56,11 @@ def test_round_table_holds_each_rounds_own_figures_and_the_running_total(finishe
         assert r["qcPassed"] == running  # the running total, in its own column
     assert running == totals["qcPassed"]
     plan = json.loads((finished / "rounds" / "r0001" / "plan.json").read_text())
-    ran = list(dict.fromkeys(s["arm"] for s in plan["shards"]))
-    assert rounds[0]["arms"] == ran and len(ran) > 1  # the pilot's arms, not its most used one alone
+    pilot_arms = list(dict.fromkeys(s["arm"] for s in plan["shards"]))
+    assert rounds[0]["arms"] == pilot_arms and len(pilot_arms) > 1  # the pilot's arms, not its most used one alone
     shown = [line.split() for line in _genrun_status(finished).splitlines()]
     first = next(row for row in shown if row[:1] == ["1"])
-    assert first[-len(ran) :] == ran and first[3:7] == [str(rounds[0][k]) for k in
+    assert first[-len(pilot_arms) :] == pilot_arms and first[3:7] == [str(rounds[0][k]) for k in
                                                         ("generated", "newUnique", "newQcPassed", "qcPassed")]  # fmt: skip
 
 
