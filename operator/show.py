@@ -192,8 +192,12 @@ class Progress:
         running = sum(j.kind == "shard" and j.phase == "Running" for j in obs.jobs)
         self.concurrency = max(self.concurrency, running)
         rnd = st.round
-        if self.state["kept0"] is None:
-            self.rounds[rnd] = -1.0  # under way before this process: not timed
+        cur = obs.rounds.get(rnd)
+        started_before = cur is not None and (
+            rnd in obs.reports or any((s.round, s.seed) in obs.shards_done for s in cur.shards)
+        )
+        if self.state["kept0"] is None and started_before:  # a resumed round, some of it done before: not timed
+            self.rounds[rnd] = -1.0
         self.rounds.setdefault(rnd, now)
         for r, t in list(self.rounds.items()):
             if t >= 0 and r in obs.reports and r in obs.rounds:  # seen whole: its time beyond generating
@@ -203,7 +207,7 @@ class Progress:
                 gen = sum(m.tokens for m in ms) / rate if ms and rate > 0 else 0.0
                 self.overheads.append(max(0.0, now - t - gen))
                 self.rounds[r] = -1.0
-        return eta_seconds(st, obs.rounds.get(rnd), rnd in obs.reports, self.markers, self.concurrency, self.overheads)
+        return eta_seconds(st, cur, rnd in obs.reports, self.markers, self.concurrency, self.overheads)
 
     def __call__(self, plan: Plan, obs: Observed) -> None:
         """One live line: the round's shards, kept vs target, duplication, tokens/s, elapsed<ETA, sampling, reason.
