@@ -269,6 +269,8 @@ class S3Spec:
 class OutputSpec:
     path: str = _f("path")
     s3: S3Spec | None = _f("s3", None)
+    license: str = _f("license", "unknown")  # the dataset card's licence id; the model's terms are the user's to check
+    language: tuple[str, ...] = _f("language", ("en",))
 
     @property
     def is_s3(self) -> bool:
@@ -526,6 +528,8 @@ PATTERN_HELP: dict[str, str] = {
     ),
     r"^(https?://[^\s/?#@]+(/[^\s?#]*)?)?$": "must be an http:// or https:// URL without credentials, query or fragment",
     r"^[a-z][a-zA-Z0-9_]*$": "must be a placeholder name (a lowercase letter, then letters, digits or '_')",
+    r"^[a-z0-9][a-z0-9.+-]*$": "must be a Hugging Face Hub licence id such as apache-2.0, cc-by-4.0 or other",
+    r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$": "must be a language code such as en, de or pt-BR",
 }
 
 

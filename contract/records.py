@@ -79,6 +79,12 @@ class ShardYield:
     tokens: int
     new_unique: int  # rows unique against earlier rounds (exact and near), plus those QC-rejected instructions
     new_qc_passed: int  # of those, rows that passed QC
+    # What the run's counts hold of this shard (None in a report written before these existed): the instructions it
+    # sampled, online-skipped ones included, and its rows kept in the dataset by keep-first across the whole round.
+    # Summed over shards they are the round's `generated` and `new_qc_passed`, where `new_qc_passed` above counts a
+    # row new against earlier rounds even when another shard of the round had it first.
+    generated: int | None = None
+    kept: int | None = None
 
 
 @dataclass(frozen=True)

@@ -177,9 +177,12 @@ class RoundEntry(Wire):
     temperature: float = 0.0
     top_p: float = 0.0
     repetition_penalty: float = 0.0
-    generated: int | None = None
+    # the arms its shards ran (temperature, top_p and repetition_penalty above are the most used one's)
+    arms: tuple[str, ...] | None = None
+    generated: int | None = None  # this round's own figures ...
     new_unique: int | None = None
-    unique: int | None = None
+    new_qc_passed: int | None = None
+    unique: int | None = None  # ... and the running totals after it
     qc_passed: int | None = None
     marginal_yield: float | None = None
     qc_pass_rate: float | None = None

@@ -10,7 +10,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from genrun.contract import records as rec
 from genrun.contract.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -97,8 +96,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from genrun.operator.loop import read_reports, recorded_status
-    from genrun.operator.show import open_run, print_report
+    from genrun.operator.loop import read_reports
+    from genrun.operator.show import open_run, print_report, report_document
 
     if not args.json and not args.html:
         return print_report(args.output)
@@ -117,10 +116,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"charts: {args.html}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         # One object on the last line, so `genrun report --json OUT | tail -1 | jq` reads it whatever came before.
-        raw = json.loads(storage.read_bytes(rec.round_report_key(max(reports))))
-        st = recorded_status(storage)  # the planner's per-arm and per-attribute-cell yields, from the status
-        raw.update({k: [x.to_dict() for x in v] for k, v in (("arms", st.arms), ("cells", st.cells)) if v is not None})
-        print(json.dumps(raw, sort_keys=True, separators=(",", ":")))
+        print(json.dumps(report_document(storage, reports[max(reports)]), sort_keys=True, separators=(",", ":")))
     return EXIT_OK
 
 

@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 from genrun.contract.api import GenerationRunSpec, RunRef, SpecError, parse_spec
 from genrun.contract.records import EngineSession, JobSpec, RoundPlan, RoundReport, Sampling, ShardPlan
-from genrun.contract.status import Duplicates, Output, RoundEntry, RunStatus, TopDuplicate, Totals
+from genrun.contract.status import Duplicates, Output, RunStatus, TopDuplicate, Totals
 from genrun.operator import conditions as c
 from genrun.operator import cost
+from genrun.operator import figures as fig
 from genrun.operator import policy as pol
 from genrun.operator.policy import base_sampling, round4
 
@@ -309,13 +310,6 @@ def budget_used(spec: GenerationRunSpec, status: RunStatus) -> float:
     return float(round(max(rounds / b.max_rounds, shards / b.max_shards, t.generated / b.max_generated_examples), 4))
 
 
-def _seed_range(seeds: tuple[int, ...]) -> str:
-    if not seeds:
-        return ""
-    lo, hi = min(seeds), max(seeds)
-    return f"{lo}-{hi}" if hi - lo + 1 == len(seeds) else f"{lo}-{hi} ({len(seeds)})"
-
-
 def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping[int, list[_ShardState]]) -> RunStatus:
     latest = max(obs.reports) if obs.reports else 0
     rep = obs.reports.get(latest)
@@ -344,25 +338,7 @@ def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping
         dedup_tiers=tuple(tiers),
         **_engine_totals(obs.engines),
     )
-    rounds = []
-    for rnd in sorted(obs.rounds)[-100:]:  # the CRD's maxItems
-        p, r = obs.rounds[rnd], obs.reports.get(rnd)
-        rounds.append(
-            RoundEntry(
-                round=rnd,
-                shards=len(p.shards),
-                seeds=_seed_range(p.seeds),
-                temperature=p.sampling.temperature,
-                top_p=p.sampling.top_p,
-                repetition_penalty=p.sampling.repetition_penalty,
-                generated=r.generated if r else None,
-                new_unique=r.new_unique if r else None,
-                unique=r.unique_total if r else None,
-                qc_passed=r.qc_passed_total if r else None,
-                marginal_yield=round(r.marginal_yield, 4) if r else None,
-                qc_pass_rate=round(r.qc_pass_rate, 4) if r else None,
-            )
-        )
+    rounds = [fig.round_entry(obs.rounds[r], obs.reports.get(r)) for r in sorted(obs.rounds)[-100:]]  # maxItems
     status = RunStatus(
         observed_generation=ref.generation,
         round=max(obs.rounds) if obs.rounds else 0,
@@ -380,7 +356,9 @@ def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping
         output=Output(rep.dataset, rep.report),
         projected_tokens_to_target=tokens if projected else None,
         projected_rounds=rounds_total if projected else None,
-        arms=pol.arm_status([a for a in stats if a.shards]),
+        arms=fig.with_arm_totals(
+            pol.arm_status([a for a in stats if a.shards]), fig.arm_totals(obs.rounds, obs.reports)
+        ),
         cells=pol.cell_status(pol.cell_stats(spec, obs.rounds, obs.reports)) if spec.prompt.attributes else None,
     )
 
@@ -493,7 +471,7 @@ def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
         states[rnd] = [_ShardState(s, "create") for s in plan.shards]
         actions: list[Action] = [RecordRound(plan)]
         actions += _shard_creates(spec, ref, states[rnd], active=0)
-        msg = f"round {rnd}: {count} shard(s), seeds {_seed_range(plan.seeds)}, {_arms_summary(plan)}; {why}"
+        msg = f"round {rnd}: {count} shard(s), seeds {fig.seed_range(plan.seeds)}, {_arms_summary(plan)}; {why}"
         events.append(Event("Normal", c.ROUND_STARTED, msg))
         status = _status(ref, spec, _with_round(obs, plan), states)
         return Plan(tuple(actions), _running(c.ROUND_STARTED, msg, False), status, tuple(events))

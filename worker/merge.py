@@ -529,7 +529,13 @@ def _write_rows(
             this.unique += n_early
             shard_yield.append(
                 rec.ShardYield(
-                    sh.seed, n + n_early, sh.manifest.tokens, int(fresh.sum()) + n_early, int((fresh & qc_ok).sum())
+                    sh.seed,
+                    n + n_early,
+                    sh.manifest.tokens,
+                    int(fresh.sum()) + n_early,
+                    int((fresh & qc_ok).sum()),
+                    generated=sh.manifest.generated,
+                    kept=int((kept & qc_ok).sum()),
                 )
             )
             if sem_drops is not None:

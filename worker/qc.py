@@ -48,8 +48,8 @@ def _text(table: Any, name: str) -> Any:
 
 
 def _length(p: Mapping[str, Any], response: bool = True) -> Filter:
-    lo_i, hi_i = int(p.get("minInstructionChars", 10)), int(p.get("maxInstructionChars", 1000))
-    lo_r, hi_r = int(p.get("minResponseChars", 2)), int(p.get("maxResponseChars", 8000))
+    lo_i, hi_i = int(_param(p, "length", "minInstructionChars")), int(_param(p, "length", "maxInstructionChars"))
+    lo_r, hi_r = int(_param(p, "length", "minResponseChars")), int(_param(p, "length", "maxResponseChars"))
 
     def f(table: Any) -> Reasons:
         import pyarrow.compute as pc
@@ -69,7 +69,7 @@ def _length(p: Mapping[str, Any], response: bool = True) -> Filter:
 
 
 def _finish(p: Mapping[str, Any]) -> Filter:
-    allow = bool(p.get("allowTruncated", False))
+    allow = bool(_param(p, "finishReason", "allowTruncated"))
 
     def f(table: Any) -> Reasons:
         out = _none(table.num_rows)
@@ -203,7 +203,7 @@ def _sorted_unique(a: np.ndarray) -> np.ndarray:
 
 
 def _echo(p: Mapping[str, Any]) -> Filter:
-    max_overlap = float(p.get("maxOverlap", 0.8))
+    max_overlap = float(_param(p, "echo", "maxOverlap"))
 
     def f(table: Any) -> Reasons:
         import pyarrow as pa
@@ -301,8 +301,8 @@ def _alnum_counts(col: Any) -> np.ndarray:
 
 
 def _repetition(p: Mapping[str, Any]) -> Filter:
-    max_rep, n = float(p.get("maxRepeatedNgramRatio", 0.3)), int(p.get("ngram", 3))
-    min_alnum = float(p.get("minAlnumRatio", 0.6))
+    max_rep, n = float(_param(p, "repetition", "maxRepeatedNgramRatio")), int(_param(p, "repetition", "ngram"))
+    min_alnum = float(_param(p, "repetition", "minAlnumRatio"))
 
     def f(table: Any) -> Reasons:
         import pyarrow.compute as pc
@@ -327,8 +327,8 @@ def _repetition(p: Mapping[str, Any]) -> Filter:
 
 
 def _logprob(p: Mapping[str, Any], response: bool = True) -> Filter:
-    min_r = float(p.get("minResponseLogprob", -2.5))
-    min_i = float(p.get("minInstructionLogprob", -3.0))
+    min_r = float(_param(p, "logprob", "minResponseLogprob"))
+    min_i = float(_param(p, "logprob", "minInstructionLogprob"))
     sides = (("instruction_logprob", min_i), ("response_logprob", min_r))[: 2 if response else 1]
 
     def f(table: Any) -> Reasons:
@@ -348,7 +348,7 @@ def _logprob(p: Mapping[str, Any], response: bool = True) -> Filter:
 
 
 def _critic(p: Mapping[str, Any]) -> Filter:
-    min_score = float(p.get("minScore", 6))
+    min_score = float(_param(p, "critic", "minScore"))
 
     def f(table: Any) -> Reasons:
         out = _none(table.num_rows)
@@ -374,6 +374,28 @@ DEFAULT_MIN_RELEVANCE = 0.15
 # below it most rows are off too (the embedded model follows its few-shot examples): 0.1 is conservative.
 DEFAULT_MAX_DOMAIN_MARGIN = 0.1
 
+# Each filter's parameters where the spec leaves them out: the builders read them here (`_param`), and the dataset
+# card lists every filter with its parameters in effect (`effective_params`). Pattern lists are the filters' own.
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "length": {"minInstructionChars": 10, "maxInstructionChars": 1000, "minResponseChars": 2, "maxResponseChars": 8000},
+    "finishReason": {"allowTruncated": False},
+    "echo": {"maxOverlap": 0.8},
+    "repetition": {"maxRepeatedNgramRatio": 0.3, "ngram": 3, "minAlnumRatio": 0.6},
+    "logprob": {"minResponseLogprob": -2.5, "minInstructionLogprob": -3.0},
+    "critic": {"minScore": 6},
+    "relevance": {"minRelevance": DEFAULT_MIN_RELEVANCE},
+    "domain": {"maxMargin": DEFAULT_MAX_DOMAIN_MARGIN},
+}
+
+
+def _param(p: Mapping[str, Any], name: str, key: str) -> Any:
+    return p.get(key, DEFAULT_PARAMS[name][key])
+
+
+def effective_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """A filter's parameters as it runs: the spec's over the defaults."""
+    return {**DEFAULT_PARAMS.get(name, {}), **params}
+
 
 def _signal(column: str, bad: Callable[[np.ndarray], np.ndarray], reason: str) -> Filter:
     """A filter on a quality column the generator writes when the embedding model is loaded; a null (no model, no
@@ -392,12 +414,12 @@ def _signal(column: str, bad: Callable[[np.ndarray], np.ndarray], reason: str) -
 
 
 def _relevance(p: Mapping[str, Any]) -> Filter:
-    lo = float(p.get("minRelevance", DEFAULT_MIN_RELEVANCE))
+    lo = float(_param(p, "relevance", "minRelevance"))
     return _signal("relevance", lambda v: v < lo, "irrelevant_response")
 
 
 def _domain(p: Mapping[str, Any]) -> Filter:
-    hi = float(p.get("maxMargin", DEFAULT_MAX_DOMAIN_MARGIN))
+    hi = float(_param(p, "domain", "maxMargin"))
     return _signal("domain_margin", lambda v: v >= hi, "off_domain")
 
 

@@ -100,8 +100,10 @@ def test_report_json_is_the_round_report(finished: Path) -> None:
     report = json.loads(res.stdout.strip().splitlines()[-1])
     status = json.loads((finished / "status.json").read_text())["status"]
     assert report["round"] == status["round"]
-    assert report["qc_passed_total"] == status["totals"]["qcPassed"]
-    assert report["top_duplicates"] and report["per_domain"]
+    # the CRD's casing, as `status --json`: camelCase field names, data keys (QC reasons) as they are
+    assert report["qcPassedTotal"] == status["totals"]["qcPassed"]
+    assert report["topDuplicates"] and report["perDomain"] and report["perShard"][0]["newQcPassed"] >= 0
+    assert not [k for k in report if "_" in k] and report["arms"] == status["arms"]
 
 
 def test_report_json_before_any_merge_is_a_one_line_error(tmp_path: Path) -> None:

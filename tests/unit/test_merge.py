@@ -47,8 +47,12 @@ def test_keep_first_in_round_seed_index_order_with_counts(storage: LocalStorage)
     assert (report.generated, report.new_unique, report.new_qc_passed) == (7, 3, 2)
     assert report.exact_duplicates == 1 and report.qc_rejected == {"refusal": 1}
     assert report.skipped_online == 3
-    # per shard, each row judged against earlier rounds only (the policy's reward): seed 101's France row counts too
-    assert report.per_shard == (rec.ShardYield(100, 2, 40, 2, 1), rec.ShardYield(101, 2, 40, 2, 2))
+    # per shard, each row judged against earlier rounds only (the policy's reward): seed 101's France row counts too;
+    # what the dataset kept of each shard (kept) and what each sampled (generated) add up to the round's figures
+    assert report.per_shard == (rec.ShardYield(100, 2, 40, 2, 1, generated=5, kept=1),
+                                rec.ShardYield(101, 2, 40, 2, 2, generated=2, kept=1))  # fmt: skip
+    assert sum(y.kept or 0 for y in report.per_shard) == report.new_qc_passed
+    assert sum(y.generated or 0 for y in report.per_shard) == report.generated
     assert report.top_duplicates == (("What's the capital city of France", 2),)
     assert report.duplication_ratio == pytest.approx(1 - 3 / 7)
     rejected = pq.read_table(storage.location(rec.rejected_part_key(1))).to_pylist()

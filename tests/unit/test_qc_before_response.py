@@ -142,8 +142,10 @@ def test_the_merge_counts_them_as_unique_qc_rejected_examples_of_their_shard(tmp
     assert (report.generated, report.new_unique, report.new_qc_passed) == (11, 8, 2)
     assert report.qc_rejected == {"instruction_too_short": 1, "low_logprob": 5}
     assert report.qc_rejected_before_response == 6 and report.qc_pass_rate == pytest.approx(2 / 8)
+    # seed 101's row is new against earlier rounds (the bandit's measure) but seed 100 had it first: kept 0
     assert report.per_shard == (
-        rec.ShardYield(100, 6, 40, 6, 2), rec.ShardYield(101, 1, 20, 1, 1), rec.ShardYield(103, 2, 0, 2, 0)
+        rec.ShardYield(100, 6, 40, 6, 2, generated=6, kept=2), rec.ShardYield(101, 1, 20, 1, 1, generated=3, kept=0),
+        rec.ShardYield(103, 2, 0, 2, 0, generated=2, kept=0),
     )  # fmt: skip
     md = Path(storage.location(f"{rec.merge_prefix(1)}/report.md")).read_text()
     assert "| Rejected by QC in the generators before their responses (in unique and QC rejections) | 6 | |" in md
