@@ -219,9 +219,9 @@ def test_endpoint_fields_are_checked_with_field_names() -> None:
 
 def test_jobs_get_the_key_from_the_secret_by_reference() -> None:
     spec = _spec({"url": "http://vllm:8000/v1", "apiKeySecret": "inference-key"})
-    env = {e["name"]: e for e in _env(spec)}
+    env = {e["name"]: e for e in _env(spec, llm_key=True)}
     assert env["OPENAI_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "inference-key", "key": "OPENAI_API_KEY"}}
-    assert "OPENAI_API_KEY" not in {e["name"] for e in _env(_spec({"url": "http://vllm:8000/v1"}))}
+    assert "OPENAI_API_KEY" not in {e["name"] for e in _env(_spec({"url": "http://vllm:8000/v1"}), llm_key=True)}
 
 
 def _job(tmp_path: Path, endpoint: dict[str, Any]) -> Path:
