@@ -596,13 +596,14 @@ def _bandit_round(
     y, sd = pol.mix_yield(stats, pol.allocate(stats, cap, spec.policy.exploration, rng))
     measured = max(obs.reports[max(obs.reports)].generated_total, 1)
     rounds_left = spec.budget.max_rounds - rnd + 1
-    size = pol.size_round(spec, need, y, sd, room_examples, room_shards, last, measured, rounds_left)
+    floor = pol.min_shard_examples(spec, stats, obs.engines)
+    size = pol.size_round(spec, need, y, sd, room_examples, room_shards, last, measured, rounds_left, floor)
     picks = pol.allocate(stats, size.shards, spec.policy.exploration, rng)
     per, why = size.examples, size.why
     if size.precise and size.shards < cap:  # sized to the target: size again for the arms actually drawn
         y, sd = pol.mix_yield(stats, picks)
         n, _, why = pol.examples_for(spec, need, y, sd, last, rounds_left)
-        per = min(pol.shard_examples(spec, math.ceil(n / len(picks))), max(1, room_examples // len(picks)))
+        per = min(pol.shard_examples(spec, math.ceil(n / len(picks)), floor), max(1, room_examples // len(picks)))
         why += f" -> {len(picks)} shard(s) x {per}"
     retired = [a.id for a in stats if a.retired]
     why += f"; retired (QC-pass rate below the floor): {', '.join(retired)}" if retired else ""
@@ -615,7 +616,7 @@ def _bandit_round(
         if size.precise and size.shards < cap and abs(k - 1) > 0.01:  # the cells drawn change the yield: resize
             y, sd = pol.mix_yield(stats, picks)
             n, _, _ = pol.examples_for(spec, need, min(1.0, y * k), sd * k, last, rounds_left)
-            per = min(pol.shard_examples(spec, math.ceil(n / len(picks))), max(1, room_examples // len(picks)))
+            per = min(pol.shard_examples(spec, math.ceil(n / len(picks)), floor), max(1, room_examples // len(picks)))
             why += f"; the cells drawn scale the yield by {k:.2f} -> {len(picks)} shard(s) x {per}"
     if len(picks) * per > room_examples:  # whatever sized it (growth, rounding, the 16-example floor): never past
         n = max(1, min(len(picks), room_examples))

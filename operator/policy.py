@@ -31,12 +31,14 @@ from statistics import NormalDist
 from typing import TypeVar
 
 from genrun.contract.api import GenerationRunSpec
-from genrun.contract.records import RoundPlan, RoundReport, Sampling, ShardPlan
+from genrun.contract.records import EngineSession, RoundPlan, RoundReport, Sampling, ShardPlan
 from genrun.contract.status import ArmEntry, CellEntry
+from genrun.operator import cost
 
 DISCOUNT = 0.7  # weight of a round's evidence per round of age
 MAX_ARMS = 16  # the CRD's maxItems on spec.policy.arms, and the ladder's length bound
-MIN_SHARD_EXAMPLES = 16  # per shard after the pilot (unless examplesPerShard is smaller): a GPU Job's start-up would cost more than fewer samples
+MIN_SHARD_EXAMPLES = 16  # per shard after the pilot (unless examplesPerShard is smaller): each shard is a marker, two files and a merge input
+TOKENS_PER_EXAMPLE_PRIOR = 400.0  # an instruction and its response, before the run has measured its own
 EXACT_BOUND_MAX = 2000  # unique rows up to which the QC-pass bound is exact (Clopper-Pearson); Wilson above
 PRIOR_WEIGHT = 2.0  # examples' worth of the pooled prior (Beta(1, 1) is worth 2)
 TOKENS_PRIOR_WEIGHT = 10.0  # examples' worth of the pooled tokens per example (see tokens_per_example)
@@ -395,10 +397,33 @@ def examples_for(
     )
 
 
-def shard_examples(spec: GenerationRunSpec, per: int) -> int:
-    """Examples per shard, between MIN_SHARD_EXAMPLES and spec.shards.examplesPerShard."""
+def starts_own_engine(spec: GenerationRunSpec) -> bool:
+    """Whether each shard Job loads the model itself (spec.worker.engine: perShard, no spec.model.endpoint) rather than
+    call an engine that is already warm (the run's own, or the user's server)."""
+    return spec.worker.engine == "perShard" and spec.model.endpoint is None
+
+
+def min_shard_examples(
+    spec: GenerationRunSpec, stats: Sequence[ArmStats] = (), sessions: Sequence[EngineSession] = ()
+) -> int:
+    """The fewest examples a shard gets after the pilot. On a warm engine a shard costs only its tokens, so the floor
+    is MIN_SHARD_EXAMPLES. A shard Job that starts its own engine is made large enough for its start-up to stay
+    within a tenth of its device time (operator/cost.py), at the run's measured start-up, throughput and tokens per
+    example once it has them, the priors before."""
     eps = spec.shards.examples_per_shard
-    return min(eps, max(min(MIN_SHARD_EXAMPLES, eps), per))
+    floor = min(MIN_SHARD_EXAMPLES, eps)
+    if not starts_own_engine(spec):
+        return floor
+    profile = cost.profile_for(cost.prior(spec.worker.gpus), sessions)
+    tried = [a for a in stats if a.tried]
+    tpe = tokens_per_example(stats, best(tried)) if tried else TOKENS_PER_EXAMPLE_PRIOR
+    return min(eps, max(floor, cost.min_job_examples(profile, tpe if tpe > 1 else TOKENS_PER_EXAMPLE_PRIOR)))
+
+
+def shard_examples(spec: GenerationRunSpec, per: int, floor: int | None = None) -> int:
+    """Examples per shard, between `floor` (min_shard_examples) and spec.shards.examplesPerShard."""
+    eps = spec.shards.examples_per_shard
+    return min(eps, max(min_shard_examples(spec) if floor is None else floor, per))
 
 
 def size_round(
@@ -411,6 +436,7 @@ def size_round(
     last_round: bool,
     measured: int = 0,
     rounds_left: int = 0,
+    floor: int | None = None,
 ) -> Sizing:
     """A round that can reach the target is sized by `examples_for` (shards and examples per shard); one that cannot
     is as large as the per-round cap and the budget allow. While the budget leaves `rounds_left` >= 4 rounds (this
@@ -423,12 +449,12 @@ def size_round(
     # Growth needs rounds after this one to approach, finish and correct a miss in: with fewer left, commit now.
     if measured and rounds_left >= 4 and n > grown and grown < min(cap * eps, room_examples):
         shards = max(min(e.min_shards_per_round, cap), math.ceil(grown / eps))
-        per = shard_examples(spec, math.ceil(grown / shards))
+        per = shard_examples(spec, math.ceil(grown / shards), floor)
         why = f"{why}; this round grows to at most {GROWTH}x the {measured} examples measured so far"
         return Sizing(shards, per, False, f"{why} -> {shards} shard(s) x {per}")
     if n <= min(cap * eps, room_examples):
         shards = max(min(e.min_shards_per_round, cap), math.ceil(n / eps))
-        per = shard_examples(spec, math.ceil(n / shards))
+        per = shard_examples(spec, math.ceil(n / shards), floor)
         return Sizing(shards, per, precise, f"{why} -> {shards} shard(s) x {per}")
     per = min(eps, max(1, room_examples // max(1, cap)))
     cap = min(cap, max(1, room_examples // per))  # fewer examples left than shards: fewer shards, never over budget

@@ -76,3 +76,19 @@ def test_the_status_and_the_metrics_show_the_engines_device_time() -> None:
     assert got[("genrun_engine_device_seconds_total", lbl)] == 420.0
     assert got[("genrun_engine_startup_device_seconds_total", lbl)] == 20.0
     assert got[("genrun_engine_starts_total", lbl)] == 1
+
+
+def test_shards_that_start_their_own_engine_are_sized_by_its_start_up_and_warm_ones_are_not() -> None:
+    from genrun.operator import policy as pol
+
+    raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
+    raw["shards"] = {**raw.get("shards", {}), "examplesPerShard": 20_000}
+    shared = parse_spec(raw)
+    own = parse_spec({**raw, "worker": {**raw.get("worker", {}), "engine": "perShard", "gpus": 2}})
+    assert pol.min_shard_examples(shared) == pol.MIN_SHARD_EXAMPLES  # a warm engine: tokens are the only cost
+    cold = pol.min_shard_examples(own)  # the GPU prior: 120 s to start, 3,000 tokens/s
+    assert cold == cost.min_job_examples(cost.prior(2), pol.TOKENS_PER_EXAMPLE_PRIOR) > pol.MIN_SHARD_EXAMPLES
+    # The run's own engines started in 12 s: a tenth of the prior's start-up, so shards a tenth as large do.
+    fast = (_session("p", 0.0, 12.0, 100.0, devices=2, accelerator="gpu", tokens=264_000, busy_seconds=88.0),)
+    assert pol.min_shard_examples(own, (), fast) == pytest.approx(cold / 10, rel=0.05)
+    assert pol.shard_examples(own, 1) == cold and pol.shard_examples(shared, 1) == pol.MIN_SHARD_EXAMPLES
