@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from genrun.contract.records import RoundPlan, RoundReport
 from genrun.contract.status import ArmEntry, RoundEntry
-from genrun.operator.policy import MAX_ARMS, arm_id
+from genrun.operator.policy import MAX_ARMS, arm_id, shard_yields
 
 
 def seed_range(seeds: tuple[int, ...]) -> str:
@@ -61,25 +61,17 @@ class ArmTotals:
 def arm_totals(rounds: Mapping[int, RoundPlan], reports: Mapping[int, RoundReport]) -> dict[str, ArmTotals] | None:
     """Per arm id, what the run's counts hold of its shards, from the reports' per-shard figures; None when a
     merged round's report predates them (an older run: the arm table then shows the bandit's own counts)."""
+    if any(rep.shards and not rep.per_shard for rnd, rep in reports.items() if rnd in rounds):
+        return None
     out: dict[str, ArmTotals] = {}
-    for rnd in sorted(reports):
-        plan, rep = rounds.get(rnd), reports[rnd]
-        if plan is None:
-            continue
-        by_seed = {s.seed: s for s in plan.shards}
-        for y in rep.per_shard:
-            shard = by_seed.get(y.seed)
-            if shard is None:
-                continue
-            if y.generated is None or y.kept is None:
-                return None
-            t = out.setdefault(shard.arm or arm_id(shard.sampling), ArmTotals())
-            t.shards += 1
-            t.generated += y.generated
-            t.tokens += y.tokens
-            t.kept += y.kept
-        if rep.shards and not rep.per_shard:
+    for _, shard, y in shard_yields(rounds, reports):
+        if y.generated is None or y.kept is None:
             return None
+        t = out.setdefault(shard.arm or arm_id(shard.sampling), ArmTotals())
+        t.shards += 1
+        t.generated += y.generated
+        t.tokens += y.tokens
+        t.kept += y.kept
     return out
 
 

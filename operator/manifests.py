@@ -18,7 +18,7 @@ from typing import Any
 
 from genrun.contract import errors
 from genrun.contract import records as rec
-from genrun.contract.api import API_KEY_ENV, API_VERSION, KIND, GenerationRunSpec, RunRef
+from genrun.contract.api import API_KEY_ENV, API_VERSION, KIND, GenerationRunSpec, RunRef, WorkerSpec
 from genrun.operator.planner import CreateMergeJob, CreateShardJob, child_name, job_spec
 from genrun.operator.settings import Settings
 
@@ -161,6 +161,18 @@ def _env(spec: GenerationRunSpec, llm_key: bool) -> list[dict[str, Any]]:
     return env
 
 
+def _place(pod: dict[str, Any], w: WorkerSpec, settings: Settings) -> None:
+    """Where a pod of the run may run and as whom (spec.worker, the operator's settings): Jobs and the engine alike."""
+    if settings.worker_service_account:
+        pod["serviceAccountName"] = settings.worker_service_account
+    if w.node_selector:
+        pod["nodeSelector"] = dict(w.node_selector)
+    if w.tolerations:
+        pod["tolerations"] = [dict(t) for t in w.tolerations]
+    if w.priority_class_name:
+        pod["priorityClassName"] = w.priority_class_name
+
+
 def _volumes(
     spec: GenerationRunSpec, job_name: str, shm: str | None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -234,14 +246,7 @@ def _job(
         ],
         "volumes": vols,
     }
-    if settings.worker_service_account:
-        pod["serviceAccountName"] = settings.worker_service_account
-    if w.node_selector:
-        pod["nodeSelector"] = dict(w.node_selector)
-    if w.tolerations:
-        pod["tolerations"] = [dict(t) for t in w.tolerations]
-    if w.priority_class_name:
-        pod["priorityClassName"] = w.priority_class_name
+    _place(pod, w, settings)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -469,14 +474,7 @@ def engine_deployment(ref: RunRef, spec: GenerationRunSpec, settings: Settings, 
     }
     if w.cache_volume_claim:
         _use_compile_cache(pod, w.cache_volume_claim)
-    if settings.worker_service_account:
-        pod["serviceAccountName"] = settings.worker_service_account
-    if w.node_selector:
-        pod["nodeSelector"] = dict(w.node_selector)
-    if w.tolerations:
-        pod["tolerations"] = [dict(t) for t in w.tolerations]
-    if w.priority_class_name:
-        pod["priorityClassName"] = w.priority_class_name
+    _place(pod, w, settings)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -25,13 +25,13 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import TypeVar
 
 from genrun.contract.api import GenerationRunSpec
-from genrun.contract.records import EngineSession, RoundPlan, RoundReport, Sampling, ShardPlan
+from genrun.contract.records import EngineSession, RoundPlan, RoundReport, Sampling, ShardPlan, ShardYield
 from genrun.contract.status import ArmEntry, CellEntry
 from genrun.operator import cost
 
@@ -144,6 +144,20 @@ class ArmStats:
 
 
 A = TypeVar("A", bound=ArmStats)
+
+
+def shard_yields(
+    rounds: Mapping[int, RoundPlan], reports: Mapping[int, RoundReport]
+) -> Iterator[tuple[int, ShardPlan, ShardYield]]:
+    """(round, the shard's plan, its merged figures) of every merged shard, rounds in order."""
+    for rnd in sorted(reports):
+        plan = rounds.get(rnd)
+        if plan is None:
+            continue
+        by_seed = {s.seed: s for s in plan.shards}
+        for y in reports[rnd].per_shard:
+            if y.seed in by_seed:
+                yield rnd, by_seed[y.seed], y
 
 
 def shard_arm(shard: ShardPlan) -> Sampling:
@@ -566,16 +580,10 @@ def cell_stats(
     base = base_sampling(spec)
     stats = {c: CellStats(base, cell=c) for c in cells(spec)}
     latest = max(reports, default=0)
-    for rnd in sorted(reports):
-        plan, rep = rounds.get(rnd), reports[rnd]
-        if plan is None:
-            continue
-        by_seed = {s.seed: s for s in plan.shards}
-        for y in rep.per_shard:
-            shard = by_seed.get(y.seed)
-            if shard is not None and shard.cell in stats:
-                w = DISCOUNT ** (latest - rnd)
-                stats[shard.cell].add(w, 1, y.rows, y.tokens, y.new_unique, y.new_qc_passed)
+    for rnd, shard, y in shard_yields(rounds, reports):
+        if shard.cell in stats:
+            w = DISCOUNT ** (latest - rnd)
+            stats[shard.cell].add(w, 1, y.rows, y.tokens, y.new_unique, y.new_qc_passed)
     out = list(stats.values())
     _judge(spec, out)
     return out
