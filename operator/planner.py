@@ -660,3 +660,54 @@ def _shard_creates(spec: GenerationRunSpec, ref: RunRef, states: list[_ShardStat
             break
         out.append(CreateShardJob(shard_job_name(ref.name, s.shard.round, s.shard.seed, s.attempt), s.attempt, s.shard))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rebuilding what was found damaged (the loop sets damaged files aside; these decide what replaces them)
+
+
+def replan(ref: RunRef, spec: GenerationRunSpec, obs: Observed, rnd: int) -> RoundPlan | None:
+    """Round `rnd`'s plan decided again from what it was decided from: the plans and reports of the rounds before it
+    (nothing else of `obs` reaches a new round's decision; the random stream is seeded by the run and the round). So a
+    plan set aside as damaged comes back as it was recorded (tested). None while those inputs are not all there (an
+    earlier plan or the previous round's report is itself being rebuilt), or when the spec as it is now plans no such
+    round (a budget lowered since)."""
+    before = Observed(
+        {r: p for r, p in obs.rounds.items() if r < rnd}, reports={r: x for r, x in obs.reports.items() if r < rnd}
+    )
+    if set(before.rounds) != set(range(1, rnd)) or (rnd > 1 and rnd - 1 not in before.reports):
+        return None
+    plan = decide(ref, dataclasses.replace(spec, suspend=False), before)
+    return next((a.plan for a in plan.actions if isinstance(a, RecordRound) and a.plan.round == rnd), None)
+
+
+def remerge(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan | None:
+    """The plan while a merged round has no report (it was set aside as damaged, or removed because an output of its
+    merge was): that round's merge again, before anything else is decided (a new round decided without the report would
+    not be the round an undamaged run decides). Every round before the latest was merged (a round is planned once the
+    previous report exists); the latest was when its merge Job succeeded. One round at a time, lowest first; a merge
+    rewrites the same outputs from the same shards and the state of the rounds before. None when no round needs it."""
+    latest = max(obs.rounds, default=0)
+    retries = spec.budget.max_shard_retries
+    for rnd in sorted(r for r in obs.rounds if r not in obs.reports):
+        attempts = _attempts(obs.jobs, "merge", rnd, None)
+        if rnd == latest and not any(j.phase == "Succeeded" for j in attempts):
+            return None  # never merged: `decide` merges it when its shards are done
+        states = {r: _shard_states(spec, p, obs) for r, p in obs.rounds.items()}
+        msg = f"round {rnd}: merging it again (its report or an output of its merge was damaged and set aside)"
+        status = _status(ref, spec, obs, states)
+        last = attempts[-1] if attempts else None
+        if last is not None and last.phase in ACTIVE_PHASES:
+            return Plan((), _running(c.REPAIRING, msg, spec.suspend), status)
+        if last is not None and (
+            (last.phase == "Failed" and (not last.retriable or last.attempt >= retries)) or last.attempt > retries
+        ):
+            why = f"round {rnd}: merging it again failed ({_retries(last.attempt, retries)}): {last.message or last.phase}"
+            return Plan((), _failed(c.MERGE_FAILED, why), status)
+        attempt = 0 if last is None else last.attempt + 1
+        shard_ids = tuple((s.round, s.seed) for r in sorted(obs.rounds) if r <= rnd for s in obs.rounds[r].shards)
+        actions = (
+            () if spec.suspend else (CreateMergeJob(merge_job_name(ref.name, rnd, attempt), attempt, rnd, shard_ids),)
+        )
+        return Plan(actions, _running(c.REPAIRING, msg, spec.suspend), status)
+    return None
