@@ -34,7 +34,7 @@ from genrun.operator.planner import (
     RecordRound,
     decide,
     invalid_plan,
-    remerge,
+    repair,
     replan,
 )
 from genrun.worker.export import CARD_KEY, messages_jsonl_key, messages_key
@@ -91,8 +91,8 @@ class RunLoop:
         self.observed = await asyncio.to_thread(self.observe, jobs)
         if self._lost:
             plan = invalid_plan([self._lost], c.ROUND_PLAN_LOST)
-        else:  # a merged round without its report is merged again before anything new is decided
-            plan = remerge(self.ref, self.spec, self.observed) or decide(self.ref, self.spec, self.observed)
+        else:  # what a merged round lost is made again before anything new is decided
+            plan = repair(self.ref, self.spec, self.observed) or decide(self.ref, self.spec, self.observed)
         damaged = damage_condition(self._records)
         if damaged is not None:
             plan = replace(plan, conditions=(*plan.conditions, damaged))
@@ -116,21 +116,6 @@ class RunLoop:
         s = self.storage
         if not self._status_checked:
             self._check_status()
-        done, marker_seeds = set(), {}
-        for key in s.list("shards/"):
-            if not key.endswith(".done.json"):
-                continue
-            if key not in self._markers:
-                marker, why = checked_marker(s, key)
-                if marker is None:  # set aside, so the merge never trips on it; counted in the status
-                    if not why:
-                        continue
-                    self._set_aside(key, why, "the shard runs again while its round is open")
-                    self.warn(f"{s.location(key)}: {why}; set aside under {QUARANTINE}, the shard runs again")
-                    continue
-                self._markers[key] = (marker.round, marker.seed)
-            done.add(self._markers[key])
-            marker_seeds.setdefault(self._markers[key][0], set()).add(self._markers[key][1])
         for key in s.list("rounds/"):
             rnd = round_of(key)
             if rnd and key == rec.round_plan_key(rnd) and rnd not in self._plans:
@@ -160,6 +145,22 @@ class RunLoop:
                 s.delete(rec.round_report_key(last))
                 del self._reports[last]
                 self._set_aside(CARD_KEY, why, f"round {last}, the latest merged, is merged again, which rewrites it")
+        done, marker_seeds = set(), {}
+        for key in s.list("shards/"):
+            if not key.endswith(".done.json"):
+                continue
+            if key not in self._markers:
+                marker, why = checked_marker(s, key)
+                if marker is None:  # set aside, so the merge never trips on it; counted in the status
+                    if not why:
+                        continue
+                    self._set_aside(key, why, "the shard runs again")
+                    continue
+                if not self._shard_whole(marker):
+                    continue
+                self._markers[key] = (marker.round, marker.seed)
+            done.add(self._markers[key])
+            marker_seeds.setdefault(self._markers[key][0], set()).add(self._markers[key][1])
         self._read_records()
         self._replan(marker_seeds)
         shown = {}
@@ -199,6 +200,22 @@ class RunLoop:
             self.record(plan)
             self.warn(f"{self.storage.location(rec.round_plan_key(rnd))}: decided again and recorded")
 
+    def _shard_whole(self, marker: rec.ShardManifest) -> bool:
+        """A shard of the open round (not merged yet) checked once, when its marker is first read: its data and
+        rejected rows must be whole Parquet files, else both are set aside with the marker and the shard runs again
+        (the same seed gives the same rows), instead of the merge quarantining it and losing its examples."""
+        rnd, seed = marker.round, marker.seed
+        if rnd in self._reports or rnd != max(self._plans, default=0):
+            return True  # merged already (its rows are in the dataset), or a round closed before this one
+        keys = [rec.shard_data_key(rnd, seed)] + ([rec.shard_rejected_key(rnd, seed)] if marker.rejected else [])
+        bad = [(k, why) for k in keys if (why := parquet_damage(read_ends(self.storage, k)))]
+        if not bad:
+            return True
+        self.storage.delete(rec.shard_manifest_key(rnd, seed))  # first: whatever happens next, the shard runs again
+        for key, why in bad:
+            self._set_aside(key, why, "the shard runs again (its round is not merged yet)")
+        return False
+
     def _outputs_whole(self, rnd: int) -> bool:
         """Round `rnd`'s merge outputs checked once (when its report is first read): False, with the damaged ones set
         aside and the report removed so that the round is merged again, when one is damaged or a part is missing."""
@@ -214,11 +231,10 @@ class RunLoop:
     def _set_aside(self, key: str, why: str, repair: str) -> None:
         quarantine(self.storage, key, why, repair)
         self._records[key] = {"key": key, "error": why, "repair": repair}
-        where = self.storage.location(key)
         self._events.append(
             Event("Warning", damage_reason(key), f"{key}: {why}; set aside under {QUARANTINE}, {repair}")
         )
-        log.warning("%s: %s; set aside under %s, %s", where, why, QUARANTINE, repair)
+        self.warn(f"{self.storage.location(key)}: {why}; set aside under {QUARANTINE}, {repair}")
 
     def _check_status(self) -> None:
         """status.json, once: unreadable, it is recorded as damaged and written again at the next publish."""
@@ -339,7 +355,7 @@ def checked_marker(storage: Storage, key: str) -> tuple[rec.ShardManifest | None
 
 def quarantine_marker(storage: Storage, key: str, why: str) -> None:
     """Set a damaged marker aside: its shard then counts as not done and is generated again."""
-    quarantine(storage, key, why, "the shard runs again while its round is open")
+    quarantine(storage, key, why, "the shard runs again")
 
 
 def quarantine(storage: Storage, key: str, why: str, repair: str) -> None:

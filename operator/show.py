@@ -68,7 +68,8 @@ def _or_dash(v: float | None) -> str:
     return "-" if v is None else str(v)
 
 
-def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout) -> int:
+def print_report(output: str, html: str | None = None, file: TextIO | None = None) -> int:
+    file = sys.stdout if file is None else file  # the stdout of now (a default would keep the one of import time)
     storage = open_run(output)
     damaged: list[str] = []
     reports = read_reports(storage, damaged)
