@@ -125,26 +125,7 @@ class RunLoop:
                     continue
                 except ValueError as exc:
                     self._set_aside(key, str(exc), f"round {rnd} is decided again from the rounds before it")
-        merged = False
-        for rnd in sorted(self._plans.keys() - self._reports.keys()):
-            key = rec.round_report_key(rnd)
-            try:
-                report = checked_report(s.read_bytes(key), rnd)
-            except KeyError:
-                continue  # not merged yet
-            except ValueError as exc:
-                self._set_aside(key, str(exc), f"round {rnd} is merged again")
-                continue
-            if self._outputs_whole(rnd):
-                self._reports[rnd] = report
-                merged = True
-        if merged and self._reports:  # the dataset card is the latest merge's
-            last = max(self._reports)
-            why = text_damage(read_ends(s, CARD_KEY), card=True)
-            if why:
-                s.delete(rec.round_report_key(last))
-                del self._reports[last]
-                self._set_aside(CARD_KEY, why, f"round {last}, the latest merged, is merged again, which rewrites it")
+        self._read_reports()
         done, marker_seeds = set(), {}
         for key in s.list("shards/"):
             if not key.endswith(".done.json"):
@@ -162,7 +143,8 @@ class RunLoop:
             done.add(self._markers[key])
             marker_seeds.setdefault(self._markers[key][0], set()).add(self._markers[key][1])
         self._read_records()
-        self._replan(marker_seeds)
+        if self._replan(marker_seeds):
+            self._read_reports()  # of the rounds decided again
         shown = {}
         for rnd in sorted(self._plans):  # up to the first gap
             if rnd != len(shown) + 1:
@@ -172,10 +154,38 @@ class RunLoop:
         quarantined = quarantined_keys(s, reports)
         return Observed(shown, jobs, frozenset(done), reports, quarantined)
 
-    def _replan(self, marker_seeds: dict[int, set[int]]) -> None:
+    def _read_reports(self) -> None:
+        """The reports of planned rounds not read yet, each checked with its round's merge outputs; the dataset card
+        (the latest merge's) with the latest."""
+        s = self.storage
+        merged = False
+        for rnd in sorted(self._plans.keys() - self._reports.keys()):
+            key = rec.round_report_key(rnd)
+            try:
+                report = checked_report(s.read_bytes(key), rnd)
+            except KeyError:
+                continue  # not merged yet
+            except ValueError as exc:
+                self._set_aside(key, str(exc), f"round {rnd} is merged again")
+                continue
+            if self._outputs_whole(rnd):
+                self._reports[rnd] = report
+                merged = True
+        if merged and self._reports:
+            last = max(self._reports)
+            card = read_ends(s, CARD_KEY)
+            why = "" if card is None else text_damage(card, card=True)  # none: a run older than the cards
+            if why:
+                s.delete(rec.round_report_key(last))
+                del self._reports[last]
+                self._set_aside(CARD_KEY, why, f"round {last}, the latest merged, is merged again, which rewrites it")
+
+    def _replan(self, marker_seeds: dict[int, set[int]]) -> bool:
         """Decide again each round whose plan is missing while a later round, or shards of it, exist; record it when
-        it is the plan its shards were made from (every shard of the round on storage is one of its seeds)."""
+        it is the plan its shards were made from (every shard of the round on storage is one of its seeds). True when
+        it recorded one."""
         self._lost = ""
+        recorded = False
         top = max((*self._plans, *marker_seeds, *(round_of(k) for k in self._records)), default=0)
         for rnd in range(1, top + 1):
             if rnd in self._plans:
@@ -184,10 +194,10 @@ class RunLoop:
             plan = replan(self.ref, self.spec, Observed(seen, reports=self._reports), rnd)
             if plan is None:
                 if rnd - 1 in self._plans and rnd - 1 not in self._reports:
-                    return  # the previous round's report comes first (it is being merged): decided then
+                    return recorded  # the previous round's report comes first (it is being merged): decided then
                 self._lost = (f"round {rnd}'s plan ({rec.round_plan_key(rnd)}) was damaged or removed, and the spec "
                               f"as it is now decides no round {rnd} from the rounds before it")  # fmt: skip
-                return
+                return recorded
             stray = sorted(marker_seeds.get(rnd, set()) - set(plan.seeds))
             if stray:
                 self._lost = (
@@ -196,9 +206,11 @@ class RunLoop:
                     "them; the spec or genrun changed since): restore the file (its fault is recorded under "
                     f"{QUARANTINE}) or run into a new output"
                 )
-                return
+                return recorded
             self.record(plan)
+            recorded = True
             self.warn(f"{self.storage.location(rec.round_plan_key(rnd))}: decided again and recorded")
+        return recorded
 
     def _shard_whole(self, marker: rec.ShardManifest) -> bool:
         """A shard of the open round (not merged yet) checked once, when its marker is first read: its data and
@@ -228,8 +240,8 @@ class RunLoop:
             self._set_aside(key, why, f"round {rnd} is merged again, which rewrites it")
         return False
 
-    def _set_aside(self, key: str, why: str, repair: str) -> None:
-        quarantine(self.storage, key, why, repair)
+    def _set_aside(self, key: str, why: str, repair: str, keep: bool = False) -> None:
+        quarantine(self.storage, key, why, repair, keep=keep)
         self._records[key] = {"key": key, "error": why, "repair": repair}
         self._events.append(
             Event("Warning", damage_reason(key), f"{key}: {why}; set aside under {QUARANTINE}, {repair}")
@@ -247,7 +259,7 @@ class RunLoop:
         why = status_damage(raw)
         if why:
             self._rewrite_status = True
-            self._set_aside(rec.STATUS_KEY, why, "written again from the run's record")
+            self._set_aside(rec.STATUS_KEY, why, "written again from the run's record", keep=True)
 
     def _read_records(self) -> None:
         for key in self.storage.list(QUARANTINE):
@@ -358,12 +370,14 @@ def quarantine_marker(storage: Storage, key: str, why: str) -> None:
     quarantine(storage, key, why, "the shard runs again")
 
 
-def quarantine(storage: Storage, key: str, why: str, repair: str) -> None:
+def quarantine(storage: Storage, key: str, why: str, repair: str, *, keep: bool = False) -> None:
     """Set a damaged file aside: a record of its key, the fault and what rebuilds it under quarantine/ (the merge
-    writes the same record for shard data), then the file goes, so that nothing reads it again."""
+    writes the same record for shard data), then the file goes, so that nothing reads it again (`keep`: it stays
+    until it is written again, as status.json, whose absence would say there is no run here)."""
     record = {"key": key, "error": why, "repair": repair}
     storage.write_bytes(f"{QUARANTINE}{key}.json", json.dumps(record).encode())
-    storage.delete(key)
+    if not keep:
+        storage.delete(key)
 
 
 def quarantined_keys(storage: Storage, reports: Mapping[int, rec.RoundReport]) -> frozenset[str]:

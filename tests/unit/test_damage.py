@@ -26,7 +26,7 @@ from genrun.operator.loop import (
     text_damage,
     zip_damage,
 )
-from genrun.operator.planner import CreateMergeJob, Observed, ObservedJob, decide, repair, replan
+from genrun.operator.planner import CreateMergeJob, CreateShardJob, Observed, ObservedJob, decide, repair, replan
 from genrun.operator.simulate import run_instantly
 from genrun.worker.merge_state import save_npz
 from genrun.worker.storage import LocalStorage
@@ -208,3 +208,22 @@ def test_quarantine_records_the_fault_and_removes_the_file(tmp_path: Path) -> No
     assert (tmp_path / "quarantine" / "rounds" / "r0001" / "plan.json.json").read_text() == (
         '{"key": "rounds/r0001/plan.json", "error": "unreadable", "repair": "decided again"}'
     )
+
+
+def test_a_merged_shard_whose_marker_was_set_aside_is_generated_again() -> None:
+    """Its rows are merged already, but a later full re-merge reads every shard: the same seed makes it again, before
+    anything else is decided. A shard that failed (never done, nothing set aside) is left as it was."""
+    spec = bandit_spec()
+    obs = finished_world(spec)
+    shard = obs.rounds[1].shards[1]
+    done = frozenset((s.round, s.seed) for p in obs.rounds.values() for s in p.shards) - {(1, shard.seed)}
+    lost = dataclasses.replace(
+        obs, jobs=(), shards_done=done, quarantined=frozenset({rec.shard_manifest_key(1, shard.seed)})
+    )
+    plan = repair(REF, spec, lost)  # type: ignore[arg-type]
+    assert plan is not None and plan.condition(c.PROGRESSING).reason == c.REPAIRING
+    assert [(type(a), a.shard, a.attempt) for a in plan.actions] == [(CreateShardJob, shard, 0)]  # type: ignore[union-attr]
+    listed = ObservedJob(f"sft-r1-s{shard.seed}", "shard", 1, shard.seed, 0, "Succeeded")  # still listed: attempt 1
+    again = repair(REF, spec, dataclasses.replace(lost, jobs=(listed,)))  # type: ignore[arg-type]
+    assert again is not None and [a.attempt for a in again.actions] == [1]  # type: ignore[union-attr]
+    assert repair(REF, spec, dataclasses.replace(lost, quarantined=frozenset())) is None  # type: ignore[arg-type]
