@@ -126,7 +126,8 @@ class RunLoop:
                 except ValueError as exc:
                     self._set_aside(key, str(exc), f"round {rnd} is decided again from the rounds before it")
         self._read_reports()
-        done, marker_seeds = set(), {}
+        done: set[tuple[int, int]] = set()
+        marker_seeds: dict[int, set[int]] = {}
         for key in s.list("shards/"):
             if not key.endswith(".done.json"):
                 continue
@@ -145,7 +146,7 @@ class RunLoop:
         self._read_records()
         if self._replan(marker_seeds):
             self._read_reports()  # of the rounds decided again
-        shown = {}
+        shown: dict[int, rec.RoundPlan] = {}
         for rnd in sorted(self._plans):  # up to the first gap
             if rnd != len(shown) + 1:
                 break

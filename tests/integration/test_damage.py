@@ -152,3 +152,30 @@ def test_a_truncated_file_is_set_aside_reported_and_rebuilt(
 
         ds = load_dataset(str(out / "dataset"), split="train", cache_dir=str(tmp_path / "hf"))
         assert ds.to_list() == rows(reference)
+
+
+def test_a_round_merged_again_gives_the_same_bytes(tmp_path: Path, reference: Path) -> None:
+    """The repair of a damaged report, dataset part or merge output is the round's merge again: it must write the same
+    bytes. Round 2 of a finished run merged again twice; files that do not name their output's location (the parts'
+    metadata and the reports do) are also the reference's own bytes."""
+    out = tmp_path / NAME
+    copy_in_state(reference, out, "finished")
+    manifest = small_manifest(tmp_path, NAME)
+
+    def merged_again() -> dict[str, bytes]:
+        truncate(out / "merge" / "r0002" / "report.json")
+        res = run(["run", str(manifest), "--engine", "replay", "--quiet"])
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        return {
+            p.relative_to(out).as_posix(): p.read_bytes()
+            for p in sorted(out.rglob("*"))
+            if p.is_file() and not p.relative_to(out).as_posix().startswith(("quarantine/", "_genrun/", "status.json"))
+        }
+
+    first = merged_again()
+    assert merged_again() == first
+    assert len([k for k in first if _round(k) == 2]) >= 10  # every output of the round's merge is there
+    location = str(reference).encode()
+    same = [k for k in first if location not in (reference / k).read_bytes()]
+    assert {k: first[k] for k in same} == {k: (reference / k).read_bytes() for k in same}
+    assert {"merge/r0002/seen-index.npz", "merge/r0002/state.npz", "rejected/r0002.parquet"} <= set(same)
