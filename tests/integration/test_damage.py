@@ -179,3 +179,13 @@ def test_a_round_merged_again_gives_the_same_bytes(tmp_path: Path, reference: Pa
     same = [k for k in first if location not in (reference / k).read_bytes()]
     assert {k: first[k] for k in same} == {k: (reference / k).read_bytes() for k in same}
     assert {"merge/r0002/seen-index.npz", "merge/r0002/state.npz", "rejected/r0002.parquet"} <= set(same)
+    # The dataset card, written by round 2's merge again, is the finished run's (all 4 rounds), not round 2's.
+    card = (reference / "dataset" / "README.md").read_bytes().replace(location, str(out).encode())
+    assert _unfingerprinted(first["dataset/README.md"]) == _unfingerprinted(card)
+
+
+def _unfingerprinted(card: bytes) -> bytes:
+    """The card without its content fingerprint (a hash of the reports, which name their output's location)."""
+    import re
+
+    return re.sub(rb"content [0-9a-f]{16}", b"content -", card)
