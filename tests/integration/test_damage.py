@@ -189,3 +189,49 @@ def _unfingerprinted(card: bytes) -> bytes:
     import re
 
     return re.sub(rb"content [0-9a-f]{16}", b"content -", card)
+
+
+@pytest.mark.parametrize("kind", ["plan", "report", "report-md", "dataset-part", "card", "marker"])
+def test_the_readers_never_fail_on_a_damaged_output_before_it_is_repaired(
+    tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """`genrun status` and `genrun report` (text, --json, --html) read only: on a damaged output they still answer,
+    saying what is damaged where they read it, and leave the repair to the run's loop."""
+    out = tmp_path / NAME
+    copy_in_state(reference, out, "finished")
+    seed = min(int(p.name[1:11]) for p in (out / "shards" / "r0004").glob("*.done.json"))
+    truncate(out / KINDS[kind].format(r=4, s=seed))
+    assert "Succeeded    True" in cli(capsys, "status", str(out))
+    text = cli(capsys, "report", str(out))
+    assert "# genrun report: damage, round" in text or kind == "report-md"
+    from genrun.operator.cli import main
+
+    assert main(["report", str(out), "--json", "--html", str(tmp_path / "r.html")]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["round"] == (3 if kind == "report" else 4)  # the latest readable report
+    assert (tmp_path / "r.html").read_text().count("<svg") >= 1
+
+
+def test_kill9_while_a_damaged_round_is_merged_again_then_rerun_finishes_it(tmp_path: Path, reference: Path) -> None:
+    """kill -9 of the runner (its workers die with it) in the middle of a repair: the same command again finishes the
+    repair from what is on storage, and the dataset is the undamaged run's."""
+    import signal
+    import subprocess
+
+    from tests.integration.harness import wait_for
+    from tests.integration.test_local_run import GENRUN
+
+    out = tmp_path / NAME
+    copy_in_state(reference, out, "finished")
+    truncate(out / "dataset" / "data" / "train-r0002.parquet")
+    manifest = small_manifest(tmp_path, NAME)
+    proc = subprocess.Popen([*GENRUN, "run", str(manifest), "--engine", "replay", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    record = out / "quarantine" / "dataset" / "data" / "train-r0002.parquet.json"
+    wait_for(record.exists, 120, "the damaged part to be set aside")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    res = run(["run", str(manifest), "--engine", "replay"])
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert rows(out) == rows(reference)
+    assert (out / "merge" / "r0002" / "report.json").exists()
