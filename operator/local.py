@@ -93,7 +93,7 @@ class LocalRunner:
     # -- the backend: Jobs are local processes --------------------------------------------------------------
     async def jobs(self) -> Sequence[ObservedJob]:
         # Failed attempts are kept on disk: a rerun counts them against spec.budget.maxShardRetries.
-        failed = [ObservedJob(**{"phase": "Failed", **json.loads(p.read_text())}) for p in self._failed_files()]
+        failed = [j for p in self._failed_files() if (j := _failed_attempt(p)) is not None]
         running = [dataclasses.replace(p.job, phase="Running") for p in self.procs.values()]
         running += self.host.jobs.values() if self.host else ()
         return tuple({j.name: j for j in (*failed, *self.finished.values(), *running)}.values())
@@ -283,6 +283,14 @@ def _spawn(cmd: list[str], log: TextIO) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
     )
+
+
+def _failed_attempt(path: Path) -> ObservedJob | None:
+    """A failed attempt as recorded; None when the record is damaged (that attempt is then not counted)."""
+    try:
+        return ObservedJob(**{"phase": "Failed", **json.loads(path.read_text())})
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _tail(path: Path, lines: int = 1) -> str:

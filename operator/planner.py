@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from genrun.contract.api import GenerationRunSpec, RunRef, SpecError, parse_spec
-from genrun.contract.records import EngineSession, JobSpec, RoundPlan, RoundReport, Sampling, ShardPlan
+from genrun.contract.records import (
+    EngineSession,
+    JobSpec,
+    RoundPlan,
+    RoundReport,
+    Sampling,
+    ShardPlan,
+    shard_manifest_key,
+)
 from genrun.contract.status import Duplicates, Output, RunStatus, TopDuplicate, Totals
 from genrun.operator import conditions as c
 from genrun.operator import cost
@@ -653,3 +661,82 @@ def _shard_creates(spec: GenerationRunSpec, ref: RunRef, states: list[_ShardStat
             break
         out.append(CreateShardJob(shard_job_name(ref.name, s.shard.round, s.shard.seed, s.attempt), s.attempt, s.shard))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rebuilding what was found damaged (the loop sets damaged files aside; these decide what replaces them)
+
+
+def replan(ref: RunRef, spec: GenerationRunSpec, obs: Observed, rnd: int) -> RoundPlan | None:
+    """Round `rnd`'s plan decided again from what it was decided from: the plans and reports of the rounds before it
+    (nothing else of `obs` reaches a new round's decision; the random stream is seeded by the run and the round). So a
+    plan set aside as damaged comes back as it was recorded (tested). None while those inputs are not all there (an
+    earlier plan or the previous round's report is itself being rebuilt), or when the spec as it is now plans no such
+    round (a budget lowered since)."""
+    before = Observed(
+        {r: p for r, p in obs.rounds.items() if r < rnd}, reports={r: x for r, x in obs.reports.items() if r < rnd}
+    )
+    if set(before.rounds) != set(range(1, rnd)) or (rnd > 1 and rnd - 1 not in before.reports):
+        return None
+    plan = decide(ref, dataclasses.replace(spec, suspend=False), before)
+    return next((a.plan for a in plan.actions if isinstance(a, RecordRound) and a.plan.round == rnd), None)
+
+
+def _again(attempts: list[ObservedJob], retries: int) -> tuple[str, int]:
+    """A Job to run again although an attempt may have succeeded (what it made was set aside since): ("active",
+    attempt) while one runs, ("create", the next attempt), or ("failed", the last) once the attempts are spent."""
+    last = attempts[-1] if attempts else None
+    if last is None:
+        return "create", 0
+    if last.phase in ACTIVE_PHASES:
+        return "active", last.attempt
+    spent = (last.phase == "Failed" and (not last.retriable or last.attempt >= retries)) or last.attempt > retries
+    return ("failed", last.attempt) if spent else ("create", last.attempt + 1)
+
+
+def repair(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan | None:
+    """The plan while something of a merged round is missing, before anything else is decided (a round decided
+    without a report would not be the round an undamaged run decides); None when nothing is.
+
+    First the shards of merged rounds whose markers were set aside as damaged: generated again (the same seed and the
+    same seen-index give the same rows), so a later full re-merge, which reads every shard, loses none. Then each
+    merged round without its report (set aside as damaged, or removed because an output of its merge was): merged
+    again, lowest first, rewriting the same outputs from the same shards and the state of the rounds before. Every
+    round before the latest was merged (a round is planned once the previous report exists); the latest was when its
+    merge Job succeeded (on a cluster it stays listed: without this, the report would be awaited forever). A Job that
+    succeeded before runs as a new attempt; once the attempts are spent, a shard is left set aside (its rows are
+    merged already) and a merge fails the run."""
+    latest = max(obs.rounds, default=0)
+    retries = spec.budget.max_shard_retries
+    states = {r: _shard_states(spec, p, obs) for r, p in obs.rounds.items()}
+    creates: list[Action] = []
+    running = 0
+    for rnd in sorted(r for r in obs.rounds if r in obs.reports or r < latest):
+        for s in obs.rounds[rnd].shards:
+            if (rnd, s.seed) in obs.shards_done or shard_manifest_key(rnd, s.seed) not in obs.quarantined:
+                continue
+            phase, attempt = _again(_attempts(obs.jobs, "shard", rnd, s.seed), retries)
+            running += phase == "active"
+            if phase == "create":
+                creates.append(CreateShardJob(shard_job_name(ref.name, rnd, s.seed, attempt), attempt, s))
+    if creates or running:
+        msg = f"{len(creates) + running} shard(s) of merged rounds generated again (their markers were damaged)"
+        actions = () if spec.suspend else tuple(creates)
+        return Plan(actions, _running(c.REPAIRING, msg, spec.suspend), _status(ref, spec, obs, states))
+    for rnd in sorted(r for r in obs.rounds if r not in obs.reports):
+        attempts = _attempts(obs.jobs, "merge", rnd, None)
+        if rnd == latest and not any(j.phase == "Succeeded" for j in attempts):
+            return None  # never merged: `decide` merges it when its shards are done
+        msg = f"round {rnd}: merging it again (its report or an output of its merge was damaged and set aside)"
+        status = _status(ref, spec, obs, states)
+        phase, attempt = _again(attempts, retries)
+        if phase == "active":
+            return Plan((), _running(c.REPAIRING, msg, spec.suspend), status)
+        if phase == "failed":
+            last = attempts[-1]
+            why = f"round {rnd}: merging it again failed ({_retries(attempt, retries)}): {last.message or last.phase}"
+            return Plan((), _failed(c.MERGE_FAILED, why), status)
+        shard_ids = tuple((s.round, s.seed) for r in sorted(obs.rounds) if r <= rnd for s in obs.rounds[r].shards)
+        merge = CreateMergeJob(merge_job_name(ref.name, rnd, attempt), attempt, rnd, shard_ids)
+        return Plan(() if spec.suspend else (merge,), _running(c.REPAIRING, msg, spec.suspend), status)
+    return None

@@ -34,7 +34,10 @@ def print_status(output: str, as_json: bool = False) -> int:
     storage = open_run(output)
     doc = read_status_document(storage)
     if not isinstance(doc.get("status"), dict):
-        raise UserError(f"{storage.location(rec.STATUS_KEY)}: not a status document (unreadable JSON, or no status)")
+        raise UserError(
+            f"{storage.location(rec.STATUS_KEY)}: not a status document (damaged: unreadable JSON, or no status); "
+            "run the same `genrun run` again (or let the operator reconcile) to write it again"
+        )
     if as_json:  # the document as written (an older run's too), not our reading of it
         print(json.dumps(doc["status"], indent=1))
         return 0
@@ -57,6 +60,9 @@ def print_status(output: str, as_json: bool = False) -> int:
               f"{t.shards_failed} failed")  # fmt: skip
     for cond in st.conditions:
         print(f"  {cond.type:<12} {cond.status:<6} {cond.reason:<16} {cond.message[:120]}")
+    damaged = st.condition(c.DAMAGED)
+    if damaged is not None and damaged.status == "True":  # which files, why, and what rebuilds them: in full
+        print(f"  damaged ({damaged.reason}): {damaged.message}")
     # This round's own figures, then the running total of kept examples in its own column, then the arms run.
     print("  round shards seeds        generated  new unique  new kept  kept in all  yield   arms")
     for r in st.rounds:
@@ -102,19 +108,28 @@ def report_document(storage: Storage, latest: rec.RoundReport) -> dict[str, Any]
     return doc
 
 
-def print_report(output: str, html: str | None = None, file: TextIO = sys.stdout) -> int:
+def print_report(output: str, html: str | None = None, file: TextIO | None = None) -> int:
+    file = sys.stdout if file is None else file  # the stdout of now (a default would keep the one of import time)
     storage = open_run(output)
-    reports = read_reports(storage)
+    damaged: list[str] = []
+    reports = read_reports(storage, damaged)
+    for line in damaged:  # read only: the run's loop sets it aside and merges its round again
+        print(f"warning: {line}; `genrun run` (or the operator) merges its round again", file=sys.stderr)
     if not reports:
         print("no round has been merged yet", file=file)
         return 0
     latest = reports[max(reports)]
-    print(storage.read_bytes(f"{rec.merge_prefix(latest.round)}/report.md").decode(), file=file)
+    md = f"{rec.merge_prefix(latest.round)}/report.md"
+    try:
+        print(storage.read_bytes(md).decode(errors="replace"), file=file)
+    except KeyError:
+        print(f"warning: {storage.location(md)} is missing; `genrun report --json` reads the report", file=sys.stderr)
     if html:
         from genrun.operator.charts import render_html
 
         doc = read_status_document(storage)
-        Path(html).write_text(render_html(doc["metadata"]["name"], [reports[k] for k in sorted(reports)]))
+        name = (doc.get("metadata") or {}).get("name", "?")  # status.json may be damaged: the report is still read
+        Path(html).write_text(render_html(name, [reports[k] for k in sorted(reports)]))
         print(f"charts: {html}", file=file)
     return 0
 

@@ -153,7 +153,10 @@ def export_dataset(
     parts = _parts(storage)
     have = {int(m.group(1)) for k in storage.list(MESSAGES_PREFIX) if (m := PART_RE.search(k))}
     todo = sorted({r for r in parts if r not in have} | ({report.round, *rewritten} & set(parts)))
-    reports = {x.round: x for x in _reports(storage, report.round - 1)}
+    # Every round merged so far (a round merged again, its report set aside as damaged, is not the latest): the card
+    # an undamaged run has.
+    upto = max(report.round, *parts) if parts else report.round
+    reports = {x.round: x for x in _reports(storage, upto) if x.round != report.round}
     reports[report.round] = report
     for r in todo:
         meta = part_metadata(raw_spec, run)
@@ -165,7 +168,7 @@ def export_dataset(
     for r in sorted(have - set(parts)):  # a part a re-merge no longer writes: its export goes too
         storage.delete(messages_key(r))
         storage.delete(messages_jsonl_key(r))
-    card = render_card(raw_spec, run, [reports[k] for k in sorted(reports)], _plans(storage, report.round))
+    card = render_card(raw_spec, run, [reports[k] for k in sorted(reports)], _plans(storage, upto))
     storage.write_bytes(CARD_KEY, card.encode())
 
 

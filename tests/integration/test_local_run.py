@@ -181,8 +181,9 @@ def test_runner_storage_is_where_workers_write(tmp_path: Path) -> None:
 
 def test_damaged_shard_markers_are_set_aside_counted_and_the_shard_runs_again(tmp_path: Path) -> None:
     """A truncated, empty or incomplete `*.done.json`: never a traceback in `genrun run`/`report`/`status`; it is
-    quarantined (recorded under quarantine/), counted in status.totals.shardsQuarantined, and the shard generated
-    again when its round is still open."""
+    quarantined (recorded under quarantine/), counted in status.totals.shardsQuarantined, named in the status's Damaged
+    condition, and the shard generated again (before its round's merge, or after it: a later full re-merge reads every
+    shard). Every other kind of file under the output: tests/integration/test_damage.py."""
     done = run(["run", str(small_manifest(tmp_path, "whole", target={"uniqueExamples": 20})), "--engine", "replay"])
     assert done.returncode == 0, done.stderr
     whole = tmp_path / "whole"
@@ -214,6 +215,8 @@ def test_damaged_shard_markers_are_set_aside_counted_and_the_shard_runs_again(tm
             ["run", str(small_manifest(tmp_path, "whole", target={"uniqueExamples": 20})), "--engine", "replay"]
         )
         assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
-        assert not marker.exists() and not other.exists()
+        # Set aside, then generated again although their round is merged (a later full re-merge reads every shard).
+        assert [json.loads(p.read_text())["seed"] for p in (marker, other)] == [100, 101]
         st = run(["status", str(whole)])
         assert st.returncode == 0 and "2 quarantined" in st.stdout, st.stdout
+        assert "damaged (ShardMarkerDamaged): " in st.stdout and "s0000000101.done.json" in st.stdout

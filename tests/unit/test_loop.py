@@ -110,3 +110,150 @@ def test_a_damaged_marker_is_quarantined_and_counted(tmp_path: Path) -> None:
     asyncio.run(loop.step())
     assert not storage.exists(rec.shard_manifest_key(1, 100)) and "set aside under quarantine/" in warnings[0]
     assert loop.status.totals.shards_quarantined == 1
+
+
+# -- damaged files (issue 25): set aside, reported, rebuilt -------------------------------------------------------
+
+
+class Listed(Recorder):
+    """A backend whose Jobs are listed as given (a cluster keeps finished Jobs listed until their TTL)."""
+
+    def __init__(self, listed: Sequence[ObservedJob] = ()) -> None:
+        super().__init__()
+        self.listed = list(listed)
+
+    async def jobs(self) -> Sequence[ObservedJob]:
+        return self.listed
+
+    async def start(self, action: CreateShardJob | CreateMergeJob) -> None:
+        self.started.append(action.name)
+
+
+def _parquet_bytes() -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"instruction": ["a", "b"]}), buf)
+    return buf.getvalue()
+
+
+def _merged_round_one(tmp_path: Path) -> tuple[LocalStorage, rec.RoundPlan, list[ObservedJob]]:
+    """Round 1 planned, its shards done and merged (report and parts written), as the Jobs left it."""
+    storage = LocalStorage(tmp_path)
+    asyncio.run(RunLoop(RunRef("r"), RAW, parse_spec(RAW), storage, Recorder()).step())
+    plan = rec.round_plan_from(json.loads(storage.read_bytes(rec.round_plan_key(1))))
+    jobs = []
+    for s in plan.shards:
+        marker = rec.ShardManifest(1, s.seed, 10, 10, 0, 0, 0, 500, 1.0, rec.shard_data_key(1, s.seed))
+        storage.write_bytes(rec.shard_data_key(1, s.seed), _parquet_bytes())
+        storage.write_bytes(rec.shard_manifest_key(1, s.seed), rec.to_json(marker).encode())
+        jobs.append(ObservedJob(f"r-r1-s{s.seed}", "shard", 1, s.seed, 0, "Succeeded"))
+    jobs.append(ObservedJob("r-r1-merge", "merge", 1, None, 0, "Succeeded"))
+    n = 10 * len(plan.shards)
+    report = rec.RoundReport(1, len(plan.shards), n, n // 2, n // 4, n, n // 2, n // 4, tokens=500 * len(plan.shards))
+    storage.write_bytes(rec.round_report_key(1), rec.to_json(report).encode())
+    for key in (rec.dataset_part_key(1), rec.rejected_part_key(1)):
+        storage.write_bytes(key, _parquet_bytes())
+    return storage, plan, jobs
+
+
+def _damaged(status: RunStatus, key: str) -> str:
+    cond = status.condition(c.DAMAGED)
+    assert cond is not None and cond.status == "True" and key in cond.message, cond
+    return cond.reason
+
+
+def test_a_damaged_round_plan_is_decided_again_with_the_same_bytes(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    asyncio.run(RunLoop(RunRef("r"), RAW, parse_spec(RAW), storage, Recorder()).step())
+    key = rec.round_plan_key(1)
+    whole = storage.read_bytes(key)
+    storage.write_bytes(key, whole[: len(whole) // 2])
+    backend, warnings = Recorder(), []
+    loop = RunLoop(RunRef("r"), RAW, parse_spec(RAW), storage, backend, warn=warnings.append)  # a restart
+    asyncio.run(loop.step())
+    assert storage.read_bytes(key) == whole
+    record = json.loads((tmp_path / "quarantine" / f"{key}.json").read_text())
+    assert record["key"] == key and "JSONDecodeError" in record["error"]
+    assert _damaged(loop.status, key) == c.ROUND_PLAN_DAMAGED
+    status, events, _ = backend.published[-1]
+    assert [(e.type, e.reason) for e in events if e.reason == c.ROUND_PLAN_DAMAGED] == [
+        ("Warning", c.ROUND_PLAN_DAMAGED)
+    ]
+    assert json.loads(storage.read_bytes(rec.STATUS_KEY))["status"] == status.to_dict()
+    assert loop.status.totals.shards_quarantined == 0  # a plan is not a shard
+    assert any("set aside under quarantine/" in w for w in warnings)
+
+
+def test_a_damaged_report_of_a_succeeded_merge_is_merged_again_not_awaited(tmp_path: Path) -> None:
+    """The cluster case: the merge Job stays listed as Succeeded; its report, damaged, is set aside and the round's
+    merge runs again as a new attempt (the planner used to wait for the report for ever)."""
+    storage, _, jobs = _merged_round_one(tmp_path)
+    key = rec.round_report_key(1)
+    storage.write_bytes(key, storage.read_bytes(key)[:40])
+    backend = Listed(jobs)
+    loop = RunLoop(RunRef("r"), RAW, parse_spec(RAW), storage, backend)
+    plan = asyncio.run(loop.step())
+    assert backend.started == ["r-r1-merge-a1"] and not storage.exists(key)
+    assert plan.condition(c.PROGRESSING).reason == c.REPAIRING
+    assert _damaged(loop.status, key) == c.ROUND_REPORT_DAMAGED
+
+
+def test_a_damaged_dataset_part_is_set_aside_and_its_round_merged_again(tmp_path: Path) -> None:
+    storage, _, jobs = _merged_round_one(tmp_path)
+    part = rec.dataset_part_key(1)
+    storage.write_bytes(part, storage.read_bytes(part)[:-9])
+    backend = Listed(jobs)
+    loop = RunLoop(RunRef("r"), RAW, parse_spec(RAW), storage, backend)
+    asyncio.run(loop.step())
+    # The report goes too (the merge redoes a round only without it); the new attempt rewrites both.
+    assert not storage.exists(part) and not storage.exists(rec.round_report_key(1))
+    assert backend.started == ["r-r1-merge-a1"]
+    record = json.loads((tmp_path / "quarantine" / f"{part}.json").read_text())
+    assert "Parquet magic bytes" in record["error"] and "merged again" in record["repair"]
+    assert _damaged(loop.status, part) == c.DATASET_PART_DAMAGED
+    # Whole, the same output is left alone: the next round is planned from the report.
+    storage2, _, jobs2 = _merged_round_one(tmp_path / "whole")
+    backend2 = Listed(jobs2)
+    asyncio.run(RunLoop(RunRef("r"), RAW, parse_spec(RAW), storage2, backend2).step())
+    assert storage2.exists(rec.round_plan_key(2)) and not (tmp_path / "whole" / "quarantine").exists()
+
+
+def test_a_damaged_status_document_is_written_again_and_reported(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    asyncio.run(RunLoop(RunRef("r"), RAW, parse_spec(RAW), storage, Recorder()).step())
+    whole = json.loads(storage.read_bytes(rec.STATUS_KEY))
+    storage.write_bytes(rec.STATUS_KEY, b'{"apiVersion": "genrun.io/v1alpha1", "status": {"rou')
+    backend = Recorder()
+    status = RunStatus.from_dict(whole["status"])  # the operator's copy (the custom resource) is whole
+    loop = RunLoop(RunRef("r"), RAW, parse_spec(RAW), storage, backend, status=status)
+    asyncio.run(loop.step())
+    doc = json.loads(storage.read_bytes(rec.STATUS_KEY))
+    assert doc["status"]["round"] == 1 and _damaged(loop.status, rec.STATUS_KEY) == c.STATUS_DAMAGED
+
+
+def test_a_damaged_plan_of_a_merged_round_is_decided_again_and_the_run_goes_on(tmp_path: Path) -> None:
+    """Decided again with its report read in the same step: the run goes on to round 2 (no merge of round 1 again)."""
+    storage, _, jobs = _merged_round_one(tmp_path)
+    key = rec.round_plan_key(1)
+    whole = storage.read_bytes(key)
+    storage.write_bytes(key, b"")
+    backend = Listed([j for j in jobs if j.kind == "shard"])  # a local rerun: the merge Job is not listed
+    asyncio.run(RunLoop(RunRef("r"), RAW, parse_spec(RAW), storage, backend).step())
+    assert storage.read_bytes(key) == whole and storage.exists(rec.round_plan_key(2))
+    assert backend.started and all(name.startswith("r-r2-s") for name in backend.started)
+
+
+def test_a_plan_that_cannot_be_decided_again_as_it_was_fails_the_run_with_the_reason(tmp_path: Path) -> None:
+    storage, _, jobs = _merged_round_one(tmp_path)
+    storage.write_bytes(rec.round_plan_key(1), b"{")
+    other = {**RAW, "shards": {"initial": 3, "firstSeed": 500}}  # another spec decides other seeds
+    backend = Listed(jobs)
+    loop = RunLoop(RunRef("r"), other, parse_spec(other), storage, backend)
+    result = asyncio.run(loop.step())
+    failed = result.condition(c.FAILED)
+    assert (failed.status, failed.reason) == ("True", c.ROUND_PLAN_LOST) and "restore the file" in failed.message
+    assert backend.started == [] and not storage.exists(rec.round_plan_key(1))
