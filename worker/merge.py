@@ -3,10 +3,10 @@
 The cluster rule (the exact tier here, the near tier in `dedup.SeenIndex.assign`):
 - Rows are taken in (round, seed, index) order and numbered in that order (global row ids, cumulative over rounds).
 - A row whose normalised key equals the key of ANY earlier row is an exact duplicate, in that row's cluster.
-- Otherwise (the first row with its key), near duplicates: components of the round's rows linked by similar
-  LSH bucket firsts, attached to the earliest earlier-round cluster one of them is similar to (see
-  `dedup.cluster_batch`). The first row of a component with no earlier cluster starts a cluster: it is unique, kept
-  for dedup, and QC decides whether it enters the dataset; the component's other rows are its near duplicates.
+- Otherwise (the first row with its key), near duplicates: the row is a near duplicate of the earliest kept row it
+  is itself similar to among the first kept rows of its LSH buckets (earlier rounds' in the seen-index, then the
+  round's own; see `dedup.keep_first_batch`), and is otherwise kept: unique, and QC decides whether it enters the
+  dataset. A row is never dropped for a row it is not near, whatever lies between them.
 Every decision depends only on earlier rounds and the round's own rows, so merging round r's new rows against the
 state of rounds 1..r-1 gives exactly what replaying rounds 1..r from nothing gives (tested).
 
