@@ -428,3 +428,33 @@ def test_genrun_dedup_drops_a_near_duplicate_only_for_a_kept_row_it_is_near(tmp_
         assert d["_dedup"]["similarity"] >= 0.8
         assert round(a.jaccard(b), 4) == d["_dedup"]["similarity"], (d["instruction"], twin)  # written to 4 places
     assert "What are the pros and cons of machine learning?" in kept
+
+
+def test_near_tier_on_real_smollm2_output_is_the_keep_first_rule_less_lsh_misses() -> None:
+    """Real SmolLM2-135M instructions (2,000, tests/data): the near tier against a plain loop of the same rule, every
+    earlier kept row compared on the same estimate (no LSH). It drops no row the loop keeps for want of a near kept
+    row, names a kept row it is near, and misses at most a few rows (LSH misses: a pair at the threshold shares no
+    band of 9 rows with probability ~0.1). Under components it dropped 58 here where the loop drops 49."""
+    import gzip
+
+    data = Path(__file__).resolve().parents[1] / "data" / "smollm2-instructions.jsonl.gz"
+    with gzip.open(data, "rt") as f:
+        texts = [json.loads(x)["instruction"] for x in f]
+    keys = list(dict.fromkeys(normalize(t) for t in texts))  # the exact tier: first occurrences
+    sigs = MinHasher(128, 1, 1).signatures(keys)
+    ref = np.arange(len(keys))
+    kept: list[int] = []
+    for i in range(len(keys)):
+        sim = similar(np.repeat(sigs[i : i + 1], len(kept), axis=0), sigs[kept]) if kept else np.empty(0)
+        hit = np.flatnonzero(sim >= 0.8)
+        if len(hit):
+            ref[i] = kept[hit[0]]
+        else:
+            kept.append(i)
+    got = deduplicate(keys, threshold=0.8)
+    rows = np.arange(len(keys))
+    dropped = np.flatnonzero(got != rows)
+    assert (got[dropped] == got[got[dropped]]).all()  # each names a kept row
+    assert (similar(sigs[dropped], sigs[got[dropped]]) >= 0.8).all()
+    assert set(dropped) <= set(np.flatnonzero(ref != rows))
+    assert (ref != rows).sum() >= 40 and len(dropped) >= 0.95 * (ref != rows).sum()
