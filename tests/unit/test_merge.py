@@ -592,3 +592,28 @@ def test_a_merge_process_reexecutes_itself_with_its_allocator_settings(tmp_path:
     env = {**os.environ, "GLIBC_TUNABLES": user}
     out = subprocess.run([sys.executable, "-P", str(script)], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split("\n")[:-1] == ["start", "start", f"{MERGE_ENV['GLIBC_TUNABLES']}:{user}"]
+
+
+def test_the_merges_reports_account_for_every_generated_instruction(storage: LocalStorage) -> None:
+    """Rounds with every fate: exact and near duplicates, QC rejections (in the merge and before responses), rows the
+    generators skipped online, and samples past a shard's quota (generated beyond rows + skips + early rejects). Per
+    round and in total, generated = unique + exact + near + semantic + online + discarded and unique = kept + QC
+    rejected, and each fate lands in its own term."""
+    spec = parse_spec(SPEC)
+    write_shard(storage, 1, 0, [example_row("Explain how vaccines train the immune system."),
+                                example_row("Explain how vaccines train the immune system!"),
+                                example_row("Give me a recipe for pancakes without eggs.")],
+                generated=7, skipped=2, early={"low_logprob": 1})  # fmt: skip
+    r1 = merge_round(storage, spec, "t", 1, [(1, 0)])
+    write_shard(storage, 2, 1, [example_row("Explain how vaccines train the human immune system."),
+                                example_row("Give me a recipe for pancakes without eggs?"),
+                                example_row("Name three rivers in Africa and where they end.")],
+                generated=5, skipped=1)  # fmt: skip
+    r2 = merge_round(storage, spec, "t", 2, [(1, 0), (2, 1)])
+    a1, a2, total = rec.Accounting.of_round(r1, None), rec.Accounting.of_round(r2, r1), rec.Accounting.total(r2)
+    assert (a1.generated, a1.exact, a1.online, a1.discarded) == (7, 1, 2, 1)  # 7 = 2 unique + 1 early + 1 + 2 + 1
+    assert (a2.generated, a2.unique, a2.exact, a2.near, a2.online, a2.discarded) == (5, 1, 1, 1, 1, 1)
+    for a in (a1, a2, total):
+        assert a.problems() == []
+    assert total.generated == 12 and total.unique == a1.unique + a2.unique == r2.unique_total
+    assert r2.duplication_ratio == pytest.approx(total.duplicates / total.generated)
