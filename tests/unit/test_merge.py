@@ -15,7 +15,9 @@ from genrun.worker.storage import LocalStorage
 
 from tests.helpers import example_row, merged_round, write_shard
 
-SPEC = {"model": {"name": "m"}, "target": {"uniqueExamples": 10}, "output": {"path": "/x"}}
+# The exact and near tiers (the semantic tier, on by default, has tests/unit/test_merge_semantic.py)
+SPEC = {"model": {"name": "m"}, "target": {"uniqueExamples": 10}, "output": {"path": "/x"},
+        "dedup": {"semantic": {"enabled": False}}}  # fmt: skip
 
 
 @pytest.fixture
@@ -290,7 +292,7 @@ def test_changed_dedup_parameters_fall_back_to_a_full_re_merge(tmp_path: Path) -
     a, b = LocalStorage(tmp_path / "a"), LocalStorage(tmp_path / "b")
     ids = _rounds(a)
     _rounds(b)
-    loose = parse_spec({**SPEC, "dedup": {"threshold": 0.6}})
+    loose = parse_spec({**SPEC, "dedup": {"threshold": 0.6, "semantic": {"enabled": False}}})
     merge_round(a, parse_spec(SPEC), "t", 1, ids)  # round 1 with the default threshold
     merge_round(a, loose, "t", 2, ids)  # round 2 with another: the state of round 1 cannot be extended
     merge_round(b, loose, "t", 2, ids)  # from nothing with the new threshold
@@ -392,13 +394,13 @@ def test_qc_starts_once_the_rows_it_judges_are_known(
 
     storage = LocalStorage(tmp_path / "out")
     ids = _rounds(storage)
-    raw: dict[str, object] = dict(SPEC)
+    raw: dict[str, object] = {**SPEC, "dedup": {"semantic": {"enabled": False}}}  # "no semantic tier here"
     if case == "near_off":
-        raw["dedup"] = {"nearDuplicates": False}
+        raw["dedup"] = {"nearDuplicates": False, "semantic": {"enabled": False}}
     if case == "against":
         prior = tmp_path / "prior.jsonl"
         prior.write_text(json.dumps({"instruction": "Explain the history of music and code?"}) + "\n")
-        raw["dedup"] = {"against": [str(prior)]}
+        raw["dedup"] = {"against": [str(prior)], "semantic": {"enabled": False}}
     if case == "workers":
         monkeypatch.setattr(m, "QC_POOL_MIN_ROWS", 0)
         monkeypatch.setenv(m.MERGE_WORKERS_ENV, "2")
