@@ -17,7 +17,10 @@ Printed per threshold: genrun's near drops, both references', the relative diffe
 genrun's near drops whose exact Jaccard with the kept row they name reaches the threshold) and recall (the share of
 the reference's near drops genrun drops as near too). Last line: RESULT threshold=... reference=... genrun=...
 
-    python bench/near_recall.py [--threshold 0.8 0.7 0.9]
+`--semantic`: the three tiers (exact -> near -> semantic, cosine 0.9) against greedy keep-first on the embeddings alone
+over the exact-unique rows (all-MiniLM-L6-v2): kept counts and their relative difference.
+
+    python bench/near_recall.py [--threshold 0.8 0.7 0.9] [--semantic]
 """
 
 from __future__ import annotations
@@ -117,10 +120,36 @@ def scores(keys: list[str], threshold: float) -> dict[str, float]:
     }
 
 
+def semantic_scores(texts: list[str], cosine: float = 0.9) -> dict[str, float]:
+    """The three tiers (`genrun dedup`'s decide: exact -> near -> semantic, the merge's rules) against a plain
+    reference: greedy keep-first over the exact-unique rows, a row kept iff its cosine (all-MiniLM-L6-v2) with every
+    earlier kept row is below `cosine`."""
+    from genrun.worker import semantic as sem
+    from genrun.worker.dedup_cli import decide
+
+    d = decide(texts, 0, semantic_threshold=cosine)
+    kept = int((d.tier == "").sum())
+    keys = exact_unique_keys(texts)
+    emb = sem.embed_keys(sem.load_embedder(), keys)
+    ref: list[int] = []
+    for i in range(len(keys)):
+        if not ref or float((emb[ref] @ emb[i]).max()) < cosine:
+            ref.append(i)
+    return {"rows": len(texts), "exact_unique": len(keys), "genrun": kept, "reference": len(ref),
+            "difference": (kept - len(ref)) / len(ref)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threshold", type=float, nargs="+", default=[0.8, 0.7, 0.9])
+    ap.add_argument("--semantic", action="store_true", help="also the three tiers against a plain semantic reference")
     args = ap.parse_args()
+    if args.semantic:
+        s = semantic_scores(real_instructions())
+        print(f"exact -> near -> semantic keeps {s['genrun']} of {s['rows']} rows; greedy keep-first at cosine 0.9 "
+              f"over the {s['exact_unique']} exact-unique rows keeps {s['reference']} ({s['difference']:+.1%})")  # fmt: skip
+        print(f"RESULT semantic rows={s['rows']} genrun={s['genrun']} reference={s['reference']} "
+              f"difference={s['difference']:.4f}")  # fmt: skip
     keys = exact_unique_keys(real_instructions())
     for t in args.threshold:
         s = scores(keys, t)
