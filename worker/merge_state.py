@@ -109,7 +109,7 @@ def dedup_params(spec: Any) -> dict[str, Any]:
         "semantic": None if sem is None else {"model": sem.model, "threshold": sem.threshold},
         "key": d.key, "normalize": d.normalize, "near": d.near_duplicates, "threshold": d.threshold,
         "num_perm": d.num_perm, "shingle_size": d.shingle_size, "lsh": list(lsh_params(d.threshold, d.num_perm)),
-        "key_hash": "xxh3_64", "minhash_seed": 1, "near_rule": "components",
+        "key_hash": "xxh3_64", "minhash_seed": 1, "near_rule": "keep-first-kept",
         "against": list(d.against),  # round 0 is these sources: another list means another state
     }  # fmt: skip
 

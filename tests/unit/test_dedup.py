@@ -246,7 +246,8 @@ def test_rule_on_large_clusters(threshold: float, seed: int) -> None:
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95])
 @pytest.mark.parametrize("num_perm", [16, 64, 128, 256])
 def test_lsh_params_equal_datasketch_optimum(threshold: float, num_perm: int) -> None:
-    assert lsh_params(threshold, num_perm) == tuple(_optimal_param(threshold, num_perm, 0.1, 0.9))
+    assert lsh_params(threshold, num_perm) == tuple(_optimal_param(threshold, num_perm, 0.05, 0.95))
+    assert lsh_params(threshold, num_perm, 0.1, 0.9) == tuple(_optimal_param(threshold, num_perm, 0.1, 0.9))
 
 
 def test_seen_index_exact_and_near() -> None:
@@ -434,7 +435,7 @@ def test_near_tier_on_real_smollm2_output_is_the_keep_first_rule_less_lsh_misses
     """Real SmolLM2-135M instructions (2,000, tests/data): the near tier against a plain loop of the same rule, every
     earlier kept row compared on the same estimate (no LSH). It drops no row the loop keeps for want of a near kept
     row, names a kept row it is near, and misses at most a few rows (LSH misses: a pair at the threshold shares no
-    band of 9 rows with probability ~0.1). Under components it dropped 58 here where the loop drops 49."""
+    band of 8 rows, of 16, with probability ~0.05). Under components it dropped 58 here where the loop drops 49."""
     import gzip
 
     data = Path(__file__).resolve().parents[1] / "data" / "smollm2-instructions.jsonl.gz"
@@ -457,4 +458,4 @@ def test_near_tier_on_real_smollm2_output_is_the_keep_first_rule_less_lsh_misses
     assert (got[dropped] == got[got[dropped]]).all()  # each names a kept row
     assert (similar(sigs[dropped], sigs[got[dropped]]) >= 0.8).all()
     assert set(dropped) <= set(np.flatnonzero(ref != rows))
-    assert (ref != rows).sum() >= 40 and len(dropped) >= 0.95 * (ref != rows).sum()
+    assert (ref != rows).sum() >= 40 and len(dropped) >= 0.98 * (ref != rows).sum()  # the goal: within 2%
