@@ -212,9 +212,10 @@ class GenerationSpec:
 
 @dataclass(frozen=True)
 class SemanticDedupSpec:
-    """The semantic tier: sentence embeddings of the normalised instruction, cosine >= threshold drops the later row."""
+    """The semantic tier: sentence embeddings of the normalised instruction, cosine >= threshold drops the later row.
+    On by default (the CRD's default): where the model cannot be loaded the Jobs fail with a clear error."""
 
-    enabled: bool = _f("enabled", False)
+    enabled: bool = _f("enabled", True)
     model: str = _f("model", "embedded:all-minilm-l6-v2")
     threshold: float = _f("threshold", 0.9)
     batch_size: int = _f("batchSize", 256)

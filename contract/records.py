@@ -117,6 +117,12 @@ class RoundReport:
     semantic_duplicates: int = (
         0  # rows dropped by the semantic tier after exact and near (all rounds, as the two above)
     )
+    # Rows the generators skipped as seen (earlier rounds or in the shard; all rounds, as the tiers above): the online
+    # tier. Of `generated`, `discarded` this round (discarded_total: all rounds) were neither a row nor a skip: sampled
+    # past the shard's quota in its last batch, or malformed.
+    online_duplicates: int = 0
+    discarded: int = 0
+    discarded_total: int = 0
     # Which tiers decide "unique" for this run (new_unique, unique_total and the target count what survives them all).
     dedup_tiers: tuple[str, ...] = ("exact", "near")
     semantic_clusters: tuple[SemanticCluster, ...] = ()  # the largest semantic clusters so far
@@ -152,8 +158,53 @@ class RoundReport:
 
     @property
     def duplication_ratio(self) -> float:
-        """Share of everything generated so far that was a duplicate (exact or near)."""
-        return 1.0 - self.unique_total / self.generated_total if self.generated_total else 0.0
+        """Share of everything generated so far that was a duplicate (any tier, online included; `Accounting`)."""
+        gen = self.generated_total
+        return (gen - self.unique_total - self.discarded_total) / gen if gen else 0.0
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """Where every generated instruction went, in one place for every presenter (status, report, card, metrics,
+    HTML): generated = unique + exact + near + semantic + online + discarded, and unique = kept + qc_rejected.
+    `online`: skipped by the generators as seen; `discarded`: sampled past a shard's quota, or malformed."""
+
+    generated: int
+    unique: int
+    exact: int
+    near: int
+    semantic: int
+    online: int
+    discarded: int
+    kept: int
+    qc_rejected: int
+
+    @property
+    def duplicates(self) -> int:
+        return self.exact + self.near + self.semantic + self.online
+
+    @classmethod
+    def total(cls, r: RoundReport) -> Accounting:
+        """All rounds up to the report's."""
+        return cls(r.generated_total, r.unique_total, r.exact_duplicates, r.near_duplicates, r.semantic_duplicates,
+                   r.online_duplicates, r.discarded_total, r.qc_passed_total, sum(r.qc_rejected.values()))  # fmt: skip
+
+    @classmethod
+    def of_round(cls, r: RoundReport, before: RoundReport | None) -> Accounting:
+        """The report's round alone (`before`: the previous round's report, None for round 1)."""
+        t, b = cls.total(r), cls.total(before) if before is not None else cls(0, 0, 0, 0, 0, 0, 0, 0, 0)
+        return cls(*(getattr(t, f.name) - getattr(b, f.name) for f in dataclasses.fields(cls)))
+
+    def problems(self) -> list[str]:
+        """The identities that do not hold, as sentences (none when the figures add up)."""
+        out = []
+        parts = self.unique + self.duplicates + self.discarded
+        if self.generated != parts:
+            out.append(f"generated {self.generated} != unique {self.unique} + exact {self.exact} + near {self.near} "
+                       f"+ semantic {self.semantic} + online {self.online} + discarded {self.discarded} = {parts}")  # fmt: skip
+        if self.unique != self.kept + self.qc_rejected:
+            out.append(f"unique {self.unique} != kept {self.kept} + QC rejected {self.qc_rejected}")
+        return out
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,7 @@ class Duplicates(Wire):
     exact: int = 0
     near: int = 0
     semantic: int = 0
+    online: int = 0  # skipped by the generators as seen (earlier rounds or in the shard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +151,8 @@ class Totals(Wire):
     tokens: int = 0
     # Of `unique`, the instructions QC rejected in the generators before their responses (generation.qcBeforeResponse)
     qc_rejected_before_response: int = 0
+    # generated = unique + duplicates (all tiers, online included) + discarded (sampled past a shard's quota, malformed)
+    discarded: int = 0
     shards_succeeded: int = 0
     shards_failed: int = 0
     shards_running: int = 0

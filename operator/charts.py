@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from genrun.contract import records as rec
-from genrun.contract.records import RoundReport
+from genrun.contract.records import Accounting, RoundReport
 from genrun.contract.status import RunStatus
 from genrun.operator import cost
 from genrun.operator.conditions import FAILED, SUCCEEDED
@@ -165,6 +165,7 @@ def render_html(
             Series("exact", "#dc2626", [r.exact_duplicates for r in reports]),
             Series("near (MinHash)", "#f97316", [r.near_duplicates for r in reports]),
             Series("semantic", "#a855f7", [r.semantic_duplicates for r in reports]),
+            Series("online (generators)", "#64748b", [r.online_duplicates for r in reports]),
         ], axis_title="rows dropped", x_title="round"),
         bar_chart("Marginal yield per round", rounds, [
             Series("new kept / generated", "#7c3aed", [r.marginal_yield for r in reports]),
@@ -178,9 +179,9 @@ def render_html(
             Series("kept / generated", "#16a34a", [d.new_qc_passed / d.generated if d.generated else 0 for d in pd]),
         ], ratio=True, axis_title="share of rows", x_title="domain"),
     ]  # fmt: skip
-    dup_total = last.exact_duplicates + last.near_duplicates + last.semantic_duplicates
-    rejections = [("exact duplicate", last.exact_duplicates), ("near duplicate", last.near_duplicates),
-                  ("semantic duplicate", last.semantic_duplicates)]  # fmt: skip
+    acc = Accounting.total(last)
+    rejections = [("exact duplicate", acc.exact), ("near duplicate", acc.near), ("semantic duplicate", acc.semantic),
+                  ("online duplicate (skipped by the generators)", acc.online)]  # fmt: skip
     rejections += sorted(last.qc_rejected.items(), key=lambda x: (-x[1], x[0]))
     tables = [
         _table("Most duplicated instructions (times generated)", ["times", "instruction"],
@@ -214,9 +215,10 @@ def render_html(
     ]  # fmt: skip
     target_txt = f" (target {target:,})" if target is not None else ""
     head = (f"{last.qc_passed_total:,} kept{target_txt} of {last.generated_total:,} generated after {last.round} "
-            f"round(s); {last.unique_total:,} unique; duplication {last.duplication_ratio:.1%} "
-            f"({dup_total:,} rows dropped as duplicates: {last.exact_duplicates:,} exact, {last.near_duplicates:,} "
-            f"near, {last.semantic_duplicates:,} semantic); {last.tokens_total:,} tokens.")  # fmt: skip
+            f"round(s); {acc.unique:,} unique; duplication {last.duplication_ratio:.1%} "
+            f"({acc.duplicates:,} rows dropped as duplicates: {acc.exact:,} exact, {acc.near:,} near, "
+            f"{acc.semantic:,} semantic, {acc.online:,} online; {acc.discarded:,} discarded: sampled past a shard's "
+            f"quota or malformed); {last.tokens_total:,} tokens.")  # fmt: skip
     head += f" {tiers_sentence(last.dedup_tiers)}"
     if last.left_domain:
         head += f" {last.left_domain:,} rows left the domain they were asked for (the domain table counts the generated one)."

@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 SHARD_STATES = ("pending", "running", "succeeded", "failed")
-DEDUP_TIERS = ("exact", "near", "semantic")
+DEDUP_TIERS = ("exact", "near", "semantic", "online")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class RunCollector(Collector):
         )
         dup_tier = CounterMetricFamily(
             "genrun_duplicates",
-            "Rows dropped as duplicates, by dedup tier (exact, near, semantic).",
+            "Rows dropped as duplicates, by dedup tier (exact, near, semantic; online: skipped by the generators).",
             labels=[*lbl, "tier"],
         )
         early = CounterMetricFamily(
@@ -154,7 +154,7 @@ class RunCollector(Collector):
             budget.add_metric(v, run.budget)
             if totals.dedup_tiers:  # a status written before the tiers were counted has no per-tier figures
                 d = totals.duplicates
-                for tier, count in zip(DEDUP_TIERS, (d.exact, d.near, d.semantic), strict=True):
+                for tier, count in zip(DEDUP_TIERS, (d.exact, d.near, d.semantic, d.online), strict=True):
                     dup_tier.add_metric([*v, tier], count)
             semantic_on.add_metric(v, 1.0 if "semantic" in totals.dedup_tiers else 0.0)
             if st.projected_tokens_to_target is not None:

@@ -342,7 +342,9 @@ def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping
             exact=rep.exact_duplicates if rep else 0,
             near=rep.near_duplicates if rep else 0,
             semantic=rep.semantic_duplicates if rep else 0,
+            online=rep.online_duplicates if rep else 0,
         ),
+        discarded=rep.discarded_total if rep else 0,
         dedup_tiers=tuple(tiers),
         **_engine_totals(obs.engines),
     )

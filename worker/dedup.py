@@ -1,4 +1,4 @@
-"""Exact and near-duplicate detection: normalised keys, vectorised MinHash, banded LSH, connected components.
+"""Exact and near-duplicate detection: normalised keys, vectorised MinHash, banded LSH, keep-first against kept rows.
 
 MinHash values are datasketch's (scheme affine32, default sha1_hash32): `MinHash(num_perm, seed)` updated with the
 same shingles gives the same hash values, so indexes interoperate. What is faster here: shingle hashes are computed
@@ -362,11 +362,13 @@ class MinHasher:
 
 
 @lru_cache(maxsize=64)
-def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1, fn_weight: float = 0.9) -> tuple[int, int]:
+def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.05, fn_weight: float = 0.95) -> tuple[int, int]:
     """Bands b and rows per band r (b * r <= num_perm) minimising fp_weight * P(false positive) + fn_weight *
-    P(false negative), the criterion of datasketch's MinHashLSH (tested equal on a grid). Weighted 0.1/0.9 against
-    false negatives: candidates are verified on the whole signature, so extra candidates cost time, not precision (at
-    0.8 and 128 permutations: 14 bands of 9 rows, 87% of pairs at exactly the threshold found instead of 40%).
+    P(false negative), the criterion of datasketch's MinHashLSH (tested equal on a grid). Weighted 0.05/0.95 against
+    false negatives: candidates are verified on the whole signature, so extra candidates cost time, not precision;
+    and keep-first against kept rows has no second path to a missed pair (components had one, through the rows
+    between). At 0.8 and 128 permutations: 16 bands of 8 rows, a pair at exactly the threshold is a candidate with
+    probability 0.95 (14 x 9, the 0.1/0.9 optimum: 0.87).
 
     P(candidate | similarity s) = 1 - (1 - s^r)^b is a polynomial of degree b*r <= num_perm, so Gauss-Legendre with
     num_perm/2 + 1 nodes integrates it exactly (datasketch calls scipy's adaptive quad per (b, r): ~1 s)."""
@@ -439,19 +441,15 @@ def similar(sigs_a: np.ndarray, sigs_b: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The near-duplicate rule: connected components within a round, attached to earlier rounds' clusters.
-# For each LSH band, a bucket's FIRST row is the earliest row (keep-first order, over all rounds) with that band key.
-# Candidate edges: each row with the first row of each of its buckets, both among earlier rounds' rows (the index)
-# and among the round's own rows; an edge counts when the two are similar (estimated Jaccard >= threshold on the whole
-# signature, `similar`). The round's rows joined by edges form components. A component with an edge to an earlier round's
-# row joins the earliest such cluster (all its rows are near duplicates of it); otherwise its first row is kept
-# and starts a cluster, the others are its near duplicates. Clusters of earlier rounds never merge (what was
-# published stays), and the first row of every cluster is kept, so a pair is never dropped on both sides.
-# Every row is compared with at most one row per band and side (no all-pairs in hot buckets). A round's result
-# depends only on earlier rounds' rows and its own, so replaying rounds one by one gives what the incremental merge
-# gave. Why components and not keep-first against kept rows: on bench/merge.py's clusters (one-word edits of a
-# base, the edits mutually below the threshold, only linked through the base or through each other) keep-first
-# against kept rows finds 0.57 of the duplicate pairs at 1M rows, components within the round 0.99.
+# The near-duplicate rule: keep-first against kept rows, one row at a time in (round, seed, index) order.
+# For each LSH band, a bucket's FIRST KEPT row is the earliest kept row with that band key (earlier rounds' rows in
+# the seen-index, which holds kept rows only, and the batch's own). A row is a near duplicate iff one of the first
+# kept rows of its buckets (of earlier rounds, or earlier in the batch) has an estimated Jaccard similarity with it
+# (`similar`, on the whole signature) of at least the threshold; it is a near duplicate of the earliest such row (an
+# earlier round's before the batch's), and that row's similarity is the one reported. Otherwise it is kept. A row is
+# never dropped for a row it is not itself near (no chaining through a dropped row), and every row is compared with
+# at most one row per band and side (no all-pairs in hot buckets). A round's result depends only on earlier rounds'
+# kept rows and its own rows, so replaying rounds one by one gives what the incremental merge gave.
 
 
 def _verify(qi: np.ndarray, ti: np.ndarray, q_sigs: np.ndarray, t_sigs: np.ndarray, threshold: float,
@@ -470,32 +468,10 @@ def _verify(qi: np.ndarray, ti: np.ndarray, q_sigs: np.ndarray, t_sigs: np.ndarr
     return qi[ok], ti[ok]
 
 
-def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Connected components of edges (u, v) over rows 0..n-1: each row's label is its component's smallest row.
-    Label propagation with pointer jumping: a few passes over the edges."""
-    label = np.arange(n, dtype=np.int64)
-    while len(u):
-        m = np.minimum(label[u], label[v])
-        new = label.copy()
-        np.minimum.at(new, u, m)
-        np.minimum.at(new, v, m)
-        while True:  # labels point at smaller rows of the same component: jump to their labels
-            jumped = new[new]
-            if np.array_equal(jumped, new):
-                break
-            new = jumped
-        if np.array_equal(new, label):
-            break
-        label = new
-    return label
-
-
-def batch_firsts(bands: np.ndarray, threads: int = 1, heads: list[Any] | None = None) -> np.ndarray:
-    """(n, bands) int64: for each row and band, the earliest row of the batch with the same band key; the bands in
-    up to `threads` threads. `heads`: a list of one None per band, each set to the bucket firsts in key order."""
+def _buckets(bands: np.ndarray, threads: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per band, (the rows in (band key, row) order, True where a bucket starts)."""
     n = len(bands)
-    out = np.empty(bands.shape, dtype=np.int64)
-    idx = np.arange(n)
+    out: list[Any] = [None] * bands.shape[1]
 
     def one(band: int) -> None:
         col = bands[:, band]
@@ -503,35 +479,94 @@ def batch_firsts(bands: np.ndarray, threads: int = 1, heads: list[Any] | None = 
         sk = col[order]
         start = np.ones(n, dtype=bool)
         start[1:] = sk[1:] != sk[:-1]
-        out[order, band] = order[np.maximum.accumulate(np.where(start, idx, 0))]
-        if heads is not None:
-            heads[band] = order[start]
+        out[band] = (order, start)
 
     each(one, range(bands.shape[1]), threads)
     return out
 
 
-def cluster_batch(sigs: np.ndarray, bands: np.ndarray, threshold: float, old: np.ndarray,
-                  firsts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """The rule within a batch (rows in keep-first order). `old`: per row, the earliest earlier-round cluster (its
-    root id) that the row itself is similar to, or -1. Returns per row (its component's first row in the batch, the
-    earliest earlier-round cluster any row of its component is similar to or -1). A row is kept when it is its
-    component's first and the component has no earlier cluster."""
+def batch_firsts(bands: np.ndarray, threads: int = 1, heads: list[Any] | None = None) -> np.ndarray:
+    """(n, bands) int64: for each row and band, the earliest row of the batch with the same band key; the bands in
+    up to `threads` threads. `heads`: a list of one None per band, each set to the bucket firsts in key order."""
+    out = np.empty(bands.shape, dtype=np.int64)
+    idx = np.arange(len(bands))
+    for band, (order, start) in enumerate(_buckets(bands, threads)):
+        out[order, band] = order[np.maximum.accumulate(np.where(start, idx, 0))]
+        if heads is not None:
+            heads[band] = order[start]
+    return out
+
+
+_NONE = np.iinfo(np.int64).max
+
+
+def keep_first_batch(sigs: np.ndarray, bands: np.ndarray, threshold: float, old: np.ndarray, threads: int = 1,
+                     heads: list[Any] | None = None) -> np.ndarray:  # fmt: skip
+    """The rule within a batch (rows in keep-first order). `old`: per row, the earlier rounds' kept row (its id) it
+    is a near duplicate of, or -1: such a row is dropped before the batch's own rows are looked at. Returns per row
+    the batch row it is a near duplicate of (itself when it is not a near duplicate of a batch row). `heads`: a list
+    of one None per band, each set to the first kept rows of the batch's buckets, in key order (what the seen-index
+    adds).
+
+    The one-row-at-a-time rule, decided in passes: a bucket's head is its earliest row not dropped so far; a row
+    whose heads before it are all decided (kept) is decided: dropped for its earliest similar head, else kept. A row
+    with an undecided head earlier than its earliest similar kept head waits for the next pass. Each pass decides at
+    least the earliest undecided row, and only buckets with an undecided row take part in the next."""
     n = len(sigs)
-    first = batch_firsts(bands) if firsts is None else firsts
-    # Each row's distinct bucket firsts other than itself, sorted within the row: the pairs come distinct and in
-    # order without a sort of all of them (a row's similar first shares most of its bands).
-    first = np.sort(first, axis=1)
-    rows = np.broadcast_to(np.arange(n)[:, None], first.shape)
-    pair = first != rows
-    pair[:, 1:] &= first[:, 1:] != first[:, :-1]
-    u, v = _verify(rows[pair], first[pair], sigs, sigs, threshold, distinct=True)
-    label = components(n, u, v)
-    big = np.iinfo(np.int64).max
-    comp = np.full(n, big, dtype=np.int64)
-    np.minimum.at(comp, label, np.where(old >= 0, old, big))
-    link = comp[label]
-    return label, np.where(link == big, -1, link)
+    buckets = _buckets(bands, threads)
+    dropped = old >= 0
+    decided = dropped.copy()
+    dup = np.arange(n, dtype=np.int64)
+    # the buckets of two or more rows, all bands in one flat array: their rows, bucket by bucket, rows ascending
+    rows_l, seg_l = [], []
+    base = 0
+    for order, start in buckets:
+        seg = np.cumsum(start) - 1
+        size = np.bincount(seg)
+        multi = size[seg] >= 2
+        rows_l.append(order[multi])
+        seg_l.append(seg[multi] + base)
+        base += len(size)
+    rows = np.concatenate(rows_l) if rows_l else np.empty(0, np.int64)
+    seg = np.concatenate(seg_l) if seg_l else np.empty(0, np.int64)
+    alone = np.ones(n, dtype=bool)
+    alone[rows] = False
+    decided |= alone  # a row alone in all its buckets is kept (or dropped already)
+    todo = np.flatnonzero(~decided)
+    best = np.full(n, _NONE, dtype=np.int64)  # per row, its earliest similar kept head so far (kept heads stay)
+    while len(todo):
+        live = ~dropped[rows]  # a dropped row is never a head again: out
+        rows, seg = rows[live], seg[live]
+        first = np.ones(len(rows), dtype=bool)
+        first[1:] = seg[1:] != seg[:-1]
+        at = np.cumsum(first) - 1
+        head = rows[first][at]  # a bucket's earliest row not dropped
+        cand = np.flatnonzero(~decided[rows] & (head < rows))
+        r, h = rows[cand], head[cand]
+        ready = decided[h]
+        waits = np.full(n, _NONE, dtype=np.int64)  # per row, its earliest undecided head
+        np.minimum.at(waits, r[~ready], h[~ready])
+        q, t = _verify(r[ready], h[ready], sigs, sigs, threshold)
+        np.minimum.at(best, q, t)
+        go = todo[(waits[todo] == _NONE) | (best[todo] < waits[todo])]  # no undecided head before its answer
+        drop = go[best[go] != _NONE]
+        dropped[drop] = True
+        dup[drop] = best[drop]
+        decided[go] = True
+        todo = todo[~decided[todo]]
+        # what the next pass needs: each bucket's undecided rows after an undecided head, with that head; a pair
+        # with a kept head is verified once (its answer is in `best`)
+        done = np.zeros(len(rows), dtype=bool)
+        done[cand[ready]] = True
+        need = ~decided[rows] & ~done
+        keep = need | (first & np.maximum.reduceat(need, np.flatnonzero(first))[at] if len(rows) else need)
+        rows, seg = rows[keep], seg[keep]
+    if heads is not None:
+        kept_first = np.where(dropped, _NONE, np.arange(n))
+        for band, (order, start) in enumerate(buckets):
+            m = np.minimum.reduceat(kept_first[order], np.flatnonzero(start)) if n else np.empty(0, np.int64)
+            heads[band] = m[m != _NONE]
+    return dup
 
 
 @dataclass(frozen=True)
@@ -625,7 +660,7 @@ class SeenIndex:
     seed: int
     shingle_size: int
     chunks: list[IndexChunk] = field(default_factory=list)
-    _firsts: tuple[np.ndarray, np.ndarray, list[Any]] | None = field(default=None, repr=False, compare=False)
+    _firsts: tuple[np.ndarray, list[Any]] | None = field(default=None, repr=False, compare=False)
     _indexed: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -716,8 +751,8 @@ class SeenIndex:
         return out
 
     def match(self, sigs: np.ndarray, bands: np.ndarray, subset: Iterable[int] | None = None) -> np.ndarray:
-        """Per query row, the earliest cluster (root id) among the indexed bucket firsts of its buckets that it is
-        similar to, or -1. `subset`: only these bands (a partitioned reducer's share; the minimum over shares is
+        """Per query row, the earliest indexed bucket first of its buckets that it is similar to (its root id: itself,
+        in an index of kept rows), or -1. `subset`: only these bands (a partitioned reducer's share; the minimum over shares is
         the answer)."""
         root, found = self._match(sigs, bands, subset)
         return np.where(found, root, -1)
@@ -750,34 +785,40 @@ class SeenIndex:
         self, sigs: np.ndarray, bands: np.ndarray, old: np.ndarray | None = None, threads: int = 1
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The rule for a batch of new rows (keep-first order, after everything indexed): per row, (its own match
-        against the index, its component's first row in the batch, its component's earliest earlier cluster or -1).
-        `old`: the matches when computed elsewhere (partitioned reducers)."""
+        against the index, the batch row it is a near duplicate of or itself, its match again: the earlier kept row
+        it is a near duplicate of or -1). `old`: the matches when computed elsewhere (partitioned reducers). `extend`
+        with the same arrays next indexes the batch's kept rows only."""
         old = self.match(sigs, bands) if old is None else old
-        firsts, _ = self._batch_firsts(bands, threads)
-        label, link = cluster_batch(sigs, bands, self.threshold, old, firsts)
-        return old, label, link
+        heads: list[Any] = [None] * bands.shape[1]
+        dup = keep_first_batch(sigs, bands, self.threshold, old, threads, heads)
+        self._firsts = (bands, heads)
+        return old, dup, old
 
-    def _batch_firsts(self, bands: np.ndarray, threads: int = 1) -> tuple[np.ndarray, list[Any]]:
-        """batch_firsts with its bucket firsts in key order (`heads`), kept for the same batch array (`extend` after
-        `assign` sorts the bands once)."""
+    def _batch_firsts(self, bands: np.ndarray, threads: int = 1) -> list[Any]:
+        """Per band, the rows of the batch to index as bucket firsts, in key order: the first kept rows `assign` found
+        for the same batch array, else every bucket's first row (the caller hands kept rows only)."""
         if self._firsts is None or self._firsts[0] is not bands:
             heads: list[Any] = [None] * bands.shape[1]
-            self._firsts = (bands, batch_firsts(bands, threads, heads), heads)
-        return self._firsts[1], self._firsts[2]
+            batch_firsts(bands, threads, heads)
+            self._firsts = (bands, heads)
+        return self._firsts[1]
 
     def extend(self, sigs: np.ndarray, bands: np.ndarray, ids: np.ndarray, root: np.ndarray, exact: np.ndarray,
                compact: bool = False, consume: bool = False, threads: int = 1) -> IndexChunk:  # fmt: skip
-        """Add a batch (rows in keep-first order, after everything indexed) as one chunk: its rows that are the first
-        of a bucket not indexed yet, and the key hashes it saw first (sorted, distinct). `compact`: join small
+        """Add a batch (rows in keep-first order, after everything indexed) as one chunk: its kept rows that are the
+        first kept row of a bucket not indexed yet (after `assign` with the same arrays; else the caller hands kept
+        rows only), and the key hashes it saw first (sorted, distinct). `compact`: join small
         trailing chunks (the online check adds many small batches; chunks stay O(log n)). `consume`: the caller
         gives up `sigs`; the chunk keeps its rows moved to the front, in place (the merge's largest array, not copied
         at its peak)."""
         n = len(bands)
-        firsts, heads = self._batch_firsts(bands)
+        heads = self._batch_firsts(bands, threads)
         indexed = self.indexed(bands)
-        is_first = (firsts == np.arange(n)[:, None]) & ~indexed
+        is_first = np.zeros(n, dtype=bool)
+        for band, h in enumerate(heads):
+            is_first[h[~indexed[h, band]]] = True
         self._firsts = self._indexed = None  # the index changes below
-        add = np.flatnonzero(is_first.any(axis=1))
+        add = np.flatnonzero(is_first)
         at = np.empty(n, dtype=np.int64)  # a row's position in the chunk
         at[add] = np.arange(len(add))
         tables: list[Any] = [None] * bands.shape[1]
@@ -810,8 +851,8 @@ class SeenIndex:
         return self._match(sigs, self.band_keys(sigs))[1]
 
     def admit(self, keys: Any, sigs: np.ndarray, near: bool = True) -> np.ndarray:
-        """The online check of a batch in order: 0 = novel (now indexed), 1 = a duplicate of an indexed row (or of a
-        row of this batch that is one), 2 = a duplicate of an earlier row of this batch. The merge's rule on the
+        """The online check of a batch in order: 0 = novel (now indexed), 1 = a duplicate of an indexed row (or an
+        exact repeat of a row of this batch that is one), 2 = a duplicate of an earlier row of this batch. The merge's rule on the
         merge's code; only novel rows are indexed (the skipped ones never reach the merge)."""
         h = key_hashes(keys)
         bk = self.band_keys(sigs)
@@ -822,9 +863,9 @@ class SeenIndex:
         out[(out == 0) & repeat] = 2
         cand = np.flatnonzero(out == 0)
         if near and len(cand):
-            _, label, link = self.assign(sigs[cand], bk[cand])
+            _, dup, link = self.assign(sigs[cand], bk[cand])
             out[cand[link >= 0]] = 1
-            out[cand[(link < 0) & (label != np.arange(len(cand)))]] = 2
+            out[cand[(link < 0) & (dup != np.arange(len(cand)))]] = 2
         novel = np.flatnonzero(out == 0)
         ids = np.arange(len(self), len(self) + len(novel), dtype=np.int64)
         self.extend(sigs[novel], bk[novel], ids, ids, np.unique(h[novel]), compact=True)
@@ -873,8 +914,8 @@ def _join(a: IndexChunk, b: IndexChunk) -> IndexChunk:
 def deduplicate(
     texts: Any, *, threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 1, near: bool = True
 ) -> np.ndarray:
-    """For each text (keep-first order), the first row of its cluster (itself when it is kept): the merge's rule
-    (exact normalised key, then near-duplicate components) in one batch, for simulations and tools that hold rows
+    """For each text (keep-first order), the kept row it duplicates (itself when it is kept): the merge's rule
+    (exact normalised key, then near duplicates of kept rows) in one batch, for simulations and tools that hold rows
     in memory."""
     keys = normalize_array(texts)
     h = key_hashes(keys)
@@ -886,8 +927,8 @@ def deduplicate(
     import pyarrow as pa
 
     sigs = MinHasher(num_perm, 1, shingle_size).signatures(keys.take(pa.array(cand, pa.int64())))
-    label, _ = cluster_batch(sigs, band_keys(sigs, *lsh_params(threshold, num_perm)), threshold,
-                             np.full(len(cand), -1, np.int64))  # fmt: skip
+    dup = keep_first_batch(sigs, band_keys(sigs, *lsh_params(threshold, num_perm)), threshold,
+                           np.full(len(cand), -1, np.int64))  # fmt: skip
     root = np.arange(len(owner))
-    root[cand] = cand[label]
+    root[cand] = cand[dup]
     return root[owner]

@@ -3,10 +3,10 @@
 The cluster rule (the exact tier here, the near tier in `dedup.SeenIndex.assign`):
 - Rows are taken in (round, seed, index) order and numbered in that order (global row ids, cumulative over rounds).
 - A row whose normalised key equals the key of ANY earlier row is an exact duplicate, in that row's cluster.
-- Otherwise (the first row with its key), near duplicates: components of the round's rows linked by similar
-  LSH bucket firsts, attached to the earliest earlier-round cluster one of them is similar to (see
-  `dedup.cluster_batch`). The first row of a component with no earlier cluster starts a cluster: it is unique, kept
-  for dedup, and QC decides whether it enters the dataset; the component's other rows are its near duplicates.
+- Otherwise (the first row with its key), near duplicates: the row is a near duplicate of the earliest kept row it
+  is itself similar to among the first kept rows of its LSH buckets (earlier rounds' in the seen-index, then the
+  round's own; see `dedup.keep_first_batch`), and is otherwise kept: unique, and QC decides whether it enters the
+  dataset. A row is never dropped for a row it is not near, whatever lies between them.
 Every decision depends only on earlier rounds and the round's own rows, so merging round r's new rows against the
 state of rounds 1..r-1 gives exactly what replaying rounds 1..r from nothing gives (tested).
 
@@ -432,7 +432,10 @@ def _merge_one(
         for s in shards:
             tot.generated[rnd] = tot.generated.get(rnd, 0) + s.manifest.generated
             tot.tokens[rnd] = tot.tokens.get(rnd, 0) + s.manifest.tokens
-            tot.skipped[rnd] = tot.skipped.get(rnd, 0) + s.manifest.skipped_online + s.manifest.skipped_in_shard
+            skipped = s.manifest.skipped_online + s.manifest.skipped_in_shard
+            tot.skipped[rnd] = tot.skipped.get(rnd, 0) + skipped
+            early = sum(s.manifest.qc_rejected_before_response.values())
+            tot.discarded[rnd] = tot.discarded.get(rnd, 0) + s.manifest.generated - s.manifest.rows - skipped - early
         for name, table in (("per_domain", round_counts["domain"]), ("per_temperature", round_counts["temperature"])):
             acc = getattr(tot, name)
             for k, c in table.items():
@@ -859,6 +862,9 @@ def _report(storage: Storage, spec: Any, state: State, rnd: int, shards: int) ->
         exact_duplicates=tot.rejected.get(REASON_EXACT, 0),
         near_duplicates=tot.rejected.get(REASON_NEAR, 0),
         semantic_duplicates=tot.rejected.get(REASON_SEMANTIC, 0),
+        online_duplicates=sum(tot.skipped.values()),
+        discarded=tot.discarded.get(rnd, 0),
+        discarded_total=sum(tot.discarded.values()),
         dedup_tiers=("exact", "near", "semantic") if sem_on else ("exact", "near"),
         semantic_clusters=_semantic_clusters(storage, state) if sem_on else (),
         qc_rejected={k: v for k, v in sorted(tot.rejected.items()) if k not in DUPLICATE_REASONS},
@@ -881,7 +887,9 @@ def _pct(a: int, b: int) -> str:
 
 
 def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = None) -> str:
-    """The round report in the problem's style: totals, duplication, top duplicates, QC rejections."""
+    """The round report in the problem's style: totals, duplication, top duplicates, QC rejections. Generated =
+    unique + exact + near + semantic + online + discarded (`records.Accounting`)."""
+    a = rec.Accounting.total(r)
     lines = [
         f"# genrun report: {run}, round {r.round}",
         "",
@@ -893,7 +901,10 @@ def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = No
         f"| Final (unique and QC-passed) | {r.qc_passed_total:,} | {_pct(r.qc_passed_total, r.generated_total)} |",
         f"| This round: generated / new unique / new kept | {r.generated:,} / {r.new_unique:,} / {r.new_qc_passed:,} | "
         f"marginal yield {r.marginal_yield:.3f} |",
-        f"| Skipped by the generators this round (seen before or in the shard) | {r.skipped_online:,} | |",
+        f"| Duplicates (all rounds): exact / near / semantic / online | {a.exact:,} / {a.near:,} / {a.semantic:,} / "
+        f"{a.online:,} | {_pct(a.duplicates, a.generated)} |",
+        f"| Discarded (sampled past a shard's quota, or malformed) | {a.discarded:,} | {_pct(a.discarded, a.generated)} |",
+        f"| Skipped by the generators this round (online: seen before or in the shard) | {r.skipped_online:,} | |",
         f"| Rejected by QC in the generators before their responses (in unique and QC rejections) | "
         f"{r.qc_rejected_before_response:,} | |",
         f"| Tokens generated (all rounds) | {r.tokens_total:,} | |",

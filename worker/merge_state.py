@@ -58,6 +58,7 @@ class Totals:
     generated: dict[int, int] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, int] = field(default_factory=dict)
+    discarded: dict[int, int] = field(default_factory=dict)  # round -> sampled, neither a row nor a skip
     left_domain: int = 0  # rows whose generated_domain is not the domain asked (sem, issue 12)
     early: int = 0  # instructions the generators' QC rejected before their responses (in `rejected` by reason too)
     # The largest clusters so far as [kept id, size] (size desc, id asc): of all clusters, and of the semantic tier's.
@@ -69,7 +70,7 @@ class Totals:
         d = asdict(self)
         for k in ("per_round", "per_domain", "per_temperature"):
             d[k] = [[key, c] for key, c in d[k].items()]
-        for k in ("round_first_id", "generated", "tokens", "skipped"):
+        for k in ("round_first_id", "generated", "tokens", "skipped", "discarded"):
             d[k] = [[key, v] for key, v in d[k].items()]
         return json.dumps(d, sort_keys=True)
 
@@ -88,6 +89,7 @@ class Totals:
         t.early = int(d.get("early", 0))
         for name in ("generated", "tokens", "skipped"):
             setattr(t, name, {int(k): int(v) for k, v in d[name]})
+        t.discarded = {int(k): int(v) for k, v in d.get("discarded", [])}
         t.top = [[int(i), int(n)] for i, n in d.get("top", [])]
         t.sem_top = [[int(i), int(n)] for i, n in d.get("sem_top", [])]
         return t
@@ -107,7 +109,7 @@ def dedup_params(spec: Any) -> dict[str, Any]:
         "semantic": None if sem is None else {"model": sem.model, "threshold": sem.threshold},
         "key": d.key, "normalize": d.normalize, "near": d.near_duplicates, "threshold": d.threshold,
         "num_perm": d.num_perm, "shingle_size": d.shingle_size, "lsh": list(lsh_params(d.threshold, d.num_perm)),
-        "key_hash": "xxh3_64", "minhash_seed": 1, "near_rule": "components",
+        "key_hash": "xxh3_64", "minhash_seed": 1, "near_rule": "keep-first-kept",
         "against": list(d.against),  # round 0 is these sources: another list means another state
     }  # fmt: skip
 

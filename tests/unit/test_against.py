@@ -93,7 +93,9 @@ def test_seed_from_a_run_output_and_datasets_in_three_layouts(tmp_path: Path) ->
     exact = seed.seen.contains_exact(probe)
     near = seed.seen.contains_near(sigs)
     assert exact.tolist() == [True, True, False, False] and near.tolist()[2:] == [True, False]
-    assert (seed.seen.ids < 0).all() and seed.semantic is None
+    assert (
+        (seed.seen.ids < 0).all() and seed.semantic is not None and len(seed.semantic) == 6
+    )  # semantic: on by default
 
 
 def test_unreadable_sources_are_one_line_errors_naming_the_entry(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
-"""Dedup: normalisation, datasketch-compatible MinHash, LSH with verification, components, the seen-index."""
+"""Dedup: normalisation, datasketch-compatible MinHash, LSH with verification, keep-first near rule, the seen-index."""
 
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import datasketch
 import numpy as np
@@ -85,38 +87,27 @@ def test_near_duplicates_found_and_unrelated_kept() -> None:
 
 
 def _reference(sigs: np.ndarray, threshold: float, cuts: list[int]) -> list[int]:
-    """The rule, spelled out with dicts and a union-find, batch (round) by batch: per band, a bucket's first is the
-    earliest row ever with its key; each row is linked to its buckets' firsts when similar; the batch's rows form
-    components; a component similar (through any of its rows) to earlier batches' firsts joins the earliest such
-    cluster, else its first row is its root."""
+    """The rule, spelled out with dicts, one row at a time, batch (round) by batch: per band, a bucket's first kept
+    row is the earliest kept row with its key (earlier batches' before the batch's own); a row is a near duplicate of
+    the earliest such row of its buckets that it is itself similar to (earlier batches' first), else it is kept."""
     b, r = lsh_params(threshold, sigs.shape[1])
     bands = band_keys(sigs, b, r)
     firsts: list[dict[int, int]] = [{} for _ in range(b)]
     root: list[int] = []
+
+    def near(j: int, heads: list[dict[int, int]]) -> int | None:
+        found = [f for k in range(b) if (f := heads[k].get(int(bands[j, k]))) is not None]
+        return min((f for f in found if similar(sigs[f : f + 1], sigs[j : j + 1])[0] >= threshold), default=None)
+
     for lo, hi in itertools.pairwise(sorted({0, len(sigs), *[min(c, len(sigs)) for c in cuts]})):
-        parent = {j: j for j in range(lo, hi)}
-
-        def find(x: int, parent: dict[int, int] = parent) -> int:
-            while parent[x] != x:
-                x = parent[x]
-            return x
-
         local: list[dict[int, int]] = [{} for _ in range(b)]
-        old: dict[int, int] = {}
         for j in range(lo, hi):
-            for k in range(b):
-                key = int(bands[j, k])
-                f = firsts[k].get(key)
-                if f is not None and similar(sigs[f : f + 1], sigs[j : j + 1])[0] >= threshold:
-                    old[j] = min(old.get(j, 1 << 62), root[f])
-                g = local[k].setdefault(key, j)
-                if g != j and similar(sigs[g : g + 1], sigs[j : j + 1])[0] >= threshold:
-                    a, c = find(g), find(j)
-                    parent[max(a, c)] = min(a, c)
-        link: dict[int, int] = {}
-        for j, o in old.items():
-            link[find(j)] = min(link.get(find(j), 1 << 62), o)
-        root += [link.get(find(j), find(j)) for j in range(lo, hi)]
+            f = near(j, firsts)
+            f = near(j, local) if f is None else f
+            root.append(j if f is None else f)
+            if f is None:
+                for k in range(b):
+                    local[k].setdefault(int(bands[j, k]), j)
         for k in range(b):
             for key, j in local[k].items():
                 firsts[k].setdefault(key, j)
@@ -134,7 +125,7 @@ def _reference(sigs: np.ndarray, threshold: float, cuts: list[int]) -> list[int]
     threshold=st.sampled_from([0.5, 0.7, 0.8]),
 )
 def test_rule_is_the_spelled_out_rule(words: list[list[str]], cuts: list[int], threshold: float) -> None:
-    """Vectorised, the rule equals the dict-and-union-find rule, in one batch and batch by batch (rounds)."""
+    """Vectorised, the rule equals the one-row-at-a-time rule, in one batch and batch by batch (rounds)."""
     sigs = MinHasher(64, 1, 1).signatures([" ".join(w) for w in words])
     assert _clusters(SeenIndex.empty(threshold, 64), sigs, 0).tolist() == _reference(sigs, threshold, [])
     index = SeenIndex.empty(threshold, 64)
@@ -255,7 +246,8 @@ def test_rule_on_large_clusters(threshold: float, seed: int) -> None:
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95])
 @pytest.mark.parametrize("num_perm", [16, 64, 128, 256])
 def test_lsh_params_equal_datasketch_optimum(threshold: float, num_perm: int) -> None:
-    assert lsh_params(threshold, num_perm) == tuple(_optimal_param(threshold, num_perm, 0.1, 0.9))
+    assert lsh_params(threshold, num_perm) == tuple(_optimal_param(threshold, num_perm, 0.05, 0.95))
+    assert lsh_params(threshold, num_perm, 0.1, 0.9) == tuple(_optimal_param(threshold, num_perm, 0.1, 0.9))
 
 
 def test_seen_index_exact_and_near() -> None:
@@ -399,3 +391,71 @@ def test_dictionary_keys_hash_and_sign_as_their_strings() -> None:
     rows = pa.array([5, 0, 2, 1], pa.int64())
     h = MinHasher(64, 1, 1)
     assert np.array_equal(h.signatures(keys.take(rows)), h.signatures(plain.take(rows)))
+
+
+def test_genrun_dedup_drops_a_near_duplicate_only_for_a_kept_row_it_is_near(tmp_path: Path) -> None:
+    """The issue's file: 230 instructions of five templates over fifteen topics, each also shouted and with a
+    "Please:" prefix. Under components, "What are the pros and cons of machine learning?" went as a duplicate of "WHAT
+    ARE THE PROS AND CONS OF MEDITATION!!" at 0.7578 (threshold 0.8), through the rows between them. Now every near
+    drop names a kept row, and the similarity it reports (datasketch's MinHash estimate of the two keys) reaches the
+    threshold."""
+    from genrun.worker.dedup_cli import main
+
+    topics = ["machine learning", "meditation", "vaccines", "climate change", "remote work", "electric cars",
+              "social media", "nuclear power", "online dating", "intermittent fasting", "cryptocurrency",
+              "homeschooling", "solar panels", "video games", "urban gardening"]  # fmt: skip
+    templates = ["What are the pros and cons of {t}?", "Give me a study plan for learning about {t}.",
+                 "Explain {t} to a ten-year-old.", "Write a short essay about {t}.", "What is the history of {t}?"]  # fmt: skip
+    rows = []
+    for tpl in templates:
+        for t in topics:
+            base = tpl.format(t=t)
+            rows += [base, base.upper().rstrip(".?") + "!!", "Please: " + base.lower()]
+    rows += [f"Tell me one surprising fact about {t}." for t in topics[:5]]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"instruction": r}) + "\n" for r in rows))
+    assert main([str(src), "--no-semantic", "--output", str(tmp_path / "out")]) == 0
+    dropped = [json.loads(x) for x in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
+    kept = {json.loads(x)["instruction"] for x in (tmp_path / "out" / "kept.jsonl").read_text().splitlines()}
+    near = [d for d in dropped if d["_dedup"]["tier"] == "near"]
+    assert len(near) > 30  # the "Please:" variants at least
+    for d in near:
+        twin = d["_dedup"]["duplicate_of"]["instruction"]
+        assert twin in kept
+        a, b = (datasketch.MinHash(num_perm=128, seed=1) for _ in range(2))
+        for m, text in ((a, d["instruction"]), (b, twin)):
+            for word in set(normalize(text).split()):
+                m.update(word.encode("utf-8"))
+        assert d["_dedup"]["similarity"] >= 0.8
+        assert round(a.jaccard(b), 4) == d["_dedup"]["similarity"], (d["instruction"], twin)  # written to 4 places
+    assert "What are the pros and cons of machine learning?" in kept
+
+
+def test_near_tier_on_real_smollm2_output_is_the_keep_first_rule_less_lsh_misses() -> None:
+    """Real SmolLM2-135M instructions (2,000, tests/data): the near tier against a plain loop of the same rule, every
+    earlier kept row compared on the same estimate (no LSH). It drops no row the loop keeps for want of a near kept
+    row, names a kept row it is near, and misses at most a few rows (LSH misses: a pair at the threshold shares no
+    band of 8 rows, of 16, with probability ~0.05). Under components it dropped 58 here where the loop drops 49."""
+    import gzip
+
+    data = Path(__file__).resolve().parents[1] / "data" / "smollm2-instructions.jsonl.gz"
+    with gzip.open(data, "rt") as f:
+        texts = [json.loads(x)["instruction"] for x in f]
+    keys = list(dict.fromkeys(normalize(t) for t in texts))  # the exact tier: first occurrences
+    sigs = MinHasher(128, 1, 1).signatures(keys)
+    ref = np.arange(len(keys))
+    kept: list[int] = []
+    for i in range(len(keys)):
+        sim = similar(np.repeat(sigs[i : i + 1], len(kept), axis=0), sigs[kept]) if kept else np.empty(0)
+        hit = np.flatnonzero(sim >= 0.8)
+        if len(hit):
+            ref[i] = kept[hit[0]]
+        else:
+            kept.append(i)
+    got = deduplicate(keys, threshold=0.8)
+    rows = np.arange(len(keys))
+    dropped = np.flatnonzero(got != rows)
+    assert (got[dropped] == got[got[dropped]]).all()  # each names a kept row
+    assert (similar(sigs[dropped], sigs[got[dropped]]) >= 0.8).all()
+    assert set(dropped) <= set(np.flatnonzero(ref != rows))
+    assert (ref != rows).sum() >= 40 and len(dropped) >= 0.98 * (ref != rows).sum()  # the goal: within 2%

@@ -15,7 +15,9 @@ from genrun.worker.storage import LocalStorage
 
 from tests.helpers import example_row, merged_round, write_shard
 
-SPEC = {"model": {"name": "m"}, "target": {"uniqueExamples": 10}, "output": {"path": "/x"}}
+# The exact and near tiers (the semantic tier, on by default, has tests/unit/test_merge_semantic.py)
+SPEC = {"model": {"name": "m"}, "target": {"uniqueExamples": 10}, "output": {"path": "/x"},
+        "dedup": {"semantic": {"enabled": False}}}  # fmt: skip
 
 
 @pytest.fixture
@@ -81,8 +83,9 @@ def test_round_two_counts_only_what_is_new_and_seen_index_grows(storage: LocalSt
     assert r2.exact_duplicates == 1 and r2.near_duplicates == 1
     assert r2.marginal_yield == pytest.approx(1 / 3)
     seen = load_seen_index(storage, 2)
-    # every distinct key (exact tier), and each row that is the first of an LSH bucket (near tier), with its cluster
-    assert seen is not None and len(seen.exact) == 3 and len(seen) == 3 and seen.root.tolist() == [0, 0, 3]
+    # every distinct key (exact tier), and each kept row that is the first kept row of an LSH bucket (near tier): the
+    # near duplicate (row 2) is not indexed, so nothing is ever found near it alone
+    assert seen is not None and len(seen.exact) == 3 and seen.ids.tolist() == seen.root.tolist() == [0, 3]
     # each round's chunk keeps its signatures' low 16 bits (dedup.SIG_DTYPE), as the file holds them
     with np.load(storage.location(f"{rec.merge_prefix(2)}/seen-index.npz")) as z:
         assert z["sigs"].dtype == np.uint16 and z["sigs"].shape == (len(z["ids"]), spec.dedup.num_perm)
@@ -293,7 +296,7 @@ def test_changed_dedup_parameters_fall_back_to_a_full_re_merge(tmp_path: Path) -
     a, b = LocalStorage(tmp_path / "a"), LocalStorage(tmp_path / "b")
     ids = _rounds(a)
     _rounds(b)
-    loose = parse_spec({**SPEC, "dedup": {"threshold": 0.6}})
+    loose = parse_spec({**SPEC, "dedup": {"threshold": 0.6, "semantic": {"enabled": False}}})
     merge_round(a, parse_spec(SPEC), "t", 1, ids)  # round 1 with the default threshold
     merge_round(a, loose, "t", 2, ids)  # round 2 with another: the state of round 1 cannot be extended
     merge_round(b, loose, "t", 2, ids)  # from nothing with the new threshold
@@ -395,13 +398,13 @@ def test_qc_starts_once_the_rows_it_judges_are_known(
 
     storage = LocalStorage(tmp_path / "out")
     ids = _rounds(storage)
-    raw: dict[str, object] = dict(SPEC)
+    raw: dict[str, object] = {**SPEC, "dedup": {"semantic": {"enabled": False}}}  # "no semantic tier here"
     if case == "near_off":
-        raw["dedup"] = {"nearDuplicates": False}
+        raw["dedup"] = {"nearDuplicates": False, "semantic": {"enabled": False}}
     if case == "against":
         prior = tmp_path / "prior.jsonl"
         prior.write_text(json.dumps({"instruction": "Explain the history of music and code?"}) + "\n")
-        raw["dedup"] = {"against": [str(prior)]}
+        raw["dedup"] = {"against": [str(prior)], "semantic": {"enabled": False}}
     if case == "workers":
         monkeypatch.setattr(m, "QC_POOL_MIN_ROWS", 0)
         monkeypatch.setenv(m.MERGE_WORKERS_ENV, "2")
@@ -595,3 +598,28 @@ def test_a_merge_process_reexecutes_itself_with_its_allocator_settings(tmp_path:
     env = {**os.environ, "GLIBC_TUNABLES": user}
     out = subprocess.run([sys.executable, "-P", str(script)], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split("\n")[:-1] == ["start", "start", f"{MERGE_ENV['GLIBC_TUNABLES']}:{user}"]
+
+
+def test_the_merges_reports_account_for_every_generated_instruction(storage: LocalStorage) -> None:
+    """Rounds with every fate: exact and near duplicates, QC rejections (in the merge and before responses), rows the
+    generators skipped online, and samples past a shard's quota (generated beyond rows + skips + early rejects). Per
+    round and in total, generated = unique + exact + near + semantic + online + discarded and unique = kept + QC
+    rejected, and each fate lands in its own term."""
+    spec = parse_spec(SPEC)
+    write_shard(storage, 1, 0, [example_row("Explain how vaccines train the immune system."),
+                                example_row("Explain how vaccines train the immune system!"),
+                                example_row("Give me a recipe for pancakes without eggs.")],
+                generated=7, skipped=2, early={"low_logprob": 1})  # fmt: skip
+    r1 = merge_round(storage, spec, "t", 1, [(1, 0)])
+    write_shard(storage, 2, 1, [example_row("Explain how vaccines train the human immune system."),
+                                example_row("Give me a recipe for pancakes without eggs?"),
+                                example_row("Name three rivers in Africa and where they end.")],
+                generated=5, skipped=1)  # fmt: skip
+    r2 = merge_round(storage, spec, "t", 2, [(1, 0), (2, 1)])
+    a1, a2, total = rec.Accounting.of_round(r1, None), rec.Accounting.of_round(r2, r1), rec.Accounting.total(r2)
+    assert (a1.generated, a1.exact, a1.online, a1.discarded) == (7, 1, 2, 1)  # 7 = 2 unique + 1 early + 1 + 2 + 1
+    assert (a2.generated, a2.unique, a2.exact, a2.near, a2.online, a2.discarded) == (5, 1, 1, 1, 1, 1)
+    for a in (a1, a2, total):
+        assert a.problems() == []
+    assert total.generated == 12 and total.unique == a1.unique + a2.unique == r2.unique_total
+    assert r2.duplication_ratio == pytest.approx(total.duplicates / total.generated)

@@ -395,7 +395,9 @@ def test_status_counts_duplicates_per_tier_and_names_the_tiers() -> None:
                           unique_total=60, qc_passed_total=50, exact_duplicates=25, near_duplicates=5,
                           semantic_duplicates=10, dedup_tiers=("exact", "near", "semantic"))  # fmt: skip
     st = decide(ref, spec, dataclasses.replace(Observed(), reports={1: rep})).status.totals.to_dict()
-    assert st["duplicates"] == {"exact": 25, "near": 5, "semantic": 10} and st["dedupTiers"][-1] == "semantic"
+    assert (
+        st["duplicates"] == {"exact": 25, "near": 5, "semantic": 10, "online": 0} and st["dedupTiers"][-1] == "semantic"
+    )
 
 
 def test_dataset_card_shows_tiers_clusters_and_left_domain() -> None:
@@ -409,7 +411,7 @@ def test_dataset_card_shows_tiers_clusters_and_left_domain() -> None:
                           semantic_duplicates=10, dedup_tiers=("exact", "near", "semantic"),
                           semantic_clusters=(cluster,), left_domain=12)  # fmt: skip
     card = render_card(raw, "sft", [rep], {})
-    assert "| exact / near / semantic duplicates | 25 / 5 / 10 |" in card
+    assert "| exact / near / semantic / online duplicates | 25 / 5 / 10 / 0 |" in card
     assert "| rows that left their asked domain | 12 |" in card
     assert "unique (the target) counts rows kept by the tiers: exact, near, semantic" in card
     assert "| 3 | What is the capital city of France? | Name France's capital (0.91) |" in card
