@@ -130,7 +130,10 @@ def test_checkov_passes_on_the_rendered_chart_and_the_builders_jobs(tmp_path: Pa
         d for d in yaml.safe_load_all(subprocess.run(args, capture_output=True, text=True, check=True).stdout) if d
     ]
     policies = [d for d in chart if d["kind"] == "NetworkPolicy"]
-    assert len(policies) == (4 if network_policy else 0)  # the operator's; workers' in ops (watched), data, default
+    # The operator's; in each worker namespace (ops: watched; data; default) the workers' and the run engines'.
+    names = sorted((d["metadata"]["namespace"], d["metadata"]["name"]) for d in policies)
+    workers = [(ns, f"genrun-{kind}") for ns in ("data", "default", "ops") for kind in ("engine", "workers")]
+    assert names == (sorted([("ops", "genrun"), *workers]) if network_policy else [])
     keep = [] if network_policy else ["CKV2_K8S_6"]
 
     (tmp_path / "chart").mkdir()
