@@ -148,7 +148,9 @@ def test_report_html_shows_target_duplicates_reasons_and_rows_of_the_dataset(fin
 
 def test_push_without_network_is_one_line_and_exit_1(finished: Path, tmp_path: Path) -> None:
     """The Hub endpoint refuses connections (nothing listens on port 9): a failure worth retrying later, exit 1."""
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path), "HF_TOKEN": "hf_unused"}
+    # Its own environment: other test modules set HF_HUB_OFFLINE=1 in this process when they are imported.
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path), HF_TOKEN="hf_unused")
     res = run(["push", str(finished), "--repo", "me/data"], env=env)
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
