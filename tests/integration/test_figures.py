@@ -95,7 +95,8 @@ def test_the_dataset_card_parses_with_licence_language_and_filter_parameters(fin
     assert "- length: minInstructionChars 10, maxInstructionChars 1000" in card.text  # parameters, not `{}`
     totals = status_of(finished)["totals"]
     d = totals["duplicates"]
-    assert f"| exact / near / semantic duplicates | {d['exact']:,} / {d['near']:,} / {d['semantic']:,} |" in card.text
+    assert (f"| exact / near / semantic / online duplicates | {d['exact']:,} / {d['near']:,} / {d['semantic']:,} / "
+            f"{d['online']:,} |") in card.text  # fmt: skip
     assert "`domain` is the domain the prompt asked for" in card.text
 
 
