@@ -75,6 +75,9 @@ def manifest(name: str, s3: SeaweedFS, **spec_over: Any) -> dict[str, Any]:
             "s3": {"endpoint": s3.endpoint, "credentialsSecret": "s3-creds"},
         },
         "worker": {"gpus": 0},
+        # The semantic tier (on by default) would load an embedding model in every Job: what these tests check of the
+        # operator does not depend on it, and test_merge_semantic and test_accounting cover the tier.
+        "dedup": {"semantic": {"enabled": False}},
     }
     for k, v in spec_over.items():
         spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) else v
