@@ -255,6 +255,8 @@ def register(settings: Settings, registry: kopf.OperatorRegistry, kube: Kube, me
 
     # Kopf indexes each event before it calls the other handlers: a daemon woken here reads the Job's new phase.
     @kopf.on.event("batch", "v1", "jobs", labels=selector, id="wake", **on)  # type: ignore[arg-type]
+    # The run's engine getting ready (or going) lets its shard Jobs start: a step then, not at the timer.
+    @kopf.on.event("apps", "v1", "deployments", labels=selector, id="wake-engine", **on)  # type: ignore[arg-type]
     @kopf.on.update(GROUP, VERSION, PLURAL, id="spec-changed", field="spec", **on)  # type: ignore[arg-type]
     async def wake(namespace: str, labels: kopf.Labels, name: str, resource: kopf.Resource, **_: Any) -> None:
         run = name if resource.plural == PLURAL else labels.get(mf.LABEL_RUN, "")
