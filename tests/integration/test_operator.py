@@ -385,7 +385,8 @@ def test_a_child_the_api_server_refuses_fails_the_run_once_not_forever(cluster: 
 
     cluster.emulator.reject = refuse
     with OperatorProcess(cluster, NS) as op:
-        cluster.create(RUNS.format(ns=NS), manifest("refused", s3))
+        # perShard: no Job runner here, so no run engine gets ready; the shard Jobs are sent (and refused) at once.
+        cluster.create(RUNS.format(ns=NS), manifest("refused", s3, worker={"engine": "perShard"}))
         cond = wait_for(lambda: _failed(cluster, "refused"), 60, "Failed")
         assert cond["reason"] == "ChildRejected"
         assert "(422)" in cond["message"] and message in cond["message"]
