@@ -23,7 +23,9 @@ from genrun.worker.storage import LocalStorage
 from tests.helpers import example_row, merged_round, write_shard
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-BASE = {"model": {"name": "m"}, "target": {"uniqueExamples": 10}, "output": {"path": "/x"}}
+# The semantic tier is on by default: BASE turns it off, so that "off" means off.
+BASE = {"model": {"name": "m"}, "target": {"uniqueExamples": 10}, "output": {"path": "/x"},
+        "dedup": {"semantic": {"enabled": False}}}  # fmt: skip
 SEM = {**BASE, "dedup": {"semantic": {"enabled": True}}}
 
 

@@ -389,6 +389,7 @@ def test_status_counts_duplicates_per_tier_and_names_the_tiers() -> None:
         "exact": 0,
         "near": 0,
         "semantic": 0,
+        "online": 0,
     }
     assert decide(ref, _spec(False), Observed()).status.totals.to_dict()["dedupTiers"] == ["exact", "near"]
     rep = rec.RoundReport(round=1, shards=1, generated=100, new_unique=60, new_qc_passed=50, generated_total=100,
