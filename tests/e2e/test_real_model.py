@@ -178,6 +178,8 @@ def test_operator_runs_the_real_model_end_to_end(tmp_path: Path) -> None:
             shards={"initial": 1, "examplesPerShard": 10},
             target={"uniqueExamples": 6},
             policy={"pilotShare": 0},
+            # The shard Job loads vLLM itself: the emulated cluster runs no engine server for a shared engine.
+            worker={"engine": "perShard"},
         )
         spec["output"] = {"path": "s3://real/run", "s3": {"endpoint": s3.endpoint, "credentialsSecret": "s3"}}
         with JobRunner(cluster, "gpu"), OperatorProcess(cluster, "gpu"):

@@ -64,7 +64,7 @@ def _spec(case: str, tmp: Path) -> Any:
     elif case in ("attributes", "attributes_cell"):
         p["attributes"] = ATTRIBUTES
     elif case == "against":  # an earlier shard's rows count as seen: the online check against a seen-index
-        raw["dedup"] = {"against": [str(tmp / "domains" / rec.shard_data_key(1, 100))]}
+        raw["dedup"] = {**raw.get("dedup", {}), "against": [str(tmp / "domains" / rec.shard_data_key(1, 100))]}
     return parse_spec(raw)
 
 
