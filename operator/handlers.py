@@ -166,8 +166,7 @@ class KubeRun:
         read once a step."""
         assert self.loop is not None
         ref, spec, ns = self.loop.ref, self.loop.spec, self.key[0]
-        if not self.engine_read:
-            self.engine, self.engine_read = await self.kube.engine_state(ref), True
+        await self._read_engine()
         if self.engine is None and replicas > 0:
             await self.kube.apply("Service", ns, mf.engine_service(ref, spec))
             await self.kube.apply("Deployment", ns, mf.engine_deployment(ref, spec, self.settings, replicas))
@@ -177,17 +176,21 @@ class KubeRun:
             self.engine = dataclasses.replace(self.engine, replicas=replicas)
         return self.engine
 
+    async def _read_engine(self) -> None:
+        """The run's engine as the API server has it, read once a step."""
+        assert self.loop is not None
+        if not self.engine_read:
+            self.engine, self.engine_read = await self.kube.engine_state(self.loop.ref), True
+
     async def _engine_after(self, plan: Plan) -> None:
         """Let the engine's GPUs go once no shard needs them (the run finished, failed or is suspended; a resumed run
         scales it up again at its next shard), and record its pods' device time."""
         assert self.loop is not None
         if plan.finished or plan.condition(c.SUSPENDED).status == "True":
-            engine = await self._engine(0)
-        elif not self.engine_read:
-            engine = await self._engine(self.engine.replicas if self.engine else 0)
+            await self._engine(0)
         else:
-            engine = self.engine
-        await asyncio.to_thread(self._record_sessions, engine)
+            await self._read_engine()
+        await asyncio.to_thread(self._record_sessions, self.engine)
 
     def _record_sessions(self, engine: mf.EngineState | None) -> None:
         """Each engine pod is one engine start: its device time runs from its container's start, its start-up to its

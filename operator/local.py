@@ -152,10 +152,8 @@ class LocalRunner:
         for name, job in list(host.jobs.items()):
             answer = self.queue / f"{name}.exit"
             if answer.exists():
-                for suffix in (".json", ".started"):
-                    (self.queue / f"{name}{suffix}").unlink(missing_ok=True)
                 done.append((job, int(answer.read_text() or errors.EXIT_FAILED)))
-                answer.unlink()
+                self._forget(name)
                 del host.jobs[name]
         ended = host.popen.poll()
         if ended is not None:
@@ -166,11 +164,15 @@ class LocalRunner:
             for name, job in host.jobs.items():
                 if (self.queue / f"{name}.started").exists() and ended != errors.EXIT_RESTART:
                     done.append((job, ended or errors.EXIT_FAILED))
-                for suffix in (".json", ".started", ".exit"):
-                    (self.queue / f"{name}{suffix}").unlink(missing_ok=True)
+                self._forget(name)
         for job, c_ in done:
             self._finish(job, c_)
         return bool(done) or ended is not None
+
+    def _forget(self, name: str) -> None:
+        """A collected job's files leave the queue, its spec first: the host never sees it pending again."""
+        for suffix in (".json", ".started", ".exit"):
+            (self.queue / f"{name}{suffix}").unlink(missing_ok=True)
 
     def _finish(self, job: ObservedJob, code: int) -> None:
         if self.stopping:

@@ -161,6 +161,16 @@ def _env(spec: GenerationRunSpec, llm_key: bool) -> list[dict[str, Any]]:
     return env
 
 
+def _container_security() -> dict[str, Any]:
+    """Pod Security "restricted" for a container of the run (a Job's or the engine's): a fresh dict each time."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
 def _place(pod: dict[str, Any], w: WorkerSpec, settings: Settings) -> None:
     """Where a pod of the run may run and as whom (spec.worker, the operator's settings): Jobs and the engine alike."""
     if settings.worker_service_account:
@@ -236,12 +246,7 @@ def _job(
                 "resources": resources,
                 "volumeMounts": mounts,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "readOnlyRootFilesystem": True,
-                    "runAsNonRoot": True,
-                    "capabilities": {"drop": ["ALL"]},
-                },
+                "securityContext": _container_security(),
             }
         ],
         "volumes": vols,
@@ -453,12 +458,7 @@ def engine_deployment(ref: RunRef, spec: GenerationRunSpec, settings: Settings, 
             "failureThreshold": 3,
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": _container_security(),
     }  # fmt: skip
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,  # the server never calls the API server

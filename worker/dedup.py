@@ -368,7 +368,7 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.05, fn_weig
     false negatives: candidates are verified on the whole signature, so extra candidates cost time, not precision;
     and keep-first against kept rows has no second path to a missed pair (components had one, through the rows
     between). At 0.8 and 128 permutations: 16 bands of 8 rows, a pair at exactly the threshold is a candidate with
-    probability 0.95 (14 x 9, the 0.1/0.9 optimum: 0.87).
+    probability 0.95.
 
     P(candidate | similarity s) = 1 - (1 - s^r)^b is a polynomial of degree b*r <= num_perm, so Gauss-Legendre with
     num_perm/2 + 1 nodes integrates it exactly (datasketch calls scipy's adaptive quad per (b, r): ~1 s)."""
