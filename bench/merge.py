@@ -22,7 +22,13 @@ the Job used for QC (GENRUN_MERGE_WORKERS, `--workers`; default the CPUs it may 
 The merge runs with the allocator settings a merge Job's pod gets (runtime.MERGE_ENV). `--repeat K` runs the rounds
 (on a fresh copy of the same shards) and rensa K times, alternating: merge_rows_per_s and round_cost_ratio are then
 the medians, vs_rensa the median of each repetition's ratio (a merge and the rensa run right after it share the
-machine's state of the moment).
+machine's state of the moment). The merge runs the exact and near tiers (the ones rensa does); the semantic tier has
+its own benchmark (bench/semantic.py).
+
+`--baseline DIR` also merges every repetition's rounds with another build's code (DIR holds `genrun/` importable
+as a package, e.g. a folder whose genrun/{contract,operator,worker} link to an earlier commit's checkout), on a fresh
+copy of the same shards, alternating which goes first; the RESULT line then ends with `baseline_rows_per_s=` and
+`vs_baseline=` (the median of each repetition's ratio, this code over the baseline).
 """
 
 from __future__ import annotations
@@ -157,10 +163,14 @@ CHILD = (
 )
 
 
-def run_merge(job: Path, workers: int | None, profile: str | None = None) -> tuple[int, float, float, int]:
+def run_merge(
+    job: Path, workers: int | None, profile: str | None = None, code_path: str | None = None
+) -> tuple[int, float, float, int]:
     from genrun.worker.runtime import merge_env
 
     env = merge_env({**os.environ, "GENRUN_LOG_LEVEL": "WARNING"})  # the process a merge Job's pod runs
+    if code_path:  # another build's genrun, imported before this one
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [code_path, env.get("PYTHONPATH", "")]))
     if profile:
         env["GENRUN_BENCH_PROFILE"] = profile
     if workers is not None:
@@ -208,15 +218,17 @@ def main() -> None:
         help="run the merge's rounds (on a fresh copy of the same shards) and rensa this many times, alternating; "
         "the RESULT figures are the medians (on a shared machine one run can be 20%% off)",
     )
+    ap.add_argument("--baseline", help="a folder holding another build's genrun package, merged alternately")
     args = ap.parse_args()
     from genrun.contract import records as rec
 
     rows, truth = synth(args.rows)
     per = -(-args.rows // args.rounds)
     print(f"synthetic rows: {len(rows)} in {args.rounds} round(s), distinct bases: {len(np.unique(truth))}", flush=True)
-    spec = {"model": {"name": "bench"}, "target": {"uniqueExamples": 10}}
+    spec = {"model": {"name": "bench"}, "target": {"uniqueExamples": 10}, "dedup": {"semantic": {"enabled": False}}}
     runs: list[tuple[float, float, float]] = []  # per repetition: merge rows/s, rensa rows/s, round cost ratio
     peaks: list[float] = []
+    bases: list[float] = []  # per repetition: the baseline build's merge rows/s
     with tempfile.TemporaryDirectory(prefix="genrun-bench-") as d:
         pristine = Path(d) / "shards"  # every round's shards, written once; each repetition merges a fresh copy
         ids_of: list[list[tuple[int, int]]] = []
@@ -226,39 +238,55 @@ def main() -> None:
             for k, (_, seed) in enumerate(new):
                 offsets[seed] = (r - 1) * per + k * SHARD_ROWS
             ids_of.append(new)
-        for rep in range(args.repeat):
-            out = Path(d) / f"out{rep}"
+
+        def merge_all(rep: int, name: str, code_path: str | None) -> tuple[Path, list[float], list[int], int]:
+            """Every round of repetition `rep` on a fresh copy of the shards, with this build's code or another's."""
+            out = Path(d) / f"{name}{rep}"
             shutil.copytree(pristine, out)
             os.sync()  # the copy's writeback is not the merge's work: flushed before it starts
-            secs, news = [], []
+            secs: list[float] = []
+            news: list[int] = []
             ids: list[tuple[int, int]] = []
+            workers = 0
             for r in range(1, args.rounds + 1):
                 ids += ids_of[r - 1]
-                job = Path(d) / f"job-{rep}-{r}.json"
-                job.write_text(
-                    rec.to_json(
-                        rec.JobSpec(
-                            "merge", "bench", "default", {**spec, "output": {"path": str(out)}}, r, shards=tuple(ids)
-                        )
-                    )
-                )
-                code, dt, peak, workers = run_merge(job, args.workers, args.profile)
+                job = Path(d) / f"job-{name}{rep}-{r}.json"
+                merge_spec = {**spec, "output": {"path": str(out)}}
+                job.write_text(rec.to_json(rec.JobSpec("merge", "bench", "default", merge_spec, r, shards=tuple(ids))))
+                code, dt, peak, workers = run_merge(job, args.workers, args.profile, code_path)
                 if code != 0:
-                    sys.exit(f"merge of round {r} exited {code}")
+                    sys.exit(f"{name}: merge of round {r} exited {code}")
                 secs.append(dt)
                 news.append(len(rows[(r - 1) * per : r * per]))
-                peaks.append(peak)
-                print(f"[{rep + 1}/{args.repeat}] round {r}: {dt:.2f} s for {news[-1]} new rows "
+                if code_path is None:
+                    peaks.append(peak)
+                print(f"[{rep + 1}/{args.repeat}] {name} round {r}: {dt:.2f} s for {news[-1]} new rows "
                       f"({1e6 * dt / news[-1]:.2f} us/row), peak {peak:,.0f} MB", flush=True)  # fmt: skip
+            return out, secs, news, workers
+
+        for rep in range(args.repeat):
+            base_rps = float("nan")
+            if args.baseline and rep % 2 == 0:  # alternate which build goes first
+                bout, bsecs, _, _ = merge_all(rep, "baseline", args.baseline)
+                base_rps = len(rows) / sum(bsecs)
+                shutil.rmtree(bout)
+            out, secs, news, workers = merge_all(rep, "out", None)
             if rep == 0:  # the clusters are the same in every repetition (tested: the merge is deterministic)
                 recall, precision = pair_scores(labels_from_outputs(out, len(rows), offsets), truth)
             shutil.rmtree(out)
+            if args.baseline and rep % 2 == 1:
+                bout, bsecs, _, _ = merge_all(rep, "baseline", args.baseline)
+                base_rps = len(rows) / sum(bsecs)
+                shutil.rmtree(bout)
             merge_rps = len(rows) / sum(secs)
             rensa = float("nan") if args.no_rensa else with_rensa(rows)
             ratio = (secs[-1] / news[-1]) / (secs[0] / news[0])
             runs.append((merge_rps, rensa, ratio))
+            bases.append(base_rps)
             print(f"[{rep + 1}/{args.repeat}] merge Job {merge_rps:,.0f} rows/s, rensa ({len(rows)} rows, one pass, one "
-                  f"process) {rensa:,.0f} rows/s: {merge_rps / rensa:.2f}x; round cost ratio {ratio:.2f}", flush=True)  # fmt: skip
+                  f"process) {rensa:,.0f} rows/s: {merge_rps / rensa:.2f}x; round cost ratio {ratio:.2f}"
+                  + (f"; baseline {base_rps:,.0f} rows/s: {merge_rps / base_rps:.2f}x" if args.baseline else ""),
+                  flush=True)  # fmt: skip
     med = [float(np.median(x)) for x in zip(*runs, strict=True)]
     vs = float(np.median([m / r for m, r, _ in runs]))
     print(f"merge Job: recall {recall:.4f}, precision {precision:.4f}; it used {workers} process(es) for QC "
@@ -267,6 +295,12 @@ def main() -> None:
         f"RESULT rows={len(rows)} rounds={args.rounds} merge_rows_per_s={med[0]:.0f} vs_rensa={vs:.2f} "
         f"round_cost_ratio={med[2]:.2f} peak_mb={max(peaks):.0f} recall={recall:.4f} precision={precision:.4f} "
         f"merge_workers={workers} repeat={args.repeat}"
+        + (
+            f" baseline_rows_per_s={float(np.median(bases)):.0f} "
+            f"vs_baseline={float(np.median([m / b for (m, _, _), b in zip(runs, bases, strict=True)])):.3f}"
+            if args.baseline
+            else ""
+        )
     )
 
 
