@@ -243,11 +243,9 @@ def budget_used(spec: GenerationRunSpec, status: RunStatus) -> float:
     """The largest used share of the budget (rounds, shards, generated examples), for alerts."""
     b = spec.budget
     t = status.totals
-    # All rounds and shards planned (status.rounds lists the last 100 only); a status from before these totals
-    # existed counts its listed rounds.
-    rounds = t.rounds_planned or len(status.rounds)
-    shards = t.shards_planned or sum(r.shards for r in status.rounds)
-    return float(round(max(rounds / b.max_rounds, shards / b.max_shards, t.generated / b.max_generated_examples), 4))
+    # All rounds and shards planned (status.rounds lists the last 100 only).
+    used = (t.rounds_planned / b.max_rounds, t.shards_planned / b.max_shards, t.generated / b.max_generated_examples)
+    return float(round(max(used), 4))
 
 
 def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping[int, list[_ShardState]]) -> RunStatus:
@@ -269,7 +267,7 @@ def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping
         shards_quarantined=len(obs.quarantined.union(*(r.quarantined for r in obs.reports.values()))),
         rounds_planned=len(obs.rounds),
         shards_planned=sum(len(p.shards) for p in obs.rounds.values()),
-        # Rows dropped per dedup tier, and the tiers "unique" (and the target) count through (sem, issue 12).
+        # Rows dropped per dedup tier, and the tiers "unique" (and the target) count through.
         duplicates=Duplicates(
             exact=rep.exact_duplicates if rep else 0,
             near=rep.near_duplicates if rep else 0,
