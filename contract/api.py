@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import yaml
+from genrun.contract import qc_rules
 
 GROUP = "genrun.io"
 VERSION = "v1alpha1"
@@ -57,6 +58,7 @@ DEFAULT_TEMPLATE = (
 )
 TEMPLATE_PLACEHOLDERS = frozenset({"domain", "examples"})
 JUDGE_PLACEHOLDERS = frozenset({"instruction", "response"})
+# The QC rules' names (genrun.contract.qc_rules.NAMES, in its order: a test keeps the two equal).
 QcFilterName = Literal[
     "length",
     "finishReason",
@@ -242,9 +244,7 @@ class QcFilter:
     params: dict[str, Any] = _f("params", factory=dict)
 
 
-DEFAULT_QC_FILTERS: tuple[QcFilter, ...] = tuple(
-    QcFilter(name=n) for n in ("length", "finishReason", "refusal", "echo", "repetition", "logprob")
-)
+DEFAULT_QC_FILTERS: tuple[QcFilter, ...] = tuple(QcFilter(name=n) for n in qc_rules.DEFAULT_RULES)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -628,26 +628,6 @@ SYSTEM_FOLDERS = (
 )  # fmt: skip
 JOB_MOUNTS = ("/tmp", "/models", "/home/genrun")  # manifests.py mounts these; a test keeps the lists in step
 
-# (type, low, high) per QC parameter; None is unbounded. Pairs (min, max) must not cross.
-_QC_PARAMS: dict[str, dict[str, tuple[type, float | None, float | None]]] = {
-    "length": {
-        "minInstructionChars": (int, 0, 10**6),
-        "maxInstructionChars": (int, 1, 10**6),
-        "minResponseChars": (int, 0, 10**6),
-        "maxResponseChars": (int, 1, 10**6),
-    },
-    "finishReason": {"allowTruncated": (bool, None, None)},
-    "refusal": {"patterns": (list, None, None)},
-    "echo": {"maxOverlap": (float, 0, 1)},
-    "repetition": {"maxRepeatedNgramRatio": (float, 0, 1), "ngram": (int, 1, 32), "minAlnumRatio": (float, 0, 1)},
-    "bannedPatterns": {"patterns": (list, None, None)},
-    "logprob": {"minResponseLogprob": (float, -100, 0), "minInstructionLogprob": (float, -100, 0)},
-    "critic": {"minScore": (float, 0, 10)},
-    "relevance": {"minRelevance": (float, -1, 1)},
-    "domain": {"maxMargin": (float, 0, 2)},
-}
-_QC_PAIRS = (("minInstructionChars", "maxInstructionChars"), ("minResponseChars", "maxResponseChars"))
-MAX_PATTERNS, MAX_PATTERN_CHARS = 64, 1000
 
 # Cyrillic and Greek letters that render like Latin ones: a domain written with a Cyrillic "es" and one written
 # with a Latin "c" are one domain to a reader (escaped here so that the source shows what they are).
@@ -825,7 +805,8 @@ def _qc_errors(spec: GenerationRunSpec) -> list[str]:
         if flt.name in seen_filters:
             errors.append(f"{where}.name: filter {flt.name!r} is listed twice; merge their params")
         seen_filters.add(flt.name)
-        allowed = _QC_PARAMS.get(flt.name, {})
+        rule = qc_rules.BY_NAME.get(flt.name)
+        allowed = {p.key: p for p in rule.params} if rule else {}
         for key, val in flt.params.items():
             at = f"{where}.params.{key}"
             if key not in allowed:
@@ -834,7 +815,7 @@ def _qc_errors(spec: GenerationRunSpec) -> list[str]:
                     f"(known: {', '.join(sorted(allowed)) or 'none'})"
                 )
                 continue
-            tp, lo, hi = allowed[key]
+            tp, lo, hi = allowed[key].type, allowed[key].low, allowed[key].high
             if tp is float and isinstance(val, int | float) and not isinstance(val, bool):
                 if not math.isfinite(val):
                     errors.append(f"{at}: must be a finite number, got {short(val)}")
@@ -844,7 +825,7 @@ def _qc_errors(spec: GenerationRunSpec) -> list[str]:
                 continue
             if lo is not None and hi is not None and not lo <= val <= hi:
                 errors.append(f"{at}: must be in [{num(lo)}, {num(hi)}], got {num(val)}")
-        for lo_key, hi_key in _QC_PAIRS:
+        for lo_key, hi_key in rule.pairs if rule else ():
             lo_v, hi_v = flt.params.get(lo_key), flt.params.get(hi_key)
             if isinstance(lo_v, int) and isinstance(hi_v, int) and lo_v > hi_v:
                 errors.append(
@@ -853,14 +834,14 @@ def _qc_errors(spec: GenerationRunSpec) -> list[str]:
                 )
         pats = flt.params.get("patterns")
         if isinstance(pats, list):
-            if len(pats) > MAX_PATTERNS:
-                errors.append(f"{where}.params.patterns: at most {MAX_PATTERNS} patterns, got {len(pats)}")
-            for j, pat in enumerate(pats[:MAX_PATTERNS]):
+            if len(pats) > qc_rules.MAX_PATTERNS:
+                errors.append(f"{where}.params.patterns: at most {qc_rules.MAX_PATTERNS} patterns, got {len(pats)}")
+            for j, pat in enumerate(pats[: qc_rules.MAX_PATTERNS]):
                 at = f"{where}.params.patterns[{j}]"
                 if not isinstance(pat, str):
                     errors.append(f"{at}: must be a string (a regular expression), got {short(pat)}")
-                elif len(pat) > MAX_PATTERN_CHARS:
-                    errors.append(f"{at}: must be at most {MAX_PATTERN_CHARS} characters, got {len(pat)}")
+                elif len(pat) > qc_rules.MAX_PATTERN_CHARS:
+                    errors.append(f"{at}: must be at most {qc_rules.MAX_PATTERN_CHARS} characters, got {len(pat)}")
                 else:
                     try:
                         re.compile(pat)

@@ -4,9 +4,8 @@ holds. The planner builds it; the metrics, `genrun status`/`report`, the HTML pa
 The wire names are the CRD's (crds/generationrun.yaml, status schema): each field's camelCase name is derived from
 its Python name (`qc_passed` -> `qcPassed`), or given in its metadata where Python cannot spell it (`yield`); a test
 checks both directions against the CRD. `to_dict()` writes today's JSON: optional fields that are None are left out
-(a round not merged yet has no yields; a run with no merge has no output). `from_dict()` reads any status written
-before, by this version or an older one: a missing or mistyped field takes its default, so an old status.json (or
-one with garbage in it) still reads.
+(a round not merged yet has no yields; a run with no merge has no output). `from_dict()` reads what `to_dict()`
+wrote: a missing or mistyped field takes its default, so a status.json with garbage in it still reads.
 """
 
 from __future__ import annotations

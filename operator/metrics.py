@@ -152,7 +152,7 @@ class RunCollector(Collector):
             startup_s.add_metric(v, totals.startup_seconds)
             starts.add_metric(v, totals.engine_starts)
             budget.add_metric(v, run.budget)
-            if totals.dedup_tiers:  # a status written before the tiers were counted has no per-tier figures
+            if totals.dedup_tiers:  # none before the planner's first status: no per-tier figures yet
                 d = totals.duplicates
                 for tier, count in zip(DEDUP_TIERS, (d.exact, d.near, d.semantic, d.online), strict=True):
                     dup_tier.add_metric([*v, tier], count)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from genrun.contract.api import GenerationRunSpec, RunRef, SpecError, parse_spec
+from genrun.contract.api import GenerationRunSpec, RunRef
 from genrun.contract.records import (
     EngineSession,
     JobSpec,
@@ -26,10 +26,9 @@ from genrun.contract.records import (
 )
 from genrun.contract.status import Duplicates, Output, RunStatus, TopDuplicate, Totals
 from genrun.operator import conditions as c
-from genrun.operator import cost
+from genrun.operator import cost, strategy
 from genrun.operator import figures as fig
 from genrun.operator import policy as pol
-from genrun.operator.policy import base_sampling, round4
 
 JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
 ACTIVE_PHASES = ("Pending", "Running")
@@ -147,74 +146,7 @@ def merge_job_name(run: str, rnd: int, attempt: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling policy and round sizing (pure arithmetic, unit-tested on the problem's numbers)
-
-
-def next_sampling(
-    spec: GenerationRunSpec,
-    last: Sampling,
-    report: RoundReport,
-    history: tuple[tuple[Sampling, RoundReport], ...] = (),
-) -> tuple[Sampling, str, str]:
-    """Escalate while duplicates dominate and quality holds; step back when QC falls below its floor; never
-    escalate again to a level where QC already fell below it (history: (sampling, report) of earlier rounds)."""
-    e, base = spec.escalation, base_sampling(spec)
-    if report.new_unique and report.qc_pass_rate < e.min_qc_pass_rate:
-        t = max(base.temperature, round4(last.temperature - e.temperature_step))
-        p = max(base.repetition_penalty, round4(last.repetition_penalty - e.repetition_penalty_step))
-        why = (
-            f"QC-pass rate {report.qc_pass_rate:.2f} is below the floor {e.min_qc_pass_rate:g}: "
-            f"temperature {last.temperature:g}->{t:g}, repetition penalty {last.repetition_penalty:g}->{p:g}"
-        )
-        return Sampling(t, last.top_p, p, last.min_p, last.max_tokens), c.STEPPED_BACK, why
-    if report.unique_ratio < e.escalate_below_unique_ratio:
-        t = min(e.max_temperature, round4(last.temperature + e.temperature_step))
-        p = min(e.max_repetition_penalty, round4(last.repetition_penalty + e.repetition_penalty_step))
-        failed = [s for s, r in (*history, (last, report)) if r.new_unique and r.qc_pass_rate < e.min_qc_pass_rate]
-        if any(t >= s.temperature and p >= s.repetition_penalty for s in failed):
-            return (
-                last,
-                c.HELD,
-                (
-                    f"unique ratio {report.unique_ratio:.2f} is low, but QC fell below its floor at "
-                    f"temperature {min(s.temperature for s in failed):g}: sampling held below that level"
-                ),
-            )
-        if (t, p) != (last.temperature, last.repetition_penalty):
-            why = (
-                f"unique ratio {report.unique_ratio:.2f} is below {e.escalate_below_unique_ratio:g} and QC-pass "
-                f"rate {report.qc_pass_rate:.2f} holds: temperature {last.temperature:g}->{t:g}, "
-                f"repetition penalty {last.repetition_penalty:g}->{p:g}"
-            )
-            return Sampling(t, last.top_p, p, last.min_p, last.max_tokens), c.ESCALATED, why
-        return last, c.HELD, "sampling is at its ceilings"
-    return last, c.HELD, f"unique ratio {report.unique_ratio:.2f} is high enough: sampling held"
-
-
-def expected_yield(sampling: Sampling, report: RoundReport, history: tuple[tuple[Sampling, RoundReport], ...]) -> float:
-    """The marginal yield to plan with: measured at the sampling the next round uses, if a round used it (the
-    latest such round), else the last round's."""
-    same = [r for s, r in history if s == sampling]
-    return same[-1].marginal_yield if same else report.marginal_yield
-
-
-def shards_needed(spec: GenerationRunSpec, report: RoundReport, y: float | None = None) -> tuple[int, str]:
-    """Shards for the next round from the measured marginal yield, with the policy's floor and cap."""
-    e = spec.escalation
-    need = spec.target.unique_examples - report.qc_passed_total
-    per_shard = report.generated / report.shards if report.shards else 0.0
-    y = report.marginal_yield if y is None else y
-    if y <= 0 or per_shard <= 0:
-        return e.max_shards_per_round, "the last round added nothing: using the per-round cap"
-    est = math.ceil(need * e.headroom / (y * per_shard))
-    n = min(e.max_shards_per_round, max(e.min_shards_per_round, est))
-    why = (
-        f"{need} more needed; marginal yield {y:.3f} per generated example x {per_shard:.0f} per shard "
-        f"x headroom {e.headroom:g} -> {est} shard(s)"
-    )
-    if n != est:
-        why += f", bounded to {n} by minShardsPerRound/maxShardsPerRound"
-    return n, why
+# Rounds: a strategy's choice (genrun.operator.strategy) as a round plan with fresh seeds
 
 
 def shard_domains(spec: GenerationRunSpec, ordinal: int) -> tuple[str, ...]:
@@ -311,11 +243,9 @@ def budget_used(spec: GenerationRunSpec, status: RunStatus) -> float:
     """The largest used share of the budget (rounds, shards, generated examples), for alerts."""
     b = spec.budget
     t = status.totals
-    # All rounds and shards planned (status.rounds lists the last 100 only); a status from before these totals
-    # existed counts its listed rounds.
-    rounds = t.rounds_planned or len(status.rounds)
-    shards = t.shards_planned or sum(r.shards for r in status.rounds)
-    return float(round(max(rounds / b.max_rounds, shards / b.max_shards, t.generated / b.max_generated_examples), 4))
+    # All rounds and shards planned (status.rounds lists the last 100 only).
+    used = (t.rounds_planned / b.max_rounds, t.shards_planned / b.max_shards, t.generated / b.max_generated_examples)
+    return float(round(max(used), 4))
 
 
 def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping[int, list[_ShardState]]) -> RunStatus:
@@ -337,7 +267,7 @@ def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping
         shards_quarantined=len(obs.quarantined.union(*(r.quarantined for r in obs.reports.values()))),
         rounds_planned=len(obs.rounds),
         shards_planned=sum(len(p.shards) for p in obs.rounds.values()),
-        # Rows dropped per dedup tier, and the tiers "unique" (and the target) count through (sem, issue 12).
+        # Rows dropped per dedup tier, and the tiers "unique" (and the target) count through.
         duplicates=Duplicates(
             exact=rep.exact_duplicates if rep else 0,
             near=rep.near_duplicates if rep else 0,
@@ -448,191 +378,152 @@ def invalid_plan(errors: list[str], reason: str = c.INVALID_SPEC) -> Plan:
     return Plan(actions=(), conditions=_failed(reason, msg), status=None)
 
 
-def plan_for_manifest(ref: RunRef, spec: Mapping[str, Any], observed: Observed) -> Plan:
-    """Parse the spec and decide; a bad spec becomes Failed/InvalidSpec, never an exception."""
-    try:
-        parsed = parse_spec(dict(spec))
-    except SpecError as exc:
-        return invalid_plan(exc.errors)
-    return decide(ref, parsed, observed)
+@dataclass
+class _Decision:
+    """One call of `decide`: its inputs, the shard states derived from them, and the plans it can end in."""
+
+    ref: RunRef
+    spec: GenerationRunSpec
+    obs: Observed
+    states: dict[int, list[_ShardState]]
+
+    def status(self) -> RunStatus:
+        return _status(self.ref, self.spec, self.obs, self.states)
+
+    def finish(self, conds: tuple[c.Condition, ...]) -> Plan:
+        # No events: a finished or waiting run is decided again and again; its Events come from condition
+        # transitions (conditions.transitions), so each is posted once.
+        return Plan((), conds, self.status())
+
+    def start(self, rnd: int, nxt: strategy.NextRound, events: list[Event]) -> Plan:
+        """Record round `rnd` as the strategy chose it and create its first shard Jobs."""
+        spec, obs = self.spec, self.obs
+        plan = make_round(
+            spec,
+            rnd,
+            nxt.count,
+            nxt.sampling,
+            obs.rounds,
+            nxt.why,
+            arms=nxt.arms,
+            examples=nxt.examples,
+            cells=nxt.cells,
+        )
+        self.states[rnd] = [_ShardState(s, "create") for s in plan.shards]
+        actions: list[Action] = [RecordRound(plan), *_shard_creates(spec, self.ref, self.states[rnd], active=0)]
+        msg = f"round {rnd}: {nxt.count} shard(s), seeds {fig.seed_range(plan.seeds)}, {_arms_summary(plan)}; {nxt.why}"
+        events.append(Event("Normal", c.ROUND_STARTED, msg))
+        status = _status(self.ref, spec, _with_round(obs, plan), self.states)
+        return Plan(tuple(actions), _running(c.ROUND_STARTED, msg, False), status, tuple(events))
 
 
 def decide(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan:
-    suspended = spec.suspend
-    b = spec.budget
-    states = {rnd: _shard_states(spec, p, obs) for rnd, p in obs.rounds.items()}
-
-    def finish(conds: tuple[c.Condition, ...]) -> Plan:
-        # No events: a finished or waiting run is decided again and again; its Events come from condition
-        # transitions (conditions.transitions), so each is posted once.
-        return Plan((), conds, _status(ref, spec, obs, states))
-
-    def new_round(
-        rnd: int,
-        count: int,
-        sampling: Sampling,
-        why: str,
-        events: list[Event],
-        arms: Sequence[Sampling] = (),
-        examples: int = 0,
-        cells: Sequence[pol.Cell] = (),
-    ) -> Plan:
-        plan = make_round(spec, rnd, count, sampling, obs.rounds, why, arms=arms, examples=examples, cells=cells)
-        states[rnd] = [_ShardState(s, "create") for s in plan.shards]
-        actions: list[Action] = [RecordRound(plan)]
-        actions += _shard_creates(spec, ref, states[rnd], active=0)
-        msg = f"round {rnd}: {count} shard(s), seeds {fig.seed_range(plan.seeds)}, {_arms_summary(plan)}; {why}"
-        events.append(Event("Normal", c.ROUND_STARTED, msg))
-        status = _status(ref, spec, _with_round(obs, plan), states)
-        return Plan(tuple(actions), _running(c.ROUND_STARTED, msg, False), status, tuple(events))
-
+    """The run's lifecycle: start round 1, run each round's shard Jobs and then its merge Job, and once its report is
+    read, stop (target met, budget spent, too many failures) or start the round the spec's sampling strategy chooses
+    (genrun.operator.strategy)."""
+    d = _Decision(ref, spec, obs, {rnd: _shard_states(spec, p, obs) for rnd, p in obs.rounds.items()})
     if not obs.rounds:
-        if suspended:
-            return finish(_running(c.SUSPENDED_BY_SPEC, "no round started yet", True))
-        if spec.policy.strategy == "bandit" and spec.policy.pilot_share > 0:
-            picked, per, why = pol.pilot(spec)
-            cells = pol.pilot_cells(spec, len(picked), pol.round_rng(spec, 1))
-            return new_round(1, len(picked), picked[0], why, [], arms=picked, examples=per, cells=cells)
-        return new_round(1, spec.shards.initial, base_sampling(spec), "first round from spec.shards.initial", [])
-
+        if spec.suspend:
+            return d.finish(_running(c.SUSPENDED_BY_SPEC, "no round started yet", True))
+        return d.start(1, strategy.for_spec(spec).first_round(spec), [])
     rnd = max(obs.rounds)
-    cur = states[rnd]
-    failed_total = sum(s.phase == "failed" for ss in states.values() for s in ss)
-    if failed_total > b.max_failed_shards:
-        first = next(s for ss in states.values() for s in ss if s.phase == "failed")
-        msg = (
-            f"{failed_total} shard(s) failed, more than spec.budget.maxFailedShards={b.max_failed_shards}; first: "
-            f"{first.message} ({_retries(first.attempt, b.max_shard_retries)})"
-        )
-        return finish(_failed(c.SHARDS_FAILED, msg))
-
+    failed = _too_many_failed(d)
+    if failed is not None:
+        return failed
     report = obs.reports.get(rnd)
     if report is None:
-        pending = [s for s in cur if s.phase in ("active", "create")]
-        if pending:
-            active = sum(s.phase == "active" for s in cur)
-            done = sum(s.phase == "done" for s in cur)
-            msg = f"round {rnd}: {done}/{len(cur)} shard(s) done, {active} running"
-            actions = () if suspended else tuple(_shard_creates(spec, ref, cur, active))
-            status = _status(ref, spec, obs, states)
-            return Plan(actions, _running(c.SHARDS_RUNNING, msg, suspended), status)
-        if not any(s.phase == "done" for s in cur):
-            msg = f"round {rnd}: every shard failed"
-            return finish(_failed(c.SHARDS_FAILED, msg))
-        phase, attempt, why = _job_state(_attempts(obs.jobs, "merge", rnd, None), b.max_shard_retries)
-        if phase == "failed":
-            msg = f"round {rnd}: the merge/dedup/QC Job failed ({_retries(attempt, b.max_shard_retries)}): {why}"
-            return finish(_failed(c.MERGE_FAILED, msg))
-        msg = f"round {rnd}: merging, deduplicating and checking {sum(s.phase == 'done' for s in cur)} shard(s)"
-        if phase == "done":
-            msg += " (the merge Job succeeded; waiting for its report to be readable)"
-        actions = ()
-        if phase == "create" and not suspended:
-            shard_ids = tuple((s.round, s.seed) for r in sorted(obs.rounds) if r <= rnd for s in obs.rounds[r].shards)
-            actions = (CreateMergeJob(merge_job_name(ref.name, rnd, attempt), attempt, rnd, shard_ids),)
-        return Plan(actions, _running(c.MERGING, msg, suspended), _status(ref, spec, obs, states))
+        return _run_round(d, rnd)
+    return _after_round(d, rnd, report)
 
-    kept = report.qc_passed_total
-    target = spec.target.unique_examples
+
+def _too_many_failed(d: _Decision) -> Plan | None:
+    b = d.spec.budget
+    failed = [s for ss in d.states.values() for s in ss if s.phase == "failed"]
+    if len(failed) <= b.max_failed_shards:
+        return None
+    msg = (
+        f"{len(failed)} shard(s) failed, more than spec.budget.maxFailedShards={b.max_failed_shards}; first: "
+        f"{failed[0].message} ({_retries(failed[0].attempt, b.max_shard_retries)})"
+    )
+    return d.finish(_failed(c.SHARDS_FAILED, msg))
+
+
+def _run_round(d: _Decision, rnd: int) -> Plan:
+    """Round `rnd` has no report yet: its shard Jobs run, then its merge Job."""
+    spec, obs, cur, suspended = d.spec, d.obs, d.states[rnd], d.spec.suspend
+    retries = spec.budget.max_shard_retries
+    if any(s.phase in ("active", "create") for s in cur):
+        active = sum(s.phase == "active" for s in cur)
+        done = sum(s.phase == "done" for s in cur)
+        msg = f"round {rnd}: {done}/{len(cur)} shard(s) done, {active} running"
+        actions = () if suspended else tuple(_shard_creates(spec, d.ref, cur, active))
+        return Plan(actions, _running(c.SHARDS_RUNNING, msg, suspended), d.status())
+    if not any(s.phase == "done" for s in cur):
+        return d.finish(_failed(c.SHARDS_FAILED, f"round {rnd}: every shard failed"))
+    phase, attempt, why = _job_state(_attempts(obs.jobs, "merge", rnd, None), retries)
+    if phase == "failed":
+        msg = f"round {rnd}: the merge/dedup/QC Job failed ({_retries(attempt, retries)}): {why}"
+        return d.finish(_failed(c.MERGE_FAILED, msg))
+    msg = f"round {rnd}: merging, deduplicating and checking {sum(s.phase == 'done' for s in cur)} shard(s)"
+    if phase == "done":
+        msg += " (the merge Job succeeded; waiting for its report to be readable)"
+    merges: tuple[Action, ...] = ()
+    if phase == "create" and not suspended:
+        merges = (CreateMergeJob(merge_job_name(d.ref.name, rnd, attempt), attempt, rnd, _shards_to(obs, rnd)),)
+    return Plan(merges, _running(c.MERGING, msg, suspended), d.status())
+
+
+def _shards_to(obs: Observed, rnd: int) -> tuple[tuple[int, int], ...]:
+    """Every (round, seed) planned in rounds 1..rnd: what a merge of round `rnd` reads."""
+    return tuple((s.round, s.seed) for r in sorted(obs.rounds) if r <= rnd for s in obs.rounds[r].shards)
+
+
+def _after_round(d: _Decision, rnd: int, report: RoundReport) -> Plan:
+    """Round `rnd` is merged: stop, or start the next round."""
+    spec, obs = d.spec, d.obs
+    kept, target = report.qc_passed_total, spec.target.unique_examples
     if kept >= target:
         msg = (
             f"{kept} unique QC-passed examples >= target {target} after {rnd} round(s); "
             f"{report.generated_total} generated, duplication ratio {report.duplication_ratio:.3f}"
         )
-        return finish(_succeeded(msg))
-
-    # Budget: rounds and shards are hard bounds; generated examples are estimated from the measured per-shard rate.
-    used_shards = sum(len(p.shards) for p in obs.rounds.values())
-    per_shard = report.generated / report.shards if report.shards else float(spec.shards.examples_per_shard)
-    left_by_generated = (
-        math.floor((b.max_generated_examples - report.generated_total) / per_shard) if per_shard > 0 else 0
-    )
-    room = min(b.max_shards - used_shards, left_by_generated)
-    exhausted = ""
-    if rnd >= b.max_rounds:
-        exhausted = f"spec.budget.maxRounds={b.max_rounds} reached"
-    elif room < 1:
-        exhausted = (
-            f"no shard fits the budget (maxShards={b.max_shards}, {used_shards} used; "
-            f"maxGeneratedExamples={b.max_generated_examples}, {report.generated_total} generated)"
-        )
+        return d.finish(_succeeded(msg))
+    exhausted, room = _budget_left(spec, obs, rnd, report)
     if exhausted:
-        msg = f"{kept}/{target} unique QC-passed examples; {exhausted}"
-        return finish(_failed(c.BUDGET_EXHAUSTED, msg))
-    if suspended:
-        return finish(_running(c.SUSPENDED_BY_SPEC, f"{kept}/{target} after round {rnd}", True))
-
+        return d.finish(_failed(c.BUDGET_EXHAUSTED, f"{kept}/{target} unique QC-passed examples; {exhausted}"))
+    if spec.suspend:
+        return d.finish(_running(c.SUSPENDED_BY_SPEC, f"{kept}/{target} after round {rnd}", True))
     finished = (
         f"round {rnd}: {report.generated} generated, {report.new_unique} new unique, {report.new_qc_passed} new kept "
         f"(marginal yield {report.marginal_yield:.3f}); {kept}/{target} kept in all"
     )
     events = [Event("Normal", c.ROUND_FINISHED, finished)]
-    if spec.policy.strategy == "bandit":
-        planned = sum(s.examples for s in obs.rounds[rnd].shards)
-        per_example = report.generated / planned if planned else 1.0
-        room_examples = math.floor((b.max_generated_examples - report.generated_total) / max(per_example, 1e-9))
-        if room_examples < 1:
-            msg = f"{kept}/{target} unique QC-passed examples; no example fits maxGeneratedExamples"
-            return finish(
-                _failed(c.BUDGET_EXHAUSTED, f"{msg}={b.max_generated_examples} ({report.generated_total} generated)")
-            )
-        arms, per, why, cells = _bandit_round(
-            spec, ref, obs, rnd + 1, target - kept, room_examples, b.max_shards - used_shards
-        )
-        return new_round(rnd + 1, len(arms), arms[0], why, events, arms=arms, examples=per, cells=cells)
+    nxt = strategy.for_spec(spec).next_round(spec, strategy.Evidence(obs.rounds, obs.reports, obs.engines), room)
+    if isinstance(nxt, strategy.Exhausted):
+        return d.finish(_failed(c.BUDGET_EXHAUSTED, nxt.message))
+    if nxt.announce is not None:
+        events.append(Event("Normal", nxt.announce[0], f"round {rnd + 1}: {nxt.announce[1]}"))
+    return d.start(rnd + 1, nxt, events)
 
-    history = tuple(
-        (obs.rounds[r].sampling, obs.reports[r]) for r in sorted(obs.reports) if r in obs.rounds and r < rnd
+
+def _budget_left(spec: GenerationRunSpec, obs: Observed, rnd: int, report: RoundReport) -> tuple[str, strategy.Room]:
+    """Why no round fits the budget ("" when one does), and the room it leaves. Rounds and shards are hard bounds;
+    generated examples are estimated from the measured per-shard rate."""
+    b = spec.budget
+    used_shards = sum(len(p.shards) for p in obs.rounds.values())
+    per_shard = report.generated / report.shards if report.shards else float(spec.shards.examples_per_shard)
+    left_by_generated = (
+        math.floor((b.max_generated_examples - report.generated_total) / per_shard) if per_shard > 0 else 0
     )
-    sampling, policy, policy_why = next_sampling(spec, obs.rounds[rnd].sampling, report, history)
-    count, why = shards_needed(
-        spec, report, expected_yield(sampling, report, (*history, (obs.rounds[rnd].sampling, report)))
-    )
-    if count > room:
-        count, why = room, why + f"; {room} left in the budget"
-    events += [] if policy == c.HELD else [Event("Normal", policy, f"round {rnd + 1}: {policy_why}")]
-    return new_round(rnd + 1, count, sampling, f"{why}; {policy_why}", events)
-
-
-def _bandit_round(
-    spec: GenerationRunSpec, ref: RunRef, obs: Observed, rnd: int, need: int, room_examples: int, room_shards: int
-) -> tuple[list[Sampling], int, str, list[pol.Cell]]:
-    """The next round under the bandit: (arm per shard, examples per shard, why, attribute cell per shard)."""
-    stats = pol.arm_stats(spec, obs.rounds, obs.reports)
-    rng = pol.round_rng(spec, rnd)
-    cap = max(1, min(spec.escalation.max_shards_per_round, room_shards))
-    last = rnd >= spec.budget.max_rounds
-    # The mix a full round would get estimates the yield to size with; the round itself is then drawn at its size.
-    y, sd = pol.mix_yield(stats, pol.allocate(stats, cap, spec.policy.exploration, rng))
-    measured = max(obs.reports[max(obs.reports)].generated_total, 1)
-    rounds_left = spec.budget.max_rounds - rnd + 1
-    floor = pol.min_shard_examples(spec, stats, obs.engines)
-    size = pol.size_round(spec, need, y, sd, room_examples, room_shards, last, measured, rounds_left, floor)
-    picks = pol.allocate(stats, size.shards, spec.policy.exploration, rng)
-    per, why = size.examples, size.why
-    if size.precise and size.shards < cap:  # sized to the target: size again for the arms actually drawn
-        y, sd = pol.mix_yield(stats, picks)
-        n, _, why = pol.examples_for(spec, need, y, sd, last, rounds_left)
-        per = min(pol.shard_examples(spec, math.ceil(n / len(picks)), floor), max(1, room_examples // len(picks)))
-        why += f" -> {len(picks)} shard(s) x {per}"
-    retired = [a.id for a in stats if a.retired]
-    why += f"; retired (QC-pass rate below the floor): {', '.join(retired)}" if retired else ""
-    cells: list[pol.Cell] = []
-    if spec.prompt.attributes:
-        cstats = pol.cell_stats(spec, obs.rounds, obs.reports)
-        cells, quota_why = pol.allocate_cells(spec, cstats, len(picks), per, rng)
-        why += f"; {quota_why}" if quota_why else ""
-        k = pol.cell_factor(cstats, cells)
-        if size.precise and size.shards < cap and abs(k - 1) > 0.01:  # the cells drawn change the yield: resize
-            y, sd = pol.mix_yield(stats, picks)
-            n, _, _ = pol.examples_for(spec, need, min(1.0, y * k), sd * k, last, rounds_left)
-            per = min(pol.shard_examples(spec, math.ceil(n / len(picks)), floor), max(1, room_examples // len(picks)))
-            why += f"; the cells drawn scale the yield by {k:.2f} -> {len(picks)} shard(s) x {per}"
-    if len(picks) * per > room_examples:  # whatever sized it (growth, rounding, the 16-example floor): never past
-        n = max(1, min(len(picks), room_examples))
-        picks, cells, per = picks[:n], cells[:n], max(1, min(per, room_examples // n))
-        why += f"; cut to the budget's {room_examples} example(s) -> {n} shard(s) x {per}"
-    return [a.sampling for a in picks], per, why, cells
+    room = strategy.Room(b.max_shards - used_shards, min(b.max_shards - used_shards, left_by_generated))
+    if rnd >= b.max_rounds:
+        return f"spec.budget.maxRounds={b.max_rounds} reached", room
+    if room.fit < 1:
+        return (
+            f"no shard fits the budget (maxShards={b.max_shards}, {used_shards} used; "
+            f"maxGeneratedExamples={b.max_generated_examples}, {report.generated_total} generated)"
+        ), room
+    return "", room
 
 
 def _arms_summary(plan: RoundPlan) -> str:
@@ -738,7 +629,6 @@ def repair(ref: RunRef, spec: GenerationRunSpec, obs: Observed) -> Plan | None:
             last = attempts[-1]
             why = f"round {rnd}: merging it again failed ({_retries(attempt, retries)}): {last.message or last.phase}"
             return Plan((), _failed(c.MERGE_FAILED, why), status)
-        shard_ids = tuple((s.round, s.seed) for r in sorted(obs.rounds) if r <= rnd for s in obs.rounds[r].shards)
-        merge = CreateMergeJob(merge_job_name(ref.name, rnd, attempt), attempt, rnd, shard_ids)
+        merge = CreateMergeJob(merge_job_name(ref.name, rnd, attempt), attempt, rnd, _shards_to(obs, rnd))
         return Plan(() if spec.suspend else (merge,), _running(c.REPAIRING, msg, spec.suspend), status)
     return None

@@ -371,7 +371,7 @@ def render_card(
 
 def _qc_params(name: str, params: Mapping[str, Any]) -> str:
     """A QC filter's parameters as it ran (the spec's over the defaults); a pattern list by its size."""
-    from genrun.worker.qc import effective_params
+    from genrun.contract.qc_rules import effective_params
 
     eff = effective_params(name, params)
     shown = [f"{k} {len(v)} pattern(s)" if isinstance(v, list) else f"{k} {json.dumps(v)}" for k, v in eff.items()]

@@ -1,6 +1,8 @@
 """QC filters: each gives, per row, None (keep) or a short reason; counts per reason go into the round report.
 
-Built from the spec's `qc.filters` (name + params, checked by the API). The defaults were set on real SmolLM2 output:
+Built from the spec's `qc.filters` (name + params, checked by the API against each rule's record in
+genrun.contract.qc_rules, which also holds the defaults); `RULES` registers each rule's builders against that record.
+The defaults were set on real SmolLM2 output:
 high-temperature text that is incoherent has a low mean token log-probability, which the `logprob` filter catches
 so that it does not count as yield.
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from genrun.contract import qc_rules
 from genrun.worker.ascii_bytes import ALNUM, BYTE, non_ascii, regex_on_non_ascii, string_bytes
 
 Row = Mapping[str, Any]
@@ -133,8 +136,8 @@ def _row_counts(col: Any, byte_class: np.ndarray) -> np.ndarray | None:
     if got is None:
         return None
     data, off = got
-    # a sum per non-empty row over the class's bytes (int32: a row's bytes fit Arrow's int32 offsets); 3x faster
-    # than the difference of a running int64 sum over all bytes
+    # a sum per non-empty row over the class's bytes (int32: a row's bytes fit Arrow's int32 offsets), cheaper than
+    # the difference of a running int64 sum over all bytes
     hits = byte_class[data[off[0] : off[-1]]].view(np.uint8)
     out = np.zeros(len(off) - 1, np.int64)
     some = off[1:] > off[:-1]
@@ -178,7 +181,7 @@ def _words(col: Any) -> tuple[np.ndarray, np.ndarray, Any]:
 
 
 # The words of a table's text columns while `QcPipeline.check_table` runs its filters, per thread: echo and
-# repetition both split the responses (~0.4 CPU-s per 370k rows). Keyed by the table object, which the memo holds (so
+# repetition both split the responses, so they split them once. Keyed by the table object, which the memo holds (so
 # its id is not reused); Arrow tables are immutable. Unset outside check_table.
 _MEMO = threading.local()
 
@@ -246,14 +249,9 @@ def _echo(p: Mapping[str, Any]) -> Filter:
     return f
 
 
-def repeated_ngram_ratios(col: Any, n: int = 3) -> np.ndarray:
-    """Per text: 1 - distinct word n-grams / n-grams, 0 when a text has at most 3 n-grams."""
-    rows, codes, _ = _words(col)
-    return _ngram_ratios(rows, codes, len(col), n)
-
-
 def _ngram_ratios(rows: np.ndarray, codes: np.ndarray, size: int, n: int) -> np.ndarray:
-    """`repeated_ngram_ratios` of `size` texts from their words (`_words`)."""
+    """Per text of `size` texts, from their words (`_words`): 1 - distinct word n-grams / n-grams, 0 when a text has
+    at most 3 n-grams."""
     out = np.zeros(size)
     if len(rows) < n:
         return out
@@ -278,10 +276,6 @@ def _ngram_ratios(rows: np.ndarray, codes: np.ndarray, size: int, n: int) -> np.
     has = total > 3
     out[has] = 1 - distinct[has] / total[has]
     return out
-
-
-def repeated_ngram_ratio(text: str, n: int = 3) -> float:
-    return float(repeated_ngram_ratios(_arrow_strings([text]), n)[0])
 
 
 def _alnum_counts(col: Any) -> np.ndarray:
@@ -362,39 +356,8 @@ def _critic(p: Mapping[str, Any]) -> Filter:
     return f
 
 
-# Quality signals (genrun.worker.semantic, same model as the semantic tier). Calibrated on 850 recorded SmolLM2-135M
-# instruction/response pairs (worker/replay/smollm2-135m.jsonl.gz and tests/data/smollm2-instructions.jsonl.gz; every
-# pair below 0.15 read by hand, tests/data/semantic-labels.json): matched pairs have a median cosine of 0.35-0.40,
-# the same responses shuffled onto other instructions 0.04-0.05. At 0.15, 145 matched pairs fall below and 141 of them
-# ignore their instruction (false rejects: 4 of 850 rows, 0.5%), while 82-85% of shuffled pairs fall below
-# (tests/unit/test_semantic_real.py).
-DEFAULT_MIN_RELEVANCE = 0.15
-# Domain adherence: off its asked domain when another spec domain is nearer by at least this margin. Of 52 recorded
-# rows read at or above 0.1 (40 at random, 12 more in [0.1, 0.13)) none was on its asked domain (0 false rejects);
-# below it most rows are off too (the embedded model follows its few-shot examples): 0.1 is conservative.
-DEFAULT_MAX_DOMAIN_MARGIN = 0.1
-
-# Each filter's parameters where the spec leaves them out: the builders read them here (`_param`), and the dataset
-# card lists every filter with its parameters in effect (`effective_params`). Pattern lists are the filters' own.
-DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
-    "length": {"minInstructionChars": 10, "maxInstructionChars": 1000, "minResponseChars": 2, "maxResponseChars": 8000},
-    "finishReason": {"allowTruncated": False},
-    "echo": {"maxOverlap": 0.8},
-    "repetition": {"maxRepeatedNgramRatio": 0.3, "ngram": 3, "minAlnumRatio": 0.6},
-    "logprob": {"minResponseLogprob": -2.5, "minInstructionLogprob": -3.0},
-    "critic": {"minScore": 6},
-    "relevance": {"minRelevance": DEFAULT_MIN_RELEVANCE},
-    "domain": {"maxMargin": DEFAULT_MAX_DOMAIN_MARGIN},
-}
-
-
 def _param(p: Mapping[str, Any], name: str, key: str) -> Any:
-    return p.get(key, DEFAULT_PARAMS[name][key])
-
-
-def effective_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """A filter's parameters as it runs: the spec's over the defaults."""
-    return {**DEFAULT_PARAMS.get(name, {}), **params}
+    return p.get(key, qc_rules.default(name, key))
 
 
 def _signal(column: str, bad: Callable[[np.ndarray], np.ndarray], reason: str) -> Filter:
@@ -423,47 +386,41 @@ def _domain(p: Mapping[str, Any]) -> Filter:
     return _signal("domain_margin", lambda v: v >= hi, "off_domain")
 
 
-# The one registry: the CRD enum, contract.api's QcFilterName and its params table list exactly these (tested).
-BUILDERS: dict[str, Callable[[Mapping[str, Any]], Filter]] = {
-    "length": _length,
-    "finishReason": _finish,
-    "refusal": lambda p: _patterns(p, DEFAULT_REFUSALS, "refusal", ("response",)),
-    "echo": _echo,
-    "repetition": _repetition,
-    "bannedPatterns": lambda p: _patterns(p, (), "banned_pattern", ("instruction", "response")),
-    "logprob": _logprob,
-    "critic": _critic,
-    "relevance": _relevance,
-    "domain": _domain,
-}
+@dataclass(frozen=True)
+class Rule:
+    """A QC rule's builders against its facts (genrun.contract.qc_rules): `build` makes the filter from the spec's
+    params; `instruction_side`, for a rule that has that variant, the filter of the instruction alone: the rule's
+    checks reading only `instruction` and `instruction_logprob`, so instructions-first generators run it on each novel
+    instruction before paying for its responses (genrun.worker.generate)."""
 
-# The columns each filter reads (a row's other columns never change its verdict): the merge's QC workers take only
-# these of the rows they judge. Tested: each filter on its columns alone judges as on the whole row.
-FILTER_COLUMNS: dict[str, tuple[str, ...]] = {
-    "length": ("instruction", "response"),
-    "finishReason": ("finish_reason",),
-    "refusal": ("response",),
-    "echo": ("instruction", "response"),
-    "repetition": ("response",),
-    "bannedPatterns": ("instruction", "response"),
-    "logprob": ("instruction_logprob", "response_logprob"),
-    "critic": ("critic_score",),
-    "relevance": ("relevance",),
-    "domain": ("domain_margin",),
-}
+    facts: qc_rules.QcRule
+    build: Callable[[Mapping[str, Any]], Filter]
+    instruction_side: Callable[[Mapping[str, Any]], Filter] | None = None
 
-# Filters that read the quality columns: listing one makes the generator load the embedding model.
-SIGNAL_FILTERS = ("relevance", "domain")
 
-# The instruction's side of the filters whose verdict on it drops the row whatever its response is (with that reason,
-# or with the response's own when the filter ranks that first): instructions-first generators run these on each
-# novel instruction before paying for its responses (genrun.worker.generate). The checks are the filters above,
-# reading only `instruction` and `instruction_logprob`.
-INSTRUCTION_BUILDERS: dict[str, Callable[[Mapping[str, Any]], Filter]] = {
-    "length": lambda p: _length(p, response=False),
-    "bannedPatterns": lambda p: _patterns(p, (), "banned_pattern", ("instruction",)),
-    "logprob": lambda p: _logprob(p, response=False),
-}
+def _register(*rules: Rule) -> dict[str, Rule]:
+    return {r.facts.name: r for r in rules}
+
+
+_RULE = qc_rules.BY_NAME
+RULES = _register(
+    Rule(_RULE["length"], _length, lambda p: _length(p, response=False)),
+    Rule(_RULE["finishReason"], _finish),
+    Rule(_RULE["refusal"], lambda p: _patterns(p, DEFAULT_REFUSALS, "refusal", ("response",))),
+    Rule(_RULE["echo"], _echo),
+    Rule(_RULE["repetition"], _repetition),
+    Rule(
+        _RULE["bannedPatterns"],
+        lambda p: _patterns(p, (), "banned_pattern", ("instruction", "response")),
+        lambda p: _patterns(p, (), "banned_pattern", ("instruction",)),
+    ),
+    Rule(_RULE["logprob"], _logprob, lambda p: _logprob(p, response=False)),
+    Rule(_RULE["critic"], _critic),
+    Rule(_RULE["relevance"], _relevance),
+    Rule(_RULE["domain"], _domain),
+)
+
+SIGNAL_FILTERS = qc_rules.SIGNAL_RULES  # read by the generator: listing one makes it load the embedding model
 
 
 @dataclass
@@ -472,19 +429,19 @@ class QcPipeline:
 
     @classmethod
     def from_spec(cls, filters: Sequence[Any]) -> QcPipeline:
-        return cls([(f.name, BUILDERS[f.name](f.params)) for f in filters])
+        return cls([(f.name, RULES[f.name].build(f.params)) for f in filters])
 
     @classmethod
     def instruction_side(cls, filters: Sequence[Any]) -> QcPipeline:
-        """The spec's filters that can judge an instruction before it has a response (INSTRUCTION_BUILDERS), in spec
-        order: a row they give a reason is one `from_spec(filters)` drops, whatever its response."""
-        return cls(
-            [(f.name, INSTRUCTION_BUILDERS[f.name](f.params)) for f in filters if f.name in INSTRUCTION_BUILDERS]
-        )
+        """The spec's filters that can judge an instruction before it has a response (`Rule.instruction_side`), in
+        spec order: a row they give a reason is one `from_spec(filters)` drops, whatever its response."""
+        sides = [(f.name, RULES[f.name].instruction_side, f.params) for f in filters]
+        return cls([(name, side(params)) for name, side, params in sides if side is not None])
 
     def columns(self, available: Sequence[str]) -> list[str]:
-        """The columns of `available` that this pipeline's filters read (FILTER_COLUMNS), in `available`'s order."""
-        want = {c for name, _ in self.filters for c in FILTER_COLUMNS[name]}
+        """The columns of `available` that this pipeline's filters read (their rules' `columns`), in `available`'s
+        order."""
+        want = {c for name, _ in self.filters for c in RULES[name].facts.columns}
         return [c for c in available if c in want]
 
     def check_instructions(self, instructions: Sequence[str], logprobs: Sequence[float]) -> list[str | None]:

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 
 import pytest
-from genrun.contract.api import RunRef, parse_spec
+from genrun.contract.api import RunRef, SpecError, parse_spec
 from genrun.contract.records import RoundReport
 from genrun.operator import conditions as c
 from genrun.operator import policy as pol
@@ -21,7 +21,7 @@ from genrun.operator.planner import (
     RecordRound,
     child_name,
     decide,
-    plan_for_manifest,
+    invalid_plan,
 )
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -322,7 +322,9 @@ def test_parallelism_limits_active_shard_jobs() -> None:
 def test_invalid_spec_is_a_failed_condition_not_an_exception() -> None:
     raw = copy.deepcopy(BASE)
     raw["sampling"]["temperature"] = 3.5
-    plan = plan_for_manifest(REF, raw, Observed())
+    with pytest.raises(SpecError) as exc:  # the operator's path: parse, and a refusal becomes the plan
+        parse_spec(raw)
+    plan = invalid_plan(exc.value.errors)
     assert plan.actions == ()
     assert plan.condition(c.FAILED).reason == c.INVALID_SPEC
     assert "spec.sampling.temperature: must be in (0, 2], got 3.5" in plan.condition(c.FAILED).message
@@ -483,9 +485,9 @@ def test_bandit_never_plans_past_max_generated_examples_when_fewer_examples_than
 def test_a_bandit_round_never_plans_more_examples_than_the_budget_leaves(prompt, room: int, room_shards: int) -> None:
     """Whatever sized the round (growth, rounding up, the 16-example floor per shard): the last clamp holds it to the
     examples the budget leaves. Found by search: 1 more example needed, 10 left, 1 shard left was 1 shard x 16."""
-    from genrun.operator.planner import _bandit_round
+    from genrun.operator.strategy import BANDIT, Evidence
 
     spec = spec_of(target={"uniqueExamples": 3000}, escalation={"minShardsPerRound": 8}, prompt=prompt)
     obs, _ = simulate(spec_of(target={"uniqueExamples": 3000}, budget={"maxRounds": 1}, prompt=prompt), [0.3])
-    arms, per, _, cells = _bandit_round(spec, REF, obs, 2, 1, room, room_shards)
-    assert len(arms) * per <= room and len(cells) in (0, len(arms)) and per >= 1
+    got = BANDIT.sized_round(spec, Evidence(obs.rounds, obs.reports, obs.engines), 2, 1, room, room_shards)
+    assert len(got.arms) * got.examples <= room and len(got.cells) in (0, len(got.arms)) and got.examples >= 1

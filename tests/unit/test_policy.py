@@ -392,3 +392,25 @@ def test_few_rounds_left_commit_to_finishing_and_the_last_round_sizes_pessimisti
     assert not grown.precise and grown.shards * grown.examples <= pol.GROWTH * 500 + 400
     committed = pol.size_round(spec, need, y, 0.01, 10**6, 100, False, measured=500, rounds_left=3)
     assert committed.precise and committed.shards * committed.examples >= pol.examples_needed(need, y, 0.9)
+
+
+def test_every_strategy_the_api_and_both_crds_name_is_registered() -> None:
+    """spec.policy.strategy names a registered Strategy (genrun.operator.strategy.STRATEGIES), and each registered one
+    starts a run: round 1 is recorded with its shard Jobs."""
+    import typing
+    from pathlib import Path
+
+    import yaml
+    from genrun.contract.api import PolicySpec
+    from genrun.operator.strategy import STRATEGIES
+
+    names = typing.get_args(typing.get_type_hints(PolicySpec)["strategy"])
+    assert set(names) == set(STRATEGIES)
+    root = Path(__file__).resolve().parents[2]
+    for crd_path in (root / "crds" / "generationrun.yaml", root / "charts" / "genrun" / "crds" / "generationrun.yaml"):
+        crd = yaml.safe_load(crd_path.read_text())
+        props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        assert set(props["policy"]["properties"]["strategy"]["enum"]) == set(STRATEGIES), crd_path
+    for name in STRATEGIES:
+        plan = decide(REF, spec_of(policy={"strategy": name}), Observed())
+        assert [type(a) for a in plan.actions][:2] == [RecordRound, CreateShardJob], name

@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from genrun.contract.api import QcFilter
-from genrun.worker.qc import QcPipeline, repeated_ngram_ratio
+from genrun.worker.qc import QcPipeline
 
 from tests.helpers import example_row
 
@@ -112,8 +112,10 @@ def test_repetition_and_garbage() -> None:
     assert check(p, response="the cat sat on the mat " * 6) == "repetition"
     assert check(p) is None
     assert check(p, response="@@@ ### !!! $$$ %%% ^^^ ok") == "garbage"
-    assert repeated_ngram_ratio("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
-    assert repeated_ngram_ratio("a b c d") == 0.0  # two 3-grams: too few to judge
+    # 7 word 3-grams, 3 distinct: a repeated share of 1 - 3/7 = 0.571
+    assert check(only("repetition", maxRepeatedNgramRatio=0.57), response="a b c a b c a b c") == "repetition"
+    assert check(only("repetition", maxRepeatedNgramRatio=0.58), response="a b c a b c a b c") is None
+    assert check(only("repetition", maxRepeatedNgramRatio=0), response="a b c d") is None  # 2 3-grams: too few
     loose = only("repetition", maxRepeatedNgramRatio=0.9, minAlnumRatio=0.1)
     assert check(loose, response="the cat sat on the mat " * 6) is None
     assert check(loose, response="@@@ ### ok") is None
@@ -161,26 +163,6 @@ def test_pipeline_first_reason_in_spec_order_and_batch_equals_rows() -> None:
     assert a.check_table(pa.Table.from_pylist(rows)) == want == [a.check(r) for r in rows]
     assert b.check(rows[0]) == "refusal"
     assert QcPipeline.from_spec([]).check(rows[0]) is None
-
-
-def test_the_registry_the_api_and_both_crds_list_the_same_filters() -> None:
-    """One registry (genrun.worker.qc.BUILDERS): the CRD enum (and the chart's copy), the API's Literal type and its
-    params table name exactly its filters."""
-    import typing
-    from pathlib import Path
-
-    import yaml
-    from genrun.contract import api
-    from genrun.worker.qc import BUILDERS
-
-    root = Path(__file__).resolve().parents[2]
-    for crd_path in (root / "crds" / "generationrun.yaml", root / "charts" / "genrun" / "crds" / "generationrun.yaml"):
-        crd = yaml.safe_load(crd_path.read_text())
-        props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-        enum = props["qc"]["properties"]["filters"]["items"]["properties"]["name"]["enum"]
-        assert enum == list(BUILDERS), crd_path
-    assert list(typing.get_args(api.QcFilterName)) == list(BUILDERS)
-    assert set(api._QC_PARAMS) == set(BUILDERS)
 
 
 @pytest.mark.parametrize(
@@ -278,15 +260,13 @@ def test_pipeline_on_random_rows_equals_row_by_row_checks() -> None:
     assert len(set(batch)) > 3  # the random rows reach several reasons
 
 
-def test_repeated_ngram_ratios_of_a_batch_equal_a_direct_count_per_text() -> None:
-    """The batch computation (every row's n-grams in one packed sort) against counting each text's word 3-grams
-    directly: random texts from a small vocabulary (so n-grams repeat), mixed case, punctuation and non-ASCII words,
-    empty and short texts, in one batch of thousands of rows."""
+def test_repetition_verdicts_of_a_batch_equal_a_direct_count_per_text() -> None:
+    """The repetition filter's batch computation (every row's n-grams in one packed sort) against counting each
+    text's word 3-grams directly, at several thresholds: random texts from a small vocabulary (so n-grams repeat),
+    mixed case, punctuation and non-ASCII words, empty and short texts, in one batch of thousands of rows."""
     import random
 
-    import numpy as np
-    import pyarrow as pa
-    from genrun.worker.qc import repeated_ngram_ratios
+    from genrun.contract.records import example_schema
 
     rng = random.Random(7)
     vocab = ["the", "The", "cat", "CAT", "café", "naïve", "日本", "sat", "on", "mat", "x_1", "42"]
@@ -301,9 +281,12 @@ def test_repeated_ngram_ratios_of_a_batch_equal_a_direct_count_per_text() -> Non
         grams = [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
         return 1 - len(set(grams)) / len(grams) if len(grams) > 3 else 0.0
 
-    got = repeated_ngram_ratios(pa.array(texts, pa.string()))
-    assert np.allclose(got, [direct(ws) for ws in words])
-    assert (got > 0).sum() > 500  # the vocabulary makes repeats common: the check is not vacuous
+    table = pa.Table.from_pylist([example_row("Explain it.", response=t) for t in texts], schema=example_schema())
+    ratios = [direct(ws) for ws in words]
+    for limit in (0.0, 0.1, 0.3, 0.5):
+        got = only("repetition", maxRepeatedNgramRatio=limit, minAlnumRatio=0).check_table(table)
+        assert got == ["repetition" if r > limit else None for r in ratios], limit
+    assert sum(r > 0 for r in ratios) > 500  # the vocabulary makes repeats common: the check is not vacuous
 
 
 def test_arrow_lower_case_maps_every_code_point_to_one() -> None:
@@ -369,15 +352,14 @@ def test_echo_of_a_batch_equals_a_direct_check_per_row() -> None:
 
 
 def test_each_filter_judges_on_its_declared_columns_alone_as_on_whole_rows() -> None:
-    """FILTER_COLUMNS names every column a filter reads: the merge's QC workers take only those. Each filter, on
-    random rows that reach its verdicts, judges the table of its columns as the whole table; the registry and the
-    declaration list the same filters."""
+    """Each rule's record (genrun.contract.qc_rules) names every column its filter reads: the merge's QC workers take
+    only those. Each filter, on random rows that reach its verdicts, judges the table of its columns as the whole
+    table."""
     import random
 
+    from genrun.contract.qc_rules import BY_NAME
     from genrun.contract.records import example_schema
-    from genrun.worker.qc import BUILDERS, FILTER_COLUMNS
 
-    assert FILTER_COLUMNS.keys() == BUILDERS.keys()
     rng = random.Random(5)
     ins, res = _random_texts(21, 400), _random_texts(22, 400)
     rows = [
@@ -391,9 +373,9 @@ def test_each_filter_judges_on_its_declared_columns_alone_as_on_whole_rows() -> 
     ]  # fmt: skip
     table = pa.Table.from_pylist(rows, schema=example_schema())
     params = {"bannedPatterns": {"patterns": ["foo"]}}
-    for name in BUILDERS:
+    for name, rule in BY_NAME.items():
         p = QcPipeline.from_spec([QcFilter(name, params.get(name, {}))])  # type: ignore[arg-type]
         cols = p.columns(table.column_names)
-        assert set(cols) == set(FILTER_COLUMNS[name])
+        assert set(cols) == set(rule.columns)
         got = p.check_table(table.select(cols))
         assert got == p.check_table(table) and any(got), name  # the rows reach the filter's verdicts

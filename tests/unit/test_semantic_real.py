@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from genrun.contract import qc_rules
 from genrun.contract.api import QcFilter
 from genrun.worker.dedup import dedup_keys
 from genrun.worker.dedup_cli import decide
-from genrun.worker.qc import DEFAULT_MAX_DOMAIN_MARGIN, DEFAULT_MIN_RELEVANCE, QcPipeline
+from genrun.worker.qc import QcPipeline
 from genrun.worker.semantic import (
     DEFAULT_THRESHOLD,
     embed_keys,
@@ -27,6 +28,8 @@ from genrun.worker.semantic import (
     relevance,
 )
 
+DEFAULT_MIN_RELEVANCE = qc_rules.default("relevance", "minRelevance")
+DEFAULT_MAX_DOMAIN_MARGIN = qc_rules.default("domain", "maxMargin")
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 

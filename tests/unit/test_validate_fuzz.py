@@ -21,7 +21,7 @@ from genrun.operator.planner import (
     ObservedJob,
     RecordRound,
     decide,
-    plan_for_manifest,
+    invalid_plan,
 )
 from genrun.operator.validate import MAX_ERRORS, check_manifest
 from hypothesis import HealthCheck, given, settings
@@ -155,9 +155,15 @@ def test_mutated_manifests_validate_or_are_refused_by_field(data: st.DataObject)
                 continue
             assert FIELD_RE.match(e) and ": " in e, e
             assert len(e) < 1200, e  # echoed values are cut
-        # The operator's path for the same object: a Failed/InvalidSpec plan, never an exception.
+        # The planner's side of the same object: parsed alone, it is refused (a Failed/InvalidSpec plan) or planned,
+        # never an exception.
         if isinstance(doc, dict) and isinstance(doc.get("spec"), dict):
-            plan_for_manifest(api.RunRef("fuzz"), doc["spec"], Observed())
+            try:
+                parsed = api.parse_spec(dict(doc["spec"]))
+            except api.SpecError as refused:
+                assert invalid_plan(refused.errors).finished
+            else:
+                decide(api.RunRef("fuzz"), parsed, Observed())
         return
     # Accepted: the worker's parser agrees, the spec is strict JSON (it travels to the Jobs), the planner plans it.
     assert api.parse_spec(doc["spec"]) == spec
