@@ -78,8 +78,10 @@ class Embedder:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local: never ask the Hub
         try:
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
         except ImportError as exc:
             raise SemanticError("dedup.semantic: needs sentence-transformers (pip install 'genrun[semantic]')") from exc
+        hf_logging.disable_progress_bar()  # a progress bar per load would fill every Job's log with carriage returns
         try:
             self.model = SentenceTransformer(path, device=_device(device))
         except (OSError, ValueError) as exc:

@@ -47,6 +47,7 @@ def test_quickstart_counts_every_generated_instruction_once(tmp_path: Path) -> N
         total.online,
     )
     assert st["generated"] == st["unique"] + sum(d.values()) + st["discarded"]
+    assert st["dedupTiers"] == ["exact", "near", "semantic"]  # the quickstart as shipped: unique means unique
     assert st["duplicationPercent"] == f"{total.duplicates / total.generated:.1%}"
     md = (out / "merge" / f"r{reports[-1].round:04d}" / "report.md").read_text()
     assert f"| {total.exact:,} / {total.near:,} / {total.semantic:,} / {total.online:,} |" in md

@@ -138,6 +138,7 @@ def test_dashboard_and_alert_queries_have_data(cluster: Cluster, tmp_path: Path)
     spec = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
     spec["shards"]["examplesPerShard"] = 15
     spec["target"]["uniqueExamples"] = 35
+    spec["dedup"] = {**spec.get("dedup", {}), "semantic": {"enabled": False}}  # each Job process would load the model
     spec["output"]["path"] = str(tmp_path / "out")
     bad = json.loads(json.dumps(spec))
     bad["sampling"]["temperature"] = 3.5
