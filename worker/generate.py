@@ -28,7 +28,7 @@ import numpy as np
 from genrun.contract import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys
 from genrun.worker.engine import Completion, Engine, Params, per_request_seed
-from genrun.worker.merge import load_seen_index
+from genrun.worker.merge_state import load_seen_index
 from genrun.worker.prompts import (
     INSTRUCTION_STOPS,
     JOINT_STOPS,
