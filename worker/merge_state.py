@@ -61,7 +61,7 @@ class Totals:
     tokens: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, int] = field(default_factory=dict)
     discarded: dict[int, int] = field(default_factory=dict)  # round -> sampled, neither a row nor a skip
-    left_domain: int = 0  # rows whose generated_domain is not the domain asked (sem, issue 12)
+    left_domain: int = 0  # rows whose generated_domain is not the domain asked
     early: int = 0  # instructions the generators' QC rejected before their responses (in `rejected` by reason too)
     # The largest clusters so far as [kept id, size] (size desc, id asc): of all clusters, and of the semantic tier's.
     # A cluster that did not grow in a round keeps its rank, so a round needs only these and the clusters it grew.
@@ -87,13 +87,13 @@ class Totals:
         t.per_domain = {str(k): Counts(**c) for k, c in d["per_domain"]}
         t.per_temperature = {float(k): Counts(**c) for k, c in d["per_temperature"]}
         t.rejected = {str(k): int(v) for k, v in d["rejected"].items()}
-        t.left_domain = int(d.get("left_domain", 0))
-        t.early = int(d.get("early", 0))
+        t.left_domain = int(d["left_domain"])
+        t.early = int(d["early"])
         for name in ("generated", "tokens", "skipped"):
             setattr(t, name, {int(k): int(v) for k, v in d[name]})
-        t.discarded = {int(k): int(v) for k, v in d.get("discarded", [])}
-        t.top = [[int(i), int(n)] for i, n in d.get("top", [])]
-        t.sem_top = [[int(i), int(n)] for i, n in d.get("sem_top", [])]
+        t.discarded = {int(k): int(v) for k, v in d["discarded"]}
+        t.top = [[int(i), int(n)] for i, n in d["top"]]
+        t.sem_top = [[int(i), int(n)] for i, n in d["sem_top"]]
         return t
 
 
@@ -186,7 +186,7 @@ def _npz_members(path: Path) -> dict[str, np.ndarray]:
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Arrays as an uncompressed .npz, the file np.savez writes (what load_npz memory-maps), at `path` as given (numpy
     would append ".npz" to a staged temporary name). Each array's bytes go to the file as they lie in memory: np.savez
-    copies them into 16 MiB bytes objects first (the state's 161 MB at 1M rows: ~40k page faults of fresh copies)."""
+    copies them into 16 MiB bytes objects first, fresh copies of the whole state."""
     import zipfile
 
     fmt = np.lib.format
@@ -263,27 +263,11 @@ def load_seen_index(storage: Storage, rnd: int) -> SeenIndex | None:
 
 
 def read_table(storage: Storage, key: str, columns: list[str] | None = None) -> Any:
+    """A shard's rows (or some of its columns); a whole file whose schema differs from the contract is damage."""
     table = read_parquet(storage, key, columns)
-    want = rec.example_schema()
-    if columns is None and not table.schema.equals(want, check_metadata=False):
-        table = _upgraded(table, want)
+    if columns is None and not table.schema.equals(rec.example_schema(), check_metadata=False):
+        raise ValueError(f"schema differs from the contract: {table.schema}")
     return table
-
-
-def _upgraded(table: Any, want: Any) -> Any:
-    """A shard written before a column of LATER_COLUMNS joined the contract (a run upgraded between rounds) reads with
-    that column as nulls; any other difference from the contract (a missing quality column too) is damage."""
-    import pyarrow as pa
-
-    late = [f for f in want if f.name in rec.LATER_COLUMNS and f.name not in table.column_names]
-    up = table
-    for f in late:
-        up = up.append_column(f, pa.nulls(up.num_rows, f.type))
-    if late and set(up.column_names) == set(want.names):
-        up = up.select(want.names)
-        if up.schema.equals(want, check_metadata=False):
-            return up
-    raise ValueError(f"schema differs from the contract: {table.schema}")
 
 
 def round_keys(cfg: DedupConfig, cols: list[Any], threads: int = 1) -> Any:

@@ -161,21 +161,18 @@ def test_corrupt_shard_is_quarantined_not_fatal_and_missing_is_reported(storage:
     assert "missing (shard failed or not published): shards/r0001/s0000000002.parquet" in md
 
 
-def test_a_shard_from_before_the_attributes_column_merges_with_null_attributes(storage: LocalStorage) -> None:
-    """A run upgraded between rounds: its round-1 shards lack the nullable `attributes` column the contract gained.
-    They merge (the column reads as null); a shard missing any other column is still damage and set aside."""
+def test_a_shard_missing_a_contract_column_is_set_aside(storage: LocalStorage) -> None:
+    """A shard whose schema differs from the contract (a column missing) is damage: quarantined, named in the
+    report, and the round merges without it."""
 
     spec = parse_spec(SPEC)
     write_shard(storage, 1, 0, [example_row("Describe the water cycle in four steps.")])
-    path = Path(storage.location(rec.shard_data_key(1, 0)))
-    pq.write_table(pq.read_table(path).drop_columns(["attributes"]), path)
     write_shard(storage, 1, 1, [example_row("How do plants make their food from sunlight?")])
     path = Path(storage.location(rec.shard_data_key(1, 1)))
-    pq.write_table(pq.read_table(path).drop_columns(["attributes", "relevance"]), path)  # a quality column: damage
+    pq.write_table(pq.read_table(path).drop_columns(["attributes"]), path)
     report = merge_round(storage, spec, "t", 1, [(1, 0), (1, 1)])
     assert report.qc_passed_total == 1 and report.quarantined == (rec.shard_data_key(1, 1),)
     kept = pq.read_table(storage.location(rec.dataset_part_key(1)))
-    assert kept.column("attributes").to_pylist() == [None]
     assert kept.column("instruction").to_pylist() == ["Describe the water cycle in four steps."]
 
 
