@@ -125,17 +125,17 @@ def test_killed_merge_reruns_to_the_same_outputs_and_incremental_equals_full(tmp
     for r in (1, 2):
         merge_round(ref, spec, "t", r, ids)
     merge_round(run, spec, "t", 1, ids)
-    orig = m._report
+    orig = m.round_report
 
     def boom(*a: object, **k: object) -> rec.RoundReport:
         raise KeyboardInterrupt  # killed after the parts, state chunks and seen-index are written
 
-    m._report = boom  # type: ignore[assignment]
+    m.round_report = boom  # type: ignore[assignment]
     try:
         with pytest.raises(KeyboardInterrupt):
             merge_round(run, spec, "t", 2, ids)
     finally:
-        m._report = orig
+        m.round_report = orig
     merge_round(run, spec, "t", 2, ids)
     merge_round(full, spec, "t", 2, ids)  # no state: replays round 1
     assert _outputs(run, 2) == _outputs(ref, 2) == _outputs(full, 2)
