@@ -70,9 +70,11 @@ from genrun.contract.api import RunRef, parse_spec
 from genrun.contract.records import RoundPlan, RoundReport, ShardPlan, ShardYield
 from genrun.operator.cost import CPU_PRIOR, GPU_PRIOR, CostProfile, replicas_for
 from genrun.operator.simulate import run_instantly
-from genrun.worker.merge import State, round_keys
-from genrun.worker.merge import decide as dedup_decide
+from genrun.worker.dedup_config import DedupConfig
+from genrun.worker.merge_state import State, round_keys
 from genrun.worker.qc import QcPipeline
+from genrun.worker.tiers import RoundRows
+from genrun.worker.tiers import decide as dedup_decide
 
 ROOT = Path(__file__).resolve().parents[1]
 POOLS = Path(os.environ.get("GENRUN_ARM_POOLS", ROOT / "bench" / "data" / "arm-pools.jsonl.gz"))
@@ -122,7 +124,8 @@ class Pools:
 
         # The merge Job's own cluster rule (exact key, then MinHash LSH, keep-first) over every pooled row at once.
         table = pa.table({"instruction": [r["instruction"] for r in rows], "response": [r["response"] for r in rows]})
-        cluster = dedup_decide(round_keys(spec, [table]), State.empty(spec), spec, 0).root
+        cfg = DedupConfig.from_spec(spec.dedup).without_semantic()
+        cluster = dedup_decide(RoundRows(cfg, State.empty(cfg), 0, keys=round_keys(cfg, [table]))).root
         qc = QcPipeline.from_spec(spec.qc.filters)
         qc_ok = np.array([qc.check(r) is None for r in rows])
         side = QcPipeline.instruction_side(spec.qc.filters)

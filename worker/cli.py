@@ -130,15 +130,17 @@ def _partitioned(storage: Any, spec: Any, job: rec.JobSpec, index: int | None, p
     """Map and reduce for one index of an Indexed Job (each waits for the others' outputs), or all of them in turn
     when no index is given (one machine)."""
     from genrun.worker import partitioned as pt
+    from genrun.worker.dedup_config import DedupConfig
 
+    cfg = DedupConfig.from_spec(spec.dedup)
     mine = range(parts) if index is None else [index]
     for i in mine:
         if not storage.exists(pt.map_key(job.round, i)):
-            pt.dedup_map(storage, spec, job.round, list(job.shards), i, parts)
+            pt.dedup_map(storage, cfg, job.round, list(job.shards), i, parts)
     _wait(storage, [pt.map_key(job.round, i) for i in range(parts)])
     for i in mine:
         if not storage.exists(pt.reduce_key(job.round, i)):
-            pt.dedup_reduce(storage, spec, job.round, parts, i, parts)
+            pt.dedup_reduce(storage, cfg, job.round, parts, i, parts)
     if index in (None, 0):
         _wait(storage, [pt.reduce_key(job.round, i) for i in range(parts)])
 
@@ -151,21 +153,27 @@ def _wait(storage: Any, keys: list[str], poll: float = 2.0) -> None:
 
 
 def _dedup_map(args: argparse.Namespace) -> int:
+    from genrun.worker.dedup_config import DedupConfig
     from genrun.worker.partitioned import dedup_map
 
     job, spec = _load_job(args)
     storage = _storage(spec, args.output)
-    print(dedup_map(storage, spec, job.round, list(job.shards), _index(args), spec.dedup.partitions))
+    print(
+        dedup_map(
+            storage, DedupConfig.from_spec(spec.dedup), job.round, list(job.shards), _index(args), spec.dedup.partitions
+        )
+    )
     return errors.EXIT_OK
 
 
 def _dedup_reduce(args: argparse.Namespace) -> int:
+    from genrun.worker.dedup_config import DedupConfig
     from genrun.worker.partitioned import dedup_reduce
 
     job, spec = _load_job(args)
     storage = _storage(spec, args.output)
     p = spec.dedup.partitions
-    print(dedup_reduce(storage, spec, job.round, p, _index(args), p))
+    print(dedup_reduce(storage, DedupConfig.from_spec(spec.dedup), job.round, p, _index(args), p))
     return errors.EXIT_OK
 
 

@@ -41,8 +41,7 @@ NORMALIZE_SLICE = 50_000  # texts per thread at the least: fewer are not worth a
 
 def normalize_array(texts: Any, threads: int = 1) -> Any:
     """NFKC, case, typographic quotes, contractions ("what's" == "what is"), punctuation, whitespace. Slices of the
-    texts in up to `threads` threads (Arrow's kernels release the GIL): the merge's 300k distinct instructions of 1M
-    rows in 0.14 s instead of 0.25 s on 2 cores."""
+    texts in up to `threads` threads (Arrow's kernels release the GIL)."""
     import pyarrow as pa
 
     arr = texts if isinstance(texts, pa.Array | pa.ChunkedArray) else pa.array(list(texts), type=pa.string())
@@ -112,10 +111,6 @@ def normalize(text: str) -> str:
     return normalize_many([text])[0]
 
 
-def dedup_key(instruction: str, response: str, *, key: str = "instruction", normalized: bool = True) -> str:
-    return dedup_keys([instruction], [response], key=key, normalized=normalized)[0]
-
-
 def dedup_keys(
     instructions: Any, responses: Any = None, *, key: str = "instruction", normalized: bool = True
 ) -> list[str]:
@@ -159,10 +154,6 @@ def key_hashes(keys: Any) -> np.ndarray:
     vocab = np.fromiter(map(xxhash.xxh3_64_intdigest, words), np.uint64, len(words))
     out: np.ndarray = vocab[np.asarray(enc.indices)]
     return out
-
-
-def key_hash(key: str) -> int:
-    return int(key_hashes([key])[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,8 +205,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def _release_freed() -> None:
     """Give the memory the threads freed back to the system. glibc's malloc gives each thread an arena of its own and
     keeps what a thread freed for that thread: without this, the ended threads' temporaries stayed mapped through the
-    rest of the Job (up to ~60 MB of its peak at 1M rows). malloc_trim, as Dask's workers call it; nothing where malloc
-    is not glibc's."""
+    rest of the Job. malloc_trim, as Dask's workers call it; nothing where malloc is not glibc's."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -308,8 +298,8 @@ class MinHasher:
 
     def kept_and_bands(self, keys: Any, bands: int, rows: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(`kept_sigs` of the keys' signatures, their `band_keys`): each block of rows has its band keys made while
-        its full values are in cache, and only their kept bits stay (the full signatures of a round are never held:
-        1M rows, ~160 MB less)."""
+        its full values are in cache, and only their kept bits stay (the full signatures of a round are never
+        held)."""
         tok_rows, hv, n = self._tokens(keys, threads)
         sigs = np.empty((n, self.num_perm), dtype=SIG_DTYPE)
         out = np.empty((n, bands), dtype=np.uint64)
@@ -371,7 +361,7 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.05, fn_weig
     probability 0.95.
 
     P(candidate | similarity s) = 1 - (1 - s^r)^b is a polynomial of degree b*r <= num_perm, so Gauss-Legendre with
-    num_perm/2 + 1 nodes integrates it exactly (datasketch calls scipy's adaptive quad per (b, r): ~1 s)."""
+    num_perm/2 + 1 nodes integrates it exactly (datasketch calls scipy's adaptive quad per (b, r), which is slow)."""
     nodes, weights = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
 
     def grid(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
@@ -424,7 +414,7 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
 # What the seen-index keeps of a signature, and what similarity compares: each MinHash value's low 16 bits (b-bit
 # MinHash, Li & Koenig 2010). Two different minimums agree in their low 16 bits by chance with probability 2^-16, which
 # adds (1 - J) / 65,536 to the estimated similarity J: far below the estimate's step (1 / num_perm). Half the bytes of
-# full values: the seen-index of 1M rows is ~75 MB smaller, and the merge holds and writes that much less.
+# full values: the seen-index, and what the merge holds and writes, is that much smaller.
 SIG_DTYPE = np.uint16
 
 
@@ -572,8 +562,7 @@ def keep_first_batch(sigs: np.ndarray, bands: np.ndarray, threshold: float, old:
 @dataclass(frozen=True)
 class SortedQueries:
     """Query keys sorted once, to look up in several sorted tables (one per chunk of an index, one per earlier
-    round). numpy's binary search over sorted queries starts each search where the last one ended, in cache: 5-8x
-    faster than over the same queries in random order (300k queries in 290k keys: 6.7 ms against 52 ms), and the
+    round). numpy's binary search over sorted queries starts each search where the last one ended, in cache, and the
     sort costs about one search. The rows a lookup returns are in key order, not query order."""
 
     keys: np.ndarray
@@ -623,17 +612,8 @@ class IndexChunk:
 
     @classmethod
     def from_npz(cls, data: Any, nbands: int) -> IndexChunk:
-        sigs = kept_sigs(data["sigs"])  # a file of full (uint32) values, written before SIG_DTYPE: their low bits
-        ids = data["ids"] if "ids" in data and len(data["ids"]) == len(sigs) else np.arange(len(sigs), dtype=np.int64)
-        root = data["root"] if "root" in data and len(data["root"]) == len(sigs) else ids
-        if all(f"table_key_{b}" in data for b in range(nbands)):
-            tables = [(data[f"table_key_{b}"], data[f"table_pos_{b}"]) for b in range(nbands)]
-        else:  # a file without tables (its rows' band keys instead): their keys, first occurrence per key
-            tables = []
-            for b in range(nbands):
-                k, p = np.unique(data["band"][:, b], return_index=True)
-                tables.append((k, p.astype(np.int64)))
-        return cls(data["exact"], sigs, ids, root, tables)
+        tables = [(data[f"table_key_{b}"], data[f"table_pos_{b}"]) for b in range(nbands)]
+        return cls(data["exact"], data["sigs"], data["ids"], data["root"], tables)
 
 
 def _front(a: np.ndarray, rows: np.ndarray, step: int = 8192) -> np.ndarray:

@@ -107,27 +107,26 @@ def decide(
 ) -> Decision:  # fmt: skip
     """Per row (SEEN rows first, then INPUT rows, keep-first): which tier drops it and for which earlier row.
     SEEN rows are never dropped; they only make INPUT rows duplicates."""
-    from types import SimpleNamespace
-
     import numpy as np
     import pyarrow as pa
     from genrun.worker.dedup import MinHasher, dedup_keys, similar
-    from genrun.worker.merge import decide as merge_decide
+    from genrun.worker.dedup_config import DedupConfig
     from genrun.worker.merge_state import State
+    from genrun.worker.tiers import EXACT, NEAR, RoundRows
+    from genrun.worker.tiers import decide as tiers_decide
 
     n = len(instructions)
     tier = np.full(n, "", dtype=object)
     dup_of = np.full(n, -1, dtype=np.int64)
     sim = np.zeros(n, dtype=np.float64)
     keys = dedup_keys(list(key_texts if key_texts is not None else instructions))
-    # Exact and near tiers: the merge Job's own rule (one implementation), rows numbered 0..n-1 in keep-first order.
-    dedup = SimpleNamespace(key="instruction", normalize=False, near_duplicates=near, threshold=threshold,
-                            num_perm=num_perm, shingle_size=shingle_size, against=())  # fmt: skip
-    spec = SimpleNamespace(dedup=dedup)
-    dec = merge_decide(pa.array(keys, pa.string()), State.empty(spec), spec, 0)
+    # Exact and near tiers: the merge Job's own tiers, rows numbered 0..n-1 in keep-first order (the keys are
+    # normalised already; the semantic tier below indexes every SEEN row, not only the kept ones).
+    cfg = DedupConfig(normalize=False, near=near, threshold=threshold, num_perm=num_perm, shingle_size=shingle_size)
+    dec = tiers_decide(RoundRows(cfg, State.empty(cfg), 0, keys=pa.array(keys, pa.string())))
     is_in = np.arange(n) >= n_seen
     dropped = is_in & ~dec.kept & (dec.root != np.arange(n))
-    ex, nd = dropped & ~dec.near, dropped & dec.near
+    ex, nd = dropped & dec.dropped_by(EXACT), dropped & dec.dropped_by(NEAR)
     tier[ex], dup_of[ex], sim[ex] = "exact", dec.root[ex], 1.0
     tier[nd], dup_of[nd] = "near", dec.root[nd]
     if nd.any():  # the estimated Jaccard similarity with the row it duplicates, for people reading dropped.jsonl

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from genrun.contract import records as rec
 from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys
+from genrun.worker.dedup_config import DedupConfig
 from genrun.worker.engine import Completion, Engine, Params, per_request_seed
-from genrun.worker.merge import load_seen_index
+from genrun.worker.merge_state import load_seen_index
 from genrun.worker.prompts import (
     INSTRUCTION_STOPS,
     JOINT_STOPS,
@@ -218,16 +219,15 @@ class _Novelty:
     instruction that passed exact and MinHash is also checked against the kept embeddings (earlier rounds', then this
     shard's) by the same keep-first rule the merge applies (genrun.worker.semantic)."""
 
-    def __init__(self, spec: GenerationRunSpec, seen: SeenIndex | None, seen_semantic: Any = None) -> None:
-        d = spec.dedup
-        self.key, self.normalize, self.near = d.key, d.normalize, d.near_duplicates
+    def __init__(self, d: DedupConfig, seen: SeenIndex | None, seen_semantic: Any = None) -> None:
+        self.key, self.normalize, self.near = d.key, d.normalize, d.near
         self.hasher = MinHasher(d.num_perm, 1, d.shingle_size)
         self.seen = seen if (seen is not None and d.online) else None
         self.mine = SeenIndex.empty(d.threshold, d.num_perm, 1, d.shingle_size)
         self.semantic: Any = None  # (embedder, earlier rounds' SemanticIndex or None, this shard's SemanticIndex)
         self.skipped_semantic = 0
-        sem = getattr(d, "semantic", None)
-        if sem is not None and sem.enabled and self.key == "instruction":
+        sem = d.semantic
+        if sem is not None and self.key == "instruction":
             from genrun.worker.semantic import SemanticIndex, load_embedder
 
             emb = load_embedder(sem.model, None, sem.batch_size)
@@ -424,9 +424,8 @@ def _quality_signals(spec: GenerationRunSpec) -> Any:
     reads them (`relevance`, `domain`); else None and the columns stay null."""
     from genrun.worker.qc import SIGNAL_FILTERS
 
-    sem = getattr(spec.dedup, "semantic", None)
-    on = sem is not None and sem.enabled
-    if not on and not any(f.name in SIGNAL_FILTERS for f in spec.qc.filters):
+    sem = DedupConfig.from_spec(spec.dedup).semantic
+    if sem is None and not any(f.name in SIGNAL_FILTERS for f in spec.qc.filters):
         return None
     from genrun.worker.semantic import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, QualitySignals, load_embedder
 
@@ -437,8 +436,8 @@ def _quality_signals(spec: GenerationRunSpec) -> Any:
 
 def _load_seen_semantic(spec: GenerationRunSpec, storage: Storage, rnd: int) -> Any:
     """The kept embeddings of the rounds before `rnd` (the merge saves them in the seen-index), when semantic is on."""
-    sem = getattr(spec.dedup, "semantic", None)
-    if sem is None or not sem.enabled or not spec.dedup.online:
+    cfg = DedupConfig.from_spec(spec.dedup)
+    if cfg.semantic is None or not cfg.online:
         return None
     from genrun.worker.semantic import load_seen_semantic
 
@@ -466,7 +465,7 @@ def generate_shard(
     builder = PromptBuilder.for_shard(spec, shard)
     joint = spec.generation.mode == "joint"
     asker = Asker(engine, builder, shard.sampling, shard.seed, joint)
-    novelty = _Novelty(spec, *_load_seen(spec, storage, shard.round))
+    novelty = _Novelty(DedupConfig.from_spec(spec.dedup), *_load_seen(spec, storage, shard.round))
     gate = Gate.for_shard(spec)
     critic = Critic.for_shard(spec, engine, shard.seed)
     maker = RowMaker(builder, shard, getattr(engine, "model", spec.model.name))

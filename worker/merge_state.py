@@ -7,6 +7,7 @@ small cumulative totals (merge/rNNNN/state.json); see `State`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,8 @@ from typing import Any
 
 import numpy as np
 from genrun.contract import records as rec
-from genrun.worker.dedup import SeenIndex, SortedQueries, lsh_params, normalize_array
+from genrun.worker.dedup import SeenIndex, SortedQueries, normalize_array
+from genrun.worker.dedup_config import DedupConfig
 from genrun.worker.storage import Storage, local_copy, read_parquet
 
 log = logging.getLogger("genrun.merge")
@@ -59,7 +61,7 @@ class Totals:
     tokens: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, int] = field(default_factory=dict)
     discarded: dict[int, int] = field(default_factory=dict)  # round -> sampled, neither a row nor a skip
-    left_domain: int = 0  # rows whose generated_domain is not the domain asked (sem, issue 12)
+    left_domain: int = 0  # rows whose generated_domain is not the domain asked
     early: int = 0  # instructions the generators' QC rejected before their responses (in `rejected` by reason too)
     # The largest clusters so far as [kept id, size] (size desc, id asc): of all clusters, and of the semantic tier's.
     # A cluster that did not grow in a round keeps its rank, so a round needs only these and the clusters it grew.
@@ -85,33 +87,14 @@ class Totals:
         t.per_domain = {str(k): Counts(**c) for k, c in d["per_domain"]}
         t.per_temperature = {float(k): Counts(**c) for k, c in d["per_temperature"]}
         t.rejected = {str(k): int(v) for k, v in d["rejected"].items()}
-        t.left_domain = int(d.get("left_domain", 0))
-        t.early = int(d.get("early", 0))
+        t.left_domain = int(d["left_domain"])
+        t.early = int(d["early"])
         for name in ("generated", "tokens", "skipped"):
             setattr(t, name, {int(k): int(v) for k, v in d[name]})
-        t.discarded = {int(k): int(v) for k, v in d.get("discarded", [])}
-        t.top = [[int(i), int(n)] for i, n in d.get("top", [])]
-        t.sem_top = [[int(i), int(n)] for i, n in d.get("sem_top", [])]
+        t.discarded = {int(k): int(v) for k, v in d["discarded"]}
+        t.top = [[int(i), int(n)] for i, n in d["top"]]
+        t.sem_top = [[int(i), int(n)] for i, n in d["sem_top"]]
         return t
-
-
-def semantic_spec(spec: Any) -> Any:
-    """The spec's semantic tier when it is on, else None (tools pass dedup settings without one)."""
-    sem = getattr(spec.dedup, "semantic", None)
-    return sem if sem is not None and sem.enabled else None
-
-
-def dedup_params(spec: Any) -> dict[str, Any]:
-    """What the stored state depends on: a change means the state cannot be extended, only rebuilt."""
-    d = spec.dedup
-    sem = semantic_spec(spec)
-    return {
-        "semantic": None if sem is None else {"model": sem.model, "threshold": sem.threshold},
-        "key": d.key, "normalize": d.normalize, "near": d.near_duplicates, "threshold": d.threshold,
-        "num_perm": d.num_perm, "shingle_size": d.shingle_size, "lsh": list(lsh_params(d.threshold, d.num_perm)),
-        "key_hash": "xxh3_64", "minhash_seed": 1, "near_rule": "keep-first-kept",
-        "against": list(d.against),  # round 0 is these sources: another list means another state
-    }  # fmt: skip
 
 
 @dataclass
@@ -134,9 +117,8 @@ class State:
     semantic: Any = None
 
     @classmethod
-    def empty(cls, spec: Any) -> State:
-        d = spec.dedup
-        return cls(Totals(params=dedup_params(spec)), SeenIndex.empty(d.threshold, d.num_perm, 1, d.shingle_size))
+    def empty(cls, cfg: DedupConfig) -> State:
+        return cls(Totals(params=cfg.params()), SeenIndex.empty(cfg.threshold, cfg.num_perm, 1, cfg.shingle_size))
 
     def lookup_keys(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(seen in an earlier round, the cluster's first row id or -1) of each key hash."""
@@ -204,7 +186,7 @@ def _npz_members(path: Path) -> dict[str, np.ndarray]:
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Arrays as an uncompressed .npz, the file np.savez writes (what load_npz memory-maps), at `path` as given (numpy
     would append ".npz" to a staged temporary name). Each array's bytes go to the file as they lie in memory: np.savez
-    copies them into 16 MiB bytes objects first (the state's 161 MB at 1M rows: ~40k page faults of fresh copies)."""
+    copies them into 16 MiB bytes objects first, fresh copies of the whole state."""
     import zipfile
 
     fmt = np.lib.format
@@ -228,19 +210,19 @@ def load_npz(storage: Storage, key: str) -> dict[str, np.ndarray]:
         return _npz_members(path)
 
 
-def load_state(storage: Storage, spec: Any, rnd: int) -> State | None:
+def load_state(storage: Storage, cfg: DedupConfig, rnd: int) -> State | None:
     """The state after round `rnd` (None when it is missing or was made with other dedup parameters)."""
     if rnd < 1:
-        return State.empty(spec)
+        return State.empty(cfg)
     try:
         totals = Totals.from_json(storage.read_bytes(state_key(rnd, "state.json")))
     except (KeyError, ValueError, TypeError) as exc:
         log.info("no usable merge state for round %d (%s): full re-merge", rnd, exc.__class__.__name__)
         return None
-    if totals.version != STATE_VERSION or totals.params != dedup_params(spec):
+    if totals.version != STATE_VERSION or totals.params != cfg.params():
         log.info("dedup parameters changed since round %d: full re-merge", rnd)
         return None
-    st = State.empty(spec)
+    st = State.empty(cfg)
     st.totals = totals
     seens = []
     for r in sorted(totals.round_first_id):
@@ -255,7 +237,7 @@ def load_state(storage: Storage, spec: Any, rnd: int) -> State | None:
             return None
     if seens:
         st.seen = SeenIndex.concat(seens)
-    if semantic_spec(spec) is not None and totals.round_first_id:
+    if cfg.semantic is not None and totals.round_first_id:
         from genrun.worker.semantic import load_seen_semantic
 
         try:
@@ -269,31 +251,26 @@ def load_state(storage: Storage, spec: Any, rnd: int) -> State | None:
     return st
 
 
+def load_seen_index(storage: Storage, rnd: int) -> SeenIndex | None:
+    """The seen-index after round `rnd`'s merge (its chunks of rounds 1..rnd joined), or None (round 0, none)."""
+    parts = []
+    for r in range(1, rnd + 1):
+        key = rec.seen_index_key(r)
+        if storage.exists(key):
+            with contextlib.suppress(OSError, ValueError):
+                parts.append(SeenIndex.from_npz(load_npz(storage, key)))
+    return SeenIndex.concat(parts) if parts else None
+
+
 def read_table(storage: Storage, key: str, columns: list[str] | None = None) -> Any:
+    """A shard's rows (or some of its columns); a whole file whose schema differs from the contract is damage."""
     table = read_parquet(storage, key, columns)
-    want = rec.example_schema()
-    if columns is None and not table.schema.equals(want, check_metadata=False):
-        table = _upgraded(table, want)
+    if columns is None and not table.schema.equals(rec.example_schema(), check_metadata=False):
+        raise ValueError(f"schema differs from the contract: {table.schema}")
     return table
 
 
-def _upgraded(table: Any, want: Any) -> Any:
-    """A shard written before a column of LATER_COLUMNS joined the contract (a run upgraded between rounds) reads with
-    that column as nulls; any other difference from the contract (a missing quality column too) is damage."""
-    import pyarrow as pa
-
-    late = [f for f in want if f.name in rec.LATER_COLUMNS and f.name not in table.column_names]
-    up = table
-    for f in late:
-        up = up.append_column(f, pa.nulls(up.num_rows, f.type))
-    if late and set(up.column_names) == set(want.names):
-        up = up.select(want.names)
-        if up.schema.equals(want, check_metadata=False):
-            return up
-    raise ValueError(f"schema differs from the contract: {table.schema}")
-
-
-def round_keys(spec: Any, cols: list[Any], threads: int = 1) -> Any:
+def round_keys(cfg: DedupConfig, cols: list[Any], threads: int = 1) -> Any:
     """Normalised dedup keys of all rows of a round (one Arrow array); each distinct raw text is normalised once, in
     up to `threads` threads. Normalised, they come as a dictionary array (the distinct raw texts normalised, and each
     row's index into them): the round's million rows are not copied out, key_hashes hashes each distinct text once and
@@ -305,9 +282,9 @@ def round_keys(spec: Any, cols: list[Any], threads: int = 1) -> Any:
         return pa.array([], pa.string())
     table = pa.concat_tables(cols)
     ins = table.column("instruction").combine_chunks()
-    if spec.dedup.key == "pair":
+    if cfg.key == "pair":
         ins = pc.binary_join_element_wise(ins, table.column("response").combine_chunks(), " \u241e ")
-    if not spec.dedup.normalize:
+    if not cfg.normalize:
         return pc.utf8_trim_whitespace(ins)
     enc = pc.dictionary_encode(pc.fill_null(ins, ""))
     return pa.DictionaryArray.from_arrays(enc.indices, normalize_array(enc.dictionary, threads))

