@@ -81,7 +81,7 @@ class Embedder:
             from transformers.utils import logging as hf_logging
         except ImportError as exc:
             raise SemanticError("dedup.semantic: needs sentence-transformers (pip install 'genrun[semantic]')") from exc
-        hf_logging.disable_progress_bar()  # a progress bar per load would fill every Job's log with carriage returns
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a progress bar per load would fill every Job's log with carriage returns
         try:
             self.model = SentenceTransformer(path, device=_device(device))
         except (OSError, ValueError) as exc:
