@@ -23,10 +23,13 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from genrun.contract import records as rec
 from genrun.worker.storage import Storage, local_copy, read_parquet
+
+if TYPE_CHECKING:
+    from genrun.contract.api import GenerationRunSpec
 
 DATASET_DIR = "dataset"
 PARTS_PREFIX = rec.DATASET_PREFIX
@@ -42,7 +45,7 @@ def genrun_version() -> str:
     return __version__
 
 
-def _manifest(spec: Any) -> dict[str, Any]:
+def _manifest(spec: Mapping[str, Any] | GenerationRunSpec) -> dict[str, Any]:
     """The spec as a manifest dict, from the raw spec (as applied) or the parsed GenerationRunSpec (defaults in)."""
     if isinstance(spec, Mapping):
         return dict(spec)
@@ -52,7 +55,7 @@ def _manifest(spec: Any) -> dict[str, Any]:
     return out
 
 
-def part_metadata(spec: Any, run: str) -> dict[bytes, bytes]:
+def part_metadata(spec: Mapping[str, Any] | GenerationRunSpec, run: str) -> dict[bytes, bytes]:
     """Key-value metadata for a dataset part's Parquet schema (`example_schema().with_metadata(...)`): the spec that
     made the rows travels with them, whoever copies the file. `spec`: raw (a mapping) or parsed."""
     doc = {"version": genrun_version(), "run": run, "spec": _manifest(spec)}
@@ -140,7 +143,7 @@ def _plans(storage: Storage, upto: int) -> dict[int, rec.RoundPlan]:
 
 def export_dataset(
     storage: Storage,
-    spec: Any,
+    spec: Mapping[str, Any] | GenerationRunSpec,
     run: str,
     report: rec.RoundReport,
     rewritten: Iterable[int] = (),
@@ -225,16 +228,33 @@ def render_card(
     raw_spec: Mapping[str, Any], run: str, reports: Sequence[rec.RoundReport], plans: Mapping[int, rec.RoundPlan]
 ) -> str:
     """The dataset card: what a reader needs to trust or reproduce the data, from the spec as applied (defaults
-    filled in), the round plans (seeds and sampling) and the round reports (counts)."""
-    import yaml
+    filled in), the round plans (seeds and sampling) and the round reports (counts). Each section is a list of lines
+    ending with a blank one."""
     from genrun.contract.api import parse_spec, to_manifest
 
     spec = parse_spec(dict(raw_spec))
     eff: dict[str, Any] = to_manifest(spec)
     last = reports[-1]
-    p, d = spec.prompt, eff.get("dedup", {})
-    out = spec.output
     lines = [
+        *_card_title(spec, eff, run, reports),
+        *_LOAD_IT,
+        *_card_yield(last),
+        *_card_rounds(reports, plans),
+        *_card_model_and_prompt(spec),
+        *_card_dedup(spec, eff.get("dedup", {}), last),
+        *_card_semantic_clusters(last),
+        *_card_quality(spec, last),
+        *_card_columns_and_spec(eff),
+    ]
+    return "\n".join(lines)
+
+
+def _card_title(
+    spec: GenerationRunSpec, eff: Mapping[str, Any], run: str, reports: Sequence[rec.RoundReport]
+) -> list[str]:
+    """The Hub front matter, the title, what the dataset is and whose licence applies."""
+    last, out = reports[-1], spec.output
+    return [
         _front_matter(run, last.qc_passed_total, _fingerprint(eff, run, reports), out.license, out.language),
         f"# {run}",
         "",
@@ -245,18 +265,28 @@ def render_card(
         f"Licence: `{out.license}` (spec.output.license). The rows are outputs of `{spec.model.name}`: that model's "
         "licence and terms of use may restrict what its outputs can be used for; checking them is yours.",
         "",
-        "## Load it",
-        "",
-        "```python",
-        "from datasets import load_dataset",
-        'ds = load_dataset("path/to/dataset")              # full rows with provenance (data/train-*.parquet)',
-        'chat = load_dataset("path/to/dataset", "messages")  # role/content messages (messages/train-*.parquet)',
-        "```",
-        "",
-        "Each round adds one part, `data/train-rNNNN.parquet` (and `messages/train-rNNNN.parquet`); the dataset is "
-        "their union. The Parquet metadata of each messages part (key `genrun`) holds the spec and that round's "
-        "report. Rows rejected as duplicates or by QC are kept outside this folder, with their reason.",
-        "",
+    ]
+
+
+_LOAD_IT = (
+    "## Load it",
+    "",
+    "```python",
+    "from datasets import load_dataset",
+    'ds = load_dataset("path/to/dataset")              # full rows with provenance (data/train-*.parquet)',
+    'chat = load_dataset("path/to/dataset", "messages")  # role/content messages (messages/train-*.parquet)',
+    "```",
+    "",
+    "Each round adds one part, `data/train-rNNNN.parquet` (and `messages/train-rNNNN.parquet`); the dataset is "
+    "their union. The Parquet metadata of each messages part (key `genrun`) holds the spec and that round's "
+    "report. Rows rejected as duplicates or by QC are kept outside this folder, with their reason.",
+    "",
+)
+
+
+def _card_yield(last: rec.RoundReport) -> list[str]:
+    """The run's totals after its last round."""
+    return [
         "## Yield",
         "",
         "| | |",
@@ -273,6 +303,12 @@ def render_card(
         f"| tokens generated | {last.tokens_total:,} |",
         f"| kept per generated | {last.qc_passed_total / last.generated_total if last.generated_total else 0:.1%} |",
         "",
+    ]
+
+
+def _card_rounds(reports: Sequence[rec.RoundReport], plans: Mapping[int, rec.RoundPlan]) -> list[str]:
+    """One table row per round: its seeds and sampling settings (from its plan) and what it added."""
+    lines = [
         "## Rounds",
         "",
         "Each shard is one seed at one sampling setting; seeds are never reused.",
@@ -289,8 +325,12 @@ def render_card(
             f"| {r.round} | {r.shards} | {seeds} | {'; '.join(arms)} | {r.generated:,} | {r.new_unique:,} | "
             f"{r.new_qc_passed:,} | {r.marginal_yield:.3f} |"
         )
-    lines += [
-        "",
+    return [*lines, ""]
+
+
+def _card_model_and_prompt(spec: GenerationRunSpec) -> list[str]:
+    p = spec.prompt
+    return [
         "## Model and prompt",
         "",
         f"- model: `{spec.model.name}` (dtype {spec.model.dtype}, max model length {spec.model.max_model_len})",
@@ -299,57 +339,89 @@ def render_card(
         f"- few-shot examples: {len(p.examples)} in the spec, {p.examples_per_prompt} per prompt",
         f"- prompt template: `{_md_escape(p.template)}`",
         "",
+    ]
+
+
+# The dedup settings the card words itself; any other key under spec.dedup is listed with its parameters.
+_DEDUP_WORDED = frozenset({"key", "normalize", "online", "nearDuplicates", "threshold", "numPerm", "shingleSize",
+                           "partitions", "semantic", "against"})  # fmt: skip
+
+
+def _card_dedup(spec: GenerationRunSpec, dedup_manifest: Mapping[str, Any], last: rec.RoundReport) -> list[str]:
+    """The tiers in the order they run, each with the parameters it ran with."""
+    d = spec.dedup
+    lines = [
         "## Deduplication",
         "",
-        f"- exact: normalised key of the {spec.dedup.key} (normalise: {str(spec.dedup.normalize).lower()}), keep-first "
+        f"- exact: normalised key of the {d.key} (normalise: {str(d.normalize).lower()}), keep-first "
         "in (round, seed, index) order",
     ]
-    if spec.dedup.near_duplicates:
+    if d.near_duplicates:
         lines.append(
-            f"- near duplicates: MinHash LSH, Jaccard threshold {spec.dedup.threshold:g}, {spec.dedup.num_perm} "
-            f"permutations, word shingles of {spec.dedup.shingle_size}"
+            f"- near duplicates: MinHash LSH, Jaccard threshold {d.threshold:g}, {d.num_perm} "
+            f"permutations, word shingles of {d.shingle_size}"
         )
-    sem = spec.dedup.semantic
+    sem = d.semantic
     lines.append(
         f"- semantic: embeddings of `{sem.model}`, cosine threshold {sem.threshold:g}"
         if sem.enabled
         else "- semantic: off (dedup.semantic.enabled is false): paraphrases count as unique"
     )
-    if spec.dedup.against:
-        lines.append(f"- against: instructions of {', '.join(f'`{a}`' for a in spec.dedup.against)} count as seen")
-    extra = {k: v for k, v in d.items() if k not in {"key", "normalize", "online", "nearDuplicates", "threshold",
-                                                      "numPerm", "shingleSize", "partitions", "semantic",
-                                                      "against"}}  # fmt: skip
-    for k, v in extra.items():  # tiers added later (e.g. semantic) show with their parameters
-        lines.append(f"- {k}: `{json.dumps(v, sort_keys=True)}`")
-    lines += [
-        f"- online: {'generators skip instructions seen in earlier rounds before writing responses' if spec.dedup.online else 'off'}",
+    if d.against:
+        lines.append(f"- against: instructions of {', '.join(f'`{a}`' for a in d.against)} count as seen")
+    lines += [f"- {k}: `{json.dumps(v, sort_keys=True)}`" for k, v in dedup_manifest.items() if k not in _DEDUP_WORDED]
+    return [
+        *lines,
+        f"- online: {'generators skip instructions seen in earlier rounds before writing responses' if d.online else 'off'}",
         f"- unique (the target) counts rows kept by the tiers: {', '.join(last.dedup_tiers)}",
         "",
     ]
-    if last.semantic_clusters:
-        lines += ["### Largest semantic clusters", "", "| rows | kept (first) | dropped (cosine with the first) |"]
-        lines += ["|---:|---|---|"]
-        lines += [
+
+
+def _card_semantic_clusters(last: rec.RoundReport) -> list[str]:
+    """The semantic tier's largest clusters, so a reader can judge its threshold; nothing when it formed none."""
+    if not last.semantic_clusters:
+        return []
+    return [
+        "### Largest semantic clusters",
+        "",
+        "| rows | kept (first) | dropped (cosine with the first) |",
+        "|---:|---|---|",
+        *(
             f"| {c.size:,} | {_md_escape(c.first)} | "
             + "; ".join(f"{_md_escape(m)} ({cos:.2f})" for m, cos in c.members)
             + " |"
             for c in last.semantic_clusters
-        ]
-        lines.append("")
-    lines += [
+        ),
+        "",
+    ]
+
+
+def _card_quality(spec: GenerationRunSpec, last: rec.RoundReport) -> list[str]:
+    """The QC filters as they ran, and how many rows each rejected (most first)."""
+    filters = [f"- {f.name}: {_qc_params(f.name, f.params)}" for f in spec.qc.filters] or ["- (none)"]
+    rejected = [f"| {k} | {v:,} |" for k, v in sorted(last.qc_rejected.items(), key=lambda x: (-x[1], x[0]))] or [
+        "| (nothing rejected) | 0 |"
+    ]
+    return [
         "## Quality checks",
         "",
         "Filters, in order (the first that objects names the reason):",
         "",
-    ]
-    lines += [f"- {f.name}: {_qc_params(f.name, f.params)}" for f in spec.qc.filters] or ["- (none)"]
-    lines += ["", "| rejected because | rows |", "|---|---|"]
-    lines += [f"| {k} | {v:,} |" for k, v in sorted(last.qc_rejected.items(), key=lambda x: (-x[1], x[0]))] or [
-        "| (nothing rejected) | 0 |"
-    ]
-    lines += [
+        *filters,
         "",
+        "| rejected because | rows |",
+        "|---|---|",
+        *rejected,
+        "",
+    ]
+
+
+def _card_columns_and_spec(eff: dict[str, Any]) -> list[str]:
+    """The data/ columns with their meaning, and the spec as applied (defaults filled in)."""
+    import yaml
+
+    return [
         "## Columns (data/)",
         "",
         ", ".join(f"`{name}` ({typ})" for name, typ in rec.EXAMPLE_COLUMNS),
@@ -366,7 +438,6 @@ def render_card(
         "```",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _qc_params(name: str, params: Mapping[str, Any]) -> str:
