@@ -164,84 +164,108 @@ def _write_jsonl(path: Path, rows: Iterator[Any]) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-
+    """Read SEEN and INPUT rows, decide each INPUT row's tier, write kept/dropped/invalid rows and the report."""
     t0 = time.monotonic()
     seen_rows = read_rows(args.against)
     in_rows = read_rows(args.inputs)
     valid_seen = [r for r in seen_rows if r.instruction is not None]
-    valid_in = [r for r in in_rows if r.instruction is not None]
     invalid = [r for r in in_rows if r.instruction is None]
-    rows = valid_seen + valid_in
-    texts = [r.instruction or "" for r in rows]
-    key_texts = (
-        texts if args.key == "instruction" else [f"{t} \u241e {r.response}" for t, r in zip(texts, rows, strict=True)]
-    )
-    d = decide(
-        texts, len(valid_seen), key_texts=key_texts, threshold=args.threshold, num_perm=args.num_perm,
-        shingle_size=args.shingle_size, near=not args.no_near, semantic=not args.no_semantic,
-        semantic_threshold=args.semantic_threshold, model=args.model, batch_size=args.batch_size,
-    )  # fmt: skip
+    rows = valid_seen + [r for r in in_rows if r.instruction is not None]  # SEEN rows first, then INPUT rows
+    base = len(valid_seen)
+    d = _decide_rows(args, rows, base)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    base = len(valid_seen)
-
-    def where(j: int) -> dict[str, Any]:
-        r = rows[j]
-        return {"source": r.source, "row": r.line, "seen": j < base, "instruction": r.instruction}
-
-    kept_n = _write_jsonl(out / "kept.jsonl", (r.raw for j, r in enumerate(valid_in, base) if not d.tier[j]))
-    dropped = (
-        {
-            **(r.raw if isinstance(r.raw, dict) else {"row": r.raw}),
-            "_dedup": {
-                "tier": d.tier[j],
-                "duplicate_of": where(int(d.dup_of[j])),
-                "similarity": round(float(d.similarity[j]), 4),
-                "source": r.source,
-                "row": r.line,
-            },
-        }
-        for j, r in enumerate(valid_in, base)
-        if d.tier[j]
-    )
-    _write_jsonl(out / "dropped.jsonl", dropped)
-    _write_jsonl(
-        out / "invalid.jsonl", ({"source": r.source, "row": r.line, "reason": r.why, "raw": r.raw} for r in invalid)
-    )
+    kept_n = _write_rows(out, rows, base, invalid, d)
     tiers = d.tier[base:]
-    counts = {t: int((tiers == t).sum()) for t in ("exact", "near", "semantic")}
-    clusters: dict[int, list[int]] = {}
-    for j in np.flatnonzero(d.tier == "semantic"):
-        clusters.setdefault(int(d.dup_of[j]), []).append(int(j))
-    top = sorted(clusters.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:10]
     report = {
         "rows": len(in_rows),
         "kept": kept_n,
-        **counts,
+        **{t: int((tiers == t).sum()) for t in ("exact", "near", "semantic")},
         "invalid": len(invalid),
         "against_rows": len(seen_rows),
         "inputs": list(args.inputs),
         "against": list(args.against),
-        "parameters": {
-            "key": args.key,
-            "threshold": args.threshold,
-            "num_perm": args.num_perm,
-            "shingle_size": args.shingle_size,
-            "near": not args.no_near,
-            "semantic": not args.no_semantic,
-            "semantic_threshold": args.semantic_threshold if args.semantic_threshold is not None else _default_t(),
-            "model": args.model or "embedded:all-minilm-l6-v2",
-        },
-        "top_semantic_clusters": [
-            {"kept": where(k), "members": [rows[j].instruction for j in v], "size": len(v) + 1} for k, v in top
-        ],
+        "parameters": _parameters(args),
+        "top_semantic_clusters": _top_semantic_clusters(rows, base, d),
         "seconds": round(time.monotonic() - t0, 3),
     }
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
     os.replace(tmp, out / "report.json")
     return report
+
+
+def _decide_rows(args: argparse.Namespace, rows: Sequence[Row], n_seen: int) -> Decision:
+    """`decide` with the flags: exact and near compare the instruction, or instruction and response (--key pair)."""
+    texts = [r.instruction or "" for r in rows]
+    key_texts = (
+        texts if args.key == "instruction" else [f"{t} \u241e {r.response}" for t, r in zip(texts, rows, strict=True)]
+    )
+    return decide(
+        texts, n_seen, key_texts=key_texts, threshold=args.threshold, num_perm=args.num_perm,
+        shingle_size=args.shingle_size, near=not args.no_near, semantic=not args.no_semantic,
+        semantic_threshold=args.semantic_threshold, model=args.model, batch_size=args.batch_size,
+    )  # fmt: skip
+
+
+def _where(rows: Sequence[Row], base: int, j: int) -> dict[str, Any]:
+    """Row `j` of the combined order as dropped.jsonl and the report name it (`seen`: a SEEN row)."""
+    r = rows[j]
+    return {"source": r.source, "row": r.line, "seen": j < base, "instruction": r.instruction}
+
+
+def _write_rows(out: Path, rows: Sequence[Row], base: int, invalid: Sequence[Row], d: Decision) -> int:
+    """kept.jsonl (INPUT rows as read), dropped.jsonl (with `_dedup`: tier, the row it duplicates, similarity) and
+    invalid.jsonl (with the reason); returns the number of kept rows."""
+    inputs = list(enumerate(rows[base:], base))
+    kept_n = _write_jsonl(out / "kept.jsonl", (r.raw for j, r in inputs if not d.tier[j]))
+    dropped = (
+        {
+            **(r.raw if isinstance(r.raw, dict) else {"row": r.raw}),
+            "_dedup": {
+                "tier": d.tier[j],
+                "duplicate_of": _where(rows, base, int(d.dup_of[j])),
+                "similarity": round(float(d.similarity[j]), 4),
+                "source": r.source,
+                "row": r.line,
+            },
+        }
+        for j, r in inputs
+        if d.tier[j]
+    )
+    _write_jsonl(out / "dropped.jsonl", dropped)
+    _write_jsonl(
+        out / "invalid.jsonl", ({"source": r.source, "row": r.line, "reason": r.why, "raw": r.raw} for r in invalid)
+    )
+    return kept_n
+
+
+def _parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the run used, defaults filled in, for the report."""
+    return {
+        "key": args.key,
+        "threshold": args.threshold,
+        "num_perm": args.num_perm,
+        "shingle_size": args.shingle_size,
+        "near": not args.no_near,
+        "semantic": not args.no_semantic,
+        "semantic_threshold": args.semantic_threshold if args.semantic_threshold is not None else _default_t(),
+        "model": args.model or "embedded:all-minilm-l6-v2",
+    }
+
+
+def _top_semantic_clusters(rows: Sequence[Row], base: int, d: Decision, top: int = 10) -> list[dict[str, Any]]:
+    """The semantic tier's largest clusters (largest first, then by kept row): the kept row and what it dropped."""
+    import numpy as np
+
+    clusters: dict[int, list[int]] = {}
+    for j in np.flatnonzero(d.tier == "semantic"):
+        clusters.setdefault(int(d.dup_of[j]), []).append(int(j))
+    largest = sorted(clusters.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]
+    return [
+        {"kept": _where(rows, base, k), "members": [rows[j].instruction for j in v], "size": len(v) + 1}
+        for k, v in largest
+    ]
 
 
 def _default_t() -> float:
