@@ -505,9 +505,23 @@ def keep_first_batch(sigs: np.ndarray, bands: np.ndarray, threshold: float, old:
     n = len(sigs)
     buckets = _buckets(bands, threads)
     dropped = old >= 0
-    decided = dropped.copy()
     dup = np.arange(n, dtype=np.int64)
-    # the buckets of two or more rows, all bands in one flat array: their rows, bucket by bucket, rows ascending
+    rows, seg = _shared_buckets(buckets)
+    alone = np.ones(n, dtype=bool)
+    alone[rows] = False
+    decided = dropped | alone  # a row alone in all its buckets is kept (or dropped already)
+    _decide_in_passes(sigs, threshold, rows, seg, dropped, decided, dup)
+    if heads is not None:
+        kept_first = np.where(dropped, _NONE, np.arange(n))
+        for band, (order, start) in enumerate(buckets):
+            m = np.minimum.reduceat(kept_first[order], np.flatnonzero(start)) if n else np.empty(0, np.int64)
+            heads[band] = m[m != _NONE]
+    return dup
+
+
+def _shared_buckets(buckets: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The buckets of two or more rows, all bands in one flat array: (their rows, each row's bucket number), bucket
+    by bucket, rows ascending within a bucket. A row in none of them has no candidate in the batch."""
     rows_l, seg_l = [], []
     base = 0
     for order, start in buckets:
@@ -519,9 +533,14 @@ def keep_first_batch(sigs: np.ndarray, bands: np.ndarray, threshold: float, old:
         base += len(size)
     rows = np.concatenate(rows_l) if rows_l else np.empty(0, np.int64)
     seg = np.concatenate(seg_l) if seg_l else np.empty(0, np.int64)
-    alone = np.ones(n, dtype=bool)
-    alone[rows] = False
-    decided |= alone  # a row alone in all its buckets is kept (or dropped already)
+    return rows, seg
+
+
+def _decide_in_passes(sigs: np.ndarray, threshold: float, rows: np.ndarray, seg: np.ndarray, dropped: np.ndarray,
+                      decided: np.ndarray, dup: np.ndarray) -> None:  # fmt: skip
+    """keep_first_batch's passes over the shared buckets (`rows`, `seg`): sets `dropped`, `decided` and `dup` (the
+    head a dropped row duplicates) in place until every row is decided."""
+    n = len(dropped)
     todo = np.flatnonzero(~decided)
     best = np.full(n, _NONE, dtype=np.int64)  # per row, its earliest similar kept head so far (kept heads stay)
     while len(todo):
@@ -551,12 +570,6 @@ def keep_first_batch(sigs: np.ndarray, bands: np.ndarray, threshold: float, old:
         need = ~decided[rows] & ~done
         keep = need | (first & np.maximum.reduceat(need, np.flatnonzero(first))[at] if len(rows) else need)
         rows, seg = rows[keep], seg[keep]
-    if heads is not None:
-        kept_first = np.where(dropped, _NONE, np.arange(n))
-        for band, (order, start) in enumerate(buckets):
-            m = np.minimum.reduceat(kept_first[order], np.flatnonzero(start)) if n else np.empty(0, np.int64)
-            heads[band] = m[m != _NONE]
-    return dup
 
 
 @dataclass(frozen=True)
