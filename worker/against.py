@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from genrun.worker.datasets import SUFFIXES, extract, records, source_files
 from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys, key_hashes
-from genrun.worker.storage import read_parquet_file
+from genrun.worker.storage import Storage, read_parquet_file
+
+if TYPE_CHECKING:
+    from genrun.contract.api import GenerationRunSpec, S3Spec
 
 log = logging.getLogger("genrun.against")
 
@@ -40,11 +43,11 @@ class AgainstSeed:
     sources: tuple[tuple[str, int], ...] = ()  # (source, instructions read)
 
 
-def _open(uri: str, spec: Any) -> tuple[Any, str]:
-    """(storage over the source's folder, the key of the file itself or "" for a folder)."""
+def _open(uri: str, s3: S3Spec | None) -> tuple[Storage, str]:
+    """(storage over the source's folder, the key of the file itself or "" for a folder); an s3:// source is read
+    through the run's own object store settings (spec.output.s3)."""
     from genrun.worker.storage import open_storage
 
-    s3 = getattr(getattr(spec, "output", None), "s3", None)
     endpoint, region = (s3.endpoint, s3.region) if s3 is not None else ("", "us-east-1")
     if uri.lower().endswith(SUFFIXES):
         parent, _, name = uri.rstrip("/").rpartition("/")
@@ -63,12 +66,12 @@ def _instructions_of(path: Path, name: str) -> list[str]:
     return out
 
 
-def read_source(uri: str, spec: Any, where: str = "spec.dedup.against") -> list[str]:
+def read_source(uri: str, s3: S3Spec | None, where: str = "spec.dedup.against") -> list[str]:
     """The instructions a source holds (a run's kept rows, or every data file's rows), in key order."""
     from genrun.worker.storage import StorageError, local_copy
 
     try:
-        storage, file_key = _open(uri, spec)
+        storage, file_key = _open(uri, s3)
         if file_key:
             if not storage.exists(file_key):
                 raise AgainstError(f"{where}: {uri}: no such file; fix the path or remove the entry")
@@ -93,7 +96,7 @@ def read_source(uri: str, spec: Any, where: str = "spec.dedup.against") -> list[
         raise AgainstError(f"{where}: {uri}: cannot read: {exc.__class__.__name__}: {exc}") from exc
 
 
-def load_against(spec: Any, *, semantic: bool | None = None) -> AgainstSeed | None:
+def load_against(spec: GenerationRunSpec, *, semantic: bool | None = None) -> AgainstSeed | None:
     """The seed of the run's seen-index from spec.dedup.against (None when the list is empty). `semantic` overrides
     whether the semantic index is built (default: dedup.semantic.enabled)."""
     d = spec.dedup
@@ -102,7 +105,7 @@ def load_against(spec: Any, *, semantic: bool | None = None) -> AgainstSeed | No
     texts: list[str] = []
     sources = []
     for i, uri in enumerate(d.against):
-        got = read_source(uri, spec, f"spec.dedup.against[{i}]")
+        got = read_source(uri, spec.output.s3, f"spec.dedup.against[{i}]")
         sources.append((uri, len(got)))
         texts += got
     keys = list(dict.fromkeys(dedup_keys(texts, key="instruction", normalized=d.normalize)))

@@ -15,15 +15,20 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from genrun.contract import errors
 from genrun.contract import records as rec
 
+if TYPE_CHECKING:
+    from genrun.contract.api import GenerationRunSpec
+    from genrun.worker.dedup_config import DedupConfig
+    from genrun.worker.storage import Storage
+
 log = logging.getLogger("genrun.worker")
 
 
-def _load_job(args: argparse.Namespace) -> tuple[rec.JobSpec, Any]:
+def _load_job(args: argparse.Namespace) -> tuple[rec.JobSpec, GenerationRunSpec]:
     from genrun.contract.api import SpecError, parse_spec
 
     try:
@@ -52,7 +57,7 @@ class _Fail(Exception):
         self.code = code
 
 
-def _storage(spec: Any, override: str | None) -> Any:
+def _storage(spec: GenerationRunSpec, override: str | None) -> Storage:
     from genrun.worker.storage import StorageError, open_storage
 
     out = spec.output
@@ -116,9 +121,10 @@ def _merge(args: argparse.Namespace) -> int:
 
     job, spec = _load_job(args)
     storage = _storage(spec, args.output)
-    parts = spec.dedup.partitions
-    if parts > 1 and not storage.exists(rec.round_report_key(job.round)):
-        _partitioned(storage, spec, job, args.index, parts)
+    if spec.dedup.partitions > 1 and not storage.exists(rec.round_report_key(job.round)):
+        from genrun.worker.dedup_config import DedupConfig
+
+        _partitioned(storage, DedupConfig.from_spec(spec.dedup), job, args.index)
         if args.index not in (None, 0):
             return errors.EXIT_OK  # index 0 finalises
     report = merge_round(storage, spec, job.run, job.round, list(job.shards))
@@ -126,13 +132,12 @@ def _merge(args: argparse.Namespace) -> int:
     return errors.EXIT_OK
 
 
-def _partitioned(storage: Any, spec: Any, job: rec.JobSpec, index: int | None, parts: int) -> None:
+def _partitioned(storage: Storage, cfg: DedupConfig, job: rec.JobSpec, index: int | None) -> None:
     """Map and reduce for one index of an Indexed Job (each waits for the others' outputs), or all of them in turn
-    when no index is given (one machine)."""
+    when no index is given (one machine); `cfg.partitions` of each."""
     from genrun.worker import partitioned as pt
-    from genrun.worker.dedup_config import DedupConfig
 
-    cfg = DedupConfig.from_spec(spec.dedup)
+    parts = cfg.partitions
     mine = range(parts) if index is None else [index]
     for i in mine:
         if not storage.exists(pt.map_key(job.round, i)):
@@ -145,7 +150,7 @@ def _partitioned(storage: Any, spec: Any, job: rec.JobSpec, index: int | None, p
         _wait(storage, [pt.reduce_key(job.round, i) for i in range(parts)])
 
 
-def _wait(storage: Any, keys: list[str], poll: float = 2.0) -> None:
+def _wait(storage: Storage, keys: list[str], poll: float = 2.0) -> None:
     # Bounded by the Job's activeDeadlineSeconds; all indexes of the Indexed Job run at once (parallelism = count).
     while missing := [k for k in keys if not storage.exists(k)]:
         log.info("waiting for %d partition output(s), e.g. %s", len(missing), missing[0])

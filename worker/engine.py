@@ -15,9 +15,12 @@ import os
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from genrun.worker.engine_types import Completion, Engine, ModelError, Params
+
+if TYPE_CHECKING:
+    from genrun.contract.api import GenerationRunSpec
 
 __all__ = ["Completion", "Engine", "ModelError", "Params", "make_engine", "per_request_seed"]
 
@@ -157,14 +160,14 @@ class ReplayEngine:
         )
 
 
-def make_engine(kind: str, spec: object, seed: int) -> Engine:
+def make_engine(kind: str, spec: GenerationRunSpec, seed: int) -> Engine:
     """replay: recorded outputs; endpoint: the spec's OpenAI-compatible server; vllm: that server too when
     spec.model.endpoint is set (a shard Job runs `--engine vllm`), else an in-process vLLM engine."""
     if kind == "replay":
         return ReplayEngine(seed=seed)
-    m = spec.model  # type: ignore[attr-defined]
-    if kind == "endpoint" or getattr(m, "endpoint", None) is not None:
-        if getattr(m, "endpoint", None) is None:
+    m = spec.model
+    if kind == "endpoint" or m.endpoint is not None:
+        if m.endpoint is None:
             raise ModelError("--engine endpoint: the manifest has no spec.model.endpoint (url, model, apiKeySecret)")
         from genrun.worker.openai_engine import from_spec
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from genrun.contract import records as rec
@@ -23,6 +23,9 @@ from genrun.worker.merge_read import Shard, held_rows
 from genrun.worker.merge_state import Counts
 from genrun.worker.storage import Storage
 from genrun.worker.tiers import DUPLICATE_REASONS, Decisions
+
+if TYPE_CHECKING:
+    from genrun.contract.api import GenerationRunSpec
 
 
 @dataclass
@@ -176,7 +179,13 @@ def _write_kept(parts: _Parts, s: _ShardRows, ids: np.ndarray) -> None:
 
 
 def write_rows(
-    storage: Storage, spec: Any, run: str, shards: list[Shard], dec: Decisions, out: dict[str, Path], qc: QcStage
+    storage: Storage,
+    spec: GenerationRunSpec,
+    run: str,
+    shards: list[Shard],
+    dec: Decisions,
+    out: dict[str, Path],
+    qc: QcStage,
 ) -> RoundCounts:
     """Each shard's rows (held since the read stage, or read again) with QC's verdicts: the dataset part, rejected
     rows, exports, kept rows; the rejected rows (most of a round's) are taken and encoded by a background thread

@@ -18,9 +18,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from genrun.worker.engine_types import Completion, ModelError, Params
+
+if TYPE_CHECKING:
+    from genrun.contract.api import GenerationRunSpec
 
 log = logging.getLogger("genrun.engine")
 
@@ -169,8 +172,10 @@ def _error_text(exc: urllib.error.HTTPError) -> str:
     return " ".join(str(msg).split())[:300] or str(exc.reason)
 
 
-def from_spec(spec: Any) -> OpenAIEngine:
+def from_spec(spec: GenerationRunSpec) -> OpenAIEngine:
     ep = spec.model.endpoint
+    if ep is None:
+        raise ModelError("spec.model.endpoint: not set; name the server (url, model, apiKeySecret)")
     return OpenAIEngine(
         ep.url, ep.model or spec.model.name, max_concurrency=ep.max_concurrency, timeout=float(ep.timeout_seconds)
     )

@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from genrun.contract.api import FewShotExample, GenerationRunSpec
+    from genrun.contract.records import ShardPlan
 
 INSTRUCTION = "### Instruction:\n"
 RESPONSE = "### Response:\n"
@@ -44,7 +48,7 @@ def attribute_values(
 class PromptBuilder:
     template: str
     domains: tuple[str, ...]
-    examples: tuple[Any, ...]  # FewShotExample
+    examples: tuple[FewShotExample, ...]
     per_prompt: int
     ordinal: int  # the shard's position in the run: rotates few-shot examples across shards
     attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()  # spec.prompt.attributes as (name, values)
@@ -52,9 +56,9 @@ class PromptBuilder:
     seed: int = 0
 
     @classmethod
-    def for_shard(cls, spec: Any, shard: Any) -> PromptBuilder:
+    def for_shard(cls, spec: GenerationRunSpec, shard: ShardPlan) -> PromptBuilder:
         p = spec.prompt
-        attrs = tuple((a.name, tuple(a.values)) for a in getattr(p, "attributes", ()))
+        attrs = tuple((a.name, tuple(a.values)) for a in p.attributes)
         return cls(
             p.template,
             tuple(shard.domains),
@@ -62,7 +66,7 @@ class PromptBuilder:
             p.examples_per_prompt,
             shard.ordinal,
             attrs,
-            tuple(getattr(shard, "cell", ())),
+            tuple(shard.cell),
             shard.seed,
         )
 

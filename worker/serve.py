@@ -22,10 +22,20 @@ import time
 import traceback
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 from genrun.contract import errors
 from genrun.contract import records as rec
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from genrun.contract.api import GenerationRunSpec
+    from genrun.worker.engine_types import Engine
+    from genrun.worker.sessions import SessionRecorder
+    from genrun.worker.storage import Storage
+
+    GenerateShard = Callable[[Storage, GenerationRunSpec, rec.ShardPlan, Engine], rec.ShardManifest]
 
 log = logging.getLogger("genrun.worker.serve")
 
@@ -43,7 +53,7 @@ def answer(job_file: Path, code: int) -> None:
     tmp.replace(job_file.with_suffix(".exit"))
 
 
-def _read(job_file: Path) -> tuple[rec.JobSpec, Any]:
+def _read(job_file: Path) -> tuple[rec.JobSpec, GenerationRunSpec]:
     from genrun.contract.api import parse_spec
 
     job = rec.job_spec_from(json.loads(job_file.read_text()))
@@ -79,7 +89,7 @@ def serve(queue: Path, engine_kind: str, logs: Path | None = None, output: str |
             log.error("%s", exc)
             answer(jobs[0], errors.EXIT_MODEL)
             return errors.EXIT_MODEL
-        recorder.ready(*devices(getattr(model, "tensor_parallel_size", 1)))
+        recorder.ready(*devices(model.tensor_parallel_size))
         while True:
             if os.getppid() == 1:  # the runner is gone (PR_SET_PDEATHSIG covers the usual case)
                 return errors.EXIT_OK
@@ -108,8 +118,8 @@ def serve(queue: Path, engine_kind: str, logs: Path | None = None, output: str |
 
 
 def _run_one(
-    job_file: Path, job: rec.JobSpec, spec: Any, storage: Any, engine: Any, generate: Any, recorder: Any,
-    logs: Path | None,
+    job_file: Path, job: rec.JobSpec, spec: GenerationRunSpec, storage: Storage, engine: Engine,
+    generate: GenerateShard, recorder: SessionRecorder, logs: Path | None,
 ) -> int:  # fmt: skip
     """One shard on the warm engine, logged to its own file as a shard process would be."""
     handler = None
