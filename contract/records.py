@@ -445,7 +445,6 @@ EXAMPLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("attributes", "string"),
 )
 NULLABLE_COLUMNS = frozenset({"critic_score", "relevance", "generated_domain", "domain_margin", "attributes"})
-LATER_COLUMNS = frozenset({"attributes"})  # joined the contract after shards were written: older shards read as null
 
 
 # Columns whose values are (nearly) all distinct: texts that a round holds once, positions, scores. The merge's Parquet

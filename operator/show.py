@@ -46,7 +46,8 @@ def print_status(output: str, as_json: bool = False) -> int:
     target = ((doc.get("spec") or {}).get("target") or {}).get("uniqueExamples", "?")
     print(f"{(doc.get('metadata') or {}).get('name', '?')}: round {st.round}, kept {t.qc_passed}/{target}, unique {t.unique}, "
           f"generated {t.generated}, duplication {100 * t.duplication_ratio:.1f}%")  # fmt: skip
-    if t.dedup_tiers:  # what "unique" means: with semantic, the target counts semantic-unique rows (issue 12)
+    # "unique" depends on the tiers that ran (with semantic on, a paraphrase is a duplicate): the line names them
+    if t.dedup_tiers:
         d = t.duplicates
         print(f"  duplicates: {d.exact} exact, {d.near} near, {d.semantic} semantic; unique counts through the "
               f"{', '.join(t.dedup_tiers)} tiers")  # fmt: skip

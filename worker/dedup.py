@@ -317,7 +317,8 @@ class MinHasher:
         one block of the empty signature).
 
         Rows are grouped by shingle count, and each block of rows takes the running minimum over its shingle
-        positions: no ragged reduceat (10x slower) and no (rows, shingles, num_perm) temporary (memory-bound).
+        positions: no ragged reduceat (one short reduction per row, not one long one per block) and no (rows, shingles,
+        num_perm) temporary (it would be bound by memory, not arithmetic).
         Blocks write disjoint rows: `threads` run them side by side (`each`)."""
         # every row is written once, by its block or as empty: no fill pass over the whole output first (its pages
         # are touched, and faulted in, by the blocks' threads)

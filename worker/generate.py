@@ -422,10 +422,10 @@ def add_signals(signals: Any, rows: list[dict[str, Any]]) -> None:
 def _quality_signals(spec: GenerationRunSpec) -> Any:
     """The per-row quality columns' maker when the embedding model is loaded anyway (semantic tier on) or a QC filter
     reads them (`relevance`, `domain`); else None and the columns stay null."""
-    from genrun.worker.qc import SIGNAL_FILTERS
+    from genrun.contract.qc_rules import SIGNAL_RULES
 
     sem = DedupConfig.from_spec(spec.dedup).semantic
-    if sem is None and not any(f.name in SIGNAL_FILTERS for f in spec.qc.filters):
+    if sem is None and not any(f.name in SIGNAL_RULES for f in spec.qc.filters):
         return None
     from genrun.worker.semantic import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, QualitySignals, load_embedder
 
