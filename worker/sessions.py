@@ -56,13 +56,16 @@ class SessionRecorder:
         self._write(ready=now, last=now, devices=devices, accelerator=accelerator)
         log.info("engine ready %.1f s after its process started", now - self.session.started)
 
-    def shard_done(self, manifest: rec.ShardManifest) -> None:
+    def shard_done(self, manifest: rec.ShardManifest, busy_seconds: float | None = None) -> None:
+        """`busy_seconds`: the engine's busy time since the last shard ended, where shards overlap (an engine host
+        serving several at once); else the shard's own generation seconds."""
         s = self.session
+        busy = manifest.seconds if busy_seconds is None else busy_seconds
         self._write(
             last=time.time(),
             shards=s.shards + 1,
             tokens=s.tokens + manifest.tokens,
-            busy_seconds=round(s.busy_seconds + manifest.seconds, 3),
+            busy_seconds=round(s.busy_seconds + busy, 3),
         )
 
     def heartbeat(self) -> None:
