@@ -183,7 +183,6 @@ def test_rows_recorded_without_a_response_are_charged_the_arms_measured_means(tm
     """A manifest recording's pool (scripts/record_arm_pools.py --manifest: responses for the first rows only): the
     other rows cost the arm's mean recorded response tokens and pass the response side of QC at the arm's measured
     rate among its answered rows that pass the instruction side; a row the instruction side rejects never passes."""
-    import numpy as np
 
     ys = _sim()
     answered = [
