@@ -103,8 +103,10 @@ def main() -> None:
 
 def write(arms: list[dict[str, Any]], dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(dest, "wt") as f:
+    part = dest.with_name(dest.name + ".part")  # a recording stopped mid-write keeps the previous file whole
+    with gzip.open(part, "wt") as f:
         f.writelines(json.dumps(a, ensure_ascii=False) + "\n" for a in arms)
+    part.replace(dest)
     print(f"{len(arms)} arms -> {dest}")
 
 
