@@ -10,6 +10,13 @@ recorded ones (an online-skipped instruction costs its instruction tokens only; 
 `generation.qcBeforeResponse`, a novel instruction that the instruction side of QC rejects costs its instruction tokens
 only and counts as a QC-rejected example of its shard, as in the generator).
 
+`--pools problem` replays the problem's regime instead (bench/data/problem-pools.jsonl.gz, recorded by
+scripts/record_arm_pools.py --manifest examples/problem.yaml: the problem's list prompt, on which the model repeats
+itself; its QC filters and dedup are the manifest's). Those pools hold many instructions per arm and responses for
+a few: a row without one is charged the arm's mean recorded response tokens and passes the response side of QC by a
+fixed draw at the arm's measured rate (`Pools.load`). Their arms also differ in min_p and domain rotation: the
+problem's process runs the arm without rotation, genrun and the static arms the rotating ones.
+
 Policies, each over many seeds:
 - seed: the problem's process: T 0.7, repetition penalty 1.1, joint sampling (every sample pays for its response),
   no online dedup, +10 shards a round until the target is met;
@@ -43,8 +50,8 @@ the most seed_over_genrun these pools allow at this target> genrun_gpu_s= best_s
 device-seconds under --profile> seed_over_genrun_gpu= genrun_over_best_static_gpu=<ratios of those medians>
 startup_share=<genrun's median share of its device-seconds spent starting engines>. A median over runs at least half
 of which never reached the target (the pools or the budget ran out) prints as inf, and a ratio with it as nan.
-Usage: python -P bench/yield_sim.py [--target 150|half] [--seeds 25] [--examples-per-shard N|problem]
-[--profile gpu|cpu]   (issue 29's goal: --target half --examples-per-shard problem --profile gpu)
+Usage: python -P bench/yield_sim.py [--pools quickstart|problem] [--target 150|half] [--seeds 25]
+[--examples-per-shard N|problem] [--profile gpu|cpu] [--show-kept N]   (issue 29's goal: --target half --examples-per-shard problem --profile gpu)
 """
 
 from __future__ import annotations
