@@ -503,8 +503,9 @@ def problem_shard_size(target: int) -> int:
 
 def show_rows(pools: Pools, runs: Sequence[Run], n: int) -> None:
     """Rows genrun kept from the hottest arms it used (temperature, then repetition penalty, then min_p, highest
-    first: where fragments and word salad come from), up to n in all, then each arm's rejected rows with the reason
-    QC gave (a "~response_side" row was recorded without its response: the simulator's draw at the arm's rate)."""
+    first: where fragments and word salad come from; the coolest arm it used is left out when it used others), up to
+    n in all, taken from each such arm in turn; then each arm's kept and rejected rows, with the reason QC gave (a
+    "~response_side" row was recorded without its response: the simulator's draw at the arm's rate)."""
     arm_of = {int(i): a for a in pools.arms for i in a.rows}
     used: dict[Arm, list[int]] = {}
     for r in runs:
@@ -512,12 +513,13 @@ def show_rows(pools: Pools, runs: Sequence[Run], n: int) -> None:
             if i not in used.setdefault(arm_of[i], []):
                 used[arm_of[i]].append(i)
     hot = sorted(used, key=lambda a: (-a.temperature, -a.repetition_penalty, -a.min_p))
-    print(f"kept by genrun, hottest arms first ({n} rows; arms used: {', '.join(a.label() for a in hot)}):")
-    shown = 0
-    for a in hot:
-        for i in used[a][: max(0, n - shown)]:
-            print(f"  [{a.label()}] {pools.texts[i]}")
-            shown += 1
+    hot = hot[:-1] if len(hot) > 1 else hot
+    print(f"kept by genrun from the hottest arms it used ({', '.join(a.label() for a in hot)}), {n} rows:")
+    picked: list[tuple[Arm, int]] = []
+    for k in range(max((len(used[a]) for a in hot), default=0)):
+        picked += [(a, used[a][k]) for a in hot if k < len(used[a])]
+    for a, i in picked[:n]:
+        print(f"  [{a.label()}] {pools.texts[i]}")
     for a in pools.arms:
         good = [int(i) for i in a.rows if pools.reasons[i] is None]
         print(f"kept in pool {a.label()} (QC-passed, before dedup): {len(good)} of {len(a.rows)} rows; a sample:")
