@@ -45,7 +45,9 @@ def test_a_manifest_recording_feeds_the_simulators_problem_pools(tmp_path: Path)
     assert "the problem's arm (T=0.7 rp=1.1 no-rotation) alone" in out
     # the problem's process runs the rotation-free arm; the static arms are the rotating ones
     assert "static T=0.7 rp=1.1 no-rotation" not in out and "static T=1 rp=1.1 min_p=0.1 " in out
-    kept = out.split("kept by genrun from the hottest arms it used")[1].split("kept in pool")[0].strip().splitlines()[1:]
+    kept = (
+        out.split("kept by genrun from the hottest arms it used")[1].split("kept in pool")[0].strip().splitlines()[1:]
+    )
     assert 0 < len(kept) <= 6 and all(line.startswith("  [T=") for line in kept)
     assert out.count("rejected in pool ") == 5
     last = out.strip().splitlines()[-1]
