@@ -11,7 +11,12 @@
 
 Both are plain GenerationRun specs run by the same local runner, so the only difference is the policy.
 
-    python bench/yield.py [--target 300] [--per-shard 30]
+`--manifest problem` runs the three on examples/problem.yaml instead (the problem's regime, issue 27: its list prompt,
+on which the model repeats itself): the baseline is the same process on that prompt (its list style cannot sample a
+response with the instruction, so joint sampling is stood for by instructions first with online dedup and QC before
+responses off: every sample still pays for its response), and genrun's bandit runs over the manifest's own arms.
+
+    python bench/yield.py [--target 300] [--per-shard 30] [--manifest quickstart|problem]
 
 Last line: RESULT baseline_generated=<a> genrun_generated=<b> generated_ratio=<a/b> baseline_tokens=<ta>
 genrun_tokens=<tb> token_ratio=<ta/tb> genrun_final_over_generated=<f> static_tokens=<ts>
@@ -44,8 +49,11 @@ def _arms(grid: tuple[tuple[float, float], ...]) -> list[dict[str, float]]:
     return [{"temperature": t, "topP": 0.9, "repetitionPenalty": rp} for t, rp in grid]
 
 
-def specs(target: int, per_shard: int, static: tuple[float, float]) -> dict[str, dict]:
-    base = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
+MANIFESTS = {"quickstart": ROOT / "examples" / "quickstart.yaml", "problem": ROOT / "examples" / "problem.yaml"}
+
+
+def specs(target: int, per_shard: int, static: tuple[float, float], manifest: str = "quickstart") -> dict[str, dict]:
+    base = yaml.safe_load(MANIFESTS[manifest].read_text())["spec"]
     base["target"]["uniqueExamples"] = target
     base["shards"].update(initial=10, examplesPerShard=per_shard)
     base["budget"] = {"maxRounds": 10, "maxShards": 200}
@@ -58,11 +66,16 @@ def specs(target: int, per_shard: int, static: tuple[float, float]) -> dict[str,
         "maxShardsPerRound": 10,
     }
     baseline["policy"] = {"strategy": "ladder"}  # fixed rounds of 10 shards, no pilot: the process as described
-    baseline["generation"] = {"mode": "joint"}
-    baseline["dedup"] = {"online": False}
+    if base["prompt"].get("style") == "list":
+        # a list item has no response to sample with it: every sample pays for one all the same
+        baseline["generation"] = {"qcBeforeResponse": False}
+        baseline["dedup"] = {**base["dedup"], "online": False}  # the manifest's tiers, as genrun's runs get them
+    else:
+        baseline["generation"] = {"mode": "joint"}
+        baseline["dedup"] = {"online": False}
     genrun = copy.deepcopy(base)
     genrun["escalation"] = {"maxShardsPerRound": 20}
-    genrun["policy"] = {"arms": _arms(GRID)}
+    genrun["policy"] = base.get("policy") or {"arms": _arms(GRID)}
     fixed = copy.deepcopy(genrun)
     fixed["policy"] = {"arms": _arms((static,))}
     return {"baseline": baseline, "genrun": genrun, "static": fixed}
@@ -85,10 +98,13 @@ def main() -> None:
     ap.add_argument("--target", type=int, default=300)
     ap.add_argument("--per-shard", type=int, default=30)
     ap.add_argument("--static", default="0.5,1.1", help="T,RP of the best static arm from bench/yield_sim.py")
+    ap.add_argument("--manifest", choices=tuple(MANIFESTS), default="quickstart",
+                    help="quickstart (the chat prompt) or problem (examples/problem.yaml: the problem's regime)")  # fmt: skip
     args = ap.parse_args()
     t, rp = (float(x) for x in args.static.split(","))
     with tempfile.TemporaryDirectory() as d:
-        out = {name: run(name, spec, Path(d)) for name, spec in specs(args.target, args.per_shard, (t, rp)).items()}
+        out = {name: run(name, spec, Path(d))
+               for name, spec in specs(args.target, args.per_shard, (t, rp), args.manifest).items()}  # fmt: skip
     (ga, ta, _), (gb, tb, kb), (_, ts, _) = out["baseline"], out["genrun"], out["static"]
     print(
         f"RESULT baseline_generated={ga} genrun_generated={gb} generated_ratio={ga / gb:.2f} baseline_tokens={ta} "

@@ -10,6 +10,13 @@ recorded ones (an online-skipped instruction costs its instruction tokens only; 
 `generation.qcBeforeResponse`, a novel instruction that the instruction side of QC rejects costs its instruction tokens
 only and counts as a QC-rejected example of its shard, as in the generator).
 
+`--pools problem` replays the problem's regime instead (bench/data/problem-pools.jsonl.gz, recorded by
+scripts/record_arm_pools.py --manifest examples/problem.yaml: the problem's list prompt, on which the model repeats
+itself; its QC filters and dedup are the manifest's). Those pools hold many instructions per arm and responses for
+a few: a row without one is charged the arm's mean recorded response tokens and passes the response side of QC by a
+fixed draw at the arm's measured rate (`Pools.load`). Their arms also differ in min_p and domain rotation: the
+problem's process runs the arm without rotation, genrun and the static arms the rotating ones.
+
 Policies, each over many seeds:
 - seed: the problem's process: T 0.7, repetition penalty 1.1, joint sampling (every sample pays for its response),
   no online dedup, +10 shards a round until the target is met;
@@ -43,8 +50,8 @@ the most seed_over_genrun these pools allow at this target> genrun_gpu_s= best_s
 device-seconds under --profile> seed_over_genrun_gpu= genrun_over_best_static_gpu=<ratios of those medians>
 startup_share=<genrun's median share of its device-seconds spent starting engines>. A median over runs at least half
 of which never reached the target (the pools or the budget ran out) prints as inf, and a ratio with it as nan.
-Usage: python -P bench/yield_sim.py [--target 150|half] [--seeds 25] [--examples-per-shard N|problem]
-[--profile gpu|cpu]   (issue 29's goal: --target half --examples-per-shard problem --profile gpu)
+Usage: python -P bench/yield_sim.py [--pools quickstart|problem] [--target 150|half] [--seeds 25]
+[--examples-per-shard N|problem] [--profile gpu|cpu] [--show-kept N]   (issue 29's goal: --target half --examples-per-shard problem --profile gpu)
 """
 
 from __future__ import annotations
@@ -77,7 +84,12 @@ from genrun.worker.tiers import RoundRows
 from genrun.worker.tiers import decide as dedup_decide
 
 ROOT = Path(__file__).resolve().parents[1]
-POOLS = Path(os.environ.get("GENRUN_ARM_POOLS", ROOT / "bench" / "data" / "arm-pools.jsonl.gz"))
+# --pools: each set's recorded pools and the manifest its policies run (its prompt's QC filters, dedup, shard size).
+POOL_SETS = {
+    "quickstart": (ROOT / "bench" / "data" / "arm-pools.jsonl.gz", ROOT / "examples" / "quickstart.yaml"),
+    "problem": (ROOT / "bench" / "data" / "problem-pools.jsonl.gz", ROOT / "examples" / "problem.yaml"),
+}
+POOLS = Path(os.environ.get("GENRUN_ARM_POOLS", POOL_SETS["quickstart"][0]))
 SEED_ARM = (0.7, 1.1)  # the problem's sampling
 SEED_SHARDS_PER_ROUND = 10
 
@@ -90,6 +102,15 @@ class Arm:
     rows: np.ndarray  # indices into the pooled rows
     malformed_rate: float
     malformed_tokens: float  # per malformed sample
+    min_p: float = 0.0
+    rotate: bool = True  # recorded with domain rotation (genrun's prompts); off: the problem's process, no rotation
+
+    def label(self) -> str:
+        return (
+            f"T={self.temperature:g} rp={self.repetition_penalty:g}"
+            + (f" min_p={self.min_p:g}" if self.min_p else "")
+            + ("" if self.rotate else " no-rotation")
+        )
 
 
 @dataclass
@@ -100,9 +121,16 @@ class Pools:
     gate_ok: np.ndarray  # passes the instruction side of QC (the generators' check before responses)
     itok: np.ndarray
     rtok: np.ndarray
+    texts: list[str] = field(default_factory=list)  # each pooled row's instruction, for people to read
+    reasons: list[str | None] = field(default_factory=list)  # each row's QC verdict (None: kept); imputed: "~"
 
     @classmethod
     def load(cls, spec: Any, path: Path = POOLS) -> Pools:
+        """The pools and every row's dedup cluster, QC verdicts and token costs. A row recorded without its
+        response (a manifest recording's rows past its --responses: "response": null) is charged the arm's mean
+        recorded response tokens, and passes the response side of QC (every filter, given that the instruction
+        side passed) with a draw at the arm's measured rate among its responded rows that pass the instruction
+        side; the draws are fixed (seeded by the row's position), so every policy sees the same verdicts."""
         raw = read_pools(path)
         rows: list[dict[str, Any]] = []
         arms = []
@@ -118,22 +146,43 @@ class Pools:
                     idx,
                     a["malformed"] / n if n else 0.0,
                     a["malformed_tokens"] / a["malformed"] if a["malformed"] else 0.0,
+                    a.get("min_p", 0.0),
+                    a.get("rotate", True),
                 )
             )
         import pyarrow as pa
 
         # The merge Job's own cluster rule (exact key, then MinHash LSH, keep-first) over every pooled row at once.
-        table = pa.table({"instruction": [r["instruction"] for r in rows], "response": [r["response"] for r in rows]})
+        table = pa.table({"instruction": [r["instruction"] for r in rows],
+                          "response": [r["response"] or "" for r in rows]})  # fmt: skip
         cfg = DedupConfig.from_spec(spec.dedup).without_semantic()
         cluster = dedup_decide(RoundRows(cfg, State.empty(cfg), 0, keys=round_keys(cfg, [table]))).root
-        qc = QcPipeline.from_spec(spec.qc.filters)
-        qc_ok = np.array([qc.check(r) is None for r in rows])
         side = QcPipeline.instruction_side(spec.qc.filters)
         verdicts = side.check_instructions([r["instruction"] for r in rows], [r["instruction_logprob"] for r in rows])
-        gate_ok = np.array([v is None for v in verdicts])
+        gate_ok = np.array([v is None for v in verdicts], dtype=bool)
+        qc = QcPipeline.from_spec(spec.qc.filters)
+        answered = np.array([r["response"] is not None for r in rows], dtype=bool)
+        reasons: list[str | None] = [
+            qc.check(r) if r["response"] is not None else v for r, v in zip(rows, verdicts, strict=True)
+        ]
+        qc_ok = np.array([x is None for x in reasons], dtype=bool)
         itok = np.array([r["instruction_tokens"] for r in rows])
-        rtok = np.array([r["response_tokens"] for r in rows])
-        return cls(arms, np.asarray(cluster), qc_ok, gate_ok, itok, rtok)
+        rtok = np.array([r["response_tokens"] or 0 for r in rows])
+        draws = np.random.default_rng(0).random(len(rows))
+        for arm in arms:
+            todo = arm.rows[~answered[arm.rows]]
+            if not len(todo):
+                continue
+            done = arm.rows[answered[arm.rows]]
+            gated = done[gate_ok[done]]
+            rate = float(qc_ok[gated].mean()) if len(gated) else 0.0
+            rtok[todo] = round(float(rtok[done].mean())) if len(done) else 0
+            passed = gate_ok[todo] & (draws[todo] < rate)
+            qc_ok[todo] = passed
+            for i, ok, g in zip(todo, passed, gate_ok[todo], strict=True):
+                reasons[i] = None if ok else (reasons[i] if not g else "~response_side")
+        texts = [r["instruction"] for r in rows]
+        return cls(arms, np.asarray(cluster), qc_ok, gate_ok, itok, rtok, texts, reasons)
 
     def cost_per_kept(self, arm: Arm) -> float:
         """The arm's tokens per kept example if duplicates were free: a sample costs its instruction, its response when
@@ -147,7 +196,15 @@ class Pools:
         return cost / ok if ok > 0 else float("inf")
 
     def arm(self, temperature: float, penalty: float) -> Arm:
-        return next(a for a in self.arms if (a.temperature, a.repetition_penalty) == (temperature, penalty))
+        """The arm at this sampling; the one without domain rotation where the pools hold both (the problem's
+        process did not rotate)."""
+        at = [a for a in self.arms if (a.temperature, a.repetition_penalty, a.min_p) == (temperature, penalty, 0.0)]
+        return min(at, key=lambda a: a.rotate)
+
+    @property
+    def rotating(self) -> list[Arm]:
+        """The arms genrun's machinery can run (it rotates domains): the bandit's grid and the static arms."""
+        return [a for a in self.arms if a.rotate]
 
 
 def read_pools(path: Path) -> list[dict[str, Any]]:
@@ -182,6 +239,7 @@ class World:
     generated: int = 0
     early: int = 0  # novel instructions QC rejected before their responses (unique, QC-rejected)
     rounds: list[tuple[int, int]] = field(default_factory=list)  # (shard Jobs, tokens) of each round so far
+    kept_rows: list[int] = field(default_factory=list)  # pooled rows kept (first of their cluster, QC-passed)
 
     @property
     def unique(self) -> int:
@@ -229,6 +287,8 @@ class World:
                 if cl not in self.seen:
                     self.seen.add(cl)
                     self.kept += bool(self.pools.qc_ok[i])
+                    if self.pools.qc_ok[i]:
+                        self.kept_rows.append(i)
         return per
 
 
@@ -243,6 +303,7 @@ class Run(NamedTuple):
     tokens: float
     kept: int
     rounds: tuple[tuple[int, int], ...] = ()  # (shard Jobs, tokens) of each round, also for a run that missed
+    kept_rows: tuple[int, ...] = ()  # the pooled rows it kept
 
 
 def ratio(a: float, b: float) -> float:
@@ -271,7 +332,7 @@ def run_planner(pools: Pools, spec: Any, rng: random.Random, ref: RunRef, run: i
     joint = spec.generation.mode == "joint"
     _, plans = run_instantly(ref, spec, lambda plan, prev: _round(w, plan, prev, joint, spec))
     ok = plans[-1].condition("Succeeded").status == "True"
-    return Run(w.tokens if ok else UNREACHED, w.kept, tuple(w.rounds))
+    return Run(w.tokens if ok else UNREACHED, w.kept, tuple(w.rounds), tuple(w.kept_rows))
 
 
 def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spec: Any) -> RoundReport:
@@ -311,12 +372,20 @@ def _round(w: World, plan: RoundPlan, prev: RoundReport | None, joint: bool, spe
 def _arm_of(pools: Pools, shard: ShardPlan) -> Arm:
     s = shard.sampling
     return min(
-        pools.arms, key=lambda a: abs(a.temperature - s.temperature) + abs(a.repetition_penalty - s.repetition_penalty)
+        pools.rotating,
+        key=lambda a: (
+            abs(a.temperature - s.temperature)
+            + abs(a.repetition_penalty - s.repetition_penalty)
+            + abs(a.min_p - s.min_p)
+        ),
     )
 
 
+MANIFEST = POOL_SETS["quickstart"][1]  # the manifest of the pools in use (main() sets it from --pools)
+
+
 def sim_spec(target: int, arms: list[Arm] | None, examples_per_shard: int = 0) -> Any:
-    raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
+    raw = yaml.safe_load(MANIFEST.read_text())["spec"]
     raw = copy.deepcopy(raw)
     raw["target"] = {"uniqueExamples": target}
     if examples_per_shard:
@@ -326,7 +395,9 @@ def sim_spec(target: int, arms: list[Arm] | None, examples_per_shard: int = 0) -
     if arms is not None:
         raw["policy"] = {
             "arms": [
-                {"temperature": a.temperature, "topP": a.top_p, "repetitionPenalty": a.repetition_penalty} for a in arms
+                {"temperature": a.temperature, "topP": a.top_p, "repetitionPenalty": a.repetition_penalty}
+                | ({"minP": a.min_p} if a.min_p else {})
+                for a in arms
             ]
         }
     return parse_spec(raw)
@@ -433,6 +504,40 @@ def problem_shard_size(target: int) -> int:
     return max(1, round(target * raw["shards"]["examplesPerShard"] / raw["target"]["uniqueExamples"]))
 
 
+def show_rows(pools: Pools, runs: Sequence[Run], n: int) -> None:
+    """Rows genrun kept from the hottest arms it used (temperature, then repetition penalty, then min_p, highest
+    first: where fragments and word salad come from; the coolest arm it used is left out when it used others), up to
+    n in all, taken from each such arm in turn; then each arm's kept and rejected rows, with the reason QC gave (a
+    "~response_side" row was recorded without its response: the simulator's draw at the arm's rate)."""
+    arm_of = {int(i): a for a in pools.arms for i in a.rows}
+    used: dict[Arm, list[int]] = {}
+    for r in runs:
+        for i in r.kept_rows:
+            if i not in used.setdefault(arm_of[i], []):
+                used[arm_of[i]].append(i)
+    hot = sorted(used, key=lambda a: (-a.temperature, -a.repetition_penalty, -a.min_p))
+    hot = hot[:-1] if len(hot) > 1 else hot
+    print(f"kept by genrun from the hottest arms it used ({', '.join(a.label() for a in hot)}), {n} rows:")
+    picked: list[tuple[Arm, int]] = []
+    for k in range(max((len(used[a]) for a in hot), default=0)):
+        picked += [(a, used[a][k]) for a in hot if k < len(used[a])]
+    for a, i in picked[:n]:
+        print(f"  [{a.label()}] {pools.texts[i]}")
+    for a in pools.arms:
+        good = [int(i) for i in a.rows if pools.reasons[i] is None]
+        print(f"kept in pool {a.label()} (QC-passed, before dedup): {len(good)} of {len(a.rows)} rows; a sample:")
+        for i in good[:: max(1, len(good) // 4)][:4]:
+            print(f"  {pools.texts[i]}")
+        # the real verdicts first, then the simulator's draws for rows recorded without a response
+        bad = sorted(
+            (int(i) for i in a.rows if pools.reasons[i] is not None), key=lambda i: str(pools.reasons[i])[0] == "~"
+        )
+        why = {x: sum(pools.reasons[i] == x for i in bad) for x in sorted({str(pools.reasons[i]) for i in bad})}
+        print(f"rejected in pool {a.label()}: {len(bad)} of {len(a.rows)} rows ({why}); a sample:")
+        for i in bad[:8]:
+            print(f"  {pools.reasons[i]:<18} {pools.texts[i]}")
+
+
 def median_of(runs: Sequence[tuple[float, ...]]) -> float:
     return float(statistics.median(r[0] for r in runs))
 
@@ -446,11 +551,25 @@ def main() -> None:
     ap.add_argument("--examples-per-shard", default="", help="the sim's shard size (default: the quickstart's), or "
                     "'problem': the problem's target / examplesPerShard, so its rounds of 10 shard Jobs keep their shape")  # fmt: skip
     ap.add_argument("--profile", choices=("gpu", "cpu"), default="gpu", help="the device profile of the RESULT line")
+    ap.add_argument("--pools", choices=tuple(POOL_SETS), default="quickstart", help="quickstart: the quickstart's "
+                    "chat prompt (bench/data/arm-pools.jsonl.gz); problem: the problem's regime, its list prompt "
+                    "(examples/problem.yaml, bench/data/problem-pools.jsonl.gz)")  # fmt: skip
+    ap.add_argument("--show-kept", type=int, default=0, metavar="N", help="print N rows genrun kept from the hottest "
+                    "arms it used, and each arm's rejected rows with their reasons")  # fmt: skip
     args = ap.parse_args()
     t0 = time.monotonic()
-    pools = Pools.load(sim_spec(150, None))
+    global MANIFEST
+    path, MANIFEST = POOL_SETS[args.pools]
+    if args.pools == "quickstart" or "GENRUN_ARM_POOLS" in os.environ:
+        path = POOLS
+    if args.pools != "quickstart" and not path.exists():
+        ap.error(f"--pools {args.pools}: {path} is not recorded yet; record it with scripts/record_arm_pools.py "
+                 f"--manifest {MANIFEST.relative_to(ROOT)}")  # fmt: skip
+    pools = Pools.load(sim_spec(150, None), path)
+    print(f"pools: {args.pools} ({path.name}), manifest {MANIFEST.relative_to(ROOT)}")
     every, passing = supply(pools)
-    seed_arm = supply(pools, pools.arm(*SEED_ARM))[1]
+    problem_arm = pools.arm(*SEED_ARM)
+    seed_arm = supply(pools, problem_arm)[1]
     if args.target == "half":
         target = seed_arm // 2
     elif args.target.isdigit() and int(args.target) > 0:
@@ -465,12 +584,12 @@ def main() -> None:
         ap.error(f"--examples-per-shard: expected a number or 'problem', got {args.examples_per_shard!r}")
     base = sim_spec(target, None, eps)
     print(f"supply: {every} distinct instructions in the pools, {passing} with a QC-passing sample; the problem's "
-          f"arm (T={SEED_ARM[0]:g} rp={SEED_ARM[1]:g}) alone {seed_arm}; target {target} ({target / passing:.0%} of "
+          f"arm ({problem_arm.label()}) alone {seed_arm}; target {target} ({target / passing:.0%} of "
           f"all, {target / seed_arm:.0%} of the problem's arm); {base.shards.examples_per_shard} examples a shard")  # fmt: skip
     for a in pools.arms:
         n = len(a.rows)
         uniq = len(set(pools.cluster[a.rows].tolist()))
-        print(f"pool T={a.temperature:g} rp={a.repetition_penalty:g}: {n} rows, {uniq} unique, "
+        print(f"pool {a.label()}: {n} rows, {uniq} unique, "
               f"QC-pass {pools.qc_ok[a.rows].mean():.2f}, malformed {a.malformed_rate:.2f}")  # fmt: skip
 
     def runs(fn: Callable[[random.Random, int], Run]) -> list[Run]:
@@ -478,10 +597,10 @@ def main() -> None:
 
     seed = runs(lambda rng, i: run_seed_process(pools, base, rng))
     statics = {}
-    for a in pools.arms:
+    for a in pools.rotating:
         spec = sim_spec(target, [a], eps)
         statics[a] = runs(lambda rng, i, spec=spec: run_planner(pools, spec, rng, RunRef(f"static-{i}"), i))
-    genrun_spec = sim_spec(target, pools.arms, eps)
+    genrun_spec = sim_spec(target, pools.rotating, eps)
     genrun = runs(lambda rng, i: run_planner(pools, genrun_spec, rng, RunRef(f"genrun-{i}"), i))
     # the same bandit without the generators' QC before responses: what that check saves
     ungated_spec = dataclasses.replace(
@@ -499,21 +618,21 @@ def main() -> None:
 
     line("seed (problem's process)", seed)
     for a, r in statics.items():
-        line(f"static T={a.temperature:g} rp={a.repetition_penalty:g}", r)
+        line(f"static {a.label()}", r)
     line("genrun (bandit)", genrun)
     line("genrun, no QC before resp.", ungated)
     best_arm = min(statics, key=lambda a: median_of(statics[a]))  # an unreached median is inf: never the best
     # What no policy over these arms can beat by much: target x the cheapest arm's tokens per kept example with
     # duplicates free. seed / floor is about the largest seed_over_genrun these pools allow at this target.
-    cheapest = min(pools.arms, key=pools.cost_per_kept)
+    cheapest = min(pools.rotating, key=pools.cost_per_kept)
     per_kept = pools.cost_per_kept(cheapest)
     floor = target * per_kept
     print(f"floor: {floor:,.0f} tokens = {target} x {per_kept:.1f} tokens per kept example "
-          f"(T={cheapest.temperature:g} rp={cheapest.repetition_penalty:g}, duplicates free); the problem's process "
+          f"({cheapest.label()}, duplicates free); the problem's process "
           f"spends {ratio(median_of(seed), floor):.2f}x that")  # fmt: skip
     g, b, s = median_of(genrun), median_of(statics[best_arm]), median_of(seed)
     overshoot = statistics.median((x.kept - target) / target for x in genrun)
-    shown = f"T={best_arm.temperature:g} rp={best_arm.repetition_penalty:g}" if math.isfinite(b) else "none reached"
+    shown = best_arm.label() if math.isfinite(b) else "none reached"
     print(f"best static: {shown}")
 
     gpu_s: dict[str, tuple[float, float, float, float]] = {}
@@ -531,7 +650,7 @@ def main() -> None:
         static_s = {a: engine(r) for a, r in statics.items()}
         for a, r in statics.items():
             reps = _replicas(r, ch)
-            print(f"  {f'static T={a.temperature:g} rp={a.repetition_penalty:g}':<26} {static_s[a]:>12,.0f} device-s   "
+            print(f"  {f'static {a.label()}':<26} {static_s[a]:>12,.0f} device-s   "
                   f"run-owned engine, {reps} replica(s)")  # fmt: skip
         gg = engine(genrun)
         share = float(statistics.median(engine_startup_share(x, ch) for x in genrun))
@@ -540,9 +659,11 @@ def main() -> None:
               f"{share:.1%} of its device-seconds")  # fmt: skip
         best = min(static_s, key=lambda a: static_s[a])
         gpu_s[ch.name] = (gg, static_s[best], sg, share)
-        named = f"T={best.temperature:g} rp={best.repetition_penalty:g}" if math.isfinite(static_s[best]) else "none"
+        named = best.label() if math.isfinite(static_s[best]) else "none"
         print(f"  seed / genrun {ratio(sg, gg):.2f}x, genrun / best static ({named}) {ratio(gg, static_s[best]):.3f}x")
     gg, bg, sg, share = gpu_s[args.profile]
+    if args.show_kept:
+        show_rows(pools, genrun, args.show_kept)
     print(f"{time.monotonic() - t0:.1f} s")
     print(
         f"RESULT genrun_tokens={g:.0f} best_static_tokens={b:.0f} seed_tokens={s:.0f} "

@@ -135,6 +135,7 @@ class PromptSpec:
     domains: tuple[str, ...] = _f("domains", ())
     examples: tuple[FewShotExample, ...] = _f("examples", ())
     examples_per_prompt: int = _f("examplesPerPrompt", 2)
+    style: Literal["blocks", "list"] = _f("style", "blocks")
     attributes: tuple[AttributeSpec, ...] = _f("attributes", ())
     quotas: tuple[CellQuota, ...] = _f("quotas", ())
 
@@ -1040,6 +1041,29 @@ def hidden_char_errors(value: Any, path: str = "spec") -> list[str]:
     return []
 
 
+def _list_style_errors(spec: GenerationRunSpec) -> list[str]:
+    """The list style writes one instruction a line, after a "[domain]" tag: it needs instructions first (a list item
+    has no response to sample with it) and one-line examples and domains."""
+    p = spec.prompt
+    if p.style != "list":
+        return []
+    errors = []
+    if spec.generation.mode == "joint":
+        errors.append(
+            "spec.prompt.style: list writes instructions only (a list item has no response); set "
+            "spec.generation.mode: instructionsFirst or spec.prompt.style: blocks"
+        )
+    for i, e in enumerate(p.examples):
+        if "\n" in e.instruction.strip():
+            errors.append(f"spec.prompt.examples[{i}].instruction: spans lines, but the list style shows each "
+                          "instruction as one line; write it on one line")  # fmt: skip
+    for i, d in enumerate(p.domains):
+        if "\n" in d or "]" in d:
+            errors.append(f"spec.prompt.domains[{i}]: {short(d)} has a line break or ']', which would end the list "
+                          "style's [domain] tag early; remove it")  # fmt: skip
+    return errors
+
+
 def semantic_errors(spec: GenerationRunSpec) -> list[str]:
     """Every problem the CRD cannot state well, as `spec.<field>: <problem and fix>`."""
     errors: list[str] = []
@@ -1059,6 +1083,7 @@ def semantic_errors(spec: GenerationRunSpec) -> list[str]:
             f"spec.prompt.examplesPerPrompt: {spec.prompt.examples_per_prompt} is more than the "
             f"{len(spec.prompt.examples)} examples given; lower it or add examples"
         )
+    errors += _list_style_errors(spec)
     seen: dict[str, int] = {}
     for i, d in enumerate(spec.prompt.domains):
         k = domain_key(d)

@@ -8,6 +8,7 @@ looks like 17%), counts on an axis from 0 to a round number above the largest va
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,7 +148,10 @@ def render_html(
     samples: Sequence[dict[str, Any]] = (),
     verdict: str = "",
     status: RunStatus | None = None,
+    arm_samples: Sequence[tuple[str, Sequence[str], Sequence[tuple[str, str]]]] = (),
 ) -> str:
+    """The page. `arm_samples`: per arm, a few kept instructions and a few thrown away with the reason
+    (`arm_samples_of` reads them from a run's storage)."""
     st = status or RunStatus()
     rounds = [str(r.round) for r in reports]
     last = reports[-1]
@@ -207,6 +211,11 @@ def render_html(
                [(c.cell, c.shards, f"{c.examples:,}", f"{c.kept:,}", f"{c.yield_:.2f}", f"{c.reward_per_1k_tokens:.2f}",
                  f"{c.qc_pass_rate:.0%}", "yes" if c.retired else "") for c in st.cells or ()],
                "no attributes in the spec"),
+        _table("Kept and rejected rows per arm (a sample; rejected: by the parser, QC before responses, or the "
+               "merge's QC; duplicates left out)", ["arm", "kept", "rejected (reason)"],
+               [(arm, " | ".join(_clip(k, 160) for k in kept),
+                 " | ".join(f"{_clip(t, 160)} ({why})" for t, why in bad)) for arm, kept, bad in arm_samples],
+               "no arm samples (the page was rendered without the run's storage)"),
         _table(f"Sample rows ({len(samples)} of {last.qc_passed_total:,} kept)",
                ["round", "seed", "domain", "T", "instruction", "response"],
                [(s.get("round"), s.get("seed"), s.get("domain"), f"{s.get('temperature', 0):g}",
@@ -266,6 +275,53 @@ def _samples(storage: Storage, report: RoundReport, n: int) -> list[dict[str, An
     return rows
 
 
+ARM_SAMPLE_ROWS = 3  # kept and rejected rows shown per arm
+
+
+def arm_samples_of(
+    storage: Storage, last_round: int, n: int = ARM_SAMPLE_ROWS
+) -> list[tuple[str, list[str], list[tuple[str, str]]]]:
+    """Per arm of the run's plans (a shard's seed names its arm), its first `n` kept instructions and its first `n`
+    rows thrown away, with the reason: the generators' rejects (unparseable completions, QC before responses) and
+    the merge's QC rejections. Duplicates are left out: they are good rows seen before. [] without pyarrow."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # the operator image has no pyarrow
+        return []
+    arm_of: dict[int, str] = {}
+    shards: list[tuple[int, int]] = []
+    for r in range(1, last_round + 1):
+        key = rec.round_plan_key(r)
+        if storage.exists(key):
+            for s in rec.round_plan_from(json.loads(storage.read_bytes(key))).shards:
+                arm_of[s.seed] = s.arm or f"T={s.sampling.temperature:g}"
+                shards.append((r, s.seed))
+    kept: dict[str, list[str]] = {a: [] for a in arm_of.values()}
+    bad: dict[str, list[tuple[str, str]]] = {a: [] for a in arm_of.values()}
+
+    def read(key: str, cols: list[str]) -> list[dict[str, Any]]:
+        if not storage.exists(key):
+            return []
+        with local_copy(storage, key) as path:
+            return list(pq.read_table(path, columns=cols).to_pylist())
+
+    for key in [k for k in storage.list(rec.DATASET_PREFIX) if k.endswith(".parquet")]:
+        for row in read(key, ["seed", "instruction"]):
+            got = kept.get(arm_of.get(int(row["seed"]), ""))
+            if got is not None and len(got) < n:
+                got.append(str(row["instruction"]))
+    for rnd, seed in shards:
+        for row in read(rec.shard_rejected_key(rnd, seed), ["reason", "text"]):
+            if "duplicate" not in str(row["reason"]) and len(bad[arm_of[seed]]) < n:
+                bad[arm_of[seed]].append((str(row["text"]).strip(), str(row["reason"])))
+    for r in range(1, last_round + 1):
+        for row in read(rec.rejected_part_key(r), ["seed", "instruction", "reject_reason"]):
+            got_bad = bad.get(arm_of.get(int(row["seed"]), ""))
+            if got_bad is not None and "duplicate" not in str(row["reject_reason"]) and len(got_bad) < n:
+                got_bad.append((str(row["instruction"]), str(row["reject_reason"])))
+    return [(a, kept[a], bad[a]) for a in sorted(kept)]
+
+
 def write_report_html(storage: Storage, reports: Sequence[RoundReport], path: Path) -> None:
     doc = read_status_document(storage)
     target = ((doc.get("spec") or {}).get("target") or {}).get("uniqueExamples")
@@ -275,4 +331,5 @@ def write_report_html(storage: Storage, reports: Sequence[RoundReport], path: Pa
     verdict = f"{end[0].type} ({end[0].reason}): {end[0].message}" if end else ""
     samples = _samples(storage, reports[-1], SAMPLE_ROWS)
     name = (doc.get("metadata") or {}).get("name", "")
-    path.write_text(render_html(name, reports, target, samples, verdict, status))
+    arms = arm_samples_of(storage, reports[-1].round)
+    path.write_text(render_html(name, reports, target, samples, verdict, status, arms))

@@ -80,13 +80,14 @@ def preview(spec: GenerationRunSpec, n: int, engine_kind: str) -> Preview:
     from genrun.worker.dedup import MinHasher, dedup_keys, similar
     from genrun.worker.engine import make_engine
     from genrun.worker.generate import generate_shard
-    from genrun.worker.prompts import INSTRUCTION_STOPS, JOINT_STOPS, PromptBuilder, parse_instruction, parse_joint
+    from genrun.worker.prompts import JOINT_STOPS, PromptBuilder, parse_joint
     from genrun.worker.qc import QcPipeline
     from genrun.worker.storage import LocalStorage
 
     shard = make_round(spec, 1, 1, base_sampling(spec), {}, "preview", examples=n).shards[0]
+    builder = PromptBuilder.for_shard(spec, shard)
     t0 = time.monotonic()
-    engine = _Recorder(make_engine(engine_kind, spec, shard.seed), (INSTRUCTION_STOPS, JOINT_STOPS))
+    engine = _Recorder(make_engine(engine_kind, spec, shard.seed), (builder.instruction_stops, JOINT_STOPS))
     with tempfile.TemporaryDirectory(prefix="genrun-preview-") as tmp:
         storage = LocalStorage(tmp)
         manifest = generate_shard(storage, spec, shard, engine, progress_every=3600)
@@ -94,7 +95,6 @@ def preview(spec: GenerationRunSpec, n: int, engine_kind: str) -> Preview:
         rejected = pq.read_table(Path(tmp) / rec.shard_rejected_key(shard.round, shard.seed)).to_pylist()
     seconds = time.monotonic() - t0
 
-    builder = PromptBuilder.for_shard(spec, shard)
     by_index = {int(r["index"]): r for r in rows}
     response_rejects = {int(r["index"]): r["reason"] for r in rejected}
     qc = QcPipeline.from_spec(spec.qc.filters)
@@ -106,7 +106,7 @@ def preview(spec: GenerationRunSpec, n: int, engine_kind: str) -> Preview:
             pair, why = parse_joint(c.text, c.finish_reason)
             parsed.append((pair[0] if pair else None, why, c))
         else:
-            ins, why = parse_instruction(c.text, c.finish_reason)
+            ins, why = builder.parse_instruction(c.text, c.finish_reason)
             parsed.append((ins, why, c))
     texts = [p[0] for p in parsed if p[0] is not None]
     keys = dedup_keys(texts, key="instruction", normalized=d.normalize) if texts else []

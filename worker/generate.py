@@ -31,11 +31,9 @@ from genrun.worker.dedup_config import DedupConfig
 from genrun.worker.engine import Completion, Engine, Params, per_request_seed
 from genrun.worker.merge_state import load_seen_index
 from genrun.worker.prompts import (
-    INSTRUCTION_STOPS,
     JOINT_STOPS,
     RESPONSE_STOPS,
     PromptBuilder,
-    parse_instruction,
     parse_joint,
     parse_response,
     prompt_hash,
@@ -175,7 +173,7 @@ class Asker:
         if self.joint:
             params = [self.params(1, self.sampling.max_tokens, JOINT_STOPS, i, 0) for i in indices]
         else:
-            params = [self.params(1, INSTRUCTION_MAX_TOKENS, INSTRUCTION_STOPS, i, 0) for i in indices]
+            params = [self.params(1, INSTRUCTION_MAX_TOKENS, self.builder.instruction_stops, i, 0) for i in indices]
         outs = self.engine.generate(prompts, params)
         return [Sample(i, out[0]) for i, out in zip(indices, outs, strict=True)]
 
@@ -193,7 +191,7 @@ class Asker:
         return Responses(options, sum(c.tokens for cands in options for c in cands))
 
 
-def parse(samples: list[Sample], joint: bool) -> tuple[list[Candidate], list[Reject]]:
+def parse(samples: list[Sample], joint: bool, builder: PromptBuilder) -> tuple[list[Candidate], list[Reject]]:
     """Stage 2: the instruction (joint: and response) each completion holds, or why it holds none."""
     kept: list[Candidate] = []
     rejects: list[Reject] = []
@@ -206,7 +204,7 @@ def parse(samples: list[Sample], joint: bool) -> tuple[list[Candidate], list[Rej
             else:
                 kept.append(Candidate(s.index, pair[0], c, pair[1]))
         else:
-            ins, why = parse_instruction(c.text, c.finish_reason)
+            ins, why = builder.parse_instruction(c.text, c.finish_reason)
             if ins is None:
                 rejects.append(Reject(s.index, why, c.text))
             else:
@@ -481,7 +479,7 @@ def generate_shard(
         samples = asker.sample(list(range(counts.generated, counts.generated + want)))
         counts.generated += want
         counts.tokens += sum(s.completion.tokens for s in samples)
-        cands, rejects = parse(samples, joint)
+        cands, rejects = parse(samples, joint, builder)
         counts.reject(rejects)
         novel = novelty.select(cands, quota - done)
         counts.skip(novel)

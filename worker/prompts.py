@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     from genrun.contract.api import FewShotExample, GenerationRunSpec
     from genrun.contract.records import ShardPlan
 
+from genrun.contract.api import DEFAULT_TEMPLATE
+
 INSTRUCTION = "### Instruction:\n"
 RESPONSE = "### Response:\n"
 NO_DOMAIN = "a wide range of everyday topics"
@@ -18,6 +20,10 @@ NO_DOMAIN = "a wide range of everyday topics"
 INSTRUCTION_STOPS = ("### Response", "###", "\n\n")
 RESPONSE_STOPS = ("### Instruction", "### Response", "\n\n\n")
 JOINT_STOPS = ("### Instruction",)
+# The list style (spec.prompt.style: list): one item a line, so the item ends at the newline.
+LIST_STOPS = ("\n",)
+_LIST_TAG = re.compile(r"^\[[^\]\n]{0,80}\]")  # the "[Domain]" the model wrote itself (no domain given)
+_NEXT_ITEM = re.compile(r"\s+\d{1,3}\.\s*\[")  # " 6. [History] ...": the model went on with the next item inline
 
 
 _MARKER_LINE = re.compile(r"(?:^|\n)[ \t]*##")
@@ -54,6 +60,7 @@ class PromptBuilder:
     attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()  # spec.prompt.attributes as (name, values)
     cell: tuple[tuple[str, str], ...] = ()  # the shard's cell, if the planner gave it one
     seed: int = 0
+    style: str = "blocks"  # spec.prompt.style: "blocks" (### Instruction/### Response) or "list" (a numbered list)
 
     @classmethod
     def for_shard(cls, spec: GenerationRunSpec, shard: ShardPlan) -> PromptBuilder:
@@ -68,6 +75,7 @@ class PromptBuilder:
             attrs,
             tuple(shard.cell),
             shard.seed,
+            getattr(p, "style", "blocks"),
         )
 
     def domain(self, index: int) -> str:
@@ -76,29 +84,73 @@ class PromptBuilder:
     def values(self, index: int) -> tuple[tuple[str, str], ...]:
         return attribute_values(self.attributes, self.cell, self.seed, index) if self.attributes else ()
 
-    def prefix(self, index: int) -> str:
-        """The prompt up to (not including) the instruction to be generated. Attribute values fill their
-        placeholders; those the template does not name are appended to the domain ("cooking (audience: kids)")."""
+    def prefix(self, index: int, template: str | None = None) -> str:
+        """The prompt up to (not including) the instruction to be generated, in the blocks style. Attribute values
+        fill their placeholders; those the template does not name are appended to the domain ("cooking (audience:
+        kids)"). `template`: another framing than spec.prompt.template (the list style's response prompt)."""
+        template = self.template if template is None else template
+        shots = "".join(format_example(e.instruction, e.response) for e in self._pool(index))
+        return self._frame(template, index, shots) + "\n\n"
+
+    def _pool(self, index: int) -> list[Any]:
+        """The few-shot examples prompt `index` shows: its domain's own first, then the rest rotated by the shard's
+        position and the prompt's index."""
+        if not (self.examples and self.per_prompt):
+            return []
         domain = self.domain(index)
+        same = [e for e in self.examples if domain and e.domain == domain]
+        rest = [e for e in self.examples if e not in same]
+        k = (self.ordinal * 7 + index) % len(rest) if rest else 0
+        return (same + rest[k:] + rest[:k])[: self.per_prompt]
+
+    def _frame(self, template: str, index: int, examples: str) -> str:
+        """`template` filled for prompt `index` (its domain, attribute values and `examples`), trailing space cut."""
         values = self.values(index)
-        shots = ""
-        if self.examples and self.per_prompt:
-            # Prefer examples of this prompt's domain, then rotate through the rest.
-            same = [e for e in self.examples if domain and e.domain == domain]
-            rest = [e for e in self.examples if e not in same]
-            k = (self.ordinal * 7 + index) % len(rest) if rest else 0
-            pool = same + rest[k:] + rest[:k]
-            shots = "".join(format_example(e.instruction, e.response) for e in pool[: self.per_prompt])
-        named = {n: v for n, v in values if "{" + n + "}" in self.template}
-        others = "; ".join(f"{n}: {v}" for n, v in values if n not in named)
-        shown = (domain or NO_DOMAIN) + (f" ({others})" if others else "")
-        return self.template.format(domain=shown, examples=shots, **named).rstrip() + "\n\n"
+        named = {n: v for n, v in values if "{" + n + "}" in template}
+        shown = (self.domain(index) or NO_DOMAIN) + self._others(index, named)
+        return template.format(domain=shown, examples=examples, **named).rstrip()
+
+    def _others(self, index: int, named: dict[str, str] | None = None) -> str:
+        """The attribute values the template does not name, as " (name: value; ...)", or ""."""
+        others = "; ".join(f"{n}: {v}" for n, v in self.values(index) if n not in (named or {}))
+        return f" ({others})" if others else ""
+
+    def list_prompt(self, index: int) -> str:
+        """The list style's instruction prompt: the few-shot instructions as a numbered list tagged with their
+        domains ("1. [Science] Explain photosynthesis"), then the next number and this prompt's domain tag for the
+        model to complete. Without a domain the prompt ends at the number, and the model writes a tag of its own."""
+        shots = self._pool(index)
+        items = "\n".join(f"{n}. {_tag(e.domain)}{e.instruction.strip()}" for n, e in enumerate(shots, 1))
+        named = {n: v for n, v in self.values(index) if "{" + n + "}" in self.template}
+        domain = self.domain(index)
+        tag = f" [{domain}{self._others(index, named)}]" if domain else ""
+        # The prompt ends without a trailing space: a space-ended prompt pushes a BPE model off its usual tokens.
+        return f"{self._frame(self.template, index, items)}\n{len(shots) + 1}.{tag}"
 
     def instruction_prompt(self, index: int) -> str:
+        if self.style == "list":
+            return self.list_prompt(index)
         return self.prefix(index) + INSTRUCTION
 
+    @property
+    def instruction_stops(self) -> tuple[str, ...]:
+        return LIST_STOPS if self.style == "list" else INSTRUCTION_STOPS
+
+    def parse_instruction(self, text: str, finish_reason: str) -> tuple[str | None, str]:
+        """What an instruction prompt's completion holds, in this builder's style."""
+        if self.style == "list":
+            return parse_list_item(text, finish_reason)
+        return parse_instruction(text, finish_reason)
+
     def response_prompt(self, index: int, instruction: str) -> str:
-        return f"{self.prefix(index)}{INSTRUCTION}{instruction.strip()}\n\n{RESPONSE}"
+        """The response prompt, in the blocks style in both styles (a list holds no responses to imitate); the list
+        style frames it with the default template, since its own template frames a list."""
+        template = DEFAULT_TEMPLATE if self.style == "list" else None
+        return f"{self.prefix(index, template)}{INSTRUCTION}{instruction.strip()}\n\n{RESPONSE}"
+
+
+def _tag(domain: str) -> str:
+    return f"[{domain.strip()}] " if domain.strip() else ""
 
 
 def prompt_hash(prompt: str) -> str:
@@ -118,6 +170,15 @@ def parse_instruction(text: str, finish_reason: str) -> tuple[str | None, str]:
     if len(t) < 8 or len(t.split()) < 2:
         return None, "instruction_too_short"
     return t, ""
+
+
+def parse_list_item(text: str, finish_reason: str) -> tuple[str | None, str]:
+    """(instruction, "") or (None, reason) from a list-style completion: the rest of its line, without a "[Domain]"
+    tag the model wrote itself and without a next item it went on to on the same line ("... 6. [Math] ...")."""
+    t = text.replace("\r\n", "\n").split("\n", 1)[0].strip()
+    t = _LIST_TAG.sub("", t, count=1)
+    t = _NEXT_ITEM.split(t, maxsplit=1)[0]
+    return parse_instruction(t, finish_reason)
 
 
 def parse_response(text: str) -> tuple[str | None, str]:

@@ -177,3 +177,37 @@ def test_problem_shard_size_keeps_the_problems_target_over_shard_size() -> None:
     assert ys.problem_shard_size(target) == eps
     assert ys.problem_shard_size(target // 10) == round(eps / 10)
     assert ys.problem_shard_size(1) == 1
+
+
+def test_rows_recorded_without_a_response_are_charged_the_arms_measured_means(tmp_path: Path) -> None:
+    """A manifest recording's pool (scripts/record_arm_pools.py --manifest: responses for the first rows only): the
+    other rows cost the arm's mean recorded response tokens and pass the response side of QC at the arm's measured
+    rate among its answered rows that pass the instruction side; a row the instruction side rejects never passes."""
+
+    ys = _sim()
+    answered = [
+        {"instruction": f"How do I plant tree number {i} in my garden?", "response": "Dig a hole and water it well."
+         if i < 3 else "", "instruction_tokens": 12, "response_tokens": 20 + 10 * i, "instruction_logprob": -1.0,
+         "response_logprob": -1.0, "finish_reason": "stop"}
+        for i in range(4)
+    ]  # fmt: skip
+    unanswered = [
+        {"instruction": f"Explain how the number {i} relates to prime factorisation?", "response": None,
+         "instruction_tokens": 12, "response_tokens": None, "instruction_logprob": -1.0 if i % 5 else -9.0,
+         "response_logprob": None, "finish_reason": None}
+        for i in range(400)
+    ]  # fmt: skip
+    pools = tmp_path / "p.jsonl.gz"
+    with gzip.open(pools, "wt") as f:
+        f.write(json.dumps({"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, "min_p": 0.0,
+                            "rotate": False, "malformed": 0, "malformed_tokens": 0,
+                            "rows": answered + unanswered}) + "\n")  # fmt: skip
+    p = ys.Pools.load(ys.sim_spec(10, None), pools)
+    assert p.qc_ok[:4].tolist() == [True, True, True, False]  # the 4th has an empty response
+    assert set(p.rtok[4:].tolist()) == {round((20 + 30 + 40 + 50) / 4)}
+    gated = p.gate_ok[4:]
+    assert gated.sum() == 320 and not p.qc_ok[4:][~gated].any()  # every 5th has a low log-probability
+    share = p.qc_ok[4:][gated].mean()
+    assert 0.65 < share < 0.85, share  # the arm's rate among answered, gate-passing rows: 3 of 4
+    assert {p.reasons[4 + i] for i in range(0, 400, 5)} == {"low_logprob"}
+    assert not p.arms[0].rotate and p.arm(0.7, 1.1) is p.arms[0] and p.rotating == []
