@@ -142,7 +142,11 @@ OLD = {
 
 def test_a_status_json_of_an_older_run_reads_with_defaults() -> None:
     st_ = RunStatus.from_dict(OLD)
-    assert st_.totals.qc_passed == 550 and st_.totals.rounds_planned == 0 and st_.totals.duplicates == dict.fromkeys(rec.DUPLICATE_TIERS, 0)
+    assert (
+        st_.totals.qc_passed == 550
+        and st_.totals.rounds_planned == 0
+        and st_.totals.duplicates == dict.fromkeys(rec.DUPLICATE_TIERS, 0)
+    )
     assert st_.totals.dedup_tiers == () and st_.arms is None and st_.cells is None
     assert st_.rounds[0].marginal_yield == 0.75 and st_.rounds[1].marginal_yield is None
     assert st_.condition("Progressing") == RunCondition(
