@@ -27,7 +27,7 @@ LEFT, RIGHT, TOP, BOTTOM = 64, 16, 42, 64  # plot margins: value axis labels, ti
 SAMPLE_ROWS = 5
 
 # How the page draws and words a dedup tier's count: (legend, colour, rejection reason). A tier not listed here (a new
-# one) still shows, under its own name ("prefix", "prefix duplicate") in the grey of _OTHER_TIER.
+# one) still shows, under its own name ("prefix", "prefix duplicate") in the colour _OTHER_TIER.
 _TIER_STYLE: dict[str, tuple[str, str, str]] = {
     "exact": ("exact", "#dc2626", "exact duplicate"),
     "near": ("near (MinHash)", "#f97316", "near duplicate"),
