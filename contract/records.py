@@ -9,10 +9,41 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 CONTRACT_VERSION = 1
+
+# The dedup tiers, in the order every presenter lists their counts (report, status, metrics, card, HTML page): the
+# merge's tiers in the order they run (the names of genrun.worker.tiers.TIERS; a test checks), then the generators'
+# online skip. A new tier of the merge adds its name here, before "online", besides its class in worker/tiers.py.
+DUPLICATE_TIERS: tuple[str, ...] = ("exact", "near", "semantic", "online")
+ONLINE_TIER = "online"  # rows the generators skipped as seen: counted from the shard markers, not a tier of the merge
+MERGE_TIERS: tuple[str, ...] = tuple(t for t in DUPLICATE_TIERS if t != ONLINE_TIER)
+
+# Field metadata of a per-tier mapping (tier -> count): its JSON form is one key per tier of DUPLICATE_TIERS, the tier's
+# name plus this suffix, in that order at the field's place (`exact_duplicates`, ...; what reports have always held).
+PER_TIER = "per_tier"
+
+
+def tier_counts(counts: Mapping[str, int], what: str) -> dict[str, int]:
+    """`counts` with every tier of DUPLICATE_TIERS, in that order (0 where absent); ValueError naming `what` for a
+    tier the contract does not know."""
+    unknown = sorted(set(counts) - set(DUPLICATE_TIERS))
+    if unknown:
+        raise ValueError(f"{what}: unknown dedup tier(s) {unknown}; add them to contract.records.DUPLICATE_TIERS")
+    return {t: int(counts.get(t, 0)) for t in DUPLICATE_TIERS}
+
+
+def json_fields(obj: Any) -> Iterator[tuple[str, Any]]:
+    """(name, value) of a record's JSON form: its fields in order, a per-tier mapping spread into one key per tier."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if PER_TIER in f.metadata:
+            yield from ((t + f.metadata[PER_TIER], v.get(t, 0)) for t in DUPLICATE_TIERS)
+        else:
+            yield f.name, v
 
 
 @dataclass(frozen=True)
@@ -112,15 +143,11 @@ class RoundReport:
     tokens: int = 0  # tokens generated this round
     tokens_total: int = 0
     skipped_online: int = 0  # of `generated`, how many the generators skipped (seen in earlier rounds or in the shard)
-    exact_duplicates: int = 0
-    near_duplicates: int = 0
-    semantic_duplicates: int = (
-        0  # rows dropped by the semantic tier after exact and near (all rounds, as the two above)
-    )
-    # Rows the generators skipped as seen (earlier rounds or in the shard; all rounds, as the tiers above): the online
-    # tier. Of `generated`, `discarded` this round (discarded_total: all rounds) were neither a row nor a skip: sampled
-    # past the shard's quota in its last batch, or malformed.
-    online_duplicates: int = 0
+    # Rows dropped as duplicates per tier of DUPLICATE_TIERS (all rounds), each by the first tier that matched it; the
+    # online tier: rows the generators skipped as seen (earlier rounds or in the shard). JSON: `exact_duplicates`, ...
+    duplicates: dict[str, int] = field(default_factory=dict, metadata={PER_TIER: "_duplicates"})
+    # Of `generated`, `discarded` this round (discarded_total: all rounds) were neither a row nor a skip: sampled past
+    # the shard's quota in its last batch, or malformed.
     discarded: int = 0
     discarded_total: int = 0
     # Which tiers decide "unique" for this run (new_unique, unique_total and the target count what survives them all).
@@ -142,6 +169,9 @@ class RoundReport:
     dataset: str = ""  # where the dataset of this round lives
     report: str = ""
     contract: int = CONTRACT_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "duplicates", tier_counts(self.duplicates, "RoundReport.duplicates"))
 
     @property
     def marginal_yield(self) -> float:
@@ -166,42 +196,45 @@ class RoundReport:
 @dataclass(frozen=True)
 class Accounting:
     """Where every generated instruction went, in one place for every presenter (status, report, card, metrics,
-    HTML): generated = unique + exact + near + semantic + online + discarded, and unique = kept + qc_rejected.
-    `online`: skipped by the generators as seen; `discarded`: sampled past a shard's quota, or malformed."""
+    HTML): generated = unique + the duplicates of every tier (exact, near, semantic, online) + discarded, and unique =
+    kept + qc_rejected. `online`: skipped by the generators as seen; `discarded`: sampled past a shard's quota, or
+    malformed."""
 
     generated: int
     unique: int
-    exact: int
-    near: int
-    semantic: int
-    online: int
+    per_tier: dict[str, int]  # rows dropped as duplicates per tier, in the order of DUPLICATE_TIERS
     discarded: int
     kept: int
     qc_rejected: int
 
     @property
     def duplicates(self) -> int:
-        return self.exact + self.near + self.semantic + self.online
+        return sum(self.per_tier.values())
 
     @classmethod
     def total(cls, r: RoundReport) -> Accounting:
         """All rounds up to the report's."""
-        return cls(r.generated_total, r.unique_total, r.exact_duplicates, r.near_duplicates, r.semantic_duplicates,
-                   r.online_duplicates, r.discarded_total, r.qc_passed_total, sum(r.qc_rejected.values()))  # fmt: skip
+        return cls(r.generated_total, r.unique_total, dict(r.duplicates), r.discarded_total, r.qc_passed_total,
+                   sum(r.qc_rejected.values()))  # fmt: skip
 
     @classmethod
     def of_round(cls, r: RoundReport, before: RoundReport | None) -> Accounting:
         """The report's round alone (`before`: the previous round's report, None for round 1)."""
-        t, b = cls.total(r), cls.total(before) if before is not None else cls(0, 0, 0, 0, 0, 0, 0, 0, 0)
-        return cls(*(getattr(t, f.name) - getattr(b, f.name) for f in dataclasses.fields(cls)))
+        t = cls.total(r)
+        b = cls.total(before) if before is not None else cls(0, 0, dict.fromkeys(t.per_tier, 0), 0, 0, 0)
+        return cls(t.generated - b.generated, t.unique - b.unique,
+                   {k: v - b.per_tier.get(k, 0) for k, v in t.per_tier.items()}, t.discarded - b.discarded,
+                   t.kept - b.kept, t.qc_rejected - b.qc_rejected)  # fmt: skip
 
     def problems(self) -> list[str]:
         """The identities that do not hold, as sentences (none when the figures add up)."""
         out = []
         parts = self.unique + self.duplicates + self.discarded
         if self.generated != parts:
-            out.append(f"generated {self.generated} != unique {self.unique} + exact {self.exact} + near {self.near} "
-                       f"+ semantic {self.semantic} + online {self.online} + discarded {self.discarded} = {parts}")  # fmt: skip
+            tiers = "".join(f" + {t} {n}" for t, n in self.per_tier.items())
+            out.append(
+                f"generated {self.generated} != unique {self.unique}{tiers} + discarded {self.discarded} = {parts}"
+            )
         if self.unique != self.kept + self.qc_rejected:
             out.append(f"unique {self.unique} != kept {self.kept} + QC rejected {self.qc_rejected}")
         return out
@@ -265,7 +298,7 @@ def to_json(obj: Any) -> str:
 
 def plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {name: plain(v) for name, v in json_fields(obj)}
     if isinstance(obj, tuple | list):
         return [plain(v) for v in obj]
     if isinstance(obj, dict):
@@ -303,6 +336,9 @@ def round_report_from(d: dict[str, Any]) -> RoundReport:
     kw["per_temperature"] = tuple(TemperatureYield(**x) for x in d.get("per_temperature", ()))
     kw["quarantined"] = tuple(d.get("quarantined", ()))
     kw["per_shard"] = tuple(ShardYield(**x) for x in d.get("per_shard", ()))
+    for f in dataclasses.fields(RoundReport):  # a per-tier mapping from its keys (a tier a report lacks counts 0)
+        if PER_TIER in f.metadata:
+            kw[f.name] = {t: int(d.get(t + f.metadata[PER_TIER], 0)) for t in DUPLICATE_TIERS}
     kw["dedup_tiers"] = tuple(d.get("dedup_tiers", ("exact", "near")))
     kw["semantic_clusters"] = tuple(
         SemanticCluster(str(c["first"]), tuple((str(m), float(s)) for m, s in c["members"]), int(c["size"]))

@@ -17,16 +17,18 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar, get_args, get_origin
 
+from genrun.contract import records
+
 T = TypeVar("T", bound="Wire")
 
 
-def _camel(name: str) -> str:
+def camel_case(name: str) -> str:
     head, *rest = name.rstrip("_").split("_")
     return head + "".join(p[:1].upper() + p[1:] for p in rest)
 
 
 def wire_name(f: dataclasses.Field[Any]) -> str:
-    return str(f.metadata.get("json") or _camel(f.name))
+    return str(f.metadata.get("json") or camel_case(f.name))
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -74,7 +76,11 @@ def _decode(tp: Any, v: Any) -> Any:
     if origin is dict:
         if not isinstance(v, Mapping):
             return _MISSING
-        return {str(k): str(x) for k, x in v.items()}
+        value = get_args(tp)[1]
+        if value is str:  # attribute values: whatever was written, as text
+            return {str(k): str(x) for k, x in v.items()}
+        items = ((str(k), _decode(value, x)) for k, x in v.items())
+        return {k: x for k, x in items if x is not _MISSING}  # a mistyped count is dropped, not the whole mapping
     if tp is bool:
         return v if isinstance(v, bool) else _MISSING
     if tp is int:
@@ -128,14 +134,8 @@ def wire_paths(cls: type[Wire], prefix: str = "") -> Iterator[tuple[str, Any]]:
 # The parts, in the order (and with the names) they are written
 
 
-@dataclass(frozen=True, slots=True)
-class Duplicates(Wire):
-    """Rows dropped as duplicates per dedup tier, all rounds."""
-
-    exact: int = 0
-    near: int = 0
-    semantic: int = 0
-    online: int = 0  # skipped by the generators as seen (earlier rounds or in the shard)
+def _no_duplicates() -> dict[str, int]:
+    return dict.fromkeys(records.DUPLICATE_TIERS, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +158,9 @@ class Totals(Wire):
     shards_quarantined: int = 0
     rounds_planned: int = 0  # all rounds, where RunStatus.rounds lists the last 100
     shards_planned: int = 0
-    duplicates: Duplicates = field(default_factory=Duplicates)
+    # Rows dropped as duplicates per dedup tier (all rounds), every tier of records.DUPLICATE_TIERS in its order; online:
+    # skipped by the generators as seen (earlier rounds or in the shard)
+    duplicates: dict[str, int] = field(default_factory=_no_duplicates)
     dedup_tiers: tuple[str, ...] = ()  # the tiers "unique" (and the target) count through
     # Device time (contract.records.EngineSession): accelerator-seconds held by the run's engines, start-up included
     # (on a CPU run the machine counts as one device, so these are its wall seconds), and the start-up part of it.
@@ -167,6 +169,10 @@ class Totals(Wire):
     startup_seconds: float = 0.0
     startup_share: float = 0.0
     gpu_hours: float = 0.0  # engine_seconds / 3600, for kubectl's GPU-h column
+
+    def __post_init__(self) -> None:
+        # Every tier in the contract's order, whatever a document held (an older run's lacks some): the same bytes out
+        object.__setattr__(self, "duplicates", {t: self.duplicates.get(t, 0) for t in records.DUPLICATE_TIERS})
 
 
 @dataclass(frozen=True, slots=True)

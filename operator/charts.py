@@ -27,6 +27,20 @@ W, H = 600, 300  # one chart
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 42, 64  # plot margins: value axis labels, title, category labels and legend
 SAMPLE_ROWS = 5
 
+# How the page draws and words a dedup tier's count: (legend, colour, rejection reason). A tier not listed here (a new
+# one) still shows, under its own name ("prefix", "prefix duplicate") in the colour _OTHER_TIER.
+_TIER_STYLE: dict[str, tuple[str, str, str]] = {
+    "exact": ("exact", "#dc2626", "exact duplicate"),
+    "near": ("near (MinHash)", "#f97316", "near duplicate"),
+    "semantic": ("semantic", "#a855f7", "semantic duplicate"),
+    "online": ("online (generators)", "#64748b", "online duplicate (skipped by the generators)"),
+}
+_OTHER_TIER = "#0d9488"
+
+
+def _tier_style(tier: str) -> tuple[str, str, str]:
+    return _TIER_STYLE.get(tier, (tier, _OTHER_TIER, f"{tier} duplicate"))
+
 
 @dataclass(frozen=True)
 class Series:
@@ -166,10 +180,7 @@ def render_html(
             Series("duplicates / generated", "#dc2626", [1 - r.unique_ratio if r.generated else 0 for r in reports]),
         ], ratio=True, axis_title="share of the round's generated", x_title="round"),
         bar_chart("Duplicates per tier (cumulative)", rounds, [
-            Series("exact", "#dc2626", [r.exact_duplicates for r in reports]),
-            Series("near (MinHash)", "#f97316", [r.near_duplicates for r in reports]),
-            Series("semantic", "#a855f7", [r.semantic_duplicates for r in reports]),
-            Series("online (generators)", "#64748b", [r.online_duplicates for r in reports]),
+            Series(*_tier_style(tier)[:2], [r.duplicates[tier] for r in reports]) for tier in rec.DUPLICATE_TIERS
         ], axis_title="rows dropped", x_title="round"),
         bar_chart("Marginal yield per round", rounds, [
             Series("new kept / generated", "#7c3aed", [r.marginal_yield for r in reports]),
@@ -184,8 +195,7 @@ def render_html(
         ], ratio=True, axis_title="share of rows", x_title="domain"),
     ]  # fmt: skip
     acc = Accounting.total(last)
-    rejections = [("exact duplicate", acc.exact), ("near duplicate", acc.near), ("semantic duplicate", acc.semantic),
-                  ("online duplicate (skipped by the generators)", acc.online)]  # fmt: skip
+    rejections = [(_tier_style(tier)[2], n) for tier, n in acc.per_tier.items()]
     rejections += sorted(last.qc_rejected.items(), key=lambda x: (-x[1], x[0]))
     tables = [
         _table("Most duplicated instructions (times generated)", ["times", "instruction"],
@@ -223,11 +233,11 @@ def render_html(
                "no rows to show"),
     ]  # fmt: skip
     target_txt = f" (target {target:,})" if target is not None else ""
+    per_tier = ", ".join(f"{n:,} {tier}" for tier, n in acc.per_tier.items())
     head = (f"{last.qc_passed_total:,} kept{target_txt} of {last.generated_total:,} generated after {last.round} "
             f"round(s); {acc.unique:,} unique; duplication {last.duplication_ratio:.1%} "
-            f"({acc.duplicates:,} rows dropped as duplicates: {acc.exact:,} exact, {acc.near:,} near, "
-            f"{acc.semantic:,} semantic, {acc.online:,} online; {acc.discarded:,} discarded: sampled past a shard's "
-            f"quota or malformed); {last.tokens_total:,} tokens.")  # fmt: skip
+            f"({acc.duplicates:,} rows dropped as duplicates: {per_tier}; {acc.discarded:,} discarded: sampled past a "
+            f"shard's quota or malformed); {last.tokens_total:,} tokens.")  # fmt: skip
     head += f" {tiers_sentence(last.dedup_tiers)}"
     if last.left_domain:
         head += f" {last.left_domain:,} rows left the domain they were asked for (the domain table counts the generated one)."

@@ -18,7 +18,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 SHARD_STATES = ("pending", "running", "succeeded", "failed")
-DEDUP_TIERS = ("exact", "near", "semantic", "online")
 
 
 @dataclass(frozen=True)
@@ -153,8 +152,7 @@ class RunCollector(Collector):
             starts.add_metric(v, totals.engine_starts)
             budget.add_metric(v, run.budget)
             if totals.dedup_tiers:  # none before the planner's first status: no per-tier figures yet
-                d = totals.duplicates
-                for tier, count in zip(DEDUP_TIERS, (d.exact, d.near, d.semantic, d.online), strict=True):
+                for tier, count in totals.duplicates.items():  # every tier of records.DUPLICATE_TIERS, in order
                     dup_tier.add_metric([*v, tier], count)
             semantic_on.add_metric(v, 1.0 if "semantic" in totals.dedup_tiers else 0.0)
             if st.projected_tokens_to_target is not None:

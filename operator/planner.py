@@ -24,7 +24,7 @@ from genrun.contract.records import (
     ShardPlan,
     shard_manifest_key,
 )
-from genrun.contract.status import Duplicates, Output, RunStatus, TopDuplicate, Totals
+from genrun.contract.status import Output, RunStatus, TopDuplicate, Totals
 from genrun.operator import conditions as c
 from genrun.operator import cost, strategy
 from genrun.operator import figures as fig
@@ -268,12 +268,7 @@ def _status(ref: RunRef, spec: GenerationRunSpec, obs: Observed, states: Mapping
         rounds_planned=len(obs.rounds),
         shards_planned=sum(len(p.shards) for p in obs.rounds.values()),
         # Rows dropped per dedup tier, and the tiers "unique" (and the target) count through.
-        duplicates=Duplicates(
-            exact=rep.exact_duplicates if rep else 0,
-            near=rep.near_duplicates if rep else 0,
-            semantic=rep.semantic_duplicates if rep else 0,
-            online=rep.online_duplicates if rep else 0,
-        ),
+        duplicates=dict(rep.duplicates) if rep else {},
         discarded=rep.discarded_total if rep else 0,
         dedup_tiers=tuple(tiers),
         **_engine_totals(obs.engines),

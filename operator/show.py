@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from genrun.contract import records as rec
 from genrun.contract.errors import EXIT_RUN_FAILED, UserError
 from genrun.contract.records import RoundPlan
-from genrun.contract.status import RoundEntry, RunStatus, wire_name
+from genrun.contract.status import RoundEntry, RunStatus, camel_case
 from genrun.operator import conditions as c
 from genrun.operator import cost
 from genrun.operator.loop import read_reports, read_status_document, recorded_status
@@ -48,9 +48,8 @@ def print_status(output: str, as_json: bool = False) -> int:
           f"generated {t.generated}, duplication {100 * t.duplication_ratio:.1f}%")  # fmt: skip
     # "unique" depends on the tiers that ran (with semantic on, a paraphrase is a duplicate): the line names them
     if t.dedup_tiers:
-        d = t.duplicates
-        print(f"  duplicates: {d.exact} exact, {d.near} near, {d.semantic} semantic; unique counts through the "
-              f"{', '.join(t.dedup_tiers)} tiers")  # fmt: skip
+        merged = ", ".join(f"{t.duplicates[tier]} {tier}" for tier in rec.MERGE_TIERS)
+        print(f"  duplicates: {merged}; unique counts through the {', '.join(t.dedup_tiers)} tiers")
     print(f"  device time: {cost.describe(t.engine_starts, t.engine_seconds, t.startup_seconds, 'device')}; "
           f"{t.tokens:,} tokens")  # fmt: skip
     if t.qc_rejected_before_response:
@@ -90,9 +89,10 @@ def _or_dash(v: float | None) -> str:
 
 def camel(obj: Any) -> Any:
     """A record as JSON in the CRD's casing: every dataclass field named as the status names its own (`qc_passed` ->
-    `qcPassed`); the keys of a dict field are data (QC reasons, attribute names) and stay as they are."""
+    `qcPassed`, a per-tier count `exactDuplicates`); the keys of a dict field are data (QC reasons, attribute names)
+    and stay as they are."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {wire_name(f): camel(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {camel_case(name): camel(v) for name, v in rec.json_fields(obj)}
     if isinstance(obj, tuple | list):
         return [camel(v) for v in obj]
     if isinstance(obj, dict):

@@ -295,8 +295,7 @@ def _card_yield(last: rec.RoundReport) -> list[str]:
         f"| unique after dedup | {last.unique_total:,} |",
         f"| kept (unique and QC-passed) | {last.qc_passed_total:,} |",
         f"| duplication ratio | {last.duplication_ratio:.1%} |",
-        f"| exact / near / semantic / online duplicates | {last.exact_duplicates:,} / {last.near_duplicates:,} / "
-        f"{last.semantic_duplicates:,} / {last.online_duplicates:,} |",
+        f"| {' / '.join(last.duplicates)} duplicates | {' / '.join(f'{n:,}' for n in last.duplicates.values())} |",
         f"| discarded (sampled past a shard's quota, or malformed) | {last.discarded_total:,} |",
         f"| dedup tiers the target counts through | {', '.join(last.dedup_tiers)} |",
         *([f"| rows that left their asked domain | {last.left_domain:,} |"] if last.left_domain else []),

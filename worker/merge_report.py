@@ -13,7 +13,7 @@ from genrun.contract import records as rec
 from genrun.worker.dedup_config import DedupConfig
 from genrun.worker.merge_state import Counts, State, state_key
 from genrun.worker.storage import Storage, read_parquet
-from genrun.worker.tiers import DUPLICATE_REASONS, EXACT, NEAR, SEMANTIC, enabled_tiers
+from genrun.worker.tiers import DUPLICATE_REASONS, TIERS, enabled_tiers
 
 
 def _top_duplicates(storage: Storage, state: State) -> tuple[tuple[str, int], ...]:
@@ -82,10 +82,10 @@ def round_report(storage: Storage, cfg: DedupConfig, state: State, rnd: int, sha
         tokens=tot.tokens.get(rnd, 0),
         tokens_total=sum(tot.tokens.values()),
         skipped_online=tot.skipped.get(rnd, 0),
-        exact_duplicates=tot.rejected.get(EXACT.reason, 0),
-        near_duplicates=tot.rejected.get(NEAR.reason, 0),
-        semantic_duplicates=tot.rejected.get(SEMANTIC.reason, 0),
-        online_duplicates=sum(tot.skipped.values()),
+        duplicates={
+            **{t.name: tot.rejected.get(t.reason, 0) for t in TIERS},
+            rec.ONLINE_TIER: sum(tot.skipped.values()),
+        },
         discarded=tot.discarded.get(rnd, 0),
         discarded_total=sum(tot.discarded.values()),
         dedup_tiers=tuple(t.name for t in enabled_tiers(cfg)),
@@ -111,7 +111,7 @@ def _pct(a: int, b: int) -> str:
 
 def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = None) -> str:
     """The round report in the problem's style: totals, duplication, top duplicates, QC rejections. Generated =
-    unique + exact + near + semantic + online + discarded (`records.Accounting`)."""
+    unique + the duplicates of every tier + discarded (`records.Accounting`)."""
     a = rec.Accounting.total(r)
     lines = [
         f"# genrun report: {run}, round {r.round}",
@@ -124,8 +124,8 @@ def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = No
         f"| Final (unique and QC-passed) | {r.qc_passed_total:,} | {_pct(r.qc_passed_total, r.generated_total)} |",
         f"| This round: generated / new unique / new kept | {r.generated:,} / {r.new_unique:,} / {r.new_qc_passed:,} | "
         f"marginal yield {r.marginal_yield:.3f} |",
-        f"| Duplicates (all rounds): exact / near / semantic / online | {a.exact:,} / {a.near:,} / {a.semantic:,} / "
-        f"{a.online:,} | {_pct(a.duplicates, a.generated)} |",
+        f"| Duplicates (all rounds): {' / '.join(a.per_tier)} | {' / '.join(f'{n:,}' for n in a.per_tier.values())} | "
+        f"{_pct(a.duplicates, a.generated)} |",
         f"| Discarded (sampled past a shard's quota, or malformed) | {a.discarded:,} | {_pct(a.discarded, a.generated)} |",
         f"| Skipped by the generators this round (online: seen before or in the shard) | {r.skipped_online:,} | |",
         f"| Rejected by QC in the generators before their responses (in unique and QC rejections) | "
@@ -142,7 +142,8 @@ def render_markdown(r: rec.RoundReport, run: str, missing: list[str] | None = No
         lines.append(f"| {i} | {short} | {count:,} | {_pct(count, r.generated_total)} |")
     lines += ["", "## QC rejections by reason", "", "| reason | count |", "|---|---:|"]
     lines += [f"| {k} | {v:,} |" for k, v in sorted(r.qc_rejected.items(), key=lambda x: -x[1])] or ["| (none) | 0 |"]
-    lines += ["", f"Exact duplicates: {r.exact_duplicates:,}; near-duplicates (MinHash LSH): {r.near_duplicates:,}."]
+    d = r.duplicates
+    lines += ["", f"Exact duplicates: {d['exact']:,}; near-duplicates (MinHash LSH): {d['near']:,}."]
     lines += [
         "",
         "## Yield per domain (rows written, all rounds)",

@@ -33,26 +33,24 @@ def test_quickstart_counts_every_generated_instruction_once(tmp_path: Path) -> N
     for r in reports:
         acc = rec.Accounting.of_round(r, before)
         assert acc.problems() == [], f"round {r.round}"
-        assert acc.generated == r.generated and acc.unique == r.new_unique and acc.online == r.skipped_online
+        assert (
+            acc.generated == r.generated and acc.unique == r.new_unique and acc.per_tier["online"] == r.skipped_online
+        )
         before = r
     total = rec.Accounting.total(reports[-1])
-    assert total.problems() == [] and total.online > 0
+    assert total.problems() == [] and total.per_tier["online"] > 0
     st = json.loads((out / "status.json").read_text())["status"]["totals"]
     d = st["duplicates"]
     assert (st["generated"], st["unique"], st["qcPassed"]) == (total.generated, total.unique, total.kept)
-    assert (d["exact"], d["near"], d["semantic"], d["online"]) == (
-        total.exact,
-        total.near,
-        total.semantic,
-        total.online,
-    )
+    assert d == total.per_tier and list(d) == ["exact", "near", "semantic", "online"]  # every tier, in this order
     assert st["generated"] == st["unique"] + sum(d.values()) + st["discarded"]
     assert st["dedupTiers"] == ["exact", "near", "semantic"]  # the quickstart as shipped: unique means unique
     assert st["duplicationPercent"] == f"{total.duplicates / total.generated:.1%}"
     md = (out / "merge" / f"r{reports[-1].round:04d}" / "report.md").read_text()
-    assert f"| {total.exact:,} / {total.near:,} / {total.semantic:,} / {total.online:,} |" in md
+    exact, near, semantic, online = total.per_tier.values()
+    assert f"(all rounds): exact / near / semantic / online | {exact:,} / {near:,} / {semantic:,} / {online:,} |" in md
     html = tmp_path / "report.html"
     r = subprocess.run([*GENRUN, "report", str(out), "--html", str(html)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert (f"({total.duplicates:,} rows dropped as duplicates: {total.exact:,} exact, {total.near:,} near, "
-            f"{total.semantic:,} semantic, {total.online:,} online; {total.discarded:,} discarded") in html.read_text()  # fmt: skip
+    assert (f"({total.duplicates:,} rows dropped as duplicates: {exact:,} exact, {near:,} near, {semantic:,} semantic, "
+            f"{online:,} online; {total.discarded:,} discarded") in html.read_text()  # fmt: skip

@@ -143,8 +143,8 @@ def test_incremental_merge_on_s3_equals_the_same_merge_on_a_folder(
     a = rec.round_report_from(json.loads(remote.read_bytes(rec.round_report_key(2))))
     b = rec.round_report_from(json.loads(local.read_bytes(rec.round_report_key(2))))
     assert a.quarantined == b.quarantined == (rec.shard_manifest_key(2, 2),)
-    assert (a.unique_total, a.qc_passed_total, a.exact_duplicates, a.near_duplicates) == (
-        b.unique_total, b.qc_passed_total, b.exact_duplicates, b.near_duplicates)  # fmt: skip
+    assert (a.unique_total, a.qc_passed_total, a.duplicates["exact"], a.duplicates["near"]) == (
+        b.unique_total, b.qc_passed_total, b.duplicates["exact"], b.duplicates["near"])  # fmt: skip
     for key in (rec.dataset_part_key(1), rec.dataset_part_key(2), rec.rejected_part_key(2)):
         remote.download(key, tmp_path / "x.parquet")
         assert pq.read_table(tmp_path / "x.parquet").to_pylist() == pq.read_table(local.location(key)).to_pylist()

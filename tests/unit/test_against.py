@@ -149,12 +149,12 @@ def test_the_merge_starts_round_one_from_the_seed_and_later_rounds_keep_it(tmp_p
     write_shard(storage, 1, 100, [example_row("What is the capital city of France?"),
                                   example_row("How do I grow tomatoes on a balcony?")])  # fmt: skip
     r1 = merge_round(storage, spec, "t", 1, [(1, 100)])
-    assert (r1.new_unique, r1.exact_duplicates) == (1, 1)
+    assert (r1.new_unique, r1.duplicates["exact"]) == (1, 1)
     write_shard(storage, 2, 101, [example_row("Explain how a bicycle gear system works."),
                                   example_row("How do I grow tomatoes on a balcony?"),
                                   example_row("What is the boiling point of water at sea level?")])  # fmt: skip
     r2 = merge_round(storage, spec, "t", 2, [(1, 100), (2, 101)])
-    assert r2.new_unique == 1 and r2.exact_duplicates == 3 and r2.unique_total == 2
+    assert r2.new_unique == 1 and r2.duplicates["exact"] == 3 and r2.unique_total == 2
     rejected = pq.read_table(tmp_path / "out" / rec.rejected_part_key(2)).to_pylist()
     assert {r["instruction"]: r["duplicate_of"] for r in rejected if r["reject_reason"] == "exact_duplicate"}[
         "Explain how a bicycle gear system works."

@@ -17,7 +17,7 @@ def report(rnd: int, generated: int, new_unique: int, new_kept: int, totals: tup
     return RoundReport(
         round=rnd, shards=2, generated=generated, new_unique=new_unique, new_qc_passed=new_kept,
         generated_total=totals[0], unique_total=totals[1], qc_passed_total=totals[2], tokens_total=1000 * rnd,
-        exact_duplicates=17, near_duplicates=3, qc_rejected={"truncated": 9, "refusal": 2},
+        duplicates={"exact": 17, "near": 3}, qc_rejected={"truncated": 9, "refusal": 2},
         top_duplicates=(("What is the capital city of France?", 12), ("Tell me a <joke>", 4)),
         per_domain=(DomainYield("cooking", 60, 50, 40), DomainYield("travel", 40, 33, 20)),
         per_temperature=(TemperatureYield(0.7, 100, 83, 60),),
@@ -97,7 +97,7 @@ def test_per_tier_counts_semantic_clusters_and_what_unique_means() -> None:
         (("Which city is the capital of France?", 0.95), ("Name France's <capital>", 0.91)),
         5,
     )
-    sem = [replace(r, semantic_duplicates=4 * r.round, dedup_tiers=("exact", "near", "semantic"),
+    sem = [replace(r, duplicates={**r.duplicates, "semantic": 4 * r.round}, dedup_tiers=("exact", "near", "semantic"),
                    semantic_clusters=(cluster,), left_domain=7) for r in REPORTS]  # fmt: skip
     page = render_html("demo", sem, target=150)
     tiers = next(s for s in _svgs(page) if "Duplicates per tier (cumulative)" in _texts(s))

@@ -47,7 +47,7 @@ def test_keep_first_in_round_seed_index_order_with_counts(storage: LocalStorage)
         (101, "Name three prime numbers."),
     ]
     assert (report.generated, report.new_unique, report.new_qc_passed) == (7, 3, 2)
-    assert report.exact_duplicates == 1 and report.qc_rejected == {"refusal": 1}
+    assert report.duplicates["exact"] == 1 and report.qc_rejected == {"refusal": 1}
     assert report.skipped_online == 3
     # per shard, each row judged against earlier rounds only (the policy's reward): seed 101's France row counts too;
     # what the dataset kept of each shard (kept) and what each sampled (generated) add up to the round's figures
@@ -80,7 +80,7 @@ def test_round_two_counts_only_what_is_new_and_seen_index_grows(storage: LocalSt
                                 example_row("Give me a recipe for pancakes without eggs.")])  # fmt: skip
     r2 = merge_round(storage, spec, "t", 2, [(1, 0), (2, 1)])
     assert (r1.unique_total, r2.unique_total, r2.new_unique, r2.generated, r2.generated_total) == (1, 2, 1, 3, 4)
-    assert r2.exact_duplicates == 1 and r2.near_duplicates == 1
+    assert r2.duplicates["exact"] == 1 and r2.duplicates["near"] == 1
     assert r2.marginal_yield == pytest.approx(1 / 3)
     seen = load_seen_index(storage, 2)
     # every distinct key (exact tier), and each kept row that is the first kept row of an LSH bucket (near tier): the
@@ -241,7 +241,7 @@ def test_incremental_rounds_equal_a_full_re_merge(tmp_path: Path, damaged: bool)
     assert a == b
     report = a[0]
     assert isinstance(report, rec.RoundReport)
-    assert report.exact_duplicates > 0 and report.near_duplicates > 0 and report.qc_rejected.get("refusal", 0) > 0
+    assert report.duplicates["exact"] > 0 and report.duplicates["near"] > 0 and report.qc_rejected.get("refusal", 0) > 0
     assert report.generated_total == 9 * 40 - (3 * 40 if damaged else 0)
     if damaged:  # set aside, named, counted; never a traceback
         assert set(report.quarantined) == {
@@ -589,8 +589,10 @@ def test_the_merges_reports_account_for_every_generated_instruction(storage: Loc
                 generated=5, skipped=1)  # fmt: skip
     r2 = merge_round(storage, spec, "t", 2, [(1, 0), (2, 1)])
     a1, a2, total = rec.Accounting.of_round(r1, None), rec.Accounting.of_round(r2, r1), rec.Accounting.total(r2)
-    assert (a1.generated, a1.exact, a1.online, a1.discarded) == (7, 1, 2, 1)  # 7 = 2 unique + 1 early + 1 + 2 + 1
-    assert (a2.generated, a2.unique, a2.exact, a2.near, a2.online, a2.discarded) == (5, 1, 1, 1, 1, 1)
+    # 7 = 2 unique + 1 early + 1 exact + 2 online + 1 discarded
+    assert (a1.generated, a1.discarded, a1.per_tier) == (7, 1, {"exact": 1, "near": 0, "semantic": 0, "online": 2})
+    assert (a2.generated, a2.unique, a2.discarded) == (5, 1, 1)
+    assert a2.per_tier == {"exact": 1, "near": 1, "semantic": 0, "online": 1}
     for a in (a1, a2, total):
         assert a.problems() == []
     assert total.generated == 12 and total.unique == a1.unique + a2.unique == r2.unique_total

@@ -61,11 +61,11 @@ def test_semantic_tier_in_the_merge(tmp_path: Path, texts: list[str]) -> None:
     spec = parse_spec(SEM)
     merge_round(st, spec, "t", 1, ids)
     r2 = merge_round(st, spec, "t", 2, ids)
-    assert r2.dedup_tiers == ("exact", "near", "semantic") and r2.semantic_duplicates > 0
+    assert r2.dedup_tiers == ("exact", "near", "semantic") and r2.duplicates["semantic"] > 0
     rejected = pq.read_table(st.location("rejected")).to_pylist()
     data = pq.read_table(st.location(rec.DATASET_PREFIX)).to_pylist()
     sem = [r for r in rejected if r["reject_reason"] == "semantic_duplicate"]
-    assert len(sem) == r2.semantic_duplicates
+    assert len(sem) == r2.duplicates["semantic"]
     # Never both members: every row a semantic duplicate names is kept (in the seen-index's kept rows).
     kept = set(load_seen_semantic(st, 2).ids.tolist())  # type: ignore[union-attr]
     assert all(r["duplicate_of"] in kept for r in rejected if r["duplicate_of"] is not None)
@@ -75,7 +75,7 @@ def test_semantic_tier_in_the_merge(tmp_path: Path, texts: list[str]) -> None:
     _write(off, texts)
     merge_round(off, parse_spec(BASE), "t", 1, ids)
     o2 = merge_round(off, parse_spec(BASE), "t", 2, ids)
-    assert o2.unique_total == r2.unique_total + r2.semantic_duplicates and o2.dedup_tiers == ("exact", "near")
+    assert o2.unique_total == r2.unique_total + r2.duplicates["semantic"] and o2.dedup_tiers == ("exact", "near")
     # The largest clusters: a kept first row and dropped members with their cosine at or above the threshold.
     top = r2.semantic_clusters[0]
     assert top.size >= 2 and top.members and all(c >= 0.9 for _, c in top.members)

@@ -79,8 +79,8 @@ def test_forgotten_runs_leave_no_series_and_labels_stay_bounded() -> None:
 
 
 def test_duplicates_per_tier_are_one_counter_with_a_tier_label() -> None:
-    """One counter, a label from a fixed set of three (a fourth name in the status is not exported), and a gauge
-    saying the unique count is semantic-unique."""
+    """One counter, its tier label from the contract's tiers (records.DUPLICATE_TIERS; another name in the status is
+    not exported), and a gauge saying the unique count is semantic-unique."""
     m = Metrics()
     totals = {**RAW["totals"], "duplicates": {"exact": 150, "near": 20, "semantic": 10, "bogus": 1},
               "dedupTiers": ["exact", "near", "semantic"]}  # fmt: skip

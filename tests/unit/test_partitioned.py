@@ -92,7 +92,7 @@ def test_partitioned_equals_single_process(
     caplog.clear()
     r2 = merge_round(multi, spec, "t", 2, ids)
     assert not [r for r in caplog.records if "computing" in r.getMessage()]  # the reducers' matches were used
-    assert r1.near_duplicates > 0 and r1.exact_duplicates > 0
+    assert r1.duplicates["near"] > 0 and r1.duplicates["exact"] > 0
     assert replace(r1, dataset="", report="") == replace(r2, dataset="", report="")
     a = pq.read_table(single.location(rec.DATASET_PREFIX)).to_pylist()
     b = pq.read_table(multi.location(rec.DATASET_PREFIX)).to_pylist()

@@ -394,8 +394,8 @@ def test_status_counts_duplicates_per_tier_and_names_the_tiers() -> None:
     }
     assert decide(ref, _spec(False), Observed()).status.totals.to_dict()["dedupTiers"] == ["exact", "near"]
     rep = rec.RoundReport(round=1, shards=1, generated=100, new_unique=60, new_qc_passed=50, generated_total=100,
-                          unique_total=60, qc_passed_total=50, exact_duplicates=25, near_duplicates=5,
-                          semantic_duplicates=10, dedup_tiers=("exact", "near", "semantic"))  # fmt: skip
+                          unique_total=60, qc_passed_total=50, duplicates={"exact": 25, "near": 5, "semantic": 10},
+                          dedup_tiers=("exact", "near", "semantic"))  # fmt: skip
     st = decide(ref, spec, dataclasses.replace(Observed(), reports={1: rep})).status.totals.to_dict()
     assert (
         st["duplicates"] == {"exact": 25, "near": 5, "semantic": 10, "online": 0} and st["dedupTiers"][-1] == "semantic"
@@ -409,8 +409,8 @@ def test_dataset_card_shows_tiers_clusters_and_left_domain() -> None:
     raw = to_manifest(_spec(True))
     cluster = rec.SemanticCluster("What is the capital city of France?", (("Name France's capital", 0.91),), 3)
     rep = rec.RoundReport(round=1, shards=1, generated=100, new_unique=60, new_qc_passed=50, generated_total=100,
-                          unique_total=60, qc_passed_total=50, exact_duplicates=25, near_duplicates=5,
-                          semantic_duplicates=10, dedup_tiers=("exact", "near", "semantic"),
+                          unique_total=60, qc_passed_total=50, duplicates={"exact": 25, "near": 5, "semantic": 10},
+                          dedup_tiers=("exact", "near", "semantic"),
                           semantic_clusters=(cluster,), left_domain=12)  # fmt: skip
     card = render_card(raw, "sft", [rep], {})
     assert "| exact / near / semantic / online duplicates | 25 / 5 / 10 / 0 |" in card

@@ -11,8 +11,8 @@ import types
 import typing
 from typing import Any, get_args, get_origin
 
+from genrun.contract import records as rec
 from genrun.contract.status import (
-    Duplicates,
     RoundEntry,
     RunCondition,
     RunStatus,
@@ -67,8 +67,17 @@ def test_the_status_writes_exactly_the_fields_the_crd_declares_with_their_types(
 
 def test_the_check_sees_a_nested_field() -> None:
     paths = dict(wire_paths(RunStatus))
-    assert {"totals.duplicates.semantic", "rounds[].marginalYield", "cells[].yield", "conditions[].type"} <= set(paths)
+    assert {"totals.duplicates", "rounds[].marginalYield", "cells[].yield", "conditions[].type"} <= set(paths)
     assert paths["totals.dedupTiers"] == tuple[str, ...] and paths["cells[].attributes"] == dict[str, str]
+    assert paths["totals.duplicates"] == dict[str, int]
+
+
+def test_the_crd_keeps_a_count_for_any_tier() -> None:
+    """The per-tier counts are keyed by tier name, integers: a tier added to the contract is kept by the API server
+    (an undeclared key of a listed schema would be pruned)."""
+    schema = load_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    dup = schema["properties"]["totals"]["properties"]["duplicates"]
+    assert dup["type"] == "object" and dup["additionalProperties"] == {"type": "integer"} and "properties" not in dup
 
 
 # -- round trip over any value ----------------------------------------------------------------------------------
@@ -82,7 +91,8 @@ def strategy(tp: Any) -> st.SearchStrategy[Any]:
     if get_origin(tp) is tuple:
         return st.lists(strategy(get_args(tp)[0]), max_size=3).map(tuple)
     if get_origin(tp) is dict:
-        return st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3)
+        keys = st.sampled_from(rec.DUPLICATE_TIERS) | st.text(max_size=8)
+        return st.dictionaries(keys, strategy(get_args(tp)[1]), max_size=3)
     if isinstance(tp, type) and issubclass(tp, Wire):
         hints = typing.get_type_hints(tp)
         fields = {f.name: strategy(hints[f.name]) for f in dataclasses.fields(tp)}  # type: ignore[arg-type]
@@ -132,7 +142,11 @@ OLD = {
 
 def test_a_status_json_of_an_older_run_reads_with_defaults() -> None:
     st_ = RunStatus.from_dict(OLD)
-    assert st_.totals.qc_passed == 550 and st_.totals.rounds_planned == 0 and st_.totals.duplicates == Duplicates()
+    assert (
+        st_.totals.qc_passed == 550
+        and st_.totals.rounds_planned == 0
+        and st_.totals.duplicates == dict.fromkeys(rec.DUPLICATE_TIERS, 0)
+    )
     assert st_.totals.dedup_tiers == () and st_.arms is None and st_.cells is None
     assert st_.rounds[0].marginal_yield == 0.75 and st_.rounds[1].marginal_yield is None
     assert st_.condition("Progressing") == RunCondition(
