@@ -92,7 +92,7 @@ class PromptBuilder:
         shots = "".join(format_example(e.instruction, e.response) for e in self._pool(index))
         return self._frame(template, index, shots) + "\n\n"
 
-    def _pool(self, index: int) -> list[Any]:
+    def _pool(self, index: int) -> list[FewShotExample]:
         """The few-shot examples prompt `index` shows: its domain's own first, then the rest rotated by the shard's
         position and the prompt's index."""
         if not (self.examples and self.per_prompt):
