@@ -302,10 +302,15 @@ def arm_samples_of(
     shards: list[tuple[int, int]] = []
     for r in range(1, last_round + 1):
         key = rec.round_plan_key(r)
-        if storage.exists(key):
-            for s in rec.round_plan_from(json.loads(storage.read_bytes(key))).shards:
-                arm_of[s.seed] = s.arm or f"T={s.sampling.temperature:g}"
-                shards.append((r, s.seed))
+        if not storage.exists(key):
+            continue
+        try:
+            plan = rec.round_plan_from(json.loads(storage.read_bytes(key)))
+        except (ValueError, KeyError, TypeError):  # damaged: the report says so elsewhere; the run's loop repairs it
+            continue
+        for s in plan.shards:
+            arm_of[s.seed] = s.arm or f"T={s.sampling.temperature:g}"
+            shards.append((r, s.seed))
     kept: dict[str, list[str]] = {a: [] for a in arm_of.values()}
     bad: dict[str, list[tuple[str, str]]] = {a: [] for a in arm_of.values()}
 
@@ -313,7 +318,10 @@ def arm_samples_of(
         if not storage.exists(key):
             return []
         with local_copy(storage, key) as path:
-            return list(pq.read_table(path, columns=cols).to_pylist())
+            try:
+                return list(pq.read_table(path, columns=cols).to_pylist())
+            except (OSError, ValueError):  # a damaged part (pyarrow's errors are both): these samples are extras
+                return []
 
     for key in [k for k in storage.list(rec.DATASET_PREFIX) if k.endswith(".parquet")]:
         for row in read(key, ["seed", "instruction"]):
