@@ -1,7 +1,8 @@
 """The embedded default: a whole GenerationRun on one machine. The planner's shard Jobs are served by one engine host
-process (`genrun worker serve`: the engine is started once for the whole run, not once per shard), its merge Jobs are
-local worker processes, storage is a local folder (or s3://), and the status is written next to the output in the
-custom resource's shape.
+process (`genrun worker serve`: the engine is started once for the whole run, not once per shard), its merge Jobs by
+one merge host process (`genrun worker serve-merges`: the imports and embedding model a merge needs are loaded once,
+while round 1 generates; a merge asked for while it is busy runs in a process of its own, up to `--jobs` at once),
+storage is a local folder (or s3://), and the status is written next to the output in the custom resource's shape.
 
 Observation is derived from what exists: round plans, shard markers and round reports on storage, plus the
 processes this runner started and the failed attempts it recorded. So Ctrl-C or kill -9 and a rerun resumes, and a
@@ -57,11 +58,12 @@ class _Proc:
 
 @dataclass
 class _Host:
-    """The engine host and the shard jobs queued to it, by name."""
+    """A host process (the engine host, the merge host) and the jobs queued to it, by name."""
 
     popen: subprocess.Popen[bytes]
     log: TextIO
     jobs: dict[str, ObservedJob]
+    queue: Path
 
 
 class LocalRunner:
@@ -82,31 +84,38 @@ class LocalRunner:
         self.ref, self.raw_spec, self.storage, self.state = ref, raw_spec, storage, state_dir
         self.spec = parse_spec(raw_spec)
         self.max_jobs, self.engine, self.out, self.quiet = max(1, jobs), engine, out, quiet
-        self.procs: dict[str, _Proc] = {}  # merge processes
-        self.host: _Host | None = None
+        self.procs: dict[str, _Proc] = {}  # merge processes of their own (the merge host was busy)
+        self.host: _Host | None = None  # the engine host
+        self.merger: _Host | None = None  # the merge host
         self.finished: dict[str, ObservedJob] = {}
         self.stopping = False
-        self.queue = self.state / "queue"
+        self.queue, self.merge_queue = self.state / "queue", self.state / "merges"
         # Job files a run killed before left behind are stale: the planner asks again for what is not done.
-        shutil.rmtree(self.queue, ignore_errors=True)
+        for queue in (self.queue, self.merge_queue):
+            shutil.rmtree(queue, ignore_errors=True)
 
     # -- the backend: Jobs are local processes --------------------------------------------------------------
     async def jobs(self) -> Sequence[ObservedJob]:
         # Failed attempts are kept on disk: a rerun counts them against spec.budget.maxShardRetries.
         failed = [j for p in self._failed_files() if (j := _failed_attempt(p)) is not None]
         running = [dataclasses.replace(p.job, phase="Running") for p in self.procs.values()]
-        running += self.host.jobs.values() if self.host else ()
+        running += [j for h in self.hosts() for j in h.jobs.values()]
         return tuple({j.name: j for j in (*failed, *self.finished.values(), *running)}.values())
 
     async def start(self, action: CreateShardJob | CreateMergeJob) -> None:
-        for folder in ("jobs", "logs", "queue"):
+        for folder in ("jobs", "logs", "queue", "merges"):
             (self.state / folder).mkdir(parents=True, exist_ok=True)
         spec = rec.to_json(job_spec(action, self.ref, self.raw_spec))
         if isinstance(action, CreateShardJob):
             self._queue_shard(action, spec)
             return
+        if action.name in self.procs or (self.merger is not None and action.name in self.merger.jobs):
+            return
+        if self.merger is None or not self.merger.jobs:
+            self._queue(self.merger or self._start_merger(), action, spec)
+            return
         # Merges over the concurrency bound are not started: the planner asks for them again next time.
-        if action.name in self.procs or len(self.procs) >= self.max_jobs:
+        if len(self.procs) + 1 >= self.max_jobs:
             return
         job_file = self.state / "jobs" / f"{action.name}.json"
         job_file.write_text(spec)
@@ -118,16 +127,38 @@ class LocalRunner:
         """Queue the shard to the engine host, starting the host when there is none."""
         if self.host is not None and action.name in self.host.jobs:
             return
-        job_file = self.queue / f"{action.name}.json"
+        if self.host is None:
+            cmd = [*WORKER, "serve", "--queue", str(self.queue), "--engine", self.engine]
+            self.host = self._start_host(cmd, "engine-host", self.queue)
+        self._queue(self.host, action, spec)
+
+    def _start_merger(self) -> _Host:
+        """The merge host, told the run's spec so that it loads what the merges need before the first is queued."""
+        warm = self.state / "run-spec.json"
+        warm.write_text(json.dumps({"spec": self.raw_spec}))
+        cmd = [*WORKER, "serve-merges", "--queue", str(self.merge_queue), "--warm", str(warm)]
+        self.merger = self._start_host(cmd, "merge-host", self.merge_queue)
+        return self.merger
+
+    def _start_host(self, cmd: list[str], name: str, queue: Path) -> _Host:
+        log = open(self.state / "logs" / f"{name}.log", "a")  # noqa: SIM115 (closed when the host ends)
+        return _Host(_spawn([*cmd, "--logs", str(self.state / "logs")], log), log, {}, queue)
+
+    def _queue(self, host: _Host, action: CreateShardJob | CreateMergeJob, spec: str) -> None:
+        job_file = host.queue / f"{action.name}.json"
         tmp = job_file.with_suffix(".tmp")
         tmp.write_text(spec)
         tmp.replace(job_file)  # whole, or not there: the host never reads half a job
-        if self.host is None:
-            cmd = [*WORKER, "serve", "--queue", str(self.queue), "--engine", self.engine]
-            cmd += ["--logs", str(self.state / "logs")]
-            log = open(self.state / "logs" / "engine-host.log", "a")  # noqa: SIM115 (closed when the host ends)
-            self.host = _Host(_spawn(cmd, log), log, {})
-        self.host.jobs[action.name] = started(action)
+        host.jobs[action.name] = started(action)
+
+    def _warm_merger(self) -> None:
+        """Start the merge host once the engine host is generating (its start-up has the CPUs to itself until then),
+        so that the merge host's imports and model load overlap round 1 rather than delay its merge."""
+        if self.merger is None and self.host is not None and any(self.queue.glob("*.started")):
+            self._start_merger()
+
+    def hosts(self) -> list[_Host]:
+        return [h for h in (self.host, self.merger) if h is not None]
 
     async def publish(self, status: RunStatus, events: Sequence[Event], changed: bool) -> None:
         return None  # status.json is the local run's status (written by the loop); Events have no reader here
@@ -142,37 +173,31 @@ class LocalRunner:
             p.log.close()
             del self.procs[name]
             self._finish(p.job, code)
-        return self._reap_host() or bool(ended)
+        reaped = [self._reap_host(h) for h in self.hosts()]
+        self._warm_merger()
+        return any(reaped) or bool(ended)
 
-    def _reap_host(self) -> bool:
-        host = self.host
-        if host is None:
-            return False
+    def _reap_host(self, host: _Host) -> bool:
         done = []
         for name, job in list(host.jobs.items()):
-            answer = self.queue / f"{name}.exit"
+            answer = host.queue / f"{name}.exit"
             if answer.exists():
                 done.append((job, int(answer.read_text() or errors.EXIT_FAILED)))
-                self._forget(name)
+                _forget(host.queue, name)
                 del host.jobs[name]
         ended = host.popen.poll()
         if ended is not None:
-            # The host ended: the shard it was generating is a failed attempt (unless a restart was asked for or the
-            # run is stopping); the shards only waiting lose nothing and are queued again to the next host.
+            # The host ended: the job it was running is a failed attempt (unless a restart was asked for or the run is
+            # stopping); the jobs only waiting lose nothing and are queued again to the next host.
             host.log.close()
-            self.host = None
+            self.host, self.merger = (None if h is host else h for h in (self.host, self.merger))
             for name, job in host.jobs.items():
-                if (self.queue / f"{name}.started").exists() and ended != errors.EXIT_RESTART:
+                if (host.queue / f"{name}.started").exists() and ended != errors.EXIT_RESTART:
                     done.append((job, ended or errors.EXIT_FAILED))
-                self._forget(name)
+                _forget(host.queue, name)
         for job, c_ in done:
             self._finish(job, c_)
         return bool(done) or ended is not None
-
-    def _forget(self, name: str) -> None:
-        """A collected job's files leave the queue, its spec first: the host never sees it pending again."""
-        for suffix in (".json", ".started", ".exit"):
-            (self.queue / f"{name}{suffix}").unlink(missing_ok=True)
 
     def _finish(self, job: ObservedJob, code: int) -> None:
         if self.stopping:
@@ -237,9 +262,10 @@ class LocalRunner:
                     plan = await loop.step()
                     progress(plan, loop.observed)
                     suspended = not plan.actions and plan.condition(c.SUSPENDED).status == "True"
-                    if (plan.finished or suspended) and not self.procs and not (self.host and self.host.jobs):
+                    if (plan.finished or suspended) and not self.procs and not any(h.jobs for h in self.hosts()):
+                        self.stop_host(self.merger)
                         if self.host is not None:
-                            self.stop_host()  # the engine's devices are released as soon as no shard needs them
+                            self.stop_host(self.host)  # the engine's devices are released once no shard needs them
                             plan = await loop.step()  # the status then counts the engine's whole session
                         return plan
                     deadline = time.monotonic() + POLL_SECONDS
@@ -251,23 +277,23 @@ class LocalRunner:
 
     def stop(self) -> None:
         self.stopping = True
-        popens = [p.popen for p in self.procs.values()] + ([self.host.popen] if self.host else [])
+        popens = [p.popen for p in self.procs.values()] + [h.popen for h in self.hosts()]
         for popen in popens:
             with contextlib.suppress(ProcessLookupError):
                 popen.terminate()
         end = time.monotonic() + 10
-        while (self.procs or self.host) and time.monotonic() < end:
+        while (self.procs or self.hosts()) and time.monotonic() < end:
             self.reap()
             time.sleep(0.1)
         for popen in popens:
             with contextlib.suppress(ProcessLookupError):
                 popen.kill()
 
-    def stop_host(self) -> None:
-        """Stop the idle engine host (it records its session as stopped on SIGTERM)."""
-        host, self.host = self.host, None
+    def stop_host(self, host: _Host | None) -> None:
+        """Stop an idle host (the engine host records its session as stopped on SIGTERM)."""
         if host is None:
             return
+        self.host, self.merger = (None if h is host else h for h in (self.host, self.merger))
         host.popen.terminate()
         try:
             host.popen.wait(10)
@@ -285,6 +311,12 @@ def _spawn(cmd: list[str], log: TextIO) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
     )
+
+
+def _forget(queue: Path, name: str) -> None:
+    """A collected job's files leave the queue, its spec first: the host never sees it pending again."""
+    for suffix in (".json", ".started", ".exit"):
+        (queue / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def _failed_attempt(path: Path) -> ObservedJob | None:

@@ -112,6 +112,16 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(Path(args.queue), args.engine, Path(args.logs) if args.logs else None, args.output)
 
 
+def _serve_merges(args: argparse.Namespace) -> int:
+    from genrun.worker.merge_host import serve_merges
+    from genrun.worker.runtime import ensure_merge_env
+
+    if args.own_process:
+        ensure_merge_env()  # the merges it runs get the allocator settings a merge process has
+    logs, warm = (Path(a) if a else None for a in (args.logs, args.warm))
+    return serve_merges(Path(args.queue), logs, args.output, warm)
+
+
 def _merge(args: argparse.Namespace) -> int:
     from genrun.worker.runtime import ensure_merge_env
 
@@ -202,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--logs", help="folder for one log file per job")
     h.add_argument("--output", help="override spec.output.path")
     h.set_defaults(fn=_serve, kind="serve")
+    m = sub.add_parser("serve-merges", help="run the merge jobs of a queue folder one by one (the local runner's)")
+    m.add_argument("--queue", required=True, help="folder of merge job files; each is answered with <name>.exit")
+    m.add_argument("--logs", help="folder for one log file per job")
+    m.add_argument("--output", help="override spec.output.path")
+    m.add_argument("--warm", help='a file holding the run\'s spec ({"spec": ...}): load what its merges need first')
+    m.set_defaults(fn=_serve_merges, kind="serve-merges")
     index_default = os.environ.get("JOB_COMPLETION_INDEX")
     for name, fn, help_ in (
         ("merge", _merge, "merge, dedup and QC everything generated up to a round"),

@@ -63,7 +63,7 @@ def _read(job_file: Path) -> tuple[rec.JobSpec, GenerationRunSpec]:
     return job, parse_spec(job.spec)
 
 
-def _on_term(signum: int, frame: FrameType | None) -> None:
+def on_term(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
@@ -83,7 +83,7 @@ def serve(queue: Path, engine_kind: str, logs: Path | None = None, output: str |
     from genrun.worker.sessions import SessionRecorder, devices, session_name
     from genrun.worker.storage import open_storage
 
-    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGTERM, on_term)
     jobs = pending(queue)
     if not jobs:
         return errors.EXIT_OK

@@ -43,11 +43,11 @@ KINDS = {
     "messages-jsonl": "merge/r{r:04d}/messages.jsonl",
     "card": "dataset/README.md",
     "status": "status.json",
-    "job-spec": "_genrun/jobs/damage-r{r}-merge.json",
+    "run-spec": "_genrun/run-spec.json",  # the merge host's spec, read to load the merges' model ahead
 }
 # Files nothing reads again once their round is merged (the shard's rows are in the dataset) or that the runner
 # writes again before it reads them: truncated, they change nothing and are not reported.
-UNREAD = {"shard-data", "shard-rejected", "job-spec"}
+UNREAD = {"shard-data", "shard-rejected", "run-spec"}
 # After round 3's merge the next round reads its plan, report, seen-index (the generators) and merge state (the merge);
 # before it, round 3's plan and shards. Every other kind is tried on the finished run.
 CASES = (
