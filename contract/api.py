@@ -66,6 +66,7 @@ QcFilterName = Literal[
     "echo",
     "repetition",
     "bannedPatterns",
+    "request",
     "logprob",
     "critic",
     "relevance",
@@ -848,6 +849,18 @@ def _qc_errors(spec: GenerationRunSpec) -> list[str]:
                         re.compile(pat)
                     except (re.error, OverflowError, RecursionError) as exc:
                         errors.append(f"{at}: not a valid regular expression ({short(str(exc))[1:-1]})")
+        words = flt.params.get("requestWords")
+        if isinstance(words, list):
+            if not words or len(words) > qc_rules.MAX_REQUEST_WORDS:
+                errors.append(
+                    f"{where}.params.requestWords: must list 1 to {qc_rules.MAX_REQUEST_WORDS} words, got {len(words)}"
+                )
+            for j, word in enumerate(words[: qc_rules.MAX_REQUEST_WORDS]):
+                # the rule compares each clause's first word (a run of letters) with these: anything else never matches
+                if not isinstance(word, str) or not re.fullmatch(r"[^\W\d_]+", word):
+                    errors.append(
+                        f"{where}.params.requestWords[{j}]: must be one word of letters (e.g. explain), got {short(word)}"
+                    )
     if "domain" in seen_filters and not spec.prompt.domains:
         errors.append("spec.qc.filters: the 'domain' filter needs spec.prompt.domains to compare each row with")
     if "critic" in seen_filters and spec.best_of_n.critic != "judge":

@@ -89,6 +89,15 @@ RULES: tuple[QcRule, ...] = (
         on_by_default=True,
     ),
     QcRule("bannedPatterns", _PATTERNS, ("instruction", "response"), ("banned_pattern",), instruction_side=True),
+    # An instruction that asks for nothing: a number comparison ("1976 vs 1984"), a title, a statement, word salad
+    # without a question or a request verb. English by default; `requestWords` replaces the list.
+    QcRule(
+        "request",
+        (QcParam("minWords", int, 2, 0, 100), QcParam("requestWords", list)),
+        ("instruction",),
+        ("few_words", "not_a_request"),
+        instruction_side=True,
+    ),
     QcRule(
         "logprob",
         (QcParam("minResponseLogprob", float, -2.5, -100, 0), QcParam("minInstructionLogprob", float, -3.0, -100, 0)),
@@ -118,6 +127,7 @@ DEFAULT_RULES: tuple[str, ...] = tuple(r.name for r in RULES if r.on_by_default)
 SIGNAL_RULES: tuple[str, ...] = tuple(r.name for r in RULES if r.needs_signals)
 INSTRUCTION_SIDE_RULES: tuple[str, ...] = tuple(r.name for r in RULES if r.instruction_side)
 MAX_PATTERNS, MAX_PATTERN_CHARS = 64, 1000
+MAX_REQUEST_WORDS = 1000
 
 
 def default(rule: str, key: str) -> Any:

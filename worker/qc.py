@@ -115,6 +115,51 @@ def _patterns(p: Mapping[str, Any], default: Sequence[str], reason: str, fields:
     return f
 
 
+# The words that open an English request: question words, the verbs that start an inverted question ("Is there ...",
+# "Can you ..."), and the imperative verbs instructions open with ("Explain ...", "Solve ...", "List ...").
+DEFAULT_REQUEST_WORDS = (
+    "what", "how", "why", "who", "whom", "whose", "when", "where", "which", "whether", "is", "are", "was", "were",
+    "am", "do", "does", "did", "can", "could", "will", "would", "should", "shall", "may", "might", "must", "have",
+    "has", "had", "please", "let", "tell", "give", "show", "name", "list", "explain", "describe", "define",
+    "summarize", "summarise", "outline", "discuss", "compare", "contrast", "write", "rewrite", "rephrase",
+    "paraphrase", "translate", "compose", "draft", "edit", "correct", "fix", "improve", "complete", "continue",
+    "answer", "solve", "calculate", "compute", "find", "determine", "estimate", "evaluate", "simplify", "prove",
+    "derive", "convert", "analyze", "analyse", "identify", "classify", "categorize", "sort", "rank", "order",
+    "arrange", "choose", "select", "pick", "suggest", "recommend", "propose", "brainstorm", "plan", "design",
+    "create", "make", "build", "develop", "implement", "generate", "draw", "sketch", "illustrate", "demonstrate",
+    "predict", "imagine", "pretend", "suppose", "assume", "consider", "invent", "construct", "provide", "teach",
+    "help", "check", "verify", "review", "critique", "assess", "interpret", "argue", "justify", "state", "count",
+    "convince", "add", "subtract", "multiply", "divide", "research", "investigate", "use", "read", "fill", "match",
+    "spell", "expand", "shorten", "extract",
+)  # fmt: skip
+_WORD_CHAR = r"[\p{L}\p{N}_]"
+
+
+def _request(p: Mapping[str, Any]) -> Filter:
+    """An instruction that asks for something: at least `minWords` words with a letter in them (numbers and symbols
+    alone ask nothing: "1976 vs 1984", "solve 8 5"), and either a question mark or a clause (the text's start, or
+    after . , ; : ! ? ) ] or a line break) whose first word is one of `requestWords`. What fails is a title, a statement or
+    a run of words that asks nothing ("Nitrogen Cycle.", "I have a dream.", "biology the human body part 6 ...")."""
+    import pyarrow.compute as pc
+
+    min_words = int(_param(p, "request", "minWords"))
+    words = "|".join(re.escape(str(w)) for w in sorted(set(p.get("requestWords", DEFAULT_REQUEST_WORDS))))
+    # a clause's first word (case-insensitive): the whole word, not a prefix ("showcase" is not "show")
+    opens = rf"(?:^|[.,;:!?)\]\n])[^\p{{L}}\p{{N}}_]*(?:{words})(?:[^\p{{L}}\p{{N}}_]|$)"
+
+    def f(table: Any) -> Reasons:
+        col = _text(table, "instruction")
+        out = _none(table.num_rows)
+        asks = _np(pc.match_substring(col, "?")) | _np(pc.match_substring_regex(col, opens, ignore_case=True))
+        out[~asks] = "not_a_request"
+        # words with a letter: a run of word characters that holds one (checked last: the short verdict wins)
+        lettered = _np(pc.count_substring_regex(col, rf"{_WORD_CHAR}*\p{{L}}{_WORD_CHAR}*"))
+        out[lettered < min_words] = "few_words"
+        return out
+
+    return f
+
+
 def _arrow_strings(values: Sequence[str]) -> Any:
     import pyarrow as pa
 
@@ -414,6 +459,7 @@ RULES = _register(
         lambda p: _patterns(p, (), "banned_pattern", ("instruction", "response")),
         lambda p: _patterns(p, (), "banned_pattern", ("instruction",)),
     ),
+    Rule(_RULE["request"], _request, _request),  # reads the instruction alone: its own instruction side
     Rule(_RULE["logprob"], _logprob, lambda p: _logprob(p, response=False)),
     Rule(_RULE["critic"], _critic),
     Rule(_RULE["relevance"], _relevance),

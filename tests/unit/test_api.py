@@ -96,6 +96,14 @@ def test_semantic_error_names_field_and_range() -> None:
             {"qc": {"filters": [{"name": "bannedPatterns", "params": {"patterns": ["(unclosed"]}}]}},
             "spec.qc.filters[0].params.patterns[0]: not a valid regular expression",
         ),
+        (
+            {"qc": {"filters": [{"name": "request", "params": {"requestWords": ["explain", "tell me"]}}]}},
+            "spec.qc.filters[0].params.requestWords[1]: must be one word of letters (e.g. explain), got 'tell me'",
+        ),
+        (
+            {"qc": {"filters": [{"name": "request", "params": {"requestWords": []}}]}},
+            "spec.qc.filters[0].params.requestWords: must list 1 to 1000 words, got 0",
+        ),
         ({"model": {"name": "m", "extra": 1}}, "spec.model.extra: unknown field"),
     ],
 )

@@ -88,6 +88,44 @@ def test_banned_patterns_look_at_both_fields() -> None:
 
 
 @pytest.mark.parametrize(
+    ("instruction", "reason"),
+    [
+        # what the hot arms of examples/problem.yaml wrote (bench/data/problem-pools.jsonl.gz) and a reader throws away
+        ("1976 vs 1984", "few_words"),  # a bare comparison: one word with a letter
+        ("solve 8 5", "few_words"),  # an arithmetic stub: a verb and two numbers
+        ("1976 vs 1984?", "few_words"),  # a question mark does not make it a request
+        ("biology the human body part 6 lungs work double fold in rapi", "not_a_request"),  # word salad
+        ("Nitrogen Cycle.", "not_a_request"),  # a title
+        ("I have a dream.", "not_a_request"),  # a statement
+        ("The sum of all integers less than 100 that are either multiples of 7 or 9 is 6.", "not_a_request"),
+        ("Showcase of modern art.", "not_a_request"),  # a request word must be the whole first word
+        # requests: a question, or a clause that opens on a question word or a request verb
+        ("When did World War II begin?", None),
+        ("Explain photosynthesis.", None),
+        ("Write a haiku about rain.", None),
+        ("What's 1 + 1?", None),  # 'what' and 's': two words with a letter
+        ("In 200 words, explain gravity.", None),  # the second clause opens on the verb
+        ("Given a list of numbers, find the largest", None),
+        ("1. List three fruits", None),  # a list number before the verb
+        ("¿Qué es la fotosíntesis?", None),  # a question in any language
+    ],
+)
+def test_request_keeps_questions_and_requests_and_names_what_asks_nothing(instruction: str, reason: str | None) -> None:
+    assert check(only("request"), instruction) == reason
+    # the same verdict before the response exists: the rule reads the instruction alone
+    side = QcPipeline.instruction_side([QcFilter("request")])
+    assert side.check_instructions([instruction], [math.nan]) == [reason]
+
+
+def test_request_params_replace_the_words_and_the_minimum() -> None:
+    assert check(only("request", requestWords=["erkläre"]), "Erkläre die Photosynthese.") is None
+    assert check(only("request", requestWords=["erkläre"]), "Explain photosynthesis.") == "not_a_request"  # replaced
+    assert check(only("request", minWords=1), "solve 8 5") is None
+    assert check(only("request", minWords=3), "Explain photosynthesis.") == "few_words"
+    assert check(only("request", minWords=0), "") == "not_a_request"
+
+
+@pytest.mark.parametrize(
     ("instruction", "response", "reason"),
     [
         ("Explain how photosynthesis works.", "Explain how photosynthesis works.", "echo"),  # verbatim

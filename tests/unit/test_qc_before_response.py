@@ -40,6 +40,7 @@ FILTERS = (
     QcFilter("echo"),
     QcFilter("repetition"),
     QcFilter("logprob", {"minInstructionLogprob": -2.0, "minResponseLogprob": -2.5}),
+    QcFilter("request", {"requestWords": ["ab", "x"]}),  # last: the filters above still give their reasons
 )
 texts = st.text(st.sampled_from(list("ab cd?!é forbidden lookbehind x\n")), max_size=80)
 logprobs = st.one_of(st.floats(-4, 0), st.sampled_from([-2.0, math.nan, -math.inf, math.inf]))
