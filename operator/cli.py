@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a whole GenerationRun on this machine (local processes, local files)")
     r.add_argument("manifest")
     r.add_argument("--output", help="override spec.output.path")
-    r.add_argument("--jobs", type=int, default=1, help="worker processes at once (default 1)")
+    r.add_argument("--jobs", type=int, default=1, help="merges at once (default 1; the shards share one engine host)")
     r.add_argument(
         "--engine",
         choices=("vllm", "replay"),
