@@ -115,10 +115,16 @@ def semantic_cost(engine: VllmEngine, examples: int, shards: int) -> None:
 
         return wrapper
 
-    from genrun.worker import generate as gen
     from genrun.worker import semantic as sem_mod
+    from genrun.worker import tiers
 
-    gen._Novelty._semantic = timed(gen._Novelty._semantic)  # type: ignore[method-assign]
+    online = tiers.SemanticTier.online  # the semantic tier's check of each batch, timed
+
+    def timed_online(self: tiers.SemanticTier, state: tiers.OnlineState) -> Any:
+        check = online(self, state)
+        return None if check is None else timed(check)
+
+    tiers.SemanticTier.online = timed_online  # type: ignore[method-assign]
     sem_mod.QualitySignals.columns = timed(sem_mod.QualitySignals.columns)  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory() as d:
         generate_shard(LocalStorage(Path(d) / "warm"), on, plan.shards[-1], engine)  # warm-up: engine and model

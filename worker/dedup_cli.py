@@ -8,6 +8,8 @@ first, keep-first in input order (SEEN rows first: what already exists is never 
   near      MinHash LSH on the exact-unique rows (MinHasher, band_keys/candidate_pairs via near_duplicate_labels)
   semantic  sentence-embedding cosine with an earlier kept row (genrun.worker.semantic), on by default
 
+The tiers are the merge's own objects (genrun.worker.tiers EXACT, NEAR, SEMANTIC).
+
 Writes DIR/kept.jsonl (the input rows as they were), DIR/dropped.jsonl (each row with `_dedup`: tier, the row it
 duplicates and the similarity), DIR/invalid.jsonl (rows without an instruction, with the reason) and DIR/report.json;
 every file is written to a temporary name and renamed. With --json the last stdout line is one JSON object
@@ -31,6 +33,8 @@ from genrun.worker.datasets import DatasetError, extract, records
 
 if TYPE_CHECKING:
     import numpy as np
+    from genrun.worker.dedup_config import DedupConfig
+    from genrun.worker.tiers import Decisions
 
 
 class DedupUsageError(Exception):
@@ -135,21 +139,45 @@ def decide(
         a = hasher.signatures(pa.array([keys[i] for i in rows], pa.string()))
         b = hasher.signatures(pa.array([keys[i] for i in dec.root[rows]], pa.string()))
         sim[rows] = similar(a, b)
-    # semantic: rows still alive, in order; SEEN rows are all indexed, INPUT rows keep-first against them
+    d = Decision(tier, dup_of, sim)
     if semantic:
-        from genrun.worker import semantic as sem
+        _semantic(d, keys, n_seen, cfg, dec, model=model, threshold=semantic_threshold, batch_size=batch_size)
+    return d
 
-        alive = np.flatnonzero(tier == "")
-        embedder = sem.load_embedder(model or sem.DEFAULT_MODEL, None, batch_size or sem.DEFAULT_BATCH_SIZE)
-        emb = sem.embed_keys(embedder, [keys[i] for i in alive])
-        t = sem.DEFAULT_THRESHOLD if semantic_threshold is None else semantic_threshold
-        index = sem.SemanticIndex(embedder.dim, t, embedder.name)
-        seen = alive < n_seen
-        index.add(emb[seen], alive[seen])
-        res = index.filter_add(emb[~seen], alive[~seen])
-        rows = alive[~seen][~res.keep]
-        tier[rows], dup_of[rows], sim[rows] = "semantic", res.dup_of[~res.keep], res.cosine[~res.keep]
-    return Decision(tier, dup_of, sim)
+
+def _semantic(
+    d: Decision, keys: list[str], n_seen: int, cfg: DedupConfig, dec: Decisions, *, model: str | None,
+    threshold: float | None, batch_size: int | None,
+) -> None:  # fmt: skip
+    """The merge's semantic tier (tiers.SEMANTIC) on the INPUT rows exact and near kept, in order, after every SEEN
+    row: the SEEN rows are the tier's earlier rows, all indexed (never dropped, even the repeats among them). Marks
+    its drops in `d`. SEEN and INPUT rows are embedded in one call."""
+    import dataclasses
+
+    import numpy as np
+    from genrun.worker import semantic as sem
+    from genrun.worker.dedup_config import SemanticConfig
+    from genrun.worker.merge_state import State
+    from genrun.worker.tiers import SEMANTIC, RoundRows
+
+    t = sem.DEFAULT_THRESHOLD if threshold is None else threshold
+    scfg = SemanticConfig(model or sem.DEFAULT_MODEL, t, batch_size or sem.DEFAULT_BATCH_SIZE)
+    embedder = sem.load_embedder(scfg.model, None, scfg.batch_size)
+    alive = np.flatnonzero(d.tier == "")
+    emb = np.zeros((len(keys), embedder.dim), dtype=np.float32)
+    emb[alive] = sem.embed_keys(embedder, [keys[i] for i in alive])
+    state = State.empty(cfg)
+    seen = alive[alive < n_seen]
+    state.semantic = sem.SemanticIndex(embedder.dim, t, embedder.name)
+    state.semantic.add(emb[seen], seen)
+    dec.kept = d.tier == ""
+    dec.kept[:n_seen] = False
+    SEMANTIC.apply(RoundRows(dataclasses.replace(cfg, semantic=scfg), state, 0, embeddings=emb), dec)
+    drops = dec.semantic_drops
+    assert drops is not None
+    rows = drops.rows
+    d.tier[rows], d.dup_of[rows] = "semantic", drops.table["duplicate_of"].to_numpy()
+    d.similarity[rows] = drops.table["cosine"].to_numpy()
 
 
 def _write_jsonl(path: Path, rows: Iterator[Any]) -> int:

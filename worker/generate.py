@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from genrun.contract import records as rec
-from genrun.worker.dedup import MinHasher, SeenIndex, dedup_keys
+from genrun.worker.dedup import SeenIndex
 from genrun.worker.dedup_config import DedupConfig
 from genrun.worker.engine import Completion, Engine, Params, per_request_seed
 from genrun.worker.merge_state import load_seen_index
+from genrun.worker.online import OnlineSkip
 from genrun.worker.prompts import (
     JOINT_STOPS,
     RESPONSE_STOPS,
@@ -212,77 +213,11 @@ def parse(samples: list[Sample], joint: bool, builder: PromptBuilder) -> tuple[l
     return kept, rejects
 
 
-class _Novelty:
-    """Stage 3, online dedup: earlier rounds' seen-index plus what this shard already accepted. With `dedup.semantic` on, an
-    instruction that passed exact and MinHash is also checked against the kept embeddings (earlier rounds', then this
-    shard's) by the same keep-first rule the merge applies (genrun.worker.semantic)."""
-
-    def __init__(self, d: DedupConfig, seen: SeenIndex | None, seen_semantic: Any = None) -> None:
-        self.key, self.normalize, self.near = d.key, d.normalize, d.near
-        self.hasher = MinHasher(d.num_perm, 1, d.shingle_size)
-        self.seen = seen if (seen is not None and d.online) else None
-        self.mine = SeenIndex.empty(d.threshold, d.num_perm, 1, d.shingle_size)
-        self.semantic: Any = None  # (embedder, earlier rounds' SemanticIndex or None, this shard's SemanticIndex)
-        self.skipped_semantic = 0
-        sem = d.semantic
-        if sem is not None and self.key == "instruction":
-            from genrun.worker.semantic import SemanticIndex, load_embedder
-
-            emb = load_embedder(sem.model, None, sem.batch_size)
-            old = seen_semantic if d.online else None
-            self.semantic = (emb, old, SemanticIndex(emb.dim, sem.threshold, sem.model))
-
-    def filter(self, instructions: list[str], ids: list[int] | None = None) -> tuple[list[bool], int, int]:
-        """(novel flags, skipped as seen in earlier rounds, skipped as seen in this shard); order matters:
-        the first of two near-identical candidates in one batch is kept. `ids` name the rows in the semantic index
-        (the sample indices)."""
-        if self.key == "pair":  # the key needs the response: dedup happens in the merge
-            return [True] * len(instructions), 0, 0
-        keys = dedup_keys(instructions, key="instruction", normalized=self.normalize)
-        sigs = self.hasher.signatures(keys)
-        old = np.zeros(len(keys), dtype=bool)
-        if self.seen is not None:
-            old = self.seen.contains_exact(keys) | self.seen.contains_near(sigs, self.near)
-        status = np.where(old, 1, 0).astype(np.int8)
-        fresh = np.flatnonzero(~old)
-        status[fresh] = np.where(self.mine.admit([keys[i] for i in fresh], sigs[fresh], self.near) == 0, 0, 2)
-        flags = (status == 0).tolist()
-        skipped_old, skipped_mine = int((status == 1).sum()), int((status == 2).sum())
-        if self.semantic is not None:
-            skipped_old, skipped_mine = self._semantic(keys, flags, ids, skipped_old, skipped_mine)
-        return flags, skipped_old, skipped_mine
-
-    def select(self, cands: list[Candidate], room: int) -> Novel:
-        """Stage 3: the candidates whose instruction is new (keep-first), at most `room` of them."""
-        flags, old, mine = self.filter([c.instruction for c in cands], [c.index for c in cands])
-        return Novel([c for c, ok in zip(cands, flags, strict=True) if ok][:room], old, mine)
-
-    def _semantic(
-        self, keys: list[str], flags: list[bool], ids: list[int] | None, skipped_old: int, skipped_mine: int
-    ) -> tuple[int, int]:
-        """Drop (in place) the exact/near-novel rows whose cosine with a kept row is >= threshold. A dropped row stays
-        in the shard's exact/near index: the merge's near tier sees it too, so its near-duplicates go either way."""
-        from genrun.worker.semantic import embed_keys
-
-        embedder, old, mine = self.semantic
-        rows = [j for j, ok in enumerate(flags) if ok]
-        if not rows:
-            return skipped_old, skipped_mine
-        emb = embed_keys(embedder, [keys[j] for j in rows])
-        alive = np.ones(len(rows), dtype=bool)
-        if old is not None and len(old):
-            alive = ~old.query(emb)[0]
-            skipped_old += int((~alive).sum())
-            self.skipped_semantic += int((~alive).sum())
-        row_ids = np.asarray([ids[j] if ids is not None else j for j in rows], dtype=np.int64)
-        res = mine.filter_add(emb[alive], row_ids[alive])
-        skipped_mine += res.dropped
-        self.skipped_semantic += res.dropped
-        keep = alive.copy()
-        keep[np.flatnonzero(alive)] = res.keep
-        for j, k in zip(rows, keep, strict=True):
-            flags[j] = bool(k)
-        return skipped_old, skipped_mine
+def select(skip: OnlineSkip, cands: list[Candidate], room: int) -> Novel:
+    """Stage 3, novelty: the candidates whose instruction the online skip (genrun.worker.online: the registered dedup
+    tiers against earlier rounds and this shard) finds new, keep-first, at most `room` of them."""
+    flags, old, mine = skip.filter([c.instruction for c in cands], [c.index for c in cands])
+    return Novel([c for c, ok in zip(cands, flags, strict=True) if ok][:room], old, mine)
 
 
 @dataclass(frozen=True)
@@ -463,7 +398,7 @@ def generate_shard(
     builder = PromptBuilder.for_shard(spec, shard)
     joint = spec.generation.mode == "joint"
     asker = Asker(engine, builder, shard.sampling, shard.seed, joint)
-    novelty = _Novelty(DedupConfig.from_spec(spec.dedup), *_load_seen(spec, storage, shard.round))
+    novelty = OnlineSkip(DedupConfig.from_spec(spec.dedup), *_load_seen(spec, storage, shard.round))
     gate = Gate.for_shard(spec)
     critic = Critic.for_shard(spec, engine, shard.seed)
     maker = RowMaker(builder, shard, getattr(engine, "model", spec.model.name))
@@ -481,7 +416,7 @@ def generate_shard(
         counts.tokens += sum(s.completion.tokens for s in samples)
         cands, rejects = parse(samples, joint, builder)
         counts.reject(rejects)
-        novel = novelty.select(cands, quota - done)
+        novel = select(novelty, cands, quota - done)
         counts.skip(novel)
         answer, early = gate.split(novel.kept)
         counts.gate(early)
@@ -504,7 +439,7 @@ def generate_shard(
         "shard r%d s%d done: %d rows from %d sampled in %.1fs (%.0f tokens/s); skipped %d seen + %d in-shard "
         "(%d of them semantic); %d malformed; %d rejected by QC before their responses", shard.round, shard.seed,
         len(rows), counts.generated, manifest.seconds, counts.tokens / max(manifest.seconds, 1e-9),
-        counts.skipped_online, counts.skipped_in_shard, novelty.skipped_semantic, counts.malformed,
+        counts.skipped_online, counts.skipped_in_shard, novelty.skipped["semantic"], counts.malformed,
         sum(counts.gated.values()),
     )  # fmt: skip
     return manifest

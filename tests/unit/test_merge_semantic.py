@@ -16,8 +16,8 @@ from genrun.contract import records as rec
 from genrun.contract.api import parse_spec
 from genrun.worker.cli import main as worker_main
 from genrun.worker.dedup_config import DedupConfig
-from genrun.worker.generate import _Novelty
 from genrun.worker.merge import load_seen_index, merge_round
+from genrun.worker.online import OnlineSkip
 from genrun.worker.semantic import load_seen_semantic
 from genrun.worker.storage import LocalStorage
 
@@ -89,13 +89,13 @@ def test_online_check_agrees_with_the_merge(tmp_path: Path, texts: list[str]) ->
     st = LocalStorage(tmp_path / "a")
     ids = _write(st, texts)[:2]
     merge_round(st, spec, "t", 1, ids)
-    novelty = _Novelty(DedupConfig.from_spec(spec.dedup), load_seen_index(st, 1), load_seen_semantic(st, 1))
+    novelty = OnlineSkip(DedupConfig.from_spec(spec.dedup), load_seen_index(st, 1), load_seen_semantic(st, 1))
     cand = texts[240:480]
     flags = []
     for i in range(0, len(cand), 64):  # the generators' batches
         f, _, _ = novelty.filter(cand[i : i + 64], list(range(i, i + 64)))
         flags += f
-    assert novelty.skipped_semantic > 0
+    assert novelty.skipped["semantic"] > 0
     first_id = 240
     for name, rows in (("kept", [t for t, f in zip(cand, flags, strict=True) if f]), ("all", cand)):
         other = LocalStorage(tmp_path / name)

@@ -22,7 +22,7 @@ from genrun.contract.api import parse_spec
 from genrun.operator.cli import main as genrun_main
 from genrun.worker.dedup import SeenIndex, dedup_keys
 from genrun.worker.dedup_config import DedupConfig
-from genrun.worker.generate import _Novelty
+from genrun.worker.online import OnlineSkip
 from genrun.worker.semantic import (
     DEFAULT_THRESHOLD,
     SemanticIndex,
@@ -178,7 +178,7 @@ def test_online_check_agrees_with_the_offline_tier_and_uses_the_seen_index(tmp_p
     storage = LocalStorage(tmp_path)
     seen_keys = dedup_keys(seen_texts)
     spec_on, spec_off = _spec(True), _spec(False)
-    hasher = _Novelty(DedupConfig.from_spec(spec_off.dedup), None).hasher
+    hasher = OnlineSkip(DedupConfig.from_spec(spec_off.dedup), None).hasher
     seen = SeenIndex.build(seen_keys, hasher, spec_on.dedup.threshold)
     sem_seen = semantic_dedup(embed_keys(embedder, seen_keys), DEFAULT_THRESHOLD, ids=np.arange(200))
     assert sem_seen.dropped > 0  # the recording repeats itself: the seen-index holds kept rows only
@@ -191,8 +191,8 @@ def test_online_check_agrees_with_the_offline_tier_and_uses_the_seen_index(tmp_p
     loaded = load_seen_semantic(storage, 1)
     assert loaded is not None and len(loaded) == len(keep)
 
-    online = _Novelty(DedupConfig.from_spec(spec_on.dedup), seen, loaded)
-    base = _Novelty(DedupConfig.from_spec(spec_off.dedup), seen)
+    online = OnlineSkip(DedupConfig.from_spec(spec_on.dedup), seen, loaded)
+    base = OnlineSkip(DedupConfig.from_spec(spec_off.dedup), seen)
     flags_on: list[bool] = []
     flags_off: list[bool] = []
     for b in range(0, len(new_texts), 7):
@@ -207,7 +207,7 @@ def test_online_check_agrees_with_the_offline_tier_and_uses_the_seen_index(tmp_p
     for i, k in zip(survivors, res.keep, strict=True):
         expected[i] = bool(k)
     assert flags_on == expected
-    assert online.skipped_semantic == res.dropped > 0
+    assert online.skipped["semantic"] == res.dropped > 0
     # The paraphrases of France's capital are caught (the recording asks it verbatim among the seen rows).
     assert flags_on[-3:-1] == [False, False]
 

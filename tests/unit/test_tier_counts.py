@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,7 +23,7 @@ from genrun.operator.charts import render_html
 from genrun.operator.metrics import Metrics
 from genrun.operator.planner import Observed, RunRef, decide
 from genrun.operator.show import camel, print_status
-from genrun.worker import merge, merge_report, merge_write, tiers
+from genrun.worker import merge, merge_report, merge_write, online, tiers
 from genrun.worker.dedup_config import DedupConfig
 from genrun.worker.export import render_card
 from genrun.worker.merge_report import render_markdown
@@ -131,6 +133,22 @@ class PrefixTier:
             else:
                 first[key] = row
 
+    def online(self, state: tiers.OnlineState) -> tiers.OnlineCheck | None:
+        kept: set[str] = set()  # the prefixes of the rows this shard kept
+
+        def check(batch: tiers.Batch) -> None:
+            for row in batch.alive().tolist():
+                prefix = batch.keys[row][:200]
+                if prefix in kept:
+                    batch.skip(np.array([row]), tiers.SHARD, self)
+                else:
+                    kept.add(prefix)
+
+        return check
+
+
+HEAD = "Explain, step by step and with one worked example, how a household budget " * 3  # over 200 characters
+
 
 def test_the_docs_prefix_tier_registered_by_patching_is_counted_by_the_merge(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -147,9 +165,8 @@ def test_the_docs_prefix_tier_registered_by_patching_is_counted_by_the_merge(
     for module in (tiers, merge_report, merge_write, merge):
         monkeypatch.setattr(module, "DUPLICATE_REASONS", reasons)
     storage = LocalStorage(tmp_path / "out")
-    head = "Explain, step by step and with one worked example, how a household budget " * 3  # over 200 characters
-    write_shard(storage, 1, 100, [example_row(head + "works for a family of four."),
-                                  example_row(head + "works for a student living alone."),
+    write_shard(storage, 1, 100, [example_row(HEAD + "works for a family of four."),
+                                  example_row(HEAD + "works for a student living alone."),
                                   example_row("Name three prime numbers.")], skipped=2)  # fmt: skip
     spec = parse_spec({"model": {"name": "m"}, "target": {"uniqueExamples": 10}, "output": {"path": "/x"},
                        "dedup": {"nearDuplicates": False, "semantic": {"enabled": False}}})  # fmt: skip
@@ -161,3 +178,32 @@ def test_the_docs_prefix_tier_registered_by_patching_is_counted_by_the_merge(
     assert "| Duplicates (all rounds): exact / near / semantic / prefix / online | 0 / 0 / 0 / 1 / 2 |" in md
     rejected = pq.read_table(storage.location(rec.rejected_part_key(1))).to_pylist()
     assert [(x["reject_reason"], x["instruction"].endswith("alone.")) for x in rejected] == [("prefix_duplicate", True)]
+
+
+def test_the_docs_prefix_tier_registered_by_patching_runs_in_the_generators_online_skip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Emulated registration, as above: with the docs' PrefixTier in TIERS, a shard's online skip runs its check
+    after the shipped ones, with no other change: a candidate whose prefix the shard kept (in this batch or an earlier
+    one) is skipped as seen in the shard and counted under the tier."""
+    cfg = DedupConfig(near=False)
+    pair = [HEAD + "works for a family of four.", HEAD + "works for a student living alone."]
+    assert online.OnlineSkip(cfg, None).filter(pair) == ([True, True], 0, 0)  # the shipped tiers keep both
+    monkeypatch.setattr(tiers, "TIERS", (*tiers.TIERS, PrefixTier()))
+    monkeypatch.setattr(online, "TIERS", tiers.TIERS)
+    skip = online.OnlineSkip(cfg, None)
+    first = skip.filter([HEAD + "works for a family of four.", "Name three prime numbers.",
+                         HEAD + "works for a student living alone."])  # fmt: skip
+    second = skip.filter([HEAD + "works for a retired couple.", "Name three prime numbers."])
+    assert first == ([True, True, False], 0, 1) and second == ([False, False], 0, 2)
+    assert skip.skipped == {"exact": 1, "near": 0, "semantic": 0, "prefix": 2}
+
+
+def test_the_shard_path_imports_no_process_pool() -> None:
+    """The online skip runs the merge's tier objects, but a shard's process never forks: importing the shard's code
+    loads neither the merge's execution machinery nor a process pool."""
+    probe = ("import sys, genrun.worker.generate, genrun.worker.online; "
+             "print(sorted(m for m in ('genrun.worker.runtime', 'genrun.worker.merge', 'concurrent.futures.process', "
+             "'multiprocessing') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-P", "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
