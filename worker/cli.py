@@ -109,7 +109,19 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from genrun.worker.serve import serve
 
-    return serve(Path(args.queue), args.engine, Path(args.logs) if args.logs else None, args.output)
+    try:
+        code = serve(Path(args.queue), args.engine, Path(args.logs) if args.logs else None, args.output)
+    except SystemExit as stop:  # SIGTERM: the runner stops the idle host
+        code = stop.code if isinstance(stop.code, int) else errors.EXIT_FAILED
+    if args.own_process and not _children():
+        # The session is recorded and every shard answered: the engine's teardown at interpreter exit (seconds for
+        # vLLM and torch) frees nothing the process's end does not, and the runner waits for this exit before it
+        # writes the run's final status. An engine with worker processes (tensor parallel) is shut down properly.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _serve_merges(args: argparse.Namespace) -> int:
@@ -120,6 +132,22 @@ def _serve_merges(args: argparse.Namespace) -> int:
         ensure_merge_env()  # the merges it runs get the allocator settings a merge process has
     logs, warm = (Path(a) if a else None for a in (args.logs, args.warm))
     return serve_merges(Path(args.queue), logs, args.output, warm)
+
+
+def _children() -> bool:
+    """Whether this process has child processes (Linux; elsewhere assume it has)."""
+    me = str(os.getpid())
+    try:
+        stats = [Path("/proc", p, "stat") for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return True
+    for stat in stats:
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:  # the field after the state: the parent's pid
+                return True
+        except (OSError, IndexError):
+            continue
+    return False
 
 
 def _merge(args: argparse.Namespace) -> int:
