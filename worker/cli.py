@@ -131,7 +131,7 @@ def _serve_merges(args: argparse.Namespace) -> int:
     if args.own_process:
         ensure_merge_env()  # the merges it runs get the allocator settings a merge process has
     logs, warm = (Path(a) if a else None for a in (args.logs, args.warm))
-    return serve_merges(Path(args.queue), logs, args.output, warm)
+    return serve_merges(Path(args.queue), logs, args.output, warm, lambda argv: main(argv, own_process=False))
 
 
 def _children() -> bool:

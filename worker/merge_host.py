@@ -18,6 +18,7 @@ import os
 import signal
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from genrun.contract import errors
@@ -26,9 +27,13 @@ from genrun.worker.serve import IDLE_POLL, answer, on_term, pending
 log = logging.getLogger("genrun.worker.merge_host")
 
 
-def serve_merges(queue: Path, logs: Path | None, output: str | None, warm: Path | None) -> int:
-    """Run the merges queued in `queue` until stopped (SIGTERM, SIGINT, or the runner gone). `warm`: a file holding
-    the run's spec (`{"spec": ...}`), to load what its merges will need before the first one is queued."""
+Command = Callable[[Sequence[str]], int]  # `genrun worker` in-process: argv -> exit code
+
+
+def serve_merges(queue: Path, logs: Path | None, output: str | None, warm: Path | None, worker: Command) -> int:
+    """Run the merges queued in `queue` until stopped (SIGTERM, SIGINT, or the runner gone), each as `worker(["merge",
+    "--job", FILE])`. `warm`: a file holding the run's spec (`{"spec": ...}`), to load what its merges will need before
+    the first one is queued."""
     signal.signal(signal.SIGTERM, on_term)
     if warm is not None:
         _warm(warm)
@@ -37,7 +42,7 @@ def serve_merges(queue: Path, logs: Path | None, output: str | None, warm: Path 
             return errors.EXIT_OK
         for job_file in pending(queue):
             job_file.with_suffix(".started").touch()
-            answer(job_file, merge_one(job_file, logs, output))
+            answer(job_file, merge_one(job_file, logs, output, worker))
         time.sleep(IDLE_POLL)
 
 
@@ -58,28 +63,26 @@ def _warm(spec_file: Path) -> None:
         log.warning("could not load ahead what the merges need (%s); each merge loads it", exc)
 
 
-def merge_one(job_file: Path, logs: Path | None, output: str | None) -> int:
+def merge_one(job_file: Path, logs: Path | None, output: str | None, worker: Command) -> int:
     """`genrun worker merge --job job_file` in this process: its log lines and its stdout/stderr (the result line, an
     error line) go to the job's own log file, as a merge process's would."""
     argv = ["merge", "--job", str(job_file), *(["--output", output] if output else [])]
     if logs is None:
-        return _guarded(argv)
+        return _guarded(worker, argv)
     with open(logs / f"{job_file.stem}.log", "a") as out:
         handler = logging.StreamHandler(out)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.getLogger().addHandler(handler)
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                return _guarded(argv)
+                return _guarded(worker, argv)
         finally:
             logging.getLogger().removeHandler(handler)
 
 
-def _guarded(argv: list[str]) -> int:
-    from genrun.worker.cli import main
-
+def _guarded(worker: Command, argv: list[str]) -> int:
     try:
-        return main(argv, own_process=False)
+        return worker(argv)
     except Exception as exc:  # a crash is this merge's failed attempt, as a merge process's would be; the host goes on
         log.error("merge %s failed: %s\n%s", argv[2], exc, traceback.format_exc())
         return errors.EXIT_FAILED
