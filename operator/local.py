@@ -160,6 +160,10 @@ class LocalRunner:
     def hosts(self) -> list[_Host]:
         return [h for h in (self.host, self.merger) if h is not None]
 
+    def _drop(self, host: _Host) -> None:
+        """Forget a host that ended or is being stopped: the next job of its kind starts a new one."""
+        self.host, self.merger = (None if h is host else h for h in (self.host, self.merger))
+
     async def publish(self, status: RunStatus, events: Sequence[Event], changed: bool) -> None:
         return None  # status.json is the local run's status (written by the loop); Events have no reader here
 
@@ -190,7 +194,7 @@ class LocalRunner:
             # The host ended: the job it was running is a failed attempt (unless a restart was asked for or the run is
             # stopping); the jobs only waiting lose nothing and are queued again to the next host.
             host.log.close()
-            self.host, self.merger = (None if h is host else h for h in (self.host, self.merger))
+            self._drop(host)
             for name, job in host.jobs.items():
                 if (host.queue / f"{name}.started").exists() and ended != errors.EXIT_RESTART:
                     done.append((job, ended or errors.EXIT_FAILED))
@@ -293,7 +297,7 @@ class LocalRunner:
         """Stop an idle host (the engine host records its session as stopped on SIGTERM)."""
         if host is None:
             return
-        self.host, self.merger = (None if h is host else h for h in (self.host, self.merger))
+        self._drop(host)
         host.popen.terminate()
         try:
             host.popen.wait(10)

@@ -264,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, own_process: bool | None = None) -> int:
     """`own_process`: this call is the process's command (the default when `argv` is None), so the merge may
     re-execute it with its allocator settings; a caller in-process (tests, `genrun dedup`) keeps its own."""
-    logging.basicConfig(
-        level=os.environ.get("GENRUN_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    from genrun.worker.serve import LOG_FORMAT
+
+    logging.basicConfig(level=os.environ.get("GENRUN_LOG_LEVEL", "INFO"), format=LOG_FORMAT)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):  # their INFO lines are not the worker's story
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)

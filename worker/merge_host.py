@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from genrun.contract import errors
-from genrun.worker.serve import IDLE_POLL, answer, on_term, pending
+from genrun.worker.serve import IDLE_POLL, LOG_FORMAT, answer, on_term, pending
 
 log = logging.getLogger("genrun.worker.merge_host")
 
@@ -71,7 +71,7 @@ def merge_one(job_file: Path, logs: Path | None, output: str | None, worker: Com
         return _guarded(worker, argv)
     with open(logs / f"{job_file.stem}.log", "a") as out:
         handler = logging.StreamHandler(out)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
         logging.getLogger().addHandler(handler)
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):

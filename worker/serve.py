@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("genrun.worker.serve")
 
 IDLE_POLL = 0.1
+# A worker's log line: its process's, and each job's own log file (a host runs several jobs).
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 # Shards generated at once, on one batched engine: a round's shards (the planner caps a round's shard Jobs lower) and
 # the next round's first ones; more would only hold more rows in memory for no larger batch.
 HOST_SHARDS = 32
@@ -190,7 +192,7 @@ def _run_one(
     if logs is not None:
         me = threading.get_ident()
         handler = logging.FileHandler(logs / f"{job_file.stem}.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
         handler.addFilter(lambda record: record.thread == me)
         logging.getLogger().addHandler(handler)
     try:
