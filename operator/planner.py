@@ -149,13 +149,25 @@ def merge_job_name(run: str, rnd: int, attempt: int) -> str:
 # Rounds: a strategy's choice (genrun.operator.strategy) as a round plan with fresh seeds
 
 
-def shard_domains(spec: GenerationRunSpec, ordinal: int) -> tuple[str, ...]:
-    """Rotate the domain list by the shard's run-wide position, so shards start from different topics."""
+def shard_domains(spec: GenerationRunSpec, position: int, count: int, offset: int) -> tuple[str, ...]:
+    """The domains of the shard at `position` among the `count` shards of a round: the domain list rotated by
+    `offset` and dealt round-robin to the shards, so that each domain is written in one shard of the round only and a
+    model that repeats itself within a domain repeats inside that shard, where the online in-shard skip drops the
+    repeat before its response is paid. With more shards than domains each shard gets one domain, shards sharing.
+
+    The offset (the round's index) turns from round to round, so a position (and the arm and cell the policy gives
+    it) meets other domains, and the domains that land in the larger subsets of an uneven deal (fewer rows each)
+    change. A shard keeps the dealt (rotated) order, so a round of one shard still starts on another topic each round.
+    `escalation.rotateDomains: false`: every shard the whole list in spec order (the problem's process). Only new
+    rounds are dealt: a recorded round plan keeps the domains it was recorded with."""
     d = spec.prompt.domains
     if not d or not spec.escalation.rotate_domains:
         return tuple(d)
-    k = ordinal % len(d)
-    return tuple(d[k:] + d[:k])
+    k = offset % len(d)
+    rotated = d[k:] + d[:k]
+    if count > len(rotated):
+        return (rotated[position % len(rotated)],)
+    return tuple(rotated[position::count])
 
 
 def make_round(
@@ -171,8 +183,9 @@ def make_round(
     cells: Sequence[pol.Cell] = (),
 ) -> RoundPlan:
     """A round of `count` shards with fresh seeds; each shard runs arms[i] (default: `sampling` for all) and
-    cells[i] (default: none, each prompt draws its attribute values) and writes `examples` rows (default:
-    spec.shards.examplesPerShard). The round's `sampling` is its most used arm."""
+    cells[i] (default: none, each prompt draws its attribute values), writes `examples` rows (default:
+    spec.shards.examplesPerShard) and gets its share of the domains (`shard_domains`, turned by the round's index).
+    The round's `sampling` is its most used arm."""
     used = [s for p in rounds.values() for s in p.shards]
     seed0 = max((s.seed for s in used), default=spec.shards.first_seed - 1) + 1
     ordinal0 = len(used)
@@ -184,7 +197,7 @@ def make_round(
             ordinal=ordinal0 + i,
             examples=examples or spec.shards.examples_per_shard,
             sampling=per_shard[i],
-            domains=shard_domains(spec, ordinal0 + i),
+            domains=shard_domains(spec, i, count, rnd - 1),
             arm=pol.arm_id(per_shard[i]),
             cell=tuple(cells[i]) if cells else (),
         )

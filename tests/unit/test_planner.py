@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 
 import pytest
 from genrun.contract.api import RunRef, SpecError, parse_spec
-from genrun.contract.records import RoundReport
+from genrun.contract.records import RoundReport, Sampling, round_plan_from, to_json
 from genrun.operator import conditions as c
 from genrun.operator import policy as pol
 from genrun.operator.planner import (
@@ -22,7 +23,9 @@ from genrun.operator.planner import (
     child_name,
     decide,
     invalid_plan,
+    make_round,
 )
+from genrun.worker.prompts import PromptBuilder
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -53,12 +56,12 @@ def apply(obs: Observed, plan: Plan, phase: str = "Running") -> Observed:
         if isinstance(a, RecordRound):
             rounds[a.plan.round] = a.plan
         elif isinstance(a, CreateShardJob):
-            jobs.append(ObservedJob(a.name, "shard", a.shard.round, a.shard.seed, a.attempt, phase))  # type: ignore[arg-type]
+            jobs.append(ObservedJob(a.name, "shard", a.shard.round, a.shard.seed, a.attempt, phase))
         elif isinstance(a, CreateMergeJob):
             assert a.shards == tuple(
                 (s.round, s.seed) for r in sorted(rounds) if r <= a.round for s in rounds[r].shards
             )
-            jobs.append(ObservedJob(a.name, "merge", a.round, None, a.attempt, phase))  # type: ignore[arg-type]
+            jobs.append(ObservedJob(a.name, "merge", a.round, None, a.attempt, phase))
     return Observed(rounds, tuple(jobs), obs.shards_done, obs.reports)
 
 
@@ -95,10 +98,113 @@ def test_first_round_from_spec() -> None:
     assert [j.shard.seed for j in jobs] == list(range(100, 110))
     assert [j.name for j in jobs][:2] == ["sft-r1-s100", "sft-r1-s101"]
     assert jobs[0].shard.sampling.temperature == 0.7
-    # Domains rotate across shards: each shard starts on a different topic.
-    assert [j.shard.domains[0] for j in jobs[:4]] == ["math", "code", "history", "math"]
+    # 10 shards over 3 domains: each shard writes one domain, dealt in turn (every domain covered, shards share).
+    assert [j.shard.domains for j in jobs[:4]] == [("math",), ("code",), ("history",), ("math",)]
     assert plan.condition(c.PROGRESSING).reason == c.ROUND_STARTED
     assert plan.status is not None and plan.status.observed_generation == 3 and plan.status.round == 1
+
+
+EIGHT = ["geography", "history", "math", "code", "cooking", "law", "music", "biology"]
+
+
+def eight_domains(**over: dict) -> object:
+    return spec_of(prompt={"domains": EIGHT}, **over)
+
+
+SAMPLING = Sampling(0.7, 0.9, 1.1, 0.0, 64)
+
+
+def round_domains(spec: object, rnd: int, count: int, rounds: dict | None = None) -> list[tuple[str, ...]]:
+    plan = make_round(spec, rnd, count, SAMPLING, rounds or {}, "test")
+    return [s.domains for s in plan.shards]
+
+
+def test_a_round_partitions_its_domains_so_a_repeated_instruction_stays_in_one_shard() -> None:
+    """4 shards over 8 domains: disjoint subsets of 2 that cover all 8, so the prompts of a domain, and a model's
+    repeats within it, are all in one shard, where the online in-shard skip sees them."""
+    spec = eight_domains()
+    got = round_domains(spec, 1, 4)
+    assert [len(d) for d in got] == [2, 2, 2, 2]
+    assert sorted(x for d in got for x in d) == sorted(EIGHT)
+    # What each shard's prompts really ask for (the worker's prompt builder over the shard's first 40 prompts).
+    plan = make_round(spec, 1, 4, SAMPLING, {}, "test")
+    asked = [{PromptBuilder.for_shard(spec, s).domain(i) for i in range(40)} for s in plan.shards]
+    assert asked == [set(d) for d in got]
+    assert all(not (a & b) for i, a in enumerate(asked) for b in asked[i + 1 :])
+
+
+def test_more_shards_than_domains_give_each_shard_one_domain_and_cover_all() -> None:
+    got = round_domains(eight_domains(), 1, 10)
+    assert all(len(d) == 1 for d in got)
+    assert {d[0] for d in got} == set(EIGHT)
+    # Shared as evenly as the counts allow: 10 over 8 -> two domains in two shards, the rest in one.
+    counts = sorted(sum(d == (x,) for d in got) for x in EIGHT)
+    assert counts == [1] * 6 + [2, 2]
+
+
+def test_a_round_of_one_shard_keeps_every_domain() -> None:
+    assert round_domains(eight_domains(), 1, 1) == [tuple(EIGHT)]
+    spec = eight_domains()
+    r1 = make_round(spec, 1, 3, SAMPLING, {}, "test")
+    (later,) = round_domains(spec, 2, 1, {1: r1})
+    assert sorted(later) == sorted(EIGHT)
+
+
+@pytest.mark.parametrize("first,second", [(4, 4), (4, 3), (3, 4), (8, 8), (10, 10), (2, 2)])
+def test_the_next_round_deals_other_domains_to_the_same_positions(first: int, second: int) -> None:
+    """Round to round the deal turns (whatever the shard counts), so a position, and the arm the policy gives it,
+    meets other domains; each round on its own still covers every domain."""
+    spec = eight_domains()
+    r1 = make_round(spec, 1, first, SAMPLING, {}, "test")
+    r2 = round_domains(spec, 2, second, {1: r1})
+    before = [s.domains for s in r1.shards]
+    assert all(set(before[i]) != set(r2[i]) for i in range(min(first, second)))
+    assert {x for d in r2 for x in d} == set(EIGHT)
+
+
+def test_rotate_domains_off_gives_every_shard_the_whole_list_in_spec_order() -> None:
+    spec = eight_domains(escalation={"rotateDomains": False})
+    r1 = make_round(spec, 1, 4, SAMPLING, {}, "test")
+    assert [s.domains for s in r1.shards] == [tuple(EIGHT)] * 4
+    assert round_domains(spec, 2, 10, {1: r1}) == [tuple(EIGHT)] * 10
+
+
+def test_a_round_recorded_before_the_partition_keeps_its_domains() -> None:
+    """Restart safety: shards are created from the round plan read back, not from a recomputed one, so a round
+    recorded with every domain in each shard (genrun before the partition) runs with exactly those domains."""
+    spec = eight_domains(shards={"initial": 4})
+    plan = decide(REF, spec, Observed())
+    recorded = next(a for a in plan.actions if isinstance(a, RecordRound)).plan
+    old = dataclasses.replace(
+        recorded,
+        shards=tuple(
+            dataclasses.replace(s, domains=tuple(EIGHT[i:] + EIGHT[:i])) for i, s in enumerate(recorded.shards)
+        ),
+    )
+    read_back = round_plan_from(json.loads(to_json(old)))
+    again = decide(REF, spec, Observed(rounds={1: read_back}))
+    jobs = [a for a in again.actions if isinstance(a, CreateShardJob)]
+    assert [j.shard.domains for j in jobs] == [tuple(EIGHT[i:] + EIGHT[:i]) for i in range(4)]
+    assert not any(isinstance(a, RecordRound) for a in again.actions)
+
+
+@settings(max_examples=200, deadline=None)
+@given(domains=st.integers(1, 12), first=st.integers(1, 20), count=st.integers(1, 20))
+def test_property_every_round_covers_every_domain_and_splits_them_evenly(domains: int, first: int, count: int) -> None:
+    names = [f"d{i}" for i in range(domains)]
+    spec = spec_of(prompt={"domains": names})
+    r1 = make_round(spec, 1, first, SAMPLING, {}, "test")
+    got = round_domains(spec, 2, count, {1: r1})
+    assert {x for d in got for x in d} == set(names)
+    if count == 1:
+        assert sorted(got[0]) == sorted(names)
+    elif count <= domains:  # disjoint, each shard about domains/count of them
+        assert sum(len(d) for d in got) == domains
+        assert max(map(len, got)) - min(map(len, got)) <= 1
+    else:  # one domain a shard, each domain in about count/domains shards
+        assert all(len(d) == 1 for d in got)
+        per = [sum(d == (x,) for d in got) for x in names]
+        assert max(per) - min(per) <= 1
 
 
 def test_problem_numbers_size_round_two_from_marginal_yield() -> None:
