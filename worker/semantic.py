@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -105,11 +106,20 @@ class Embedder:
         return np.asarray(emb, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
-@lru_cache(maxsize=4)
+_LOADING = threading.Lock()
+
+
 def load_embedder(
     model: str = DEFAULT_MODEL, device: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE
 ) -> Embedder:
-    """One model per process and setting: the generator's online check and the QC signals share it."""
+    """One model per process and setting: the generator's online check and the QC signals share it. The shards an
+    engine host starts together ask for it at the same moment; the lock makes that one load, not one per shard."""
+    with _LOADING:
+        return _load_embedder(model, device, batch_size)
+
+
+@lru_cache(maxsize=4)
+def _load_embedder(model: str, device: str | None, batch_size: int) -> Embedder:
     return Embedder(model, device=device, batch_size=batch_size)
 
 

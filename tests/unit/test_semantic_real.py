@@ -194,3 +194,23 @@ def test_domain_adherence_on_real_output(embedder: Any, recorded: list[dict[str,
     assert len(border) == 12 and all(0.1 <= got[k] < 0.13 for k in border)
     assert all(r["off"] for r in lab["borderline"])
     assert _reasons("domain", "domain_margin", [0.3, None], maxMargin=0.5) == [None, None]
+
+
+def test_shards_that_ask_at_once_share_one_model() -> None:
+    """The shards an engine host starts together each ask for the embedding model at the same moment: they get one
+    model, loaded once (a batch size no other test uses, so the load really happens here, in these threads)."""
+    import threading
+
+    got: list[Any] = []
+    start = threading.Barrier(4)
+
+    def ask() -> None:
+        start.wait()
+        got.append(load_embedder(batch_size=23))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(e is got[0] for e in got)
