@@ -16,7 +16,7 @@ on which the model repeats itself): the baseline is the same process on that pro
 response with the instruction, so joint sampling is stood for by instructions first with online dedup and QC before
 responses off: every sample still pays for its response), and genrun's bandit runs over the manifest's own arms.
 
-    python bench/yield.py [--target 300] [--per-shard 30] [--manifest quickstart|problem]
+    python bench/yield.py [--target 300] [--per-shard 30] [--manifest quickstart|problem] [--static T,RP] [--output DIR]
 
 Last line: RESULT baseline_generated=<a> genrun_generated=<b> generated_ratio=<a/b> baseline_tokens=<ta>
 genrun_tokens=<tb> token_ratio=<ta/tb> genrun_final_over_generated=<f> static_tokens=<ts>
@@ -49,6 +49,8 @@ def _arms(grid: tuple[tuple[float, float], ...]) -> list[dict[str, float]]:
     return [{"temperature": t, "topP": 0.9, "repetitionPenalty": rp} for t, rp in grid]
 
 
+# The best static arm in hindsight of each manifest's recorded pools (bench/yield_sim.py --pools quickstart|problem)
+STATIC = {"quickstart": "0.5,1.1", "problem": "0.7,1.1"}
 MANIFESTS = {"quickstart": ROOT / "examples" / "quickstart.yaml", "problem": ROOT / "examples" / "problem.yaml"}
 
 
@@ -93,23 +95,75 @@ def run(name: str, spec: dict, where: Path) -> tuple[int, int, int]:
     return report.generated_total, report.tokens_total, report.qc_passed_total
 
 
+MIN_FLOOR_KEPT = 10  # an arm's cost per kept example counts towards the floor from this many kept rows (not a probe's)
+
+
+def arm_costs(out: Path) -> dict[str, tuple[int, float]]:
+    """Each arm's (kept examples, tokens per kept example with duplicates free) in one run's output folder: the
+    tokens its shards spent (their markers), less what duplicates cost (a skipped instruction its shard's mean
+    instruction tokens, a row the merge dropped as a duplicate its instruction and response tokens), over the kept
+    rows its shards wrote. What the arm would cost if the model never repeated itself."""
+    import pyarrow.parquet as pq
+
+    arm_of = {s["seed"]: s["arm"] for p in sorted((out / "rounds").glob("*/plan.json"))
+              for s in json.loads(p.read_text())["shards"]}  # fmt: skip
+    spent: dict[str, float] = {}
+    for m in sorted((out / "shards").glob("*/*.done.json")):
+        d = json.loads(m.read_text())
+        rows = out / "shards" / m.parent.name / m.name.replace(".done.json", ".parquet")
+        ins = pq.read_table(rows, columns=["instruction_tokens"]).column(0).to_pylist() if rows.exists() else []
+        mean_ins = sum(ins) / len(ins) if ins else 0.0
+        skipped = int(d.get("skipped_online", 0)) + int(d.get("skipped_in_shard", 0))
+        arm = arm_of[int(d["seed"])]
+        spent[arm] = spent.get(arm, 0.0) + float(d["tokens"]) - skipped * mean_ins
+    for f in sorted((out / "rejected").glob("*.parquet")):
+        t = pq.read_table(f, columns=["seed", "duplicate_of", "instruction_tokens", "response_tokens"]).to_pylist()
+        for r in t:
+            if r["duplicate_of"] is not None:
+                arm = arm_of[int(r["seed"])]
+                spent[arm] -= float(r["instruction_tokens"] or 0) + float(r["response_tokens"] or 0)
+    kept: dict[str, int] = {}
+    for f in sorted((out / "dataset" / "data").glob("*.parquet")):
+        for seed in pq.read_table(f, columns=["seed"]).column(0).to_pylist():
+            kept[arm_of[int(seed)]] = kept.get(arm_of[int(seed)], 0) + 1
+    return {a: (k, spent.get(a, 0.0) / k) for a, k in kept.items() if k}
+
+
+def floor_tokens(target: int, outs: list[Path]) -> tuple[float, str]:
+    """target x the cheapest arm's tokens per kept example, duplicates free, over the runs' arms that kept at least
+    MIN_FLOOR_KEPT rows (the issue's floor: what no policy over these arms can beat), and that arm."""
+    costs = [(c, a) for out in outs for a, (k, c) in arm_costs(out).items() if k >= MIN_FLOOR_KEPT]
+    if not costs:
+        return 0.0, ""
+    c, a = min(costs)
+    return target * c, a
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", type=int, default=300)
     ap.add_argument("--per-shard", type=int, default=30)
-    ap.add_argument("--static", default="0.5,1.1", help="T,RP of the best static arm from bench/yield_sim.py")
+    ap.add_argument("--static", help="T,RP of the best static arm bench/yield_sim.py finds in hindsight (default: the "
+                    "quickstart pools' 0.5,1.1; the problem pools' 0.7,1.1, one of examples/problem.yaml's arms)")
+    ap.add_argument("--output", help="keep the three runs' output folders here (default: a temporary folder)")
     ap.add_argument("--manifest", choices=tuple(MANIFESTS), default="quickstart",
                     help="quickstart (the chat prompt) or problem (examples/problem.yaml: the problem's regime)")  # fmt: skip
     args = ap.parse_args()
-    t, rp = (float(x) for x in args.static.split(","))
+    t, rp = (float(x) for x in (args.static or STATIC[args.manifest]).split(","))
     with tempfile.TemporaryDirectory() as d:
-        out = {name: run(name, spec, Path(d))
+        where = Path(args.output) if args.output else Path(d)
+        out = {name: run(name, spec, where)
                for name, spec in specs(args.target, args.per_shard, (t, rp), args.manifest).items()}  # fmt: skip
+        floor, arm = floor_tokens(args.target, [where / "genrun", where / "static"])
     (ga, ta, _), (gb, tb, kb), (_, ts, _) = out["baseline"], out["genrun"], out["static"]
+    print(f"floor: {floor:,.0f} tokens = target {args.target} x {floor / args.target:.1f} tokens per kept example of "
+          f"the cheapest arm ({arm}) with duplicates free; the process costs {ta / floor:.2f}x it, so at most "
+          f"{ta / floor:.2f}x fewer tokens than the process is possible for any policy over these arms")  # fmt: skip
     print(
         f"RESULT baseline_generated={ga} genrun_generated={gb} generated_ratio={ga / gb:.2f} baseline_tokens={ta} "
         f"genrun_tokens={tb} token_ratio={ta / tb:.2f} genrun_final_over_generated={kb / gb:.3f} "
-        f"static_tokens={ts} genrun_over_static={tb / ts:.2f}"
+        f"static_tokens={ts} genrun_over_static={tb / ts:.2f} floor_tokens={floor:.0f} "
+        f"baseline_over_floor={ta / floor:.2f} genrun_over_floor={tb / floor:.2f}"
     )
 
 
