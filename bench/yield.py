@@ -143,8 +143,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", type=int, default=300)
     ap.add_argument("--per-shard", type=int, default=30)
-    ap.add_argument("--static", help="T,RP of the best static arm bench/yield_sim.py finds in hindsight (default: the "
-                    "quickstart pools' 0.5,1.1; the problem pools' 0.7,1.1, one of examples/problem.yaml's arms)")
+    ap.add_argument(
+        "--static",
+        help="T,RP of the best static arm bench/yield_sim.py finds in hindsight (default: the "
+        "quickstart pools' 0.5,1.1; the problem pools' 0.7,1.1, one of examples/problem.yaml's arms)",
+    )
     ap.add_argument("--output", help="keep the three runs' output folders here (default: a temporary folder)")
     ap.add_argument("--manifest", choices=tuple(MANIFESTS), default="quickstart",
                     help="quickstart (the chat prompt) or problem (examples/problem.yaml: the problem's regime)")  # fmt: skip
