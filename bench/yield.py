@@ -103,30 +103,28 @@ def arm_costs(out: Path) -> dict[str, tuple[int, float]]:
     tokens its shards spent (their markers), less what duplicates cost (a skipped instruction its shard's mean
     instruction tokens, a row the merge dropped as a duplicate its instruction and response tokens), over the kept
     rows its shards wrote. What the arm would cost if the model never repeated itself."""
+    from collections import Counter
+
     import pyarrow.parquet as pq
 
-    arm_of = {s["seed"]: s["arm"] for p in sorted((out / "rounds").glob("*/plan.json"))
-              for s in json.loads(p.read_text())["shards"]}  # fmt: skip
-    spent: dict[str, float] = {}
+    plans = [rec.round_plan_from(json.loads(p.read_text())) for p in sorted((out / "rounds").glob("*/plan.json"))]
+    arm_of = {s.seed: s.arm for plan in plans for s in plan.shards}
+    spent: Counter[str] = Counter()
     for m in sorted((out / "shards").glob("*/*.done.json")):
-        d = json.loads(m.read_text())
-        rows = out / "shards" / m.parent.name / m.name.replace(".done.json", ".parquet")
+        shard = rec.shard_manifest_from(json.loads(m.read_text()))
+        rows = out / rec.shard_data_key(shard.round, shard.seed)
         ins = pq.read_table(rows, columns=["instruction_tokens"]).column(0).to_pylist() if rows.exists() else []
-        mean_ins = sum(ins) / len(ins) if ins else 0.0
-        skipped = int(d.get("skipped_online", 0)) + int(d.get("skipped_in_shard", 0))
-        arm = arm_of[int(d["seed"])]
-        spent[arm] = spent.get(arm, 0.0) + float(d["tokens"]) - skipped * mean_ins
+        skipped = shard.skipped_online + shard.skipped_in_shard
+        spent[arm_of[shard.seed]] += shard.tokens - (skipped * sum(ins) / len(ins) if ins else 0.0)
     for f in sorted((out / "rejected").glob("*.parquet")):
-        t = pq.read_table(f, columns=["seed", "duplicate_of", "instruction_tokens", "response_tokens"]).to_pylist()
-        for r in t:
+        for r in pq.read_table(
+            f, columns=["seed", "duplicate_of", "instruction_tokens", "response_tokens"]
+        ).to_pylist():
             if r["duplicate_of"] is not None:
-                arm = arm_of[int(r["seed"])]
-                spent[arm] -= float(r["instruction_tokens"] or 0) + float(r["response_tokens"] or 0)
-    kept: dict[str, int] = {}
-    for f in sorted((out / "dataset" / "data").glob("*.parquet")):
-        for seed in pq.read_table(f, columns=["seed"]).column(0).to_pylist():
-            kept[arm_of[int(seed)]] = kept.get(arm_of[int(seed)], 0) + 1
-    return {a: (k, spent.get(a, 0.0) / k) for a, k in kept.items() if k}
+                spent[arm_of[int(r["seed"])]] -= (r["instruction_tokens"] or 0) + (r["response_tokens"] or 0)
+    kept = Counter(arm_of[int(seed)] for f in sorted((out / "dataset" / "data").glob("*.parquet"))
+                   for seed in pq.read_table(f, columns=["seed"]).column(0).to_pylist())  # fmt: skip
+    return {a: (k, spent[a] / k) for a, k in kept.items()}
 
 
 def floor_tokens(target: int, outs: list[Path]) -> tuple[float, str]:
@@ -159,14 +157,18 @@ def main() -> None:
                for name, spec in specs(args.target, args.per_shard, (t, rp), args.manifest).items()}  # fmt: skip
         floor, arm = floor_tokens(args.target, [where / "genrun", where / "static"])
     (ga, ta, _), (gb, tb, kb), (_, ts, _) = out["baseline"], out["genrun"], out["static"]
-    print(f"floor: {floor:,.0f} tokens = target {args.target} x {floor / args.target:.1f} tokens per kept example of "
-          f"the cheapest arm ({arm}) with duplicates free; the process costs {ta / floor:.2f}x it, so at most "
-          f"{ta / floor:.2f}x fewer tokens than the process is possible for any policy over these arms")  # fmt: skip
+    if floor > 0:
+        print(f"floor: {floor:,.0f} tokens = target {args.target} x {floor / args.target:.1f} tokens per kept example "
+              f"of the cheapest arm ({arm}) with duplicates free; the process costs {ta / floor:.2f}x it, so at most "
+              f"{ta / floor:.2f}x fewer tokens than the process is possible for any policy over these arms")  # fmt: skip
+    else:
+        print(f"floor: no arm kept {MIN_FLOOR_KEPT} rows; no floor measured (nan)")
+    a_floor, b_floor = (ta / floor, tb / floor) if floor > 0 else (float("nan"), float("nan"))
     print(
         f"RESULT baseline_generated={ga} genrun_generated={gb} generated_ratio={ga / gb:.2f} baseline_tokens={ta} "
         f"genrun_tokens={tb} token_ratio={ta / tb:.2f} genrun_final_over_generated={kb / gb:.3f} "
         f"static_tokens={ts} genrun_over_static={tb / ts:.2f} floor_tokens={floor:.0f} "
-        f"baseline_over_floor={ta / floor:.2f} genrun_over_floor={tb / floor:.2f}"
+        f"baseline_over_floor={a_floor:.2f} genrun_over_floor={b_floor:.2f}"
     )
 
 

@@ -4,12 +4,12 @@ figures are worked out by hand below (the real-engine script itself takes minute
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from types import ModuleType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from genrun.contract import records as rec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,18 +23,20 @@ def _bench() -> ModuleType:
 
 
 def _shard(out: Path, seed: int, tokens: int, skipped: tuple[int, int], instruction_tokens: list[int]) -> None:
-    d = out / "shards" / "r0001"
-    d.mkdir(parents=True, exist_ok=True)
-    marker = {"seed": seed, "tokens": tokens, "skipped_online": skipped[0], "skipped_in_shard": skipped[1]}
-    (d / f"s{seed:010d}.done.json").write_text(json.dumps(marker))
-    pq.write_table(pa.table({"instruction_tokens": instruction_tokens}), d / f"s{seed:010d}.parquet")
+    marker = rec.ShardManifest(1, seed, len(instruction_tokens), 0, skipped[0], skipped[1], 0, tokens, 1.0, "")
+    (out / rec.shard_manifest_key(1, seed)).parent.mkdir(parents=True, exist_ok=True)
+    (out / rec.shard_manifest_key(1, seed)).write_text(rec.to_json(marker))
+    pq.write_table(pa.table({"instruction_tokens": instruction_tokens}), out / rec.shard_data_key(1, seed))
 
 
 def _folder(out: Path) -> None:
     """Arm a: seeds 1 and 2; arm b: seed 3 (too few kept rows to count towards the floor)."""
-    (out / "rounds" / "r0001").mkdir(parents=True)
-    plan = {"shards": [{"seed": 1, "arm": "a"}, {"seed": 2, "arm": "a"}, {"seed": 3, "arm": "b"}]}
-    (out / "rounds" / "r0001" / "plan.json").write_text(json.dumps(plan))
+    sampling = rec.Sampling(0.7, 0.9, 1.1, 0.0, 128)
+    shards = tuple(
+        rec.ShardPlan(1, seed, seed - 1, 10, sampling, arm=arm) for seed, arm in ((1, "a"), (2, "a"), (3, "b"))
+    )
+    (out / rec.round_plan_key(1)).parent.mkdir(parents=True)
+    (out / rec.round_plan_key(1)).write_text(rec.to_json(rec.RoundPlan(1, shards, sampling)))
     _shard(out, 1, 1000, (2, 1), [10] * 10)  # 3 skipped at a mean of 10 instruction tokens: 30 of its 1,000
     _shard(out, 2, 800, (0, 0), [20] * 8)
     _shard(out, 3, 100, (0, 0), [5])
