@@ -19,6 +19,12 @@ as many tokens as the run spent, both in one invocation of this script (machines
    seconds are those batches' seconds pro-rated to exactly the run's tokens (tokens / the throughput measured), so
    floor_s = start-up + the run's tokens / the floor engine's throughput.
 
+3. Where genrun's time went (`timeline`, from what its output folder records): spawn to the engine's process, the
+   engine's start-up, each round's generation window (its first shard's start to its last marker) and what lies
+   between windows (the merges, planning the next round), and the exit; each with how much more it took than the
+   floor spends on the same (the floor's start-up; the round's tokens at the floor engine's throughput), and their sum
+   by kind, which adds up to genrun_s - floor_s.
+
 Last line: RESULT genrun_s=<wall> floor_s=<start-up + generation> ratio=<genrun/floor> engine_starts=<n>
 startup_share=<genrun's start-up seconds over its engines' device-seconds (or wall)>
 
@@ -40,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from genrun.contract import records as rec
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = "_genrun"  # operator/local.py's runner bookkeeping under the output
@@ -92,6 +99,52 @@ def _from_logs(out: Path, wall: float) -> EngineUse:
     return EngineUse(starts, startup, startup / wall if wall > 0 else 0.0, f"{STATE}/logs (one engine per shard)")
 
 
+@dataclass(frozen=True)
+class Span:
+    """One stretch of genrun's wall time: `seconds` long, of which `over` is more than the floor would spend on it
+    (for a round: its generation window less its tokens at the floor engine's throughput)."""
+
+    what: str
+    seconds: float
+    over: float
+    kind: str  # "start" (spawn to engine ready), "round", "between" (merges, planning), "exit"
+
+
+def timeline(out: Path, spawned: float, wall: float, floor_startup: float, rate: float) -> list[Span]:
+    """Where genrun's wall time went, from what its output folder records (Unix times): the engine sessions' start and
+    ready, each shard's completion marker (written when the shard ends: its mtime; the shard began its `seconds`
+    before), each round's merge report (its mtime). A round's generation window runs from its first shard's start to
+    its last marker; what lies between windows is the merges and the planning of the next round."""
+    sessions = [rec.engine_session_from(json.loads(p.read_text())) for p in sorted((out / "engines").glob("*.json"))]
+    started = min((x.started for x in sessions), default=spawned)
+    ready = min((x.ready for x in sessions if x.ready), default=started)
+    spans = [
+        Span("runner start to the engine's process", started - spawned, started - spawned, "start"),
+        Span("engine start-up (process to ready)", ready - started, ready - started - floor_startup, "start"),
+    ]
+    last = ready
+    for plan_file in sorted((out / "rounds").glob("*/plan.json")):
+        plan = rec.round_plan_from(json.loads(plan_file.read_text()))
+        marks = [out / rec.shard_manifest_key(plan.round, s.seed) for s in plan.shards]
+        done = [(m.stat().st_mtime, rec.shard_manifest_from(json.loads(m.read_text()))) for m in marks if m.exists()]
+        if not done:
+            break
+        begin = min(t - m.seconds for t, m in done)
+        end = max(t for t, _ in done)
+        tokens = sum(m.tokens for _, m in done)
+        sampled = sum(m.generated for _, m in done)
+        spans.append(Span(f"before round {plan.round} (merge, planning)", max(0.0, begin - last),
+                          max(0.0, begin - last), "between"))  # fmt: skip
+        at_floor = tokens / rate if rate > 0 else 0.0
+        spans.append(Span(f"round {plan.round}: {len(done)} shard(s), {sampled} sampled, {tokens:,} tokens",
+                          end - begin, end - begin - at_floor, "round"))  # fmt: skip
+        report = out / rec.round_report_key(plan.round)
+        last = report.stat().st_mtime if report.exists() else end
+        spans.append(Span(f"round {plan.round}'s merge", last - end, last - end, "between"))
+    spans.append(Span("after the last merge to exit", spawned + wall - last, spawned + wall - last, "exit"))
+    return spans
+
+
 def floor_seconds(startup: float, generation: float, generated: int, wanted: int) -> float:
     """Start-up plus `wanted` tokens at the throughput measured (`generated` tokens in `generation` seconds)."""
     return startup + (generation * wanted / generated if generated > 0 else 0.0)
@@ -113,16 +166,18 @@ def manifest_with_target(src: Path, target: int, dst: Path) -> Path:
     return dst
 
 
-def run_genrun(manifest: Path, out: Path, engine: str) -> float:
+def run_genrun(manifest: Path, out: Path, engine: str) -> tuple[float, float]:
+    """genrun's wall time and the Unix time it was spawned at."""
     cmd = [sys.executable, "-P", "-m", "genrun.operator.cli", "run", str(manifest), "--output", str(out)]
     cmd += ["--engine", engine, "-q"]
+    spawned = time.time()
     t0 = time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.monotonic() - t0
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
         sys.exit(f"floor: genrun run ended with exit code {res.returncode}: {' | '.join(tail)}")
-    return wall
+    return wall, spawned
 
 
 def run_floor(manifest: Path, engine: str, tokens: int) -> dict[str, float]:
@@ -188,7 +243,7 @@ def main() -> None:
     # A throwaway engine first, so that genrun and the floor both start from a page cache that holds the libraries
     # and the weights: whichever ran first would otherwise also pay for reading them from disk.
     run_floor(manifest, args.engine, 1)
-    wall = run_genrun(manifest, out, args.engine)
+    wall, spawned = run_genrun(manifest, out, args.engine)
     status: dict[str, Any] = json.loads((out / "status.json").read_text())["status"]
     tokens = int(status["totals"]["tokens"])
     use = engine_use(out, wall)
@@ -202,7 +257,18 @@ def main() -> None:
     print(f"floor: start-up {got['startup']:.1f} s (spawn to engine ready), then {int(got['generated']):,} tokens in "
           f"batches of {int(got['batch'])} in {got['generation']:.1f} s ({rate:,.1f} tokens/s): {tokens:,} tokens "
           f"need {floor - got['startup']:.1f} s")  # fmt: skip
+    print_timeline(timeline(out, spawned, wall, got["startup"], rate), wall - floor)
     print(result_line(wall, floor, use))
+
+
+def print_timeline(spans: list[Span], gap: float) -> None:
+    print("where genrun's time went (over: more than the floor spends on the same: its start-up, the round's tokens "
+          "at its throughput):")  # fmt: skip
+    for x in spans:
+        print(f"  {x.what:<64} {x.seconds:6.1f} s  over {x.over:+6.1f} s")
+    by = {k: sum(x.over for x in spans if x.kind == k) for k in ("start", "round", "between", "exit")}
+    print(f"  genrun - floor = {gap:+.1f} s: start {by['start']:+.1f}, rounds {by['round']:+.1f}, between rounds "
+          f"{by['between']:+.1f}, exit {by['exit']:+.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -84,6 +84,53 @@ def test_the_floor_is_start_up_plus_the_runs_tokens_at_the_measured_throughput()
     assert line == "RESULT genrun_s=340.0 floor_s=170.0 ratio=2.000 engine_starts=8 startup_share=0.4706"
 
 
+def _write(path: Path, obj: object, mtime: float | None = None) -> None:
+    from genrun.contract import records as rec
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rec.to_json(obj))
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+def test_the_timeline_splits_genruns_wall_time_into_start_rounds_merges_and_exit(tmp_path: Path) -> None:
+    """A hand-made run: spawned at 1000, its engine's process started at 1001 and ready at 1013; round 1's two shards
+    ran 1013-1020 and 1014-1021 (markers at 1020 and 1021, 7 s each), merged at 1022; round 2's shard ran 1023-1043,
+    merged at 1044; the run ended at 1046. The floor starts in 11 s and generates 100 tokens/s."""
+    from genrun.contract import records as rec
+
+    fl = _floor()
+    s = rec.Sampling(0.7, 0.9, 1.1, 0.0, 128)
+    _write(tmp_path / "engines" / "e.json", rec.EngineSession(name="e", started=1001.0, ready=1013.0))
+    for rnd, seeds in ((1, (100, 101)), (2, (102,))):
+        shards = tuple(rec.ShardPlan(rnd, seed, seed - 100, 3, s) for seed in seeds)
+        _write(tmp_path / rec.round_plan_key(rnd), rec.RoundPlan(rnd, shards, s))
+    for rnd, seed, end, seconds, tokens in (
+        (1, 100, 1020, 7.0, 150),
+        (1, 101, 1021, 7.0, 250),
+        (2, 102, 1043, 20.0, 1500),
+    ):
+        marker = rec.ShardManifest(rnd, seed, 3, 3, 0, 0, 0, tokens, seconds, "d")
+        _write(tmp_path / rec.shard_manifest_key(rnd, seed), marker, end)
+    _write(tmp_path / rec.round_report_key(1), {"round": 1}, 1022)
+    _write(tmp_path / rec.round_report_key(2), {"round": 2}, 1044)
+    spans = fl.timeline(tmp_path, 1000.0, 46.0, 11.0, 100.0)
+    got = [(x.kind, round(x.seconds, 6), round(x.over, 6)) for x in spans]
+    assert got == [
+        ("start", 1.0, 1.0),  # spawn to the engine's process
+        ("start", 12.0, 1.0),  # its start-up, 1 s more than the floor's
+        ("between", 0.0, 0.0),
+        ("round", 8.0, 4.0),  # 1013-1021; 400 tokens at 100/s are 4 s
+        ("between", 1.0, 1.0),  # round 1's merge
+        ("between", 1.0, 1.0),  # merged at 1022, round 2 began at 1023
+        ("round", 20.0, 5.0),  # 1,500 tokens: 15 s
+        ("between", 1.0, 1.0),
+        ("exit", 2.0, 2.0),
+    ]
+    assert "2 shard(s)" in spans[3].what and "400 tokens" in spans[3].what
+    assert abs(sum(x.seconds for x in spans) - 46.0) < 1e-9  # the spans tile the wall time
+
+
 def test_floor_bench_end_to_end_on_the_replay_engine(tmp_path: Path) -> None:
     """The quickstart with a small target, genrun and the floor both on the replay engine: the last line has the
     issue's format, its engine starts are the shard processes that generated, its ratio the one of its figures."""
