@@ -181,9 +181,10 @@ def make_round(
     arms: Sequence[Sampling] = (),
     examples: int = 0,
     cells: Sequence[pol.Cell] = (),
+    sizes: Sequence[int] = (),
 ) -> RoundPlan:
     """A round of `count` shards with fresh seeds; each shard runs arms[i] (default: `sampling` for all) and
-    cells[i] (default: none, each prompt draws its attribute values), writes `examples` rows (default:
+    cells[i] (default: none, each prompt draws its attribute values), writes sizes[i] rows (default: `examples`, or
     spec.shards.examplesPerShard) and gets its share of the domains (`shard_domains`, turned by the round's index).
     The round's `sampling` is its most used arm."""
     used = [s for p in rounds.values() for s in p.shards]
@@ -195,7 +196,7 @@ def make_round(
             round=rnd,
             seed=seed0 + i,
             ordinal=ordinal0 + i,
-            examples=examples or spec.shards.examples_per_shard,
+            examples=sizes[i] if sizes else (examples or spec.shards.examples_per_shard),
             sampling=per_shard[i],
             domains=shard_domains(spec, i, count, rnd - 1),
             arm=pol.arm_id(per_shard[i]),
@@ -416,6 +417,7 @@ class _Decision:
             arms=nxt.arms,
             examples=nxt.examples,
             cells=nxt.cells,
+            sizes=nxt.sizes,
         )
         self.states[rnd] = [_ShardState(s, "create") for s in plan.shards]
         actions: list[Action] = [RecordRound(plan), *_shard_creates(spec, self.ref, self.states[rnd], active=0)]

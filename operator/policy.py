@@ -454,10 +454,11 @@ def size_round(
     return Sizing(cap, per, False, why)
 
 
-def pilot(spec: GenerationRunSpec) -> tuple[list[Sampling], int, str]:
+def pilot(spec: GenerationRunSpec) -> tuple[list[Sampling], list[int], str]:
     """Round 1 under the bandit: pilotShare of the target in examples (the least the run can need), spread evenly
     over the arms, each arm's probe at least `probe_examples` (enough to retire an arm that passes no QC) and at
-    most examplesPerShard per shard. Returns (arm per shard, examples per shard, why)."""
+    most examplesPerShard per shard; and the shard that runs spec.sampling itself a real one (`base_commitment`).
+    Returns (arm per shard, examples per shard, why)."""
     space = arms(spec)
     eps = spec.shards.examples_per_shard
     probe = min(eps, probe_examples(spec))
@@ -467,13 +468,36 @@ def pilot(spec: GenerationRunSpec) -> tuple[list[Sampling], int, str]:
     per = min(eps, max(probe, math.ceil(want / n)))
     # Fewer shards than arms: spread the shards evenly over the arm list (its ends included).
     idx = [round(i * (len(space) - 1) / (n - 1)) if n > 1 else 0 for i in range(n)] if n < len(space) else None
-    picked = [space[i] for i in idx] if idx is not None else [space[i % len(space)] for i in range(n)]
+    picked = sorted([space[i] for i in idx] if idx is not None else [space[i % len(space)] for i in range(n)],
+                    key=space.index)  # fmt: skip
     why = (
         f"pilot: {n} shard(s) x {per} examples over {len({arm_id(s) for s in picked})} arm(s) "
         f"(spec.policy.pilotShare={spec.policy.pilot_share:g} of the target; {probe} examples retire an arm that "
         f"passes no QC with confidence {spec.policy.retire_confidence:g})"
     )
-    return sorted(picked, key=space.index), per, why
+    base = base_sampling(spec)
+    if base not in picked:
+        return picked, [per] * n, why
+    commit = base_commitment(spec, per * n)
+    sizes = [per] * n
+    if commit > per:
+        sizes[picked.index(base)] = commit
+        why += f"; the shard at spec.sampling ({arm_id(base)}) writes {commit}, {GROWTH}x the probes at most"
+    return picked, sizes, why
+
+
+def base_commitment(spec: GenerationRunSpec, probes: int) -> int:
+    """Examples for round 1's shard at spec.sampling, the arm the user chose (the one a run without the bandit would
+    use throughout). A round's engine passes are latency-bound at a small batch (a decode step costs nearly as much for
+    a few sequences as for dozens), so a pilot of probes alone is mostly latency, and it leaves round 2 sized from a
+    handful of examples: too wide an estimate to finish in. So that shard does real work while the other arms are
+    probed: at most GROWTH x the `probes` (the bound the growth
+    rule puts on later rounds: what round 1 commits before any evidence stays a bounded multiple of its exploration),
+    examplesPerShard, and what an approach round would commit at the uninformed prior (a yield of 0.5 +- sqrt(1/12))."""
+    b = spec.budget
+    prior = size_round(spec, spec.target.unique_examples, 0.5, math.sqrt(1 / 12), b.max_generated_examples, 1,
+                       b.max_rounds <= 1, 0, b.max_rounds)  # fmt: skip
+    return min(spec.shards.examples_per_shard, GROWTH * probes, prior.shards * prior.examples)
 
 
 def projections(

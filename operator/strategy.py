@@ -42,8 +42,9 @@ class Room:
 @dataclass(frozen=True)
 class NextRound:
     """A round to start: `count` shards, each running arms[i] (default: `sampling` for all) and cells[i] (default: none,
-    each prompt draws its attribute values), writing `examples` rows each (0: spec.shards.examplesPerShard); `why`
-    becomes the round plan's reason, `announce` (a condition reason and a message) an Event of its own."""
+    each prompt draws its attribute values), writing sizes[i] rows, or else `examples` each (0:
+    spec.shards.examplesPerShard); `why` becomes the round plan's reason, `announce` (a condition reason and a message)
+    an Event of its own."""
 
     count: int
     sampling: Sampling
@@ -52,6 +53,7 @@ class NextRound:
     examples: int = 0
     cells: tuple[pol.Cell, ...] = ()
     announce: tuple[str, str] | None = None
+    sizes: tuple[int, ...] = ()  # examples of each shard, when they differ (the pilot); else `examples` for all
 
 
 @dataclass(frozen=True)
@@ -179,9 +181,9 @@ class Bandit:
     def first_round(self, spec: GenerationRunSpec) -> NextRound:
         if spec.policy.pilot_share <= 0:
             return LADDER.first_round(spec)
-        picked, per, why = pol.pilot(spec)
+        picked, sizes, why = pol.pilot(spec)
         cells = pol.pilot_cells(spec, len(picked), pol.round_rng(spec, 1))
-        return NextRound(len(picked), picked[0], why, tuple(picked), per, tuple(cells))
+        return NextRound(len(picked), picked[0], why, tuple(picked), cells=tuple(cells), sizes=tuple(sizes))
 
     def next_round(self, spec: GenerationRunSpec, ev: Evidence, room: Room) -> NextRound | Exhausted:
         b, rnd = spec.budget, max(ev.rounds)

@@ -106,7 +106,8 @@ def test_pilot_samples_a_share_of_the_target_over_every_arm() -> None:
     plan = decide(REF, spec, Observed())
     shards = [a.shard for a in plan.actions if isinstance(a, CreateShardJob)]
     assert {s.sampling for s in shards} == set(pol.arms(spec))  # every arm measured in round 1
-    assert sum(s.examples for s in shards) <= 0.05 * 6000 + len(shards)  # never the whole first budget blind
+    probes = [s for s in shards if s.sampling != pol.base_sampling(spec)]
+    assert sum(s.examples for s in probes) <= 0.05 * 6000 + len(shards)  # the other arms: probes
     assert len({s.seed for s in shards}) == len(shards)
     # A small target still gets one shard per arm: a probe just large enough to retire an arm that passes no QC.
     small = [
@@ -114,7 +115,34 @@ def test_pilot_samples_a_share_of_the_target_over_every_arm() -> None:
         for a in decide(REF, spec_of(target={"uniqueExamples": 50}), Observed()).actions
         if isinstance(a, CreateShardJob)
     ]
-    assert len(small) == 4 and all(s.examples == pol.probe_examples(spec) for s in small)
+    assert len(small) == 4 and all(s.examples == pol.probe_examples(spec) for s in small[1:])
+
+
+@pytest.mark.parametrize(
+    ("target", "per_shard", "base_examples", "probe"),
+    [
+        (6000, 400, 400, 75),  # examplesPerShard (4x the pilot's 4 x 75 examples would be 1,200)
+        (100, 40, 32, 2),  # 4x the pilot's 4 x 2 examples
+        (20, 40, 25, 2),  # the prior's approach round: (20 + 10%) / 0.87, the optimistic end of a yield of 0.5
+        (100, 10, 10, 2),  # examplesPerShard
+    ],
+)
+def test_the_pilot_gives_the_users_own_sampling_a_real_shard_bounded_by_the_probes(
+    target: int, per_shard: int, base_examples: int, probe: int
+) -> None:
+    """Round 1 probes the other arms and gives the shard at spec.sampling up to GROWTH x the pilot's examples (at most
+    examplesPerShard, and what the prior's approach round would commit): real work on the arm the user chose, and a
+    round-2 estimate from more than a handful of examples; what it commits blind stays a bounded multiple of the
+    exploration. With explicit arms that leave spec.sampling out, every shard is a probe."""
+    spec = spec_of(target={"uniqueExamples": target}, shards={"examplesPerShard": per_shard})
+    plan = decide(REF, spec, Observed())
+    shards = [a.shard for a in plan.actions if isinstance(a, CreateShardJob)]
+    assert [s.sampling for s in shards] == list(pol.arms(spec))
+    assert [s.examples for s in shards] == [base_examples] + [probe] * 3  # the probes: pilotShare, or the least
+    assert "the shard at spec.sampling (t0.7-p0.9-r1.1) writes" in plan.events[0].message
+    other = spec_of(policy={"arms": [{"temperature": 0.5}, {"temperature": 0.9}]})
+    shards = [a.shard for a in decide(REF, other, Observed()).actions if isinstance(a, CreateShardJob)]
+    assert len({s.examples for s in shards}) == 1
 
 
 @pytest.mark.parametrize(("floor", "conf", "probe"), [(0.7, 0.9, 2), (0.7, 0.95, 3), (0.5, 0.95, 5), (0.9, 0.98, 2)])
