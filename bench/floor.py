@@ -133,8 +133,9 @@ def timeline(out: Path, spawned: float, wall: float, floor_startup: float, rate:
         end = max(t for t, _ in done)
         tokens = sum(m.tokens for _, m in done)
         sampled = sum(m.generated for _, m in done)
-        spans.append(Span(f"before round {plan.round} (merge, planning)", max(0.0, begin - last),
-                          max(0.0, begin - last), "between"))  # fmt: skip
+        # Not clamped at 0: an overlap (a round begun before the last merge's report) shows as a negative gap, and
+        # the spans still add up to the wall time.
+        spans.append(Span(f"before round {plan.round} (merge, planning)", begin - last, begin - last, "between"))
         at_floor = tokens / rate if rate > 0 else 0.0
         spans.append(Span(f"round {plan.round}: {len(done)} shard(s), {sampled} sampled, {tokens:,} tokens",
                           end - begin, end - begin - at_floor, "round"))  # fmt: skip

@@ -478,7 +478,7 @@ def pilot(spec: GenerationRunSpec) -> tuple[list[Sampling], list[int], str]:
     base = base_sampling(spec)
     if base not in picked:
         return picked, [per] * n, why
-    commit = base_commitment(spec, per * n)
+    commit = base_commitment(spec, per * n, per * (n - 1))
     sizes = [per] * n
     if commit > per:
         sizes[picked.index(base)] = commit
@@ -486,18 +486,20 @@ def pilot(spec: GenerationRunSpec) -> tuple[list[Sampling], list[int], str]:
     return picked, sizes, why
 
 
-def base_commitment(spec: GenerationRunSpec, probes: int) -> int:
+def base_commitment(spec: GenerationRunSpec, probes: int, others: int) -> int:
     """Examples for round 1's shard at spec.sampling, the arm the user chose (the one a run without the bandit would
     use throughout). A round's engine passes are latency-bound at a small batch (a decode step costs nearly as much for
     a few sequences as for dozens), so a pilot of probes alone is mostly latency, and it leaves round 2 sized from a
     handful of examples: too wide an estimate to finish in. So that shard does real work while the other arms are
     probed: at most GROWTH x the `probes` (the bound the growth
     rule puts on later rounds: what round 1 commits before any evidence stays a bounded multiple of its exploration),
-    examplesPerShard, and what an approach round would commit at the uninformed prior (a yield of 0.5 +- sqrt(1/12))."""
+    examplesPerShard, and, with the `others` examples of the round's other shards, what an approach round would commit
+    at the uninformed prior (a yield of 0.5 +- sqrt(1/12)) and what the budget's maxGeneratedExamples allows."""
     b = spec.budget
-    prior = size_round(spec, spec.target.unique_examples, 0.5, math.sqrt(1 / 12), b.max_generated_examples, 1,
-                       b.max_rounds <= 1, 0, b.max_rounds)  # fmt: skip
-    return min(spec.shards.examples_per_shard, GROWTH * probes, prior.shards * prior.examples)
+    prior, _, _ = examples_for(
+        spec, spec.target.unique_examples, 0.5, math.sqrt(1 / 12), b.max_rounds <= 1, b.max_rounds
+    )
+    return min(spec.shards.examples_per_shard, GROWTH * probes, prior - others, b.max_generated_examples - others)
 
 
 def projections(

@@ -95,8 +95,9 @@ def _write(path: Path, obj: object, mtime: float | None = None) -> None:
 
 def test_the_timeline_splits_genruns_wall_time_into_start_rounds_merges_and_exit(tmp_path: Path) -> None:
     """A hand-made run: spawned at 1000, its engine's process started at 1001 and ready at 1013; round 1's two shards
-    ran 1013-1020 and 1014-1021 (markers at 1020 and 1021, 7 s each), merged at 1022; round 2's shard ran 1023-1043,
-    merged at 1044; the run ended at 1046. The floor starts in 11 s and generates 100 tokens/s."""
+    ran 1014-1020 and 1013-1021 (markers at 1020 and 1021, 6 s and 8 s), merged at 1022; round 2's shard ran
+    1023-1043 and its merge left no report (the span ends at its marker); the run ended at 1046. The floor starts in
+    11 s and generates 100 tokens/s."""
     from genrun.contract import records as rec
 
     fl = _floor()
@@ -106,14 +107,13 @@ def test_the_timeline_splits_genruns_wall_time_into_start_rounds_merges_and_exit
         shards = tuple(rec.ShardPlan(rnd, seed, seed - 100, 3, s) for seed in seeds)
         _write(tmp_path / rec.round_plan_key(rnd), rec.RoundPlan(rnd, shards, s))
     for rnd, seed, end, seconds, tokens in (
-        (1, 100, 1020, 7.0, 150),
-        (1, 101, 1021, 7.0, 250),
+        (1, 100, 1020, 6.0, 150),
+        (1, 101, 1021, 8.0, 250),
         (2, 102, 1043, 20.0, 1500),
     ):
         marker = rec.ShardManifest(rnd, seed, 3, 3, 0, 0, 0, tokens, seconds, "d")
         _write(tmp_path / rec.shard_manifest_key(rnd, seed), marker, end)
     _write(tmp_path / rec.round_report_key(1), {"round": 1}, 1022)
-    _write(tmp_path / rec.round_report_key(2), {"round": 2}, 1044)
     spans = fl.timeline(tmp_path, 1000.0, 46.0, 11.0, 100.0)
     got = [(x.kind, round(x.seconds, 6), round(x.over, 6)) for x in spans]
     assert got == [
@@ -124,8 +124,8 @@ def test_the_timeline_splits_genruns_wall_time_into_start_rounds_merges_and_exit
         ("between", 1.0, 1.0),  # round 1's merge
         ("between", 1.0, 1.0),  # merged at 1022, round 2 began at 1023
         ("round", 20.0, 5.0),  # 1,500 tokens: 15 s
-        ("between", 1.0, 1.0),
-        ("exit", 2.0, 2.0),
+        ("between", 0.0, 0.0),  # no report: the merge's time counts in the exit
+        ("exit", 3.0, 3.0),
     ]
     assert "2 shard(s)" in spans[3].what and "400 tokens" in spans[3].what
     assert abs(sum(x.seconds for x in spans) - 46.0) < 1e-9  # the spans tile the wall time

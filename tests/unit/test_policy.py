@@ -123,7 +123,7 @@ def test_pilot_samples_a_share_of_the_target_over_every_arm() -> None:
     [
         (6000, 400, 400, 75),  # examplesPerShard (4x the pilot's 4 x 75 examples would be 1,200)
         (100, 40, 32, 2),  # 4x the pilot's 4 x 2 examples
-        (20, 40, 25, 2),  # the prior's approach round: (20 + 10%) / 0.87, the optimistic end of a yield of 0.5
+        (20, 40, 19, 2),  # the prior's approach round, (20 + 10%) / 0.87 = 25, less the other shards' 6
         (100, 10, 10, 2),  # examplesPerShard
     ],
 )
@@ -140,6 +140,10 @@ def test_the_pilot_gives_the_users_own_sampling_a_real_shard_bounded_by_the_prob
     assert [s.sampling for s in shards] == list(pol.arms(spec))
     assert [s.examples for s in shards] == [base_examples] + [probe] * 3  # the probes: pilotShare, or the least
     assert "the shard at spec.sampling (t0.7-p0.9-r1.1) writes" in plan.events[0].message
+    # Never past the budget: the whole round fits maxGeneratedExamples, probes included.
+    tight = spec_of(target={"uniqueExamples": 20}, budget={"maxGeneratedExamples": 20})
+    shards = [a.shard for a in decide(REF, tight, Observed()).actions if isinstance(a, CreateShardJob)]
+    assert [s.examples for s in shards] == [14, 2, 2, 2]
     other = spec_of(policy={"arms": [{"temperature": 0.5}, {"temperature": 0.9}]})
     shards = [a.shard for a in decide(REF, other, Observed()).actions if isinstance(a, CreateShardJob)]
     assert len({s.examples for s in shards}) == 1
