@@ -482,7 +482,10 @@ def pilot(spec: GenerationRunSpec) -> tuple[list[Sampling], list[int], str]:
     sizes = [per] * n
     if commit > per:
         sizes[picked.index(base)] = commit
-        why += f"; the shard at spec.sampling ({arm_id(base)}) writes {commit}, {GROWTH}x the probes at most"
+        why += (
+            f"; the shard at spec.sampling ({arm_id(base)}) writes {commit} (at most {GROWTH}x the pilot's examples, "
+            "examplesPerShard, and with the probes the prior's approach round and the budget)"
+        )
     return picked, sizes, why
 
 
@@ -491,10 +494,10 @@ def base_commitment(spec: GenerationRunSpec, probes: int, others: int) -> int:
     use throughout). A round's engine passes are latency-bound at a small batch (a decode step costs nearly as much for
     a few sequences as for dozens), so a pilot of probes alone is mostly latency, and it leaves round 2 sized from a
     handful of examples: too wide an estimate to finish in. So that shard does real work while the other arms are
-    probed: at most GROWTH x the `probes` (the bound the growth
-    rule puts on later rounds: what round 1 commits before any evidence stays a bounded multiple of its exploration),
-    examplesPerShard, and, with the `others` examples of the round's other shards, what an approach round would commit
-    at the uninformed prior (a yield of 0.5 +- sqrt(1/12)) and what the budget's maxGeneratedExamples allows."""
+    probed: at most GROWTH x the `probes` (the bound the growth rule puts on later rounds: what round 1 commits before
+    any evidence stays a bounded multiple of its exploration), examplesPerShard, and, with the `others` examples of
+    the round's other shards, what an approach round would commit at the uninformed prior (a yield of
+    0.5 +- sqrt(1/12)) and what the budget's maxGeneratedExamples allows."""
     b = spec.budget
     prior, _, _ = examples_for(
         spec, spec.target.unique_examples, 0.5, math.sqrt(1 / 12), b.max_rounds <= 1, b.max_rounds
