@@ -475,11 +475,8 @@ def pilot(spec: GenerationRunSpec) -> tuple[list[Sampling], list[int], str]:
         f"(spec.policy.pilotShare={spec.policy.pilot_share:g} of the target; {probe} examples retire an arm that "
         f"passes no QC with confidence {spec.policy.retire_confidence:g})"
     )
-    base = base_sampling(spec)
-    if base not in picked:
-        return picked, [per] * n, why
-    commit = base_commitment(spec, per * n, per * (n - 1))
-    sizes = [per] * n
+    base, sizes = base_sampling(spec), [per] * n
+    commit = base_commitment(spec, per * n, per * (n - 1)) if base in picked else 0
     if commit > per:
         sizes[picked.index(base)] = commit
         why += (
