@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -43,10 +43,28 @@ STATE = "_genrun"  # runner bookkeeping under the output: job specs, logs, faile
 POLL_SECONDS = 0.5
 
 
+# The merge host's niceness. Its start-up (imports, the embedding model: several CPU-seconds) overlaps round 1's
+# generation by design (`_warm_merger`), and on a machine of few cores it took them from the engine; niced, it takes
+# what the engine leaves. The merges themselves never run beside generation here (a round is planned after the last
+# one is merged), so they lose nothing.
+MERGE_HOST_NICE = 10
+
+
 def _die_with_parent() -> None:
     """Worker processes die with the runner (kill -9 included), so a rerun never races an orphan."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _niced(by: int) -> Callable[[], None]:
+    """A child's set-up: die with the runner, and run `by` steps nicer than it."""
+
+    def setup() -> None:
+        _die_with_parent()
+        with contextlib.suppress(OSError):
+            os.nice(by)
+
+    return setup
 
 
 @dataclass
@@ -137,12 +155,12 @@ class LocalRunner:
         warm = self.state / "run-spec.json"
         warm.write_text(json.dumps({"spec": self.raw_spec}))
         cmd = [*WORKER, "serve-merges", "--queue", str(self.merge_queue), "--warm", str(warm)]
-        self.merger = self._start_host(cmd, "merge-host", self.merge_queue)
+        self.merger = self._start_host(cmd, "merge-host", self.merge_queue, nice=MERGE_HOST_NICE)
         return self.merger
 
-    def _start_host(self, cmd: list[str], name: str, queue: Path) -> _Host:
+    def _start_host(self, cmd: list[str], name: str, queue: Path, *, nice: int = 0) -> _Host:
         log = open(self.state / "logs" / f"{name}.log", "a")  # noqa: SIM115 (closed when the host ends)
-        return _Host(_spawn([*cmd, "--logs", str(self.state / "logs")], log), log, {}, queue)
+        return _Host(_spawn([*cmd, "--logs", str(self.state / "logs")], log, nice=nice), log, {}, queue)
 
     def _queue(self, host: _Host, action: CreateShardJob | CreateMergeJob, spec: str) -> None:
         job_file = host.queue / f"{action.name}.json"
@@ -310,11 +328,12 @@ class LocalRunner:
 WORKER = [sys.executable, "-P", "-m", "genrun.operator.cli", "worker"]
 
 
-def _spawn(cmd: list[str], log: TextIO) -> subprocess.Popen[bytes]:
+def _spawn(cmd: list[str], log: TextIO, *, nice: int = 0) -> subprocess.Popen[bytes]:
     # Started in the loop's thread: a worker dies with the thread that started it.
     return subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
-    )
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        preexec_fn=_niced(nice) if nice else _die_with_parent,
+    )  # fmt: skip
 
 
 def _forget(queue: Path, name: str) -> None:

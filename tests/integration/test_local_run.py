@@ -223,3 +223,32 @@ def test_damaged_shard_markers_are_set_aside_counted_and_the_shard_runs_again(tm
         st = run(["status", str(whole)])
         assert st.returncode == 0 and "2 quarantined" in st.stdout, st.stdout
         assert "damaged (ShardMarkerDamaged): " in st.stdout and "s0000000101.done.json" in st.stdout
+
+
+def test_the_merge_host_runs_nicer_than_the_runner_and_the_engine_host(tmp_path: Path) -> None:
+    """Its start-up overlaps round 1's generation on the same CPUs; at a lower priority it takes only what the engine
+    leaves. Real processes (the replay engine), the priorities the kernel reports for them."""
+    import asyncio
+    import io
+
+    from genrun.contract.api import RunRef
+    from genrun.contract.records import Sampling, ShardPlan
+    from genrun.operator.local import LocalRunner
+    from genrun.operator.planner import CreateMergeJob, CreateShardJob
+    from genrun.worker.storage import LocalStorage
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    if mine >= 19:
+        pytest.skip("this test runs at the lowest priority already: nothing can be nicer")
+    spec = yaml.safe_load(small_manifest(tmp_path).read_text())["spec"]
+    runner = LocalRunner(RunRef("r"), spec, LocalStorage(tmp_path / "out"), tmp_path / "state", engine="replay",
+                         out=io.StringIO())  # fmt: skip
+    shard = ShardPlan(1, 100, 0, 2, Sampling(0.7, 0.9, 1.1, 0.0, 64))
+    try:
+        asyncio.run(runner.start(CreateShardJob("r-r1-s100", 1, shard)))
+        asyncio.run(runner.start(CreateMergeJob("r-r1-merge", 1, 1, ((1, 100),))))
+        assert runner.host is not None and runner.merger is not None
+        assert os.getpriority(os.PRIO_PROCESS, runner.host.popen.pid) == mine
+        assert os.getpriority(os.PRIO_PROCESS, runner.merger.popen.pid) > mine
+    finally:
+        runner.stop()
