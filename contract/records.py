@@ -259,6 +259,9 @@ class ShardManifest:
     # Novel instructions the generator's QC of the instruction alone rejected before paying for responses
     # (generation.qcBeforeResponse), by QC reason: examples of the shard, unique and QC-rejected, with no row.
     qc_rejected_before_response: dict[str, int] = field(default_factory=dict)
+    # The examples its plan asked of it (ShardPlan.examples): a round plan decided again must give it the same.
+    # 0 in markers written before it existed.
+    examples: int = 0
 
 
 @dataclass(frozen=True)
@@ -383,6 +386,9 @@ def parse_marker(data: bytes, key: str = "marker") -> ShardManifest:
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in early.values()
     ):
         raise DamagedMarker(f"{key}: field 'qc_rejected_before_response' is not an object of counts")
+    examples = d.get("examples", 0)  # optional, as above
+    if not isinstance(examples, int) or isinstance(examples, bool) or examples < 0:
+        raise DamagedMarker(f"{key}: field 'examples' is not a count")
     return shard_manifest_from(d)
 
 

@@ -76,7 +76,8 @@ class RunLoop:
         self.observed = Observed()
         self._plans: dict[int, rec.RoundPlan] = {}
         self._reports: dict[int, rec.RoundReport] = {}
-        self._markers: dict[str, tuple[int, int]] = {}  # read and found whole: a published marker never changes
+        # Markers read and found whole (a published marker never changes): (round, seed, the examples it was asked).
+        self._markers: dict[str, tuple[int, int, int]] = {}
         self._engines: dict[str, rec.EngineSession] = {}  # a stopped engine's record never changes again
         self._records: dict[str, dict[str, str]] = {}  # quarantine records read: damaged key -> {key, error, repair}
         self._events: list[Event] = []  # what this loop set aside since the last publish: one Warning Event each
@@ -128,7 +129,7 @@ class RunLoop:
                     self._set_aside(key, str(exc), f"round {rnd} is decided again from the rounds before it")
         self._read_reports()
         done: set[tuple[int, int]] = set()
-        marker_seeds: dict[int, set[int]] = {}
+        marker_sizes: dict[int, dict[int, int]] = {}  # round -> seed -> the examples its marker says it was asked
         for key in s.list("shards/"):
             if not key.endswith(".done.json"):
                 continue
@@ -141,11 +142,12 @@ class RunLoop:
                     continue
                 if not self._shard_whole(marker):
                     continue
-                self._markers[key] = (marker.round, marker.seed)
-            done.add(self._markers[key])
-            marker_seeds.setdefault(self._markers[key][0], set()).add(self._markers[key][1])
+                self._markers[key] = (marker.round, marker.seed, marker.examples)
+            rnd, seed, examples = self._markers[key]
+            done.add((rnd, seed))
+            marker_sizes.setdefault(rnd, {})[seed] = examples
         self._read_records()
-        if self._replan(marker_seeds):
+        if self._replan(marker_sizes):
             self._read_reports()  # of the rounds decided again
         shown: dict[int, rec.RoundPlan] = {}
         for rnd in sorted(self._plans):  # up to the first gap
@@ -184,13 +186,13 @@ class RunLoop:
                 del self._reports[last]
                 self._set_aside(CARD_KEY, why, f"round {last}, the latest merged, is merged again, which rewrites it")
 
-    def _replan(self, marker_seeds: dict[int, set[int]]) -> bool:
+    def _replan(self, marker_sizes: dict[int, dict[int, int]]) -> bool:
         """Decide again each round whose plan is missing while a later round, or shards of it, exist; record it when
-        it is the plan its shards were made from (every shard of the round on storage is one of its seeds). True when
-        it recorded one."""
+        it is the plan its shards were made from (every shard of the round on storage is one of its seeds, asked for
+        the examples its marker says it was). True when it recorded one."""
         self._lost = ""
         recorded = False
-        top = max((*self._plans, *marker_seeds, *(round_of(k) for k in self._records)), default=0)
+        top = max((*self._plans, *marker_sizes, *(round_of(k) for k in self._records)), default=0)
         for rnd in range(1, top + 1):
             if rnd in self._plans:
                 continue
@@ -202,13 +204,12 @@ class RunLoop:
                 self._lost = (f"round {rnd}'s plan ({rec.round_plan_key(rnd)}) was damaged or removed, and the spec "
                               f"as it is now decides no round {rnd} from the rounds before it")  # fmt: skip
                 return recorded
-            stray = sorted(marker_seeds.get(rnd, set()) - set(plan.seeds))
-            if stray:
+            differs = _unlike_its_shards(plan, marker_sizes.get(rnd, {}))
+            if differs:
                 self._lost = (
                     f"round {rnd}'s plan ({rec.round_plan_key(rnd)}) was damaged or removed, and deciding it again "
-                    f"gives seeds {list(plan.seeds)}, not those of its shards on storage ({stray} are not among "
-                    "them; the spec or genrun changed since): restore the file (its fault is recorded under "
-                    f"{QUARANTINE}) or run into a new output"
+                    f"gives {differs} (the spec or genrun changed since): restore the file (its fault is recorded "
+                    f"under {QUARANTINE}) or run into a new output"
                 )
                 return recorded
             self.record(plan)
@@ -643,3 +644,17 @@ def read_reports(storage: Storage, damaged: list[str] | None = None) -> dict[int
             if damaged is not None:
                 damaged.append(f"{storage.location(key)}: {exc}")
     return out
+
+
+def _unlike_its_shards(plan: rec.RoundPlan, sizes: dict[int, int]) -> str:
+    """How a round plan decided again differs from the shards of its round on storage (seed -> the examples each
+    marker says it was asked; 0: a marker older than that field), or "" when it is their plan."""
+    stray = sorted(set(sizes) - set(plan.seeds))
+    if stray:
+        return f"seeds {list(plan.seeds)}, not those of its shards on storage ({stray} are not among them)"
+    asked = {s.seed: s.examples for s in plan.shards}
+    resized = {seed: (n, asked[seed]) for seed, n in sorted(sizes.items()) if n and asked[seed] != n}
+    if resized:
+        told = ", ".join(f"seed {seed} {was} examples, now {now}" for seed, (was, now) in resized.items())
+        return f"other sizes than its shards on storage were made to ({told})"
+    return ""

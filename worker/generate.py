@@ -485,6 +485,7 @@ def _publish(
         data=storage.location(dkey),
         rejected=storage.location(rkey),
         qc_rejected_before_response=dict(sorted(counts.gated.items())),
+        examples=shard.examples,
     )
     storage.write_bytes(rec.shard_manifest_key(shard.round, shard.seed), rec.to_json(manifest).encode())
     return manifest

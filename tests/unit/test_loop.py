@@ -14,7 +14,7 @@ from genrun.contract.errors import Rejected
 from genrun.contract.status import RunStatus, Totals
 from genrun.operator import conditions as c
 from genrun.operator.loop import RunLoop, publication
-from genrun.operator.planner import CreateMergeJob, CreateShardJob, Event, ObservedJob, invalid_plan
+from genrun.operator.planner import CreateMergeJob, CreateShardJob, Event, Observed, ObservedJob, invalid_plan, replan
 from genrun.worker.storage import LocalStorage
 
 RAW = {"model": {"name": "m"}, "target": {"uniqueExamples": 100}, "shards": {"initial": 3}, "output": {"path": "x"}}
@@ -147,7 +147,9 @@ def _merged_round_one(tmp_path: Path) -> tuple[LocalStorage, rec.RoundPlan, list
     plan = rec.round_plan_from(json.loads(storage.read_bytes(rec.round_plan_key(1))))
     jobs = []
     for s in plan.shards:
-        marker = rec.ShardManifest(1, s.seed, 10, 10, 0, 0, 0, 500, 1.0, rec.shard_data_key(1, s.seed))
+        marker = rec.ShardManifest(
+            1, s.seed, 10, 10, 0, 0, 0, 500, 1.0, rec.shard_data_key(1, s.seed), examples=s.examples
+        )
         storage.write_bytes(rec.shard_data_key(1, s.seed), _parquet_bytes())
         storage.write_bytes(rec.shard_manifest_key(1, s.seed), rec.to_json(marker).encode())
         jobs.append(ObservedJob(f"r-r1-s{s.seed}", "shard", 1, s.seed, 0, "Succeeded"))
@@ -257,3 +259,25 @@ def test_a_plan_that_cannot_be_decided_again_as_it_was_fails_the_run_with_the_re
     failed = result.condition(c.FAILED)
     assert (failed.status, failed.reason) == ("True", c.ROUND_PLAN_LOST) and "restore the file" in failed.message
     assert backend.started == [] and not storage.exists(rec.round_plan_key(1))
+
+
+def test_a_plan_decided_again_with_the_same_seeds_but_other_sizes_fails_the_run_with_both(tmp_path: Path) -> None:
+    """A budget edited mid-run can change the examples a round's shards are asked for while its seeds stay: the
+    plan decided again would misstate what its shards were asked, so it is not recorded."""
+    storage, plan, jobs = _merged_round_one(tmp_path)
+    storage.write_bytes(rec.round_plan_key(1), b"{")
+    other = {**RAW, "shards": {**RAW["shards"], "examplesPerShard": 7}}
+    again = replan(RunRef("r"), parse_spec(other), Observed({}), 1)
+    assert again is not None and again.seeds == plan.seeds and again.shards[0].examples != plan.shards[0].examples
+    backend = Listed(jobs)
+    result = asyncio.run(RunLoop(RunRef("r"), other, parse_spec(other), storage, backend).step())
+    failed = result.condition(c.FAILED)
+    assert (failed.status, failed.reason) == ("True", c.ROUND_PLAN_LOST)
+    first = plan.shards[0]
+    assert (
+        f"seed {first.seed} {first.examples} examples, now 7" in failed.message and "restore the file" in failed.message
+    )
+    assert backend.started == [] and not storage.exists(rec.round_plan_key(1))
+    # The spec as it was decides the very plan again, and the run goes on.
+    asyncio.run(RunLoop(RunRef("r"), RAW, parse_spec(RAW), storage, Listed(jobs)).step())
+    assert rec.round_plan_from(json.loads(storage.read_bytes(rec.round_plan_key(1)))) == plan
