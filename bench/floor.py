@@ -47,6 +47,9 @@ from typing import Any
 
 import yaml
 from genrun.contract import records as rec
+from genrun.operator.cost import usage
+from genrun.operator.loop import read_engine_sessions
+from genrun.worker.storage import LocalStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = "_genrun"  # operator/local.py's runner bookkeeping under the output
@@ -70,16 +73,16 @@ def engine_use(out: Path, wall: float) -> EngineUse:
             float(totals.get("startupShare", 0.0)),
             "status.totals",
         )
-    sessions = [json.loads(p.read_text()) for p in sorted((out / "engines").glob("*.json"))]
+    sessions = _sessions(out)
     if sessions:
-        startup = held = 0.0
-        for s in sessions:
-            devices, started = int(s.get("devices", 1)), float(s["started"])
-            ready, last = float(s.get("ready") or 0.0), float(s.get("last") or 0.0)
-            startup += devices * max(0.0, (ready or max(last, started)) - started)
-            held += devices * max(0.0, max(last, ready) - started)
-        return EngineUse(len(sessions), startup, startup / held if held > 0 else 0.0, "engines/*.json")
+        used = usage(sessions)  # what the status's totals count, from the same records
+        return EngineUse(used.starts, used.startup_device_seconds, used.startup_share, "engines/*.json")
     return _from_logs(out, wall)
+
+
+def _sessions(out: Path) -> list[rec.EngineSession]:
+    """The run's engine session records, read as the run loop reads them."""
+    return list(read_engine_sessions(LocalStorage(out)).values())
 
 
 def _from_logs(out: Path, wall: float) -> EngineUse:
@@ -115,7 +118,7 @@ def timeline(out: Path, spawned: float, wall: float, floor_startup: float, rate:
     ready, each shard's completion marker (written when the shard ends: its mtime; the shard began its `seconds`
     before), each round's merge report (its mtime). A round's generation window runs from its first shard's start to
     its last marker; what lies between windows is the merges and the planning of the next round."""
-    sessions = [rec.engine_session_from(json.loads(p.read_text())) for p in sorted((out / "engines").glob("*.json"))]
+    sessions = _sessions(out)
     started = min((x.started for x in sessions), default=spawned)
     ready = min((x.ready for x in sessions if x.ready), default=started)
     spans = [
