@@ -7,7 +7,8 @@ The golden file was written by the generator before its stages were split out (i
 when rows gained the `attributes` column (every other value unchanged), and once when the generator began to run the
 instruction side of QC before responses (`generation.qcBeforeResponse`, on by default): each instructions-first case
 lost the rows whose instruction the merge's QC rejects (low log-probability here), with their response tokens, and
-the `ungated` case (the check off) keeps the earlier output of `domains`. To rewrite it after an intended change of
+the `ungated` case (the check off) keeps the earlier output of `domains`; and once when shard markers gained
+`examples` (the examples the shard's plan asked; every other value unchanged). To rewrite it after an intended change of
 output: GENRUN_REGOLDEN=1 pytest tests/unit/test_generate_golden.py, and say why in the commit.
 """
 
