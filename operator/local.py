@@ -44,16 +44,25 @@ POLL_SECONDS = 0.5
 
 
 # The merge host's niceness. Its start-up (imports, the embedding model: several CPU-seconds) overlaps round 1's
-# generation by design (`_warm_merger`), and on a machine of few cores it took them from the engine; niced, it takes
-# what the engine leaves. The merges themselves never run beside generation here (a round is planned after the last
-# one is merged), so they lose nothing.
+# generation by design (`_warm_merger`), and on a machine of few cores it competes with the engine for them; niced,
+# it gets what the engine leaves (bench/README.md has what that measured: suggestive, not conclusive). The merges
+# themselves never run beside generation here (a round is planned after the last one is merged), so they lose
+# nothing, and a merge that overflows to a process of its own is not niced.
 MERGE_HOST_NICE = 10
+
+# Looked up here, in the runner, not in a forked child: loading a library after fork can deadlock on a lock another
+# of the parent's threads held (the runner may run beside other threads).
+try:
+    _PRCTL: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
 
 
 def _die_with_parent() -> None:
     """Worker processes die with the runner (kill -9 included), so a rerun never races an orphan."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        with contextlib.suppress(Exception):
+            _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _niced(by: int) -> Callable[[], None]:

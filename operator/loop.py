@@ -188,8 +188,9 @@ class RunLoop:
 
     def _replan(self, marker_sizes: dict[int, dict[int, int]]) -> bool:
         """Decide again each round whose plan is missing while a later round, or shards of it, exist; record it when
-        it is the plan its shards were made from (every shard of the round on storage is one of its seeds, asked for
-        the examples its marker says it was). True when it recorded one."""
+        its seeds and sizes are those its shards were made from (every shard of the round on storage is one of its
+        seeds, asked for the examples its marker says it was; a marker records no more of its plan, so a spec edited
+        to other sampling or domains with the same seeds and sizes goes unseen). True when it recorded one."""
         self._lost = ""
         recorded = False
         top = max((*self._plans, *marker_sizes, *(round_of(k) for k in self._records)), default=0)
@@ -655,6 +656,6 @@ def _unlike_its_shards(plan: rec.RoundPlan, sizes: dict[int, int]) -> str:
     asked = {s.seed: s.examples for s in plan.shards}
     resized = {seed: (n, asked[seed]) for seed, n in sorted(sizes.items()) if n and asked[seed] != n}
     if resized:
-        told = ", ".join(f"seed {seed} {was} examples, now {now}" for seed, (was, now) in resized.items())
+        told = ", ".join(f"seed {seed}: asked {was} examples, now {now}" for seed, (was, now) in resized.items())
         return f"other sizes than its shards on storage were made to ({told})"
     return ""

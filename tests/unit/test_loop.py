@@ -262,8 +262,9 @@ def test_a_plan_that_cannot_be_decided_again_as_it_was_fails_the_run_with_the_re
 
 
 def test_a_plan_decided_again_with_the_same_seeds_but_other_sizes_fails_the_run_with_both(tmp_path: Path) -> None:
-    """A budget edited mid-run can change the examples a round's shards are asked for while its seeds stay: the
-    plan decided again would misstate what its shards were asked, so it is not recorded."""
+    """A spec edited mid-run (`examplesPerShard` here; the budget's bounds do it to round 1 too) can change the
+    examples a round's shards are asked for while its seeds stay: the plan decided again would misstate what its
+    shards were asked, so it is not recorded."""
     storage, plan, jobs = _merged_round_one(tmp_path)
     storage.write_bytes(rec.round_plan_key(1), b"{")
     other = {**RAW, "shards": {**RAW["shards"], "examplesPerShard": 7}}
@@ -275,9 +276,28 @@ def test_a_plan_decided_again_with_the_same_seeds_but_other_sizes_fails_the_run_
     assert (failed.status, failed.reason) == ("True", c.ROUND_PLAN_LOST)
     first = plan.shards[0]
     assert (
-        f"seed {first.seed} {first.examples} examples, now 7" in failed.message and "restore the file" in failed.message
+        f"seed {first.seed}: asked {first.examples} examples, now 7" in failed.message
+        and "restore the file" in failed.message
     )
     assert backend.started == [] and not storage.exists(rec.round_plan_key(1))
     # The spec as it was decides the very plan again, and the run goes on.
     asyncio.run(RunLoop(RunRef("r"), RAW, parse_spec(RAW), storage, Listed(jobs)).step())
     assert rec.round_plan_from(json.loads(storage.read_bytes(rec.round_plan_key(1)))) == plan
+
+
+def test_markers_older_than_their_sizes_are_checked_by_seed_only(tmp_path: Path) -> None:
+    """A marker written before markers recorded `examples` (the key absent) reads as 0: a plan decided again over
+    such markers is recorded when its seeds are theirs, whatever its sizes."""
+    storage, plan, jobs = _merged_round_one(tmp_path)
+    for s in plan.shards:
+        key = rec.shard_manifest_key(1, s.seed)
+        old = json.loads(storage.read_bytes(key))
+        del old["examples"]
+        storage.write_bytes(key, json.dumps(old).encode())
+        assert rec.parse_marker(storage.read_bytes(key)).examples == 0
+    storage.write_bytes(rec.round_plan_key(1), b"{")
+    other = {**RAW, "shards": {**RAW["shards"], "examplesPerShard": 7}}
+    result = asyncio.run(RunLoop(RunRef("r"), other, parse_spec(other), storage, Listed(jobs)).step())
+    assert result.condition(c.FAILED) is None or result.condition(c.FAILED).status != "True"
+    again = rec.round_plan_from(json.loads(storage.read_bytes(rec.round_plan_key(1))))
+    assert again.seeds == plan.seeds and again.shards[0].examples == 7 != plan.shards[0].examples

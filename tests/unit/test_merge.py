@@ -311,7 +311,7 @@ def test_damaged_marker_is_reported_by_read_marker(tmp_path: Path) -> None:
     assert read_marker(st, rec.shard_manifest_key(1, 0)) is not None
     assert read_marker(st, rec.shard_manifest_key(1, 9)) is None
     whole = Path(st.location(rec.shard_manifest_key(1, 0))).read_bytes()
-    assert b'"examples": 0' in whole  # a marker written without the field's value: the default
+    assert b'"examples": 0' in whole  # written with the default (0)
     for bad, msg in ((b"", "not a complete JSON"), (b'{"round": 1', "not a complete JSON"), (b"[1]", "JSON object"),
                      (b'{"round": 1, "seed": 0}', "'rows' is missing"),
                      (whole.replace(b'"examples": 0', b'"examples": "40"'), "'examples' is not a count")):  # fmt: skip

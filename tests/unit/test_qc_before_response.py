@@ -117,7 +117,7 @@ def test_a_shard_with_the_check_drops_exactly_the_rows_qc_would_and_their_respon
     same = [r for r in off_rows if early_of[r["index"]] is None]
     assert [_but_scores(r) for r in on_rows] == [_but_scores(r) for r in same]
     for got, want in ((r[k], w[k]) for r, w in zip(on_rows, same, strict=True) for k in EMBEDDED):
-        assert got == want if want is None else got == pytest.approx(want, rel=1e-4)
+        assert got == want if want is None else got == pytest.approx(want, rel=1e-4, abs=1e-6)
     gated = {r["index"]: r["reason"] for r in on_rejected if r["index"] in early_of and early_of[r["index"]]}
     assert gated == {i: why for i, why in early_of.items() if why is not None}
     assert sum(on.qc_rejected_before_response.values()) == len(gated) and on.rows + len(gated) == off.rows
