@@ -66,12 +66,13 @@ def _die_with_parent() -> None:
 
 
 def _niced(by: int) -> Callable[[], None]:
-    """A child's set-up: die with the runner, and run `by` steps nicer than it."""
+    """A child's set-up: die with the runner, and run `by` steps nicer than it (0: as nice as it)."""
 
     def setup() -> None:
         _die_with_parent()
-        with contextlib.suppress(OSError):
-            os.nice(by)
+        if by:
+            with contextlib.suppress(OSError):
+                os.nice(by)
 
     return setup
 
@@ -340,9 +341,8 @@ WORKER = [sys.executable, "-P", "-m", "genrun.operator.cli", "worker"]
 def _spawn(cmd: list[str], log: TextIO, *, nice: int = 0) -> subprocess.Popen[bytes]:
     # Started in the loop's thread: a worker dies with the thread that started it.
     return subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        preexec_fn=_niced(nice) if nice else _die_with_parent,
-    )  # fmt: skip
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_niced(nice)
+    )
 
 
 def _forget(queue: Path, name: str) -> None:
