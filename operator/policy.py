@@ -331,20 +331,24 @@ def allocate(stats: Sequence[A], n: int, exploration: float, rng: random.Random)
 # Sizing
 
 
-def examples_needed(need: int, y: float, confidence: float) -> int:
-    """The fewest examples n with P(Binomial(n, y) >= need) >= confidence (normal approximation with continuity
-    correction: n*y - z*sqrt(n*y*(1-y)) >= need - 0.5)."""
+def examples_needed(need: int, y: float, confidence: float, sd: float = 0.0) -> int:
+    """The fewest examples n whose kept count reaches `need` with probability `confidence`, when each example is kept
+    with probability y and y itself is known only to +- sd (its posterior spread): the kept count's predictive
+    variance is then n*y*(1-y) + (n*sd)^2, not the binomial's alone, which would claim a confidence the estimate
+    does not have. Normal approximation with continuity correction: n*y - sqrt(z^2*n*y*(1-y) + n^2*(z*sd)^2) >=
+    need - 0.5, with z*sd at most y/2 (a spread wider than that is planned at half the yield, as the budget's last
+    round is: the next round, measured better, corrects it)."""
     if need <= 0:
         return 0
     if y <= 0:
         return UNREACHABLE
-    if y >= 1:
-        return need
+    y = min(y, 1.0)
     z = NormalDist().inv_cdf(confidence)
-    sd = math.sqrt(y * (1 - y))
-    target = need - 0.5
-    root = (z * sd + math.sqrt(z * z * sd * sd + 4 * y * target)) / (2 * y)
-    return max(need, math.ceil(root * root))
+    zs = min(z * max(sd, 0.0), y / 2)
+    t = need - 0.5
+    a, b = y * y - zs * zs, 2 * y * t + z * z * y * (1 - y)
+    root = (b + math.sqrt(max(0.0, b * b - 4 * a * t * t))) / (2 * a)
+    return max(need, math.ceil(root - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -356,20 +360,24 @@ class Sizing:
 
 
 def examples_for(
-    spec: GenerationRunSpec, need: int, y: float, sd: float, last_round: bool, rounds_left: int = 0
+    spec: GenerationRunSpec, need: int, y: float, sd: float, last_round: bool, rounds_left: int = 0, floor: int = 0
 ) -> tuple[int, bool, str]:
     """Examples for a round that may reach the target: enough to reach it with spec.policy.stopConfidence at the
-    estimated yield y, but no more than keeps the overshoot within spec.policy.maxOvershoot of the target should the
-    yield be at the optimistic end of its estimate (y + z*sd). When that cap binds, the round approaches the target
-    and the next one, measured better, finishes; that needs a round after this one to finish in and one to correct a
-    miss, so with `rounds_left` (this one included; 0: unknown) below 3 the round is sized to finish. The last round
-    the budget allows cannot be corrected: it is sized at the pessimistic end of the estimate (y - z*sd, at least
-    y/2) instead."""
+    estimated yield y +- sd (`examples_needed`), but no more than keeps the overshoot within spec.policy.maxOvershoot
+    of the target should the yield be at the optimistic end of its estimate (y + z*sd). When that cap binds, the
+    round approaches the target and the next one, measured better, finishes; that needs a round after this one to
+    finish in and one to correct a miss, so with `rounds_left` (this one included; 0: unknown) below 3 the round is
+    sized to finish. Approaching also only pays when it saves examples: the round that finishes has at least `floor`
+    examples (a shard's least), so when finishing now needs no more than the cap plus that floor, this round
+    finishes (fewer examples in all, and one round fewer). The last round the budget allows cannot be corrected: it
+    is sized at the pessimistic end of the estimate (y - z*sd, at least y/2) instead."""
     p = spec.policy
     if last_round and y > 0:
-        y = max(y / 2, y - NormalDist().inv_cdf(p.stop_confidence) * sd)
-    n = examples_needed(need, y, p.stop_confidence)
-    why = f"{need} more needed at a yield of {y:.3f}: {n} examples reach it with probability {p.stop_confidence:g}"
+        y, sd = max(y / 2, y - NormalDist().inv_cdf(p.stop_confidence) * sd), 0.0
+    n = examples_needed(need, y, p.stop_confidence, sd)
+    why = f"{need} more needed at a yield of {y:.3f}"
+    why += f" +- {sd:.3f}" if sd > 0 and n != UNREACHABLE else ""
+    why += f": {n} examples reach it with probability {p.stop_confidence:g}"
     if last_round:
         why += " (the budget's last round: sized at the low end of the yield estimate)"
     if last_round or n == UNREACHABLE or 0 < rounds_left < 3:
@@ -378,6 +386,8 @@ def examples_for(
     cap = math.floor((need + p.max_overshoot * spec.target.unique_examples) / y_hi)
     if cap >= n:
         return n, True, why
+    if n <= cap + floor:
+        return n, True, f"{why} (approaching with {max(1, cap)} would leave a round of at least {floor} to finish)"
     return (
         max(1, cap),
         False,
@@ -435,7 +445,8 @@ def size_round(
     decided on evidence at least 1/GROWTH its size (the pilot's few examples never commit the whole need)."""
     e, eps = spec.escalation, spec.shards.examples_per_shard
     cap = min(e.max_shards_per_round, room_shards)
-    n, precise, why = examples_for(spec, need, y, sd, last_round, rounds_left)
+    least = min_shard_examples(spec) if floor is None else floor
+    n, precise, why = examples_for(spec, need, y, sd, last_round, rounds_left, least)
     grown = GROWTH * measured
     # Growth needs rounds after this one to approach, finish and correct a miss in: with fewer left, commit now.
     if measured and rounds_left >= 4 and n > grown and grown < min(cap * eps, room_examples):

@@ -220,7 +220,7 @@ class Bandit:
         resize = size.precise and size.shards < cap  # sized to the target: size again for the arms actually drawn
 
         def per_shard(y: float, sd: float) -> tuple[int, str]:
-            n, _, why = pol.examples_for(spec, need, y, sd, last, rounds_left)
+            n, _, why = pol.examples_for(spec, need, y, sd, last, rounds_left, floor)
             return min(
                 pol.shard_examples(spec, math.ceil(n / len(picks)), floor), max(1, room_examples // len(picks))
             ), why

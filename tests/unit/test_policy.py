@@ -8,6 +8,7 @@ import math
 import random
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 from genrun.contract.api import RunRef, parse_spec
 from genrun.contract.records import RoundPlan, RoundReport, Sampling, ShardPlan, ShardYield
@@ -179,6 +180,41 @@ def test_examples_needed_meets_the_confidence_and_is_near_minimal(need: int, y: 
     n = pol.examples_needed(need, y, conf)
     assert binom_tail(n, y, need) >= conf - 0.01
     assert binom_tail(math.floor(n * 0.97), y, need) < conf
+
+
+@pytest.mark.parametrize(
+    ("need", "a", "b", "conf"), [(70, 31.0, 3.0, 0.9), (300, 60.0, 40.0, 0.9), (50, 8.0, 4.0, 0.95)]
+)
+def test_examples_needed_with_the_yields_spread_reaches_the_target_as_often_as_it_says(
+    need: int, a: float, b: float, conf: float
+) -> None:
+    """The yield is an estimate, Beta(a, b): sized on its mean alone (the binomial's spread only) the round falls
+    short far more often than `conf` says; sized with the estimate's spread too, it falls short about as often as
+    it should (kept ~ Binomial(n, y) with y drawn from the posterior, 20,000 draws)."""
+    y, sd = a / (a + b), math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+    rng = np.random.default_rng(7)
+    ys = rng.beta(a, b, 20_000)
+
+    def reach(n: int) -> float:
+        return float((rng.binomial(n, ys) >= need).mean())
+
+    n_mean, n_spread = pol.examples_needed(need, y, conf), pol.examples_needed(need, y, conf, sd)
+    assert n_spread > n_mean and reach(n_mean) < conf - 0.05
+    assert reach(n_spread) >= conf - 0.03
+    assert pol.examples_needed(need, y, conf, 0.0) == n_mean
+
+
+def test_a_round_that_would_approach_finishes_when_the_round_after_it_would_cost_more() -> None:
+    """Approaching the target leaves a round that buys at least a shard's floor of examples: when finishing now
+    needs no more than the approach plus that floor, the round finishes now (precise), and says why."""
+    spec = spec_of(target={"uniqueExamples": 100})
+    need, y, sd = 66, 0.9, 0.1
+    approach, precise, _ = pol.examples_for(spec, need, y, sd, False, rounds_left=5, floor=0)
+    finish, precise2, why = pol.examples_for(spec, need, y, sd, False, rounds_left=5, floor=16)
+    assert not precise and precise2 and approach < finish <= approach + 16
+    assert finish == pol.examples_needed(need, y, 0.9, sd) and "would leave a round of at least 16" in why
+    big = spec_of(target={"uniqueExamples": 3000})  # the overshoot cap is far from the finish: approaching pays
+    assert not pol.examples_for(big, 2000, 0.4, 0.1, False, rounds_left=5, floor=16)[1]
 
 
 def _stats(spec, evidence: dict[float, tuple[int, int]]) -> list[pol.ArmStats]:
@@ -419,7 +455,7 @@ def test_few_rounds_left_commit_to_finishing_and_the_last_round_sizes_pessimisti
     approach, precise, _ = pol.examples_for(spec, need, y, sd, False, rounds_left=5)
     finish, precise2, _ = pol.examples_for(spec, need, y, sd, False, rounds_left=2)
     last, _, _ = pol.examples_for(spec, need, y, sd, True, rounds_left=1)
-    assert not precise and precise2 and approach < finish == pol.examples_needed(need, y, 0.9) < last
+    assert not precise and precise2 and approach < finish == pol.examples_needed(need, y, 0.9, sd) < last
     grown = pol.size_round(spec, need, y, 0.01, 10**6, 100, False, measured=500, rounds_left=4)
     assert not grown.precise and grown.shards * grown.examples <= pol.GROWTH * 500 + 400
     committed = pol.size_round(spec, need, y, 0.01, 10**6, 100, False, measured=500, rounds_left=3)
