@@ -413,16 +413,25 @@ def round_plan_key(rnd: int) -> str:
     return f"rounds/r{rnd:04d}/plan.json"
 
 
+SHARDS_PREFIX = "shards/"
+MARKER_SUFFIX = ".done.json"
+
+
+def shard_round_prefix(rnd: int) -> str:
+    """Every file of round `rnd`'s shards starts with this."""
+    return f"{SHARDS_PREFIX}r{rnd:04d}/"
+
+
 def shard_data_key(rnd: int, seed: int) -> str:
-    return f"shards/r{rnd:04d}/s{seed:010d}.parquet"
+    return f"{shard_round_prefix(rnd)}s{seed:010d}.parquet"
 
 
 def shard_rejected_key(rnd: int, seed: int) -> str:
-    return f"shards/r{rnd:04d}/s{seed:010d}.rejected.parquet"
+    return f"{shard_round_prefix(rnd)}s{seed:010d}.rejected.parquet"
 
 
 def shard_manifest_key(rnd: int, seed: int) -> str:
-    return f"shards/r{rnd:04d}/s{seed:010d}.done.json"
+    return f"{shard_round_prefix(rnd)}s{seed:010d}{MARKER_SUFFIX}"
 
 
 def merge_prefix(rnd: int) -> str:

@@ -130,8 +130,8 @@ class RunLoop:
         self._read_reports()
         done: set[tuple[int, int]] = set()
         marker_sizes: dict[int, dict[int, int]] = {}  # round -> seed -> the examples its marker says it was asked
-        for key in s.list("shards/"):
-            if not key.endswith(".done.json"):
+        for key in s.list(rec.SHARDS_PREFIX):
+            if not key.endswith(rec.MARKER_SUFFIX):
                 continue
             if key not in self._markers:
                 marker, why = checked_marker(s, key)
@@ -428,8 +428,8 @@ def damage_reason(key: str) -> str:
     """The Damaged condition's reason (and the Event's) for a file of this key."""
     if key.startswith("rounds/"):
         return c.ROUND_PLAN_DAMAGED
-    if key.startswith("shards/"):
-        return c.SHARD_MARKER_DAMAGED if key.endswith(".done.json") else c.SHARD_DATA_DAMAGED
+    if key.startswith(rec.SHARDS_PREFIX):
+        return c.SHARD_MARKER_DAMAGED if key.endswith(rec.MARKER_SUFFIX) else c.SHARD_DATA_DAMAGED
     if key.startswith(rec.DATASET_PREFIX):
         return c.DATASET_PART_DAMAGED
     if key == rec.STATUS_KEY:

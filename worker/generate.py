@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from genrun.worker.prompts import (
     prompt_hash,
 )
 from genrun.worker.qc import QcPipeline
-from genrun.worker.storage import Storage
+from genrun.worker.storage import DamagedMarker, Storage, read_marker
 
 if TYPE_CHECKING:
     from genrun.contract.api import GenerationRunSpec
@@ -377,13 +378,53 @@ def _load_seen_semantic(spec: GenerationRunSpec, storage: Storage, rnd: int) -> 
     return load_seen_semantic(storage, rnd - 1)
 
 
-def _batch_size(rows: int, generated: int, quota: int, max_attempts: int, batch_size: int) -> int:
-    """How many instructions to sample next: what is missing, scaled by the loss seen so far (skips, malformed; 15%
-    before any is seen), within the attempt bound: one full batch beats a full one plus a small tail batch that
-    leaves the engine idle."""
-    loss = 1 - rows / generated if generated else 0.15
-    missing = math.ceil((quota - rows) / max(0.2, 1 - loss))
-    return min(batch_size, max_attempts - generated, max(1, missing))
+LOSS_PRIOR = 0.15  # a sample's chance of not becoming an example (skipped, malformed) before the run has seen any
+PASS_CONFIDENCE = 0.9  # how sure a pass is to fill its shard: another pass costs the engine a round trip
+
+
+def _batch_size(rows: int, generated: int, quota: int, max_attempts: int, batch_size: int, prior: float) -> int:
+    """How many instructions to sample next: enough to fill what is missing with probability PASS_CONFIDENCE at
+    the loss (skips, malformed) this shard has seen so far, or before any at `prior` (`_loss_before`), within the
+    attempt bound and one engine batch (one full batch beats a full one plus a small tail batch that leaves the
+    engine idle). A pass that falls short costs another pass, a whole round trip of the engine at a small batch
+    (its latency, not its tokens: a decode step costs nearly as much for two sequences as for forty), while a spare
+    sample costs its instruction's few tokens and no response."""
+    loss = min(0.8, 1 - rows / generated if generated else prior)
+    keep, missing = 1 - loss, quota - rows
+    z = NormalDist().inv_cdf(PASS_CONFIDENCE)
+    root = (z * math.sqrt(keep * loss) + math.sqrt(z * z * keep * loss + 4 * keep * missing)) / (2 * keep)
+    return min(batch_size, max_attempts - generated, max(1, math.ceil(root * root)))
+
+
+def _loss_before(storage: Storage, shard: rec.ShardPlan) -> float:
+    """The share of the previous round's samples that became no example (skipped as seen, malformed), from its shard
+    markers, over the shards that sampled as this one does when its round plan names any (a hot arm's malformed
+    samples say little of a cooler one's), else over all: this round's samples meet at least as many duplicates.
+    LOSS_PRIOR in round 1, or when the previous round left no readable marker (the merge sets damaged ones aside;
+    this is only a first guess, which the shard corrects from its own samples)."""
+    if shard.round <= 1:
+        return LOSS_PRIOR
+    prev = shard.round - 1
+    try:
+        plan = rec.round_plan_from(json.loads(storage.read_bytes(rec.round_plan_key(prev))))
+        alike = {s.seed for s in plan.shards if s.sampling == shard.sampling}
+    except (KeyError, OSError, ValueError, TypeError, AttributeError):
+        alike = set()
+    alike_counts, every = [0, 0], [0, 0]  # [examples made, samples] of the alike shards, and of every shard
+    for key in storage.list(rec.shard_round_prefix(prev)):
+        if not key.endswith(rec.MARKER_SUFFIX):
+            continue
+        try:
+            m = read_marker(storage, key)
+        except (DamagedMarker, OSError):
+            continue
+        if m is None:
+            continue
+        for c in (alike_counts, every) if m.seed in alike else (every,):
+            c[0] += m.rows + sum(m.qc_rejected_before_response.values())
+            c[1] += m.generated
+    made, sampled = alike_counts if alike_counts[1] else every
+    return 1 - made / sampled if sampled else LOSS_PRIOR
 
 
 def generate_shard(
@@ -408,9 +449,10 @@ def generate_shard(
     counts = _Counts()
     rows: list[dict[str, Any]] = []
     next_log = t0 + progress_every
+    prior = _loss_before(storage, shard)
 
     while (done := counts.examples(len(rows))) < quota and counts.generated < max_attempts:
-        want = _batch_size(done, counts.generated, quota, max_attempts, spec.generation.batch_size)
+        want = _batch_size(done, counts.generated, quota, max_attempts, spec.generation.batch_size, prior)
         samples = asker.sample(list(range(counts.generated, counts.generated + want)))
         counts.generated += want
         counts.tokens += sum(s.completion.tokens for s in samples)
