@@ -58,10 +58,17 @@ CASES = (
 NAME = "damage"
 
 
+def damage_manifest(tmp: Path) -> Path:
+    """The small manifest with two shards a round and room for more rounds: its run takes 4, so that round 2 is a
+    middle round and round 3 is not the last (the planner finishes the small manifest itself in 3)."""
+    return small_manifest(tmp, NAME, escalation={"maxShardsPerRound": 2}, budget={"maxRounds": 8})
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     base = tmp_path_factory.mktemp("reference")
-    res = run(["run", str(small_manifest(base, NAME)), "--engine", "replay", "--jobs", "2", "--quiet"])
+    manifest = damage_manifest(base)
+    res = run(["run", str(manifest), "--engine", "replay", "--jobs", "2", "--quiet"])
     assert res.returncode == 0, res.stderr
     out = base / NAME
     assert len(list((out / "rounds").iterdir())) >= 4  # round 2 is a middle round, round 3 is not the last
@@ -124,7 +131,7 @@ def test_a_truncated_file_is_set_aside_reported_and_rebuilt(
     assert (out / key).exists(), key
     truncate(out / key)
 
-    manifest = small_manifest(tmp_path, NAME)
+    manifest = damage_manifest(tmp_path)
     res = run(["run", str(manifest), "--engine", "replay", "--jobs", "2"])
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert rows(out) == rows(reference)
@@ -160,7 +167,7 @@ def test_a_round_merged_again_gives_the_same_bytes(tmp_path: Path, reference: Pa
     metadata and the reports do) are also the reference's own bytes."""
     out = tmp_path / NAME
     copy_in_state(reference, out, "finished")
-    manifest = small_manifest(tmp_path, NAME)
+    manifest = damage_manifest(tmp_path)
 
     def merged_again() -> dict[str, bytes]:
         truncate(out / "merge" / "r0002" / "report.json")
@@ -224,7 +231,7 @@ def test_kill9_while_a_damaged_round_is_merged_again_then_rerun_finishes_it(tmp_
     out = tmp_path / NAME
     copy_in_state(reference, out, "finished")
     truncate(out / "dataset" / "data" / "train-r0002.parquet")
-    manifest = small_manifest(tmp_path, NAME)
+    manifest = damage_manifest(tmp_path)
     proc = subprocess.Popen([*GENRUN, "run", str(manifest), "--engine", "replay", "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     record = out / "quarantine" / "dataset" / "data" / "train-r0002.parquet.json"
