@@ -263,6 +263,11 @@ class ShardManifest:
     # 0 in markers written before it existed.
     examples: int = 0
 
+    @property
+    def examples_made(self) -> int:
+        """The examples it made: its rows, and the novel instructions QC rejected before their responses (no row)."""
+        return self.rows + sum(self.qc_rejected_before_response.values())
+
 
 @dataclass(frozen=True)
 class EngineSession:

@@ -445,8 +445,8 @@ def size_round(
     decided on evidence at least 1/GROWTH its size (the pilot's few examples never commit the whole need)."""
     e, eps = spec.escalation, spec.shards.examples_per_shard
     cap = min(e.max_shards_per_round, room_shards)
-    least = min_shard_examples(spec) if floor is None else floor
-    n, precise, why = examples_for(spec, need, y, sd, last_round, rounds_left, least)
+    floor = min_shard_examples(spec) if floor is None else floor
+    n, precise, why = examples_for(spec, need, y, sd, last_round, rounds_left, floor)
     grown = GROWTH * measured
     # Growth needs rounds after this one to approach, finish and correct a miss in: with fewer left, commit now.
     if measured and rounds_left >= 4 and n > grown and grown < min(cap * eps, room_examples):

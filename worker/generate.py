@@ -421,7 +421,7 @@ def _loss_before(storage: Storage, shard: rec.ShardPlan) -> float:
         if m is None:
             continue
         for c in (alike_counts, every) if m.seed in alike else (every,):
-            c[0] += m.rows + sum(m.qc_rejected_before_response.values())
+            c[0] += m.examples_made
             c[1] += m.generated
     made, sampled = alike_counts if alike_counts[1] else every
     return 1 - made / sampled if sampled else LOSS_PRIOR

@@ -261,8 +261,7 @@ def _fold_manifest(state: State, rnd: int, s: Shard) -> None:
     tot.tokens[rnd] = tot.tokens.get(rnd, 0) + m.tokens
     skipped = m.skipped_online + m.skipped_in_shard
     tot.skipped[rnd] = tot.skipped.get(rnd, 0) + skipped
-    early = sum(m.qc_rejected_before_response.values())
-    tot.discarded[rnd] = tot.discarded.get(rnd, 0) + m.generated - m.rows - skipped - early
+    tot.discarded[rnd] = tot.discarded.get(rnd, 0) + m.generated - m.examples_made - skipped
 
 
 def _advance(state: State, dec: Decisions) -> dict[str, dict[str, np.ndarray]]:

@@ -61,11 +61,6 @@ def _round_one(storage: LocalStorage, cool: tuple[int, int], hot: tuple[int, int
     _finished(storage, shards[1], *hot)
 
 
-def _made(m: rec.ShardManifest) -> int:
-    """A shard's examples: its rows and the novel instructions QC rejected before their responses."""
-    return m.rows + sum(m.qc_rejected_before_response.values())
-
-
 def _first_pass(tmp: Path, rnd: int, sampling: rec.Sampling) -> tuple[int, rec.ShardManifest]:
     engine = Recording()
     storage = LocalStorage(tmp)
@@ -80,14 +75,14 @@ def test_the_first_pass_oversamples_by_the_loss_its_arm_met_in_the_round_before(
     Each still ends with its 20 examples."""
     _round_one(LocalStorage(tmp_path / "a"), cool=(40, 20), hot=(100, 10))
     cool_first, cool_marker = _first_pass(tmp_path / "a", 2, COOL)
-    assert 2 * QUOTA < cool_first < 64 and _made(cool_marker) == QUOTA
+    assert 2 * QUOTA < cool_first < 64 and cool_marker.examples_made == QUOTA
 
     _round_one(LocalStorage(tmp_path / "b"), cool=(40, 20), hot=(100, 10))
     hot_first, _ = _first_pass(tmp_path / "b", 2, HOT)
     assert hot_first == 64
 
     first, marker = _first_pass(tmp_path / "c", 1, COOL)
-    assert QUOTA < first < 2 * QUOTA and _made(marker) == QUOTA
+    assert QUOTA < first < 2 * QUOTA and marker.examples_made == QUOTA
 
 
 def test_a_damaged_marker_or_plan_of_the_round_before_leaves_the_first_pass_at_the_prior(tmp_path: Path) -> None:
@@ -98,4 +93,4 @@ def test_a_damaged_marker_or_plan_of_the_round_before_leaves_the_first_pass_at_t
     storage.write_bytes(rec.round_plan_key(1), b'{"round": 1, "shards": [')
     storage.write_bytes(rec.shard_manifest_key(1, 101), b"{")
     first, marker = _first_pass(tmp_path, 2, COOL)
-    assert 2 * QUOTA < first < 64 and _made(marker) == QUOTA
+    assert 2 * QUOTA < first < 64 and marker.examples_made == QUOTA
