@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from genrun.worker.engine import ModelError, Params
+from genrun.worker.engine import ModelError, Params, cpu_dtype
 from genrun.worker.model import FOLDER_NAME, cache_dir
 from genrun.worker.openai_engine import OpenAIEngine
 from genrun.worker.prompts import INSTRUCTION_STOPS
@@ -42,7 +42,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1", "PYTHONPATH": ""}
     cmd = [
         sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+        "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--dtype", cpu_dtype(),
         "--max-model-len", "1024", "--enforce-eager",
     ]  # fmt: skip
     with log.open("w") as f:
