@@ -48,10 +48,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("genrun.generate")
 _SCORE = re.compile(r"\d+(?:\.\d+)?")
-# An instruction pass lasts as long as its longest sample, and one that runs past 64 tokens without a paragraph break
-# is rarely an instruction: in the recorded arm pools (bench/data/arm-pools.jsonl.gz) those are lists, rambles and
-# word salad (one known puzzle aside), 1% of the rows at T 0.7 and 6% at the hot arms. Cut there, it is rejected as
-# truncated, as it was at the cap of 96 before, and the pass no longer waits 32 more decode steps for it.
+# An instruction pass lasts as long as its longest sample, and a sample that runs past 64 tokens without a paragraph
+# break is rarely an instruction: in the recorded arm pools (bench/data/arm-pools.jsonl.gz) those are lists, rambles
+# and word salad (one known puzzle aside). Cut at the cap, it is rejected as truncated (parse_instruction), so the
+# pass does not wait on it.
 INSTRUCTION_MAX_TOKENS = 64
 DEFAULT_JUDGE_PROMPT = (
     "Rate the response to the instruction for helpfulness and accuracy on a scale of 1 to 10.\n\n"
